@@ -1,0 +1,1 @@
+"""Experiments and reports: the propositions checked, the paper's claims measured."""

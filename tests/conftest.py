@@ -1,0 +1,39 @@
+import pytest
+import torch
+from torch import nn
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+class SmallCNN(nn.Module):
+    """A tiny CNN with optional BatchNorm, for Jacobian tests."""
+
+    def __init__(self, in_ch=1, k=5, batchnorm=True):
+        super().__init__()
+        self.num_classes = k
+        self.conv = nn.Conv2d(in_ch, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4) if batchnorm else nn.Identity()
+        self.act = nn.Tanh()
+        self.head = nn.Linear(4 * 6 * 6, k)
+
+    def forward(self, x):
+        return self.head(self.act(self.bn(self.conv(x))).flatten(1))
+
+
+def mlp(d=6, k=4, h=8, act=nn.Tanh):
+    net = nn.Sequential(nn.Flatten(), nn.Linear(d, h), act(), nn.Linear(h, k))
+    net.num_classes = k
+    return net
+
+
+@pytest.fixture
+def small_cnn():
+    return SmallCNN
+
+
+@pytest.fixture
+def small_mlp():
+    return mlp

@@ -1,0 +1,115 @@
+"""The composed objective: frozen teacher, every estimator, cached targets, named terms."""
+
+import pytest
+import torch
+
+import jacmatch as jm
+from jacmatch.core.objective import JM_OUTPUTS
+from conftest import SmallCNN
+
+
+def pair():
+    torch.manual_seed(7)
+    return SmallCNN(k=5).double(), SmallCNN(k=5).double()
+
+
+def batch():
+    g = torch.Generator().manual_seed(8)
+    return torch.randn(6, 1, 6, 6, generator=g, dtype=torch.float64), torch.randint(0, 5, (6,), generator=g)
+
+
+@pytest.mark.parametrize("outputs", JM_OUTPUTS)
+def test_every_estimator_trains_the_student_and_never_the_teacher(outputs):
+    student, teacher = pair()
+    form = "sq" if outputs in ("input_jvp", "input_fd") else "normalized"
+    cfg = jm.ObjectiveConfig(alpha=1, beta=1, gamma=1, jm_outputs=outputs, jm_form=form, top_k=2,
+                             num_projections=2)
+    objective = jm.TransferObjective(student, teacher, cfg, generator=torch.Generator().manual_seed(0))
+    x, y = batch()
+    x.requires_grad_()  # a user's tensor that happens to require grad must stay untouched
+    logits, total, terms = objective(x, y)
+    assert set(terms) == {"ce", "kd", "jm"} and logits.shape == (6, 5)
+    total.backward()
+    assert x.grad is None
+    assert all(p.grad is None for p in teacher.parameters())
+    assert not teacher.training
+    student.zero_grad()
+    _, _, terms = objective(x, y)
+    terms["jm"].backward()
+    assert student.conv.weight.grad.abs().sum() > 0, "the Jacobian term must reach the student's parameters"
+
+
+@pytest.mark.parametrize("outputs", ["teacher_top1", "top_k", "projection", "input_jvp"])
+def test_cached_teacher_targets_give_the_same_step(outputs):
+    student, teacher = pair()
+    form = "sq" if outputs == "input_jvp" else "normalized"
+    cfg = jm.ObjectiveConfig(beta=1, gamma=1, jm_outputs=outputs, jm_form=form, top_k=2, num_projections=3)
+    x, y = batch()
+    obj = jm.TransferObjective(student, teacher, cfg, generator=torch.Generator().manual_seed(1))
+    _, direct, _ = obj(x, y)
+    cached = obj.teacher_targets(x, y, full_jacobian=True)
+    obj.generator = torch.Generator().manual_seed(1)
+    _, via_cache, _ = obj(x, y, targets=cached)
+    torch.testing.assert_close(direct, via_cache)
+
+
+def test_ce_form_and_penalties_and_noise():
+    student, teacher = pair()
+    x, y = batch()
+    for cfg in (jm.ObjectiveConfig(gamma=1, jm_form="ce", jm_outputs="all"),
+                jm.ObjectiveConfig(penalty=0.1, penalty_form="ce"),
+                jm.ObjectiveConfig(penalty=0.1, penalty_form="sq", num_projections=2),
+                jm.ObjectiveConfig(alpha=1, beta=1, noise_sigma=0.1, noise_draws=4, noise_antithetic=True)):
+        obj = jm.TransferObjective(student, teacher if cfg.needs_teacher else None, cfg)
+        _, total, terms = obj(x, y)
+        assert torch.isfinite(total) and total.requires_grad
+
+
+def test_attention_transfer_with_jacobians():
+    student, teacher = pair()
+    x, y = batch()
+    cfg = jm.ObjectiveConfig(alpha=1, delta=1, delta_jacobian=1, at_layers=["bn:conv"])
+    _, total, terms = jm.TransferObjective(student, teacher, cfg)(x, y)
+    assert set(terms) == {"ce", "at", "at_jm"}
+    total.backward()
+    assert student.conv.weight.grad.abs().sum() > 0
+
+
+def test_ce_penalty_is_first_order_of_noise_training():
+    """Prop. 2 (CE): E CE(x+ξ) − CE(x) ≈ σ² · ½‖∇ log Sˢ_y‖² to first order, for a
+    network that is linear in x (no curvature term)."""
+    torch.manual_seed(9)
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(6, 3)).double()
+    x = torch.randn(1, 6, dtype=torch.float64)
+    y = torch.tensor([1])
+    obj = jm.TransferObjective(net, None, jm.ObjectiveConfig(alpha=0, penalty=1.0, penalty_form="ce"))
+    _, _, terms = obj(x, y)
+    sigma = 1e-2
+    gen = torch.Generator().manual_seed(0)
+    noisy = jm.noise_training_loss(net, x, y, sigma, 200_000, antithetic=True, generator=gen)
+    clean = torch.nn.functional.cross_entropy(net(x), y)
+    # softmax curvature adds −σ²/2·ΔSˢ/Sˢ, so compare with the full form's first-order part loosely
+    ratio = ((noisy - clean) / sigma**2).item() / terms["penalty"].item()
+    assert 0.3 < ratio < 3.0
+
+
+def test_config_errors():
+    student, teacher = pair()
+    with pytest.raises(ValueError, match="need a teacher"):
+        jm.TransferObjective(student, None, jm.ObjectiveConfig(beta=1))
+    with pytest.raises(ValueError, match="jm_outputs"):
+        jm.ObjectiveConfig(gamma=1, jm_outputs="everything").check()
+    with pytest.raises(ValueError, match="jm_form=sq"):
+        jm.ObjectiveConfig(gamma=1, jm_outputs="input_fd").check()
+    with pytest.raises(ValueError, match="num_projections"):
+        jm.ObjectiveConfig(gamma=1, num_projections=10**6).check()
+    x, y = batch()
+    x[0, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        jm.TransferObjective(student, teacher, jm.ObjectiveConfig(beta=1))(x, y)
+
+
+def test_jacobian_cosine_is_one_for_identical_networks():
+    student, _ = pair()
+    x, _ = batch()
+    torch.testing.assert_close(jm.jacobian_cosine(student.eval(), student, x), torch.ones(6, dtype=torch.float64))
