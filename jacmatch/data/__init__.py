@@ -1,0 +1,9 @@
+"""Data sets by name, the standard file formats, augmentation."""
+
+from .augment import random_crop_flip
+from .datasets import (DataSplits, ImageSet, create_dataset, list_datasets, register_dataset,
+                       stratified_subset)
+from .formats import DataError, read_cifar_batch, read_idx
+
+__all__ = ["DataSplits", "ImageSet", "create_dataset", "list_datasets", "register_dataset",
+           "stratified_subset", "random_crop_flip", "DataError", "read_idx", "read_cifar_batch"]

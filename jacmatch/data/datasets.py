@@ -1,0 +1,279 @@
+"""Data sets by name, with validation splits and few-sample training sets.
+
+``create_dataset("fashion-mnist", samples_per_class=10, seed=3)`` returns a
+:class:`DataSplits`: train / val / test image sets held in memory, pixel values in
+[0, 1] (normalisation happens inside the models, so that noise σ and input Jacobians
+are in units of the [0, 1] pixel range), and the indices of the training samples chosen.
+
+The validation split is drawn from the official training set with ``split_seed``, before
+and independently of the few-sample subset, so hyperparameters are never chosen on the
+test set and the validation set does not change with the training seed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .formats import DataError, read_cifar_batch, read_idx
+
+__all__ = ["ImageSet", "DataSplits", "create_dataset", "list_datasets", "register_dataset",
+           "stratified_subset", "DEBIAN_FASHION_MNIST"]
+
+DEBIAN_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
+
+_IDX_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
+              "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+
+#: Official addresses and the md5 of each gzipped file, checked after a download.
+DOWNLOADS = {
+    "fashion-mnist": ("http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/", {
+        "train-images-idx3-ubyte": "8d4fb7e6c68d591d4c3dfef9ec88bf0d",
+        "train-labels-idx1-ubyte": "25c81989df183df01b3e8a0aad5dffbe",
+        "t10k-images-idx3-ubyte": "bef4ecab320f06d8554ea6380940ec79",
+        "t10k-labels-idx1-ubyte": "bb300cfdad3c16e7a12a480ee83cd310"}),
+    "mnist": ("https://ossci-datasets.s3.amazonaws.com/mnist/", {
+        "train-images-idx3-ubyte": "f68b3c2dcbeaaa9fbdd348bbdeb94873",
+        "train-labels-idx1-ubyte": "d53e105ee54ea40749a09fcbcd1e9432",
+        "t10k-images-idx3-ubyte": "9fb629c4189551a2d022fa330f9573f3",
+        "t10k-labels-idx1-ubyte": "ec29112dd5afa0611ce80d1b7f02629c"}),
+}
+
+
+@dataclass
+class ImageSet:
+    """Images (uint8, or float in [0, 1]) [N, C, H, W] and labels [N], in memory."""
+
+    images: Tensor
+    labels: Tensor
+
+    def __len__(self) -> int:
+        return self.labels.shape[0]
+
+    def batch(self, index: Tensor | Sequence[int]) -> tuple[Tensor, Tensor]:
+        """Float images in [0, 1] and labels for the given sample indices."""
+        x = self.images[index]
+        x = x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
+        return x, self.labels[index]
+
+    def subset(self, index: Tensor) -> "ImageSet":
+        return ImageSet(self.images[index], self.labels[index])
+
+
+@dataclass
+class DataSplits:
+    name: str
+    train: ImageSet
+    val: ImageSet
+    test: ImageSet
+    num_classes: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    hflip: bool = False            # whether horizontal flips preserve the classes
+    train_indices: list[int] = field(default_factory=list)  # into the official training set
+    val_indices: list[int] = field(default_factory=list)
+    content_sha256: str = ""
+
+    @property
+    def in_channels(self) -> int:
+        return self.train.images.shape[1]
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        return tuple(self.train.images.shape[2:])
+
+
+# ---- loaders: each returns (train ImageSet, test ImageSet, num_classes, hflip) -------------
+
+
+def _find_idx(data_dir: Path, stem: str) -> Path:
+    for name in (stem, stem + ".gz", stem.replace("-idx", ".idx"), stem.replace("-idx", ".idx") + ".gz"):
+        if (data_dir / name).is_file():
+            return data_dir / name
+    raise DataError(f"{data_dir} has no {stem}[.gz]: put the four IDX files there "
+                    "(or pass --set data.download=true when online)")
+
+
+def _download_idx(name: str, data_dir: Path) -> None:
+    base, md5s = DOWNLOADS[name]
+    data_dir.mkdir(parents=True, exist_ok=True)
+    for stem, md5 in md5s.items():
+        target = data_dir / f"{stem}.gz"
+        if target.is_file() and hashlib.md5(target.read_bytes()).hexdigest() == md5:
+            continue
+        tmp = target.with_suffix(".gz.part")
+        try:
+            with urllib.request.urlopen(base + f"{stem}.gz", timeout=60) as response, open(tmp, "wb") as f:
+                f.write(response.read())
+        except OSError as exc:
+            raise DataError(f"could not download {name} ({exc}): put the IDX files in {data_dir} by hand") from None
+        got = hashlib.md5(tmp.read_bytes()).hexdigest()
+        if got != md5:
+            tmp.unlink()
+            raise DataError(f"downloaded {stem}.gz has md5 {got}, expected {md5}: try again later")
+        os.replace(tmp, target)
+
+
+def _load_idx_set(name: str, data_dir: str | None, download: bool):
+    candidates = [Path(data_dir)] if data_dir else []
+    if name == "fashion-mnist" and not data_dir:
+        candidates.append(Path(DEBIAN_FASHION_MNIST))
+    if not data_dir:
+        candidates.append(Path(os.environ.get("JACMATCH_DATA", "~/.cache/jacmatch")).expanduser() / name)
+    chosen = next((d for d in candidates if d.is_dir() and any(d.glob("train-images*"))), None)
+    if chosen is None and download:
+        chosen = candidates[0] if data_dir else candidates[-1]
+        _download_idx(name, chosen)
+    if chosen is None:
+        hint = " or `apt-get install dataset-fashion-mnist`" if name == "fashion-mnist" else ""
+        raise DataError(f"no {name} files found in {', '.join(map(str, candidates))}: pass --set data.data_dir=DIR"
+                        f"{hint}, or --set data.download=true when online")
+    arrays = [read_idx(_find_idx(chosen, stem)) for stem in _IDX_FILES]
+    train_x, train_y, test_x, test_y = arrays
+    for x, y, split in ((train_x, train_y, "train"), (test_x, test_y, "t10k")):
+        if x.ndim != 3 or y.ndim != 1 or x.shape[0] != y.shape[0]:
+            raise DataError(f"{chosen}: {split} images {x.shape} and labels {y.shape} do not pair up")
+        if y.size and (y.min() < 0 or y.max() > 9):
+            raise DataError(f"{chosen}: {split} labels outside 0..9")
+    to_set = lambda x, y: ImageSet(torch.from_numpy(np.ascontiguousarray(x[:, None])),  # noqa: E731
+                                   torch.from_numpy(y.astype(np.int64)))
+    return to_set(train_x, train_y), to_set(test_x, test_y), 10, False
+
+
+def _load_cifar(num_classes: int):
+    def load(data_dir: str | None, download: bool):
+        if not data_dir:
+            raise DataError(f"cifar{num_classes} needs --set data.data_dir=DIR with the CIFAR python files "
+                            "(they cannot be downloaded here)")
+        root = Path(data_dir)
+        sub = root / ("cifar-10-batches-py" if num_classes == 10 else "cifar-100-python")
+        root = sub if sub.is_dir() else root
+        key = "labels" if num_classes == 10 else "fine_labels"
+        train_files = [f"data_batch_{i}" for i in range(1, 6)] if num_classes == 10 else ["train"]
+        test_file = "test_batch" if num_classes == 10 else "test"
+        missing = [f for f in train_files + [test_file] if not (root / f).is_file()]
+        if missing:
+            raise DataError(f"{root} lacks {missing}: point data.data_dir at the extracted "
+                            f"cifar-{num_classes}-python archive")
+        parts = [read_cifar_batch(root / f, key) for f in train_files]
+        train_x = np.concatenate([p[0] for p in parts])
+        train_y = np.concatenate([p[1] for p in parts])
+        test_x, test_y = read_cifar_batch(root / test_file, key)
+        for y in (train_y, test_y):
+            if y.size and (y.min() < 0 or y.max() >= num_classes):
+                raise DataError(f"{root}: labels outside 0..{num_classes - 1}")
+        return (ImageSet(torch.from_numpy(train_x), torch.from_numpy(train_y)),
+                ImageSet(torch.from_numpy(test_x), torch.from_numpy(test_y)), num_classes, True)
+    return load
+
+
+def _load_digits(data_dir: str | None, download: bool):
+    """scikit-learn's bundled 8×8 digits (1797 images); a fixed stratified 80/20 train/test split."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    d = load_digits()
+    x = torch.tensor(d.images / 16.0, dtype=torch.float32)[:, None]
+    y = torch.tensor(d.target, dtype=torch.int64)
+    tr, te = train_test_split(np.arange(len(y)), test_size=0.2, stratify=d.target, random_state=0)
+    return ImageSet(x[tr], y[tr]), ImageSet(x[te], y[te]), 10, False
+
+
+def _load_synthetic(data_dir: str | None, download: bool, n_train: int = 600, n_test: int = 200,
+                    num_classes: int = 4, size: int = 8):
+    """Class templates plus noise, 1×8×8: learnable in a few steps, for tests."""
+    g = torch.Generator().manual_seed(1234)
+    templates = torch.rand(num_classes, 1, size, size, generator=g)
+
+    def make(n):
+        y = torch.arange(n) % num_classes
+        x = (0.7 * templates[y] + 0.3 * torch.rand(n, 1, size, size, generator=g)).clamp(0, 1)
+        return ImageSet(x, y)
+    return make(n_train), make(n_test), num_classes, False
+
+
+_REGISTRY: dict[str, Callable] = {
+    "fashion-mnist": lambda d, dl: _load_idx_set("fashion-mnist", d, dl),
+    "mnist": lambda d, dl: _load_idx_set("mnist", d, dl),
+    "cifar10": _load_cifar(10),
+    "cifar100": _load_cifar(100),
+    "digits": _load_digits,
+    "synthetic": _load_synthetic,
+}
+
+
+def register_dataset(name: str, loader: Callable) -> None:
+    """Add a loader ``(data_dir, download) -> (train, test, num_classes, hflip)``."""
+    _REGISTRY[name] = loader
+
+
+def list_datasets() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def stratified_subset(labels: Tensor, samples_per_class: int, seed: int) -> Tensor:
+    """``samples_per_class`` indices of each class, reproducible from ``seed``, sorted."""
+    g = torch.Generator().manual_seed(seed)
+    chosen = []
+    for c in labels.unique().tolist():
+        pool = (labels == c).nonzero().flatten()
+        if samples_per_class > len(pool):
+            raise ValueError(f"samples_per_class={samples_per_class} but class {c} has only {len(pool)} "
+                             "training samples after the validation split: ask for fewer")
+        chosen.append(pool[torch.randperm(len(pool), generator=g)[:samples_per_class]])
+    return torch.cat(chosen).sort().values
+
+
+def _validation_split(labels: Tensor, val_size: float | int, split_seed: int) -> tuple[Tensor, Tensor]:
+    n = len(labels)
+    n_val = int(round(val_size * n)) if isinstance(val_size, float) and val_size < 1 else int(val_size)
+    if not 0 <= n_val < n:
+        raise ValueError(f"data.val_size={val_size} leaves no training samples out of {n}")
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(10_000 + split_seed))
+    return perm[n_val:].sort().values, perm[:n_val].sort().values
+
+
+def create_dataset(name: str, *, data_dir: str | None = None, samples_per_class: int | None = None,
+                   val_size: float | int = 0.1, split_seed: int = 0, seed: int = 0,
+                   classes: Sequence[int] | None = None, download: bool = False) -> DataSplits:
+    """Load ``name`` and split it.
+
+    ``classes`` keeps only those classes, relabelled 0..len-1 in the given order (for
+    transfer between tasks). ``samples_per_class`` draws that many training samples of
+    each class with ``seed``. Mean and std for normalisation come from the training pool.
+    """
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown data set {name!r}: choose one of {list_datasets()}")
+    train, test, num_classes, hflip = _REGISTRY[name](data_dir, download)
+    if classes is not None:
+        classes = list(classes)
+        if not classes or len(set(classes)) != len(classes) or min(classes) < 0 or max(classes) >= num_classes:
+            raise ValueError(f"data.classes={classes} must be distinct classes in 0..{num_classes - 1}")
+        remap = torch.full((num_classes,), -1, dtype=torch.long)
+        remap[torch.tensor(classes)] = torch.arange(len(classes))
+
+        def keep(s: ImageSet) -> ImageSet:
+            mask = remap[s.labels] >= 0
+            return ImageSet(s.images[mask], remap[s.labels[mask]])
+        train, test, num_classes = keep(train), keep(test), len(classes)
+    train_pool, val_idx = _validation_split(train.labels, val_size, split_seed)
+    pool = train.images[train_pool]
+    pool = pool.float() / 255.0 if pool.dtype == torch.uint8 else pool.float()
+    mean = tuple(pool.mean(dim=(0, 2, 3)).tolist())
+    std = tuple(pool.std(dim=(0, 2, 3)).clamp_min(1e-3).tolist())
+    del pool
+    if samples_per_class is not None:
+        if samples_per_class < 1:
+            raise ValueError(f"samples_per_class must be >= 1, got {samples_per_class}")
+        train_pool = train_pool[stratified_subset(train.labels[train_pool], samples_per_class, seed)]
+    digest = hashlib.sha256(train.images.numpy().tobytes()[: 1 << 20]).hexdigest()[:16]
+    return DataSplits(name, train.subset(train_pool), train.subset(val_idx), test, num_classes, mean, std,
+                      hflip, train_pool.tolist(), val_idx.tolist(), digest)

@@ -1,0 +1,39 @@
+"""Helpers shared by the experiments: runs that are reused when done, resumed when cut,
+and summaries with mean, spread and a 95% interval over seeds."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from ..training import config_from_dict, train
+from ..training.config import config_to_dict
+
+__all__ = ["run_or_load", "summarize"]
+
+
+def run_or_load(values: dict) -> dict:
+    """Train the run described by ``values`` (a config dict), unless its folder already
+    holds finished results for the same config; resume it when it holds a checkpoint."""
+    cfg = config_from_dict(values)
+    cfg.check()
+    out = Path(cfg.out_dir)
+    done = out / "results.json"
+    if done.is_file():
+        results = json.loads(done.read_text())
+        if results.get("config") == config_to_dict(cfg):
+            return results
+        raise ValueError(f"{out} holds results of another config: remove it or choose another folder")
+    return train(cfg, resume=(out / "last.pt").is_file())
+
+
+def summarize(values: list[float]) -> dict:
+    """Mean, sample std, and a 95% Student-t interval half-width over seeds."""
+    n = len(values)
+    mean = sum(values) / n if n else float("nan")
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
+    # two-sided 97.5% quantiles of Student's t for n-1 degrees of freedom
+    t = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}.get(n - 1, 1.96)
+    return {"mean": mean, "std": std, "ci95": t * std / math.sqrt(n) if n > 1 else 0.0, "n": n,
+            "values": values}

@@ -1,0 +1,9 @@
+"""The training system: configs, the loop, checkpoints, evaluation, DDP."""
+
+from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from .config import ConfigError, RunConfig, config_from_dict, resolve
+from .evaluate import evaluate
+from .trainer import NonFiniteError, load_model, train
+
+__all__ = ["RunConfig", "ConfigError", "config_from_dict", "resolve", "train", "load_model", "evaluate",
+           "NonFiniteError", "CheckpointError", "load_checkpoint", "save_checkpoint"]

@@ -1,0 +1,86 @@
+"""Checkpoints: atomic, checksummed, versioned, loaded without unpickling code.
+
+File layout: a magic line, a JSON header line (format, versions, payload size and
+SHA-256), then the payload written by ``torch.save``. Loading checks the magic, the
+size and the hash before anything is deserialised, and then deserialises with
+``torch.load(weights_only=True)``, which builds tensors and plain containers only. A
+truncated, altered or foreign file is refused with a clear message.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import platform
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..io import write_atomic
+
+__all__ = ["save_checkpoint", "load_checkpoint", "CheckpointError", "MAGIC"]
+
+MAGIC = b"JACMATCH-CHECKPOINT\n"
+FORMAT = 1
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used."""
+
+
+def _versions() -> dict:
+    from .. import __version__
+    return {"jacmatch": __version__, "torch": torch.__version__, "python": platform.python_version()}
+
+
+def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    payload = buffer.getvalue()
+    header = {"format": FORMAT, "versions": _versions(), "size": len(payload),
+              "sha256": hashlib.sha256(payload).hexdigest()}
+
+    def write(f):
+        f.write(MAGIC)
+        f.write(json.dumps(header).encode() + b"\n")
+        f.write(payload)
+    write_atomic(path, write, mode="wb")
+
+
+def read_header(path: str | Path) -> dict:
+    with open(path, "rb") as f:
+        if f.read(len(MAGIC)) != MAGIC:
+            raise CheckpointError(f"{path} is not a jacmatch checkpoint (bad magic): pass a file written by jacmatch")
+        line = f.readline(4096)
+    try:
+        header = json.loads(line)
+        assert isinstance(header, dict) and {"format", "size", "sha256"} <= set(header)
+    except (ValueError, AssertionError):
+        raise CheckpointError(f"{path} has a corrupt header: the file is damaged") from None
+    return header
+
+
+def load_checkpoint(path: str | Path, map_location="cpu") -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    header = read_header(path)
+    if header["format"] != FORMAT:
+        raise CheckpointError(f"{path} has checkpoint format {header['format']}, this jacmatch reads {FORMAT}")
+    with open(path, "rb") as f:
+        f.seek(len(MAGIC))
+        f.readline(4096)
+        payload = f.read(int(header["size"]) + 1)
+    if len(payload) != header["size"]:
+        raise CheckpointError(f"{path} is truncated ({len(payload)} of {header['size']} bytes): "
+                              "use an earlier checkpoint or retrain")
+    if hashlib.sha256(payload).hexdigest() != header["sha256"]:
+        raise CheckpointError(f"{path} fails its checksum: the file was altered or damaged")
+    try:
+        state = torch.load(io.BytesIO(payload), map_location=map_location, weights_only=True)
+    except Exception as exc:
+        raise CheckpointError(f"{path} could not be read safely ({type(exc).__name__}): {exc}") from None
+    state["_versions"] = header.get("versions", {})
+    return state

@@ -1,0 +1,227 @@
+"""Run configuration: defaults in dataclasses, a YAML file says only what differs,
+``--set section.key=value`` overrides on the command line. The resolved config is saved
+with every run and inside every checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..core.objective import ObjectiveConfig
+
+__all__ = ["RunConfig", "DataConfig", "ModelConfig", "OptimConfig", "EvalConfig", "ConfigError",
+           "load_config", "apply_overrides", "config_to_dict", "config_from_dict"]
+
+#: Checked before any work starts (clear errors rather than out-of-memory crashes).
+MAX_BATCH_SIZE = 65_536
+MAX_EPOCHS = 100_000
+
+
+class ConfigError(ValueError):
+    """A config file or setting that cannot be used."""
+
+
+@dataclass
+class DataConfig:
+    name: str = "digits"
+    data_dir: str | None = None
+    samples_per_class: int | None = None   # n: few-sample training sets
+    val_size: float = 0.1                  # fraction (< 1) or count of the training set
+    split_seed: int = 0                    # the validation split does not move with the seed
+    classes: list | None = None            # keep only these classes (transfer tasks)
+    augment: bool = False                  # random crop (padding 2 or 4) and flips where valid
+    crop_padding: int = 2
+    download: bool = False
+
+
+@dataclass
+class ModelConfig:
+    name: str = "small_cnn_16"
+    options: dict = field(default_factory=dict)   # e.g. {width: 8, batchnorm: true}
+
+
+@dataclass
+class OptimConfig:
+    name: str = "sgd"            # sgd | adam
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    nesterov: bool = False
+    schedule: str = "cosine"     # cosine | step | constant
+    milestones: list = field(default_factory=list)  # epochs, for step
+    lr_decay: float = 0.1
+    epochs: int = 10
+    batch_size: int = 64
+    min_steps_per_epoch: int = 1  # few-sample sets: repeat the data so an epoch has this many steps
+
+
+@dataclass
+class EvalConfig:
+    every: int = 1                # evaluate each N epochs (and always after the last)
+    noise_sigmas: list = field(default_factory=lambda: [0.1, 0.3])  # in [0, 1] pixel units
+    noise_seed: int = 0
+    jacobian_cosine: bool = True  # mean teacher/student cosine on (a part of) the test set
+    cosine_samples: int = 1000
+    batch_size: int = 500
+
+
+@dataclass
+class RunConfig:
+    """One training run: a teacher (``teacher=None``) or a student distilled from one."""
+
+    out_dir: str = "runs/run"
+    seed: int = 0
+    device: str = "auto"          # cpu | cuda | auto
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    teacher: str | None = None    # path of a teacher checkpoint (distillation)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    teacher_cache: bool = True    # compute the teacher once per sample when inputs are fixed
+    nonfinite: str = "stop"       # stop | skip: what a NaN/Inf loss or gradient does
+    amp: str = "none"             # none | bf16 | fp16 (fp16 on CUDA, with a gradient scaler)
+    progress: bool = True
+    tensorboard: bool = True
+    checkpoint_every: int = 1
+
+    def check(self) -> None:
+        o = self.optim
+        if o.name not in ("sgd", "adam"):
+            raise ConfigError(f"optim.name must be sgd or adam, got {o.name!r}")
+        if o.schedule not in ("cosine", "step", "constant"):
+            raise ConfigError(f"optim.schedule must be cosine, step or constant, got {o.schedule!r}")
+        if not 1 <= o.batch_size <= MAX_BATCH_SIZE:
+            raise ConfigError(f"optim.batch_size must be in [1, {MAX_BATCH_SIZE}], got {o.batch_size}")
+        if not 1 <= o.epochs <= MAX_EPOCHS:
+            raise ConfigError(f"optim.epochs must be in [1, {MAX_EPOCHS}], got {o.epochs}")
+        if not o.lr > 0:
+            raise ConfigError(f"optim.lr must be > 0, got {o.lr}")
+        if self.device not in ("cpu", "cuda", "auto"):
+            raise ConfigError(f"device must be cpu, cuda or auto, got {self.device!r}")
+        if self.nonfinite not in ("stop", "skip"):
+            raise ConfigError(f"nonfinite must be stop or skip, got {self.nonfinite!r}")
+        if self.amp not in ("none", "bf16", "fp16"):
+            raise ConfigError(f"amp must be none, bf16 or fp16, got {self.amp!r}")
+        if self.eval.every < 1 or self.checkpoint_every < 1:
+            raise ConfigError("eval.every and checkpoint_every must be >= 1")
+        if any(not (s >= 0) for s in self.eval.noise_sigmas):
+            raise ConfigError(f"eval.noise_sigmas must be >= 0, got {self.eval.noise_sigmas}")
+        if self.objective.needs_teacher and not self.teacher:
+            raise ConfigError("this objective needs a teacher (β, γ or δ > 0): pass --teacher CKPT")
+        try:
+            self.objective.check()
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+
+
+def config_to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def _build(cls, values: dict, where: str):
+    if not isinstance(values, dict):
+        raise ConfigError(f"{where or 'config'} must be a mapping, got {type(values).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in values.items():
+        if key not in fields:
+            raise ConfigError(f"unknown config key {where + key!r}: known keys are {sorted(fields)}")
+        sub = _dataclass_type(cls, key)
+        kwargs[key] = _build(sub, value, f"{where}{key}.") if sub is not None \
+            else _typed(fields[key], value, where + key)
+    return cls(**kwargs)
+
+
+def _typed(f: dataclasses.Field, value, key: str):
+    """Check a value against its default's type (an int may stand for a float)."""
+    default = f.default if f.default is not dataclasses.MISSING else (
+        f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+    if default is None or value is None:
+        return value
+    if isinstance(default, bool):
+        ok = isinstance(value, bool)
+    elif isinstance(default, float):
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif isinstance(default, int):
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    else:
+        ok = isinstance(value, type(default))
+    if not ok:
+        raise ConfigError(f"config key {key!r} must be a {type(default).__name__}, got {value!r}")
+    return value
+
+
+def _dataclass_type(cls, key):
+    default = next(f for f in dataclasses.fields(cls) if f.name == key)
+    if default.default_factory is not dataclasses.MISSING:
+        made = default.default_factory()
+        if dataclasses.is_dataclass(made):
+            return type(made)
+    return None
+
+
+def config_from_dict(values: dict) -> RunConfig:
+    return _build(RunConfig, values or {}, "")
+
+
+def load_config(path: str | None) -> dict:
+    """A YAML file as a nested dict (empty without a path)."""
+    if path is None:
+        return {}
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    if p.stat().st_size > 1 << 20:
+        raise ConfigError(f"config file {path} is larger than 1 MiB: not a config")
+    try:
+        values = yaml.safe_load(p.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    if values is None:
+        return {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of settings at the top")
+    return values
+
+
+def apply_overrides(values: dict, overrides: list[str]) -> dict:
+    """``section.key=value`` pairs, values parsed as YAML (numbers, lists, true/false, null)."""
+    values = dict(values)
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"--set expects key=value, got {item!r}")
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            value = raw
+        node = values
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            child = node.get(part)
+            node[part] = dict(child) if isinstance(child, dict) else {}
+            node = node[part]
+        node[parts[-1]] = value
+    return values
+
+
+def resolve(path: str | None, overrides: list[str], base: dict | None = None) -> RunConfig:
+    """Defaults ← ``base`` ← YAML file ← ``--set`` overrides; checked."""
+    values = _merge(base or {}, load_config(path))
+    cfg = config_from_dict(apply_overrides(values, overrides))
+    cfg.check()
+    return cfg
+
+
+def _merge(a: dict, b: dict) -> dict:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out

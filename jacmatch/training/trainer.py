@@ -1,0 +1,305 @@
+"""The training loop: teachers (CE) and students (any mix of the objective's terms).
+
+The loop knows nothing about Jacobians: each step asks :class:`TransferObjective` for
+``(logits, total, terms)`` and logs whatever ``terms`` holds. This module owns devices,
+processes, randomness, checkpoints, metrics and progress.
+
+Randomness is derived from ``(seed, epoch, rank)`` at the start of every epoch (data
+order, augmentation, random projections, noise), so a run resumed from the checkpoint
+of epoch e continues exactly as the uninterrupted run would have.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DistributedSampler
+
+from ..core.objective import TransferObjective
+from ..data import DataSplits, create_dataset, random_crop_flip
+from ..io import write_atomic, write_json_atomic
+from ..models import count_parameters, create_model
+from .cache import TeacherCache
+from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from .config import ConfigError, RunConfig, config_from_dict, config_to_dict
+from .distributed import DistInfo, init_distributed, resolve_device
+from .evaluate import evaluate
+
+__all__ = ["train", "load_model", "NonFiniteError", "RunExistsError"]
+
+#: Memory estimate above which a run is refused before it starts (bytes).
+MAX_STEP_BYTES = 16 << 30
+
+
+class NonFiniteError(RuntimeError):
+    """A loss term or a gradient became NaN or Inf."""
+
+
+class RunExistsError(ConfigError):
+    """The output folder already holds a run."""
+
+
+def load_model(path: str | Path, device="cpu") -> tuple[nn.Module, dict]:
+    """A model from a checkpoint (architecture and weights), and the checkpoint's state."""
+    state = load_checkpoint(path, map_location=device)
+    arch = state.get("arch")
+    if not isinstance(arch, dict) or "name" not in arch:
+        raise CheckpointError(f"{path} holds no model architecture: is it a jacmatch run checkpoint?")
+    options = {k: v for k, v in arch.items() if k not in ("name", "num_classes", "in_channels")}
+    model = create_model(arch["name"], arch["num_classes"], arch["in_channels"], **options)
+    try:
+        model.load_state_dict(state["model"])
+    except (RuntimeError, KeyError) as exc:
+        raise CheckpointError(f"{path}: weights do not fit {arch['name']} ({str(exc).splitlines()[0]})") from None
+    return model.to(device), state
+
+
+def _seed(*parts: int) -> int:
+    return int.from_bytes(str(parts).encode(), "little") % (2**61 - 1)
+
+
+def _estimate_step_bytes(cfg: RunConfig, data: DataSplits) -> int:
+    """A coarse upper estimate of one step's activations, to refuse absurd settings early."""
+    d = math.prod(data.train.images.shape[1:])
+    o = cfg.objective
+    rows = {"all": data.num_classes, "top_k": o.top_k}.get(o.jm_outputs, o.num_projections)
+    per_sample = d * 4 * (64 + 8 * rows * (o.gamma > 0) + 4 * o.noise_draws * (o.noise_sigma > 0))
+    return per_sample * min(cfg.optim.batch_size, max(len(data.train), 1))
+
+
+def _lr_factor(optim_cfg):
+    """Learning-rate factor per epoch: cosine, step (milestones) or constant. A plain
+    function, so the scheduler's state holds nothing but numbers."""
+    epochs, schedule, decay = optim_cfg.epochs, optim_cfg.schedule, optim_cfg.lr_decay
+    milestones = tuple(optim_cfg.milestones)
+
+    def factor(epoch: int) -> float:
+        if schedule == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * epoch / epochs))
+        if schedule == "step":
+            return decay ** sum(epoch >= m for m in milestones)
+        return 1.0
+    return factor
+
+
+def _make_optimizer(cfg: RunConfig, params):
+    o = cfg.optim
+    if o.name == "sgd":
+        return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay,
+                               nesterov=o.nesterov and o.momentum > 0)
+    return torch.optim.Adam(params, lr=o.lr, weight_decay=o.weight_decay)
+
+
+def _epoch_indices(n: int, cfg: RunConfig, info: DistInfo, epoch: int) -> list[list[int]]:
+    """This rank's batches of training indices for ``epoch``; the global batch of step j
+    is the union of the ranks' j-th batches (DistributedSampler interleaves ranks)."""
+    o = cfg.optim
+    local = max(o.batch_size // info.world_size, 1)
+    per_pass = max(math.ceil(n / o.batch_size), 1)
+    passes = max(math.ceil(o.min_steps_per_epoch / per_pass), 1)
+    sampler = DistributedSampler(range(n), num_replicas=info.world_size, rank=info.rank, shuffle=True,
+                                 seed=cfg.seed, drop_last=False)
+    batches = []
+    for p in range(passes):
+        sampler.set_epoch(epoch * passes + p)
+        order = list(sampler)
+        batches += [order[i:i + local] for i in range(0, len(order), local)]
+    return batches
+
+
+def train(cfg: RunConfig, *, resume: bool = False, data: DataSplits | None = None,
+          info: DistInfo | None = None) -> dict:
+    """Train a teacher (no ``cfg.teacher``) or distil a student; returns the results dict
+    also written to ``out_dir/results.json``."""
+    cfg.check()
+    info = info or init_distributed(cfg.device)
+    device = resolve_device(cfg.device, info)
+    out = Path(cfg.out_dir)
+    last = out / "last.pt"
+    if last.exists() and not resume:
+        raise RunExistsError(f"{out} already holds a run: pass --resume to continue it, or choose another --out")
+    if resume and not last.exists():
+        raise ConfigError(f"--resume: {last} does not exist (nothing to resume)")
+
+    d = cfg.data
+    data = data or create_dataset(d.name, data_dir=d.data_dir, samples_per_class=d.samples_per_class,
+                                  val_size=d.val_size, split_seed=d.split_seed, seed=cfg.seed,
+                                  classes=d.classes, download=d.download)
+    if _estimate_step_bytes(cfg, data) > MAX_STEP_BYTES:
+        raise ConfigError(f"one step would need about {_estimate_step_bytes(cfg, data) >> 30} GiB: "
+                          "lower optim.batch_size, objective.num_projections or objective.noise_draws")
+
+    teacher = None
+    if cfg.teacher:
+        teacher, _ = load_model(cfg.teacher, device)
+        if (cfg.objective.beta or cfg.objective.gamma) and teacher.num_classes != data.num_classes:
+            raise ConfigError(f"the teacher has {teacher.num_classes} outputs but {d.name} has "
+                              f"{data.num_classes} classes here: KD and JM need the same outputs")
+    torch.manual_seed(cfg.seed)
+    model = create_model(cfg.model.name, data.num_classes, data.in_channels, mean=data.mean, std=data.std,
+                         **cfg.model.options).to(device)
+    optimizer = _make_optimizer(cfg, model.parameters())
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_factor(cfg.optim))
+    history: list[dict] = []
+    start_epoch = 0
+    if resume:
+        state = load_checkpoint(last, map_location=device)
+        if state.get("arch") != model.arch:
+            raise CheckpointError(f"{last} holds model {state.get('arch')}, the config asks for {model.arch}")
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start_epoch, history = state["epoch"], json.loads(state["history"])
+    net = DistributedDataParallel(model) if info.enabled else model
+
+    gen = torch.Generator()
+    objective = TransferObjective(net, teacher, cfg.objective, generator=gen)
+    use_cache = cfg.teacher_cache and teacher is not None and cfg.objective.needs_teacher and not d.augment
+    cache = TeacherCache(len(data.train)) if use_cache else None
+    scaler = torch.amp.GradScaler("cuda") if cfg.amp == "fp16" and device.type == "cuda" else None
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp)
+
+    writer = None
+    if info.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        write_atomic(out / "config.yaml", lambda f: f.write(_yaml(config_to_dict(cfg))))
+        write_json_atomic(out / "indices.json", {"train": data.train_indices, "val": data.val_indices,
+                                                 "dataset_sha256": data.content_sha256})
+        if cfg.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+            writer = SummaryWriter(str(out / "tensorboard"))
+
+    t_start = time.time()
+    for epoch in range(start_epoch, cfg.optim.epochs):
+        torch.manual_seed(_seed(cfg.seed, epoch, info.rank, 1))
+        gen.manual_seed(_seed(cfg.seed, epoch, info.rank, 2))
+        aug_gen = torch.Generator().manual_seed(_seed(cfg.seed, epoch, info.rank, 3))
+        batches = _epoch_indices(len(data.train), cfg, info, epoch)
+        net.train()
+        sums: dict[str, float] = {}
+        skipped = 0
+        bar = _progress(batches, cfg, info, epoch)
+        t_epoch = time.time()
+        for step, idx in enumerate(bar):
+            index = torch.tensor(idx)
+            x, y = data.train.batch(index)
+            if d.augment:
+                x = random_crop_flip(x, d.crop_padding, data.hflip, aug_gen)
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            targets = None
+            if cache is not None:
+                targets = cache.get(index, lambda m: objective.teacher_targets(
+                    x[m.to(device)], y[m.to(device)], full_jacobian=True))
+            autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
+            with autocast:
+                _, total, terms = objective(x, y, targets)
+            values = {k: float(v.detach()) for k, v in terms.items()}
+            bad = [k for k, v in values.items() if not math.isfinite(v)]
+            optimizer.zero_grad(set_to_none=True)
+            if not bad:
+                (scaler.scale(total) if scaler else total).backward()
+                if scaler:
+                    scaler.unscale_(optimizer)
+                if not all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None):
+                    bad = ["gradient"]
+            if bad:
+                where = f"epoch {epoch + 1}, step {step + 1}"
+                if cfg.nonfinite == "skip":
+                    skipped += 1
+                    optimizer.zero_grad(set_to_none=True)
+                    continue
+                raise NonFiniteError(f"non-finite {', '.join(bad)} at {where} "
+                                     f"({', '.join(f'{k}={values[k]}' for k in values)}); the last "
+                                     f"complete checkpoint is kept: lower the learning rate or weights, "
+                                     f"or set nonfinite=skip")
+            (scaler.step(optimizer), scaler.update()) if scaler else optimizer.step()
+            for k, v in values.items():
+                sums[k] = sums.get(k, 0.0) + v
+            if hasattr(bar, "set_postfix"):
+                bar.set_postfix({k: f"{v:.3g}" for k, v in values.items()}, refresh=False)
+        scheduler.step()
+        n_steps = max(len(batches) - skipped, 1)
+        record = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"], "steps": len(batches),
+                  "skipped_steps": skipped, "train": {k: v / n_steps for k, v in sums.items()},
+                  "epoch_seconds": time.time() - t_epoch}
+        if info.enabled:
+            record["train"] = _mean_across_ranks(record["train"], device)
+        if (epoch + 1) % cfg.eval.every == 0 or epoch + 1 == cfg.optim.epochs:
+            if info.is_main:
+                record["val"] = evaluate(model, data.val, device, batch_size=cfg.eval.batch_size)
+                record["test"] = evaluate(model, data.test, device, batch_size=cfg.eval.batch_size,
+                                          noise_sigmas=cfg.eval.noise_sigmas, noise_seed=cfg.eval.noise_seed,
+                                          teacher=teacher if cfg.eval.jacobian_cosine else None,
+                                          cosine_samples=cfg.eval.cosine_samples)
+            info.barrier()
+        history.append(record)
+        if info.is_main:
+            _log(out, history, writer, record)
+            if (epoch + 1) % cfg.checkpoint_every == 0 or epoch + 1 == cfg.optim.epochs:
+                save_checkpoint(last, {
+                    "model": model.state_dict(), "arch": model.arch, "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(), "epoch": epoch + 1, "history": json.dumps(history),
+                    "config": json.dumps(config_to_dict(cfg)), "rng": torch.get_rng_state()})
+        info.barrier()
+
+    results = _results(cfg, data, model, teacher, history, time.time() - t_start)
+    if info.is_main:
+        write_json_atomic(out / "results.json", results)
+        if writer is not None:
+            writer.close()
+    return results
+
+
+def _progress(batches, cfg: RunConfig, info: DistInfo, epoch: int):
+    if not (cfg.progress and info.is_main):
+        return batches
+    from tqdm import tqdm
+    return tqdm(batches, desc=f"epoch {epoch + 1}/{cfg.optim.epochs}", leave=False, dynamic_ncols=True)
+
+
+def _mean_across_ranks(values: dict, device) -> dict:
+    keys = sorted(values)
+    t = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return {k: float(v) / dist.get_world_size() for k, v in zip(keys, t)}
+
+
+def _log(out: Path, history: list[dict], writer, record: dict) -> None:
+    write_atomic(out / "metrics.jsonl", lambda f: f.write("".join(json.dumps(r) + "\n" for r in history)))
+    if writer is not None:
+        step = record["epoch"]
+        for k, v in record["train"].items():
+            writer.add_scalar(f"train/{k}", v, step)
+        writer.add_scalar("train/lr", record["lr"], step)
+        for split in ("val", "test"):
+            for k, v in record.get(split, {}).items():
+                if isinstance(v, dict):
+                    for s, a in v.items():
+                        writer.add_scalar(f"{split}/{k}@{s}", a, step)
+                else:
+                    writer.add_scalar(f"{split}/{k}", v, step)
+        writer.flush()
+
+
+def _results(cfg, data, model, teacher, history, seconds) -> dict:
+    final = history[-1] if history else {}
+    return {"config": config_to_dict(cfg), "dataset": data.name, "num_train": len(data.train),
+            "num_classes": data.num_classes, "student_parameters": count_parameters(model),
+            "teacher_parameters": count_parameters(teacher) if teacher is not None else None,
+            "final": {"val": final.get("val"), "test": final.get("test"), "train": final.get("train")},
+            "epochs": len(history), "train_seconds": seconds, "torch": torch.__version__}
+
+
+def _yaml(values: dict) -> str:
+    import yaml
+    return yaml.safe_dump(values, sort_keys=False)
