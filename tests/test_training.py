@@ -1,0 +1,176 @@
+"""The trainer: exact resume, the teacher cache, DDP against one process, CLI errors."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from jacmatch.training import config_from_dict, load_checkpoint, train
+from jacmatch.training.trainer import RunExistsError
+
+QUIET = {"progress": False, "tensorboard": False}
+
+
+def teacher_values(out):
+    return {"out_dir": str(out), "data": {"name": "synthetic"}, "model": {"name": "small_cnn_8"},
+            "optim": {"epochs": 2, "batch_size": 32, "lr": 0.1}, "eval": {"noise_sigmas": [0.1]}, **QUIET}
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory):
+    out = tmp_path_factory.mktemp("teacher")
+    train(config_from_dict(teacher_values(out)))
+    return str(out / "last.pt")
+
+
+def student_values(out, teacher, **objective):
+    return {"out_dir": str(out), "teacher": teacher, "data": {"name": "synthetic", "samples_per_class": 6},
+            "model": {"name": "small_cnn_4"},
+            "objective": {"alpha": 1.0, "beta": 1.0, "gamma": 1.0, **objective},
+            "optim": {"epochs": 4, "batch_size": 8, "lr": 0.05}, "eval": {"every": 2, "noise_sigmas": [0.2]},
+            **QUIET}
+
+
+def weights(path):
+    return load_checkpoint(path)["model"]
+
+
+def assert_same_weights(a, b, atol=0.0):
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=atol, rtol=0 if atol == 0 else 1e-5, msg=k)
+
+
+def test_teacher_run_writes_everything(teacher):
+    out = Path(teacher).parent
+    for name in ("last.pt", "results.json", "metrics.jsonl", "config.yaml", "indices.json"):
+        assert (out / name).is_file(), name
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 2 and "acc" in json.loads(lines[-1])["test"]
+    results = json.loads((out / "results.json").read_text())
+    assert results["final"]["test"]["acc"] > 0.5
+
+
+def test_resume_continues_exactly(tmp_path, teacher, monkeypatch):
+    straight = tmp_path / "straight"
+    train(config_from_dict(student_values(straight, teacher, jm_outputs="projection", noise_sigma=0.1)))
+    cut = tmp_path / "cut"
+    import jacmatch.training.trainer as trainer_mod
+    real_save = trainer_mod.save_checkpoint
+    calls = []
+
+    def save_then_die(path, state):
+        real_save(path, state)
+        calls.append(state["epoch"])
+        if state["epoch"] == 2:
+            raise KeyboardInterrupt  # killed right after the checkpoint of epoch 2
+    monkeypatch.setattr(trainer_mod, "save_checkpoint", save_then_die)
+    cfg = config_from_dict(student_values(cut, teacher, jm_outputs="projection", noise_sigma=0.1))
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg)
+    monkeypatch.setattr(trainer_mod, "save_checkpoint", real_save)
+    with pytest.raises(RunExistsError, match="--resume"):
+        train(cfg)
+    train(cfg, resume=True)
+    assert_same_weights(weights(straight / "last.pt"), weights(cut / "last.pt"))
+    a = [json.loads(line) for line in (straight / "metrics.jsonl").read_text().splitlines()]
+    b = [json.loads(line) for line in (cut / "metrics.jsonl").read_text().splitlines()]
+    assert [r["train"] for r in a] == [r["train"] for r in b]
+
+
+def test_same_seed_gives_bit_identical_runs(tmp_path, teacher):
+    for name in ("a", "b"):
+        train(config_from_dict(student_values(tmp_path / name, teacher)))
+    assert_same_weights(weights(tmp_path / "a" / "last.pt"), weights(tmp_path / "b" / "last.pt"))
+    ra, rb = (json.loads((tmp_path / n / "results.json").read_text())["final"] for n in "ab")
+    assert ra["test"] == rb["test"] and ra["train"] == rb["train"]
+
+
+@pytest.mark.parametrize("outputs", ["teacher_top1", "projection"])
+def test_teacher_cache_gives_the_same_training(tmp_path, teacher, outputs):
+    runs = {}
+    for cached in (True, False):
+        values = student_values(tmp_path / f"{outputs}{cached}", teacher, jm_outputs=outputs, num_projections=2)
+        values["teacher_cache"] = cached
+        train(config_from_dict(values))
+        runs[cached] = weights(tmp_path / f"{outputs}{cached}" / "last.pt")
+    assert_same_weights(runs[True], runs[False], atol=1e-5)
+
+
+def test_augmentation_trains_without_cache(tmp_path, teacher):
+    values = student_values(tmp_path / "aug", teacher)
+    values["data"].update(augment=True, crop_padding=1)
+    r = train(config_from_dict(values))
+    assert r["final"]["test"]["acc"] >= 0
+
+
+def test_ddp_two_processes_equal_one_process(tmp_path, teacher):
+    """torchrun with 2 CPU processes (gloo), KD + JM with double backward: after a few steps
+    the parameters equal those of one process on the same global batch, to 1e-5."""
+    common = ["--teacher", teacher, "--dataset", "synthetic", "--model", "small_cnn_4",
+              "--samples-per-class", "8", "--set", "objective.beta=1", "--set", "objective.gamma=1",
+              "--set", "optim.epochs=2", "--set", "optim.batch_size=16", "--set", "progress=false",
+              "--set", "tensorboard=false", "--set", "eval.every=2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                          "--master_port=29517", "-m", "jacmatch", "distill", "--out", str(tmp_path / "ddp"),
+                          *common], capture_output=True, text=True, env=env, timeout=300)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    single = subprocess.run([sys.executable, "-m", "jacmatch", "distill", "--out", str(tmp_path / "one"), *common],
+                            capture_output=True, text=True, env=env, timeout=300)
+    assert single.returncode == 0, single.stderr[-3000:]
+    assert_same_weights(weights(tmp_path / "ddp" / "last.pt"), weights(tmp_path / "one" / "last.pt"), atol=1e-5)
+    # The Jacobian term was part of the distributed steps, and the two ranks split the batch.
+    metrics = [json.loads(line) for line in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()]
+    assert len(metrics) == 2 and metrics[-1]["train"]["jm"] > 0
+    assert metrics[0]["steps"] == 2  # 4 classes × 8 samples / global batch 16, each rank 8 per step
+
+
+def run_cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "jacmatch", *args], capture_output=True, text=True,
+                          timeout=300, cwd=cwd)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["train-teacher", "--dataset", "imagenet"], "unknown data set 'imagenet'"),
+    (["train-teacher", "--model", "resnet1000", "--dataset", "synthetic"], "unknown model 'resnet1000'"),
+    (["train-teacher", "--set", "optim.lr_typo=1"], "unknown config key 'optim.lr_typo'"),
+    (["train-teacher", "--set", "optim.lr=fast"], "must be a float"),
+    (["train-teacher", "--dataset", "mnist", "--data-dir", "/nonexistent"], "data.data_dir"),
+    (["train-teacher", "--config", "/nonexistent.yaml"], "does not exist"),
+    (["distill", "--dataset", "synthetic"], "needs --teacher"),
+    (["distill", "--teacher", "/nonexistent.pt", "--set", "objective.beta=1"], "does not exist"),
+    (["train-teacher", "--set", "optim.batch_size=100000000"], "batch_size"),
+    (["evaluate", "--checkpoint", "/nonexistent.pt"], "does not exist"),
+])
+def test_cli_errors_are_one_line_exit_2(tmp_path, args, message):
+    r = run_cli(*args, "--out", str(tmp_path / "o")) if args[0] != "evaluate" else run_cli(*args)
+    assert r.returncode == 2, r.stderr
+    assert message in r.stderr and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_samples_per_class_too_large(tmp_path, teacher):
+    r = run_cli("distill", "--teacher", teacher, "--dataset", "synthetic", "--samples-per-class", "10000",
+                "--set", "objective.beta=1", "--out", str(tmp_path / "o"))
+    assert r.returncode == 2 and "samples_per_class=10000" in r.stderr
+
+
+def test_checkpoint_of_another_model_is_refused_on_resume(tmp_path, teacher):
+    values = student_values(tmp_path / "s", teacher)
+    values["optim"]["epochs"] = 1
+    train(config_from_dict(values))
+    values["model"]["name"] = "small_cnn_8"
+    with pytest.raises(ValueError, match="holds model"):
+        train(config_from_dict(values), resume=True)
+
+
+def test_evaluate_command(tmp_path, teacher):
+    r = run_cli("evaluate", "--checkpoint", teacher, "--noise-sigmas", "0.1", "--json", str(tmp_path / "e.json"))
+    assert r.returncode == 0, r.stderr
+    result = json.loads((tmp_path / "e.json").read_text())
+    assert 0 <= result["acc"] <= 1 and "0.1" in result["noisy_acc"]
