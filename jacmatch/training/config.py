@@ -130,8 +130,8 @@ def _build(cls, values: dict, where: str):
     fields = {f.name: f for f in dataclasses.fields(cls)}
     kwargs = {}
     for key, value in values.items():
-        if key not in fields:
-            raise ConfigError(f"unknown config key {where + key!r}: known keys are {sorted(fields)}")
+        if not isinstance(key, str) or key not in fields:
+            raise ConfigError(f"unknown config key {f'{where}{key}'!r}: known keys are {sorted(fields)}")
         sub = _dataclass_type(cls, key)
         kwargs[key] = _build(sub, value, f"{where}{key}.") if sub is not None \
             else _typed(fields[key], value, where + key)
@@ -147,6 +147,11 @@ def _typed(f: dataclasses.Field, value, key: str):
     if isinstance(default, bool):
         ok = isinstance(value, bool)
     elif isinstance(default, float):
+        if isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
         value = float(value) if ok else value
     elif isinstance(default, int):

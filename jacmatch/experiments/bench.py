@@ -1,0 +1,292 @@
+"""``jacmatch bench``: what the Jacobian terms cost, as ratios measured in one run.
+
+Every measured step is a full optimiser step of the student (SGD) on the same batch.
+Time: the median of ``repeats`` steps after warm-up. Memory: on CUDA the peak of
+``torch.cuda.max_memory_allocated`` over one step; on CPU the peak resident-set growth
+over one step (``VmHWM`` of /proc/self/status after resetting it through clear_refs,
+with glibc's mmap threshold fixed at 128 KiB so that freed tensors leave the RSS).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import math
+import os
+import platform
+import statistics
+import time
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from ..core import jacobian as J
+from ..core.losses import jacobian_matching_loss, kd_loss
+from ..core.objective import ObjectiveConfig, TransferObjective
+from ..io import write_json_atomic
+from ..models import create_model
+
+__all__ = ["main", "run_bench"]
+
+SHAPES = {  # name: (channels, size, classes, teacher, student)
+    "mnist-like": (1, 28, 10, "small_cnn_32", "small_cnn_8"),
+    "cifar100-like": (3, 32, 100, "small_cnn_32", "small_cnn_8"),
+}
+
+
+def _fix_malloc() -> bool:
+    try:
+        return ctypes.CDLL("libc.so.6").mallopt(-3, 128 * 1024) == 1  # M_MMAP_THRESHOLD
+    except OSError:
+        return False
+
+
+def _rss(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def peak_memory(step: Callable[[], None], device: torch.device) -> int | None:
+    """Bytes: peak growth of allocated memory during one call of ``step``."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        step()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return None
+    base = _rss("VmRSS")
+    step()
+    return _rss("VmHWM") - base
+
+
+def time_step(step: Callable[[], None], device: torch.device, repeats: int, warmup: int = 2) -> float:
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+class Setup:
+    """A teacher, a student, one batch and an optimiser, all on ``device``."""
+
+    def __init__(self, channels, size, classes, teacher, student, batch, device, seed=0):
+        torch.manual_seed(seed)
+        self.device = device
+        self.teacher = create_model(teacher, classes, channels).to(device).eval().requires_grad_(False)
+        self.student = create_model(student, classes, channels).to(device)
+        self.opt = torch.optim.SGD(self.student.parameters(), lr=1e-3, momentum=0.9)
+        g = torch.Generator().manual_seed(seed)
+        self.x = torch.rand(batch, channels, size, size, generator=g).to(device)
+        self.y = torch.randint(0, classes, (batch,), generator=g).to(device)
+        self.classes = classes
+
+    def objective_step(self, cached: bool = False, **weights) -> Callable[[], None]:
+        cfg = ObjectiveConfig(**weights)
+        obj = TransferObjective(self.student, self.teacher if cfg.needs_teacher else None, cfg,
+                                generator=torch.Generator().manual_seed(0))
+        targets = obj.teacher_targets(self.x, self.y, full_jacobian=True) if cached and cfg.needs_teacher else None
+
+        def step():
+            self.opt.zero_grad(set_to_none=True)
+            _, total, _ = obj(self.x, self.y, targets)
+            total.backward()
+            self.opt.step()
+        return step
+
+    def naive_step(self, all_classes: bool) -> Callable[[], None]:
+        """As public re-implementations write it: the teacher's gradient built with
+        create_graph=True on parameters that require grad, one backward per class."""
+        teacher = create_model("small_cnn_32", self.classes, self.x.shape[1]).to(self.device)
+        teacher.load_state_dict(self.teacher.state_dict())
+
+        def step():
+            self.opt.zero_grad(set_to_none=True)
+            x = self.x.clone().requires_grad_()
+            zs, zt = self.student(x), teacher(x)
+            loss = F.cross_entropy(zs, self.y) + kd_loss(zs, zt)
+            classes = range(self.classes) if all_classes else [None]
+            for c in classes:
+                idx = zt.argmax(1) if c is None else torch.full_like(self.y, c)
+                gs = torch.autograd.grad(zs.gather(1, idx[:, None]).sum(), x, create_graph=True)[0]
+                gt = torch.autograd.grad(zt.gather(1, idx[:, None]).sum(), x, create_graph=True)[0]
+                loss = loss + jacobian_matching_loss(gs, gt)
+            loss.backward()
+            self.opt.step()
+        return step
+
+
+def _steps(s: Setup, naive_all: bool) -> dict[str, Callable[[], None]]:
+    kd = {"alpha": 1.0, "beta": 1.0}
+    jm = {**kd, "gamma": 1.0}
+    steps = {
+        "ce_step": s.objective_step(alpha=1.0),
+        "kd_step": s.objective_step(**kd),
+        "jm_step": s.objective_step(**jm, jm_outputs="teacher_top1"),
+        "jm_proj_step": s.objective_step(**jm, jm_outputs="projection", num_projections=1),
+        "jm_exact_all_step": s.objective_step(**jm, jm_outputs="all"),
+        "jm_fd_step": s.objective_step(**jm, jm_outputs="input_fd", jm_form="sq"),
+        "jm_jvp_step": s.objective_step(**jm, jm_outputs="input_jvp", jm_form="sq"),
+        "kd_step_cached": s.objective_step(cached=True, **kd),
+        "jm_step_cached": s.objective_step(cached=True, **jm, jm_outputs="teacher_top1"),
+        "jm_proj_step_cached": s.objective_step(cached=True, **jm, jm_outputs="projection"),
+        "naive_top1_step": s.naive_step(all_classes=False),
+    }
+    for m in (1, 4, 16):
+        steps[f"noisy_kd_step_m{m}"] = s.objective_step(**kd, noise_sigma=0.1, noise_draws=m)
+    if naive_all:
+        steps["naive_all_step"] = s.naive_step(all_classes=True)
+    return steps
+
+
+def _ratios(t: dict, mem: dict) -> dict:
+    r = lambda a, b: t[a] / t[b] if a in t and b in t else None  # noqa: E731
+    out = {
+        "jm_over_kd": r("jm_step", "kd_step"),
+        "jm_over_kd_cached": r("jm_step_cached", "kd_step_cached"),
+        "proj_over_top1": r("jm_proj_step", "jm_step"),
+        "exact_all_over_top1": r("jm_exact_all_step", "jm_step"),
+        "fd_over_kd": r("jm_fd_step", "kd_step"),
+        "jvp_over_kd": r("jm_jvp_step", "kd_step"),
+        "naive_top1_over_jm": r("naive_top1_step", "jm_step"),
+        "naive_all_over_exact_all": r("naive_all_step", "jm_exact_all_step"),
+        "teacher_forward_over_student_forward": r("teacher_forward", "student_forward"),
+    }
+    if mem.get("jm_step") and mem.get("kd_step"):
+        out["jm_over_kd_memory"] = mem["jm_step"] / mem["kd_step"]
+    return out
+
+
+def run_bench(device_name: str = "cpu", quick: bool = False, batch: int = 128) -> dict:
+    device = torch.device(device_name)
+    fixed = _fix_malloc() if device.type == "cpu" else None
+    repeats = 3 if quick else 10
+    results = {"device": device_name, "machine": _machine(device), "batch": batch, "repeats": repeats,
+               "malloc_fixed": fixed, "shapes": {}}
+    shapes = {k: v for k, v in SHAPES.items() if not quick or k == "mnist-like"}
+    for name, (c, size, k, teacher, student) in shapes.items():
+        s = Setup(c, 12 if quick else size, k, teacher, student, 16 if quick else batch, device)
+        times, memory = {}, {}
+        with torch.no_grad():
+            times["teacher_forward"] = time_step(lambda: s.teacher(s.x), device, repeats)
+            times["student_forward"] = time_step(lambda: s.student(s.x), device, repeats)
+        # The naive per-class loop is measured at 10 classes only: at 100 it is 100 backward
+        # passes of both networks per step, minutes per measurement on a 2-core machine.
+        for step_name, step in _steps(s, naive_all=not quick and k <= 10).items():
+            slow = step_name in ("naive_all_step", "noisy_kd_step_m16") or (step_name == "jm_exact_all_step" and k > 10)
+            reps = max(3, repeats // 3) if slow else repeats
+            times[step_name] = time_step(step, device, reps, warmup=1)
+            memory[step_name] = peak_memory(step, device)
+            print(f"  {name:<14}{step_name:<22}{1e3 * times[step_name]:9.1f} ms"
+                  + (f"{memory[step_name] / 2**20:9.1f} MiB" if memory[step_name] is not None else ""))
+        results["shapes"][name] = {"channels": c, "size": size, "classes": k, "teacher": teacher,
+                                   "student": student, "seconds": times, "peak_bytes": memory,
+                                   "ratios": _ratios(times, memory)}
+    if not quick:
+        results["scaling"] = _scaling(device, repeats)
+    return results
+
+
+def _scaling(device, repeats) -> dict:
+    """Step time against batch size, input size and number of classes."""
+    out = {"batch": [], "size": [], "classes": []}
+    base = {"batch": 128, "size": 28, "classes": 10}
+    grid = {"batch": [32, 64, 128, 256], "size": [16, 28, 48], "classes": [10, 100, 400]}
+    kinds = {"top1": {"jm_outputs": "teacher_top1"}, "projection": {"jm_outputs": "projection"},
+             "exact_all": {"jm_outputs": "all"}}
+    for axis, values in grid.items():
+        for v in values:
+            p = {**base, axis: v}
+            s = Setup(1, p["size"], p["classes"], "small_cnn_32", "small_cnn_8", p["batch"], device)
+            row = {axis: v}
+            for kind, extra in kinds.items():
+                if kind == "exact_all" and p["classes"] > 100:
+                    continue  # k vector-Jacobian products: the scaling is clear below this
+                step = s.objective_step(alpha=1.0, beta=1.0, gamma=1.0, **extra)
+                row[kind] = time_step(step, device, max(3, repeats // 2), warmup=1)
+            out[axis].append(row)
+            print(f"  scaling {axis}={v}: " + ", ".join(f"{k} {1e3 * t:.1f} ms" for k, t in row.items() if k != axis))
+    return out
+
+
+def _machine(device) -> dict:
+    info = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "cpus": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads()}
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def plot_scaling(results: dict, path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    axes_names = [a for a in ("batch", "size", "classes") if results.get("scaling", {}).get(a)]
+    fig, axes = plt.subplots(1, len(axes_names), figsize=(4.2 * len(axes_names), 3.5))
+    for ax, axis in zip(axes, axes_names):
+        rows = results["scaling"][axis]
+        for kind in ("top1", "projection", "exact_all"):
+            pts = [(r[axis], 1e3 * r[kind]) for r in rows if kind in r]
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=kind)
+        ax.set_xlabel({"batch": "batch size", "size": "input side (pixels)", "classes": "classes k"}[axis])
+        ax.set_ylabel("step time (ms)")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+    axes[0].legend()
+    fig.suptitle(f"KD + JM step time, {results['device']} ({results['machine']['cpus']} cpus)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def format_table(results: dict) -> str:
+    lines = []
+    for name, shape in results["shapes"].items():
+        lines.append(f"{name}: {shape['channels']}×{shape['size']}×{shape['size']}, {shape['classes']} classes, "
+                     f"teacher {shape['teacher']}, student {shape['student']}, batch {results['batch']}")
+        for k, v in shape["ratios"].items():
+            if v is not None:
+                lines.append(f"  {k:<40}{v:8.2f}")
+    return "\n".join(lines)
+
+
+def main(json_path: str | None, quick: bool, device: str, plot_path: str | None = None) -> dict:
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda but no CUDA device is visible: use --device cpu")
+    start = time.time()
+    results = run_bench(device, quick)
+    results["bench_seconds"] = time.time() - start
+    print(format_table(results))
+    if json_path:
+        write_json_atomic(json_path, _finite(results))
+    if plot_path and results.get("scaling"):
+        plot_scaling(results, plot_path)
+    return results
+
+
+def _finite(obj):
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_finite(v) for v in obj]
+    return obj

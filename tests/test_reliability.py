@@ -1,0 +1,271 @@
+"""Faults, non-finite values, determinism and hostile input (reliability guarantees)."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from jacmatch.data import DataError, read_cifar_batch, read_idx
+from jacmatch.io import write_atomic
+from jacmatch.training import CheckpointError, config_from_dict, load_checkpoint, save_checkpoint, train
+from jacmatch.training.config import ConfigError, load_config
+from jacmatch.training.trainer import NonFiniteError
+
+QUIET = {"progress": False, "tensorboard": False}
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory):
+    out = tmp_path_factory.mktemp("teacher")
+    train(config_from_dict({"out_dir": str(out), "data": {"name": "synthetic"}, "model": {"name": "small_cnn_8"},
+                            "optim": {"epochs": 1, "batch_size": 32}, **QUIET}))
+    return str(out / "last.pt")
+
+
+# ---- checkpoints ----------------------------------------------------------------------
+
+
+def test_checkpoint_roundtrip_and_versions(tmp_path):
+    save_checkpoint(tmp_path / "c.pt", {"model": {"w": torch.ones(3)}, "epoch": 2})
+    state = load_checkpoint(tmp_path / "c.pt")
+    assert state["epoch"] == 2 and torch.equal(state["model"]["w"], torch.ones(3))
+    assert state["_versions"]["torch"] == torch.__version__
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "foreign", "empty", "pickle"])
+def test_damaged_checkpoints_are_refused(tmp_path, damage):
+    path = tmp_path / "c.pt"
+    save_checkpoint(path, {"model": {"w": torch.arange(1000.0)}})
+    data = path.read_bytes()
+    if damage == "truncate":
+        path.write_bytes(data[: len(data) - 100])
+        match = "truncated"
+    elif damage == "flip":
+        path.write_bytes(data[:-50] + bytes([data[-50] ^ 0xFF]) + data[-49:])
+        match = "checksum"
+    elif damage == "foreign":
+        torch.save({"w": torch.ones(1)}, path)
+        match = "not a jacmatch checkpoint"
+    elif damage == "empty":
+        path.write_bytes(b"")
+        match = "not a jacmatch checkpoint"
+    else:
+        path.write_bytes(b"JACMATCH-CHECKPOINT\n{not json\n")
+        match = "corrupt header"
+    with pytest.raises(CheckpointError, match=match):
+        load_checkpoint(path)
+
+
+def test_failed_write_keeps_the_previous_file(tmp_path):
+    path = tmp_path / "r.json"
+    path.write_text("old")
+
+    def half_then_crash(f):
+        f.write("ne")
+        raise OSError("disk full")
+    with pytest.raises(OSError):
+        write_atomic(path, half_then_crash)
+    assert path.read_text() == "old" and list(tmp_path.iterdir()) == [path]
+
+
+def test_sigkill_at_random_moments_always_leaves_a_loadable_checkpoint(tmp_path, teacher):
+    """A real training process killed with SIGKILL at random points (checkpoints are
+    written every epoch, epochs are tiny, so kills land inside writes too): whatever is
+    on disk loads, and --resume finishes the run with the same weights as a straight run."""
+    out = tmp_path / "killed"
+    args = [sys.executable, "-m", "jacmatch", "distill", "--teacher", teacher, "--dataset", "synthetic",
+            "--model", "small_cnn_4", "--out", str(out), "--set", "objective.beta=1", "--set", "objective.gamma=1",
+            "--set", "optim.epochs=40", "--set", "optim.batch_size=64", "--set", "eval.every=1000",
+            "--set", "progress=false", "--set", "tensorboard=false", "--set", "data.samples_per_class=16"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    rng = random.Random(0)
+    epochs_seen = []
+    last = out / "last.pt"
+    for attempt in range(5):
+        before = last.stat().st_mtime_ns if last.exists() else 0
+        proc = subprocess.Popen(args + (["--resume"] if last.exists() else []), env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        deadline = time.time() + 60
+        while time.time() < deadline and proc.poll() is None and \
+                (not last.exists() or last.stat().st_mtime_ns == before):
+            time.sleep(0.01)  # wait for this process's first new checkpoint, then strike at random
+        time.sleep(rng.uniform(0.0, 0.4))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        state = load_checkpoint(last)  # whatever is on disk must load
+        epochs_seen.append(state["epoch"])
+    assert epochs_seen and epochs_seen == sorted(epochs_seen)
+    final = subprocess.run(args + (["--resume"] if (out / "last.pt").exists() else []), env=env,
+                           capture_output=True, text=True, timeout=300)
+    assert final.returncode == 0, final.stderr[-2000:]
+    straight = tmp_path / "straight"
+    args[args.index(str(out))] = str(straight)
+    assert subprocess.run(args, env=env, capture_output=True, timeout=300).returncode == 0
+    a, b = load_checkpoint(out / "last.pt")["model"], load_checkpoint(straight / "last.pt")["model"]
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+# ---- non-finite values -----------------------------------------------------------------
+
+
+def _nan_at_epoch(monkeypatch, epoch_to_break: int):
+    import jacmatch.core.objective as objective_mod
+    real = objective_mod.kd_loss
+    calls = {"n": 0}
+
+    def kd_with_nan(*args, **kwargs):
+        calls["n"] += 1
+        value = real(*args, **kwargs)
+        return value * float("nan") if calls["n"] > epoch_to_break else value
+    monkeypatch.setattr(objective_mod, "kd_loss", kd_with_nan)
+
+
+def test_injected_nan_stops_with_term_and_step_and_keeps_last_checkpoint(tmp_path, teacher, monkeypatch):
+    values = {"out_dir": str(tmp_path / "s"), "teacher": teacher, "data": {"name": "synthetic", "samples_per_class": 8},
+              "model": {"name": "small_cnn_4"}, "objective": {"beta": 1.0},
+              "optim": {"epochs": 3, "batch_size": 32}, **QUIET}
+    _nan_at_epoch(monkeypatch, 1)  # one step per epoch: the second epoch's step turns NaN
+    with pytest.raises(NonFiniteError, match=r"non-finite kd at epoch 2, step 1"):
+        train(config_from_dict(values))
+    assert load_checkpoint(tmp_path / "s" / "last.pt")["epoch"] == 1
+
+
+def test_nonfinite_skip_mode_finishes(tmp_path, teacher, monkeypatch):
+    values = {"out_dir": str(tmp_path / "s"), "teacher": teacher, "data": {"name": "synthetic", "samples_per_class": 8},
+              "model": {"name": "small_cnn_4"}, "objective": {"beta": 1.0}, "nonfinite": "skip",
+              "optim": {"epochs": 3, "batch_size": 32}, **QUIET}
+    _nan_at_epoch(monkeypatch, 1)
+    results = train(config_from_dict(values))
+    history = [json.loads(x) for x in (tmp_path / "s" / "metrics.jsonl").read_text().splitlines()]
+    assert [h["skipped_steps"] for h in history] == [0, 1, 1] and results["epochs"] == 3
+
+
+def test_nonfinite_exits_nonzero_from_the_cli(tmp_path, teacher):
+    r = subprocess.run([sys.executable, "-m", "jacmatch", "distill", "--teacher", teacher, "--dataset", "synthetic",
+                        "--out", str(tmp_path / "o"), "--set", "objective.beta=1", "--set", "optim.lr=1e30",
+                        "--set", "optim.epochs=3", "--set", "progress=false", "--set", "tensorboard=false"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 3, r.stderr
+    assert "non-finite" in r.stderr and "Traceback" not in r.stderr
+
+
+# ---- determinism -----------------------------------------------------------------------
+
+
+def test_ddp_runs_with_the_same_seed_agree(tmp_path, teacher):
+    common = ["-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29518", "-m", "jacmatch",
+              "distill", "--teacher", teacher, "--dataset", "synthetic", "--model", "small_cnn_4",
+              "--samples-per-class", "8", "--set", "objective.beta=1", "--set", "objective.gamma=1",
+              "--set", "objective.jm_outputs=projection", "--set", "optim.epochs=2", "--set", "optim.batch_size=16",
+              "--set", "progress=false", "--set", "tensorboard=false"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for name in ("a", "b"):
+        r = subprocess.run([sys.executable, *common, "--out", str(tmp_path / name)], capture_output=True,
+                           text=True, env=env, timeout=300)
+        assert r.returncode == 0, r.stderr[-2000:]
+    a, b = (load_checkpoint(tmp_path / n / "last.pt")["model"] for n in "ab")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=0)
+
+
+# ---- hostile input: fuzzing ------------------------------------------------------------
+
+FUZZ = settings(max_examples=150, deadline=2000, suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+def _valid_idx() -> bytes:
+    a = np.arange(2 * 3 * 3, dtype=np.uint8).reshape(2, 3, 3)
+    return bytes([0, 0, 8, 3]) + np.array(a.shape, dtype=">u4").tobytes() + a.tobytes()
+
+
+@FUZZ
+@given(st.binary(max_size=200) | st.builds(lambda cut, flip: bytearray(_valid_idx())[:cut] if flip is None else
+                                          bytes(b ^ (0xFF if i == flip else 0) for i, b in enumerate(_valid_idx())),
+                                          st.integers(0, 40), st.none() | st.integers(0, 30)))
+def test_fuzz_idx_reader(tmp_path_factory, blob):
+    path = tmp_path_factory.mktemp("idx") / "f"
+    path.write_bytes(bytes(blob))
+    try:
+        a = read_idx(path)
+        assert isinstance(a, np.ndarray)
+    except DataError:
+        pass
+
+
+def test_idx_header_claiming_a_huge_size_is_refused_quickly(tmp_path):
+    path = tmp_path / "huge"
+    path.write_bytes(bytes([0, 0, 8, 3]) + np.array([100000, 100000, 100000], dtype=">u4").tobytes())
+    start = time.time()
+    with pytest.raises(DataError, match="truncated"):
+        read_idx(path)
+    assert time.time() - start < 1.0
+
+
+def _valid_cifar() -> bytes:
+    import pickle
+    return pickle.dumps({b"data": np.zeros((2, 3072), np.uint8), b"labels": [0, 1]}, protocol=2)
+
+
+@FUZZ
+@given(st.binary(max_size=300) | st.builds(lambda cut, pos, val: (lambda b: b[:pos] + bytes([val]) + b[pos + 1:cut])(
+    _valid_cifar()), st.integers(0, 6400), st.integers(0, 200), st.integers(0, 255)))
+def test_fuzz_cifar_reader(tmp_path_factory, blob):
+    path = tmp_path_factory.mktemp("cifar") / "f"
+    path.write_bytes(blob)
+    try:
+        x, y = read_cifar_batch(path, "labels")
+        assert x.shape[1:] == (3, 32, 32) and len(y) == len(x)
+    except DataError:
+        pass
+
+
+@FUZZ
+@given(st.text(max_size=300) | st.binary(max_size=300))
+def test_fuzz_config_loader(tmp_path_factory, blob):
+    path = tmp_path_factory.mktemp("cfg") / "c.yaml"
+    path.write_bytes(blob.encode("utf-8", "surrogatepass") if isinstance(blob, str) else blob)
+    try:
+        config_from_dict(load_config(str(path))).check()
+    except (ConfigError, ValueError):
+        pass
+
+
+def test_yaml_cannot_construct_objects(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("seed: !!python/object/apply:os.system ['echo pwned']\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(str(path))
+
+
+@FUZZ
+@given(st.binary(max_size=400))
+def test_fuzz_checkpoint_loader(tmp_path_factory, tail):
+    path = tmp_path_factory.mktemp("ckpt") / "c.pt"
+    path.write_bytes(b"JACMATCH-CHECKPOINT\n" + tail)
+    with pytest.raises(CheckpointError):
+        load_checkpoint(path)
+
+
+# ---- limits ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("setting,match", [
+    ({"optim": {"batch_size": 10**9}}, "batch_size"),
+    ({"objective": {"gamma": 1, "num_projections": 10**7}, "teacher": "t.pt"}, "num_projections"),
+    ({"objective": {"noise_sigma": 0.1, "noise_draws": 10**6}}, "noise_draws"),
+    ({"optim": {"epochs": 10**9}}, "epochs"),
+])
+def test_absurd_settings_are_refused_before_work_starts(setting, match):
+    with pytest.raises(ConfigError, match=match):
+        config_from_dict(setting).check()
