@@ -115,3 +115,19 @@ def add_commands(sub) -> None:
     p.add_argument("--plot", metavar="PATH", help="PNG of step time against batch, input size, classes")
     p.set_defaults(run=lambda a: __import__("jacmatch.experiments.bench", fromlist=["main"]).main(
         a.json, a.quick, a.device, a.plot))
+    add_experiment_commands(sub)
+
+
+def add_experiment_commands(sub) -> None:
+    p = sub.add_parser("experiment", help="run a section of the paper's experiments (Fashion-MNIST)",
+                       description="Sections: teacher, distill, robustness, transfer, verify, pictures, or all. "
+                                   "Finished runs are reused and interrupted ones resumed; each section writes "
+                                   "results/paper/SECTION.json.")
+    p.add_argument("section", choices=["teacher", "distill", "robustness", "transfer", "verify", "pictures", "all"])
+    p.add_argument("--quick", action="store_true", help="a smoke run on digits with tiny grids")
+    p.set_defaults(run=lambda a: __import__("jacmatch.experiments.paper", fromlist=["main"]).main(a.section, a.quick))
+
+    p = sub.add_parser("report", help="write results/REPORT.md, its plots and BENCHMARKS.md from the result JSONs",
+                       description="Generate the report, the README's findings and BENCHMARKS.md from results/.")
+    p.add_argument("--results", metavar="DIR", help="folder of the section JSONs (default results/paper)")
+    p.set_defaults(run=lambda a: __import__("jacmatch.experiments.report", fromlist=["main"]).main(a.results))

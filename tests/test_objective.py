@@ -113,3 +113,16 @@ def test_jacobian_cosine_is_one_for_identical_networks():
     student, _ = pair()
     x, _ = batch()
     torch.testing.assert_close(jm.jacobian_cosine(student.eval(), student, x), torch.ones(6, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("outputs", ["teacher_top1", "top_k", "all"])
+def test_teacher_targets_in_chunks_equal_the_whole_batch(outputs):
+    student, teacher = pair()
+    x, y = batch()
+    whole = jm.TransferObjective(student, teacher, jm.ObjectiveConfig(gamma=1, jm_outputs=outputs, top_k=2,
+                                                                      teacher_chunk=0)).teacher_targets(x, y)
+    chunked = jm.TransferObjective(student, teacher, jm.ObjectiveConfig(gamma=1, jm_outputs=outputs, top_k=2,
+                                                                        teacher_chunk=4)).teacher_targets(x, y)
+    assert whole.keys() == chunked.keys()
+    for k in whole:
+        torch.testing.assert_close(whole[k], chunked[k])

@@ -124,9 +124,11 @@ def input_jacobian(outputs: Tensor, inputs: Tensor, index: Tensor, *,
         raise ValueError(f"index out of range: outputs have k = {k} entries, index spans "
                          f"[{int(index.min())}, {int(index.max())}]")
     index = index.long()
-    if index.dim() == 1:
-        selected = outputs.gather(1, index[:, None]).sum()
-        return _grad(selected, inputs, None, create_graph=create_graph)
+    if index.dim() == 1 or index.shape[1] == 1:
+        # One output per sample: a plain backward pass of a gathered sum, never a vmapped one.
+        selected = outputs.gather(1, index.reshape(batch, 1)).sum()
+        g = _grad(selected, inputs, None, create_graph=create_graph)
+        return g if index.dim() == 1 else g.unsqueeze(1)
     onehot = torch.zeros(batch, index.shape[1], k, dtype=outputs.dtype, device=outputs.device)
     onehot.scatter_(2, index[:, :, None], 1.0)
     return vector_jacobian_product(outputs, inputs, onehot, create_graph=create_graph, vectorize=vectorize)

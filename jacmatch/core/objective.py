@@ -55,6 +55,7 @@ class ObjectiveConfig:
     noise_sigma: float = 0.0      # σ of Gaussian-noise training / noisy distillation
     noise_draws: int = 1          # M
     noise_antithetic: bool = False
+    teacher_chunk: int = 32       # teacher targets in chunks of this many samples (0: whole batch)
 
     def check(self) -> None:
         for name in ("alpha", "beta", "gamma", "delta", "delta_jacobian", "penalty", "noise_sigma"):
@@ -80,6 +81,8 @@ class ObjectiveConfig:
             raise ValueError(f"objective.num_projections must be in [1, 4096], got {self.num_projections}")
         if not 1 <= self.noise_draws <= 1024 or (self.noise_antithetic and self.noise_draws % 2):
             raise ValueError(f"objective.noise_draws must be in [1, 1024] (even if antithetic), got {self.noise_draws}")
+        if self.teacher_chunk < 0:
+            raise ValueError(f"objective.teacher_chunk must be >= 0, got {self.teacher_chunk}")
         if (self.delta or self.delta_jacobian) and not self.at_layers:
             raise ValueError("attention transfer needs objective.at_layers, e.g. ['layer2:layer3']")
 
@@ -151,12 +154,24 @@ class TransferObjective:
     def teacher_targets(self, x: Tensor, y: Tensor, *, full_jacobian: bool = False) -> dict[str, Tensor]:
         """The teacher's side of a step, computed without a graph to its parameters.
 
+        The teacher's Jacobian needs no graph to the student, so it is taken in chunks of
+        ``teacher_chunk`` samples, each chunk's graph freed before the next: the peak
+        memory of the teacher's reverse pass scales with the chunk, not the batch.
+
         Always ``logits``. For index selectors, ``index`` and the Jacobian rows ``jac`` at
         the matched outputs (``probs`` too for the ce form). For random estimators, either
         the draws of this step and their products (``draws``, ``drawn``), or with
         ``full_jacobian`` (for a cache) every row ``full_jac`` and no draw. Attention
         features ``at{j}`` (and their Jacobians ``at_jac{j}``) when δ or δ_J is set.
         """
+        chunk = self.config.teacher_chunk
+        if chunk and x.shape[0] > chunk and (self.config.gamma or self.config.delta_jacobian):
+            parts = [self._teacher_targets(x[i:i + chunk], y[i:i + chunk], full_jacobian)
+                     for i in range(0, x.shape[0], chunk)]
+            return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+        return self._teacher_targets(x, y, full_jacobian)
+
+    def _teacher_targets(self, x: Tensor, y: Tensor, full_jacobian: bool) -> dict[str, Tensor]:
         cfg = self.config
         teacher = self.teacher
         teacher.eval()

@@ -9,6 +9,7 @@ with glibc's mmap threshold fixed at 128 KiB so that freed tensors leave the RSS
 
 from __future__ import annotations
 
+import copy
 import ctypes
 import math
 import os
@@ -29,8 +30,8 @@ from ..models import create_model
 __all__ = ["main", "run_bench"]
 
 SHAPES = {  # name: (channels, size, classes, teacher, student)
-    "mnist-like": (1, 28, 10, "small_cnn_32", "small_cnn_8"),
-    "cifar100-like": (3, 32, 100, "small_cnn_32", "small_cnn_8"),
+    "mnist-like": (1, 28, 10, "resnet20", "small_cnn_8"),
+    "cifar100-like": (3, 32, 100, "resnet20", "small_cnn_8"),
 }
 
 
@@ -113,8 +114,7 @@ class Setup:
     def naive_step(self, all_classes: bool) -> Callable[[], None]:
         """As public re-implementations write it: the teacher's gradient built with
         create_graph=True on parameters that require grad, one backward per class."""
-        teacher = create_model("small_cnn_32", self.classes, self.x.shape[1]).to(self.device)
-        teacher.load_state_dict(self.teacher.state_dict())
+        teacher = copy.deepcopy(self.teacher).requires_grad_(True)
 
         def step():
             self.opt.zero_grad(set_to_none=True)
@@ -130,6 +130,32 @@ class Setup:
             loss.backward()
             self.opt.step()
         return step
+
+
+def _interleaved_medians(steps: dict, device, repeats: int, classes: int) -> dict[str, float]:
+    """Median seconds per step, measured in rounds that visit every step once, so that
+    slow drifts of the machine (frequency, neighbours) touch all steps alike and the
+    ratios stay fair. The slowest steps get a third of the rounds."""
+    slow = {"naive_all_step", "noisy_kd_step_m16"} | ({"jm_exact_all_step"} if classes > 10 else set())
+    for step in steps.values():
+        step()  # warm-up
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for r in range(repeats):
+        for name, step in steps.items():
+            if name in slow and r >= max(3, repeats // 3):
+                continue
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t = time.perf_counter()
+            if name.endswith("_forward"):
+                with torch.no_grad():
+                    step()
+            else:
+                step()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times[name].append(time.perf_counter() - t)
+    return {name: statistics.median(v) for name, v in times.items()}
 
 
 def _steps(s: Setup, naive_all: bool) -> dict[str, Callable[[], None]]:
@@ -182,16 +208,10 @@ def run_bench(device_name: str = "cpu", quick: bool = False, batch: int = 128) -
     shapes = {k: v for k, v in SHAPES.items() if not quick or k == "mnist-like"}
     for name, (c, size, k, teacher, student) in shapes.items():
         s = Setup(c, 12 if quick else size, k, teacher, student, 16 if quick else batch, device)
-        times, memory = {}, {}
-        with torch.no_grad():
-            times["teacher_forward"] = time_step(lambda: s.teacher(s.x), device, repeats)
-            times["student_forward"] = time_step(lambda: s.student(s.x), device, repeats)
-        # The naive per-class loop is measured at 10 classes only: at 100 it is 100 backward
-        # passes of both networks per step, minutes per measurement on a 2-core machine.
-        for step_name, step in _steps(s, naive_all=not quick and k <= 10).items():
-            slow = step_name in ("naive_all_step", "noisy_kd_step_m16") or (step_name == "jm_exact_all_step" and k > 10)
-            reps = max(3, repeats // 3) if slow else repeats
-            times[step_name] = time_step(step, device, reps, warmup=1)
+        steps = _steps(s, naive_all=not quick and k <= 10)
+        steps = {"teacher_forward": lambda: s.teacher(s.x), "student_forward": lambda: s.student(s.x), **steps}
+        times, memory = _interleaved_medians(steps, device, repeats, k), {}
+        for step_name, step in steps.items():
             memory[step_name] = peak_memory(step, device)
             print(f"  {name:<14}{step_name:<22}{1e3 * times[step_name]:9.1f} ms"
                   + (f"{memory[step_name] / 2**20:9.1f} MiB" if memory[step_name] is not None else ""))
@@ -213,7 +233,7 @@ def _scaling(device, repeats) -> dict:
     for axis, values in grid.items():
         for v in values:
             p = {**base, axis: v}
-            s = Setup(1, p["size"], p["classes"], "small_cnn_32", "small_cnn_8", p["batch"], device)
+            s = Setup(1, p["size"], p["classes"], *SHAPES["mnist-like"][3:], p["batch"], device)
             row = {axis: v}
             for kind, extra in kinds.items():
                 if kind == "exact_all" and p["classes"] > 100:

@@ -80,6 +80,7 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     teacher: str | None = None    # path of a teacher checkpoint (distillation)
+    init_from: str | None = None  # start from a checkpoint's weights (those whose shapes fit)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)

@@ -64,6 +64,17 @@ def load_model(path: str | Path, device="cpu") -> tuple[nn.Module, dict]:
     return model.to(device), state
 
 
+def _init_from(model: nn.Module, path: str, device) -> None:
+    """Copy the weights whose names and shapes fit (fine-tuning: a new classifier head
+    keeps its fresh initialisation); at least one tensor must fit."""
+    source = load_checkpoint(path, map_location=device)["model"]
+    own = model.state_dict()
+    fitting = {k: v for k, v in source.items() if k in own and own[k].shape == v.shape and k not in ("mean", "std")}
+    if not fitting:
+        raise CheckpointError(f"init_from {path}: no weight fits {model.arch['name']}")
+    model.load_state_dict(fitting, strict=False)
+
+
 def _seed(*parts: int) -> int:
     return int.from_bytes(str(parts).encode(), "little") % (2**61 - 1)
 
@@ -148,6 +159,8 @@ def train(cfg: RunConfig, *, resume: bool = False, data: DataSplits | None = Non
     torch.manual_seed(cfg.seed)
     model = create_model(cfg.model.name, data.num_classes, data.in_channels, mean=data.mean, std=data.std,
                          **cfg.model.options).to(device)
+    if cfg.init_from and not resume:
+        _init_from(model, cfg.init_from, device)
     optimizer = _make_optimizer(cfg, model.parameters())
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_factor(cfg.optim))
     history: list[dict] = []

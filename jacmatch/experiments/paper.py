@@ -1,0 +1,307 @@
+"""``jacmatch experiment SECTION``: the paper's experiments on Fashion-MNIST (issue: the
+paper's claims measured on real data).
+
+Each section composes run configs from ``configs/paper/*.yaml`` (what a run is) and the
+grid below (which runs), trains them through :func:`run_or_load` (finished runs are
+reused, interrupted ones resumed) and writes one JSON summary under ``results/paper/``.
+``jacmatch report`` turns those JSONs into ``results/REPORT.md`` and its plots.
+
+Hyperparameters are chosen on the validation split (never the test set), and the choice
+is recorded in the section's JSON.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+
+from ..io import write_json_atomic
+from ..training.config import _merge, load_config
+from .common import run_or_load, summarize
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "paper"
+RESULTS = Path("results")
+RUNS = Path("runs/paper")
+TEACHER = RESULTS / "teachers" / "fmnist_resnet20.pt"
+SOURCE_TEACHER = RESULTS / "teachers" / "fmnist_0-4_resnet20.pt"
+
+SAMPLES = (1, 5, 10, 50, 100, 500)
+SEEDS = (0, 1, 2, 3, 4)
+SIGMAS = (0.1, 0.2, 0.3, 0.5, 0.7)
+ROWS = {  # the paper's rows: α (CE), β (KD), γ (JM; its value chosen on validation)
+    "CE": {"alpha": 1.0},
+    "CE+KD": {"alpha": 1.0, "beta": 1.0},
+    "CE+JM": {"alpha": 1.0, "gamma": "γ"},
+    "CE+KD+JM": {"alpha": 1.0, "beta": 1.0, "gamma": "γ"},
+    "KD": {"alpha": 0.0, "beta": 1.0},
+    "KD+JM": {"alpha": 0.0, "beta": 1.0, "gamma": "γ"},
+}
+ABLATIONS = {  # at a few n: the form, and which Jacobians
+    "CE+KD+JM sq": {"alpha": 1.0, "beta": 1.0, "gamma": "γ_sq", "jm_form": "sq"},
+    "CE+KD+JM label": {"alpha": 1.0, "beta": 1.0, "gamma": "γ", "jm_outputs": "label"},
+    "CE+KD+JM projection": {"alpha": 1.0, "beta": 1.0, "gamma": "γ", "jm_outputs": "projection"},
+}
+ABLATION_SAMPLES = (5, 50)
+GAMMAS = (0.1, 1.0, 10.0)
+GAMMAS_SQ = (0.01, 0.1, 1.0)
+SELECTION = {"samples_per_class": 10, "seeds": (0, 1)}
+
+QUICK = {  # a smoke run of every section: digits, tiny grids, one or two seeds
+    "data": {"name": "digits", "augment": False},
+    "model_teacher": "small_cnn_16", "model_student": "small_cnn_4",
+    "optim": {"epochs": 2, "min_steps_per_epoch": 2, "batch_size": 64},
+}
+
+
+def _config(name: str, quick: bool, **over) -> dict:
+    values = load_config(str(CONFIGS / f"{name}.yaml"))
+    values = _merge(values, {"progress": False, "tensorboard": False})
+    if quick:
+        model = QUICK["model_teacher"] if "teacher" in name else QUICK["model_student"]
+        values = _merge(values, {"data": dict(QUICK["data"]), "model": {"name": model},
+                                 "optim": dict(QUICK["optim"]), "eval": {"every": 1}})
+        if values["data"].get("classes"):
+            values["data"]["classes"] = [int(c) for c in values["data"]["classes"]]
+    return _merge(values, over)
+
+
+def _paths(quick: bool) -> tuple[Path, Path]:
+    return (RUNS / "quick", RESULTS / "quick") if quick else (RUNS, RESULTS / "paper")
+
+
+def _cell(runs: list[dict]) -> dict:
+    tests = [r["final"]["test"] for r in runs]
+    cell = {"acc": summarize([t["acc"] for t in tests]),
+            "val_acc": summarize([r["final"]["val"]["acc"] for r in runs]),
+            "noisy_acc": {s: summarize([t["noisy_acc"][s] for t in tests]) for s in tests[0].get("noisy_acc", {})},
+            "train_seconds": sum(r["train_seconds"] for r in runs)}
+    if "jacobian_cosine" in tests[0]:
+        cell["jacobian_cosine"] = summarize([t["jacobian_cosine"] for t in tests])
+    return cell
+
+
+# ---- 1. teacher ---------------------------------------------------------------------------
+
+
+def teacher_section(quick: bool = False) -> dict:
+    runs, out = _paths(quick)
+    start = time.time()
+    r = run_or_load(_config("teacher", quick, out_dir=str(runs / "teacher"), seed=0))
+    target = (out / "teacher.pt") if quick else TEACHER
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(runs / "teacher" / "last.pt", target)
+    summary = {"model": r["config"]["model"]["name"], "parameters": r["student_parameters"],
+               "test": r["final"]["test"], "val": r["final"]["val"], "epochs": r["epochs"],
+               "train_seconds": r["train_seconds"], "section_seconds": time.time() - start,
+               "checkpoint": str(target), "config": r["config"]}
+    write_json_atomic(out / "teacher.json", summary)
+    return summary
+
+
+def _teacher_path(quick: bool) -> str:
+    path = (_paths(quick)[1] / "teacher.pt") if quick else TEACHER
+    if not Path(path).is_file():
+        raise ValueError(f"{path} is missing: run `jacmatch experiment teacher{' --quick' if quick else ''}` first")
+    return str(path)
+
+
+# ---- 2. distillation with few samples -----------------------------------------------------
+
+
+def _student(quick, tag, n, seed, objective, teacher, **over) -> dict:
+    runs, _ = _paths(quick)
+    values = _config("distill", quick, out_dir=str(runs / "distill" / f"{tag}_n{n}_s{seed}"), seed=seed,
+                     teacher=teacher, data={"samples_per_class": n}, objective=objective, **over)
+    return run_or_load(values)
+
+
+def _select(quick, name, grid, objective, teacher) -> tuple[float, dict]:
+    """The weight in ``grid`` with the best mean validation accuracy (never the test set)."""
+    n = 5 if quick else SELECTION["samples_per_class"]
+    seeds = (0,) if quick else SELECTION["seeds"]
+    scores = {}
+    for value in grid:
+        obj = {k: (value if v in ("γ", "γ_sq") else v) for k, v in objective.items()}
+        runs = [_student(quick, f"select-{name}-{value}", n, s, obj, teacher) for s in seeds]
+        scores[str(value)] = sum(r["final"]["val"]["acc"] for r in runs) / len(runs)
+    best = max(grid, key=lambda v: scores[str(v)])
+    return best, {"grid": list(grid), "val_acc": scores, "chosen": best, "samples_per_class": n, "seeds": list(seeds)}
+
+
+def distill_section(quick: bool = False) -> dict:
+    runs, out = _paths(quick)
+    teacher = _teacher_path(quick)
+    start = time.time()
+    gamma, sel = _select(quick, "gamma", (1.0,) if quick else GAMMAS, ROWS["CE+KD+JM"], teacher)
+    gamma_sq, sel_sq = _select(quick, "gamma_sq", (0.1,) if quick else GAMMAS_SQ, ABLATIONS["CE+KD+JM sq"], teacher)
+    weights = {"γ": gamma, "γ_sq": gamma_sq}
+    samples = (1, 5) if quick else SAMPLES
+    seeds = (0,) if quick else SEEDS
+    cells = {}
+    grid = [(row, obj, samples) for row, obj in ROWS.items()] + \
+        [(row, obj, (5,) if quick else ABLATION_SAMPLES) for row, obj in ABLATIONS.items()]
+    for row, objective, ns in grid:
+        obj = {k: weights.get(v, v) if isinstance(v, str) else v for k, v in objective.items()}
+        for n in ns:
+            tag = row.replace("+", "_").replace(" ", "_")
+            cells[f"{row}|{n}"] = {"row": row, "samples_per_class": n, "objective": obj,
+                                   **_cell([_student(quick, tag, n, s, obj, teacher) for s in seeds])}
+            print(f"  {row:<22} n={n:<4} test {100 * cells[f'{row}|{n}']['acc']['mean']:.1f}"
+                  f" ± {100 * cells[f'{row}|{n}']['acc']['std']:.1f}   [{time.time() - start:.0f} s]")
+    summary = {"teacher": teacher, "selection": {"gamma": sel, "gamma_sq": sel_sq}, "seeds": list(seeds),
+               "samples": list(samples), "cells": cells, "section_seconds": time.time() - start,
+               "student": _config("distill", quick)["model"]["name"]}
+    write_json_atomic(out / "distill.json", summary)
+    return summary
+
+
+# ---- 3. robustness to noisy inputs --------------------------------------------------------
+
+SIGMA_TRAIN = 0.3
+ROBUST_ROWS = {
+    "CE": {"alpha": 1.0},
+    f"noise σ={SIGMA_TRAIN}": {"alpha": 1.0, "noise_sigma": SIGMA_TRAIN, "noise_draws": 1},
+    # Prop. 2 (CE form): E CE(x+ξ) ≈ CE + σ²·½‖∇ log Sˢ_y‖², so λ = σ² is the equivalent weight.
+    f"penalty λ=σ²={SIGMA_TRAIN ** 2:.2f}": {"alpha": 1.0, "penalty": SIGMA_TRAIN ** 2, "penalty_form": "ce"},
+}
+
+
+def robustness_section(quick: bool = False) -> dict:
+    runs, out = _paths(quick)
+    start = time.time()
+    seeds = (0,) if quick else (0, 1, 2)
+    cells = {}
+    for subset in ((None, 10) if quick else (None, 100)):
+        for row, obj in ROBUST_ROWS.items():
+            results = []
+            for seed in seeds:
+                tag = f"{row.split()[0]}_{'full' if subset is None else f'n{subset}'}_s{seed}"
+                values = _config("robustness", quick, out_dir=str(runs / "robustness" / tag), seed=seed,
+                                 data={"samples_per_class": subset}, objective=obj)
+                results.append(run_or_load(values))
+            key = f"{row}|{'full' if subset is None else subset}"
+            cells[key] = {"row": row, "training_set": "full" if subset is None else f"{subset} per class",
+                          "objective": obj, **_cell(results)}
+            print(f"  {key:<30} clean {100 * cells[key]['acc']['mean']:.1f}   [{time.time() - start:.0f} s]")
+    summary = {"sigma_train": SIGMA_TRAIN, "seeds": list(seeds), "cells": cells,
+               "section_seconds": time.time() - start}
+    write_json_atomic(out / "robustness.json", summary)
+    return summary
+
+
+# ---- 4. transfer --------------------------------------------------------------------------
+
+TRANSFER_ROWS = {
+    "CE (scratch)": {"alpha": 1.0},
+    "CE+AT": {"alpha": 1.0, "delta": 1.0},
+    "CE+AT+JM": {"alpha": 1.0, "delta": 1.0, "delta_jacobian": 1.0},
+}
+
+
+def transfer_section(quick: bool = False) -> dict:
+    runs, out = _paths(quick)
+    start = time.time()
+    source = run_or_load(_config("transfer_teacher", quick, out_dir=str(runs / "source_teacher"), seed=0))
+    target = (out / "source_teacher.pt") if quick else SOURCE_TEACHER
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(runs / "source_teacher" / "last.pt", target)
+    seeds = (0,) if quick else SEEDS
+    cells = {}
+    for n in ((5,) if quick else (5, 10, 50)):
+        for row, obj in {**TRANSFER_ROWS, "fine-tune teacher (oracle)": None}.items():
+            results = []
+            for seed in seeds:
+                tag = f"{row.split()[0].replace('+', '_')}_n{n}_s{seed}"
+                if obj is None:  # the teacher's own network, its head replaced, trained on the target task
+                    values = _config("transfer", quick, out_dir=str(runs / "transfer" / f"finetune_n{n}_s{seed}"),
+                                     seed=seed, data={"samples_per_class": n}, init_from=str(target),
+                                     model={"name": source["config"]["model"]["name"]},
+                                     objective={"alpha": 1.0, "at_layers": []})
+                else:
+                    values = _config("transfer", quick, out_dir=str(runs / "transfer" / tag), seed=seed,
+                                     teacher=str(target), data={"samples_per_class": n}, objective=obj)
+                results.append(run_or_load(values))
+            cells[f"{row}|{n}"] = {"row": row, "samples_per_class": n, **_cell(results)}
+            print(f"  {row:<28} n={n:<3} test {100 * cells[f'{row}|{n}']['acc']['mean']:.1f}   "
+                  f"[{time.time() - start:.0f} s]")
+    summary = {"source_teacher": {"test": source["final"]["test"], "checkpoint": str(target),
+                                  "train_seconds": source["train_seconds"]},
+               "seeds": list(seeds), "cells": cells, "section_seconds": time.time() - start}
+    write_json_atomic(out / "transfer.json", summary)
+    return summary
+
+
+# ---- 5. propositions and pictures ---------------------------------------------------------
+
+
+def verify_section(quick: bool = False) -> dict:
+    from .verify import main as verify_main
+    _, out = _paths(quick)
+    start = time.time()
+    records = verify_main(quick, str(out / "verify.json"), str(out / "verify.png"))
+    return {"records": len(records), "section_seconds": time.time() - start}
+
+
+def pictures_section(quick: bool = False) -> dict:
+    """Input-gradients of the teacher and of the n=10, seed-0 students (KD and KD + JM)."""
+    import torch
+
+    from ..core.jacobian import input_jacobian, teacher_top1
+    from ..data import create_dataset
+    from ..training import load_model
+    runs, out = _paths(quick)
+    teacher, _ = load_model(_teacher_path(quick))
+    n = 5 if quick else 10
+    students = {"CE+KD": runs / "distill" / f"CE_KD_n{n}_s0" / "last.pt",
+                "CE+KD+JM": runs / "distill" / f"CE_KD_JM_n{n}_s0" / "last.pt"}
+    missing = [str(p) for p in students.values() if not p.is_file()]
+    if missing:
+        raise ValueError(f"{missing} missing: run `jacmatch experiment distill` first")
+    models = {"teacher": teacher, **{k: load_model(p)[0] for k, p in students.items()}}
+    data = create_dataset("digits" if quick else "fashion-mnist")
+    x, _ = data.test.batch(torch.arange(6))
+    with torch.enable_grad():
+        xt = x.clone().requires_grad_()
+        index = teacher_top1(teacher(xt).detach())
+        grads = {}
+        for name, model in models.items():
+            xi = x.clone().requires_grad_()
+            grads[name] = input_jacobian(model.eval()(xi), xi, index).detach()
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(len(x), 1 + len(models), figsize=(2.0 * (1 + len(models)), 2.0 * len(x)))
+    for i in range(len(x)):
+        axes[i, 0].imshow(x[i, 0], cmap="gray")
+        for j, (name, g) in enumerate(grads.items()):
+            m = g[i, 0].abs().max().clamp_min(1e-12)
+            axes[i, j + 1].imshow(g[i, 0] / m, cmap="seismic", vmin=-1, vmax=1)
+            if i == 0:
+                axes[i, j + 1].set_title(name, fontsize=9)
+        if i == 0:
+            axes[i, 0].set_title("input", fontsize=9)
+    for ax in axes.flat:
+        ax.axis("off")
+    fig.suptitle(f"input-gradients of the teacher's top-1 logit (students: n={n}, seed 0)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(out / "gradients.png", dpi=100)
+    plt.close(fig)
+    return {"figure": str(out / "gradients.png")}
+
+
+SECTIONS = {"teacher": teacher_section, "distill": distill_section, "robustness": robustness_section,
+            "transfer": transfer_section, "verify": verify_section, "pictures": pictures_section}
+
+
+def main(section: str, quick: bool = False) -> None:
+    names = list(SECTIONS) if section == "all" else [section]
+    if any(n not in SECTIONS for n in names):
+        raise ValueError(f"unknown section {section!r}: choose one of {list(SECTIONS) + ['all']}")
+    timings = {}
+    for name in names:
+        start = time.time()
+        print(f"== {name}")
+        SECTIONS[name](quick)
+        timings[name] = time.time() - start
+        print(f"== {name} done in {timings[name]:.0f} s")

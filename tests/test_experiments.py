@@ -1,0 +1,63 @@
+"""Experiments, report and benchmark run end to end (quick modes), and the CIFAR configs
+run on small CIFAR-format files the test writes."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from test_data import write_cifar_dir
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def jacmatch(*args, cwd):
+    r = subprocess.run([sys.executable, "-m", "jacmatch", *args], cwd=cwd, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    return r.stdout
+
+
+def test_every_experiment_section_and_the_report_quick(tmp_path):
+    jacmatch("experiment", "all", "--quick", cwd=tmp_path)
+    out = tmp_path / "results" / "quick"
+    for name in ("teacher", "distill", "robustness", "transfer", "verify"):
+        assert (out / f"{name}.json").is_file(), name
+    distill = json.loads((out / "distill.json").read_text())
+    assert distill["selection"]["gamma"]["chosen"] == 1.0
+    assert {c["row"] for c in distill["cells"].values()} >= {"CE", "CE+KD", "CE+KD+JM", "KD+JM"}
+    assert (out / "gradients.png").is_file()
+    jacmatch("report", "--results", str(out), cwd=tmp_path)
+    report = (tmp_path / "results" / "REPORT.md").read_text()
+    assert "## 2. Distillation with few samples" in report and "Not run yet" not in report
+    assert "| CE+KD+JM |" in report
+
+
+def test_bench_quick_writes_valid_json(tmp_path):
+    jacmatch("bench", "--quick", "--json", str(tmp_path / "b.json"), cwd=tmp_path)
+    b = json.loads((tmp_path / "b.json").read_text())
+    ratios = b["shapes"]["mnist-like"]["ratios"]
+    assert ratios["jm_over_kd"] > 0 and ratios["proj_over_top1"] > 0
+    assert set(b["shapes"]["mnist-like"]["seconds"]) >= {"ce_step", "kd_step", "jm_step", "jm_step_cached",
+                                                         "noisy_kd_step_m16", "naive_top1_step"}
+
+
+@pytest.mark.parametrize("config,teacher_model", [("resnet32x4_resnet8x4", "resnet8x4"),
+                                                  ("wrn_40_2_wrn_16_2", "wrn_16_2"),
+                                                  ("few_sample_cifar100", "wrn_16_1")])
+def test_cifar_configs_run_on_cifar_format_files(tmp_path, config, teacher_model):
+    data = write_cifar_dir(tmp_path / "cifar", num_classes=100, per_file=40)
+    small = ["--set", f"data.data_dir={data}", "--set", "optim.epochs=1", "--set", "optim.batch_size=16",
+             "--set", "progress=false", "--set", "tensorboard=false", "--set", "eval.cosine_samples=8",
+             "--set", "optim.min_steps_per_epoch=1"]
+    cfg = str(ROOT / "configs" / "cifar" / f"{config}.yaml")
+    jacmatch("train-teacher", "--config", cfg, "--model", teacher_model, "--out", str(tmp_path / "t"),
+             "--set", "objective.beta=0", "--set", "objective.gamma=0", "--set", "data.samples_per_class=null", *small,
+             cwd=tmp_path)
+    out = jacmatch("distill", "--config", cfg, "--teacher", str(tmp_path / "t" / "last.pt"), "--out",
+                   str(tmp_path / "s"), "--set", "data.samples_per_class=1", "--set", "data.val_size=5", *small,
+                   cwd=tmp_path)
+    assert "test accuracy" in out
+    metrics = json.loads((tmp_path / "s" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert metrics["train"]["jm"] >= 0 and "jacobian_cosine" in metrics["test"]
