@@ -12,6 +12,7 @@ test set and the validation set does not change with the training seed.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import urllib.request
@@ -210,9 +211,17 @@ _REGISTRY: dict[str, Callable] = {
 }
 
 
+@functools.lru_cache(maxsize=4)
+def _load_raw(name: str, data_dir: str | None, download: bool):
+    """The parsed files, kept for the process: experiments train hundreds of runs on one
+    data set. Never modified in place (splits and subsets index new tensors)."""
+    return _REGISTRY[name](data_dir, download)
+
+
 def register_dataset(name: str, loader: Callable) -> None:
     """Add a loader ``(data_dir, download) -> (train, test, num_classes, hflip)``."""
     _REGISTRY[name] = loader
+    _load_raw.cache_clear()
 
 
 def list_datasets() -> list[str]:
@@ -252,7 +261,7 @@ def create_dataset(name: str, *, data_dir: str | None = None, samples_per_class:
     """
     if name not in _REGISTRY:
         raise ValueError(f"unknown data set {name!r}: choose one of {list_datasets()}")
-    train, test, num_classes, hflip = _REGISTRY[name](data_dir, download)
+    train, test, num_classes, hflip = _load_raw(name, data_dir, download)
     if classes is not None:
         classes = list(classes)
         if not classes or len(set(classes)) != len(classes) or min(classes) < 0 or max(classes) >= num_classes:
