@@ -174,3 +174,11 @@ def test_evaluate_command(tmp_path, teacher):
     assert r.returncode == 0, r.stderr
     result = json.loads((tmp_path / "e.json").read_text())
     assert 0 <= result["acc"] <= 1 and "0.1" in result["noisy_acc"]
+
+
+def test_bf16_autocast_training_runs(tmp_path, teacher):
+    values = student_values(tmp_path / "amp", teacher)
+    values.update(amp="bf16")
+    values["optim"]["epochs"] = 1
+    r = train(config_from_dict(values))
+    assert all(v == v for v in r["final"]["train"].values())  # finite, no NaN

@@ -28,6 +28,11 @@ __all__ = [
 JM_FORMS = ("normalized", "sq", "ce")
 
 
+def _full(t: Tensor) -> Tensor:
+    """float16/bfloat16 (autocast) up to float32; float32 and float64 unchanged."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
 def _as_rows(jac: Tensor, name: str, multiple_outputs: bool) -> Tensor:
     """[B, *in] -> [B, 1, D]; with ``multiple_outputs``, [B, m, *in] -> [B, m, D]."""
     if jac.dim() < (3 if multiple_outputs else 2):
@@ -58,8 +63,8 @@ def _check_jacobians(student_jac: Tensor, teacher_jac: Tensor,
             "only measure)"
         )
     # The teacher is a fixed target: no gradient may flow into it (METHOD.md §3.2).
-    return (_as_rows(student_jac, "student_jac", multiple_outputs),
-            _as_rows(teacher_jac.detach(), "teacher_jac", multiple_outputs))
+    return (_full(_as_rows(student_jac, "student_jac", multiple_outputs)),
+            _full(_as_rows(teacher_jac.detach(), "teacher_jac", multiple_outputs)))
 
 
 def jacobian_matching_loss(student_jac: Tensor, teacher_jac: Tensor, form: str = "normalized", *,
@@ -108,7 +113,7 @@ def jacobian_penalty(student_jac: Tensor, form: str = "sq", *, multiple_outputs:
     if torch.is_grad_enabled() and not student_jac.requires_grad:
         raise ValueError("student_jac carries no graph, so the penalty would train nothing: "
                          "compute it with create_graph=True")
-    sq = _as_rows(student_jac, "student_jac", multiple_outputs).pow(2).sum(dim=2).sum(dim=1)
+    sq = _full(_as_rows(student_jac, "student_jac", multiple_outputs)).pow(2).sum(dim=2).sum(dim=1)
     if form == "sq":
         return sq.mean()
     if form == "ce":
@@ -126,7 +131,8 @@ def kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float =
     if student_logits.shape != teacher_logits.shape:
         raise ValueError(f"student_logits {tuple(student_logits.shape)} and teacher_logits "
                          f"{tuple(teacher_logits.shape)} differ in shape")
-    teacher_logits = teacher_logits.detach()
+    # Losses in float32 even under autocast: τ²·KL of bf16 log-probabilities is off by ~0.1.
+    student_logits, teacher_logits = _full(student_logits), _full(teacher_logits.detach())
     if form == "kl":
         if temperature <= 0:
             raise ValueError(f"temperature τ must be > 0, got {temperature}")
@@ -157,7 +163,7 @@ def attention_transfer_loss(student_features: Sequence[Tensor], teacher_features
                          f"{len(teacher_features)} teacher feature maps; list the same number of layers")
     total = 0.0
     for a_s, a_t in zip(student_features, teacher_features):
-        q_s, q_t = attention_map(a_s), attention_map(a_t.detach())
+        q_s, q_t = attention_map(_full(a_s)), attention_map(_full(a_t.detach()))
         if q_s.shape[1:] != q_t.shape[1:]:
             size = (min(q_s.shape[1], q_t.shape[1]), min(q_s.shape[2], q_t.shape[2]))
             q_s = F.adaptive_avg_pool2d(q_s[:, None], size)[:, 0]

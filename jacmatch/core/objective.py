@@ -243,7 +243,8 @@ class TransferObjective:
         cfg = self.config
         if not torch.isfinite(x).all():
             raise ValueError("the input batch contains NaN or Inf: check the data pipeline")
-        if targets is None and cfg.needs_teacher:
+        noisy_only = cfg.noise_sigma > 0 and not (cfg.gamma or cfg.penalty or cfg.delta or cfg.delta_jacobian)
+        if targets is None and cfg.needs_teacher and not noisy_only:
             targets = self.teacher_targets(x, y)
         elif targets is not None and cfg.gamma and "full_jac" in targets:
             # A cached full teacher Jacobian: this step's draws are contracted with it.
@@ -261,13 +262,15 @@ class TransferObjective:
             if cfg.gamma and cfg.jm_outputs == "input_jvp":
                 logits, tangent = J.jacobian_vector_product(self.student, xs, draws)
                 logits = logits[:, 0]
-            else:
+            elif not noisy_only:  # noise training alone needs no forward pass on the clean batch
                 logits = self.student(xs)
 
         if cfg.noise_sigma > 0:
             noisy = gaussian_noise(x, cfg.noise_sigma, cfg.noise_draws, antithetic=cfg.noise_antithetic,
                                    generator=self.generator)
             noisy_logits = self.student(noisy)
+            if noisy_only:
+                logits = noisy_logits[: x.shape[0]]
             if cfg.alpha:
                 terms["ce"] = F.cross_entropy(noisy_logits, y.repeat(cfg.noise_draws))
             if cfg.beta:

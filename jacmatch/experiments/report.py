@@ -236,8 +236,8 @@ def build_report() -> str:
         "2 CPU cores; the CIFAR configs are in `configs/cifar/`.",
         "- Architectures: a ResNet-20 teacher and a small 3-stage CNN student (the paper: WRNs and VGG/ResNet), sized "
         "so that every section reruns within an hour on 2 cores.",
-        "- Epochs: far fewer than the paper (15 for the teacher, a fixed step budget for students); γ chosen on the "
-        "validation split from a 3-point grid.",
+        "- Epochs: far fewer than the paper (" + (f"{t['epochs']} for the teacher" if t else "a few for the teacher")
+        + ", a fixed step budget for students); γ chosen on the validation split from a 3-point grid.",
         "",
         "## Section times (2-core CPU)\n",
         "\n".join(f"- {k}: {v / 60:.1f} min" for k, v in times.items() if v is not None) or "*none yet*", "",
