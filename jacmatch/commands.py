@@ -113,8 +113,10 @@ def add_commands(sub) -> None:
     p.add_argument("--quick", action="store_true", help="few steps, small shapes (a smoke test)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--plot", metavar="PATH", help="PNG of step time against batch, input size, classes")
+    p.add_argument("--profile", action="store_true",
+                   help="only profile kd_step, jm_step and jm_step_cached (torch.profiler's top operators)")
     p.set_defaults(run=lambda a: __import__("jacmatch.experiments.bench", fromlist=["main"]).main(
-        a.json, a.quick, a.device, a.plot))
+        a.json, a.quick, a.device, a.plot, a.profile))
     add_experiment_commands(sub)
 
 

@@ -139,3 +139,23 @@ def test_random_crop_flip_shapes_and_content():
     z = random_crop_flip(x, 2, False, g)
     assert z.shape == x.shape
     assert stratified_subset(torch.tensor([0, 0, 1, 1]), 1, 0).tolist() in ([0, 2], [0, 3], [1, 2], [1, 3])
+
+
+def test_download_checks_md5(tmp_path, monkeypatch):
+    """The download path, served from a file:// address: files land, are verified, load;
+    a wrong checksum is refused and leaves nothing behind."""
+    import hashlib
+
+    import jacmatch.data.datasets as ds
+    src = write_mnist_dir(tmp_path / "server", gz=True)
+    md5s = {p.name[:-3]: hashlib.md5(p.read_bytes()).hexdigest() for p in src.glob("*.gz")}
+    monkeypatch.setitem(ds.DOWNLOADS, "mnist", (src.as_uri() + "/", md5s))
+    ds._load_raw.cache_clear()
+    d = create_dataset("mnist", data_dir=str(tmp_path / "dl"), download=True, val_size=10)
+    assert len(d.test) == 20 and len(list((tmp_path / "dl").glob("*.gz"))) == 4
+    bad = dict(md5s, **{"t10k-labels-idx1-ubyte": "0" * 32})
+    monkeypatch.setitem(ds.DOWNLOADS, "mnist", (src.as_uri() + "/", bad))
+    ds._load_raw.cache_clear()
+    with pytest.raises(DataError, match="md5"):
+        create_dataset("mnist", data_dir=str(tmp_path / "dl2"), download=True)
+    assert not list((tmp_path / "dl2").glob("t10k-labels*"))

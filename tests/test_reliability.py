@@ -269,3 +269,10 @@ def test_fuzz_checkpoint_loader(tmp_path_factory, tail):
 def test_absurd_settings_are_refused_before_work_starts(setting, match):
     with pytest.raises(ConfigError, match=match):
         config_from_dict(setting).check()
+
+
+def test_atomic_files_get_the_usual_mode(tmp_path):
+    write_atomic(tmp_path / "f.txt", lambda f: f.write("x"))
+    mask = os.umask(0)
+    os.umask(mask)
+    assert (tmp_path / "f.txt").stat().st_mode & 0o777 == 0o666 & ~mask

@@ -74,11 +74,13 @@ def _grad(outputs: Tensor, inputs: Tensor, grad_outputs: Tensor | None, *,
 
 
 def vector_jacobian_product(outputs: Tensor, inputs: Tensor, vectors: Tensor, *,
-                            create_graph: bool = False, vectorize: bool = True) -> Tensor:
+                            create_graph: bool = False, vectorize: bool = False) -> Tensor:
     """Per-sample ``vᵀ J``: ``vectors`` [B, k] gives [B, *in]; [B, m, k] gives [B, m, *in].
 
-    With m vectors per sample the m products run as one vmapped backward pass
-    (``is_grads_batched``) when ``vectorize`` is true, else as a loop of m passes.
+    With m vectors per sample the m products run as a loop of m backward passes, or with
+    ``vectorize`` as one vmapped pass (``is_grads_batched``). The loop is the default:
+    on CPU the vmapped double backward is no faster at m = 10 and many times slower at
+    m = 100 (``jacmatch bench --profile`` measures both; see BENCHMARKS.md).
     ``create_graph=True`` keeps the graph so that a loss of the result can be
     back-propagated to the parameters (double backward, METHOD.md §3.2).
     """
@@ -99,7 +101,7 @@ def vector_jacobian_product(outputs: Tensor, inputs: Tensor, vectors: Tensor, *,
 
 
 def input_jacobian(outputs: Tensor, inputs: Tensor, index: Tensor, *,
-                   create_graph: bool = False, vectorize: bool = True) -> Tensor:
+                   create_graph: bool = False, vectorize: bool = False) -> Tensor:
     """Rows of the input-output Jacobian: ``∂ outputs[b, index[b]] / ∂ inputs[b]``.
 
     ``index`` is a LongTensor [B] (one output per sample, result [B, *in]) or [B, m]

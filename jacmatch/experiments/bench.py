@@ -35,11 +35,19 @@ SHAPES = {  # name: (channels, size, classes, teacher, student)
 }
 
 
-def _fix_malloc() -> bool:
+def _libc():
     try:
-        return ctypes.CDLL("libc.so.6").mallopt(-3, 128 * 1024) == 1  # M_MMAP_THRESHOLD
+        return ctypes.CDLL("libc.so.6")
     except OSError:
+        return None
+
+
+def _fix_malloc() -> bool:
+    """Fixed mmap and trim thresholds (128 KiB): freed tensors leave the resident set."""
+    libc = _libc()
+    if libc is None:
         return False
+    return libc.mallopt(-3, 128 * 1024) == 1 and libc.mallopt(-1, 128 * 1024) == 1  # MMAP, TRIM thresholds
 
 
 def _rss(field: str) -> int:
@@ -59,6 +67,9 @@ def peak_memory(step: Callable[[], None], device: torch.device) -> int | None:
         step()
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() - base
+    libc = _libc()
+    if libc is not None:
+        libc.malloc_trim(0)  # free heap pages out of the resident set before the baseline
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
@@ -200,26 +211,40 @@ def _ratios(t: dict, mem: dict) -> dict:
 
 
 def run_bench(device_name: str = "cpu", quick: bool = False, batch: int = 128) -> dict:
+    """Times first (the normal allocator), scaling, then peak memory in a second pass:
+    the fixed mmap threshold that makes CPU memory readable costs page faults (system
+    time) on every large allocation, so no time is measured after it is set."""
     device = torch.device(device_name)
-    fixed = _fix_malloc() if device.type == "cpu" else None
     repeats = 3 if quick else 10
-    results = {"device": device_name, "machine": _machine(device), "batch": batch, "repeats": repeats,
-               "malloc_fixed": fixed, "shapes": {}}
+    results = {"device": device_name, "machine": _machine(device), "batch": batch, "repeats": repeats, "shapes": {}}
     shapes = {k: v for k, v in SHAPES.items() if not quick or k == "mnist-like"}
+    prepared = {}
     for name, (c, size, k, teacher, student) in shapes.items():
         s = Setup(c, 12 if quick else size, k, teacher, student, 16 if quick else batch, device)
-        steps = _steps(s, naive_all=not quick and k <= 10)
-        steps = {"teacher_forward": lambda: s.teacher(s.x), "student_forward": lambda: s.student(s.x), **steps}
-        times, memory = _interleaved_medians(steps, device, repeats, k), {}
-        for step_name, step in steps.items():
-            memory[step_name] = peak_memory(step, device)
-            print(f"  {name:<14}{step_name:<22}{1e3 * times[step_name]:9.1f} ms"
-                  + (f"{memory[step_name] / 2**20:9.1f} MiB" if memory[step_name] is not None else ""))
+        steps = {"teacher_forward": lambda s=s: s.teacher(s.x), "student_forward": lambda s=s: s.student(s.x),
+                 **_steps(s, naive_all=not quick and k <= 10)}
+        times = _interleaved_medians(steps, device, repeats, k)
+        for step_name, sec in times.items():
+            print(f"  {name:<14}{step_name:<22}{1e3 * sec:9.1f} ms")
+        prepared[name] = steps
         results["shapes"][name] = {"channels": c, "size": size, "classes": k, "teacher": teacher,
-                                   "student": student, "seconds": times, "peak_bytes": memory,
-                                   "ratios": _ratios(times, memory)}
+                                   "student": student, "seconds": times}
     if not quick:
         results["scaling"] = _scaling(device, repeats)
+    results["malloc_fixed"] = _fix_malloc() if device.type == "cpu" else None
+    for name, steps in prepared.items():
+        memory = {}
+        for step_name, step in steps.items():
+            if step_name.endswith("_forward"):
+                with torch.no_grad():
+                    memory[step_name] = peak_memory(step, device)
+            else:
+                memory[step_name] = peak_memory(step, device)
+            if memory[step_name] is not None:
+                print(f"  {name:<14}{step_name:<22}{memory[step_name] / 2**20:9.1f} MiB")
+        shape = results["shapes"][name]
+        shape["peak_bytes"] = memory
+        shape["ratios"] = _ratios(shape["seconds"], memory)
     return results
 
 
@@ -242,6 +267,57 @@ def _scaling(device, repeats) -> dict:
                 row[kind] = time_step(step, device, max(3, repeats // 2), warmup=1)
             out[axis].append(row)
             print(f"  scaling {axis}={v}: " + ", ".join(f"{k} {1e3 * t:.1f} ms" for k, t in row.items() if k != axis))
+    return out
+
+
+def run_profile(device_name: str = "cpu", batch: int = 128, calls: int = 3) -> dict:
+    """torch.profiler's top operators (self time per step) of kd_step, jm_step and
+    jm_step_cached on the mnist-like shape: where the Jacobian term's time goes."""
+    from torch.profiler import ProfilerActivity, profile
+    device = torch.device(device_name)
+    c, size, k, teacher, student = SHAPES["mnist-like"]
+    s = Setup(c, size, k, teacher, student, batch, device)
+    kd = {"alpha": 1.0, "beta": 1.0}
+    steps = {"kd_step": s.objective_step(**kd), "jm_step": s.objective_step(**kd, gamma=1.0),
+             "jm_step_cached": s.objective_step(cached=True, **kd, gamma=1.0)}
+    # The teacher's chunking trades time for memory: both variants timed in one run.
+    chunks = {f"jm_step_teacher_chunk_{c}": s.objective_step(**kd, gamma=1.0, teacher_chunk=c) for c in (0, 32)}
+    chunk_times = _interleaved_medians({"kd_step": steps["kd_step"], **chunks}, device, 10, k)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    out = {"device": device_name, "machine": _machine(device), "batch": batch, "teacher": teacher,
+           "student": student, "steps": {}, "chunk_seconds": chunk_times}
+    for name, step in steps.items():
+        step()
+        with profile(activities=activities) as prof:
+            for _ in range(calls):
+                step()
+        events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+        total = sum(e.self_cpu_time_total for e in events)
+        out["steps"][name] = {"self_ms_per_step": total / 1e3 / calls,
+                              "top": [{"op": e.key, "self_ms_per_step": e.self_cpu_time_total / 1e3 / calls,
+                                       "calls_per_step": e.count / calls} for e in events[:8]]}
+    out["vectorize_seconds"] = _vectorize_comparison(device)
+    if device.type == "cpu":
+        _fix_malloc()  # after every timing (see run_bench)
+    out["chunk_peak_bytes"] = {name: peak_memory(step, device)
+                               for name, step in {"kd_step": steps["kd_step"], **chunks}.items()}
+    return out
+
+
+def _vectorize_comparison(device, batch: int = 32) -> dict:
+    """All k rows of the student's Jacobian with create_graph and their double backward:
+    one vmapped backward (is_grads_batched) against a loop of k backward passes."""
+    out = {}
+    for k in (10, 100):
+        student = create_model("small_cnn_8", k, 3).to(device)
+        x = torch.rand(batch, 3, 32, 32, device=device)
+        index = torch.arange(k, device=device).expand(batch, k)
+        for vectorize in (True, False):
+            def step():
+                xs = x.clone().requires_grad_()
+                rows = J.input_jacobian(student(xs), xs, index, create_graph=True, vectorize=vectorize)
+                rows.pow(2).sum().backward()
+            out[f"k{k}_{'vmap' if vectorize else 'loop'}"] = time_step(step, device, repeats=2, warmup=1)
     return out
 
 
@@ -288,9 +364,22 @@ def format_table(results: dict) -> str:
     return "\n".join(lines)
 
 
-def main(json_path: str | None, quick: bool, device: str, plot_path: str | None = None) -> dict:
+def main(json_path: str | None, quick: bool, device: str, plot_path: str | None = None,
+         profile: bool = False) -> dict:
     if device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda but no CUDA device is visible: use --device cpu")
+    if profile:
+        results = run_profile(device)
+        print("all-k student rows: " + ", ".join(f"{k} {1e3 * v:.0f} ms" for k, v in results["vectorize_seconds"].items()))
+        print("teacher chunking: " + ", ".join(f"{k} {1e3 * v:.1f} ms" for k, v in results["chunk_seconds"].items()))
+        print("peak memory: " + ", ".join(f"{k} {(v or 0) / 2**20:.1f} MiB" for k, v in results["chunk_peak_bytes"].items()))
+        for name, p in results["steps"].items():
+            print(f"{name}: {p['self_ms_per_step']:.1f} ms of operator time per step")
+            for e in p["top"]:
+                print(f"  {e['op']:<48}{e['self_ms_per_step']:9.1f} ms  ({e['calls_per_step']:.0f} calls)")
+        if json_path:
+            write_json_atomic(json_path, results)
+        return results
     start = time.time()
     results = run_bench(device, quick)
     results["bench_seconds"] = time.time() - start

@@ -213,7 +213,7 @@ def transfer_section(quick: bool = False) -> dict:
             results = []
             for seed in seeds:
                 tag = f"{row.split()[0].replace('+', '_')}_n{n}_s{seed}"
-                if obj is None:  # the teacher's own network, its head replaced, trained on the target task
+                if obj is None:  # the teacher's own network and weights (5 classes each side), fine-tuned
                     values = _config("transfer", quick, out_dir=str(runs / "transfer" / f"finetune_n{n}_s{seed}"),
                                      seed=seed, data={"samples_per_class": n}, init_from=str(target),
                                      model={"name": source["config"]["model"]["name"]},

@@ -256,6 +256,24 @@ def write_findings_into_readme(findings: list[str], readme: Path = Path("README.
         write_atomic(readme, lambda f: f.write(new))
 
 
+TARGETS = [  # (ratio, bound, where) from the performance issue
+    ("jm_over_kd", 2.2, None), ("jm_over_kd_cached", 2.8, None), ("proj_over_top1", 1.15, None),
+    ("jm_over_kd_memory", 2.5, None), ("exact_all_over_top1", 100.0, "cifar100-like"),
+]
+
+
+def _targets(b: dict) -> list[str]:
+    lines = ["## Targets", "", "| ratio | shape | target | measured | met |", "|---|---|---|---|---|"]
+    for ratio, bound, only in TARGETS:
+        for name, s in b["shapes"].items():
+            if only and name != only:
+                continue
+            value = s["ratios"].get(ratio)
+            if value is not None:
+                lines.append(f"| {ratio} | {name} | ≤ {bound:g} | {value:.2f} | {'yes' if value <= bound else '**no**'} |")
+    return lines + [""]
+
+
 def write_benchmarks(bench_json: Path = RESULTS / "bench.json", out: Path = Path("BENCHMARKS.md")) -> None:
     b = _load(bench_json)
     if b is None:
@@ -267,6 +285,7 @@ def write_benchmarks(bench_json: Path = RESULTS / "bench.json", out: Path = Path
              f"{m['platform']}; device {b['device']}. Each time is the median of {b['repeats']} full optimiser steps "
              f"of the student (batch {b['batch']}), measured in interleaved rounds. Memory: peak resident-set growth "
              "during one step (CPU; VmHWM after clear_refs) or peak CUDA allocation.", ""]
+    lines += _targets(b)
     for name, s in b["shapes"].items():
         lines += [f"## {name}: {s['channels']}×{s['size']}×{s['size']}, {s['classes']} classes, teacher {s['teacher']}, "
                   f"student {s['student']}", "", "| step | ms | peak MiB |", "|---|---|---|"]
@@ -278,6 +297,22 @@ def write_benchmarks(bench_json: Path = RESULTS / "bench.json", out: Path = Path
         lines.append("")
     if b.get("scaling"):
         lines += ["## Scaling", "", "![scaling](results/bench_scaling.png)", ""]
+    prof = _load(RESULTS / "bench_profile.json")
+    if prof is not None:
+        lines += ["## Where the time goes", "",
+                  f"`jacmatch bench --profile --json results/bench_profile.json`: torch.profiler's top operators by "
+                  f"self time per step (teacher {prof['teacher']}, student {prof['student']}, batch {prof['batch']}).", ""]
+        lines += ["All k Jacobian rows of a small CNN student with their double backward (batch 32): "
+                  + ", ".join(f"{k}: {1e3 * v:.0f} ms" for k, v in prof["vectorize_seconds"].items())
+                  + " (vmap: one `is_grads_batched` backward; loop: k backward passes, the default).", ""]
+        lines += ["Teacher chunking (`objective.teacher_chunk`), timed in interleaved rounds: "
+                  + ", ".join(f"{k}: {1e3 * v:.1f} ms" for k, v in prof["chunk_seconds"].items()) + "; peak memory "
+                  + ", ".join(f"{k}: {v / 2**20:.1f} MiB" for k, v in prof["chunk_peak_bytes"].items() if v) + ".", ""]
+        for name, p in prof["steps"].items():
+            lines += [f"**{name}** ({p['self_ms_per_step']:.0f} ms of operator time per step)", "",
+                      "| operator | ms per step | calls per step |", "|---|---|---|"]
+            lines += [f"| {e['op']} | {e['self_ms_per_step']:.1f} | {e['calls_per_step']:.0f} |" for e in p["top"]]
+            lines.append("")
     notes = Path("results/bench_notes.md")
     if notes.is_file():
         lines += [notes.read_text()]
