@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from ..io import write_json_atomic
-from ..training.config import _merge, load_config
+from ..training.config import merge_values, load_config
 from .common import run_or_load, summarize
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "paper"
@@ -56,14 +56,14 @@ QUICK = {  # a smoke run of every section: digits, tiny grids, one or two seeds
 
 def _config(name: str, quick: bool, **over) -> dict:
     values = load_config(str(CONFIGS / f"{name}.yaml"))
-    values = _merge(values, {"progress": False, "tensorboard": False})
+    values = merge_values(values, {"progress": False, "tensorboard": False})
     if quick:
         model = QUICK["model_teacher"] if "teacher" in name else QUICK["model_student"]
-        values = _merge(values, {"data": dict(QUICK["data"]), "model": {"name": model},
+        values = merge_values(values, {"data": dict(QUICK["data"]), "model": {"name": model},
                                  "optim": dict(QUICK["optim"]), "eval": {"every": 1}})
         if values["data"].get("classes"):
             values["data"]["classes"] = [int(c) for c in values["data"]["classes"]]
-    return _merge(values, over)
+    return merge_values(values, over)
 
 
 def _paths(quick: bool) -> tuple[Path, Path]:
@@ -84,13 +84,21 @@ def _cell(runs: list[dict]) -> dict:
 # ---- 1. teacher ---------------------------------------------------------------------------
 
 
-def teacher_section(quick: bool = False) -> dict:
+def _train_teacher(config: str, run: str, committed: Path, quick: bool) -> tuple[dict, Path]:
+    """Train (or reuse) a teacher and copy its checkpoint where the students read it:
+    under results/teachers/ (committed, so students rerun without retraining)."""
     runs, out = _paths(quick)
-    start = time.time()
-    r = run_or_load(_config("teacher", quick, out_dir=str(runs / "teacher"), seed=0))
-    target = (out / "teacher.pt") if quick else TEACHER
+    r = run_or_load(_config(config, quick, out_dir=str(runs / run), seed=0))
+    target = (out / f"{run}.pt") if quick else committed
     target.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(runs / "teacher" / "last.pt", target)
+    shutil.copyfile(runs / run / "last.pt", target)
+    return r, target
+
+
+def teacher_section(quick: bool = False) -> dict:
+    _, out = _paths(quick)
+    start = time.time()
+    r, target = _train_teacher("teacher", "teacher", TEACHER, quick)
     summary = {"model": r["config"]["model"]["name"], "parameters": r["student_parameters"],
                "test": r["final"]["test"], "val": r["final"]["val"], "epochs": r["epochs"],
                "train_seconds": r["train_seconds"], "section_seconds": time.time() - start,
@@ -202,10 +210,7 @@ TRANSFER_ROWS = {
 def transfer_section(quick: bool = False) -> dict:
     runs, out = _paths(quick)
     start = time.time()
-    source = run_or_load(_config("transfer_teacher", quick, out_dir=str(runs / "source_teacher"), seed=0))
-    target = (out / "source_teacher.pt") if quick else SOURCE_TEACHER
-    target.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(runs / "source_teacher" / "last.pt", target)
+    source, target = _train_teacher("transfer_teacher", "source_teacher", SOURCE_TEACHER, quick)
     seeds = (0,) if quick else SEEDS
     cells = {}
     for n in ((5,) if quick else (5, 10, 50)):

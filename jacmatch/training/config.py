@@ -15,7 +15,7 @@ import yaml
 from ..core.objective import ObjectiveConfig
 
 __all__ = ["RunConfig", "DataConfig", "ModelConfig", "OptimConfig", "EvalConfig", "ConfigError",
-           "load_config", "apply_overrides", "config_to_dict", "config_from_dict"]
+           "load_config", "apply_overrides", "config_to_dict", "config_from_dict", "merge_values", "resolve"]
 
 #: Checked before any work starts (clear errors rather than out-of-memory crashes).
 MAX_BATCH_SIZE = 65_536
@@ -220,14 +220,15 @@ def apply_overrides(values: dict, overrides: list[str]) -> dict:
 
 def resolve(path: str | None, overrides: list[str], base: dict | None = None) -> RunConfig:
     """Defaults ← ``base`` ← YAML file ← ``--set`` overrides; checked."""
-    values = _merge(base or {}, load_config(path))
+    values = merge_values(base or {}, load_config(path))
     cfg = config_from_dict(apply_overrides(values, overrides))
     cfg.check()
     return cfg
 
 
-def _merge(a: dict, b: dict) -> dict:
+def merge_values(a: dict, b: dict) -> dict:
+    """``b`` over ``a``, recursively for nested mappings (neither is modified)."""
     out = dict(a)
     for k, v in b.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        out[k] = merge_values(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
