@@ -146,8 +146,9 @@ def train(cfg: RunConfig, *, resume: bool = False, data: DataSplits | None = Non
     data = data or create_dataset(d.name, data_dir=d.data_dir, samples_per_class=d.samples_per_class,
                                   val_size=d.val_size, split_seed=d.split_seed, seed=cfg.seed,
                                   classes=d.classes, download=d.download)
-    if _estimate_step_bytes(cfg, data) > MAX_STEP_BYTES:
-        raise ConfigError(f"one step would need about {_estimate_step_bytes(cfg, data) >> 30} GiB: "
+    step_bytes = _estimate_step_bytes(cfg, data)
+    if step_bytes > MAX_STEP_BYTES:
+        raise ConfigError(f"one step would need about {step_bytes >> 30} GiB: "
                           "lower optim.batch_size, objective.num_projections or objective.noise_draws")
 
     teacher = None
