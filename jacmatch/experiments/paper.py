@@ -97,6 +97,8 @@ def _train_teacher(config: str, run: str, committed: Path, quick: bool) -> tuple
 
 def teacher_section(quick: bool = False) -> dict:
     _, out = _paths(quick)
+    if not quick and (out / "teacher.json").is_file() and TEACHER.is_file():
+        return _load_json(out / "teacher.json")  # trained and committed: keep its record
     start = time.time()
     r, target = _train_teacher("teacher", "teacher", TEACHER, quick)
     summary = {"model": r["config"]["model"]["name"], "parameters": r["student_parameters"],
@@ -105,6 +107,11 @@ def teacher_section(quick: bool = False) -> dict:
                "checkpoint": str(target), "config": r["config"]}
     write_json_atomic(out / "teacher.json", summary)
     return summary
+
+
+def _load_json(path: Path) -> dict:
+    import json
+    return json.loads(path.read_text())
 
 
 def _teacher_path(quick: bool) -> str:
