@@ -38,10 +38,20 @@ def _missing(command: str) -> str:
 def _teacher(t: dict | None) -> str:
     if t is None:
         return _missing("jacmatch experiment teacher")
+    noisy = ", ".join(f"σ={s}: {100 * a:.1f}%" for s, a in t["test"].get("noisy_acc", {}).items())
     return (f"A {t['model']} ({t['parameters']:,} parameters) trained on the full training set "
             f"(54,000 images; 6,000 held out for validation) for {t['epochs']} epochs: **test accuracy "
             f"{100 * t['test']['acc']:.2f}%** (validation {100 * t['val']['acc']:.2f}%), trained in "
-            f"{t['train_seconds'] / 60:.1f} min. Checkpoint: `{t['checkpoint']}`.\n")
+            f"{t['train_seconds'] / 60:.1f} min. Checkpoint: `{t['checkpoint']}`. Under Gaussian input noise "
+            f"(trained without noise): {noisy}.\n")
+
+
+def _teacher_findings(t: dict | None) -> list[str]:
+    if t is None:
+        return []
+    noisy = t["test"].get("noisy_acc", {})
+    worst = f"; under input noise of σ = 0.1 it falls to {100 * noisy['0.1']:.1f}%" if "0.1" in noisy else ""
+    return [f"Teacher: {t['model']} reaches {100 * t['test']['acc']:.2f}% test accuracy on Fashion-MNIST{worst}."]
 
 
 def _distill(d: dict | None, plots: list) -> tuple[str, list[str]]:
@@ -217,7 +227,7 @@ def build_report() -> str:
     robust_md, f_robust = _robust(r, d)
     transfer_md, f_transfer = _transfer(tr)
     verify_md, f_verify = _verify(v)
-    findings = f_verify + f_distill + f_robust + f_transfer
+    findings = _teacher_findings(t) + f_verify + f_distill + f_robust + f_transfer
     # The teacher's own training time: a rerun of its section reuses the trained run.
     times = {name: (_load(PAPER / f"{name}.json") or {}).get("train_seconds" if name == "teacher" else "section_seconds")
              for name in ("teacher", "distill", "robustness", "transfer")}
