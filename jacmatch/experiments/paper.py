@@ -43,7 +43,7 @@ ABLATIONS = {  # at a few n: the form, and which Jacobians
     "CE+KD+JM projection": {"alpha": 1.0, "beta": 1.0, "gamma": "γ", "jm_outputs": "projection"},
 }
 ABLATION_SAMPLES = (5, 50)
-GAMMAS = (0.1, 1.0, 10.0)
+GAMMAS = (0.1, 1.0, 10.0, 100.0)
 GAMMAS_SQ = (0.01, 0.1, 1.0)
 SELECTION = {"samples_per_class": 10, "seeds": (0, 1)}
 
@@ -154,19 +154,24 @@ def distill_section(quick: bool = False) -> dict:
     samples = (1, 5) if quick else SAMPLES
     seeds = (0,) if quick else SEEDS
     cells = {}
-    grid = [(row, obj, samples) for row, obj in ROWS.items()] + \
-        [(row, obj, (5,) if quick else ABLATION_SAMPLES) for row, obj in ABLATIONS.items()]
-    for row, objective, ns in grid:
-        obj = {k: weights.get(v, v) if isinstance(v, str) else v for k, v in objective.items()}
-        for n in ns:
+    ablation_samples = (5,) if quick else ABLATION_SAMPLES
+    summary = {"teacher": teacher, "selection": {"gamma": sel, "gamma_sq": sel_sq}, "seeds": list(seeds),
+               "samples": list(samples), "cells": cells, "complete": False,
+               "student": _config("distill", quick)["model"]["name"]}
+    # n-major, smallest first: a partial run has every row at the smallest n, and the
+    # JSON is rewritten after each cell, so the report can show what has run so far.
+    for n in samples:
+        grid = list(ROWS.items()) + (list(ABLATIONS.items()) if n in ablation_samples else [])
+        for row, objective in grid:
+            obj = {k: weights.get(v, v) if isinstance(v, str) else v for k, v in objective.items()}
             tag = row.replace("+", "_").replace(" ", "_")
             cells[f"{row}|{n}"] = {"row": row, "samples_per_class": n, "objective": obj,
                                    **_cell([_student(quick, tag, n, s, obj, teacher) for s in seeds])}
             print(f"  {row:<22} n={n:<4} test {100 * cells[f'{row}|{n}']['acc']['mean']:.1f}"
                   f" ± {100 * cells[f'{row}|{n}']['acc']['std']:.1f}   [{time.time() - start:.0f} s]")
-    summary = {"teacher": teacher, "selection": {"gamma": sel, "gamma_sq": sel_sq}, "seeds": list(seeds),
-               "samples": list(samples), "cells": cells, "section_seconds": time.time() - start,
-               "student": _config("distill", quick)["model"]["name"]}
+            summary["section_seconds"] = time.time() - start
+            write_json_atomic(out / "distill.json", summary)
+    summary["complete"] = True
     write_json_atomic(out / "distill.json", summary)
     return summary
 

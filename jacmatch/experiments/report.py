@@ -57,12 +57,14 @@ def _teacher_findings(t: dict | None) -> list[str]:
 def _distill(d: dict | None, plots: list) -> tuple[str, list[str]]:
     if d is None:
         return _missing("jacmatch experiment distill"), []
-    rows = list(dict.fromkeys(c["row"] for c in d["cells"].values()))
+    from .paper import ABLATIONS, ROWS
+    cells = d["cells"]
     samples = d["samples"]
-    main_rows = [r for r in rows if not any(c["row"] == r and c["samples_per_class"] not in samples
-                                            for c in d["cells"].values()) and len(
-        [c for c in d["cells"].values() if c["row"] == r]) == len(samples)]
-    lines = [f"Student: {d['student']}; {len(d['seeds'])} seeds per cell; test accuracy (%) mean ± std "
+    main_rows = list(ROWS)
+    get = lambda r, n, f=_pm: f(cells[f"{r}|{n}"]["acc"]) if f"{r}|{n}" in cells else "—"  # noqa: E731
+    done = f"**Partial: {len(cells)} cells have run so far**; `jacmatch experiment distill` resumes the rest. " \
+        if not d.get("complete", True) else ""
+    lines = [done + f"Student: {d['student']}; {len(d['seeds'])} seeds per cell; test accuracy (%) mean ± std "
              f"(95% interval half-width in the JSON). γ = {d['selection']['gamma']['chosen']} for the normalised "
              f"form (validation accuracy over {d['selection']['gamma']['grid']} at n = "
              f"{d['selection']['gamma']['samples_per_class']}: "
@@ -71,10 +73,11 @@ def _distill(d: dict | None, plots: list) -> tuple[str, list[str]]:
              "| row | " + " | ".join(f"n={n}" for n in samples) + " |",
              "|---|" + "---|" * len(samples)]
     for r in main_rows:
-        lines.append(f"| {r} | " + " | ".join(_pm(d["cells"][f"{r}|{n}"]["acc"]) for n in samples) + " |")
-    ablation = [r for r in rows if r not in main_rows]
+        lines.append(f"| {r} | " + " | ".join(get(r, n) for n in samples) + " |")
+    rows = main_rows + list(ABLATIONS)
+    ablation = [r for r in rows if r not in main_rows and any(c["row"] == r for c in cells.values())]
     if ablation:
-        ns = sorted({c["samples_per_class"] for c in d["cells"].values() if c["row"] in ablation})
+        ns = sorted({c["samples_per_class"] for c in cells.values() if c["row"] in ablation})
         lines += ["", "Ablations (form and which Jacobians):", "",
                   "| row | " + " | ".join(f"n={n}" for n in ns) + " |", "|---|" + "---|" * len(ns)]
         for r in ["CE+KD+JM"] + ablation:
@@ -82,9 +85,10 @@ def _distill(d: dict | None, plots: list) -> tuple[str, list[str]]:
                                                   else "" for n in ns) + " |")
     lines += ["", "Mean cosine between teacher and student input-gradients (test set, teacher's top-1):", "",
               "| row | " + " | ".join(f"n={n}" for n in samples) + " |", "|---|" + "---|" * len(samples)]
+    cos = lambda c: f"{c['mean']:.3f}"  # noqa: E731
     for r in main_rows:
-        lines.append(f"| {r} | " + " | ".join(f"{d['cells'][f'{r}|{n}']['jacobian_cosine']['mean']:.3f}"
-                                              for n in samples) + " |")
+        lines.append(f"| {r} | " + " | ".join(
+            cos(cells[f"{r}|{n}"]["jacobian_cosine"]) if f"{r}|{n}" in cells else "—" for n in samples) + " |")
     _plot_distill(d, main_rows, PAPER / "distill.png")
     plots.append("distill.png")
     return "\n".join(lines) + f"\n\n![distillation]({_img('distill')})\n", _distill_findings(d)
@@ -113,9 +117,11 @@ def _plot_distill(d, rows, path):
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(6.5, 4))
     for r in rows:
-        cells = [d["cells"][f"{r}|{n}"] for n in d["samples"]]
-        ax.errorbar(d["samples"], [100 * c["acc"]["mean"] for c in cells], yerr=[100 * c["acc"]["std"] for c in cells],
-                    marker="o", capsize=3, label=r)
+        ns = [n for n in d["samples"] if f"{r}|{n}" in d["cells"]]
+        cells = [d["cells"][f"{r}|{n}"] for n in ns]
+        if cells:
+            ax.errorbar(ns, [100 * c["acc"]["mean"] for c in cells], yerr=[100 * c["acc"]["std"] for c in cells],
+                        marker="o", capsize=3, label=r)
     ax.set_xscale("log")
     ax.set_xlabel("samples per class")
     ax.set_ylabel("test accuracy (%)")
@@ -138,7 +144,7 @@ def _robust(r: dict | None, d: dict | None) -> tuple[str, list[str]]:
                      + " | ".join(_pm(c["noisy_acc"][s]) for s in sigmas) + " |")
     findings = []
     if d is not None:
-        ns = d["samples"]
+        ns = [n for n in d["samples"] if f"CE+KD+JM|{n}" in d["cells"]]
         lines += ["", "The students of section 2 under the same noise (σ = 0.3):", "",
                   "| row | " + " | ".join(f"n={n}" for n in ns) + " |", "|---|" + "---|" * len(ns)]
         for row in ("CE+KD", "CE+KD+JM", "KD", "KD+JM"):
