@@ -37,3 +37,9 @@ def small_cnn():
 @pytest.fixture
 def small_mlp():
     return mlp
+
+
+def first_errors(stderr: str) -> str:
+    """The workers' own error lines, before torchrun's summary of them (for assertion messages)."""
+    lines = [line for line in stderr.splitlines() if any(w in line for w in ("Error", "error", "terminate", "what()"))]
+    return "\n".join(lines[:15]) or stderr[-3000:]

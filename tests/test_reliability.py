@@ -15,6 +15,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from conftest import first_errors
 from jacmatch.data import DataError, read_cifar_batch, read_idx
 from jacmatch.io import write_atomic
 from jacmatch.training import CheckpointError, config_from_dict, load_checkpoint, save_checkpoint, train
@@ -164,7 +165,7 @@ def test_nonfinite_exits_nonzero_from_the_cli(tmp_path, teacher):
 
 
 def test_ddp_runs_with_the_same_seed_agree(tmp_path, teacher):
-    common = ["-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29518", "-m", "jacmatch",
+    common = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "jacmatch",
               "distill", "--teacher", teacher, "--dataset", "synthetic", "--model", "small_cnn_4",
               "--samples-per-class", "8", "--set", "objective.beta=1", "--set", "objective.gamma=1",
               "--set", "objective.jm_outputs=projection", "--set", "optim.epochs=2", "--set", "optim.batch_size=16",
@@ -173,7 +174,7 @@ def test_ddp_runs_with_the_same_seed_agree(tmp_path, teacher):
     for name in ("a", "b"):
         r = subprocess.run([sys.executable, *common, "--out", str(tmp_path / name)], capture_output=True,
                            text=True, env=env, timeout=300)
-        assert r.returncode == 0, r.stderr[-2000:]
+        assert r.returncode == 0, first_errors(r.stderr)
     a, b = (load_checkpoint(tmp_path / n / "last.pt")["model"] for n in "ab")
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=0)

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import first_errors
 from jacmatch.training import config_from_dict, load_checkpoint, train
 from jacmatch.training.trainer import RunExistsError
 
@@ -116,10 +117,10 @@ def test_ddp_two_processes_equal_one_process(tmp_path, teacher):
               "--set", "optim.epochs=2", "--set", "optim.batch_size=16", "--set", "progress=false",
               "--set", "tensorboard=false", "--set", "eval.every=2"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                          "--master_port=29517", "-m", "jacmatch", "distill", "--out", str(tmp_path / "ddp"),
+    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          "-m", "jacmatch", "distill", "--out", str(tmp_path / "ddp"),
                           *common], capture_output=True, text=True, env=env, timeout=300)
-    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    assert ddp.returncode == 0, first_errors(ddp.stderr)
     single = subprocess.run([sys.executable, "-m", "jacmatch", "distill", "--out", str(tmp_path / "one"), *common],
                             capture_output=True, text=True, env=env, timeout=300)
     assert single.returncode == 0, single.stderr[-3000:]
