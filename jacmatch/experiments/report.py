@@ -152,9 +152,12 @@ def _robust(r: dict | None, d: dict | None) -> tuple[str, list[str]]:
                 lines.append(f"| {row} | " + " | ".join(_pm(d["cells"][f"{row}|{n}"]["noisy_acc"]["0.3"]) for n in ns) + " |")
     _plot_robust(r, sigmas, PAPER / "robustness.png")
     full = {c["row"]: c for c in r["cells"].values() if c["training_set"] == "full"}
-    if full and "0.5" in sigmas:
-        findings.append("Robustness (full training set, σ_test = 0.5): " + ", ".join(
-            f"{row} {_pm(c['noisy_acc']['0.5'])}%" for row, c in full.items()) + ".")
+    for sigma in ("0.1", "0.5"):
+        if full and sigma in sigmas:
+            text = ", ".join(f"{row} {_pm(c['noisy_acc'][sigma])}%" for row, c in full.items())
+            if sigma == "0.1":
+                text += " (clean: " + ", ".join(f"{row} {_pm(c['acc'])}%" for row, c in full.items()) + ")"
+            findings.append(f"Robustness (full training set, test noise σ = {sigma}): {text}.")
     return "\n".join(lines) + f"\n\n![robustness]({_img('robustness')})\n", findings
 
 
