@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -367,7 +367,3 @@ def jacobian_cosine(student: nn.Module, teacher: nn.Module, x: Tensor, index: Te
     gt, gs = gt.flatten(1)[:, None], gs.flatten(1)[:, None]
     return (normalize_per_sample(gt) * normalize_per_sample(gs)).sum(dim=-1)[:, 0]
 
-
-def iter_terms(terms: dict[str, Tensor]) -> Iterator[tuple[str, float]]:
-    for name, value in terms.items():
-        yield name, float(value.detach())

@@ -242,7 +242,3 @@ def _prefix(net: nn.Sequential, upto: nn.Module) -> Callable[[Tensor], Tensor]:
         raise ValueError("layer not in network")
     return run
 
-
-def laplacian_of_batch(f: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
-    """Laplacians of each output for a batch of inputs [N, D]: [N, k] (for tests)."""
-    return vmap(lambda z: hessian(f)(z).diagonal(dim1=-2, dim2=-1).sum(-1))(x)
