@@ -102,11 +102,14 @@ def test_teacher_cache_gives_the_same_training(tmp_path, teacher, outputs):
     assert_same_weights(runs[True], runs[False], atol=1e-5)
 
 
-def test_augmentation_trains_without_cache(tmp_path, teacher):
-    values = student_values(tmp_path / "aug", teacher)
-    values["data"].update(augment=True, crop_padding=1)
-    r = train(config_from_dict(values))
-    assert r["final"]["test"]["acc"] >= 0
+def test_augmentation_changes_the_inputs_and_bypasses_the_cache(tmp_path, teacher):
+    plain = student_values(tmp_path / "plain", teacher)
+    augmented = student_values(tmp_path / "aug", teacher)
+    augmented["data"].update(augment=True, crop_padding=1)
+    for values in (plain, augmented):
+        train(config_from_dict(values))
+    a, b = weights(tmp_path / "plain" / "last.pt"), weights(tmp_path / "aug" / "last.pt")
+    assert any(not torch.equal(a[k], b[k]) for k in a), "augmentation had no effect on training"
 
 
 def test_ddp_two_processes_equal_one_process(tmp_path, teacher):

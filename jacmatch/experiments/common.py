@@ -10,7 +10,7 @@ from pathlib import Path
 from ..training import config_from_dict, train
 from ..training.config import config_to_dict
 
-__all__ = ["run_or_load", "summarize"]
+__all__ = ["run_or_load", "summarize", "summarize_runs"]
 
 
 def run_or_load(values: dict) -> dict:
@@ -37,3 +37,17 @@ def summarize(values: list[float]) -> dict:
     t = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}.get(n - 1, 1.96)
     return {"mean": mean, "std": std, "ci95": t * std / math.sqrt(n) if n > 1 else 0.0, "n": n,
             "values": values}
+
+
+def summarize_runs(runs: list[dict]) -> dict:
+    """One cell of a table: test and validation accuracy, noisy accuracy per σ, Jacobian
+    cosine (when a teacher was there), each summarised over the runs (seeds)."""
+    tests = [r["final"]["test"] for r in runs]
+    cell = {"acc": summarize([t["acc"] for t in tests]),
+            "val_acc": summarize([r["final"]["val"]["acc"] for r in runs]),
+            "noisy_acc": {s: summarize([t["noisy_acc"][s] for t in tests]) for s in tests[0].get("noisy_acc", {})},
+            "train_seconds": sum(r["train_seconds"] for r in runs),
+            "student_parameters": runs[0]["student_parameters"]}
+    if "jacobian_cosine" in tests[0]:
+        cell["jacobian_cosine"] = summarize([t["jacobian_cosine"] for t in tests])
+    return cell

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from ..io import write_json_atomic
-from .common import run_or_load, summarize
+from .common import run_or_load, summarize_runs
 
 SAMPLES = (1, 5, 10)
 METHODS = {  # objective weights: α (CE), β (KD), γ (JM, normalised form, teacher top-1)
@@ -59,14 +59,7 @@ def main(dataset: str = "digits", out: str = "runs/demo", seeds: int = 3, device
     for n in SAMPLES:
         for method in METHODS:
             runs = [run_or_load(student_config(dataset, out, device, method, n, seed)) for seed in range(seeds)]
-            tests = [r["final"]["test"] for r in runs]
-            cells[f"{method}/n={n}"] = {
-                "method": method, "samples_per_class": n,
-                "acc": summarize([t["acc"] for t in tests]),
-                "noisy_acc": {s: summarize([t["noisy_acc"][str(s)] for t in tests]) for s in NOISE},
-                "jacobian_cosine": summarize([t["jacobian_cosine"] for t in tests]),
-                "student_parameters": runs[0]["student_parameters"],
-            }
+            cells[f"{method}/n={n}"] = {"method": method, "samples_per_class": n, **summarize_runs(runs)}
         print(f"  n={n} done  [{time.time() - start:.0f} s]")
     summary = {"dataset": dataset, "teacher": {"model": SETTINGS[dataset]["teacher"],
                                                "test": teacher["final"]["test"]},
@@ -86,7 +79,7 @@ def format_table(summary: dict) -> str:
     for c in summary["cells"].values():
         fmt = lambda d: f"{100 * d['mean']:6.1f} ± {100 * d['std']:4.1f}"  # noqa: E731
         lines.append(f"{c['method']:<8}{c['samples_per_class']:>8}{fmt(c['acc']):>16}"
-                     + "".join(f"{fmt(c['noisy_acc'][s]):>16}" for s in NOISE)
+                     + "".join(f"{fmt(c['noisy_acc'][str(s)]):>16}" for s in NOISE)
                      + f"{c['jacobian_cosine']['mean']:>14.3f}")
     return "\n".join(lines)
 
@@ -98,7 +91,7 @@ def plot_demo(summary: dict, path: Path) -> None:
 
     fig, axes = plt.subplots(1, 1 + len(NOISE), figsize=(4.2 * (1 + len(NOISE)), 3.6), sharey=True)
     for ax, (title, get) in zip(axes, [("clean", lambda c: c["acc"])] +
-                                [(f"noise σ={s}", lambda c, s=s: c["noisy_acc"][s]) for s in NOISE]):
+                                [(f"noise σ={s}", lambda c, s=s: c["noisy_acc"][str(s)]) for s in NOISE]):
         for method in METHODS:
             cs = [c for c in summary["cells"].values() if c["method"] == method]
             ns = [c["samples_per_class"] for c in cs]

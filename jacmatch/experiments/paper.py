@@ -18,7 +18,7 @@ from pathlib import Path
 
 from ..io import write_json_atomic
 from ..training.config import merge_values, load_config
-from .common import run_or_load, summarize
+from .common import run_or_load, summarize_runs
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "paper"
 RESULTS = Path("results")
@@ -68,17 +68,6 @@ def _config(name: str, quick: bool, **over) -> dict:
 
 def _paths(quick: bool) -> tuple[Path, Path]:
     return (RUNS / "quick", RESULTS / "quick") if quick else (RUNS, RESULTS / "paper")
-
-
-def _cell(runs: list[dict]) -> dict:
-    tests = [r["final"]["test"] for r in runs]
-    cell = {"acc": summarize([t["acc"] for t in tests]),
-            "val_acc": summarize([r["final"]["val"]["acc"] for r in runs]),
-            "noisy_acc": {s: summarize([t["noisy_acc"][s] for t in tests]) for s in tests[0].get("noisy_acc", {})},
-            "train_seconds": sum(r["train_seconds"] for r in runs)}
-    if "jacobian_cosine" in tests[0]:
-        cell["jacobian_cosine"] = summarize([t["jacobian_cosine"] for t in tests])
-    return cell
 
 
 # ---- 1. teacher ---------------------------------------------------------------------------
@@ -166,7 +155,7 @@ def distill_section(quick: bool = False) -> dict:
             obj = {k: weights.get(v, v) if isinstance(v, str) else v for k, v in objective.items()}
             tag = row.replace("+", "_").replace(" ", "_")
             cells[f"{row}|{n}"] = {"row": row, "samples_per_class": n, "objective": obj,
-                                   **_cell([_student(quick, tag, n, s, obj, teacher) for s in seeds])}
+                                   **summarize_runs([_student(quick, tag, n, s, obj, teacher) for s in seeds])}
             print(f"  {row:<22} n={n:<4} test {100 * cells[f'{row}|{n}']['acc']['mean']:.1f}"
                   f" ± {100 * cells[f'{row}|{n}']['acc']['std']:.1f}   [{time.time() - start:.0f} s]")
             summary["section_seconds"] = time.time() - start
@@ -202,7 +191,7 @@ def robustness_section(quick: bool = False) -> dict:
                 results.append(run_or_load(values))
             key = f"{row}|{'full' if subset is None else subset}"
             cells[key] = {"row": row, "training_set": "full" if subset is None else f"{subset} per class",
-                          "objective": obj, **_cell(results)}
+                          "objective": obj, **summarize_runs(results)}
             print(f"  {key:<30} clean {100 * cells[key]['acc']['mean']:.1f}   [{time.time() - start:.0f} s]")
     summary = {"sigma_train": SIGMA_TRAIN, "seeds": list(seeds), "cells": cells,
                "section_seconds": time.time() - start}
@@ -239,7 +228,7 @@ def transfer_section(quick: bool = False) -> dict:
                     values = _config("transfer", quick, out_dir=str(runs / "transfer" / tag), seed=seed,
                                      teacher=str(target), data={"samples_per_class": n}, objective=obj)
                 results.append(run_or_load(values))
-            cells[f"{row}|{n}"] = {"row": row, "samples_per_class": n, **_cell(results)}
+            cells[f"{row}|{n}"] = {"row": row, "samples_per_class": n, **summarize_runs(results)}
             print(f"  {row:<28} n={n:<3} test {100 * cells[f'{row}|{n}']['acc']['mean']:.1f}   "
                   f"[{time.time() - start:.0f} s]")
     summary = {"source_teacher": {"test": source["final"]["test"], "checkpoint": str(target),
