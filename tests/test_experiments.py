@@ -32,6 +32,22 @@ def test_every_experiment_section_and_the_report_quick(tmp_path):
     report = (tmp_path / "results" / "REPORT.md").read_text()
     assert "## 2. Distillation with few samples" in report and "Not run yet" not in report
     assert "| CE+KD+JM |" in report
+    assert distill["run_seconds"] > 0 and (out / "distill_noise.png").is_file()
+    assert "students under noise" in report
+
+
+def test_every_paper_student_takes_the_same_number_of_steps():
+    """The distillation grid gives every n the same step budget (to within one epoch),
+    counted by the trainer's own batching: larger n, longer epochs, fewer of them."""
+    from jacmatch.experiments import paper
+    from jacmatch.training import config_from_dict
+    from jacmatch.training.distributed import DistInfo
+    from jacmatch.training.trainer import _epoch_indices
+    values = paper._config("distill", False)
+    for n in paper.SAMPLES:
+        cfg = config_from_dict(paper.merge_values(values, {"optim": {"epochs": paper._epochs(n, values)}}))
+        per_epoch = len(_epoch_indices(10 * n, cfg, DistInfo(), 0))
+        assert paper.STEPS - per_epoch < cfg.optim.epochs * per_epoch <= paper.STEPS, (n, per_epoch)
 
 
 def test_bench_quick_writes_valid_json(tmp_path):

@@ -12,6 +12,7 @@ is recorded in the section's JSON.
 
 from __future__ import annotations
 
+import math
 import shutil
 import time
 from pathlib import Path
@@ -43,9 +44,11 @@ ABLATIONS = {  # at a few n: the form, and which Jacobians
     "CE+KD+JM projection": {"alpha": 1.0, "beta": 1.0, "gamma": "γ", "jm_outputs": "projection"},
 }
 ABLATION_SAMPLES = (5, 50)
+TEMPERATURES = (2.0, 4.0, 8.0)  # τ, chosen first (on CE+KD), then γ with that τ
 GAMMAS = (0.1, 1.0, 10.0, 100.0)
 GAMMAS_SQ = (0.01, 0.1, 1.0)
 SELECTION = {"samples_per_class": 10, "seeds": (0, 1)}
+PLACEHOLDERS = ("τ", "γ", "γ_sq", "δ", "δ_J")
 
 QUICK = {  # a smoke run of every section: digits, tiny grids, one or two seeds
     "data": {"name": "digits", "augment": False},
@@ -110,41 +113,70 @@ def _teacher_path(quick: bool) -> str:
     return str(path)
 
 
+def _run_seconds(cells: dict) -> float:
+    """The training time of a section's runs, summed: what a rerun from scratch costs
+    (``section_seconds`` is only the last invocation's, which reuses finished runs)."""
+    return sum(c["train_seconds"] for c in cells.values())
+
+
 # ---- 2. distillation with few samples -----------------------------------------------------
+
+
+STEPS = 400  # every student's budget of optimizer steps, whatever n
+
+
+def _epochs(n: int, values: dict) -> int:
+    """Epochs that give a student of n samples per class (10 classes) about STEPS steps
+    (STEPS minus less than one epoch): an epoch repeats whole passes over the data up to
+    min_steps_per_epoch, so it has 20 steps up to n = 50, 24 at n = 100, 40 at n = 500."""
+    o = values["optim"]
+    per_pass = math.ceil(10 * n / o["batch_size"])
+    per_epoch = per_pass * max(math.ceil(o["min_steps_per_epoch"] / per_pass), 1)
+    return max(STEPS // per_epoch, 1)
 
 
 def _student(quick, tag, n, seed, objective, teacher, **over) -> dict:
     runs, _ = _paths(quick)
+    if not quick:
+        over = merge_values({"optim": {"epochs": _epochs(n, _config("distill", quick))}}, over)
     values = _config("distill", quick, out_dir=str(runs / "distill" / f"{tag}_n{n}_s{seed}"), seed=seed,
                      teacher=teacher, data={"samples_per_class": n}, objective=objective, **over)
     return run_or_load(values)
 
 
-def _select(quick, name, grid, objective, teacher) -> tuple[float, dict]:
-    """The weight in ``grid`` with the best mean validation accuracy (never the test set)."""
+def _select(quick, name, grid, objective, teacher, student=None) -> tuple[float, dict]:
+    """The value in ``grid`` (put in place of the placeholder τ, γ, γ_sq, δ or δ_J of
+    ``objective``) with the best mean validation accuracy (never the test set); ``student``
+    trains one run (default: a section-2 student)."""
     n = 5 if quick else SELECTION["samples_per_class"]
     seeds = (0,) if quick else SELECTION["seeds"]
-    scores = {}
+    scores, seconds = {}, 0.0
     for value in grid:
-        obj = {k: (value if v in ("γ", "γ_sq") else v) for k, v in objective.items()}
-        runs = [_student(quick, f"select-{name}-{value}", n, s, obj, teacher) for s in seeds]
+        obj = {k: (value if v in PLACEHOLDERS else v) for k, v in objective.items()}
+        runs = [(student or _student)(quick, f"select-{name}-{value}", n, s, obj, teacher) for s in seeds]
         scores[str(value)] = sum(r["final"]["val"]["acc"] for r in runs) / len(runs)
+        seconds += sum(r["train_seconds"] for r in runs)
     best = max(grid, key=lambda v: scores[str(v)])
-    return best, {"grid": list(grid), "val_acc": scores, "chosen": best, "samples_per_class": n, "seeds": list(seeds)}
+    return best, {"grid": list(grid), "val_acc": scores, "chosen": best, "samples_per_class": n,
+                  "seeds": list(seeds), "train_seconds": seconds}
 
 
 def distill_section(quick: bool = False) -> dict:
     runs, out = _paths(quick)
     teacher = _teacher_path(quick)
     start = time.time()
-    gamma, sel = _select(quick, "gamma", (1.0,) if quick else GAMMAS, ROWS["CE+KD+JM"], teacher)
-    gamma_sq, sel_sq = _select(quick, "gamma_sq", (0.1,) if quick else GAMMAS_SQ, ABLATIONS["CE+KD+JM sq"], teacher)
+    tau, sel_tau = _select(quick, "tau", (4.0,) if quick else TEMPERATURES, {**ROWS["CE+KD"], "temperature": "τ"},
+                           teacher)
+    gamma, sel = _select(quick, "gamma", (1.0,) if quick else GAMMAS, {**ROWS["CE+KD+JM"], "temperature": tau},
+                         teacher)
+    gamma_sq, sel_sq = _select(quick, "gamma_sq", (0.1,) if quick else GAMMAS_SQ,
+                               {**ABLATIONS["CE+KD+JM sq"], "temperature": tau}, teacher)
     weights = {"γ": gamma, "γ_sq": gamma_sq}
     samples = (1, 5) if quick else SAMPLES
     seeds = (0,) if quick else SEEDS
     cells = {}
     ablation_samples = (5,) if quick else ABLATION_SAMPLES
-    summary = {"teacher": teacher, "selection": {"gamma": sel, "gamma_sq": sel_sq}, "seeds": list(seeds),
+    summary = {"teacher": teacher, "selection": {"tau": sel_tau, "gamma": sel, "gamma_sq": sel_sq}, "seeds": list(seeds),
                "samples": list(samples), "cells": cells, "complete": False,
                "student": _config("distill", quick)["model"]["name"]}
     # n-major, smallest first: a partial run has every row at the smallest n, and the
@@ -152,13 +184,15 @@ def distill_section(quick: bool = False) -> dict:
     for n in samples:
         grid = list(ROWS.items()) + (list(ABLATIONS.items()) if n in ablation_samples else [])
         for row, objective in grid:
-            obj = {k: weights.get(v, v) if isinstance(v, str) else v for k, v in objective.items()}
+            obj = {**{k: weights.get(v, v) if isinstance(v, str) else v for k, v in objective.items()},
+                   "temperature": tau}
             tag = row.replace("+", "_").replace(" ", "_")
             cells[f"{row}|{n}"] = {"row": row, "samples_per_class": n, "objective": obj,
                                    **summarize_runs([_student(quick, tag, n, s, obj, teacher) for s in seeds])}
             print(f"  {row:<22} n={n:<4} test {100 * cells[f'{row}|{n}']['acc']['mean']:.1f}"
                   f" ± {100 * cells[f'{row}|{n}']['acc']['std']:.1f}   [{time.time() - start:.0f} s]")
             summary["section_seconds"] = time.time() - start
+            summary["run_seconds"] = _run_seconds(cells) + sum(v["train_seconds"] for v in summary["selection"].values())
             write_json_atomic(out / "distill.json", summary)
     summary["complete"] = True
     write_json_atomic(out / "distill.json", summary)
@@ -194,46 +228,61 @@ def robustness_section(quick: bool = False) -> dict:
                           "objective": obj, **summarize_runs(results)}
             print(f"  {key:<30} clean {100 * cells[key]['acc']['mean']:.1f}   [{time.time() - start:.0f} s]")
     summary = {"sigma_train": SIGMA_TRAIN, "seeds": list(seeds), "cells": cells,
-               "section_seconds": time.time() - start}
+               "section_seconds": time.time() - start, "run_seconds": _run_seconds(cells)}
     write_json_atomic(out / "robustness.json", summary)
     return summary
 
 
 # ---- 4. transfer --------------------------------------------------------------------------
 
-TRANSFER_ROWS = {
+TRANSFER_ROWS = {  # δ (AT) and δ_J (its Jacobians) chosen on validation, in that order
     "CE (scratch)": {"alpha": 1.0},
-    "CE+AT": {"alpha": 1.0, "delta": 1.0},
-    "CE+AT+JM": {"alpha": 1.0, "delta": 1.0, "delta_jacobian": 1.0},
+    "CE+AT": {"alpha": 1.0, "delta": "δ"},
+    "CE+AT+JM": {"alpha": 1.0, "delta": "δ", "delta_jacobian": "δ_J"},
 }
+DELTAS = (0.1, 1.0, 10.0)
+
+
+def _transfer_student(quick, tag, n, seed, objective, teacher) -> dict:
+    runs, _ = _paths(quick)
+    return run_or_load(_config("transfer", quick, out_dir=str(runs / "transfer" / f"{tag}_n{n}_s{seed}"), seed=seed,
+                               teacher=teacher, data={"samples_per_class": n}, objective=objective))
 
 
 def transfer_section(quick: bool = False) -> dict:
     runs, out = _paths(quick)
     start = time.time()
     source, target = _train_teacher("transfer_teacher", "source_teacher", SOURCE_TEACHER, quick)
+    grid = (1.0,) if quick else DELTAS
+    delta, sel_at = _select(quick, "delta", grid, {"alpha": 1.0, "delta": "δ"}, str(target), _transfer_student)
+    delta_j, sel_jm = _select(quick, "delta_jacobian", grid, {"alpha": 1.0, "delta": delta, "delta_jacobian": "δ_J"},
+                              str(target), _transfer_student)
+    weights = {"δ": delta, "δ_J": delta_j}
     seeds = (0,) if quick else SEEDS
     cells = {}
     for n in ((5,) if quick else (5, 10, 50)):
-        for row, obj in {**TRANSFER_ROWS, "fine-tune teacher (oracle)": None}.items():
+        for row, objective in {**TRANSFER_ROWS, "fine-tune teacher (oracle)": None}.items():
             results = []
             for seed in seeds:
-                tag = f"{row.split()[0].replace('+', '_')}_n{n}_s{seed}"
-                if obj is None:  # the teacher's own network and weights (5 classes each side), fine-tuned
+                if objective is None:  # the teacher's own network and weights (5 classes each side), fine-tuned
                     values = _config("transfer", quick, out_dir=str(runs / "transfer" / f"finetune_n{n}_s{seed}"),
                                      seed=seed, data={"samples_per_class": n}, init_from=str(target),
                                      model={"name": source["config"]["model"]["name"]},
                                      objective={"alpha": 1.0, "at_layers": []})
+                    results.append(run_or_load(values))
                 else:
-                    values = _config("transfer", quick, out_dir=str(runs / "transfer" / tag), seed=seed,
-                                     teacher=str(target), data={"samples_per_class": n}, objective=obj)
-                results.append(run_or_load(values))
+                    obj = {k: weights.get(v, v) if isinstance(v, str) else v for k, v in objective.items()}
+                    results.append(_transfer_student(quick, row.split()[0].replace("+", "_"), n, seed, obj,
+                                                     str(target)))
             cells[f"{row}|{n}"] = {"row": row, "samples_per_class": n, **summarize_runs(results)}
             print(f"  {row:<28} n={n:<3} test {100 * cells[f'{row}|{n}']['acc']['mean']:.1f}   "
                   f"[{time.time() - start:.0f} s]")
     summary = {"source_teacher": {"test": source["final"]["test"], "checkpoint": str(target),
                                   "train_seconds": source["train_seconds"]},
-               "seeds": list(seeds), "cells": cells, "section_seconds": time.time() - start}
+               "selection": {"delta": sel_at, "delta_jacobian": sel_jm},
+               "seeds": list(seeds), "cells": cells, "section_seconds": time.time() - start,
+               "run_seconds": _run_seconds(cells) + source["train_seconds"] + sel_at["train_seconds"]
+               + sel_jm["train_seconds"]}
     write_json_atomic(out / "transfer.json", summary)
     return summary
 

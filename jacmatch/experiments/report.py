@@ -57,19 +57,21 @@ def _teacher_findings(t: dict | None) -> list[str]:
 def _distill(d: dict | None, plots: list) -> tuple[str, list[str]]:
     if d is None:
         return _missing("jacmatch experiment distill"), []
-    from .paper import ABLATIONS, ROWS
+    from .paper import ABLATIONS, ROWS, STEPS
     cells = d["cells"]
     samples = d["samples"]
     main_rows = list(ROWS)
     get = lambda r, n, f=_pm: f(cells[f"{r}|{n}"]["acc"]) if f"{r}|{n}" in cells else "—"  # noqa: E731
     done = f"**Partial: {len(cells)} cells have run so far**; `jacmatch experiment distill` resumes the rest. " \
         if not d.get("complete", True) else ""
-    lines = [done + f"Student: {d['student']}; {len(d['seeds'])} seeds per cell; test accuracy (%) mean ± std "
-             f"(95% interval half-width in the JSON). γ = {d['selection']['gamma']['chosen']} for the normalised "
-             f"form (validation accuracy over {d['selection']['gamma']['grid']} at n = "
-             f"{d['selection']['gamma']['samples_per_class']}: "
-             + ", ".join(f"{k}: {100 * v:.1f}%" for k, v in d['selection']['gamma']['val_acc'].items())
-             + f"); γ = {d['selection']['gamma_sq']['chosen']} for the sq form.\n",
+    sel = d["selection"]
+    chosen = "; ".join(f"{label} = {sel[key]['chosen']} (validation accuracy at n = {sel[key]['samples_per_class']}, "
+                       f"seeds {sel[key]['seeds']}: " + ", ".join(f"{k}: {100 * v:.1f}%" for k, v in sel[key]["val_acc"].items())
+                       + ")" for key, label in (("tau", "τ on CE+KD"), ("gamma", "γ on CE+KD+JM"),
+                                                ("gamma_sq", "γ on CE+KD+JM sq")) if key in sel)
+    lines = [done + f"Student: {d['student']}; {len(d['seeds'])} seeds per cell; every student takes about "
+             f"{STEPS} optimizer steps (Adam, cosine schedule), whatever n. Test accuracy (%), mean ± std (95% "
+             f"interval half-width in the JSON). Chosen on the validation split, in this order: {chosen}.\n",
              "| row | " + " | ".join(f"n={n}" for n in samples) + " |",
              "|---|" + "---|" * len(samples)]
     for r in main_rows:
@@ -149,7 +151,7 @@ def _robust(r: dict | None, d: dict | None) -> tuple[str, list[str]]:
     for c in r["cells"].values():
         lines.append(f"| {c['row']} | {c['training_set']} | {_pm(c['acc'])} | "
                      + " | ".join(_pm(c["noisy_acc"][s]) for s in sigmas) + " |")
-    findings = []
+    findings, students = [], []
     if d is not None:
         ns = [n for n in d["samples"] if f"CE+KD+JM|{n}" in d["cells"]]
         lines += ["", "The students of section 2 under the same noise (σ = 0.3):", "",
@@ -157,6 +159,10 @@ def _robust(r: dict | None, d: dict | None) -> tuple[str, list[str]]:
         for row in ("CE+KD", "CE+KD+JM", "KD", "KD+JM"):
             if all(f"{row}|{n}" in d["cells"] for n in ns):
                 lines.append(f"| {row} | " + " | ".join(_pm(d["cells"][f"{row}|{n}"]["noisy_acc"]["0.3"]) for n in ns) + " |")
+        students = _student_noise_findings(d, ns)
+        if ns:
+            _plot_student_noise(d, PAPER / "distill_noise.png")
+            lines += ["", f"![students under noise]({_img('distill_noise')})"]
     _plot_robust(r, sigmas, PAPER / "robustness.png")
     full = {c["row"]: c for c in r["cells"].values() if c["training_set"] == "full"}
     for sigma in ("0.1", "0.5"):
@@ -165,7 +171,45 @@ def _robust(r: dict | None, d: dict | None) -> tuple[str, list[str]]:
             if sigma == "0.1":
                 text += " (clean: " + ", ".join(f"{row} {_pm(c['acc'])}%" for row, c in full.items()) + ")"
             findings.append(f"Robustness (full training set, test noise σ = {sigma}): {text}.")
+    findings += students
     return "\n".join(lines) + f"\n\n![robustness]({_img('robustness')})\n", findings
+
+
+def _student_noise_findings(d: dict, ns: list) -> list[str]:
+    """CE+KD+JM against CE+KD under test noise σ = 0.3, paired by seed, for each n."""
+    parts = []
+    for n in ns:
+        kd, jm = d["cells"].get(f"CE+KD|{n}"), d["cells"].get(f"CE+KD+JM|{n}")
+        if kd and jm and "0.3" in kd["noisy_acc"]:
+            diff = [b - a for a, b in zip(kd["noisy_acc"]["0.3"]["values"], jm["noisy_acc"]["0.3"]["values"])]
+            parts.append(f"n={n}: {100 * sum(diff) / len(diff):+.1f} ({sum(x > 0 for x in diff)}/{len(diff)} seeds)")
+    return ["Distilled students under test noise σ = 0.3: CE+KD+JM against CE+KD, " + ", ".join(parts)
+            + " points (paired by seed)."] if parts else []
+
+
+def _plot_student_noise(d: dict, path: Path) -> None:
+    """Accuracy against σ_test for the CE+KD and CE+KD+JM students, one panel per n."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    ns = [n for n in d["samples"] if f"CE+KD|{n}" in d["cells"] and f"CE+KD+JM|{n}" in d["cells"]]
+    fig, axes = plt.subplots(1, len(ns), figsize=(2.6 * len(ns), 3.2), sharey=True, squeeze=False)
+    for ax, n in zip(axes[0], ns):
+        for row in ("CE+KD", "CE+KD+JM"):
+            c = d["cells"][f"{row}|{n}"]
+            sig = sorted(c["noisy_acc"], key=float)
+            xs = [0.0] + [float(s) for s in sig]
+            ys = [100 * c["acc"]["mean"]] + [100 * c["noisy_acc"][s]["mean"] for s in sig]
+            es = [100 * c["acc"]["std"]] + [100 * c["noisy_acc"][s]["std"] for s in sig]
+            ax.errorbar(xs, ys, yerr=es, marker="o", markersize=3, capsize=2, label=row)
+        ax.set_title(f"n={n}", fontsize=9)
+        ax.set_xlabel("σ_test")
+    axes[0][0].set_ylabel("test accuracy (%)")
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle("distilled students under Gaussian input noise (mean ± std over seeds)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 def _plot_robust(r, sigmas, path):
@@ -189,25 +233,35 @@ def _plot_robust(r, sigmas, path):
     plt.close(fig)
 
 
+def _paired(a: dict, b: dict) -> str:
+    """b minus a in points of test accuracy, mean over seeds paired by index, and wins."""
+    diff = [y - x for x, y in zip(a["acc"]["values"], b["acc"]["values"])]
+    return f"{100 * sum(diff) / len(diff):+.1f} ({sum(x > 0 for x in diff)}/{len(diff)} seeds)"
+
+
 def _transfer(t: dict | None) -> tuple[str, list[str]]:
     if t is None:
         return _missing("jacmatch experiment transfer"), []
     ns = sorted({c["samples_per_class"] for c in t["cells"].values()})
     rows = list(dict.fromkeys(c["row"] for c in t["cells"].values()))
+    sel = t.get("selection", {})
+    chosen = "; ".join(f"{label} = {sel[key]['chosen']} (validation accuracy at n = {sel[key]['samples_per_class']}: "
+                       + ", ".join(f"{k}: {100 * v:.1f}%" for k, v in sel[key]["val_acc"].items()) + ")"
+                       for key, label in (("delta", "δ (AT)"), ("delta_jacobian", "δ_J (AT Jacobians)")) if key in sel)
     lines = [f"Source teacher (classes 0–4): test accuracy {100 * t['source_teacher']['test']['acc']:.2f}%. "
-             f"Target task: classes 5–9; {len(t['seeds'])} seeds; test accuracy (%).", "",
+             f"Target task: classes 5–9; {len(t['seeds'])} seeds; test accuracy (%), mean ± std."
+             + (f" Chosen on the validation split, in this order: {chosen}." if chosen else ""), "",
              "| row | " + " | ".join(f"n={n}" for n in ns) + " |", "|---|" + "---|" * len(ns)]
     for r in rows:
         lines.append(f"| {r} | " + " | ".join(_pm(t["cells"][f"{r}|{n}"]["acc"]) for n in ns) + " |")
     findings = []
-    diffs = []
-    for n in ns:
-        a, b = t["cells"].get(f"CE+AT|{n}"), t["cells"].get(f"CE+AT+JM|{n}")
-        if a and b:
-            diffs.append(f"n={n}: {100 * (b['acc']['mean'] - a['acc']['mean']):+.1f}")
-    if diffs:
-        findings.append("Transfer (Fashion-MNIST classes 0–4 → 5–9): AT + Jacobians versus AT alone, "
-                        + ", ".join(diffs) + " points of test accuracy.")
+    for a, b, what in (("CE (scratch)", "CE+AT", "attention transfer versus CE from scratch"),
+                       ("CE+AT", "CE+AT+JM", "AT + Jacobians versus AT alone")):
+        pairs = [(n, t["cells"].get(f"{a}|{n}"), t["cells"].get(f"{b}|{n}")) for n in ns]
+        diffs = [f"n={n}: {_paired(x, y)}" for n, x, y in pairs if x and y]
+        if diffs:
+            findings.append(f"Transfer (Fashion-MNIST classes 0–4 → 5–9), {what}: " + ", ".join(diffs)
+                            + " points of test accuracy (paired by seed).")
     return "\n".join(lines) + "\n", findings
 
 
@@ -232,7 +286,15 @@ def _verify(v: list | None) -> tuple[str, list[str]]:
             + f"\n\n![propositions]({_img('verify')})\n"), findings
 
 
+def _section_seconds(name: str) -> float | None:
+    """Training time summed over a section's runs (the teacher: its own training): what a
+    rerun from scratch costs, whereas the last invocation may have reused finished runs."""
+    j = _load(PAPER / f"{name}.json") or {}
+    return j.get("train_seconds" if name == "teacher" else "run_seconds", j.get("section_seconds"))
+
+
 def build_report() -> str:
+    from .paper import STEPS
     t = _load(PAPER / "teacher.json")
     d = _load(PAPER / "distill.json")
     r = _load(PAPER / "robustness.json")
@@ -244,9 +306,7 @@ def build_report() -> str:
     transfer_md, f_transfer = _transfer(tr)
     verify_md, f_verify = _verify(v)
     findings = _teacher_findings(t) + f_verify + f_distill + f_robust + f_transfer
-    # The teacher's own training time: a rerun of its section reuses the trained run.
-    times = {name: (_load(PAPER / f"{name}.json") or {}).get("train_seconds" if name == "teacher" else "section_seconds")
-             for name in ("teacher", "distill", "robustness", "transfer")}
+    times = {name: _section_seconds(name) for name in ("teacher", "distill", "robustness", "transfer")}
     parts = [
         "# jacmatch: the paper's claims measured on Fashion-MNIST\n",
         "Generated by `jacmatch report` from the JSON files in `results/paper/`; every run's config and seed is "
@@ -264,9 +324,10 @@ def build_report() -> str:
         "- Architectures: a ResNet-20 teacher and a small 3-stage CNN student (the paper: WRNs and VGG/ResNet), sized "
         "so that every section reruns within an hour on 2 cores.",
         "- Epochs: far fewer than the paper (" + (f"{t['epochs']} for the teacher" if t else "a few for the teacher")
-        + ", a fixed step budget for students); γ chosen on the validation split from a 3-point grid.",
+        + f", about {STEPS} optimizer steps for every student); τ and γ chosen on the validation split, the step "
+        "budget fixed beforehand.",
         "",
-        "## Section times (2-core CPU)\n",
+        "## Section times (2-core CPU; training time summed over each section's runs)\n",
         "\n".join(f"- {k}: {v / 60:.1f} min" for k, v in times.items() if v is not None) or "*none yet*", "",
     ]
     return "\n".join(parts), findings
