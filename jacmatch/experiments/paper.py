@@ -33,7 +33,7 @@ SIGMAS = (0.1, 0.2, 0.3, 0.5, 0.7)
 ROWS = {  # the paper's rows: α (CE), β (KD), γ (JM; its value chosen on validation)
     "CE": {"alpha": 1.0},
     "CE+KD": {"alpha": 1.0, "beta": 1.0},
-    "CE+JM": {"alpha": 1.0, "gamma": "γ"},
+    "CE+JM": {"alpha": 1.0, "gamma": "γ_ce"},  # without KD, γ has its own choice
     "CE+KD+JM": {"alpha": 1.0, "beta": 1.0, "gamma": "γ"},
     "KD": {"alpha": 0.0, "beta": 1.0},
     "KD+JM": {"alpha": 0.0, "beta": 1.0, "gamma": "γ"},
@@ -44,11 +44,12 @@ ABLATIONS = {  # at a few n: the form, and which Jacobians
     "CE+KD+JM projection": {"alpha": 1.0, "beta": 1.0, "gamma": "γ", "jm_outputs": "projection"},
 }
 ABLATION_SAMPLES = (5, 50)
-TEMPERATURES = (2.0, 4.0, 8.0)  # τ, chosen first (on CE+KD), then γ with that τ
+TAU = 4.0  # fixed beforehand (the KD literature's usual value); TEMPERATURES is a check on validation
+TEMPERATURES = (2.0, 4.0, 8.0)
 GAMMAS = (0.1, 1.0, 10.0, 100.0)
 GAMMAS_SQ = (0.01, 0.1, 1.0)
 SELECTION = {"samples_per_class": 10, "seeds": (0, 1)}
-PLACEHOLDERS = ("τ", "γ", "γ_sq", "δ", "δ_J")
+PLACEHOLDERS = ("τ", "γ", "γ_ce", "γ_sq", "δ", "δ_J")
 
 QUICK = {  # a smoke run of every section: digits, tiny grids, one or two seeds
     "data": {"name": "digits", "augment": False},
@@ -165,18 +166,23 @@ def distill_section(quick: bool = False) -> dict:
     runs, out = _paths(quick)
     teacher = _teacher_path(quick)
     start = time.time()
-    tau, sel_tau = _select(quick, "tau", (4.0,) if quick else TEMPERATURES, {**ROWS["CE+KD"], "temperature": "τ"},
-                           teacher)
+    # τ was fixed before the runs; this check on validation records what it would have chosen.
+    tau = TAU
+    _, sel_tau = _select(quick, "tau", (TAU,) if quick else TEMPERATURES, {**ROWS["CE+KD"], "temperature": "τ"},
+                         teacher)
+    sel_tau["used"] = tau
     gamma, sel = _select(quick, "gamma", (1.0,) if quick else GAMMAS, {**ROWS["CE+KD+JM"], "temperature": tau},
                          teacher)
+    gamma_ce, sel_ce = _select(quick, "gamma_ce", (1.0,) if quick else GAMMAS, ROWS["CE+JM"], teacher)
     gamma_sq, sel_sq = _select(quick, "gamma_sq", (0.1,) if quick else GAMMAS_SQ,
                                {**ABLATIONS["CE+KD+JM sq"], "temperature": tau}, teacher)
-    weights = {"γ": gamma, "γ_sq": gamma_sq}
+    weights = {"γ": gamma, "γ_ce": gamma_ce, "γ_sq": gamma_sq}
     samples = (1, 5) if quick else SAMPLES
     seeds = (0,) if quick else SEEDS
     cells = {}
     ablation_samples = (5,) if quick else ABLATION_SAMPLES
-    summary = {"teacher": teacher, "selection": {"tau": sel_tau, "gamma": sel, "gamma_sq": sel_sq}, "seeds": list(seeds),
+    summary = {"teacher": teacher, "selection": {"tau": sel_tau, "gamma": sel, "gamma_ce": sel_ce,
+                                                   "gamma_sq": sel_sq}, "seeds": list(seeds),
                "samples": list(samples), "cells": cells, "complete": False,
                "student": _config("distill", quick)["model"]["name"]}
     # n-major, smallest first: a partial run has every row at the smallest n, and the
