@@ -136,12 +136,12 @@ def _epochs(n: int, values: dict) -> int:
     return max(STEPS // per_epoch, 1)
 
 
-def _student(quick, tag, n, seed, objective, teacher, **over) -> dict:
+def _student(quick, tag, n, seed, objective, teacher) -> dict:
     runs, _ = _paths(quick)
-    if not quick:
-        over = merge_values({"optim": {"epochs": _epochs(n, _config("distill", quick))}}, over)
     values = _config("distill", quick, out_dir=str(runs / "distill" / f"{tag}_n{n}_s{seed}"), seed=seed,
-                     teacher=teacher, data={"samples_per_class": n}, objective=objective, **over)
+                     teacher=teacher, data={"samples_per_class": n}, objective=objective)
+    if not quick:
+        values["optim"]["epochs"] = _epochs(n, values)
     return run_or_load(values)
 
 

@@ -103,19 +103,23 @@ def _distill(d: dict | None, plots: list) -> tuple[str, list[str]]:
     return "\n".join(lines) + f"\n\n![distillation]({_img('distill')})\n", _distill_findings(d)
 
 
+def _paired(a: list[float], b: list[float]) -> tuple[float, str]:
+    """b minus a over seeds paired by index: the mean, and a text in points with the wins."""
+    diff = [y - x for x, y in zip(a, b)]
+    mean = sum(diff) / len(diff)
+    return mean, f"{100 * mean:+.1f} ({sum(x > 0 for x in diff)}/{len(diff)} seeds)"
+
+
 def _distill_findings(d: dict) -> list[str]:
     out = []
     for n in d["samples"]:
         kd, jm = d["cells"].get(f"CE+KD|{n}"), d["cells"].get(f"CE+KD+JM|{n}")
         if kd and jm:
-            diff = [b - a for a, b in zip(kd["acc"]["values"], jm["acc"]["values"])]
-            mean = sum(diff) / len(diff)
-            wins = sum(x > 0 for x in diff)
-            out.append((n, mean, wins, len(diff)))
+            out.append((n, *_paired(kd["acc"]["values"], jm["acc"]["values"])))
     if not out:
         return []
     best = max(out, key=lambda t: t[1])
-    text = ", ".join(f"n={n}: {100 * m:+.1f} ({w}/{k} seeds)" for n, m, w, k in out)
+    text = ", ".join(f"n={n}: {t}" for n, _, t in out)
     partial = "" if d.get("complete", True) else " (partial run: only these n so far)"
     findings = [f"Distillation on Fashion-MNIST{partial}: adding Jacobian matching to CE+KD changes test accuracy "
                 f"by {text} (points, paired by seed); the largest gain is at n={best[0]} samples per class."]
@@ -204,8 +208,7 @@ def _student_noise_findings(d: dict, ns: list) -> list[str]:
     for n in ns:
         kd, jm = d["cells"].get(f"CE+KD|{n}"), d["cells"].get(f"CE+KD+JM|{n}")
         if kd and jm and "0.3" in kd["noisy_acc"]:
-            diff = [b - a for a, b in zip(kd["noisy_acc"]["0.3"]["values"], jm["noisy_acc"]["0.3"]["values"])]
-            parts.append(f"n={n}: {100 * sum(diff) / len(diff):+.1f} ({sum(x > 0 for x in diff)}/{len(diff)} seeds)")
+            parts.append(f"n={n}: {_paired(kd['noisy_acc']['0.3']['values'], jm['noisy_acc']['0.3']['values'])[1]}")
     return ["Distilled students under test noise σ = 0.3: CE+KD+JM against CE+KD, " + ", ".join(parts)
             + " points (paired by seed)."] if parts else []
 
@@ -256,12 +259,6 @@ def _plot_robust(r, sigmas, path):
     plt.close(fig)
 
 
-def _paired(a: dict, b: dict) -> str:
-    """b minus a in points of test accuracy, mean over seeds paired by index, and wins."""
-    diff = [y - x for x, y in zip(a["acc"]["values"], b["acc"]["values"])]
-    return f"{100 * sum(diff) / len(diff):+.1f} ({sum(x > 0 for x in diff)}/{len(diff)} seeds)"
-
-
 def _transfer(t: dict | None) -> tuple[str, list[str]]:
     if t is None:
         return _missing("jacmatch experiment transfer"), []
@@ -281,7 +278,7 @@ def _transfer(t: dict | None) -> tuple[str, list[str]]:
     for a, b, what in (("CE (scratch)", "CE+AT", "attention transfer versus CE from scratch"),
                        ("CE+AT", "CE+AT+JM", "AT + Jacobians versus AT alone")):
         pairs = [(n, t["cells"].get(f"{a}|{n}"), t["cells"].get(f"{b}|{n}")) for n in ns]
-        diffs = [f"n={n}: {_paired(x, y)}" for n, x, y in pairs if x and y]
+        diffs = [f"n={n}: {_paired(x['acc']['values'], y['acc']['values'])[1]}" for n, x, y in pairs if x and y]
         if diffs:
             findings.append(f"Transfer (Fashion-MNIST classes 0–4 → 5–9), {what}: " + ", ".join(diffs)
                             + " points of test accuracy (paired by seed).")
