@@ -186,3 +186,32 @@ def test_bf16_autocast_training_runs(tmp_path, teacher):
     values["optim"]["epochs"] = 1
     r = train(config_from_dict(values))
     assert all(v == v for v in r["final"]["train"].values())  # finite, no NaN
+
+
+def test_evaluation_reuses_the_teachers_gradients_for_the_same_key_only(teacher):
+    import copy
+    import importlib
+    from jacmatch.data import create_dataset
+    from jacmatch.training import load_model
+    ev = importlib.import_module("jacmatch.training.evaluate")
+    t, _ = load_model(teacher)
+    student = copy.deepcopy(t)
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    calls = []
+    t.register_forward_hook(lambda *a: calls.append(1))
+    test = create_dataset("synthetic").test
+    kw = dict(teacher=t, cosine_samples=50, batch_size=20)
+    ev._TEACHER_SIDE.clear()
+    plain = ev.evaluate(student, test, "cpu", **kw)
+    first = ev.evaluate(student, test, "cpu", teacher_key="k", **kw)
+    before = len(calls)
+    again = ev.evaluate(student, test, "cpu", teacher_key="k", **kw)
+    assert len(calls) == before, "the same key must reuse the teacher's gradients"
+    assert plain == first == again and -1 < plain["jacobian_cosine"] < 1
+    with torch.no_grad():  # other weights under another key: recomputed, and the cosine moves
+        for p in t.parameters():
+            p.mul_(-1.0)
+    other = ev.evaluate(student, test, "cpu", teacher_key="k2", **kw)
+    assert len(calls) > before and other["jacobian_cosine"] != plain["jacobian_cosine"]

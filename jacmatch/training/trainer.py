@@ -75,6 +75,15 @@ def _init_from(model: nn.Module, path: str, device) -> None:
     model.load_state_dict(fitting, strict=False)
 
 
+def _teacher_key(cfg: RunConfig) -> tuple:
+    """Names the teacher's weights (path, mtime, size) and the data that fix the test set,
+    so that evaluation computes the teacher's side of the Jacobian cosine once per process."""
+    st = os.stat(cfg.teacher)
+    d = cfg.data
+    return (str(Path(cfg.teacher).resolve()), st.st_mtime_ns, st.st_size, d.name, d.data_dir,
+            tuple(d.classes or ()), d.val_size, d.split_seed)
+
+
 def _seed(*parts: int) -> int:
     return int.from_bytes(str(parts).encode(), "little") % (2**61 - 1)
 
@@ -143,6 +152,7 @@ def train(cfg: RunConfig, *, resume: bool = False, data: DataSplits | None = Non
         raise ConfigError(f"--resume: {last} does not exist (nothing to resume)")
 
     d = cfg.data
+    given = data is not None
     data = data or create_dataset(d.name, data_dir=d.data_dir, samples_per_class=d.samples_per_class,
                                   val_size=d.val_size, split_seed=d.split_seed, seed=cfg.seed,
                                   classes=d.classes, download=d.download)
@@ -157,6 +167,7 @@ def train(cfg: RunConfig, *, resume: bool = False, data: DataSplits | None = Non
         if (cfg.objective.beta or cfg.objective.gamma) and teacher.num_classes != data.num_classes:
             raise ConfigError(f"the teacher has {teacher.num_classes} outputs but {d.name} has "
                               f"{data.num_classes} classes here: KD and JM need the same outputs")
+    teacher_key = None if teacher is None or given else _teacher_key(cfg)
     torch.manual_seed(cfg.seed)
     model = create_model(cfg.model.name, data.num_classes, data.in_channels, mean=data.mean, std=data.std,
                          **cfg.model.options).to(device)
@@ -254,7 +265,7 @@ def train(cfg: RunConfig, *, resume: bool = False, data: DataSplits | None = Non
                 record["test"] = evaluate(model, data.test, device, batch_size=cfg.eval.batch_size,
                                           noise_sigmas=cfg.eval.noise_sigmas, noise_seed=cfg.eval.noise_seed,
                                           teacher=teacher if cfg.eval.jacobian_cosine else None,
-                                          cosine_samples=cfg.eval.cosine_samples)
+                                          cosine_samples=cfg.eval.cosine_samples, teacher_key=teacher_key)
             info.barrier()
         history.append(record)
         if info.is_main:
