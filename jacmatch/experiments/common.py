@@ -10,7 +10,7 @@ from pathlib import Path
 from ..training import config_from_dict, train
 from ..training.config import config_to_dict
 
-__all__ = ["run_or_load", "summarize", "summarize_runs"]
+__all__ = ["run_or_load", "load_json", "summarize", "summarize_runs"]
 
 
 def run_or_load(values: dict) -> dict:
@@ -26,6 +26,12 @@ def run_or_load(values: dict) -> dict:
             return results
         raise ValueError(f"{out} holds results of another config: remove it or choose another folder")
     return train(cfg, resume=(out / "last.pt").is_file())
+
+
+def load_json(path: str | Path) -> dict | list | None:
+    """A result file's contents, or None when it does not exist (not run yet)."""
+    path = Path(path)
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def summarize(values: list[float]) -> dict:

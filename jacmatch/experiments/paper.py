@@ -19,7 +19,7 @@ from pathlib import Path
 
 from ..io import write_json_atomic
 from ..training.config import merge_values, load_config
-from .common import run_or_load, summarize_runs
+from .common import load_json, run_or_load, summarize_runs
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "paper"
 RESULTS = Path("results")
@@ -91,7 +91,7 @@ def _train_teacher(config: str, run: str, committed: Path, quick: bool) -> tuple
 def teacher_section(quick: bool = False) -> dict:
     _, out = _paths(quick)
     if not quick and (out / "teacher.json").is_file() and TEACHER.is_file():
-        return _load_json(out / "teacher.json")  # trained and committed: keep its record
+        return load_json(out / "teacher.json")  # trained and committed: keep its record
     start = time.time()
     r, target = _train_teacher("teacher", "teacher", TEACHER, quick)
     summary = {"model": r["config"]["model"]["name"], "parameters": r["student_parameters"],
@@ -102,11 +102,6 @@ def teacher_section(quick: bool = False) -> dict:
     return summary
 
 
-def _load_json(path: Path) -> dict:
-    import json
-    return json.loads(path.read_text())
-
-
 def _teacher_path(quick: bool) -> str:
     path = (_paths(quick)[1] / "teacher.pt") if quick else TEACHER
     if not Path(path).is_file():
@@ -114,10 +109,16 @@ def _teacher_path(quick: bool) -> str:
     return str(path)
 
 
-def _run_seconds(cells: dict) -> float:
-    """The training time of a section's runs, summed: what a rerun from scratch costs
-    (``section_seconds`` is only the last invocation's, which reuses finished runs)."""
-    return sum(c["train_seconds"] for c in cells.values())
+def _run_seconds(cells: dict, *extra: dict) -> float:
+    """The training time of a section's runs (cells, then selections or a teacher), summed:
+    what a rerun from scratch costs (``section_seconds`` is only the last invocation's,
+    which reuses finished runs)."""
+    return sum(c["train_seconds"] for c in [*cells.values(), *extra])
+
+
+def _fill(objective: dict, values: dict) -> dict:
+    """``objective`` with its placeholders (τ, γ, …) replaced by their ``values``."""
+    return {k: values.get(v, v) if isinstance(v, str) else v for k, v in objective.items()}
 
 
 # ---- 2. distillation with few samples -----------------------------------------------------
@@ -153,7 +154,7 @@ def _select(quick, name, grid, objective, teacher, student=None) -> tuple[float,
     seeds = (0,) if quick else SELECTION["seeds"]
     scores, seconds = {}, 0.0
     for value in grid:
-        obj = {k: (value if v in PLACEHOLDERS else v) for k, v in objective.items()}
+        obj = _fill(objective, dict.fromkeys(PLACEHOLDERS, value))
         runs = [(student or _student)(quick, f"select-{name}-{value}", n, s, obj, teacher) for s in seeds]
         scores[str(value)] = sum(r["final"]["val"]["acc"] for r in runs) / len(runs)
         seconds += sum(r["train_seconds"] for r in runs)
@@ -190,15 +191,14 @@ def distill_section(quick: bool = False) -> dict:
     for n in samples:
         grid = list(ROWS.items()) + (list(ABLATIONS.items()) if n in ablation_samples else [])
         for row, objective in grid:
-            obj = {**{k: weights.get(v, v) if isinstance(v, str) else v for k, v in objective.items()},
-                   "temperature": tau}
+            obj = {**_fill(objective, weights), "temperature": tau}
             tag = row.replace("+", "_").replace(" ", "_")
             cells[f"{row}|{n}"] = {"row": row, "samples_per_class": n, "objective": obj,
                                    **summarize_runs([_student(quick, tag, n, s, obj, teacher) for s in seeds])}
             print(f"  {row:<22} n={n:<4} test {100 * cells[f'{row}|{n}']['acc']['mean']:.1f}"
                   f" ± {100 * cells[f'{row}|{n}']['acc']['std']:.1f}   [{time.time() - start:.0f} s]")
             summary["section_seconds"] = time.time() - start
-            summary["run_seconds"] = _run_seconds(cells) + sum(v["train_seconds"] for v in summary["selection"].values())
+            summary["run_seconds"] = _run_seconds(cells, *summary["selection"].values())
             write_json_atomic(out / "distill.json", summary)
     summary["complete"] = True
     write_json_atomic(out / "distill.json", summary)
@@ -277,9 +277,8 @@ def transfer_section(quick: bool = False) -> dict:
                                      objective={"alpha": 1.0, "at_layers": []})
                     results.append(run_or_load(values))
                 else:
-                    obj = {k: weights.get(v, v) if isinstance(v, str) else v for k, v in objective.items()}
-                    results.append(_transfer_student(quick, row.split()[0].replace("+", "_"), n, seed, obj,
-                                                     str(target)))
+                    results.append(_transfer_student(quick, row.split()[0].replace("+", "_"), n, seed,
+                                                     _fill(objective, weights), str(target)))
             cells[f"{row}|{n}"] = {"row": row, "samples_per_class": n, **summarize_runs(results)}
             print(f"  {row:<28} n={n:<3} test {100 * cells[f'{row}|{n}']['acc']['mean']:.1f}   "
                   f"[{time.time() - start:.0f} s]")
@@ -287,8 +286,7 @@ def transfer_section(quick: bool = False) -> dict:
                                   "train_seconds": source["train_seconds"]},
                "selection": {"delta": sel_at, "delta_jacobian": sel_jm},
                "seeds": list(seeds), "cells": cells, "section_seconds": time.time() - start,
-               "run_seconds": _run_seconds(cells) + source["train_seconds"] + sel_at["train_seconds"]
-               + sel_jm["train_seconds"]}
+               "run_seconds": _run_seconds(cells, source, sel_at, sel_jm)}
     write_json_atomic(out / "transfer.json", summary)
     return summary
 

@@ -5,18 +5,14 @@ by hand; a section whose JSON is missing says so and names the command that make
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
 from ..io import write_atomic
+from .common import load_json
 
 RESULTS = Path("results")
 PAPER = RESULTS / "paper"
-
-
-def _load(path: Path) -> dict | list | None:
-    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def _pm(s: dict, scale: float = 100.0, digits: int = 1) -> str:
@@ -309,17 +305,17 @@ def _verify(v: list | None) -> tuple[str, list[str]]:
 def _section_seconds(name: str) -> float | None:
     """Training time summed over a section's runs (the teacher: its own training): what a
     rerun from scratch costs, whereas the last invocation may have reused finished runs."""
-    j = _load(PAPER / f"{name}.json") or {}
+    j = load_json(PAPER / f"{name}.json") or {}
     return j.get("train_seconds" if name == "teacher" else "run_seconds", j.get("section_seconds"))
 
 
 def build_report() -> str:
     from .paper import STEPS
-    t = _load(PAPER / "teacher.json")
-    d = _load(PAPER / "distill.json")
-    r = _load(PAPER / "robustness.json")
-    tr = _load(PAPER / "transfer.json")
-    v = _load(PAPER / "verify.json")
+    t = load_json(PAPER / "teacher.json")
+    d = load_json(PAPER / "distill.json")
+    r = load_json(PAPER / "robustness.json")
+    tr = load_json(PAPER / "transfer.json")
+    v = load_json(PAPER / "verify.json")
     plots: list[str] = []
     distill_md, f_distill = _distill(d, plots)
     robust_md, f_robust = _robust(r, d)
@@ -386,7 +382,7 @@ def _targets(b: dict) -> list[str]:
 
 
 def write_benchmarks(bench_json: Path = RESULTS / "bench.json", out: Path = Path("BENCHMARKS.md")) -> None:
-    b = _load(bench_json)
+    b = load_json(bench_json)
     if b is None:
         return
     m = b["machine"]
@@ -408,7 +404,7 @@ def write_benchmarks(bench_json: Path = RESULTS / "bench.json", out: Path = Path
         lines.append("")
     if b.get("scaling"):
         lines += ["## Scaling", "", "![scaling](results/bench_scaling.png)", ""]
-    prof = _load(RESULTS / "bench_profile.json")
+    prof = load_json(RESULTS / "bench_profile.json")
     if prof is not None:
         lines += ["## Where the time goes", "",
                   f"`jacmatch bench --profile --json results/bench_profile.json`: torch.profiler's top operators by "
