@@ -188,6 +188,20 @@ def test_bf16_autocast_training_runs(tmp_path, teacher):
     assert all(v == v for v in r["final"]["train"].values())  # finite, no NaN
 
 
+def test_channels_last_trains_the_same_student(tmp_path, teacher):
+    """The fast memory layout against the plain one: same weights after training (to float
+    rounding: other convolution kernels), and the run really used channels-last."""
+    runs = {}
+    for cl in (False, True):
+        values = student_values(tmp_path / f"cl{cl}", teacher, jm_outputs="teacher_top1")
+        values["channels_last"] = cl
+        train(config_from_dict(values))
+        runs[cl] = weights(tmp_path / f"cl{cl}" / "last.pt")
+    assert runs[True]["layer2.0.weight"].is_contiguous(memory_format=torch.channels_last)
+    assert not runs[False]["layer2.0.weight"].is_contiguous(memory_format=torch.channels_last)
+    assert_same_weights(runs[True], runs[False], atol=1e-4)
+
+
 def test_evaluation_reuses_the_teachers_gradients_for_the_same_key_only(teacher):
     import copy
     import importlib

@@ -104,22 +104,25 @@ class Setup:
         self.teacher = create_model(teacher, classes, channels).to(device).eval().requires_grad_(False)
         self.student = create_model(student, classes, channels).to(device)
         self.opt = torch.optim.SGD(self.student.parameters(), lr=1e-3, momentum=0.9)
+        self.student_cl = copy.deepcopy(self.student).to(memory_format=torch.channels_last)  # config channels_last
+        self.opt_cl = torch.optim.SGD(self.student_cl.parameters(), lr=1e-3, momentum=0.9)
         g = torch.Generator().manual_seed(seed)
         self.x = torch.rand(batch, channels, size, size, generator=g).to(device)
         self.y = torch.randint(0, classes, (batch,), generator=g).to(device)
         self.classes = classes
 
-    def objective_step(self, cached: bool = False, **weights) -> Callable[[], None]:
+    def objective_step(self, cached: bool = False, channels_last: bool = False, **weights) -> Callable[[], None]:
         cfg = ObjectiveConfig(**weights)
-        obj = TransferObjective(self.student, self.teacher if cfg.needs_teacher else None, cfg,
+        student, opt = (self.student_cl, self.opt_cl) if channels_last else (self.student, self.opt)
+        obj = TransferObjective(student, self.teacher if cfg.needs_teacher else None, cfg,
                                 generator=torch.Generator().manual_seed(0))
         targets = obj.teacher_targets(self.x, self.y, full_jacobian=True) if cached and cfg.needs_teacher else None
 
         def step():
-            self.opt.zero_grad(set_to_none=True)
+            opt.zero_grad(set_to_none=True)
             _, total, _ = obj(self.x, self.y, targets)
             total.backward()
-            self.opt.step()
+            opt.step()
         return step
 
     def naive_step(self, all_classes: bool) -> Callable[[], None]:
@@ -184,6 +187,9 @@ def _steps(s: Setup, naive_all: bool) -> dict[str, Callable[[], None]]:
         "jm_step_cached": s.objective_step(cached=True, **jm, jm_outputs="teacher_top1"),
         "jm_proj_step_cached": s.objective_step(cached=True, **jm, jm_outputs="projection"),
         "naive_top1_step": s.naive_step(all_classes=False),
+        "ce_step_channels_last": s.objective_step(channels_last=True, alpha=1.0),
+        "jm_step_cached_channels_last": s.objective_step(cached=True, channels_last=True, **jm,
+                                                         jm_outputs="teacher_top1"),
     }
     for m in (1, 4, 16):
         steps[f"noisy_kd_step_m{m}"] = s.objective_step(**kd, noise_sigma=0.1, noise_draws=m)
@@ -204,6 +210,8 @@ def _ratios(t: dict, mem: dict) -> dict:
         "naive_top1_over_jm": r("naive_top1_step", "jm_step"),
         "naive_all_over_exact_all": r("naive_all_step", "jm_exact_all_step"),
         "teacher_forward_over_student_forward": r("teacher_forward", "student_forward"),
+        "channels_last_over_contiguous_ce": r("ce_step_channels_last", "ce_step"),
+        "channels_last_over_contiguous_jm_cached": r("jm_step_cached_channels_last", "jm_step_cached"),
     }
     if mem.get("jm_step") and mem.get("kd_step"):
         out["jm_over_kd_memory"] = mem["jm_step"] / mem["kd_step"]

@@ -171,6 +171,8 @@ def train(cfg: RunConfig, *, resume: bool = False, data: DataSplits | None = Non
     torch.manual_seed(cfg.seed)
     model = create_model(cfg.model.name, data.num_classes, data.in_channels, mean=data.mean, std=data.std,
                          **cfg.model.options).to(device)
+    if cfg.channels_last:  # convolutions then run channels-last (NHWC); values and checkpoints unchanged
+        model = model.to(memory_format=torch.channels_last)
     if cfg.init_from and not resume:
         _init_from(model, cfg.init_from, device)
     optimizer = _make_optimizer(cfg, model.parameters())
