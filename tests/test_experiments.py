@@ -26,6 +26,10 @@ def test_every_experiment_section_and_the_report_quick(tmp_path):
         assert (out / f"{name}.json").is_file(), name
     distill = json.loads((out / "distill.json").read_text())
     assert distill["selection"]["gamma"]["chosen"] == 1.0
+    assert distill["steps"] == distill["selection"]["steps"]["chosen"] and distill["tau"] == 4.0
+    selection_run = json.loads((tmp_path / "runs" / "paper" / "quick" / "distill" / "select-gamma-1.0_n5_s0"
+                                / "results.json").read_text())["final"]
+    assert selection_run["test"]["noisy_acc"] == {} and "jacobian_cosine" not in selection_run["test"]
     assert {c["row"] for c in distill["cells"].values()} >= {"CE", "CE+KD", "CE+KD+JM", "KD+JM"}
     assert (out / "gradients.png").is_file()
     jacmatch("report", "--results", str(out), cwd=tmp_path)
@@ -44,10 +48,11 @@ def test_every_paper_student_takes_the_same_number_of_steps():
     from jacmatch.training.distributed import DistInfo
     from jacmatch.training.trainer import _epoch_indices
     values = paper._config("distill", False)
-    for n in paper.SAMPLES:
-        cfg = config_from_dict(paper.merge_values(values, {"optim": {"epochs": paper._epochs(n, values)}}))
-        per_epoch = len(_epoch_indices(10 * n, cfg, DistInfo(), 0))
-        assert paper.STEPS - per_epoch < cfg.optim.epochs * per_epoch <= paper.STEPS, (n, per_epoch)
+    for steps in paper.STEP_BUDGETS:
+        for n in paper.SAMPLES:
+            cfg = config_from_dict(paper.merge_values(values, {"optim": {"epochs": paper._epochs(n, values, steps)}}))
+            per_epoch = len(_epoch_indices(10 * n, cfg, DistInfo(), 0))
+            assert steps - per_epoch < cfg.optim.epochs * per_epoch <= steps, (steps, n, per_epoch)
 
 
 def test_bench_quick_writes_valid_json(tmp_path):

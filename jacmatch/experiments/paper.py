@@ -44,11 +44,13 @@ ABLATIONS = {  # at a few n: the form, and which Jacobians
     "CE+KD+JM projection": {"alpha": 1.0, "beta": 1.0, "gamma": "γ", "jm_outputs": "projection"},
 }
 ABLATION_SAMPLES = (5, 50)
-TAU = 4.0  # fixed beforehand (the KD literature's usual value); TEMPERATURES is a check on validation
+STEP_BUDGETS = (200, 400)  # optimizer steps per student; 800 would take the section past its 60 minutes
 TEMPERATURES = (2.0, 4.0, 8.0)
+TAU_PRIOR = 4.0  # τ while the step budget is chosen (the KD literature's usual value)
 GAMMAS = (0.1, 1.0, 10.0, 100.0)
 GAMMAS_SQ = (0.01, 0.1, 1.0)
 SELECTION = {"samples_per_class": 10, "seeds": (0, 1)}
+SELECTION_EVAL = {"noise_sigmas": [], "jacobian_cosine": False}  # selection reads validation accuracy only
 PLACEHOLDERS = ("τ", "γ", "γ_ce", "γ_sq", "δ", "δ_J")
 
 QUICK = {  # a smoke run of every section: digits, tiny grids, one or two seeds
@@ -124,38 +126,34 @@ def _fill(objective: dict, values: dict) -> dict:
 # ---- 2. distillation with few samples -----------------------------------------------------
 
 
-STEPS = 400  # every student's budget of optimizer steps, whatever n
-
-
-def _epochs(n: int, values: dict) -> int:
-    """Epochs that give a student of n samples per class (10 classes) about STEPS steps
-    (STEPS minus less than one epoch): an epoch repeats whole passes over the data up to
+def _epochs(n: int, values: dict, steps: int) -> int:
+    """Epochs that give a student of n samples per class (10 classes) about ``steps`` steps
+    (minus less than one epoch): an epoch repeats whole passes over the data up to
     min_steps_per_epoch, so it has 20 steps up to n = 50, 24 at n = 100, 40 at n = 500."""
     o = values["optim"]
     per_pass = math.ceil(10 * n / o["batch_size"])
     per_epoch = per_pass * max(math.ceil(o["min_steps_per_epoch"] / per_pass), 1)
-    return max(STEPS // per_epoch, 1)
+    return max(steps // per_epoch, 1)
 
 
-def _student(quick, tag, n, seed, objective, teacher) -> dict:
+def _student(quick, tag, n, seed, objective, teacher, steps, selection=False) -> dict:
     runs, _ = _paths(quick)
     values = _config("distill", quick, out_dir=str(runs / "distill" / f"{tag}_n{n}_s{seed}"), seed=seed,
-                     teacher=teacher, data={"samples_per_class": n}, objective=objective)
+                     teacher=teacher, data={"samples_per_class": n}, objective=objective,
+                     eval=SELECTION_EVAL if selection else {})
     if not quick:
-        values["optim"]["epochs"] = _epochs(n, values)
+        values["optim"]["epochs"] = _epochs(n, values, steps)
     return run_or_load(values)
 
 
-def _select(quick, name, grid, objective, teacher, student=None) -> tuple[float, dict]:
-    """The value in ``grid`` (put in place of the placeholder τ, γ, γ_sq, δ or δ_J of
-    ``objective``) with the best mean validation accuracy (never the test set); ``student``
-    trains one run (default: a section-2 student)."""
+def _select(quick, name, grid, train) -> tuple[float, dict]:
+    """The value in ``grid`` with the best mean validation accuracy (never the test set);
+    ``train(value, tag, n, seed)`` trains one run with that value."""
     n = 5 if quick else SELECTION["samples_per_class"]
     seeds = (0,) if quick else SELECTION["seeds"]
     scores, seconds = {}, 0.0
     for value in grid:
-        obj = _fill(objective, dict.fromkeys(PLACEHOLDERS, value))
-        runs = [(student or _student)(quick, f"select-{name}-{value}", n, s, obj, teacher) for s in seeds]
+        runs = [train(value, f"select-{name}-{value}", n, s) for s in seeds]
         scores[str(value)] = sum(r["final"]["val"]["acc"] for r in runs) / len(runs)
         seconds += sum(r["train_seconds"] for r in runs)
     best = max(grid, key=lambda v: scores[str(v)])
@@ -163,27 +161,40 @@ def _select(quick, name, grid, objective, teacher, student=None) -> tuple[float,
                   "seeds": list(seeds), "train_seconds": seconds}
 
 
+def _placeholder(quick, objective, teacher, student=_student, **kw):
+    """A ``train`` for :func:`_select` that puts the value in place of ``objective``'s
+    placeholder (τ, γ, γ_sq, δ or δ_J)."""
+    return lambda value, tag, n, seed: student(quick, tag, n, seed, _fill(objective, dict.fromkeys(PLACEHOLDERS, value)),
+                                               teacher, **kw)
+
+
 def distill_section(quick: bool = False) -> dict:
     runs, out = _paths(quick)
     teacher = _teacher_path(quick)
     start = time.time()
-    # τ was fixed before the runs; this check on validation records what it would have chosen.
-    tau = TAU
-    _, sel_tau = _select(quick, "tau", (TAU,) if quick else TEMPERATURES, {**ROWS["CE+KD"], "temperature": "τ"},
-                         teacher)
-    sel_tau["used"] = tau
-    gamma, sel = _select(quick, "gamma", (1.0,) if quick else GAMMAS, {**ROWS["CE+KD+JM"], "temperature": tau},
-                         teacher)
-    gamma_ce, sel_ce = _select(quick, "gamma_ce", (1.0,) if quick else GAMMAS, ROWS["CE+JM"], teacher)
-    gamma_sq, sel_sq = _select(quick, "gamma_sq", (0.1,) if quick else GAMMAS_SQ,
-                               {**ABLATIONS["CE+KD+JM sq"], "temperature": tau}, teacher)
+    # In this order, each on validation with the values chosen before it: the step budget
+    # and τ on CE+KD, then γ for CE+KD+JM (also KD+JM and the label and projection
+    # ablations), γ for CE+JM, and γ for the sq form.
+    kd = {**ROWS["CE+KD"], "temperature": TAU_PRIOR}
+    steps, sel_steps = _select(quick, "steps", STEP_BUDGETS[-1:] if quick else STEP_BUDGETS,
+                               lambda v, tag, n, seed: _student(quick, tag, n, seed, kd, teacher, v, True))
+    tau, sel_tau = _select(quick, "tau", (TAU_PRIOR,) if quick else TEMPERATURES,
+                           _placeholder(quick, {**ROWS["CE+KD"], "temperature": "τ"}, teacher, steps=steps,
+                                        selection=True))
+    choose = lambda name, grid, objective: _select(  # noqa: E731
+        quick, name, grid[1:2] if quick else grid,
+        _placeholder(quick, {**objective, "temperature": tau}, teacher, steps=steps, selection=True))
+    gamma, sel = choose("gamma", GAMMAS, ROWS["CE+KD+JM"])
+    gamma_ce, sel_ce = choose("gamma_ce", GAMMAS, ROWS["CE+JM"])
+    gamma_sq, sel_sq = choose("gamma_sq", GAMMAS_SQ, ABLATIONS["CE+KD+JM sq"])
     weights = {"γ": gamma, "γ_ce": gamma_ce, "γ_sq": gamma_sq}
     samples = (1, 5) if quick else SAMPLES
     seeds = (0,) if quick else SEEDS
     cells = {}
     ablation_samples = (5,) if quick else ABLATION_SAMPLES
-    summary = {"teacher": teacher, "selection": {"tau": sel_tau, "gamma": sel, "gamma_ce": sel_ce,
-                                                   "gamma_sq": sel_sq}, "seeds": list(seeds),
+    summary = {"teacher": teacher, "selection": {"steps": sel_steps, "tau": sel_tau, "gamma": sel,
+                                                   "gamma_ce": sel_ce, "gamma_sq": sel_sq},
+               "steps": steps, "tau": tau, "seeds": list(seeds),
                "samples": list(samples), "cells": cells, "complete": False,
                "student": _config("distill", quick)["model"]["name"]}
     # n-major, smallest first: a partial run has every row at the smallest n, and the
@@ -194,7 +205,7 @@ def distill_section(quick: bool = False) -> dict:
             obj = {**_fill(objective, weights), "temperature": tau}
             tag = row.replace("+", "_").replace(" ", "_")
             cells[f"{row}|{n}"] = {"row": row, "samples_per_class": n, "objective": obj,
-                                   **summarize_runs([_student(quick, tag, n, s, obj, teacher) for s in seeds])}
+                                   **summarize_runs([_student(quick, tag, n, s, obj, teacher, steps) for s in seeds])}
             print(f"  {row:<22} n={n:<4} test {100 * cells[f'{row}|{n}']['acc']['mean']:.1f}"
                   f" ± {100 * cells[f'{row}|{n}']['acc']['std']:.1f}   [{time.time() - start:.0f} s]")
             summary["section_seconds"] = time.time() - start
@@ -260,9 +271,10 @@ def transfer_section(quick: bool = False) -> dict:
     start = time.time()
     source, target = _train_teacher("transfer_teacher", "source_teacher", SOURCE_TEACHER, quick)
     grid = (1.0,) if quick else DELTAS
-    delta, sel_at = _select(quick, "delta", grid, {"alpha": 1.0, "delta": "δ"}, str(target), _transfer_student)
-    delta_j, sel_jm = _select(quick, "delta_jacobian", grid, {"alpha": 1.0, "delta": delta, "delta_jacobian": "δ_J"},
-                              str(target), _transfer_student)
+    delta, sel_at = _select(quick, "delta", grid,
+                            _placeholder(quick, {"alpha": 1.0, "delta": "δ"}, str(target), _transfer_student))
+    delta_j, sel_jm = _select(quick, "delta_jacobian", grid, _placeholder(
+        quick, {"alpha": 1.0, "delta": delta, "delta_jacobian": "δ_J"}, str(target), _transfer_student))
     weights = {"δ": delta, "δ_J": delta_j}
     seeds = (0,) if quick else SEEDS
     cells = {}
