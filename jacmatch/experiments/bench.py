@@ -233,7 +233,7 @@ def run_bench(device_name: str = "cpu", quick: bool = False, batch: int = 128) -
                  **_steps(s, naive_all=not quick and k <= 10)}
         times = _interleaved_medians(steps, device, repeats, k)
         for step_name, sec in times.items():
-            print(f"  {name:<14}{step_name:<22}{1e3 * sec:9.1f} ms")
+            print(f"  {name:<14}{step_name:<30}{1e3 * sec:9.1f} ms")
         prepared[name] = steps
         results["shapes"][name] = {"channels": c, "size": size, "classes": k, "teacher": teacher,
                                    "student": student, "seconds": times}
@@ -249,7 +249,7 @@ def run_bench(device_name: str = "cpu", quick: bool = False, batch: int = 128) -
             else:
                 memory[step_name] = peak_memory(step, device)
             if memory[step_name] is not None:
-                print(f"  {name:<14}{step_name:<22}{memory[step_name] / 2**20:9.1f} MiB")
+                print(f"  {name:<14}{step_name:<30}{memory[step_name] / 2**20:9.1f} MiB")
         shape = results["shapes"][name]
         shape["peak_bytes"] = memory
         shape["ratios"] = _ratios(shape["seconds"], memory)
