@@ -69,12 +69,16 @@ def _distill(d: dict | None, plots: list) -> tuple[str, list[str]]:
         ("gamma", "γ on CE+KD+JM (also used by KD+JM, label and projection)"), ("gamma_ce", "γ on CE+JM"),
         ("gamma_sq", "γ on CE+KD+JM sq")) if key in sel)
     lines = [done + f"Student: {d['student']}; {len(d['seeds'])} seeds per cell; every student takes about "
-             f"{d['steps']} optimizer steps (Adam, cosine schedule), whatever n. Test accuracy (%), mean ± std (95% "
-             f"interval half-width in the JSON). Chosen on the validation split, in this order: {chosen}.\n",
+             f"{d['steps']} optimizer steps (Adam, cosine schedule), whatever n. Test accuracy (%), mean ± std "
+             f"over seeds. Chosen on the validation split, in this order: {chosen}.\n",
              "| row | " + " | ".join(f"n={n}" for n in samples) + " |",
              "|---|" + "---|" * len(samples)]
     for r in main_rows:
         lines.append(f"| {r} | " + " | ".join(get(r, n) for n in samples) + " |")
+    lines += ["", "95% interval half-widths of those means (Student's t over the seeds), in points:", "",
+              "| row | " + " | ".join(f"n={n}" for n in samples) + " |", "|---|" + "---|" * len(samples)]
+    for r in main_rows:
+        lines.append(f"| {r} | " + " | ".join(get(r, n, lambda a: f"±{100 * a['ci95']:.1f}") for n in samples) + " |")
     rows = main_rows + list(ABLATIONS)
     ablation = [r for r in rows if r not in main_rows and any(c["row"] == r for c in cells.values())]
     if ablation:
