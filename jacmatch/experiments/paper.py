@@ -177,7 +177,7 @@ def distill_section(quick: bool = False) -> dict:
     # ablations), γ for CE+JM, and γ for the sq form.
     kd = {**ROWS["CE+KD"], "temperature": TAU_PRIOR}
     steps, sel_steps = _select(quick, "steps", STEP_BUDGETS[-1:] if quick else STEP_BUDGETS,
-                               lambda v, tag, n, seed: _student(quick, tag, n, seed, kd, teacher, v, True))
+                               lambda v, tag, n, seed: _student(quick, tag, n, seed, kd, teacher, v, selection=True))
     tau, sel_tau = _select(quick, "tau", (TAU_PRIOR,) if quick else TEMPERATURES,
                            _placeholder(quick, {**ROWS["CE+KD"], "temperature": "τ"}, teacher, steps=steps,
                                         selection=True))

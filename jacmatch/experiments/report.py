@@ -15,6 +15,13 @@ RESULTS = Path("results")
 PAPER = RESULTS / "paper"
 
 
+def _chosen(sel: dict, labels: tuple[tuple[str, str], ...]) -> str:
+    """The values chosen on validation, in order, each with its validation scores."""
+    return "; ".join(f"{label} = {sel[key]['chosen']} (validation accuracy at n = {sel[key]['samples_per_class']}, "
+                     f"seeds {sel[key]['seeds']}: " + ", ".join(f"{k}: {100 * v:.1f}%" for k, v in sel[key]["val_acc"].items())
+                     + ")" for key, label in labels if key in sel)
+
+
 def _pm(s: dict, scale: float = 100.0, digits: int = 1) -> str:
     return f"{scale * s['mean']:.{digits}f} ± {scale * s['std']:.{digits}f}"
 
@@ -60,14 +67,10 @@ def _distill(d: dict | None, plots: list) -> tuple[str, list[str]]:
     get = lambda r, n, f=_pm: f(cells[f"{r}|{n}"]["acc"]) if f"{r}|{n}" in cells else "—"  # noqa: E731
     done = f"**Partial: {len(cells)} cells have run so far**; `jacmatch experiment distill` resumes the rest. " \
         if not d.get("complete", True) else ""
-    sel = d["selection"]
-    def scores(key):
-        return (f"validation accuracy at n = {sel[key]['samples_per_class']}, seeds {sel[key]['seeds']}: "
-                + ", ".join(f"{k}: {100 * v:.1f}%" for k, v in sel[key]["val_acc"].items()))
-    chosen = "; ".join(f"{label} = {sel[key]['chosen']} ({scores(key)})" for key, label in (
+    chosen = _chosen(d["selection"], (
         ("steps", "the step budget on CE+KD (optimizer steps per student)"), ("tau", "τ on CE+KD"),
         ("gamma", "γ on CE+KD+JM (also used by KD+JM, label and projection)"), ("gamma_ce", "γ on CE+JM"),
-        ("gamma_sq", "γ on CE+KD+JM sq")) if key in sel)
+        ("gamma_sq", "γ on CE+KD+JM sq")))
     lines = [done + f"Student: {d['student']}; {len(d['seeds'])} seeds per cell; every student takes about "
              f"{d['steps']} optimizer steps (Adam, cosine schedule), whatever n. Test accuracy (%), mean ± std "
              f"over seeds. Chosen on the validation split, in this order: {chosen}.\n",
@@ -209,6 +212,12 @@ def _student_noise_findings(d: dict, ns: list) -> list[str]:
             + " points (paired by seed)."] if parts else []
 
 
+def _noise_curve(c: dict, sigmas: list[str]) -> tuple[list, list, list]:
+    """σ_test (0 first), mean and std accuracy in % of a cell, for an error-bar plot."""
+    cs = [c["acc"]] + [c["noisy_acc"][s] for s in sigmas]
+    return [0.0] + [float(s) for s in sigmas], [100 * a["mean"] for a in cs], [100 * a["std"] for a in cs]
+
+
 def _plot_student_noise(d: dict, path: Path) -> None:
     """Accuracy against σ_test for the CE+KD and CE+KD+JM students, one panel per n."""
     import matplotlib
@@ -219,10 +228,7 @@ def _plot_student_noise(d: dict, path: Path) -> None:
     for ax, n in zip(axes[0], ns):
         for row in ("CE+KD", "CE+KD+JM"):
             c = d["cells"][f"{row}|{n}"]
-            sig = sorted(c["noisy_acc"], key=float)
-            xs = [0.0] + [float(s) for s in sig]
-            ys = [100 * c["acc"]["mean"]] + [100 * c["noisy_acc"][s]["mean"] for s in sig]
-            es = [100 * c["acc"]["std"]] + [100 * c["noisy_acc"][s]["std"] for s in sig]
+            xs, ys, es = _noise_curve(c, sorted(c["noisy_acc"], key=float))
             ax.errorbar(xs, ys, yerr=es, marker="o", markersize=3, capsize=2, label=row)
         ax.set_title(f"n={n}", fontsize=9)
         ax.set_xlabel("σ_test")
@@ -242,9 +248,7 @@ def _plot_robust(r, sigmas, path):
     fig, axes = plt.subplots(1, len(sets), figsize=(5.5 * len(sets), 3.8), sharey=True, squeeze=False)
     for ax, ts in zip(axes[0], sets):
         for c in (c for c in r["cells"].values() if c["training_set"] == ts):
-            xs = [0.0] + [float(s) for s in sigmas]
-            ys = [100 * c["acc"]["mean"]] + [100 * c["noisy_acc"][s]["mean"] for s in sigmas]
-            es = [100 * c["acc"]["std"]] + [100 * c["noisy_acc"][s]["std"] for s in sigmas]
+            xs, ys, es = _noise_curve(c, sigmas)
             ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=c["row"])
         ax.set_title(f"trained on: {ts}")
         ax.set_xlabel("σ_test")
@@ -260,10 +264,7 @@ def _transfer(t: dict | None) -> tuple[str, list[str]]:
         return _missing("jacmatch experiment transfer"), []
     ns = sorted({c["samples_per_class"] for c in t["cells"].values()})
     rows = list(dict.fromkeys(c["row"] for c in t["cells"].values()))
-    sel = t.get("selection", {})
-    chosen = "; ".join(f"{label} = {sel[key]['chosen']} (validation accuracy at n = {sel[key]['samples_per_class']}: "
-                       + ", ".join(f"{k}: {100 * v:.1f}%" for k, v in sel[key]["val_acc"].items()) + ")"
-                       for key, label in (("delta", "δ (AT)"), ("delta_jacobian", "δ_J (AT Jacobians)")) if key in sel)
+    chosen = _chosen(t.get("selection", {}), (("delta", "δ (AT)"), ("delta_jacobian", "δ_J (AT Jacobians)")))
     lines = [f"Source teacher (classes 0–4): test accuracy {100 * t['source_teacher']['test']['acc']:.2f}%. "
              f"Target task: classes 5–9; {len(t['seeds'])} seeds; test accuracy (%), mean ± std."
              + (f" Chosen on the validation split, in this order: {chosen}." if chosen else ""), "",
@@ -305,7 +306,7 @@ def _verify(v: list | None) -> tuple[str, list[str]]:
 def _section_time(name: str) -> str | None:
     """Training time summed over a section's runs (the teacher: its own training), which is
     what a rerun from scratch costs; and the wall time of the section's last invocation
-    when that invocation trained (nearly) all of them, data loading included."""
+    when it is about as long (a shorter one reused finished runs and says nothing)."""
     j = load_json(PAPER / f"{name}.json")
     if j is None:
         return None
@@ -313,12 +314,11 @@ def _section_time(name: str) -> str | None:
     wall = j.get("section_seconds")
     text = f"{runs / 60:.1f} min" + (" (over the 60-minute budget)" if runs > 3600 else "")
     if wall is not None and name != "teacher" and wall >= 0.9 * runs:
-        text += f"; its last invocation trained them all in {wall / 60:.1f} min of wall time"
+        text += f"; its last invocation took {wall / 60:.1f} min of wall time"
     return text
 
 
 def build_report() -> str:
-    from .paper import STEP_BUDGETS
     t = load_json(PAPER / "teacher.json")
     d = load_json(PAPER / "distill.json")
     r = load_json(PAPER / "robustness.json")
@@ -350,9 +350,10 @@ def build_report() -> str:
         "- Architectures: a ResNet-20 teacher and a small 3-stage CNN student (the paper: WRNs and VGG/ResNet), sized "
         "for a 2-core CPU.",
         "- Epochs: far fewer than the paper (" + (f"{t['epochs']} for the teacher" if t else "a few for the teacher")
-        + f", about {d['steps'] if d else max(STEP_BUDGETS)} optimizer steps for every student). The step budget, "
-        "τ and γ are chosen on the validation split at n = 10 and used at every n; the step budgets tried stop at "
-        f"{max(STEP_BUDGETS)}, because more would take the distillation section past its 60 minutes.",
+        + (f", about {d['steps']} optimizer steps for every student). The step budget, τ and γ are chosen on the "
+           f"validation split at n = {d['selection']['steps']['samples_per_class']} and used at every n; the step "
+           f"budgets tried ({d['selection']['steps']['grid']}) stop where the distillation section still reruns "
+           "within 60 minutes (its time is below)." if d and "steps" in d else ", a few hundred steps for students)."),
         "",
         "## Section times (2-core CPU; training time summed over each section's runs)\n",
         "\n".join(f"- {k}: {v}" for k, v in times.items() if v is not None) or "*none yet*", "",
