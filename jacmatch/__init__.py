@@ -1,6 +1,7 @@
 """jacmatch: knowledge transfer with Jacobian matching (Srinivas & Fleuret, ICML 2018).
 
-The public names below are the maths of shared/METHOD.md; the training system lives in
+The public names below are the maths of docs/method.md (loss functions, Jacobian
+estimators, and the same losses as ``nn.Module`` terms); the training system lives in
 :mod:`jacmatch.training`, data sets in :mod:`jacmatch.data`, models in
 :mod:`jacmatch.models`, experiments and the command line above them.
 """
@@ -11,7 +12,12 @@ from .core.jacobian import (all_outputs, finite_difference_jvp, input_directions
 from .core.losses import (attention_map, attention_transfer_loss, gaussian_noise, jacobian_matching_loss,
                           jacobian_penalty, kd_loss, noise_training_loss, noisy_distillation_loss,
                           normalize_per_sample)
-from .core.objective import FeatureTaps, ObjectiveConfig, TransferObjective, jacobian_cosine
+from .core.estimators import Estimator, create_estimator, list_estimators, register_estimator
+from .core.objective import ObjectiveConfig, TransferObjective, build_terms, jacobian_cosine
+from .core.outputs import logits_of
+from .core.terms import (AttentionJacobianLoss, AttentionTransferLoss, CrossEntropyLoss, FeatureTaps,
+                         JacobianMatchingLoss, JacobianPenalty, KDLoss, NoiseTrainingLoss, NoisyDistillationLoss,
+                         Term)
 
 __version__ = "0.1.0"
 
@@ -21,4 +27,7 @@ __all__ = [
     "all_outputs", "jacobian_matching_loss", "jacobian_penalty", "kd_loss", "attention_map",
     "attention_transfer_loss", "noisy_distillation_loss", "noise_training_loss", "gaussian_noise",
     "normalize_per_sample", "ObjectiveConfig", "TransferObjective", "FeatureTaps", "jacobian_cosine",
+    "build_terms", "logits_of", "Term", "CrossEntropyLoss", "KDLoss", "JacobianMatchingLoss",
+    "AttentionTransferLoss", "AttentionJacobianLoss", "JacobianPenalty", "NoiseTrainingLoss",
+    "NoisyDistillationLoss", "Estimator", "create_estimator", "list_estimators", "register_estimator",
 ]

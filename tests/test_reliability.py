@@ -121,7 +121,7 @@ def test_sigkill_at_random_moments_always_leaves_a_loadable_checkpoint(tmp_path,
 
 
 def _nan_at_epoch(monkeypatch, epoch_to_break: int):
-    import jacmatch.core.objective as objective_mod
+    import jacmatch.core.terms as objective_mod
     real = objective_mod.kd_loss
     calls = {"n": 0}
 

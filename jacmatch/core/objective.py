@@ -22,15 +22,17 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import jacobian as J
-from .losses import (attention_map, attention_transfer_loss, gaussian_noise, jacobian_matching_loss,
-                     jacobian_penalty, kd_loss, normalize_per_sample)
+from .estimators import create_estimator, list_estimators
+from .losses import normalize_per_sample
+from .terms import (AttentionJacobianLoss, AttentionTransferLoss, CrossEntropyLoss, FeatureTaps,
+                    JacobianMatchingLoss, JacobianPenalty, KDLoss, NoiseTrainingLoss, NoisyDistillationLoss,
+                    Step, Term, _Logits, teacher_targets)
 
-__all__ = ["ObjectiveConfig", "TransferObjective", "FeatureTaps", "JM_OUTPUTS"]
+__all__ = ["ObjectiveConfig", "TransferObjective", "FeatureTaps", "JM_OUTPUTS", "build_terms",
+           "rows_per_sample", "jacobian_cosine", "teacher_top1_gradient"]
 
-#: Which Jacobians are matched (METHOD.md §3.1).
-INDEX_OUTPUTS = ("label", "teacher_top1", "top_k", "all")
-DRAWN_OUTPUTS = ("projection", "input_jvp", "input_fd")
-JM_OUTPUTS = INDEX_OUTPUTS + DRAWN_OUTPUTS
+#: Which Jacobians are matched: the registered estimators (docs/method.md, "Which Jacobians").
+JM_OUTPUTS = tuple(list_estimators())
 
 
 @dataclass
@@ -43,18 +45,18 @@ class ObjectiveConfig:
     delta: float = 0.0            # δ: attention transfer
     delta_jacobian: float = 0.0   # weight of the attention maps' Jacobian matching
     penalty: float = 0.0          # λ: Jacobian-norm penalty (Prop. 2)
-    temperature: float = 4.0      # τ
+    temperature: float = 4.0      # τ: softmax temperature of KD (and of the ce Jacobian form)
     kd_form: str = "kl"           # kl | mse
     jm_form: str = "normalized"   # normalized | sq | ce
-    jm_outputs: str = "teacher_top1"  # one of JM_OUTPUTS
-    top_k: int = 3
+    jm_outputs: str = "teacher_top1"  # which Jacobians: label, teacher_top1, top_k, all, projection, input_jvp, input_fd
+    top_k: int = 3                # k of jm_outputs=top_k
     num_projections: int = 1      # projections or input directions per sample
     fd_step: float = 1e-2         # h of the finite-difference estimator
     penalty_form: str = "ce"      # ce: ½‖∇ log Sˢ_y‖²; sq: ‖J_S‖²_F by output projections
     at_layers: list = field(default_factory=list)  # ["student_module:teacher_module", ...]
     noise_sigma: float = 0.0      # σ of Gaussian-noise training / noisy distillation
-    noise_draws: int = 1          # M
-    noise_antithetic: bool = False
+    noise_draws: int = 1          # M: noise draws per sample (Monte Carlo)
+    noise_antithetic: bool = False  # draw ξ and −ξ (cancels odd moments)
     teacher_chunk: int = 32       # teacher targets in chunks of this many samples (0: whole batch)
 
     def check(self) -> None:
@@ -66,11 +68,7 @@ class ObjectiveConfig:
             raise ValueError(f"unknown objective.jm_outputs {self.jm_outputs!r}: use one of {JM_OUTPUTS}")
         if self.jm_form not in ("normalized", "sq", "ce"):
             raise ValueError(f"unknown objective.jm_form {self.jm_form!r}: use normalized, sq or ce")
-        if self.jm_form == "ce" and self.jm_outputs in DRAWN_OUTPUTS:
-            raise ValueError("objective.jm_form='ce' weights exact rows by teacher probabilities: "
-                             "use jm_outputs label, teacher_top1, top_k or all")
-        if self.jm_outputs in ("input_jvp", "input_fd") and self.jm_form != "sq":
-            raise ValueError(f"jm_outputs={self.jm_outputs!r} estimates ‖J_T − J_S‖²_F: set jm_form=sq")
+        create_estimator(self.jm_outputs, form=self.jm_form)  # each estimator says which forms it takes
         if self.kd_form not in ("kl", "mse"):
             raise ValueError(f"unknown objective.kd_form {self.kd_form!r}: use kl or mse")
         if self.penalty_form not in ("ce", "sq"):
@@ -91,267 +89,142 @@ class ObjectiveConfig:
         return bool(self.beta or self.gamma or self.delta or self.delta_jacobian)
 
 
-class FeatureTaps(contextlib.AbstractContextManager):
-    """Record the outputs of named submodules with forward hooks (for attention transfer).
-
-    >>> with FeatureTaps(model, ["layer2"]) as taps:
-    ...     model(x)
-    >>> taps["layer2"]
-    """
-
-    def __init__(self, model: nn.Module, names: Sequence[str]):
-        modules = dict(model.named_modules())
-        missing = [n for n in names if n not in modules]
-        if missing:
-            raise ValueError(f"no module named {missing} in {type(model).__name__}; "
-                             f"available: {[n for n in modules if n][:30]}")
-        self.features: dict[str, Tensor] = {}
-        self._handles = [modules[n].register_forward_hook(self._hook(n)) for n in names]
-
-    def _hook(self, name):
-        def record(_module, _inputs, output):
-            self.features[name] = output
-        return record
-
-    def __getitem__(self, name: str) -> Tensor:
-        return self.features[name]
-
-    def __exit__(self, *exc):
-        for h in self._handles:
-            h.remove()
-        return None
+def build_terms(cfg: ObjectiveConfig) -> list[Term]:
+    """The terms that ``cfg``'s non-zero weights ask for, in the order ce, kd, jm, at,
+    at_jm, penalty. With ``noise_sigma`` > 0, CE and KD are taken on noisy inputs."""
+    cfg.check()
+    noise = {"sigma": cfg.noise_sigma, "draws": cfg.noise_draws, "antithetic": cfg.noise_antithetic}
+    terms: list[Term] = []
+    if cfg.alpha:
+        terms.append(NoiseTrainingLoss(cfg.alpha, **noise) if cfg.noise_sigma else CrossEntropyLoss(cfg.alpha))
+    if cfg.beta:
+        kd = {"temperature": cfg.temperature, "form": cfg.kd_form}
+        terms.append(NoisyDistillationLoss(cfg.beta, **noise, **kd) if cfg.noise_sigma else KDLoss(cfg.beta, **kd))
+    if cfg.gamma:
+        terms.append(JacobianMatchingLoss(cfg.gamma, cfg.jm_outputs, cfg.jm_form, cfg.temperature, cfg.top_k,
+                                          cfg.num_projections, cfg.fd_step))
+    if cfg.delta:
+        terms.append(AttentionTransferLoss(cfg.delta, cfg.at_layers))
+    if cfg.delta_jacobian:
+        terms.append(AttentionJacobianLoss(cfg.delta_jacobian, cfg.at_layers))
+    if cfg.penalty:
+        terms.append(JacobianPenalty(cfg.penalty, cfg.penalty_form, cfg.num_projections))
+    if not terms:
+        raise ValueError("every weight of the objective is 0: set alpha, beta, gamma, ... ")
+    return terms
 
 
-def _split_layers(at_layers: Sequence[str]) -> tuple[list[str], list[str]]:
-    pairs = [p.split(":") if ":" in p else (p, p) for p in at_layers]
-    return [s for s, _ in pairs], [t for _, t in pairs]
+def rows_per_sample(terms: Sequence[Term], num_classes: int) -> int:
+    """Jacobian rows (or products) one sample costs under ``terms``: for memory estimates."""
+    return max([t.estimator.rows_per_sample(num_classes) for t in terms
+                if isinstance(t, JacobianMatchingLoss)] or [0])
 
 
-class TransferObjective:
-    """One training step's loss for a student, with an optional frozen teacher.
+class TransferObjective(nn.Module):
+    """One training step's loss for a student, with an optional frozen teacher: the sum
+    of its terms' ``weight · value``.
 
     ``objective(x, y)`` returns ``(student_logits, total, terms)`` where ``terms`` maps
-    ``ce``, ``kd``, ``jm``, ``at``, ``at_jm``, ``penalty`` (those with a non-zero weight)
-    to their unweighted values.
+    each term's key (``ce``, ``kd``, ``jm``, ``at``, ``at_jm``, ``penalty``) to its
+    unweighted value. Build it from an :class:`ObjectiveConfig` or from ``terms=[...]``.
+    The student and the teacher are submodules (``.to(device)`` moves both); the teacher
+    stays frozen and in eval mode whatever ``.train()`` is called.
     """
 
     def __init__(self, student: nn.Module, teacher: nn.Module | None = None,
-                 config: ObjectiveConfig | None = None, *, generator: torch.Generator | None = None):
-        self.config = config or ObjectiveConfig()
-        self.config.check()
-        if self.config.needs_teacher and teacher is None:
-            raise ValueError("β, γ, δ need a teacher: pass teacher=... or set those weights to 0")
+                 config: ObjectiveConfig | None = None, *, terms: Sequence[Term] | None = None,
+                 generator: torch.Generator | None = None, teacher_chunk: int = 32,
+                 student_output: str | int | None = None, teacher_output: str | int | None = None):
+        super().__init__()
+        if terms is not None and config is not None:
+            raise ValueError("pass either config or terms, not both")
+        if terms is None:
+            config = config or ObjectiveConfig()
+            terms = build_terms(config)
+            teacher_chunk = config.teacher_chunk
+        keys = [t.key for t in terms]
+        if len(set(keys)) != len(keys) or not keys:
+            raise ValueError(f"the terms' keys must be distinct and not empty, got {keys}")
+        if any(t.needs_teacher for t in terms) and teacher is None:
+            raise ValueError(f"the terms {[t.key for t in terms if t.needs_teacher]} need a teacher: "
+                             "pass teacher=... or drop them (β, γ, δ need a teacher)")
+        self.config = config
+        self.terms = nn.ModuleList(terms)
         self.student = student
         self.teacher = teacher
         if teacher is not None:
             teacher.eval()
             teacher.requires_grad_(False)
         self.generator = generator
-        self._student_layers, self._teacher_layers = _split_layers(self.config.at_layers)
+        self.teacher_chunk = teacher_chunk
+        self._student_fn = _Logits(student, student_output)
+        self._teacher_fn = _Logits(teacher, teacher_output) if teacher is not None else None
+
+    def train(self, mode: bool = True) -> "TransferObjective":
+        super().train(mode)
+        if self.teacher is not None:
+            self.teacher.eval()
+        return self
+
+    @property
+    def needs_teacher_targets(self) -> bool:
+        """Whether a step uses the teacher's pass on the clean batch (what a cache holds)."""
+        return any(t.needs_teacher_targets for t in self.terms)
 
     # ---- the teacher's side: per-sample tensors, cacheable -----------------------------
 
     def teacher_targets(self, x: Tensor, y: Tensor, *, full_jacobian: bool = False) -> dict[str, Tensor]:
         """The teacher's side of a step, computed without a graph to its parameters.
 
-        The teacher's Jacobian needs no graph to the student, so it is taken in chunks of
+        When a term's teacher pass is heavy (Jacobians), it is taken in chunks of
         ``teacher_chunk`` samples, each chunk's graph freed before the next: the peak
         memory of the teacher's reverse pass scales with the chunk, not the batch.
-
-        Always ``logits``. For index selectors, ``index`` and the Jacobian rows ``jac`` at
-        the matched outputs (``probs`` too for the ce form). For random estimators, either
-        the draws of this step and their products (``draws``, ``drawn``), or with
-        ``full_jacobian`` (for a cache) every row ``full_jac`` and no draw. Attention
-        features ``at{j}`` (and their Jacobians ``at_jac{j}``) when δ or δ_J is set.
+        With ``full_jacobian`` (for a cache), random estimators keep every row of the
+        teacher's Jacobian and draw nothing; each step contracts it with its draws.
         """
-        chunk = self.config.teacher_chunk
-        if chunk and x.shape[0] > chunk and (self.config.gamma or self.config.delta_jacobian):
-            parts = [self._teacher_targets(x[i:i + chunk], y[i:i + chunk], full_jacobian)
+        chunk = self.teacher_chunk
+        terms = list(self.terms)
+        if chunk and x.shape[0] > chunk and any(t.chunk_teacher for t in terms):
+            parts = [teacher_targets(self._teacher_fn, terms, x[i:i + chunk], y[i:i + chunk],
+                                     generator=self.generator, full_jacobian=full_jacobian)
                      for i in range(0, x.shape[0], chunk)]
             return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
-        return self._teacher_targets(x, y, full_jacobian)
-
-    def _teacher_targets(self, x: Tensor, y: Tensor, full_jacobian: bool) -> dict[str, Tensor]:
-        cfg = self.config
-        teacher = self.teacher
-        teacher.eval()
-        wants_jac = cfg.gamma > 0
-        wants_at = cfg.delta > 0 or cfg.delta_jacobian > 0
-        jvp_estimator = wants_jac and cfg.jm_outputs == "input_jvp" and not full_jacobian
-        out: dict[str, Tensor] = {}
-        needs_graph = (wants_jac and (full_jacobian or cfg.jm_outputs not in ("input_jvp", "input_fd"))) \
-            or cfg.delta_jacobian > 0
-        xt = x.detach().requires_grad_(needs_graph)
-        taps = FeatureTaps(teacher, self._teacher_layers) if wants_at else contextlib.nullcontext()
-        with torch.set_grad_enabled(xt.requires_grad), taps:
-            if jvp_estimator:
-                draws = self._draws(x, None)
-                logits, drawn = J.jacobian_vector_product(teacher, xt, draws)
-                logits = logits[:, 0]
-                out.update(draws=draws, drawn=drawn.detach())
-            else:
-                logits = teacher(xt)
-        out["logits"] = logits.detach()
-        if wants_at:
-            for j, name in enumerate(self._teacher_layers):
-                feat = taps[name]
-                out[f"at{j}"] = feat.detach()
-                if cfg.delta_jacobian:
-                    scalar = attention_map(feat).flatten(1).amax(dim=1)
-                    out[f"at_jac{j}"] = torch.autograd.grad(scalar.sum(), xt, retain_graph=True)[0]
-        if not wants_jac or jvp_estimator:
-            return out
-        if cfg.jm_outputs in INDEX_OUTPUTS:
-            index = self._index(logits.detach(), y)
-            out["index"] = index
-            out["jac"] = J.input_jacobian(self._jacobian_outputs(logits), xt, index)
-            if cfg.jm_form == "ce":
-                out["probs"] = F.softmax(logits.detach() / cfg.temperature, dim=1).gather(1, index)
-        elif full_jacobian:
-            out["full_jac"] = J.input_jacobian(logits, xt, J.all_outputs(logits.detach()))
-        else:
-            draws = self._draws(x, logits.shape[1])
-            out["draws"] = draws
-            if cfg.jm_outputs == "projection":
-                out["drawn"] = J.vector_jacobian_product(logits, xt, draws)
-            else:
-                with torch.no_grad():
-                    out["drawn"] = J.finite_difference_jvp(teacher, x, draws, step=cfg.fd_step,
-                                                           outputs=logits.detach())
-        return out
-
-    def _index(self, teacher_logits: Tensor, y: Tensor) -> Tensor:
-        cfg = self.config
-        if cfg.jm_outputs == "label":
-            return J.label(y)[:, None]
-        if cfg.jm_outputs == "teacher_top1":
-            return J.teacher_top1(teacher_logits)[:, None]
-        if cfg.jm_outputs == "top_k":
-            return J.teacher_top_k(teacher_logits, cfg.top_k)
-        return J.all_outputs(teacher_logits)
-
-    def _jacobian_outputs(self, logits: Tensor) -> Tensor:
-        """Logits for the sq and normalized forms; log softmax(z/τ) for the ce form (§3)."""
-        if self.config.jm_form == "ce":
-            return F.log_softmax(logits / self.config.temperature, dim=1)
-        return logits
+        return teacher_targets(self._teacher_fn, terms, x, y, generator=self.generator, full_jacobian=full_jacobian)
 
     # ---- one step ------------------------------------------------------------------------
 
-    def __call__(self, x: Tensor, y: Tensor, targets: dict[str, Tensor] | None = None
-                 ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
-        cfg = self.config
+    def forward(self, x: Tensor, y: Tensor, targets: dict[str, Tensor] | None = None
+                ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
         if not torch.isfinite(x).all():
             raise ValueError("the input batch contains NaN or Inf: check the data pipeline")
-        noisy_only = cfg.noise_sigma > 0 and not (cfg.gamma or cfg.penalty or cfg.delta or cfg.delta_jacobian)
-        if targets is None and cfg.needs_teacher and not noisy_only:
+        if targets is None and self.needs_teacher_targets:
             targets = self.teacher_targets(x, y)
-        elif targets is not None and cfg.gamma and "full_jac" in targets:
-            # A cached full teacher Jacobian: this step's draws are contracted with it.
-            draws = self._draws(x, targets["logits"].shape[1])
-            targets = {**targets, "draws": draws, **self._contract_cached(targets["full_jac"], draws)}
-        draws = targets.get("draws") if targets is not None else None
-
-        wants_input_grad = (cfg.gamma > 0 and cfg.jm_outputs not in ("input_jvp", "input_fd")) \
-            or cfg.penalty > 0 or cfg.delta_jacobian > 0
-        xs = x.detach().requires_grad_(wants_input_grad)
-        wants_at = cfg.delta > 0 or cfg.delta_jacobian > 0
-        taps = FeatureTaps(self.student, self._student_layers) if wants_at else contextlib.nullcontext()
-        terms: dict[str, Tensor] = {}
+        elif targets is not None:
+            for term in self.terms:  # a cached full teacher Jacobian: this step's draws contract it
+                targets = term.from_cache(targets, x, self.generator)
+        targets = targets or {}
+        xs = x.detach().requires_grad_(any(t.needs_input_grad for t in self.terms))
+        layers = list(dict.fromkeys(n for t in self.terms for n in t.student_layers))
+        taps = FeatureTaps(self.student, layers) if layers else contextlib.nullcontext()
+        logits, tangent = None, None
         with taps:
-            if cfg.gamma and cfg.jm_outputs == "input_jvp":
-                logits, tangent = J.jacobian_vector_product(self.student, xs, draws)
-                logits = logits[:, 0]
-            elif not noisy_only:  # noise training alone needs no forward pass on the clean batch
-                logits = self.student(xs)
-
-        if cfg.noise_sigma > 0:
-            noisy = gaussian_noise(x, cfg.noise_sigma, cfg.noise_draws, antithetic=cfg.noise_antithetic,
-                                   generator=self.generator)
-            noisy_logits = self.student(noisy)
-            if noisy_only:
-                logits = noisy_logits[: x.shape[0]]
-            if cfg.alpha:
-                terms["ce"] = F.cross_entropy(noisy_logits, y.repeat(cfg.noise_draws))
-            if cfg.beta:
-                with torch.no_grad():
-                    noisy_teacher = self.teacher(noisy)
-                terms["kd"] = kd_loss(noisy_logits, noisy_teacher, cfg.temperature, cfg.kd_form)
-        else:
-            if cfg.alpha:
-                terms["ce"] = F.cross_entropy(logits, y)
-            if cfg.beta:
-                terms["kd"] = kd_loss(logits, targets["logits"], cfg.temperature, cfg.kd_form)
-
-        if cfg.gamma:
-            terms["jm"] = self._jacobian_matching(logits, xs, targets, draws,
-                                                  tangent if cfg.jm_outputs == "input_jvp" else None)
-        if wants_at:
-            feats = [taps[n] for n in self._student_layers]
-            if cfg.delta:
-                terms["at"] = attention_transfer_loss(
-                    feats, [targets[f"at{j}"] for j in range(len(feats))])
-            if cfg.delta_jacobian:
-                s_jac = []
-                for j, feat in enumerate(feats):
-                    scalar = attention_map(feat).flatten(1).amax(dim=1)
-                    s_jac.append(torch.autograd.grad(scalar.sum(), xs, create_graph=True)[0])
-                terms["at_jm"] = sum(jacobian_matching_loss(s, targets[f"at_jac{j}"], "normalized")
-                                     for j, s in enumerate(s_jac))
-        if cfg.penalty:
-            terms["penalty"] = self._penalty(logits, xs, y)
-
-        weights = {"ce": cfg.alpha, "kd": cfg.beta, "jm": cfg.gamma, "at": cfg.delta,
-                   "at_jm": cfg.delta_jacobian, "penalty": cfg.penalty}
-        total = sum(weights[name] * value for name, value in terms.items())
-        if not terms:
-            raise ValueError("every weight of the objective is 0: set alpha, beta, gamma, ... ")
+            special = next((r for r in (t.student_forward(self._student_fn, xs, targets) for t in self.terms)
+                            if r is not None), None)
+            if special is not None:
+                logits, tangent = special
+            elif any(t.needs_clean_forward for t in self.terms):
+                logits = self._student_fn(xs)
+        if logits is not None and "logits" in targets and targets["logits"].shape[1] != logits.shape[1]:
+            raise ValueError(f"the teacher has {targets['logits'].shape[1]} outputs and the student "
+                             f"{logits.shape[1]}: KD and Jacobian matching compare outputs one to one, so "
+                             "both must have as many classes as the data set")
+        step = Step(x, y, xs, logits, self._student_fn, self._teacher_fn, targets,
+                    taps.features if layers else {}, tangent, self.generator)
+        terms = {t.key: t.from_step(step) for t in self.terms}
+        total = sum(t.weight * terms[t.key] for t in self.terms)
+        if logits is None:  # noise training alone: the first draw's logits stand for the batch
+            logits = next(iter(step._noisy.values()))[1][: x.shape[0]]
         return logits, total, terms
-
-    def _draws(self, x: Tensor, num_outputs: int | None) -> Tensor:
-        """This step's random vectors: output projections v [B, P, k] or input directions u."""
-        cfg = self.config
-        if cfg.jm_outputs == "projection":
-            return J.output_projections(x.shape[0], num_outputs, cfg.num_projections, generator=self.generator,
-                                        dtype=x.dtype, device=x.device)
-        return J.input_directions(x, cfg.num_projections, generator=self.generator)
-
-    def _contract_cached(self, full_jac: Tensor, draws: Tensor) -> dict[str, Tensor]:
-        """``vᵀ J_T`` or ``J_T u`` from a cached full teacher Jacobian [B, k, *in]."""
-        flat = full_jac.flatten(start_dim=2)
-        if self.config.jm_outputs == "projection":
-            drawn = torch.einsum("bpk,bkd->bpd", draws, flat).reshape(*draws.shape[:2], *full_jac.shape[2:])
-        else:
-            drawn = torch.einsum("bkd,bpd->bpk", flat, draws.flatten(start_dim=2))
-        return {"drawn": drawn}
-
-    def _jacobian_matching(self, logits: Tensor, xs: Tensor, targets: dict[str, Tensor],
-                           draws: Tensor | None, tangent: Tensor | None) -> Tensor:
-        cfg = self.config
-        if cfg.jm_outputs in INDEX_OUTPUTS:
-            s_jac = J.input_jacobian(self._jacobian_outputs(logits), xs, targets["index"], create_graph=True)
-            return jacobian_matching_loss(s_jac, targets["jac"], cfg.jm_form, multiple_outputs=True,
-                                          teacher_probs=targets.get("probs"))
-        if cfg.jm_outputs == "projection":
-            s_drawn = J.vector_jacobian_product(logits, xs, draws, create_graph=True)
-            # E over v of ‖vᵀ(J_T − J_S)‖² = ‖J_T − J_S‖²_F (METHOD.md §3.1): mean over draws.
-            loss = jacobian_matching_loss(s_drawn, targets["drawn"], cfg.jm_form, multiple_outputs=True)
-            return loss / draws.shape[1]
-        if cfg.jm_outputs == "input_fd":
-            tangent = J.finite_difference_jvp(self.student, xs.detach(), draws, step=cfg.fd_step,
-                                              outputs=logits)
-        # E over u of ‖(J_T − J_S)u‖² = ‖J_T − J_S‖²_F: the k-vectors J u play the rows here.
-        return (targets["drawn"] - tangent).pow(2).sum(dim=2).mean(dim=1).mean()
-
-    def _penalty(self, logits: Tensor, xs: Tensor, y: Tensor) -> Tensor:
-        cfg = self.config
-        if cfg.penalty_form == "ce":
-            log_p = F.log_softmax(logits, dim=1)
-            return jacobian_penalty(J.input_jacobian(log_p, xs, y, create_graph=True), "ce")
-        v = J.output_projections(xs.shape[0], logits.shape[1], cfg.num_projections,
-                                 generator=self.generator, dtype=logits.dtype, device=logits.device)
-        rows = J.vector_jacobian_product(logits, xs, v, create_graph=True)
-        return jacobian_penalty(rows, "sq", multiple_outputs=True) / cfg.num_projections
 
 
 def teacher_top1_gradient(teacher: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:

@@ -1,0 +1,402 @@
+"""The terms of the transfer objective as ``nn.Module`` s (docs/method.md, "Losses").
+
+Each term is a small class with a weight and a ``forward`` that a user calls in their own
+training loop with plain tensors and modules::
+
+    kd = KDLoss(temperature=4.0)
+    jm = JacobianMatchingLoss(estimator="teacher_top1")
+    x.requires_grad_()
+    zs = student(x)
+    loss = F.cross_entropy(zs, y) + kd(zs, teacher(x)) + 10.0 * jm(x, zs, teacher)
+
+Each term also declares what it needs from one training step (input gradients, feature
+taps, teacher targets) and computes its value from a :class:`Step`
+(:meth:`Term.from_step`), which is how :class:`~jacmatch.core.objective.TransferObjective`
+composes them: one student forward pass, one teacher pass (cacheable), every term.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from . import jacobian as J
+from .estimators import create_estimator
+from .losses import (attention_map, attention_transfer_loss, gaussian_noise, jacobian_matching_loss,
+                     jacobian_penalty, kd_loss, noise_training_loss, noisy_distillation_loss)
+from .outputs import logits_of
+
+__all__ = ["Term", "Step", "TeacherSide", "CrossEntropyLoss", "KDLoss", "JacobianMatchingLoss",
+           "AttentionTransferLoss", "AttentionJacobianLoss", "JacobianPenalty", "NoiseTrainingLoss",
+           "NoisyDistillationLoss", "FeatureTaps", "teacher_targets"]
+
+
+class FeatureTaps(contextlib.AbstractContextManager):
+    """Record the outputs of named submodules with forward hooks (for attention transfer).
+
+    >>> with FeatureTaps(model, ["layer2"]) as taps:
+    ...     model(x)
+    >>> taps["layer2"]
+    """
+
+    def __init__(self, model: nn.Module, names: Sequence[str]):
+        modules = dict(model.named_modules())
+        missing = [n for n in names if n not in modules]
+        if missing:
+            raise ValueError(f"no module named {missing} in {type(model).__name__}; "
+                             f"available: {[n for n in modules if n][:30]}")
+        self.features: dict[str, Tensor] = {}
+        self._handles = [modules[n].register_forward_hook(self._hook(n)) for n in names]
+
+    def _hook(self, name):
+        def record(_module, _inputs, output):
+            self.features[name] = output
+        return record
+
+    def __getitem__(self, name: str) -> Tensor:
+        return self.features[name]
+
+    def __exit__(self, *exc):
+        for h in self._handles:
+            h.remove()
+        return None
+
+
+def _split_layers(at_layers: Sequence[str]) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """``["student_module:teacher_module", "same_name", ...]`` -> (student names, teacher names)."""
+    pairs = [p.split(":", 1) if ":" in p else (p, p) for p in at_layers]
+    return tuple(s for s, _ in pairs), tuple(t for _, t in pairs)
+
+
+@dataclass
+class TeacherSide:
+    """What the teacher's pass offers the terms: inputs, logits, tapped features."""
+
+    teacher: Callable[[Tensor], Tensor]
+    x: Tensor
+    xt: Tensor                   # x, requiring grad when a term needs the teacher's graph
+    logits: Tensor
+    y: Tensor | None
+    features: dict[str, Tensor]
+    generator: torch.Generator | None
+    full_jacobian: bool
+
+
+@dataclass
+class Step:
+    """What the student's pass of one step offers the terms."""
+
+    x: Tensor                    # the batch
+    y: Tensor | None
+    xs: Tensor                   # x as the student saw it (requiring grad when a term needs it)
+    logits: Tensor | None        # None when no term needs a clean forward pass
+    student: Callable[[Tensor], Tensor]
+    teacher: Callable[[Tensor], Tensor] | None
+    targets: dict[str, Tensor]
+    features: dict[str, Tensor]
+    tangent: Tensor | None = None
+    generator: torch.Generator | None = None
+    _noisy: dict = field(default_factory=dict)
+
+    def noisy(self, sigma: float, draws: int, antithetic: bool) -> tuple[Tensor, Tensor]:
+        """``x + ξ`` for M draws and the student's logits there, drawn once per step and
+        shared by the noise terms (noise training and noisy distillation see one draw)."""
+        key = (sigma, draws, antithetic)
+        if key not in self._noisy:
+            noisy = gaussian_noise(self.x, sigma, draws, antithetic=antithetic, generator=self.generator)
+            self._noisy[key] = (noisy, self.student(noisy))
+        return self._noisy[key]
+
+
+class Term(nn.Module):
+    """One weighted term ``weight · value``; ``key`` names it in the objective's terms."""
+
+    key = ""
+    needs_input_grad = False       # the student's inputs must require grad
+    needs_teacher = False          # a teacher must be given
+    needs_teacher_targets = False  # the teacher's pass on the clean batch (cacheable)
+    needs_clean_forward = True     # the student's forward pass on the clean batch
+    chunk_teacher = False          # the teacher's pass is heavy: take it in chunks
+    student_layers: tuple[str, ...] = ()
+    teacher_layers: tuple[str, ...] = ()
+
+    def __init__(self, weight: float = 1.0):
+        super().__init__()
+        if not (weight >= 0 and weight < float("inf")):
+            raise ValueError(f"the weight of {type(self).__name__} must be a finite number >= 0, got {weight}")
+        self.weight = float(weight)
+
+    def teacher_needs_graph(self, full_jacobian: bool) -> bool:
+        return False
+
+    def teacher_forward(self, teacher, xt: Tensor, generator, full_jacobian: bool):
+        """A teacher forward pass of the term's own, or None for the plain one."""
+        return None
+
+    def teacher_targets(self, side: TeacherSide) -> dict[str, Tensor]:
+        return {}
+
+    def from_cache(self, targets: dict[str, Tensor], x: Tensor, generator) -> dict[str, Tensor]:
+        return targets
+
+    def student_forward(self, student, xs: Tensor, targets: dict[str, Tensor]):
+        """(logits, tangent) from a student forward pass of the term's own, or None."""
+        return None
+
+    def from_step(self, step: Step) -> Tensor:
+        raise NotImplementedError
+
+    def extra_repr(self) -> str:
+        return f"weight={self.weight:g}"
+
+
+class CrossEntropyLoss(Term):
+    """α · CE(y, S(x))."""
+
+    key = "ce"
+
+    def forward(self, logits: Tensor, labels: Tensor) -> Tensor:
+        return F.cross_entropy(logits, labels)
+
+    def from_step(self, step):
+        return self(step.logits, step.y)
+
+
+class KDLoss(Term):
+    """β · activation matching: τ²·KL(softmax(z_T/τ) ‖ softmax(z_S/τ)), or squared error on logits."""
+
+    key = "kd"
+    needs_teacher = needs_teacher_targets = True
+
+    def __init__(self, weight: float = 1.0, temperature: float = 4.0, form: str = "kl"):
+        super().__init__(weight)
+        self.temperature, self.form = temperature, form
+
+    def forward(self, student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
+        return kd_loss(student_logits, teacher_logits, self.temperature, self.form)
+
+    def from_step(self, step):
+        return self(step.logits, step.targets["logits"])
+
+    def extra_repr(self):
+        return f"weight={self.weight:g}, temperature={self.temperature:g}, form={self.form!r}"
+
+
+class JacobianMatchingLoss(Term):
+    """γ · Jacobian matching, estimated by a registered estimator (``teacher_top1``,
+    ``label``, ``top_k``, ``all``, ``projection``, ``input_jvp``, ``input_fd``)."""
+
+    key = "jm"
+    needs_teacher = needs_teacher_targets = chunk_teacher = True
+
+    def __init__(self, weight: float = 1.0, estimator: str = "teacher_top1", form: str = "normalized",
+                 temperature: float = 4.0, top_k: int = 3, num_projections: int = 1, fd_step: float = 1e-2):
+        super().__init__(weight)
+        self.estimator = create_estimator(estimator, form=form, temperature=temperature, top_k=top_k,
+                                          num_projections=num_projections, fd_step=fd_step)
+        self.needs_input_grad = self.estimator.student_input_grad
+
+    def teacher_needs_graph(self, full_jacobian):
+        return self.estimator.teacher_needs_graph(full_jacobian)
+
+    def teacher_forward(self, teacher, xt, generator, full_jacobian):
+        return self.estimator.teacher_forward(teacher, xt, generator, full_jacobian)
+
+    def teacher_targets(self, side):
+        return self.estimator.teacher_side(side.teacher, side.x, side.xt, side.logits, side.y,
+                                           side.generator, side.full_jacobian)
+
+    def from_cache(self, targets, x, generator):
+        return self.estimator.contract(targets, x, generator)
+
+    def student_forward(self, student, xs, targets):
+        return self.estimator.student_forward(student, xs, targets)
+
+    def forward(self, inputs: Tensor, student_logits: Tensor, teacher: Callable[[Tensor], Tensor],
+                labels: Tensor | None = None, *, student: Callable[[Tensor], Tensor] | None = None,
+                generator: torch.Generator | None = None) -> Tensor:
+        """``inputs`` require grad and ``student_logits`` were computed from them; the
+        teacher's side is taken here, without a graph to its parameters."""
+        targets = teacher_targets(teacher, [self], inputs, labels, generator=generator)
+        tangent = None
+        if not self.needs_input_grad:
+            if student is None:
+                raise ValueError(f"estimator {self.estimator.name!r} runs the student itself: pass student=")
+            found = self.student_forward(student, inputs, targets)
+            tangent = found[1] if found is not None else None
+        return self.estimator.loss(student, inputs, student_logits, targets, tangent)
+
+    def from_step(self, step):
+        return self.estimator.loss(step.student, step.xs, step.logits, step.targets, step.tangent)
+
+    def extra_repr(self):
+        e = self.estimator
+        return f"weight={self.weight:g}, estimator={e.name!r}, form={e.form!r}"
+
+
+class AttentionTransferLoss(Term):
+    """δ · attention transfer: ``Σ_j ‖Q̂_S^j − Q̂_T^j‖₂`` at paired layers."""
+
+    key = "at"
+    needs_teacher = needs_teacher_targets = True
+
+    def __init__(self, weight: float = 1.0, layers: Sequence[str] = ()):
+        super().__init__(weight)
+        if not layers:
+            raise ValueError("attention transfer needs layers, e.g. ['layer2:layer3'] (student:teacher)")
+        self.student_layers, self.teacher_layers = _split_layers(layers)
+
+    def forward(self, student_features: Sequence[Tensor], teacher_features: Sequence[Tensor]) -> Tensor:
+        return attention_transfer_loss(student_features, teacher_features)
+
+    def teacher_targets(self, side):
+        return {f"at{j}": side.features[n].detach() for j, n in enumerate(self.teacher_layers)}
+
+    def from_step(self, step):
+        return self([step.features[n] for n in self.student_layers],
+                    [step.targets[f"at{j}"] for j in range(len(self.student_layers))])
+
+
+def _attention_gradient(features: Tensor, inputs: Tensor, create_graph: bool) -> Tensor:
+    """The input-gradient of an attention map's largest entry, per sample."""
+    scalar = attention_map(features).flatten(1).amax(dim=1)
+    return torch.autograd.grad(scalar.sum(), inputs, create_graph=create_graph, retain_graph=True)[0]
+
+
+class AttentionJacobianLoss(AttentionTransferLoss):
+    """δ_J · matching the input-gradients of the attention maps' largest entries (normalized)."""
+
+    key = "at_jm"
+    needs_input_grad = chunk_teacher = True
+
+    def teacher_needs_graph(self, full_jacobian):
+        return True
+
+    def teacher_targets(self, side):
+        return {f"at_jac{j}": _attention_gradient(side.features[n], side.xt, False)
+                for j, n in enumerate(self.teacher_layers)}
+
+    def forward(self, inputs: Tensor, student_features: Sequence[Tensor],
+                teacher_gradients: Sequence[Tensor]) -> Tensor:
+        return sum(jacobian_matching_loss(_attention_gradient(f, inputs, True), t, "normalized")
+                   for f, t in zip(student_features, teacher_gradients))
+
+    def from_step(self, step):
+        return self(step.xs, [step.features[n] for n in self.student_layers],
+                    [step.targets[f"at_jac{j}"] for j in range(len(self.student_layers))])
+
+
+class JacobianPenalty(Term):
+    """λ · the Jacobian-norm penalty of Proposition 2: ``½‖∇ log Sˢ_y‖²`` (ce) or
+    ``‖J_S‖²_F`` by random output projections (sq)."""
+
+    key = "penalty"
+    needs_input_grad = True
+
+    def __init__(self, weight: float = 1.0, form: str = "ce", num_projections: int = 1):
+        super().__init__(weight)
+        if form not in ("ce", "sq"):
+            raise ValueError(f"unknown penalty form {form!r}: use ce or sq")
+        self.form, self.num_projections = form, num_projections
+
+    def forward(self, inputs: Tensor, student_logits: Tensor, labels: Tensor,
+                generator: torch.Generator | None = None) -> Tensor:
+        if self.form == "ce":
+            log_p = F.log_softmax(student_logits, dim=1)
+            return jacobian_penalty(J.input_jacobian(log_p, inputs, labels, create_graph=True), "ce")
+        v = J.output_projections(inputs.shape[0], student_logits.shape[1], self.num_projections,
+                                 generator=generator, dtype=student_logits.dtype, device=student_logits.device)
+        rows = J.vector_jacobian_product(student_logits, inputs, v, create_graph=True)
+        return jacobian_penalty(rows, "sq", multiple_outputs=True) / self.num_projections
+
+    def from_step(self, step):
+        return self(step.xs, step.logits, step.y, step.generator)
+
+
+class _Noise(Term):
+    needs_clean_forward = False
+
+    def __init__(self, weight: float = 1.0, sigma: float = 0.1, draws: int = 1, antithetic: bool = False):
+        super().__init__(weight)
+        if not sigma > 0:
+            raise ValueError(f"noise sigma must be > 0, got {sigma}")
+        self.sigma, self.draws, self.antithetic = sigma, draws, antithetic
+
+    def extra_repr(self):
+        return f"weight={self.weight:g}, sigma={self.sigma:g}, draws={self.draws}"
+
+
+class NoiseTrainingLoss(_Noise):
+    """α · ``E_ξ CE(y, S(x+ξ))`` by Monte Carlo: Gaussian-noise training (left side of Prop. 2)."""
+
+    key = "ce"
+
+    def forward(self, student: Callable[[Tensor], Tensor], inputs: Tensor, labels: Tensor,
+                generator: torch.Generator | None = None) -> Tensor:
+        return noise_training_loss(student, inputs, labels, self.sigma, self.draws,
+                                   antithetic=self.antithetic, generator=generator)
+
+    def from_step(self, step):
+        _, logits = step.noisy(self.sigma, self.draws, self.antithetic)
+        return F.cross_entropy(logits, step.y.repeat(self.draws))
+
+
+class NoisyDistillationLoss(_Noise):
+    """β · ``E_ξ KD(T(x+ξ), S(x+ξ))`` by Monte Carlo: distillation on noisy inputs (left side of Prop. 1)."""
+
+    key = "kd"
+    needs_teacher = True
+
+    def __init__(self, weight: float = 1.0, sigma: float = 0.1, draws: int = 1, antithetic: bool = False,
+                 temperature: float = 4.0, form: str = "kl"):
+        super().__init__(weight, sigma, draws, antithetic)
+        self.temperature, self.form = temperature, form
+
+    def forward(self, student: Callable[[Tensor], Tensor], teacher: Callable[[Tensor], Tensor], inputs: Tensor,
+                generator: torch.Generator | None = None) -> Tensor:
+        return noisy_distillation_loss(student, teacher, inputs, self.sigma, self.draws, temperature=self.temperature,
+                                       form=self.form, antithetic=self.antithetic, generator=generator)
+
+    def from_step(self, step):
+        noisy, logits = step.noisy(self.sigma, self.draws, self.antithetic)
+        with torch.no_grad():
+            teacher_logits = step.teacher(noisy)
+        return kd_loss(logits, teacher_logits, self.temperature, self.form)
+
+
+def teacher_targets(teacher: Callable, terms: Sequence[Term], x: Tensor, y: Tensor | None, *,
+                    generator: torch.Generator | None = None, full_jacobian: bool = False) -> dict[str, Tensor]:
+    """The teacher's side of a step for ``terms``: per-sample tensors without a graph to
+    the teacher's parameters. Always ``logits``; each term adds what it needs."""
+    needs_graph = any(t.teacher_needs_graph(full_jacobian) for t in terms)
+    xt = x.detach().requires_grad_(needs_graph)
+    layers = list(dict.fromkeys(n for t in terms for n in t.teacher_layers))
+    module = teacher.module if isinstance(teacher, _Logits) else teacher
+    taps = FeatureTaps(module, layers) if layers else contextlib.nullcontext()
+    fn = teacher if isinstance(teacher, _Logits) else _Logits(teacher)
+    with torch.set_grad_enabled(needs_graph):
+        with taps:
+            special = next((r for r in (t.teacher_forward(fn, xt, generator, full_jacobian) for t in terms)
+                            if r is not None), None)
+            logits, out = special if special is not None else (fn(xt), {})
+        features = taps.features if layers else {}
+        side = TeacherSide(fn, x, xt, logits, y, features, generator, full_jacobian)
+        out = {"logits": logits.detach(), **out}
+        for t in terms:
+            out.update(t.teacher_targets(side))
+    return out
+
+
+class _Logits:
+    """A model as a function of its inputs to its logits (see :func:`logits_of`)."""
+
+    def __init__(self, module: Callable, output: str | int | None = None):
+        self.module, self.output = module, output
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return logits_of(self.module(x), self.output)
