@@ -4,19 +4,19 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test verify bench data clean
+.PHONY: demo test verify bench data clean vision-venv test-vision compat
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q -c constraints.txt -e '.[test]'
 	touch $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/jacmatch demo
 
 test: $(STAMP)
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -m "not vision"
 
 verify: $(STAMP)
 	$(BIN)/jacmatch verify --json results/verify.json --plot results/verify.png
@@ -30,3 +30,21 @@ data:
 
 clean:
 	rm -rf $(VENV) runs
+
+# The optional torchvision/timm routes: a separate venv (torch 2.14.1 is the build that
+# torchvision installs beside on this machine; several GB). Never used by `make test`.
+VISION ?= .venv-vision
+$(VISION)/.installed: pyproject.toml
+	test -d $(VISION) || $(PYTHON) -m venv $(VISION)
+	$(VISION)/bin/pip install -q torch==2.14.1 torchvision==0.29.1 timm
+	$(VISION)/bin/pip install -q -e '.[test]'
+	touch $@
+
+vision-venv: $(VISION)/.installed
+
+test-vision: $(VISION)/.installed
+	$(VISION)/bin/python -m pytest -m vision
+
+# docs/compatibility.md: every torchvision classification model and a set of timm families.
+compat: $(VISION)/.installed
+	$(VISION)/bin/jacmatch compat --out docs/compatibility.md --json results/compatibility.json

@@ -1,57 +1,300 @@
-"""The command line: ``jacmatch {demo,train-teacher,distill,evaluate,verify,bench}``.
+"""The command line: ``jacmatch {demo,train-teacher,distill,evaluate,check-model,config,verify,
+bench,experiment,report,compat}``.
 
 Every command is a thin layer over a function of :mod:`jacmatch.experiments` or
-:mod:`jacmatch.training`. A user error (bad file, unknown name, bad setting) ends in one
-line on stderr and exit code 2, never a traceback.
+:mod:`jacmatch.training`. A user error (bad file, unknown name, bad setting, a missing
+optional dependency) ends in one line on stderr and exit code 2, never a traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
+from . import __version__
+from ._extras import MissingExtra
+from .training import ConfigError, resolve
+
 EXIT_USAGE = 2
+EXIT_NONFINITE = 3
+EXIT_INCOMPATIBLE = 1
+
+#: What ``jacmatch distill`` trains with unless told otherwise: CE + KD + JM with the τ and
+#: γ that the distillation experiments chose on validation (results/REPORT.md).
+DISTILL_OBJECTIVE = {"alpha": 1.0, "beta": 1.0, "gamma": 10.0, "temperature": 8.0, "jm_form": "normalized",
+                     "jm_outputs": "teacher_top1"}
+NOISE_SIGMAS = [0.1, 0.2, 0.3, 0.5]
 
 
-class UserError(Exception):
-    """A problem with the user's input: shown as one line, exit code 2."""
+def _objective_text(o: dict) -> str:
+    return (f"{o['alpha']:g}·CE + {o['beta']:g}·KD (τ = {o['temperature']:g}) + {o['gamma']:g}·JM "
+            f"({o['jm_form']}, {o['jm_outputs']})")
 
 
-def _add_verify(sub) -> None:
-    p = sub.add_parser("verify", help="check Propositions 1 and 2 numerically (METHOD.md §4)",
-                       description="Monte-Carlo noisy losses against the closed forms of METHOD.md §2, "
+# ---- training commands ----------------------------------------------------------------
+
+
+def _add_run_options(p, kind: str) -> None:
+    p.add_argument("--config", metavar="YAML",
+                   help="a YAML file, or a shipped config by name (paper/distill, cifar/wrn_40_2_wrn_16_2; "
+                        "`jacmatch config --files`); it says only what differs from the defaults")
+    p.add_argument("--set", metavar="KEY=VALUE", action="append", default=[],
+                   help="override a setting, e.g. --set optim.epochs=20 --set objective.gamma=0.5 "
+                        "(every key: `jacmatch config --list`)")
+    p.add_argument("--out", metavar="DIR", help="output folder: config, metrics, checkpoints, results")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--device", choices=["cpu", "cuda", "auto"], help="where to train (default: auto)")
+    p.add_argument("--dataset", help="data set: fashion-mnist, mnist, cifar10, cifar100, digits, synthetic")
+    p.add_argument("--data-dir", help="folder with the data set's files")
+    p.add_argument("--model", metavar="SPEC",
+                   help="model: a built-in name (jacmatch.models.list_models()), package.module:callable, "
+                        "torchvision:NAME or timm:NAME")
+    p.add_argument("--seed", type=int, help="seeds the weights, data order and every draw (default 0)")
+    if kind == "distill":
+        p.add_argument("--teacher", metavar="CKPT", help="teacher checkpoint (written by train-teacher)")
+        p.add_argument("--teacher-model", metavar="SPEC",
+                       help="the teacher's architecture, with --teacher-weights (same forms as --model)")
+        p.add_argument("--teacher-weights", metavar="FILE",
+                       help="a plain state_dict file for --teacher-model (loaded with weights_only=True)")
+        p.add_argument("--samples-per-class", type=int, help="few-sample training set: n samples per class")
+
+
+def _overrides(args) -> list[str]:
+    sets = []
+    for flag, key in (("out", "out_dir"), ("device", "device"), ("dataset", "data.name"),
+                      ("data_dir", "data.data_dir"), ("model", "model.name"), ("seed", "seed"),
+                      ("teacher", "teacher"), ("teacher_model", "teacher_model.name"),
+                      ("teacher_weights", "teacher_weights"), ("samples_per_class", "data.samples_per_class")):
+        value = getattr(args, flag, None)
+        if value is not None:
+            sets.append(f"{key}={json.dumps(value) if isinstance(value, str) else value}")
+    return sets + list(args.set)
+
+
+def _run_training(args, kind: str) -> None:
+    from .training import train
+    from .training.trainer import NonFiniteError
+    base = {"objective": {"alpha": 1.0}} if kind == "teacher" else {"objective": dict(DISTILL_OBJECTIVE)}
+    cfg = resolve(args.config, _overrides(args), base)
+    if kind == "teacher" and (cfg.teacher or cfg.teacher_weights):
+        raise ConfigError("train-teacher takes no --teacher; use distill")
+    if kind == "distill" and not (cfg.teacher or cfg.teacher_weights):
+        raise ConfigError("distill needs --teacher CKPT (a checkpoint written by train-teacher), or "
+                          "--teacher-model SPEC --teacher-weights FILE")
+    if kind == "distill":
+        o = cfg.objective
+        print(f"objective: {_objective_text(vars(o))}" + (f" + {o.delta:g}·AT" if o.delta else "")
+              + (f" + {o.penalty:g}·penalty" if o.penalty else ""), flush=True)
+    try:
+        results = train(cfg, resume=args.resume)
+    except NonFiniteError as exc:
+        print(f"jacmatch: error: {exc}", file=sys.stderr)
+        raise SystemExit(EXIT_NONFINITE)
+    test = results["final"]["test"] or {}
+    print(f"{cfg.out_dir}: test accuracy {test.get('acc', float('nan')):.4f}"
+          + "".join(f", σ={s}: {a:.4f}" for s, a in test.get("noisy_acc", {}).items())
+          + (f", Jacobian cosine {test['jacobian_cosine']:.3f}" if "jacobian_cosine" in test else ""))
+
+
+def _evaluate(args) -> None:
+    from .data import create_dataset
+    from .io import write_json_atomic
+    from .training import evaluate, load_model
+    from .training.distributed import DistInfo, resolve_device
+    device = resolve_device(args.device, DistInfo())
+    model, state = load_model(args.checkpoint, device, trust=args.model)
+    cfg = json.loads(state["config"])
+    d = cfg["data"]
+    data = create_dataset(args.dataset or d["name"], data_dir=args.data_dir or d["data_dir"],
+                          val_size=d["val_size"], split_seed=d["split_seed"], classes=d["classes"])
+    teacher = load_model(args.teacher, device, trust=args.teacher_model)[0] if args.teacher else None
+    result = evaluate(model, data.test, device, noise_sigmas=args.noise_sigmas, teacher=teacher)
+    print(json.dumps(result, indent=1))
+    if args.json:
+        write_json_atomic(args.json, result)
+
+
+def _check_model(args) -> int:
+    from .training.compat import check_model, describe
+    shape = tuple(int(v) for v in args.input_shape.lower().split("x"))
+    options = {"output": args.output} if args.output is not None else {}
+    result = check_model(args.spec, shape, args.num_classes, fix=args.fix, **options)
+    print("\n".join(describe(result)))
+    if args.json:
+        from .io import write_json_atomic
+        write_json_atomic(args.json, result.to_dict())
+    return 0 if result.student_ok or result.fix else EXIT_INCOMPATIBLE
+
+
+def _config(args) -> None:
+    from .training.config import config_keys, packaged_configs
+    if args.files:
+        print("\n".join(packaged_configs()))
+        return
+    rows = config_keys()
+    width = max(len(k) for k, *_ in rows)
+    for key, kind, default, meaning in rows:
+        print(f"{key:<{width}}  {kind:<10}  {json.dumps(default, ensure_ascii=False):<14}  {meaning}")
+
+
+def add_training_commands(sub) -> None:
+    p = sub.add_parser("train-teacher", help="train a teacher with cross-entropy",
+                       description="Train a model with cross-entropy on the full training set (minus validation).")
+    _add_run_options(p, "teacher")
+    p.set_defaults(run=lambda a: _run_training(a, "teacher"))
+
+    p = sub.add_parser(
+        "distill", help="distil a student from a teacher (default: CE + KD + JM)",
+        description=f"Train a student with α·CE + β·KD + γ·JM + δ·AT (+ λ·penalty), weights and settings under "
+                    f"objective.* (docs/method.md). Default objective: {_objective_text(DISTILL_OBJECTIVE)}, the "
+                    f"values the distillation experiments chose on validation; --set objective.gamma=0 "
+                    f"--set objective.beta=0 trains with CE alone.")
+    _add_run_options(p, "distill")
+    p.set_defaults(run=lambda a: _run_training(a, "distill"))
+
+    p = sub.add_parser("evaluate", help="clean and noisy accuracy of a checkpoint",
+                       description="Test accuracy of a checkpoint, clean and under Gaussian input noise "
+                                   "(σ in [0, 1] pixel units); with --teacher, the Jacobian cosine too.")
+    p.add_argument("--checkpoint", required=True, help="a checkpoint written by jacmatch (last.pt)")
+    p.add_argument("--teacher", help="teacher checkpoint, for the Jacobian cosine")
+    p.add_argument("--model", metavar="SPEC", help="trust this import path when the checkpoint was built by one")
+    p.add_argument("--teacher-model", metavar="SPEC", help="the same, for --teacher")
+    p.add_argument("--dataset", help="data set (default: the one the checkpoint was trained on)")
+    p.add_argument("--data-dir", help="folder with the data set's files")
+    p.add_argument("--device", default="auto", choices=["cpu", "cuda", "auto"], help="where to evaluate")
+    p.add_argument("--noise-sigmas", type=float, nargs="*", default=NOISE_SIGMAS,
+                   help=f"σ of the Gaussian test noise, in [0, 1] pixel units (default {NOISE_SIGMAS})")
+    p.add_argument("--json", metavar="PATH", help="also write the result as JSON")
+    p.set_defaults(run=_evaluate)
+
+    p = sub.add_parser("check-model", help="can a model be a student (twice differentiable) and a teacher?",
+                       description="One KD + JM step with the model as the student and one as the teacher, on a "
+                                   "tiny batch. Names the first module whose backward has no derivative, and the "
+                                   "fix where one exists. Exit 0: usable as a student; 1: not.")
+    p.add_argument("spec", help="a built-in name, package.module:callable, torchvision:NAME or timm:NAME")
+    p.add_argument("--input-shape", default="3x32x32", help="C x H x W of one input (default 3x32x32)")
+    p.add_argument("--num-classes", type=int, default=10, help="outputs of the model (default 10)")
+    p.add_argument("--output", help="which part of the model's output holds the logits (key or index)")
+    p.add_argument("--fix", action="store_true",
+                   help="also try replace_hard_activations (Hardsigmoid/Hardswish -> twice-differentiable)")
+    p.add_argument("--json", metavar="PATH", help="also write the result as JSON")
+    p.set_defaults(run=_check_model)
+
+    p = sub.add_parser("config", help="every --set key with its type, default and meaning",
+                       description="List the settings of a run (--list) or the configs shipped with jacmatch (--files).")
+    group = p.add_mutually_exclusive_group(required=True)
+    group.add_argument("--list", action="store_true", help="every --set key: type, default, meaning")
+    group.add_argument("--files", action="store_true", help="the shipped configs, by the name --config takes")
+    p.set_defaults(run=_config)
+
+
+# ---- experiments, benchmarks, reports -------------------------------------------------
+
+
+def _verify(a):
+    from .experiments.verify import main
+    main(a.quick, a.json, a.plot, a.seed)
+
+
+def _demo(a):
+    from .experiments.demo import main
+    main(a.dataset, a.out, a.seeds, a.device)
+
+
+def _bench(a):
+    from .experiments.bench import main
+    main(a.json, a.quick, a.device, a.plot, a.profile)
+
+
+def _experiment(a):
+    from .experiments.paper import main
+    main(a.section, a.quick, a.out)
+
+
+def _report(a):
+    from .experiments.report import main
+    main(a.results)
+
+
+def _compat(a):
+    from .experiments.compat import main
+    main(a.out, a.json, a.only, a.timeout)
+
+
+def add_experiment_commands(sub) -> None:
+    p = sub.add_parser("verify", help="check Propositions 1 and 2 numerically (docs/method.md)",
+                       description="Monte-Carlo noisy losses against the closed forms of the propositions, "
                                    "over a sweep of σ, for smooth and ReLU networks.")
     p.add_argument("--quick", action="store_true", help="fewer σ and draws (under a minute)")
     p.add_argument("--json", metavar="PATH", help="write the records as JSON")
     p.add_argument("--plot", metavar="PATH", help="write a log-log PNG, one panel per proposition")
-    p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(run=lambda a: __import__("jacmatch.experiments.verify", fromlist=["main"]).main(
-        a.quick, a.json, a.plot, a.seed))
+    p.add_argument("--seed", type=int, default=0, help="seeds the networks and the draws")
+    p.set_defaults(run=_verify)
+
+    p = sub.add_parser("demo", help="the main job: teacher, students with CE / KD / KD+JM, table and plot",
+                       description="Train a teacher, distil students with CE, KD and KD+JM at 1, 5 and 10 "
+                                   "samples per class over 3 seeds; print a table, write JSON and a PNG.")
+    p.add_argument("--dataset", default="digits", help="digits (default, bundled) or fashion-mnist")
+    p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
+    p.add_argument("--seeds", type=int, default=3, help="seeds per cell (default 3)")
+    p.add_argument("--device", default="auto", choices=["cpu", "cuda", "auto"], help="where to train")
+    p.set_defaults(run=_demo)
+
+    p = sub.add_parser("bench", help="cost of the Jacobian terms against KD (ratios in one run)",
+                       description="Median step times and peak memory of CE, KD, KD+JM and the estimators, "
+                                   "with and without the teacher cache; ratios measured in one run.")
+    p.add_argument("--json", metavar="PATH", help="write the measurements as JSON")
+    p.add_argument("--quick", action="store_true", help="few steps, small shapes (a smoke test)")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to measure")
+    p.add_argument("--plot", metavar="PATH", help="PNG of step time against batch, input size, classes")
+    p.add_argument("--profile", action="store_true",
+                   help="only profile kd_step, jm_step and jm_step_cached (torch.profiler's top operators)")
+    p.set_defaults(run=_bench)
+
+    p = sub.add_parser("experiment", help="run a section of the paper's experiments (Fashion-MNIST)",
+                       description="Sections: teacher, distill, robustness, transfer, verify, pictures, or all. "
+                                   "Finished runs are reused and interrupted ones resumed; each section writes "
+                                   "results/paper/SECTION.json under --out.")
+    p.add_argument("section", choices=["teacher", "distill", "robustness", "transfer", "verify", "pictures", "all"],
+                   help="which section to run")
+    p.add_argument("--quick", action="store_true", help="a smoke run on digits with tiny grids")
+    p.add_argument("--out", metavar="DIR", help="where runs/ and results/ are written (default: this folder)")
+    p.set_defaults(run=_experiment)
+
+    p = sub.add_parser("report", help="write results/REPORT.md, its plots and BENCHMARKS.md from the result JSONs",
+                       description="Generate the report, the README's findings and BENCHMARKS.md from results/.")
+    p.add_argument("--results", metavar="DIR", help="folder of the section JSONs (default results/paper)")
+    p.set_defaults(run=_report)
+
+    p = sub.add_parser("compat", help="write docs/compatibility.md: torchvision and timm models as students/teachers",
+                       description="check-model over every torchvision classification model and a set of timm "
+                                   "families (needs jacmatch[vision]).")
+    p.add_argument("--out", metavar="PATH", default="docs/compatibility.md", help="the markdown table")
+    p.add_argument("--json", metavar="PATH", help="also the records as JSON")
+    p.add_argument("--only", metavar="SPEC", nargs="*", help="check only these specs")
+    p.add_argument("--timeout", type=float, default=120.0, help="seconds per model before it is recorded as too slow")
+    p.set_defaults(run=_compat)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jacmatch", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"jacmatch {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    _add_verify(sub)
-    try:
-        from .commands import add_commands
-    except ImportError as exc:  # pragma: no cover - only while the training system is absent
-        if "commands" not in str(exc):
-            raise
-    else:
-        add_commands(sub)
+    add_training_commands(sub)
+    add_experiment_commands(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        args.run(args)
-    except (UserError, ValueError, FileNotFoundError, KeyError) as exc:
+        code = args.run(args)
+    except (ValueError, FileNotFoundError, MissingExtra) as exc:
         message = exc.args[0] if exc.args else type(exc).__name__
         print(f"jacmatch {args.command}: error: {message}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print(f"jacmatch {args.command}: interrupted; the last complete checkpoint is kept", file=sys.stderr)
         return 130
-    return 0
+    return code or 0

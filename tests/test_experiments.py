@@ -47,7 +47,7 @@ def test_every_paper_student_takes_the_same_number_of_steps():
     from jacmatch.training import config_from_dict
     from jacmatch.training.distributed import DistInfo
     from jacmatch.training.trainer import _epoch_indices
-    values = paper._config("distill", False)
+    values = paper._config("distill", paper.Layout())
     for steps in paper.STEP_BUDGETS:
         for n in paper.SAMPLES:
             cfg = config_from_dict(paper.merge_values(values, {"optim": {"epochs": paper._epochs(n, values, steps)}}))
@@ -72,7 +72,7 @@ def test_cifar_configs_run_on_cifar_format_files(tmp_path, config, teacher_model
     small = ["--set", f"data.data_dir={data}", "--set", "optim.epochs=1", "--set", "optim.batch_size=16",
              "--set", "progress=false", "--set", "tensorboard=false", "--set", "eval.cosine_samples=8",
              "--set", "optim.min_steps_per_epoch=1"]
-    cfg = str(ROOT / "configs" / "cifar" / f"{config}.yaml")
+    cfg = f"cifar/{config}"  # a config shipped in the package, by name
     jacmatch("train-teacher", "--config", cfg, "--model", teacher_model, "--out", str(tmp_path / "t"),
              "--set", "objective.beta=0", "--set", "objective.gamma=0", "--set", "data.samples_per_class=null", *small,
              cwd=tmp_path)

@@ -146,7 +146,7 @@ def run_cli(*args, cwd=None):
     (["train-teacher", "--set", "optim.lr=fast"], "must be a float"),
     (["train-teacher", "--dataset", "mnist", "--data-dir", "/nonexistent"], "data.data_dir"),
     (["train-teacher", "--config", "/nonexistent.yaml"], "does not exist"),
-    (["distill", "--dataset", "synthetic"], "needs --teacher"),
+    (["distill", "--dataset", "synthetic"], "needs a teacher"),
     (["distill", "--teacher", "/nonexistent.pt", "--set", "objective.beta=1"], "does not exist"),
     (["train-teacher", "--set", "optim.batch_size=100000000"], "batch_size"),
     (["evaluate", "--checkpoint", "/nonexistent.pt"], "does not exist"),

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .._extras import require
 from .formats import DataError, read_cifar_batch, read_idx
 
 __all__ = ["ImageSet", "DataSplits", "create_dataset", "list_datasets", "register_dataset",
@@ -178,6 +179,7 @@ def _load_cifar(num_classes: int):
 
 def _load_digits(data_dir: str | None, download: bool):
     """scikit-learn's bundled 8×8 digits (1797 images); a fixed stratified 80/20 train/test split."""
+    require("sklearn", "data")
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 

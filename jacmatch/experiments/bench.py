@@ -21,6 +21,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from .._extras import require
 from ..core import jacobian as J
 from ..core.losses import jacobian_matching_loss, kd_loss
 from ..core.objective import ObjectiveConfig, TransferObjective
@@ -338,7 +339,7 @@ def _machine(device) -> dict:
 
 
 def plot_scaling(results: dict, path: str) -> None:
-    import matplotlib
+    matplotlib = require("matplotlib", "plots")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

@@ -22,7 +22,8 @@ def run_or_load(values: dict) -> dict:
     done = out / "results.json"
     if done.is_file():
         results = json.loads(done.read_text())
-        if results.get("config") == config_to_dict(cfg):
+        # Read back through the dataclasses, so that settings added since take their defaults.
+        if config_to_dict(config_from_dict(results.get("config") or {})) == config_to_dict(cfg):
             return results
         raise ValueError(f"{out} holds results of another config: remove it or choose another folder")
     return train(cfg, resume=(out / "last.pt").is_file())

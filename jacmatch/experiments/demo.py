@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from .._extras import require
 from ..io import write_json_atomic
 from .common import run_or_load, summarize_runs
 
@@ -52,6 +53,10 @@ def main(dataset: str = "digits", out: str = "runs/demo", seeds: int = 3, device
         raise ValueError(f"the demo runs on {sorted(SETTINGS)}, not {dataset!r}")
     out = Path(out)
     start = time.time()
+    s = SETTINGS[dataset]
+    print(f"demo on {dataset}: a teacher ({s['teacher']}, {s['teacher_epochs']} epochs), then students "
+          f"({s['student']}) with {', '.join(METHODS)} at {', '.join(map(str, SAMPLES))} samples per class "
+          f"× {seeds} seeds; writing to {out}", flush=True)
     teacher = run_or_load(teacher_config(dataset, out, device))
     print(f"teacher {SETTINGS[dataset]['teacher']} ({teacher['student_parameters']} parameters): "
           f"test accuracy {teacher['final']['test']['acc']:.4f}  [{time.time() - start:.0f} s]")
@@ -85,7 +90,7 @@ def format_table(summary: dict) -> str:
 
 
 def plot_demo(summary: dict, path: Path) -> None:
-    import matplotlib
+    matplotlib = require("matplotlib", "plots")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

@@ -15,17 +15,42 @@ from __future__ import annotations
 import math
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
+from .._extras import require
 from ..io import write_json_atomic
 from ..training.config import merge_values, load_config
 from .common import load_json, run_or_load, summarize_runs
 
-CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "paper"
-RESULTS = Path("results")
-RUNS = Path("runs/paper")
-TEACHER = RESULTS / "teachers" / "fmnist_resnet20.pt"
-SOURCE_TEACHER = RESULTS / "teachers" / "fmnist_0-4_resnet20.pt"
+CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "paper"
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where a profile's runs and results live, under ``root`` (``--out``; default the
+    current folder): ``runs/paper/`` and ``results/paper/`` (``quick/`` for the smoke run)."""
+
+    root: Path = Path(".")
+    quick: bool = False
+
+    @property
+    def runs(self) -> Path:
+        return self.root / "runs" / "paper" / ("quick" if self.quick else "")
+
+    @property
+    def out(self) -> Path:
+        return self.root / "results" / ("quick" if self.quick else "paper")
+
+    @property
+    def teacher(self) -> Path:
+        return self.out / "teacher.pt" if self.quick else self.root / "results" / "teachers" / "fmnist_resnet20.pt"
+
+    @property
+    def source_teacher(self) -> Path:
+        return self.out / "source_teacher.pt" if self.quick else \
+            self.root / "results" / "teachers" / "fmnist_0-4_resnet20.pt"
+
 
 SAMPLES = (1, 5, 10, 50, 100, 500)
 SEEDS = (0, 1, 2, 3, 4)
@@ -60,10 +85,10 @@ QUICK = {  # a smoke run of every section: digits, tiny grids, one or two seeds
 }
 
 
-def _config(name: str, quick: bool, **over) -> dict:
+def _config(name: str, lay: "Layout", **over) -> dict:
     values = load_config(str(CONFIGS / f"{name}.yaml"))
     values = merge_values(values, {"progress": False, "tensorboard": False})
-    if quick:
+    if lay.quick:
         model = QUICK["model_teacher"] if "teacher" in name else QUICK["model_student"]
         values = merge_values(values, {"data": dict(QUICK["data"]), "model": {"name": model},
                                  "optim": dict(QUICK["optim"]), "eval": {"every": 1}})
@@ -72,30 +97,28 @@ def _config(name: str, quick: bool, **over) -> dict:
     return merge_values(values, over)
 
 
-def _paths(quick: bool) -> tuple[Path, Path]:
-    return (RUNS / "quick", RESULTS / "quick") if quick else (RUNS, RESULTS / "paper")
+def _paths(lay: Layout) -> tuple[Path, Path]:
+    return lay.runs, lay.out
 
 
 # ---- 1. teacher ---------------------------------------------------------------------------
 
 
-def _train_teacher(config: str, run: str, committed: Path, quick: bool) -> tuple[dict, Path]:
+def _train_teacher(config: str, run: str, target: Path, lay: Layout) -> tuple[dict, Path]:
     """Train (or reuse) a teacher and copy its checkpoint where the students read it:
     under results/teachers/ (committed, so students rerun without retraining)."""
-    runs, out = _paths(quick)
-    r = run_or_load(_config(config, quick, out_dir=str(runs / run), seed=0))
-    target = (out / f"{run}.pt") if quick else committed
+    r = run_or_load(_config(config, lay, out_dir=str(lay.runs / run), seed=0))
     target.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(runs / run / "last.pt", target)
+    shutil.copyfile(lay.runs / run / "last.pt", target)
     return r, target
 
 
-def teacher_section(quick: bool = False) -> dict:
-    _, out = _paths(quick)
-    if not quick and (out / "teacher.json").is_file() and TEACHER.is_file():
+def teacher_section(lay: Layout) -> dict:
+    _, out = _paths(lay)
+    if not lay.quick and (out / "teacher.json").is_file() and lay.teacher.is_file():
         return load_json(out / "teacher.json")  # trained and committed: keep its record
     start = time.time()
-    r, target = _train_teacher("teacher", "teacher", TEACHER, quick)
+    r, target = _train_teacher("teacher", "teacher", lay.teacher, lay)
     summary = {"model": r["config"]["model"]["name"], "parameters": r["student_parameters"],
                "test": r["final"]["test"], "val": r["final"]["val"], "epochs": r["epochs"],
                "train_seconds": r["train_seconds"], "section_seconds": time.time() - start,
@@ -104,11 +127,11 @@ def teacher_section(quick: bool = False) -> dict:
     return summary
 
 
-def _teacher_path(quick: bool) -> str:
-    path = (_paths(quick)[1] / "teacher.pt") if quick else TEACHER
-    if not Path(path).is_file():
-        raise ValueError(f"{path} is missing: run `jacmatch experiment teacher{' --quick' if quick else ''}` first")
-    return str(path)
+def _teacher_path(lay: Layout) -> str:
+    if not lay.teacher.is_file():
+        raise ValueError(f"{lay.teacher} is missing: run `jacmatch experiment teacher"
+                         f"{' --quick' if lay.quick else ''}` first")
+    return str(lay.teacher)
 
 
 def _run_seconds(cells: dict, *extra: dict) -> float:
@@ -136,21 +159,21 @@ def _epochs(n: int, values: dict, steps: int) -> int:
     return max(steps // per_epoch, 1)
 
 
-def _student(quick, tag, n, seed, objective, teacher, steps, selection=False) -> dict:
-    runs, _ = _paths(quick)
-    values = _config("distill", quick, out_dir=str(runs / "distill" / f"{tag}_n{n}_s{seed}"), seed=seed,
+def _student(lay, tag, n, seed, objective, teacher, steps, selection=False) -> dict:
+    runs, _ = _paths(lay)
+    values = _config("distill", lay, out_dir=str(runs / "distill" / f"{tag}_n{n}_s{seed}"), seed=seed,
                      teacher=teacher, data={"samples_per_class": n}, objective=objective,
                      eval=SELECTION_EVAL if selection else {})
-    if not quick:
+    if not lay.quick:
         values["optim"]["epochs"] = _epochs(n, values, steps)
     return run_or_load(values)
 
 
-def _select(quick, name, grid, train) -> tuple[float, dict]:
+def _select(lay, name, grid, train) -> tuple[float, dict]:
     """The value in ``grid`` with the best mean validation accuracy (never the test set);
     ``train(value, tag, n, seed)`` trains one run with that value."""
-    n = 5 if quick else SELECTION["samples_per_class"]
-    seeds = (0,) if quick else SELECTION["seeds"]
+    n = 5 if lay.quick else SELECTION["samples_per_class"]
+    seeds = (0,) if lay.quick else SELECTION["seeds"]
     scores, seconds = {}, 0.0
     for value in grid:
         runs = [train(value, f"select-{name}-{value}", n, s) for s in seeds]
@@ -161,42 +184,42 @@ def _select(quick, name, grid, train) -> tuple[float, dict]:
                   "seeds": list(seeds), "train_seconds": seconds}
 
 
-def _placeholder(quick, objective, teacher, student=_student, **kw):
+def _placeholder(lay, objective, teacher, student=_student, **kw):
     """A ``train`` for :func:`_select` that puts the value in place of ``objective``'s
     placeholder (τ, γ, γ_sq, δ or δ_J)."""
-    return lambda value, tag, n, seed: student(quick, tag, n, seed, _fill(objective, dict.fromkeys(PLACEHOLDERS, value)),
+    return lambda value, tag, n, seed: student(lay, tag, n, seed, _fill(objective, dict.fromkeys(PLACEHOLDERS, value)),
                                                teacher, **kw)
 
 
-def distill_section(quick: bool = False) -> dict:
-    runs, out = _paths(quick)
-    teacher = _teacher_path(quick)
+def distill_section(lay: Layout) -> dict:
+    runs, out = _paths(lay)
+    teacher = _teacher_path(lay)
     start = time.time()
     # In this order, each on validation with the values chosen before it: the step budget
     # and τ on CE+KD, then γ for CE+KD+JM (also KD+JM and the label and projection
     # ablations), γ for CE+JM, and γ for the sq form.
     kd = {**ROWS["CE+KD"], "temperature": TAU_PRIOR}
-    steps, sel_steps = _select(quick, "steps", STEP_BUDGETS[-1:] if quick else STEP_BUDGETS,
-                               lambda v, tag, n, seed: _student(quick, tag, n, seed, kd, teacher, v, selection=True))
-    tau, sel_tau = _select(quick, "tau", (TAU_PRIOR,) if quick else TEMPERATURES,
-                           _placeholder(quick, {**ROWS["CE+KD"], "temperature": "τ"}, teacher, steps=steps,
+    steps, sel_steps = _select(lay, "steps", STEP_BUDGETS[-1:] if lay.quick else STEP_BUDGETS,
+                               lambda v, tag, n, seed: _student(lay, tag, n, seed, kd, teacher, v, selection=True))
+    tau, sel_tau = _select(lay, "tau", (TAU_PRIOR,) if lay.quick else TEMPERATURES,
+                           _placeholder(lay, {**ROWS["CE+KD"], "temperature": "τ"}, teacher, steps=steps,
                                         selection=True))
     choose = lambda name, grid, objective: _select(  # noqa: E731
-        quick, name, grid[1:2] if quick else grid,
-        _placeholder(quick, {**objective, "temperature": tau}, teacher, steps=steps, selection=True))
+        lay, name, grid[1:2] if lay.quick else grid,
+        _placeholder(lay, {**objective, "temperature": tau}, teacher, steps=steps, selection=True))
     gamma, sel = choose("gamma", GAMMAS, ROWS["CE+KD+JM"])
     gamma_ce, sel_ce = choose("gamma_ce", GAMMAS, ROWS["CE+JM"])
     gamma_sq, sel_sq = choose("gamma_sq", GAMMAS_SQ, ABLATIONS["CE+KD+JM sq"])
     weights = {"γ": gamma, "γ_ce": gamma_ce, "γ_sq": gamma_sq}
-    samples = (1, 5) if quick else SAMPLES
-    seeds = (0,) if quick else SEEDS
+    samples = (1, 5) if lay.quick else SAMPLES
+    seeds = (0,) if lay.quick else SEEDS
     cells = {}
-    ablation_samples = (5,) if quick else ABLATION_SAMPLES
+    ablation_samples = (5,) if lay.quick else ABLATION_SAMPLES
     summary = {"teacher": teacher, "selection": {"steps": sel_steps, "tau": sel_tau, "gamma": sel,
                                                    "gamma_ce": sel_ce, "gamma_sq": sel_sq},
                "steps": steps, "tau": tau, "seeds": list(seeds),
                "samples": list(samples), "cells": cells, "complete": False,
-               "student": _config("distill", quick)["model"]["name"]}
+               "student": _config("distill", lay)["model"]["name"]}
     # n-major, smallest first: a partial run has every row at the smallest n, and the
     # JSON is rewritten after each cell, so the report can show what has run so far.
     for n in samples:
@@ -205,7 +228,7 @@ def distill_section(quick: bool = False) -> dict:
             obj = {**_fill(objective, weights), "temperature": tau}
             tag = row.replace("+", "_").replace(" ", "_")
             cells[f"{row}|{n}"] = {"row": row, "samples_per_class": n, "objective": obj,
-                                   **summarize_runs([_student(quick, tag, n, s, obj, teacher, steps) for s in seeds])}
+                                   **summarize_runs([_student(lay, tag, n, s, obj, teacher, steps) for s in seeds])}
             print(f"  {row:<22} n={n:<4} test {100 * cells[f'{row}|{n}']['acc']['mean']:.1f}"
                   f" ± {100 * cells[f'{row}|{n}']['acc']['std']:.1f}   [{time.time() - start:.0f} s]")
             summary["section_seconds"] = time.time() - start
@@ -227,17 +250,17 @@ ROBUST_ROWS = {
 }
 
 
-def robustness_section(quick: bool = False) -> dict:
-    runs, out = _paths(quick)
+def robustness_section(lay: Layout) -> dict:
+    runs, out = _paths(lay)
     start = time.time()
-    seeds = (0,) if quick else (0, 1, 2)
+    seeds = (0,) if lay.quick else (0, 1, 2)
     cells = {}
-    for subset in ((None, 10) if quick else (None, 100)):
+    for subset in ((None, 10) if lay.quick else (None, 100)):
         for row, obj in ROBUST_ROWS.items():
             results = []
             for seed in seeds:
                 tag = f"{row.split()[0]}_{'full' if subset is None else f'n{subset}'}_s{seed}"
-                values = _config("robustness", quick, out_dir=str(runs / "robustness" / tag), seed=seed,
+                values = _config("robustness", lay, out_dir=str(runs / "robustness" / tag), seed=seed,
                                  data={"samples_per_class": subset}, objective=obj)
                 results.append(run_or_load(values))
             key = f"{row}|{'full' if subset is None else subset}"
@@ -260,36 +283,36 @@ TRANSFER_ROWS = {  # δ (AT) and δ_J (its Jacobians) chosen on validation, in t
 DELTAS = (0.1, 1.0, 10.0)
 
 
-def _transfer_student(quick, tag, n, seed, objective, teacher) -> dict:
-    runs, _ = _paths(quick)
-    return run_or_load(_config("transfer", quick, out_dir=str(runs / "transfer" / f"{tag}_n{n}_s{seed}"), seed=seed,
+def _transfer_student(lay, tag, n, seed, objective, teacher) -> dict:
+    runs, _ = _paths(lay)
+    return run_or_load(_config("transfer", lay, out_dir=str(runs / "transfer" / f"{tag}_n{n}_s{seed}"), seed=seed,
                                teacher=teacher, data={"samples_per_class": n}, objective=objective))
 
 
-def transfer_section(quick: bool = False) -> dict:
-    runs, out = _paths(quick)
+def transfer_section(lay: Layout) -> dict:
+    runs, out = _paths(lay)
     start = time.time()
-    source, target = _train_teacher("transfer_teacher", "source_teacher", SOURCE_TEACHER, quick)
-    grid = (1.0,) if quick else DELTAS
-    delta, sel_at = _select(quick, "delta", grid,
-                            _placeholder(quick, {"alpha": 1.0, "delta": "δ"}, str(target), _transfer_student))
-    delta_j, sel_jm = _select(quick, "delta_jacobian", grid, _placeholder(
-        quick, {"alpha": 1.0, "delta": delta, "delta_jacobian": "δ_J"}, str(target), _transfer_student))
+    source, target = _train_teacher("transfer_teacher", "source_teacher", lay.source_teacher, lay)
+    grid = (1.0,) if lay.quick else DELTAS
+    delta, sel_at = _select(lay, "delta", grid,
+                            _placeholder(lay, {"alpha": 1.0, "delta": "δ"}, str(target), _transfer_student))
+    delta_j, sel_jm = _select(lay, "delta_jacobian", grid, _placeholder(
+        lay, {"alpha": 1.0, "delta": delta, "delta_jacobian": "δ_J"}, str(target), _transfer_student))
     weights = {"δ": delta, "δ_J": delta_j}
-    seeds = (0,) if quick else SEEDS
+    seeds = (0,) if lay.quick else SEEDS
     cells = {}
-    for n in ((5,) if quick else (5, 10, 50)):
+    for n in ((5,) if lay.quick else (5, 10, 50)):
         for row, objective in {**TRANSFER_ROWS, "fine-tune teacher (oracle)": None}.items():
             results = []
             for seed in seeds:
                 if objective is None:  # the teacher's own network and weights (5 classes each side), fine-tuned
-                    values = _config("transfer", quick, out_dir=str(runs / "transfer" / f"finetune_n{n}_s{seed}"),
+                    values = _config("transfer", lay, out_dir=str(runs / "transfer" / f"finetune_n{n}_s{seed}"),
                                      seed=seed, data={"samples_per_class": n}, init_from=str(target),
                                      model={"name": source["config"]["model"]["name"]},
                                      objective={"alpha": 1.0, "at_layers": []})
                     results.append(run_or_load(values))
                 else:
-                    results.append(_transfer_student(quick, row.split()[0].replace("+", "_"), n, seed,
+                    results.append(_transfer_student(lay, row.split()[0].replace("+", "_"), n, seed,
                                                      _fill(objective, weights), str(target)))
             cells[f"{row}|{n}"] = {"row": row, "samples_per_class": n, **summarize_runs(results)}
             print(f"  {row:<28} n={n:<3} test {100 * cells[f'{row}|{n}']['acc']['mean']:.1f}   "
@@ -306,31 +329,31 @@ def transfer_section(quick: bool = False) -> dict:
 # ---- 5. propositions and pictures ---------------------------------------------------------
 
 
-def verify_section(quick: bool = False) -> dict:
+def verify_section(lay: Layout) -> dict:
     from .verify import main as verify_main
-    _, out = _paths(quick)
+    _, out = _paths(lay)
     start = time.time()
-    records = verify_main(quick, str(out / "verify.json"), str(out / "verify.png"))
+    records = verify_main(lay.quick, str(out / "verify.json"), str(out / "verify.png"))
     return {"records": len(records), "section_seconds": time.time() - start}
 
 
-def pictures_section(quick: bool = False) -> dict:
+def pictures_section(lay: Layout) -> dict:
     """Input-gradients of the teacher and of the n=10, seed-0 students (KD and KD + JM)."""
     import torch
 
     from ..core.jacobian import input_jacobian, teacher_top1
     from ..data import create_dataset
     from ..training import load_model
-    runs, out = _paths(quick)
-    teacher, _ = load_model(_teacher_path(quick))
-    n = 5 if quick else 10
+    runs, out = _paths(lay)
+    teacher, _ = load_model(_teacher_path(lay))
+    n = 5 if lay.quick else 10
     students = {"CE+KD": runs / "distill" / f"CE_KD_n{n}_s0" / "last.pt",
                 "CE+KD+JM": runs / "distill" / f"CE_KD_JM_n{n}_s0" / "last.pt"}
     missing = [str(p) for p in students.values() if not p.is_file()]
     if missing:
         raise ValueError(f"{missing} missing: run `jacmatch experiment distill` first")
     models = {"teacher": teacher, **{k: load_model(p)[0] for k, p in students.items()}}
-    data = create_dataset("digits" if quick else "fashion-mnist")
+    data = create_dataset("digits" if lay.quick else "fashion-mnist")
     x, _ = data.test.batch(torch.arange(6))
     with torch.enable_grad():
         xt = x.clone().requires_grad_()
@@ -339,7 +362,7 @@ def pictures_section(quick: bool = False) -> dict:
         for name, model in models.items():
             xi = x.clone().requires_grad_()
             grads[name] = input_jacobian(model.eval()(xi), xi, index).detach()
-    import matplotlib
+    matplotlib = require("matplotlib", "plots")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(len(x), 1 + len(models), figsize=(2.0 * (1 + len(models)), 2.0 * len(x)))
@@ -365,7 +388,9 @@ SECTIONS = {"teacher": teacher_section, "distill": distill_section, "robustness"
             "transfer": transfer_section, "verify": verify_section, "pictures": pictures_section}
 
 
-def main(section: str, quick: bool = False) -> None:
+def main(section: str, quick: bool = False, out: str | None = None) -> None:
+    """Run ``section`` (or ``all``), writing under ``out`` (default: the current folder)."""
+    lay = Layout(Path(out) if out else Path("."), quick)
     names = list(SECTIONS) if section == "all" else [section]
     if any(n not in SECTIONS for n in names):
         raise ValueError(f"unknown section {section!r}: choose one of {list(SECTIONS) + ['all']}")
@@ -373,6 +398,6 @@ def main(section: str, quick: bool = False) -> None:
     for name in names:
         start = time.time()
         print(f"== {name}")
-        SECTIONS[name](quick)
+        SECTIONS[name](lay)
         timings[name] = time.time() - start
         print(f"== {name} done in {timings[name]:.0f} s")

@@ -8,6 +8,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from .._extras import require
 from ..io import write_atomic
 from .common import load_json
 
@@ -147,7 +148,7 @@ def _budget_findings(d: dict | None, r: dict | None) -> list[str]:
 
 
 def _plot_distill(d, rows, path):
-    import matplotlib
+    matplotlib = require("matplotlib", "plots")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(6.5, 4))
@@ -220,7 +221,7 @@ def _noise_curve(c: dict, sigmas: list[str]) -> tuple[list, list, list]:
 
 def _plot_student_noise(d: dict, path: Path) -> None:
     """Accuracy against σ_test for the CE+KD and CE+KD+JM students, one panel per n."""
-    import matplotlib
+    matplotlib = require("matplotlib", "plots")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     ns = [n for n in d["samples"] if f"CE+KD|{n}" in d["cells"] and f"CE+KD+JM|{n}" in d["cells"]]
@@ -241,7 +242,7 @@ def _plot_student_noise(d: dict, path: Path) -> None:
 
 
 def _plot_robust(r, sigmas, path):
-    import matplotlib
+    matplotlib = require("matplotlib", "plots")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     sets = list(dict.fromkeys(c["training_set"] for c in r["cells"].values()))

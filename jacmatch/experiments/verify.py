@@ -6,6 +6,7 @@ import time
 
 import numpy as np
 
+from .._extras import require
 from ..core.propositions import PROPOSITIONS, sweep
 from ..io import write_json_atomic
 
@@ -34,7 +35,7 @@ def format_table(records: list[dict]) -> str:
 
 
 def plot_verify(records: list[dict], path: str) -> None:
-    import matplotlib
+    matplotlib = require("matplotlib", "plots")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

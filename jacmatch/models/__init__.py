@@ -13,7 +13,10 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-__all__ = ["create_model", "list_models", "register_model", "Classifier", "count_parameters"]
+from .external import ExternalClassifier, build_external, is_import_path, replace_hard_activations
+
+__all__ = ["create_model", "list_models", "register_model", "Classifier", "count_parameters",
+           "ExternalClassifier", "is_import_path", "replace_hard_activations"]
 
 _MODELS: dict[str, Callable[..., "Classifier"]] = {}
 
@@ -31,18 +34,43 @@ def list_models(pattern: str = "*") -> list[str]:
 
 
 def create_model(name: str, num_classes: int, in_channels: int, *, mean: Sequence[float] | None = None,
-                 std: Sequence[float] | None = None, **kwargs) -> "Classifier":
-    if name not in _MODELS:
-        raise ValueError(f"unknown model {name!r}: choose one of {list_models()}")
+                 std: Sequence[float] | None = None, output: str | int | None = None, normalize: bool = True,
+                 replace_hard_activations: bool = False, **kwargs) -> nn.Module:
+    """A model by name: a registered one (``list_models()``), a Python import path
+    ``package.module:callable``, or ``torchvision:NAME`` / ``timm:NAME``.
+
+    ``kwargs`` go to the model's factory. ``normalize``: the model normalises pixels in
+    [0, 1] with ``mean`` and ``std`` itself. ``output`` picks the logits out of a model
+    that returns a tuple, a dict or an object (a key, a field or an index).
+    ``replace_hard_activations``: Hardsigmoid/Hardswish become twice-differentiable
+    modules with the same outputs (needed by a student under Jacobian matching).
+    """
     if num_classes < 1 or in_channels < 1:
         raise ValueError(f"num_classes and in_channels must be >= 1, got {num_classes}, {in_channels}")
-    try:
-        model = _MODELS[name](num_classes=num_classes, in_channels=in_channels, **kwargs)
-    except TypeError as exc:
-        raise ValueError(f"bad options {kwargs} for model {name!r}: {exc}") from None
-    model.set_normalization(mean or [0.0] * in_channels, std or [1.0] * in_channels)
-    model.arch = {"name": name, "num_classes": num_classes, "in_channels": in_channels, **kwargs}
+    if name in _MODELS:
+        try:
+            model = _MODELS[name](num_classes=num_classes, in_channels=in_channels, **kwargs)
+        except TypeError as exc:
+            raise ValueError(f"bad options {kwargs} for model {name!r}: {exc}") from None
+    elif ":" in name:
+        model = ExternalClassifier(build_external(name, num_classes, in_channels, **kwargs), num_classes,
+                                   in_channels, output=output, normalize=normalize)
+    else:
+        raise ValueError(f"unknown model {name!r}: choose one of {list_models()}, or give an import path "
+                         "package.module:callable, torchvision:NAME or timm:NAME")
+    if replace_hard_activations:
+        _replace_hard(model)
+    if normalize:
+        model.set_normalization(mean or [0.0] * in_channels, std or [1.0] * in_channels)
+    # What rebuilds the model from a checkpoint; options at their defaults are left out.
+    chosen = {"output": output, "normalize": normalize, "replace_hard_activations": replace_hard_activations}
+    defaults = {"output": None, "normalize": True, "replace_hard_activations": False}
+    model.arch = {"name": name, "num_classes": num_classes, "in_channels": in_channels, **kwargs,
+                  **{k: v for k, v in chosen.items() if v != defaults[k]}}
     return model
+
+
+_replace_hard = replace_hard_activations
 
 
 def count_parameters(model: nn.Module) -> int:

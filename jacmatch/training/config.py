@@ -28,35 +28,39 @@ class ConfigError(ValueError):
 
 @dataclass
 class DataConfig:
-    name: str = "digits"
-    data_dir: str | None = None
+    name: str = "digits"          # fashion-mnist, mnist, cifar10, cifar100, digits, synthetic
+    data_dir: str | None = None   # folder of the data set's files (default: where the system keeps them)
     samples_per_class: int | None = None   # n: few-sample training sets
     val_size: float = 0.1                  # fraction (< 1) or count of the training set
     split_seed: int = 0                    # the validation split does not move with the seed
     classes: list | None = None            # keep only these classes (transfer tasks)
     augment: bool = False                  # random crop (padding 2 or 4) and flips where valid
-    crop_padding: int = 2
-    download: bool = False
+    crop_padding: int = 2                  # padding of the random crop, in pixels
+    download: bool = False                 # fetch missing files (checksummed) when online
 
 
 @dataclass
 class ModelConfig:
-    name: str = "small_cnn_16"
-    options: dict = field(default_factory=dict)   # e.g. {width: 8, batchnorm: true}
+    name: str = "small_cnn_16"    # a registered name, package.module:callable, torchvision:NAME or timm:NAME
+    options: dict = field(default_factory=dict)   # the factory's keyword arguments, e.g. {width: 8}
+    output: Any = None            # which part of a tuple/dict/object output holds the logits (key or index)
+    normalize: bool = True        # the model normalises [0, 1] pixels with the data set's mean and std
+    replace_hard_activations: bool = False  # Hardsigmoid/Hardswish -> twice-differentiable equivalents
+    num_classes: int | None = None  # outputs of a teacher built from --teacher-weights (default: the data set's)
 
 
 @dataclass
 class OptimConfig:
     name: str = "sgd"            # sgd | adam
-    lr: float = 0.05
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    nesterov: bool = False
+    lr: float = 0.05             # learning rate
+    momentum: float = 0.9        # SGD momentum
+    weight_decay: float = 5e-4   # L2 weight decay
+    nesterov: bool = False       # Nesterov momentum (SGD)
     schedule: str = "cosine"     # cosine | step | constant
     milestones: list = field(default_factory=list)  # epochs, for step
-    lr_decay: float = 0.1
-    epochs: int = 10
-    batch_size: int = 64
+    lr_decay: float = 0.1        # factor at each milestone (step schedule)
+    epochs: int = 10             # training epochs
+    batch_size: int = 64         # global batch (shared by DDP processes)
     min_steps_per_epoch: int = 1  # few-sample sets: repeat the data so an epoch has this many steps
 
 
@@ -64,33 +68,35 @@ class OptimConfig:
 class EvalConfig:
     every: int = 1                # evaluate each N epochs (and always after the last)
     noise_sigmas: list = field(default_factory=lambda: [0.1, 0.3])  # in [0, 1] pixel units
-    noise_seed: int = 0
+    noise_seed: int = 0           # seeds the test noise (the same for every model)
     jacobian_cosine: bool = True  # mean teacher/student cosine on (a part of) the test set
-    cosine_samples: int = 1000
-    batch_size: int = 500
+    cosine_samples: int = 1000    # test samples for the Jacobian cosine
+    batch_size: int = 500         # evaluation batch
 
 
 @dataclass
 class RunConfig:
     """One training run: a teacher (``teacher=None``) or a student distilled from one."""
 
-    out_dir: str = "runs/run"
-    seed: int = 0
+    out_dir: str = "runs/run"      # output folder: config, metrics, checkpoints, results
+    seed: int = 0                 # seeds the weights, the data order and every random draw
     device: str = "auto"          # cpu | cuda | auto
-    data: DataConfig = field(default_factory=DataConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)  # the data set
+    model: ModelConfig = field(default_factory=ModelConfig)  # the model trained (the student)
     teacher: str | None = None    # path of a teacher checkpoint (distillation)
+    teacher_model: ModelConfig = field(default_factory=lambda: ModelConfig(name=""))  # with teacher_weights
+    teacher_weights: str | None = None  # a plain state_dict file for teacher_model (weights_only load)
     init_from: str | None = None  # start from a checkpoint's weights (those whose shapes fit)
-    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)  # the loss terms and weights
+    optim: OptimConfig = field(default_factory=OptimConfig)  # optimiser and schedule
+    eval: EvalConfig = field(default_factory=EvalConfig)  # what evaluation measures
     teacher_cache: bool = True    # compute the teacher once per sample when inputs are fixed
     nonfinite: str = "stop"       # stop | skip: what a NaN/Inf loss or gradient does
     amp: str = "none"             # none | bf16 | fp16 (fp16 on CUDA, with a gradient scaler)
     channels_last: bool = False   # the student's weights channels-last: faster small CNNs on CPU (jacmatch bench)
-    progress: bool = True
-    tensorboard: bool = True
-    checkpoint_every: int = 1
+    progress: bool = True         # a progress bar on the terminal
+    tensorboard: bool = False     # TensorBoard logs under out_dir/tensorboard (extra: jacmatch[tensorboard])
+    checkpoint_every: int = 1     # write last.pt every N epochs (and after the last)
 
     def check(self) -> None:
         o = self.optim
@@ -114,8 +120,13 @@ class RunConfig:
             raise ConfigError("eval.every and checkpoint_every must be >= 1")
         if any(not (s >= 0) for s in self.eval.noise_sigmas):
             raise ConfigError(f"eval.noise_sigmas must be >= 0, got {self.eval.noise_sigmas}")
-        if self.objective.needs_teacher and not self.teacher:
-            raise ConfigError("this objective needs a teacher (β, γ or δ > 0): pass --teacher CKPT")
+        if self.objective.needs_teacher and not (self.teacher or self.teacher_weights):
+            raise ConfigError("this objective needs a teacher (β, γ or δ > 0): pass --teacher CKPT, or "
+                              "--teacher-model SPEC --teacher-weights FILE")
+        if self.teacher and self.teacher_weights:
+            raise ConfigError("give either --teacher CKPT or --teacher-weights FILE, not both")
+        if self.teacher_weights and not self.teacher_model.name:
+            raise ConfigError("--teacher-weights needs --teacher-model SPEC: the architecture the weights fit")
         try:
             self.objective.check()
         except ValueError as exc:
@@ -178,13 +189,34 @@ def config_from_dict(values: dict) -> RunConfig:
     return _build(RunConfig, values or {}, "")
 
 
+#: The configs shipped with the package (``jacmatch config --list-files``).
+PACKAGED_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def packaged_configs() -> list[str]:
+    """The names of the shipped configs, e.g. ``paper/distill``, ``cifar/wrn_40_2_wrn_16_2``."""
+    return sorted(str(p.relative_to(PACKAGED_CONFIGS).with_suffix("")) for p in PACKAGED_CONFIGS.glob("*/*.yaml"))
+
+
+def find_config(path: str) -> Path:
+    """A config file: a path, or the name of a shipped config (``paper/distill``; a
+    leading ``configs/`` and the ``.yaml`` may be given)."""
+    p = Path(path)
+    if p.is_file():
+        return p
+    name = path[len("configs/"):] if path.startswith("configs/") else path
+    shipped = PACKAGED_CONFIGS / (name if name.endswith(".yaml") else f"{name}.yaml")
+    if shipped.is_file() and ".." not in Path(name).parts:
+        return shipped
+    raise ConfigError(f"config file {path} does not exist (nor a shipped config of that name: "
+                      f"{', '.join(packaged_configs())})")
+
+
 def load_config(path: str | None) -> dict:
-    """A YAML file as a nested dict (empty without a path)."""
+    """A YAML file (or a shipped config's name) as a nested dict (empty without a path)."""
     if path is None:
         return {}
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"config file {path} does not exist")
+    p = find_config(path)
     if p.stat().st_size > 1 << 20:
         raise ConfigError(f"config file {path} is larger than 1 MiB: not a config")
     try:
@@ -233,3 +265,21 @@ def merge_values(a: dict, b: dict) -> dict:
     for k, v in b.items():
         out[k] = merge_values(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
+
+
+def config_keys(obj: Any = None, prefix: str = "") -> list[tuple[str, str, Any, str]]:
+    """Every ``--set`` key: (key, type, default, meaning). The meaning is the comment
+    beside the field in its dataclass, so it lives in one place."""
+    import inspect
+    import re
+    obj = RunConfig() if obj is None else obj
+    meanings = dict(re.findall(r"^\s+(\w+): [^\n]*?#\s*(.*)$", inspect.getsource(type(obj)), re.M))
+    rows = []
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            rows += config_keys(value, f"{prefix}{f.name}.")
+            continue
+        kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+        rows.append((prefix + f.name, kind, value, meanings.get(f.name, "")))
+    return rows

@@ -25,10 +25,11 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DistributedSampler
 
-from ..core.objective import TransferObjective
+from .._extras import require
+from ..core.objective import TransferObjective, build_terms, rows_per_sample
 from ..data import DataSplits, create_dataset, random_crop_flip
 from ..io import write_atomic, write_json_atomic
-from ..models import count_parameters, create_model
+from ..models import ExternalClassifier, count_parameters, create_model, is_import_path
 from .cache import TeacherCache
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .config import ConfigError, RunConfig, config_from_dict, config_to_dict
@@ -49,12 +50,18 @@ class RunExistsError(ConfigError):
     """The output folder already holds a run."""
 
 
-def load_model(path: str | Path, device="cpu") -> tuple[nn.Module, dict]:
-    """A model from a checkpoint (architecture and weights), and the checkpoint's state."""
+def load_model(path: str | Path, device="cpu", *, trust: str | None = None) -> tuple[nn.Module, dict]:
+    """A model from a checkpoint (architecture and weights), and the checkpoint's state.
+
+    A model built from an import path (``package.module:callable``) is rebuilt only when
+    ``trust`` names that same path: loading it imports and runs that code."""
     state = load_checkpoint(path, map_location=device)
     arch = state.get("arch")
     if not isinstance(arch, dict) or "name" not in arch:
         raise CheckpointError(f"{path} holds no model architecture: is it a jacmatch run checkpoint?")
+    if is_import_path(str(arch["name"])) and trust != arch["name"]:
+        raise CheckpointError(f"{path} was built by the import path {arch['name']!r}, which loading would import "
+                              f"and run: pass --model {arch['name']} (--teacher-model for a teacher) to trust it")
     options = {k: v for k, v in arch.items() if k not in ("name", "num_classes", "in_channels")}
     model = create_model(arch["name"], arch["num_classes"], arch["in_channels"], **options)
     try:
@@ -62,6 +69,73 @@ def load_model(path: str | Path, device="cpu") -> tuple[nn.Module, dict]:
     except (RuntimeError, KeyError) as exc:
         raise CheckpointError(f"{path}: weights do not fit {arch['name']} ({str(exc).splitlines()[0]})") from None
     return model.to(device), state
+
+
+def model_from_config(mc, num_classes: int, data: DataSplits) -> nn.Module:
+    """``cfg.model`` (or ``cfg.teacher_model``) built for ``data``'s channels and pixel statistics."""
+    return create_model(mc.name, num_classes, data.in_channels, mean=data.mean, std=data.std, output=mc.output,
+                        normalize=mc.normalize, replace_hard_activations=mc.replace_hard_activations, **mc.options)
+
+
+def _check_input_shape(model: nn.Module, data: DataSplits, name: str, key: str) -> int:
+    """One dry forward pass of a zero sample of the data set's shape; returns the number
+    of outputs. A model that cannot take the shape is refused in one line."""
+    shape = tuple(data.train.images.shape[1:])
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(torch.zeros(1, *shape, device=next(iter(model.buffers()), torch.zeros(0)).device))
+    except (RuntimeError, ValueError) as exc:
+        raise ConfigError(f"{key} {name!r} cannot take {data.name} inputs of shape {'x'.join(map(str, shape))}: "
+                          f"{str(exc).splitlines()[0]} (choose another model or data set)") from None
+    finally:
+        model.train(was_training)
+    return int(out.shape[-1])
+
+
+def _load_teacher(cfg: RunConfig, data: DataSplits, device) -> nn.Module | None:
+    """The frozen teacher: a jacmatch checkpoint, or ``teacher_model`` with a plain state_dict."""
+    if cfg.teacher:
+        teacher, _ = load_model(cfg.teacher, device, trust=cfg.teacher_model.name or None)
+    elif cfg.teacher_weights:
+        mc = cfg.teacher_model
+        teacher = model_from_config(mc, mc.num_classes or data.num_classes, data).to(device)
+        _load_state_dict(teacher, cfg.teacher_weights, device)
+    else:
+        return None
+    outputs = _check_input_shape(teacher, data, cfg.teacher_model.name or cfg.teacher, "teacher")
+    o = cfg.objective
+    if (o.beta or o.gamma) and outputs != data.num_classes:
+        raise ConfigError(f"class-count mismatch: the teacher has {outputs} outputs but {data.name} has "
+                          f"{data.num_classes} classes here; KD and Jacobian matching compare outputs one to one "
+                          "(use a teacher trained on these classes)")
+    return teacher
+
+
+def _load_state_dict(model: nn.Module, path: str, device) -> None:
+    """Weights from a plain ``state_dict`` file (``torch.load(weights_only=True)``)."""
+    if not Path(path).is_file():
+        raise ConfigError(f"teacher weights {path} do not exist")
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+    except Exception as exc:
+        raise ConfigError(f"teacher weights {path} could not be read as a state_dict "
+                          f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from None
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise ConfigError(f"teacher weights {path} hold a {type(state).__name__}, not a state_dict")
+    target = model.net if isinstance(model, ExternalClassifier) else model
+    try:
+        result = target.load_state_dict(state, strict=False)
+    except RuntimeError as exc:
+        raise ConfigError(f"teacher weights {path} do not fit {model.arch['name']}: "
+                          f"{str(exc).splitlines()[-1].strip()[:300]}") from None
+    missing = [k for k in result.missing_keys if k not in ("mean", "std")]
+    if missing or result.unexpected_keys:
+        raise ConfigError(f"teacher weights {path} do not fit {model.arch['name']}: missing {missing[:5]}, "
+                          f"unexpected {result.unexpected_keys[:5]}")
 
 
 def _init_from(model: nn.Module, path: str, device) -> None:
@@ -78,9 +152,10 @@ def _init_from(model: nn.Module, path: str, device) -> None:
 def _teacher_key(cfg: RunConfig) -> tuple:
     """Names the teacher's weights (path, mtime, size) and the data that fix the test set,
     so that evaluation computes the teacher's side of the Jacobian cosine once per process."""
-    st = os.stat(cfg.teacher)
+    weights = cfg.teacher or cfg.teacher_weights
+    st = os.stat(weights)
     d = cfg.data
-    return (str(Path(cfg.teacher).resolve()), st.st_mtime_ns, st.st_size, d.name, d.data_dir,
+    return (str(Path(weights).resolve()), st.st_mtime_ns, st.st_size, d.name, d.data_dir,
             tuple(d.classes or ()), d.val_size, d.split_seed)
 
 
@@ -92,8 +167,8 @@ def _estimate_step_bytes(cfg: RunConfig, data: DataSplits) -> int:
     """A coarse upper estimate of one step's activations, to refuse absurd settings early."""
     d = math.prod(data.train.images.shape[1:])
     o = cfg.objective
-    rows = {"all": data.num_classes, "top_k": o.top_k}.get(o.jm_outputs, o.num_projections)
-    per_sample = d * 4 * (64 + 8 * rows * (o.gamma > 0) + 4 * o.noise_draws * (o.noise_sigma > 0))
+    rows = rows_per_sample(build_terms(o), data.num_classes)
+    per_sample = d * 4 * (64 + 8 * rows + 4 * o.noise_draws * (o.noise_sigma > 0))
     return per_sample * min(cfg.optim.batch_size, max(len(data.train), 1))
 
 
@@ -161,16 +236,11 @@ def train(cfg: RunConfig, *, resume: bool = False, data: DataSplits | None = Non
         raise ConfigError(f"one step would need about {step_bytes >> 30} GiB: "
                           "lower optim.batch_size, objective.num_projections or objective.noise_draws")
 
-    teacher = None
-    if cfg.teacher:
-        teacher, _ = load_model(cfg.teacher, device)
-        if (cfg.objective.beta or cfg.objective.gamma) and teacher.num_classes != data.num_classes:
-            raise ConfigError(f"the teacher has {teacher.num_classes} outputs but {d.name} has "
-                              f"{data.num_classes} classes here: KD and JM need the same outputs")
+    teacher = _load_teacher(cfg, data, device)
     teacher_key = None if teacher is None or given else _teacher_key(cfg)
     torch.manual_seed(cfg.seed)
-    model = create_model(cfg.model.name, data.num_classes, data.in_channels, mean=data.mean, std=data.std,
-                         **cfg.model.options).to(device)
+    model = model_from_config(cfg.model, data.num_classes, data).to(device)
+    _check_input_shape(model, data, cfg.model.name, "model")
     if cfg.channels_last:  # convolutions then run channels-last (NHWC); values and checkpoints unchanged
         model = model.to(memory_format=torch.channels_last)
     if cfg.init_from and not resume:
@@ -191,7 +261,7 @@ def train(cfg: RunConfig, *, resume: bool = False, data: DataSplits | None = Non
 
     gen = torch.Generator()
     objective = TransferObjective(net, teacher, cfg.objective, generator=gen)
-    use_cache = cfg.teacher_cache and teacher is not None and cfg.objective.needs_teacher and not d.augment
+    use_cache = cfg.teacher_cache and objective.needs_teacher_targets and not d.augment
     cache = TeacherCache(len(data.train)) if use_cache else None
     scaler = torch.amp.GradScaler("cuda") if cfg.amp == "fp16" and device.type == "cuda" else None
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp)
@@ -203,6 +273,7 @@ def train(cfg: RunConfig, *, resume: bool = False, data: DataSplits | None = Non
         write_json_atomic(out / "indices.json", {"train": data.train_indices, "val": data.val_indices,
                                                  "dataset_sha256": data.content_sha256})
         if cfg.tensorboard:
+            require("tensorboard", "tensorboard")
             from torch.utils.tensorboard import SummaryWriter
             writer = SummaryWriter(str(out / "tensorboard"))
 
