@@ -19,7 +19,7 @@ from .core.terms import (AttentionJacobianLoss, AttentionTransferLoss, CrossEntr
                          JacobianMatchingLoss, JacobianPenalty, KDLoss, NoiseTrainingLoss, NoisyDistillationLoss,
                          Term)
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "input_jacobian", "vector_jacobian_product", "output_projections", "input_directions",

@@ -1,4 +1,4 @@
-"""Losses: gradients against finite differences, and METHOD.md §3.2's failure modes."""
+"""Losses: gradients against finite differences, and docs/method.md §3.2's failure modes."""
 
 import pytest
 import torch

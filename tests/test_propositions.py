@@ -1,4 +1,4 @@
-"""The closed forms of METHOD.md §2 pinned to the Taylor identity, and the slopes of §4."""
+"""The closed forms of docs/method.md §2 pinned to the Taylor identity, and the slopes of §4."""
 
 import math
 

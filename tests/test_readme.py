@@ -1,29 +1,40 @@
-"""The README's snippet, run exactly as written."""
+"""The README's snippets, run exactly as written, on their own (they define their models)."""
 
 import re
 from pathlib import Path
 
 import torch
-from torch import nn
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
-def readme_snippet() -> str:
+def readme_snippets() -> dict[str, str]:
     text = README.read_text()
-    match = re.search(r"<!-- snippet:.*?-->\s*```python\n(.*?)```", text, re.S)
-    assert match, "README.md lost its snippet block"
-    return match.group(1)
+    blocks = dict(re.findall(r"<!-- snippet: (\w+).*?-->\s*```python\n(.*?)```", text, re.S))
+    assert {"functional", "module"} <= set(blocks), "README.md lost a snippet block"
+    return blocks
 
 
-def test_readme_snippet_runs_and_trains_the_student():
-    code = readme_snippet()
-    assert len(code.strip().splitlines()) <= 10
+def test_functional_snippet_trains_the_student_and_never_the_teacher():
+    code = readme_snippets()["functional"]
     torch.manual_seed(0)
-    student = nn.Sequential(nn.Flatten(), nn.Linear(16, 8), nn.Tanh(), nn.Linear(8, 3))
-    teacher = nn.Sequential(nn.Flatten(), nn.Linear(16, 32), nn.Tanh(), nn.Linear(32, 3)).eval().requires_grad_(False)
-    scope = {"x": torch.randn(5, 1, 4, 4), "y": torch.randint(0, 3, (5,)), "student": student, "teacher": teacher}
+    scope: dict = {}
     exec(compile(code, str(README), "exec"), scope)
     assert torch.isfinite(scope["loss"])
-    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in student.parameters())
-    assert all(p.grad is None for p in teacher.parameters())
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in scope["student"].parameters())
+    assert all(p.grad is None for p in scope["teacher"].parameters())
+
+
+def test_module_snippet_is_six_lines_and_lowers_the_loss():
+    blocks = readme_snippets()
+    assert len(blocks["module"].strip().splitlines()) == 6
+    torch.manual_seed(0)
+    scope: dict = {}
+    exec(compile(blocks["functional"], str(README), "exec"), scope)
+    before = scope["jm"].TransferObjective(scope["student"], scope["teacher"], terms=[
+        scope["jm"].CrossEntropyLoss(), scope["jm"].KDLoss(1.0, temperature=8),
+        scope["jm"].JacobianMatchingLoss(10.0)])(scope["x"], scope["y"])[1].item()
+    exec(compile(blocks["module"], str(README), "exec"), scope)
+    assert set(scope["terms"]) == {"ce", "kd", "jm"}
+    assert scope["objective"](scope["x"], scope["y"])[1].item() < before
+    assert all(p.grad is None for p in scope["teacher"].parameters())

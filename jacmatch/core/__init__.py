@@ -1,4 +1,4 @@
-"""The maths of METHOD.md: Jacobians, losses, the composed objective, the propositions.
+"""The maths of docs/method.md: Jacobians, losses, the composed objective, the propositions.
 
 Knows nothing of data sets, training loops, files or processes.
 """

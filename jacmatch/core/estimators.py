@@ -55,6 +55,8 @@ class Estimator:
     forms: tuple[str, ...] = JM_FORMS
     #: the student's side is a reverse-mode input gradient (its inputs must require grad)
     student_input_grad = True
+    #: the student's logits come from a forward pass of the estimator's own (forward-mode AD)
+    owns_student_forward = False
 
     def __init__(self, form: str = "normalized", temperature: float = 4.0, top_k: int = 3,
                  num_projections: int = 1, fd_step: float = 1e-2):
@@ -237,6 +239,8 @@ class _InputDirections(_Drawn):
 @register_estimator("input_jvp")
 class InputJVP(_InputDirections):
     """Forward-mode J·u for teacher and student: no input gradient, no double backward."""
+
+    owns_student_forward = True
 
     def teacher_needs_graph(self, full_jacobian):
         return full_jacobian

@@ -1,4 +1,4 @@
-"""Input-output Jacobians of a network and their estimators (METHOD.md §1, §3.1, §3.2).
+"""Input-output Jacobians of a network and their estimators (docs/method.md §1, §3.1, §3.2).
 
 Everything here is a small pure function of tensors. A network maps inputs ``x`` of
 shape [B, ...] to outputs ``z`` of shape [B, k]; ``J(x) = ∂z/∂x`` has shape
@@ -6,7 +6,7 @@ shape [B, ...] to outputs ``z`` of shape [B, k]; ``J(x) = ∂z/∂x`` has shape
 BatchNorm in :func:`input_jacobian`), so one backward pass of a sum over the batch gives
 every sample's gradient at once.
 
-Estimators of the full Jacobian (METHOD.md §3.1):
+Estimators of the full Jacobian (docs/method.md §3.1):
 
 - exact rows: :func:`input_jacobian` with an index per sample ([B] or [B, m]);
 - random output projections: :func:`output_projections` then
@@ -82,7 +82,7 @@ def vector_jacobian_product(outputs: Tensor, inputs: Tensor, vectors: Tensor, *,
     on CPU the vmapped double backward is no faster at m = 10 and many times slower at
     m = 100 (``jacmatch bench --profile`` measures both; see BENCHMARKS.md).
     ``create_graph=True`` keeps the graph so that a loss of the result can be
-    back-propagated to the parameters (double backward, METHOD.md §3.2).
+    back-propagated to the parameters (double backward, docs/method.md §3.2).
     """
     _check_graph_inputs(outputs, inputs)
     if vectors.dim() == 2:
@@ -106,7 +106,7 @@ def input_jacobian(outputs: Tensor, inputs: Tensor, index: Tensor, *,
 
     ``index`` is a LongTensor [B] (one output per sample, result [B, *in]) or [B, m]
     (result [B, m, *in]). One output per sample is selected with ``gather`` so that
-    exactly one class per sample is differentiated (METHOD.md §3.2); the sum over the
+    exactly one class per sample is differentiated (docs/method.md §3.2); the sum over the
     batch then gives each sample's own gradient because samples do not interact.
 
     BatchNorm: in eval mode samples are independent and the rows are exact. In train
@@ -136,7 +136,7 @@ def input_jacobian(outputs: Tensor, inputs: Tensor, index: Tensor, *,
     return vector_jacobian_product(outputs, inputs, onehot, create_graph=create_graph, vectorize=vectorize)
 
 
-# ---- Which outputs to match (METHOD.md §3.1) -------------------------------------------
+# ---- Which outputs to match (docs/method.md §3.1) -------------------------------------------
 
 
 def label(labels: Tensor) -> Tensor:
@@ -162,7 +162,7 @@ def all_outputs(teacher_logits: Tensor) -> Tensor:
     return torch.arange(k, device=teacher_logits.device).expand(batch, k)
 
 
-# ---- Random projections (METHOD.md §3.1) ---------------------------------------------
+# ---- Random projections (docs/method.md §3.1) ---------------------------------------------
 
 
 def output_projections(batch: int, num_classes: int, num_projections: int = 1, *,

@@ -1,4 +1,4 @@
-"""The transfer losses of METHOD.md §3, as pure functions of tensors.
+"""The transfer losses of docs/method.md §3, as pure functions of tensors.
 
 Every loss is per sample, summed over the matched outputs (or averaged over random
 projections), averaged over the batch, and carries no weight: the weights α, β, γ, δ
@@ -45,7 +45,7 @@ def _as_rows(jac: Tensor, name: str, multiple_outputs: bool) -> Tensor:
 
 def normalize_per_sample(g: Tensor, eps: float = 1e-12) -> Tensor:
     """``ĝ = g / max(‖g‖₂, ε)`` over the last (flattened input) dimension of each sample
-    and output row, g being [B, m, D] (METHOD.md §3): never one norm for the whole batch, never a NaN at a zero gradient."""
+    and output row, g being [B, m, D] (docs/method.md §3): never one norm for the whole batch, never a NaN at a zero gradient."""
     return g / g.norm(dim=-1, keepdim=True).clamp_min(eps)
 
 
@@ -62,7 +62,7 @@ def _check_jacobians(student_jac: Tensor, teacher_jac: Tensor,
             "with input_jacobian(..., create_graph=True) (or call this under torch.no_grad() to "
             "only measure)"
         )
-    # The teacher is a fixed target: no gradient may flow into it (METHOD.md §3.2).
+    # The teacher is a fixed target: no gradient may flow into it (docs/method.md §3.2).
     return (_full(_as_rows(student_jac, "student_jac", multiple_outputs)),
             _full(_as_rows(teacher_jac.detach(), "teacher_jac", multiple_outputs)))
 
@@ -70,7 +70,7 @@ def _check_jacobians(student_jac: Tensor, teacher_jac: Tensor,
 def jacobian_matching_loss(student_jac: Tensor, teacher_jac: Tensor, form: str = "normalized", *,
                            teacher_probs: Tensor | None = None, multiple_outputs: bool = False,
                            eps: float = 1e-12) -> Tensor:
-    """Jacobian matching (METHOD.md §3, item 3): per sample, summed over rows, batch mean.
+    """Jacobian matching (docs/method.md §3, item 3): per sample, summed over rows, batch mean.
 
     ``student_jac`` and ``teacher_jac`` are [B, *in] (one matched output per sample), or
     [B, m, *in] with ``multiple_outputs=True`` (m matched outputs, or m projections).
@@ -103,7 +103,7 @@ def jacobian_matching_loss(student_jac: Tensor, teacher_jac: Tensor, form: str =
 
 
 def jacobian_penalty(student_jac: Tensor, form: str = "sq", *, multiple_outputs: bool = False) -> Tensor:
-    """Jacobian-norm penalty of Proposition 2 (METHOD.md §3, item 4).
+    """Jacobian-norm penalty of Proposition 2 (docs/method.md §3, item 4).
 
     - ``"sq"``: ``Σ_c ‖∇S_c‖²``, the first-order part of squared-error noise training;
       ``student_jac`` holds the Jacobian rows of the outputs S.
@@ -123,7 +123,7 @@ def jacobian_penalty(student_jac: Tensor, form: str = "sq", *, multiple_outputs:
 
 def kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 4.0,
             form: str = "kl") -> Tensor:
-    """Activation matching (METHOD.md §3, item 2).
+    """Activation matching (docs/method.md §3, item 2).
 
     ``"kl"``: ``τ² · KL(softmax(z_T/τ) ‖ softmax(z_S/τ))`` (Hinton et al. 2015), batch mean.
     ``"mse"``: ``Σ_i (z_T,i − z_S,i)²`` on logits, summed over classes, batch mean.
@@ -153,7 +153,7 @@ def attention_map(features: Tensor) -> Tensor:
 
 def attention_transfer_loss(student_features: Sequence[Tensor], teacher_features: Sequence[Tensor],
                             eps: float = 1e-12) -> Tensor:
-    """``Σ_j ‖Q̂_S^j − Q̂_T^j‖₂`` over paired layers j, batch mean (METHOD.md §3, item 5).
+    """``Σ_j ‖Q̂_S^j − Q̂_T^j‖₂`` over paired layers j, batch mean (docs/method.md §3, item 5).
 
     Each Q is flattened and L2-normalised per sample. Where a pair's spatial sizes differ,
     the larger map is average-pooled to the smaller one.
@@ -176,7 +176,7 @@ def attention_transfer_loss(student_features: Sequence[Tensor], teacher_features
     return total
 
 
-# ---- Noise by Monte Carlo (METHOD.md §3, item 6): the quantities the propositions approximate
+# ---- Noise by Monte Carlo (docs/method.md §3, item 6): the quantities the propositions approximate
 
 
 def gaussian_noise(inputs: Tensor, sigma: float, num_draws: int, *, antithetic: bool = False,

@@ -1,10 +1,10 @@
 """The composed transfer objective: ``α·CE + β·KD + γ·JM + δ·AT + δ_J·ATJ + λ·penalty``
-(METHOD.md §3, "Total").
+(docs/method.md §3, "Total").
 
 :class:`TransferObjective` knows nothing about data, files, processes or progress bars:
 one call computes one step's loss and returns its named terms (mdistiller's contract).
 The teacher is frozen and kept in eval mode; its Jacobians are taken without a graph
-and without parameter gradients (METHOD.md §3.2).
+and without parameter gradients (docs/method.md §3.2).
 
 What the teacher contributes to a batch is collected in a dict of per-sample tensors
 (:meth:`TransferObjective.teacher_targets`), so that a trainer can compute it once per
@@ -31,13 +31,13 @@ from .terms import (AttentionJacobianLoss, AttentionTransferLoss, CrossEntropyLo
 __all__ = ["ObjectiveConfig", "TransferObjective", "FeatureTaps", "JM_OUTPUTS", "build_terms",
            "rows_per_sample", "jacobian_cosine", "teacher_top1_gradient"]
 
-#: Which Jacobians are matched: the registered estimators (docs/method.md, "Which Jacobians").
+#: The built-in estimators (docs/method.md, "Which Jacobians"); users may register more.
 JM_OUTPUTS = tuple(list_estimators())
 
 
 @dataclass
 class ObjectiveConfig:
-    """Weights and settings of the objective; symbols as in METHOD.md §3."""
+    """Weights and settings of the objective; symbols as in docs/method.md §3."""
 
     alpha: float = 1.0            # α: cross-entropy on labels
     beta: float = 0.0             # β: activation matching (KD)
@@ -64,8 +64,8 @@ class ObjectiveConfig:
             value = getattr(self, name)
             if not (value >= 0 and value < float("inf")):
                 raise ValueError(f"objective.{name} must be a finite number >= 0, got {value}")
-        if self.jm_outputs not in JM_OUTPUTS:
-            raise ValueError(f"unknown objective.jm_outputs {self.jm_outputs!r}: use one of {JM_OUTPUTS}")
+        if self.jm_outputs not in list_estimators():
+            raise ValueError(f"unknown objective.jm_outputs {self.jm_outputs!r}: use one of {list_estimators()}")
         if self.jm_form not in ("normalized", "sq", "ce"):
             raise ValueError(f"unknown objective.jm_form {self.jm_form!r}: use normalized, sq or ce")
         create_estimator(self.jm_outputs, form=self.jm_form)  # each estimator says which forms it takes
@@ -148,6 +148,11 @@ class TransferObjective(nn.Module):
         if any(t.needs_teacher for t in terms) and teacher is None:
             raise ValueError(f"the terms {[t.key for t in terms if t.needs_teacher]} need a teacher: "
                              "pass teacher=... or drop them (β, γ, δ need a teacher)")
+        owner = [t.key for t in terms if isinstance(t, JacobianMatchingLoss) and t.estimator.owns_student_forward]
+        if owner and any(t.needs_input_grad for t in terms):
+            raise ValueError("jm_outputs=input_jvp takes the student's logits from a forward-mode pass, which has "
+                             f"no input gradient for {[t.key for t in terms if t.needs_input_grad]}: use "
+                             "jm_outputs=projection or input_fd with those terms")
         self.config = config
         self.terms = nn.ModuleList(terms)
         self.student = student

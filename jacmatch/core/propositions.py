@@ -1,4 +1,4 @@
-"""Propositions 1 and 2 of METHOD.md §2, in closed form and by Monte Carlo (§4).
+"""Propositions 1 and 2 of docs/method.md §2, in closed form and by Monte Carlo (§4).
 
 For a single input ``x ∈ R^D`` and small networks ``T, S: R^D → R^k`` (float64), each
 proposition's noisy loss ``E_ξ ℓ(x + ξ)``, ``ξ = σu``, is
@@ -68,7 +68,7 @@ def _log_soft(net: nn.Module, tau: float) -> Callable[[Tensor], Tensor]:
     return lambda x: F.log_softmax(net(x) / tau, dim=-1)
 
 
-# ---- closed forms of METHOD.md §2: each returns (full, short) ---------------------------
+# ---- closed forms of docs/method.md §2: each returns (full, short) ---------------------------
 
 
 def prop1_sq(teacher, student, x, y, sigma, tau=1.0):
@@ -176,7 +176,7 @@ def fit_slope(sigmas, residuals, stderrs, floor: float = 1e-13) -> float | None:
 
 def sweep(activation: str, sigmas, num_draws: int, *, in_dim: int = 4, num_classes: int = 3,
           seed: int = 0, tau: float = 1.0) -> list[dict]:
-    """One record per proposition and form, for one activation (METHOD.md §4)."""
+    """One record per proposition and form, for one activation (docs/method.md §4)."""
     teacher = make_mlp(in_dim, 24, num_classes, activation, seed)
     student = make_mlp(in_dim, 12, num_classes, activation, seed + 1)
     gen = torch.Generator().manual_seed(seed + 2)

@@ -92,7 +92,8 @@ def main(out: str = "docs/compatibility.md", json_path: str | None = None, only:
         "Each model, with random weights and 10 classes, takes one KD + JM step (teacher top-1, normalized) on a "
         "batch of 2: as the student (its double backward) against a small CNN teacher, and as the teacher "
         "against a small CNN student. The input is 3×64×64, or 3×224×224 for models that cannot take 64×64. "
-        "Step times are of one step on this CPU, in ms, forward and backward.", "",
+        "Step times are of the second of two steps on this CPU, in ms, forward and backward, measured while "
+        "other work shared the machine: read them as orders of magnitude.", "",
         f"{works} of {len(records)} models work as students as they are; {fixed} more work with "
         "`--set model.replace_hard_activations=true`, which replaces Hardsigmoid/Hardswish by modules with the "
         "same outputs and a double backward (`jacmatch check-model SPEC --fix` shows the difference).", "",

@@ -347,7 +347,7 @@ def build_report() -> str:
         if (PAPER / "gradients.png").is_file() else _missing("jacmatch experiment pictures"),
         "## How this differs from the paper\n",
         "- Data: Fashion-MNIST (the paper: CIFAR-10/100 and MIT Scenes), because it installs from Debian and trains on "
-        "2 CPU cores; the CIFAR configs are in `configs/cifar/`.",
+        "2 CPU cores; the CIFAR configs are in `jacmatch/configs/cifar/`.",
         "- Architectures: a ResNet-20 teacher and a small 3-stage CNN student (the paper: WRNs and VGG/ResNet), sized "
         "for a 2-core CPU.",
         "- Epochs: far fewer than the paper (" + (f"{t['epochs']} for the teacher" if t else "a few for the teacher")

@@ -1,4 +1,4 @@
-"""``jacmatch verify``: Propositions 1 and 2 checked numerically (METHOD.md §4)."""
+"""``jacmatch verify``: Propositions 1 and 2 checked numerically (docs/method.md §4)."""
 
 from __future__ import annotations
 

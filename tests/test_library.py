@@ -1,0 +1,361 @@
+"""jacmatch as a library: terms as modules composed by hand, estimators registered by
+users, any model (import paths, tuple/dict outputs, plain state_dicts), double-backward
+checks, the shipped configs, the CLI's defaults, and the wheel installed elsewhere."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import jacmatch as jm
+from conftest import SmallCNN
+from jacmatch.cli import main as cli_main
+from jacmatch.models import create_model, replace_hard_activations
+
+ROOT = Path(__file__).resolve().parents[1]
+TESTS = Path(__file__).resolve().parent
+
+
+def pair():
+    torch.manual_seed(7)
+    return SmallCNN(k=5).double(), SmallCNN(k=5).double()
+
+
+def batch():
+    g = torch.Generator().manual_seed(8)
+    return torch.randn(6, 1, 6, 6, generator=g, dtype=torch.float64), torch.randint(0, 5, (6,), generator=g)
+
+
+# ---- terms composed by hand ------------------------------------------------------------
+
+HAND = {
+    "kd+jm": (jm.ObjectiveConfig(alpha=1, beta=0.5, gamma=2, temperature=3),
+              lambda: [jm.CrossEntropyLoss(1), jm.KDLoss(0.5, temperature=3),
+                       jm.JacobianMatchingLoss(2, "teacher_top1", temperature=3)]),
+    "projection": (jm.ObjectiveConfig(beta=1, gamma=1, jm_outputs="projection", num_projections=3),
+                   lambda: [jm.CrossEntropyLoss(), jm.KDLoss(1), jm.JacobianMatchingLoss(1, "projection",
+                                                                                          num_projections=3)]),
+    "noise+penalty": (jm.ObjectiveConfig(alpha=1, beta=1, noise_sigma=0.1, noise_draws=2, penalty=0.3,
+                                         penalty_form="sq", num_projections=2, gamma=1, jm_outputs="input_fd",
+                                         jm_form="sq"),
+                      lambda: [jm.NoiseTrainingLoss(1, 0.1, 2), jm.NoisyDistillationLoss(1, 0.1, 2),
+                               jm.JacobianMatchingLoss(1, "input_fd", "sq", num_projections=2),
+                               jm.JacobianPenalty(0.3, "sq", 2)]),
+    "attention": (jm.ObjectiveConfig(alpha=1, delta=2, delta_jacobian=0.5, at_layers=["bn:conv"]),
+                  lambda: [jm.CrossEntropyLoss(), jm.AttentionTransferLoss(2, ["bn:conv"]),
+                           jm.AttentionJacobianLoss(0.5, ["bn:conv"])]),
+}
+
+
+@pytest.mark.parametrize("name", list(HAND))
+def test_terms_composed_by_hand_equal_the_config_built_objective(name):
+    cfg, terms = HAND[name]
+    results = []
+    for objective_args in ({"config": cfg}, {"terms": terms()}):
+        student, teacher = pair()
+        obj = jm.TransferObjective(student, teacher, generator=torch.Generator().manual_seed(2), **objective_args)
+        x, y = batch()
+        logits, total, values = obj(x, y)
+        total.backward()
+        results.append((logits.detach(), total.detach(), values, [p.grad.clone() for p in student.parameters()]))
+    (l1, t1, v1, g1), (l2, t2, v2, g2) = results
+    assert torch.equal(l1, l2) and torch.equal(t1, t2) and v1.keys() == v2.keys()
+    assert all(torch.equal(a, b) for a, b in zip(g1, g2))
+
+
+def test_objective_is_a_module_that_moves_and_keeps_its_teacher_frozen():
+    student, teacher = SmallCNN(k=5), SmallCNN(k=5)
+    obj = jm.TransferObjective(student, teacher, jm.ObjectiveConfig(beta=1, gamma=1))
+    obj.to(torch.float64).train()
+    assert not teacher.training and student.training
+    assert next(student.parameters()).dtype == torch.float64 == next(teacher.parameters()).dtype
+    assert [t.key for t in obj.terms] == ["ce", "kd", "jm"]
+    x, y = batch()
+    _, total, _ = obj(x, y)
+    assert total.dtype == torch.float64
+
+
+def test_terms_in_a_plain_loop_equal_the_functional_api():
+    student, teacher = pair()
+    x, y = batch()
+    x.requires_grad_()
+    zs, zt = student(x), teacher(x)
+    idx = jm.teacher_top1(zt.detach())
+    js = jm.input_jacobian(zs, x, idx, create_graph=True)
+    jt = jm.input_jacobian(zt, x, idx)
+    assert torch.equal(jm.KDLoss(temperature=2)(zs, zt), jm.kd_loss(zs, zt, 2))
+    assert torch.allclose(jm.JacobianMatchingLoss()(x, zs, teacher), jm.jacobian_matching_loss(js, jt), atol=0,
+                          rtol=1e-12)
+    gen = torch.Generator().manual_seed(1)
+    assert torch.equal(jm.NoiseTrainingLoss(1, 0.1, 4)(student, x, y, torch.Generator().manual_seed(1)),
+                       jm.noise_training_loss(student, x, y, 0.1, 4, generator=gen))
+
+
+def test_a_user_estimator_is_one_class_and_its_registration():
+    from jacmatch.core.estimators import _ESTIMATORS, TeacherTop1Row
+
+    @jm.register_estimator("second_choice")
+    class SecondChoice(TeacherTop1Row):
+        """The teacher's second most likely class."""
+
+        def index(self, teacher_logits, y):
+            return jm.teacher_top_k(teacher_logits, 2)[:, 1:]
+
+    try:
+        student, teacher = pair()
+        x, y = batch()
+        obj = jm.TransferObjective(student, teacher, jm.ObjectiveConfig(gamma=1, jm_outputs="second_choice"))
+        _, total, terms = obj(x, y)
+        second = jm.teacher_top_k(teacher(x), 2)[:, 1]
+        xs = x.clone().requires_grad_()
+        expected = jm.jacobian_matching_loss(jm.input_jacobian(student(xs), xs, second, create_graph=True),
+                                             jm.input_jacobian(teacher(xs), xs, second))
+        torch.testing.assert_close(terms["jm"], expected)
+        cached = obj.teacher_targets(x, y, full_jacobian=True)
+        torch.testing.assert_close(obj(x, y, cached)[2]["jm"], terms["jm"])
+    finally:
+        _ESTIMATORS.pop("second_choice")
+
+
+def test_input_jvp_with_a_term_that_needs_input_gradients_is_refused():
+    student, teacher = pair()
+    with pytest.raises(ValueError, match="input_jvp"):
+        jm.TransferObjective(student, teacher, terms=[jm.JacobianMatchingLoss(1, "input_jvp", "sq"),
+                                                      jm.JacobianPenalty(1)])
+
+
+def test_estimators_refuse_forms_they_cannot_estimate():
+    with pytest.raises(ValueError, match="jm_form=sq"):
+        jm.JacobianMatchingLoss(1, "input_fd", "normalized")
+    with pytest.raises(ValueError, match="exact rows"):
+        jm.JacobianMatchingLoss(1, "projection", "ce")
+    with pytest.raises(ValueError, match="unknown Jacobian estimator 'everything'"):
+        jm.JacobianMatchingLoss(1, "everything")
+
+
+# ---- outputs of any model --------------------------------------------------------------
+
+
+def test_logits_of_tuples_dicts_and_objects():
+    z = torch.randn(3, 4)
+    assert jm.logits_of(z) is z
+    assert jm.logits_of((z, torch.randn(3, 4, 5))) is z
+    assert jm.logits_of({"logits": z, "hidden": z}) is z
+    assert jm.logits_of((torch.randn(3, 2), z), output=1) is z
+    with pytest.raises(ValueError, match="model.output"):
+        jm.logits_of((z, z))
+    with pytest.raises(ValueError, match="no 'scores'"):
+        jm.logits_of({"logits": z}, output="scores")
+
+
+@pytest.mark.parametrize("spec,output", [("user_models:TupleNet", 0), ("user_models:DictNet", None)])
+def test_models_with_tuple_or_dict_outputs_train_through_the_objective(spec, output):
+    student = create_model(spec, 5, 1, output=output)
+    teacher = create_model("small_cnn_4", 5, 1)
+    x, y = torch.rand(4, 1, 8, 8), torch.randint(0, 5, (4,))
+    _, total, terms = jm.TransferObjective(student, teacher, jm.ObjectiveConfig(beta=1, gamma=1))(x, y)
+    total.backward()
+    assert set(terms) == {"ce", "kd", "jm"} and student.net.head.weight.grad.abs().sum() > 0
+
+
+def test_ambiguous_output_names_the_option():
+    student = create_model("user_models:TupleNet", 5, 1)
+    student.net.head = torch.nn.Linear(4, 5)  # (logits, aux): both [B, 5], ambiguous without output=
+    with pytest.raises(ValueError, match="model.output"):
+        student(torch.rand(2, 1, 8, 8))
+
+
+def test_teacher_student_class_count_mismatch_is_named():
+    student, teacher = create_model("small_cnn_4", 10, 1), create_model("small_cnn_4", 1000, 1)
+    with pytest.raises(ValueError, match="teacher has 1000 outputs and the student 10"):
+        jm.TransferObjective(student, teacher, jm.ObjectiveConfig(beta=1, gamma=1))(torch.rand(2, 1, 8, 8),
+                                                                                      torch.tensor([1, 2]))
+
+
+def test_import_path_models_take_num_classes_and_options():
+    model = create_model("user_models:tiny_cnn", 7, 3, width=4)
+    assert model(torch.rand(2, 3, 9, 9)).shape == (2, 7)
+    assert model.arch == {"name": "user_models:tiny_cnn", "num_classes": 7, "in_channels": 3, "width": 4}
+    with pytest.raises(ValueError, match="cannot import 'no_such_module'"):
+        create_model("no_such_module:f", 10, 1)
+    with pytest.raises(ValueError, match="has no attribute 'nope'"):
+        create_model("user_models:nope", 10, 1)
+
+
+# ---- double backward -------------------------------------------------------------------
+
+
+def test_check_model_names_the_hardsigmoid_module_and_the_fix_changes_no_output():
+    from jacmatch.training.compat import check_model
+    r = check_model("user_models:se_net", (3, 16, 16), fix=True)
+    assert r.teacher_ok and not r.student_ok
+    assert r.failing_module == "net.2.1 (Hardsigmoid)" and "hardsigmoid_backward" in r.student_error
+    assert r.fix == "replace_hard_activations" and r.fixed_max_abs_diff <= 1e-6
+    assert check_model("resnet20", (1, 12, 12)).student_ok
+
+
+def test_replaced_hard_activations_match_torch_in_float64():
+    torch.manual_seed(0)
+    plain = create_model("user_models:se_net", 10, 3).double()
+    fixed = create_model("user_models:se_net", 10, 3).double()
+    fixed.load_state_dict(plain.state_dict())
+    assert replace_hard_activations(fixed) == ["net.1", "net.2.1"]
+    x = torch.randn(8, 3, 6, 6, dtype=torch.float64) * 4  # both sides of ±3
+    torch.testing.assert_close(fixed(x), plain(x), atol=1e-12, rtol=0)
+
+
+def test_check_model_cli_exit_codes(capsys):
+    sys.path.insert(0, str(TESTS))
+    assert cli_main(["check-model", "user_models:se_net", "--input-shape", "3x8x8"]) == 1
+    assert "net.2.1 (Hardsigmoid)" in capsys.readouterr().out
+    assert cli_main(["check-model", "user_models:se_net", "--input-shape", "3x8x8", "--fix"]) == 0
+
+
+# ---- configs and the command line ------------------------------------------------------
+
+
+def test_every_config_key_has_a_type_default_and_meaning(capsys):
+    from jacmatch.training.config import config_keys
+    rows = config_keys()
+    assert not [k for k, _, _, meaning in rows if not meaning]
+    assert cli_main(["config", "--list"]) == 0
+    out = capsys.readouterr().out
+    assert "objective.gamma" in out and "model.replace_hard_activations" in out
+
+
+def test_every_cli_option_has_help():
+    from jacmatch.cli import build_parser
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command")
+    missing = [f"{name} {a.option_strings or a.dest}" for name, p in sub.choices.items() for a in p._actions
+               if a.help is None and a.dest != "help"]
+    assert not missing
+
+
+def test_shipped_configs_are_found_by_name():
+    from jacmatch.training.config import ConfigError, load_config, packaged_configs
+    assert {"paper/distill", "cifar/wrn_40_2_wrn_16_2"} <= set(packaged_configs())
+    assert load_config("paper/distill") == load_config("configs/paper/distill.yaml")
+    with pytest.raises(ConfigError, match="paper/distill"):
+        load_config("paper/nothing")
+
+
+def test_untrusted_import_path_checkpoint_is_refused(tmp_path):
+    from jacmatch.training import load_model
+    from jacmatch.training.checkpoint import CheckpointError, save_checkpoint
+    model = create_model("user_models:tiny_cnn", 3, 1)
+    save_checkpoint(tmp_path / "m.pt", {"model": model.state_dict(), "arch": model.arch})
+    with pytest.raises(CheckpointError, match="--model user_models:tiny_cnn"):
+        load_model(tmp_path / "m.pt")
+    loaded, _ = load_model(tmp_path / "m.pt", trust="user_models:tiny_cnn")
+    x = torch.rand(2, 1, 6, 6)
+    torch.testing.assert_close(loaded(x), model(x))
+
+
+def test_missing_extra_names_what_to_install():
+    from jacmatch._extras import MissingExtra, require
+    with pytest.raises(MissingExtra, match=r"pip install 'jacmatch\[plots\]'"):
+        require("no_such_plotting_library", "plots")
+
+
+def test_no_file_of_the_project_points_outside_it():
+    tracked = subprocess.run(["git", "grep", "-l", "shared/", "--", "."], cwd=ROOT, capture_output=True, text=True)
+    assert tracked.stdout == "", tracked.stdout
+
+
+# ---- end to end, from another folder ---------------------------------------------------
+
+
+def _env(extra_path: str | None = None) -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    if extra_path:
+        env["PYTHONPATH"] = extra_path
+    return env
+
+
+def run(args, cwd, env, timeout=600):
+    r = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    return r.stdout
+
+
+@pytest.mark.slow
+def test_distill_defaults_to_kd_and_jm_with_a_user_model_and_state_dict_teacher(tmp_path):
+    """From a folder outside the checkout: an import-path student, a teacher from a plain
+    state_dict, and no objective flags: the run logs ce, kd and jm."""
+    torch.manual_seed(0)
+    teacher = create_model("user_models:tiny_cnn", 10, 1, width=16)
+    torch.save(teacher.net.state_dict(), tmp_path / "teacher_sd.pt")
+    cli = [sys.executable, "-m", "jacmatch", "distill", "--dataset", "digits", "--model", "user_models:tiny_cnn",
+           "--teacher-model", "user_models:tiny_cnn", "--set", "teacher_model.options.width=16",
+           "--teacher-weights", str(tmp_path / "teacher_sd.pt"), "--samples-per-class", "2",
+           "--set", "optim.epochs=1", "--set", "progress=false", "--out", str(tmp_path / "s")]
+    out = run(cli, tmp_path, _env(str(TESTS)))
+    assert "objective: 1·CE + 1·KD (τ = 8) + 10·JM (normalized, teacher_top1)" in out
+    metrics = json.loads((tmp_path / "s" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert set(metrics["train"]) == {"ce", "kd", "jm"}
+    mismatch = subprocess.run([*cli[:-1], str(tmp_path / "s2"), "--set", "teacher_model.num_classes=1000"],
+                              cwd=tmp_path, env=_env(str(TESTS)), capture_output=True, text=True, timeout=300)
+    assert mismatch.returncode == 2 and "Traceback" not in mismatch.stderr
+    assert "the teacher has 1000 outputs but digits has 10 classes" in mismatch.stderr.replace("\n", " ") or \
+        "do not fit" in mismatch.stderr
+
+
+@pytest.mark.slow
+def test_the_wheel_installs_and_runs_from_another_folder(tmp_path):
+    """Build the wheel, install it into a fresh venv (dependencies from the project's
+    environment), and run an experiment from a folder that is not the checkout."""
+    import sysconfig
+    dist = tmp_path / "dist"
+    run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(dist), str(ROOT)],
+        tmp_path, _env())
+    wheel = next(dist.glob("jacmatch-*.whl"))
+    venv = tmp_path / "venv"
+    run([sys.executable, "-m", "venv", "--without-pip", str(venv)], tmp_path, _env())
+    py = venv / "bin" / "python"
+    site = run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], tmp_path, _env()).strip()
+    Path(site, "_project_env.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    run([str(py), "-m", "pip", "install", "-q", "--no-deps", "--ignore-installed", str(wheel)], tmp_path, _env())
+    where = run([str(py), "-c", "import jacmatch; print(jacmatch.__file__)"], tmp_path, _env()).strip()
+    assert where.startswith(str(venv)), where
+    work = tmp_path / "elsewhere"
+    work.mkdir()
+    out = run([str(venv / "bin" / "jacmatch"), "experiment", "teacher", "--quick", "--out", str(tmp_path / "o")],
+              work, _env())
+    assert "== teacher done" in out
+    assert (tmp_path / "o" / "results" / "quick" / "teacher.json").is_file()
+    assert run([str(venv / "bin" / "jacmatch"), "--version"], work, _env()).strip().startswith("jacmatch ")
+    assert "paper/distill" in run([str(venv / "bin" / "jacmatch"), "config", "--files"], work, _env())
+
+
+@pytest.mark.slow
+def test_demo_says_what_it_does_within_ten_seconds(tmp_path):
+    proc = subprocess.Popen([sys.executable, "-m", "jacmatch", "demo", "--out", str(tmp_path / "d")], cwd=tmp_path,
+                            stdout=subprocess.PIPE, text=True)
+    start = time.time()
+    try:
+        line = proc.stdout.readline()
+    finally:
+        proc.kill()
+        proc.wait()
+    assert time.time() - start < 10 and line.startswith("demo on digits"), line
+
+
+# ---- torchvision and timm (the venv of `make vision-venv`) ------------------------------
+
+
+@pytest.mark.vision
+@pytest.mark.parametrize("spec", ["torchvision:resnet18", "timm:resnet10t", "torchvision:mobilenet_v3_small"])
+def test_torchvision_and_timm_models_as_students(spec):
+    student = create_model(spec, 10, 3, replace_hard_activations=True)
+    teacher = create_model("small_cnn_4", 10, 3)
+    x, y = torch.rand(2, 3, 32, 32), torch.tensor([1, 2])
+    _, total, terms = jm.TransferObjective(student.train(), teacher, jm.ObjectiveConfig(beta=1, gamma=1))(x, y)
+    total.backward()
+    assert set(terms) == {"ce", "kd", "jm"} and torch.isfinite(total)
