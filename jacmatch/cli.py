@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from . import __version__
@@ -82,7 +83,8 @@ def _run_training(args, kind: str) -> None:
     if kind == "distill" and not (cfg.teacher or cfg.teacher_weights):
         raise ConfigError("distill needs --teacher CKPT (a checkpoint written by train-teacher), or "
                           "--teacher-model SPEC --teacher-weights FILE")
-    if kind == "distill":
+    main_process = int(os.environ.get("RANK", "0")) == 0  # under torchrun only rank 0 reports
+    if kind == "distill" and main_process:
         o = cfg.objective
         print(f"objective: {_objective_text(vars(o))}" + (f" + {o.delta:g}·AT" if o.delta else "")
               + (f" + {o.penalty:g}·penalty" if o.penalty else ""), flush=True)
@@ -91,6 +93,8 @@ def _run_training(args, kind: str) -> None:
     except NonFiniteError as exc:
         print(f"jacmatch: error: {exc}", file=sys.stderr)
         raise SystemExit(EXIT_NONFINITE)
+    if not main_process:
+        return
     test = results["final"]["test"] or {}
     print(f"{cfg.out_dir}: test accuracy {test.get('acc', float('nan')):.4f}"
           + "".join(f", σ={s}: {a:.4f}" for s, a in test.get("noisy_acc", {}).items())

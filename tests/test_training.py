@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
+import jacmatch as jm
+
 from conftest import first_errors
 from jacmatch.training import config_from_dict, load_checkpoint, train
 from jacmatch.training.trainer import RunExistsError
@@ -132,6 +134,45 @@ def test_ddp_two_processes_equal_one_process(tmp_path, teacher):
     metrics = [json.loads(line) for line in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()]
     assert len(metrics) == 2 and metrics[-1]["train"]["jm"] > 0
     assert metrics[0]["steps"] == 2  # 4 classes × 8 samples / global batch 16, each rank 8 per step
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name,settings", [
+    ("projection+noise+augment", ["--set", "objective.jm_outputs=projection", "--set", "objective.num_projections=2",
+                                  "--set", "objective.noise_sigma=0.1", "--set", "data.augment=true"]),
+    ("batchnorm+sync", ["--set", "model.options.batchnorm=true", "--set", "ddp.sync_batchnorm=true"]),
+])
+def test_the_number_of_processes_does_not_change_the_result(tmp_path, teacher, name, settings):
+    """Random estimators, noise and augmentation draw per sample from one seed, and a
+    BatchNorm student normalises over the global batch (ddp.sync_batchnorm): 2 processes
+    train the weights of 1, and only rank 0 prints its result."""
+    common = ["--teacher", teacher, "--dataset", "synthetic", "--model", "small_cnn_4", "--samples-per-class", "8",
+              "--set", "objective.beta=1", "--set", "objective.gamma=1", "--set", "optim.epochs=2",
+              "--set", "optim.batch_size=16", "--set", "progress=false", "--set", "eval.every=2", *settings]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          "-m", "jacmatch", "distill", "--out", str(tmp_path / "ddp"), *common],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert ddp.returncode == 0, first_errors(ddp.stderr)
+    assert ddp.stdout.count("test accuracy") == 1 and "nan" not in ddp.stdout, ddp.stdout
+    single = subprocess.run([sys.executable, "-m", "jacmatch", "distill", "--out", str(tmp_path / "one"), *common],
+                            capture_output=True, text=True, env=env, timeout=300)
+    assert single.returncode == 0, single.stderr[-3000:]
+    assert_same_weights(weights(tmp_path / "ddp" / "last.pt"), weights(tmp_path / "one" / "last.pt"), atol=1e-5)
+
+
+def test_sharded_draws_are_the_single_process_draws_of_the_same_samples():
+    from jacmatch.core.draws import ShardedGenerator
+    one = jm.output_projections(8, 3, 2, generator=torch.Generator().manual_seed(5))
+    for world in (2, 4):
+        shards = [jm.output_projections(8 // world, 3, 2, generator=ShardedGenerator(
+            torch.Generator().manual_seed(5), rank, world)) for rank in range(world)]
+        for rank, shard in enumerate(shards):
+            assert torch.equal(shard, one[rank::world])
+    noise = jm.gaussian_noise(torch.zeros(6, 1, 2, 2), 0.1, 2, generator=torch.Generator().manual_seed(3))
+    half = jm.gaussian_noise(torch.zeros(3, 1, 2, 2), 0.1, 2, generator=ShardedGenerator(
+        torch.Generator().manual_seed(3), 1, 2))
+    assert torch.equal(half.reshape(2, 3, 1, 2, 2), noise.reshape(2, 6, 1, 2, 2)[:, 1::2])
 
 
 def run_cli(*args, cwd=None):

@@ -25,6 +25,8 @@ import torch
 import torch.autograd.forward_ad as fwAD
 from torch import Tensor
 
+from .draws import per_sample_draw
+
 __all__ = [
     "input_jacobian",
     "vector_jacobian_product",
@@ -171,8 +173,8 @@ def output_projections(batch: int, num_classes: int, num_projections: int = 1, *
     """``v ~ N(0, I_k)``: [B, P, k]. ``E‖vᵀ A‖² = ‖A‖²_F`` for any [k, D] matrix A."""
     if num_projections < 1:
         raise ValueError(f"num_projections must be >= 1, got {num_projections}")
-    v = torch.randn(batch, num_projections, num_classes, generator=generator, dtype=dtype,
-                    device="cpu" if generator is not None and generator.device.type == "cpu" else device)
+    v = per_sample_draw(torch.randn, (batch, num_projections, num_classes), generator=generator, dtype=dtype,
+                        device="cpu" if generator is not None and generator.device.type == "cpu" else device)
     return v.to(device) if device is not None else v
 
 
@@ -183,7 +185,7 @@ def input_directions(inputs: Tensor, num_directions: int = 1, *,
         raise ValueError(f"num_directions must be >= 1, got {num_directions}")
     shape = (inputs.shape[0], num_directions, *inputs.shape[1:])
     gen_device = generator.device if generator is not None else inputs.device
-    u = torch.randn(shape, generator=generator, dtype=inputs.dtype, device=gen_device)
+    u = per_sample_draw(torch.randn, shape, generator=generator, dtype=inputs.dtype, device=gen_device)
     return u.to(inputs.device)
 
 

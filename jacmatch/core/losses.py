@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .draws import per_sample_draw
+
 __all__ = [
     "normalize_per_sample",
     "jacobian_matching_loss",
@@ -191,7 +193,8 @@ def gaussian_noise(inputs: Tensor, sigma: float, num_draws: int, *, antithetic: 
     half = num_draws // 2 if antithetic else num_draws
     shape = (half, *inputs.shape)
     gen_device = generator.device if generator is not None else inputs.device
-    xi = sigma * torch.randn(shape, generator=generator, dtype=inputs.dtype, device=gen_device).to(inputs.device)
+    xi = sigma * per_sample_draw(torch.randn, shape, batch_dim=1, generator=generator, dtype=inputs.dtype,
+                                 device=gen_device).to(inputs.device)
     if antithetic:
         xi = torch.cat([xi, -xi])
     return (inputs.detach().unsqueeze(0) + xi).reshape(-1, *inputs.shape[1:])

@@ -27,7 +27,7 @@ TIMM_MODELS = ("resnet10t", "efficientnet_b0", "mobilenetv3_small_100", "lcnet_0
                "hrnet_w18_small", "mixnet_s", "repvgg_a0", "vit_tiny_patch16_224", "deit_tiny_patch16_224",
                "levit_128s", "mobilevit_xxs", "efficientformer_l1", "poolformer_s12", "coat_lite_tiny",
                "edgenext_xx_small", "fastvit_t8", "tinynet_e")
-SIZES = ("3x64x64", "3x224x224")
+SIZES = ("3x64x64", "3x224x224", "3x299x299")  # 299: Inception's auxiliary head in train mode
 
 
 def _specs() -> list[str]:
@@ -60,10 +60,11 @@ def _row(r: dict) -> str:
     if "error" in r:
         return f"| `{r['spec']}` | {shape} | – | – | – | – | {r['error'].replace('|', '/')} |"
     student = "yes" if r["student_ok"] else ("with fix" if r["fix"] else "no")
-    fix = ("`model.replace_hard_activations=true` "
-           f"(outputs within {r['fixed_max_abs_diff']:.0e})") if r["fix"] else ""
+    fix = (", ".join(f"`{f}`" for f in r["fix"].split(", ")) +
+           f" (outputs within {r['fixed_max_abs_diff']:.0e})") if r["fix"] else ""
     if not r["student_ok"] and not r["fix"]:
-        fix = f"{r.get('failing_module') or ''}: {(r.get('student_error') or '')[:120]}".replace("|", "/")
+        where = f"{r['failing_module']}: " if r.get("failing_module") else ""
+        fix = f"{where}{(r.get('student_error') or '')[:120]}".replace("|", "/")
     teacher = "yes" if r["teacher_ok"] else f"no: {(r.get('teacher_error') or '')[:80]}".replace("|", "/")
     return (f"| `{r['spec']}` | {shape} | {r['parameters'] / 1e6:.1f} | {student} | {teacher} | "
             f"{ms(r['student_step_seconds'])} / {ms(r['teacher_step_seconds'])} | {fix} |")
@@ -77,9 +78,11 @@ def main(out: str = "docs/compatibility.md", json_path: str | None = None, only:
     start = time.time()
     for i, spec in enumerate(specs):
         r = _check(spec, SIZES[0], timeout)
-        if "error" in r or not (r.get("student_ok") or r.get("teacher_ok") or r.get("fix")):
-            bigger = _check(spec, SIZES[1], timeout)
-            if "error" not in bigger and (bigger["student_ok"] or bigger["teacher_ok"] or bigger["fix"]):
+        for size in SIZES[1:]:  # a larger input where the model cannot take the smaller one
+            if "error" not in r and (r.get("student_ok") or r.get("fix")):
+                break
+            bigger = _check(spec, size, timeout)
+            if "error" not in bigger and (bigger["student_ok"] or bigger["fix"] or not r.get("teacher_ok")):
                 r = bigger
         records.append(r)
         print(f"[{i + 1}/{len(specs)}] {_row(r)}  [{time.time() - start:.0f} s]", flush=True)
@@ -91,12 +94,15 @@ def main(out: str = "docs/compatibility.md", json_path: str | None = None, only:
         f"{tv.__version__}, timm {timm.__version__}, on {platform.machine()} CPU ({torch.get_num_threads()} threads). "
         "Each model, with random weights and 10 classes, takes one KD + JM step (teacher top-1, normalized) on a "
         "batch of 2: as the student (its double backward) against a small CNN teacher, and as the teacher "
-        "against a small CNN student. The input is 3×64×64, or 3×224×224 for models that cannot take 64×64. "
+        "against a small CNN student. The input is 3×64×64, or the next of 3×224×224 and 3×299×299 where the model "
+        "cannot take the smaller one. "
         "Step times are of the second of two steps on this CPU, in ms, forward and backward, measured while "
         "other work shared the machine: read them as orders of magnitude.", "",
-        f"{works} of {len(records)} models work as students as they are; {fixed} more work with "
-        "`--set model.replace_hard_activations=true`, which replaces Hardsigmoid/Hardswish by modules with the "
-        "same outputs and a double backward (`jacmatch check-model SPEC --fix` shows the difference).", "",
+        f"{works} of {len(records)} models work as students as they are; {fixed} more work with the fix in the "
+        "last column: `model.replace_hard_activations=true` replaces Hardsigmoid/Hardswish by modules with the "
+        "same outputs and a double backward, and `model.math_attention=true` runs attention on PyTorch's math "
+        "kernel, whose backward has a derivative (the fused CPU kernel's has none). "
+        "`jacmatch check-model SPEC --fix` shows both, with the largest change in the outputs.", "",
         "| model | input | parameters (M) | student | teacher | step ms (student / teacher) | fix or failure |",
         "|---|---|---|---|---|---|---|",
         *(_row(r) for r in records), ""]

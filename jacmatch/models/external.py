@@ -90,9 +90,10 @@ class ExternalClassifier(nn.Module):
     feature_names: tuple[str, ...] = ()
 
     def __init__(self, net: nn.Module, num_classes: int, in_channels: int, *, output: str | int | None = None,
-                 normalize: bool = True):
+                 normalize: bool = True, math_attention: bool = False):
         super().__init__()
         self.net = net
+        self.math_attention = math_attention
         self.num_classes = num_classes
         self.output = output
         self.normalize = normalize
@@ -106,7 +107,12 @@ class ExternalClassifier(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if self.normalize:
             x = (x - self.mean) / self.std
-        return logits_of(self.net(x), self.output)
+        if not self.math_attention:
+            return logits_of(self.net(x), self.output)
+        # The fused CPU/GPU attention kernels have no double backward; the math one does.
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+        with sdpa_kernel(SDPBackend.MATH):
+            return logits_of(self.net(x), self.output)
 
 
 class _Hardsigmoid(nn.Module):

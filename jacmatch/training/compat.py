@@ -33,7 +33,7 @@ class CheckResult:
     failing_module: str | None = None     # first module whose backward has no derivative
     student_step_seconds: float | None = None
     teacher_step_seconds: float | None = None
-    fix: str | None = None                # what makes it work, when something does
+    fix: str | None = None                # the model settings that make it work, when some do
     fixed_max_abs_diff: float | None = None  # outputs with the fix against without
     replaced: list = field(default_factory=list)
 
@@ -118,21 +118,34 @@ def check_model(spec: str, input_shape: tuple[int, ...] = (3, 32, 32), num_class
     return result
 
 
+def _fixes_for(error: str, replaced: bool) -> dict:
+    """The model options that address a student's failure."""
+    fixes = {}
+    if replaced or "hardsigmoid" in error:
+        fixes["replace_hard_activations"] = True
+    if "scaled_dot_product" in error or "attention" in error:
+        fixes["math_attention"] = True
+    return fixes
+
+
 def _try_fix(result: CheckResult, spec, input_shape, num_classes, x, y, partner, **options) -> None:
     torch.manual_seed(0)
     plain = create_model(spec, num_classes, input_shape[0], **options).eval()
     torch.manual_seed(0)
-    fixed = create_model(spec, num_classes, input_shape[0], replace_hard_activations=True, **options).eval()
-    result.replaced = [n for n, m in fixed.named_modules() if type(m).__name__ in ("_Hardsigmoid", "_Hardswish")]
-    if not result.replaced:
+    probe = create_model(spec, num_classes, input_shape[0], replace_hard_activations=True, **options)
+    result.replaced = [n for n, m in probe.named_modules() if type(m).__name__ in ("_Hardsigmoid", "_Hardswish")]
+    fixes = _fixes_for(result.student_error or "", bool(result.replaced))
+    if not fixes:
         return
+    torch.manual_seed(0)
+    fixed = create_model(spec, num_classes, input_shape[0], **fixes, **options).eval()
     with torch.no_grad():
         result.fixed_max_abs_diff = float((plain(x) - fixed(x)).abs().max())
     try:
         result.student_step_seconds = _step(fixed.train(), partner, x, y)
-        result.fix = "replace_hard_activations"
+        result.fix = ", ".join(f"model.{k}=true" for k in fixes)
     except (RuntimeError, ValueError) as exc:
-        result.student_error += f"; with replace_hard_activations: {_error(exc)}"
+        result.student_error += f"; with {', '.join(fixes)}: {_error(exc)}"
 
 
 def describe(result: CheckResult) -> list[str]:
@@ -149,12 +162,14 @@ def describe(result: CheckResult) -> list[str]:
     where = f" at module {result.failing_module}" if result.failing_module else ""
     lines.append(f"  as a student: not twice differentiable{where}: {result.student_error}")
     if result.fix:
-        lines.append(f"  fix: --set model.replace_hard_activations=true replaces {len(result.replaced)} modules "
-                     f"(outputs differ by {result.fixed_max_abs_diff:.1e}); with it the step works "
-                     f"({1e3 * result.student_step_seconds:.0f} ms)")
+        sets = " ".join(f"--set {f}" for f in result.fix.split(", "))
+        replaced = f", replacing {len(result.replaced)} modules" if result.replaced else ""
+        lines.append(f"  fix: {sets}{replaced} (outputs differ by {result.fixed_max_abs_diff:.1e}); with it the "
+                     f"step works ({1e3 * result.student_step_seconds:.0f} ms)")
     elif result.failing_module and not result.replaced:
         lines.append("  fix: replace that module by a twice-differentiable equivalent, or use this model as a "
                      "teacher only")
     else:
-        lines.append("  fix: try --fix (replaces Hardsigmoid/Hardswish); otherwise use it as a teacher only")
+        lines.append("  fix: try --fix (replaces Hardsigmoid/Hardswish, math attention kernel); otherwise use it "
+                     "as a teacher only")
     return lines

@@ -46,6 +46,7 @@ class ModelConfig:
     output: Any = None            # which part of a tuple/dict/object output holds the logits (key or index)
     normalize: bool = True        # the model normalises [0, 1] pixels with the data set's mean and std
     replace_hard_activations: bool = False  # Hardsigmoid/Hardswish -> twice-differentiable equivalents
+    math_attention: bool = False  # attention on the math kernel, which has a double backward (ViT students)
     num_classes: int | None = None  # outputs of a teacher built from --teacher-weights (default: the data set's)
 
 
@@ -75,6 +76,11 @@ class EvalConfig:
 
 
 @dataclass
+class DDPConfig:
+    sync_batchnorm: bool = False  # BatchNorm over the global batch of all processes (GlobalBatchNorm)
+
+
+@dataclass
 class RunConfig:
     """One training run: a teacher (``teacher=None``) or a student distilled from one."""
 
@@ -90,6 +96,7 @@ class RunConfig:
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)  # the loss terms and weights
     optim: OptimConfig = field(default_factory=OptimConfig)  # optimiser and schedule
     eval: EvalConfig = field(default_factory=EvalConfig)  # what evaluation measures
+    ddp: DDPConfig = field(default_factory=DDPConfig)  # multi-process training (torchrun)
     teacher_cache: bool = True    # compute the teacher once per sample when inputs are fixed
     nonfinite: str = "stop"       # stop | skip: what a NaN/Inf loss or gradient does
     amp: str = "none"             # none | bf16 | fp16 (fp16 on CUDA, with a gradient scaler)

@@ -10,8 +10,10 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
-__all__ = ["DistInfo", "init_distributed", "resolve_device"]
+__all__ = ["DistInfo", "init_distributed", "resolve_device", "GlobalBatchNorm", "global_batchnorm",
+           "average_gradients", "broadcast_parameters"]
 
 
 @dataclass(frozen=True)
@@ -55,3 +57,92 @@ def init_distributed(device_name: str) -> DistInfo:
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return info
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """The sum over processes, differentiable any number of times: its backward is itself
+    (every process's output depends on every process's input)."""
+
+    @staticmethod
+    def forward(ctx, t: torch.Tensor, group) -> torch.Tensor:
+        ctx.group = group
+        t = t.clone()
+        dist.all_reduce(t, group=group)
+        return t
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return _AllReduceSum.apply(grad.contiguous(), ctx.group), None
+
+
+class GlobalBatchNorm(nn.BatchNorm2d):
+    """BatchNorm over the global batch of all processes, with a double backward.
+
+    ``torch.nn.SyncBatchNorm`` runs on GPUs only and its backward has no derivative, so a
+    BatchNorm student could not take the Jacobian term's double backward with it. This one
+    all-reduces the batch mean and variance through an all-reduce whose backward is itself: on CPU (gloo) and GPU alike, the statistics, the outputs and every
+    derivative are those of one process holding the global batch (equal shares assumed, as
+    ``DistributedSampler`` deals them).
+
+    Its collectives run inside the backward pass, which ``DistributedDataParallel``'s
+    overlapping gradient all-reduces do not tolerate (gloo aborts): a model with it is
+    trained without the DDP wrapper, its gradients averaged by :func:`average_gradients`.
+    """
+
+    group = None  # the process group of the statistics (set by global_batchnorm)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.training and dist.is_available() and dist.is_initialized()):
+            return super().forward(x)
+
+        def all_reduce(t):
+            return _AllReduceSum.apply(t, self.group)
+        world = dist.get_world_size()
+        count = x.numel() // x.shape[1] * world
+        mean = all_reduce(x.sum(dim=(0, 2, 3))) / count
+        centered = x - mean[None, :, None, None]
+        var = all_reduce(centered.pow(2).sum(dim=(0, 2, 3))) / count
+        if self.track_running_stats:
+            self.num_batches_tracked.add_(1)
+            momentum = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+            with torch.no_grad():
+                self.running_mean.mul_(1 - momentum).add_(momentum * mean.detach())
+                self.running_var.mul_(1 - momentum).add_(momentum * var.detach() * count / max(count - 1, 1))
+        out = centered * torch.rsqrt(var + self.eps)[None, :, None, None]
+        if self.affine:
+            out = out * self.weight[None, :, None, None] + self.bias[None, :, None, None]
+        return out
+
+
+def global_batchnorm(model: nn.Module) -> nn.Module:
+    """Make every ``BatchNorm2d`` of ``model`` a :class:`GlobalBatchNorm`, in place: the
+    same parameter and buffer objects (an optimizer built before keeps them; checkpoints
+    are unchanged). Every process must call it at the same point: it creates the process
+    group the statistics use."""
+    group = dist.new_group() if dist.is_available() and dist.is_initialized() else None
+    for module in model.modules():
+        if type(module) is nn.BatchNorm2d:
+            module.__class__ = GlobalBatchNorm
+            module.group = group
+    return model
+
+
+def average_gradients(model: nn.Module) -> None:
+    """Average the parameters' gradients over the processes (what DDP does, in one
+    all-reduce after the backward pass)."""
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= dist.get_world_size()
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset:offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
+def broadcast_parameters(model: nn.Module) -> None:
+    """Rank 0's parameters and buffers on every process (what DDP does at construction)."""
+    for t in list(model.parameters()) + list(model.buffers()):
+        dist.broadcast(t.data, src=0)

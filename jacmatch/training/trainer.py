@@ -4,9 +4,11 @@ The loop knows nothing about Jacobians: each step asks :class:`TransferObjective
 ``(logits, total, terms)`` and logs whatever ``terms`` holds. This module owns devices,
 processes, randomness, checkpoints, metrics and progress.
 
-Randomness is derived from ``(seed, epoch, rank)`` at the start of every epoch (data
-order, augmentation, random projections, noise), so a run resumed from the checkpoint
-of epoch e continues exactly as the uninterrupted run would have.
+Randomness is derived from ``(seed, epoch)`` at the start of every epoch (data order,
+augmentation, random projections, noise), so a run resumed from the checkpoint of epoch e
+continues exactly as the uninterrupted run would have. Under DDP every process draws for
+the global batch and keeps its own samples (``ShardedGenerator``), so the number of
+processes does not change the draws.
 """
 
 from __future__ import annotations
@@ -26,14 +28,17 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DistributedSampler
 
 from .._extras import require
+from ..core.draws import ShardedGenerator
 from ..core.objective import TransferObjective, build_terms, rows_per_sample
 from ..data import DataSplits, create_dataset, random_crop_flip
 from ..io import write_atomic, write_json_atomic
-from ..models import ExternalClassifier, count_parameters, create_model, is_import_path
+from ..models import (ExternalClassifier, count_parameters, create_model, is_import_path, smallest_input,
+                      takes_input)
 from .cache import TeacherCache
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .config import ConfigError, RunConfig, config_from_dict, config_to_dict
-from .distributed import DistInfo, init_distributed, resolve_device
+from .distributed import (DistInfo, average_gradients, broadcast_parameters, global_batchnorm, init_distributed,
+                          resolve_device)
 from .evaluate import evaluate
 
 __all__ = ["train", "load_model", "NonFiniteError", "RunExistsError"]
@@ -74,22 +79,24 @@ def load_model(path: str | Path, device="cpu", *, trust: str | None = None) -> t
 def model_from_config(mc, num_classes: int, data: DataSplits) -> nn.Module:
     """``cfg.model`` (or ``cfg.teacher_model``) built for ``data``'s channels and pixel statistics."""
     return create_model(mc.name, num_classes, data.in_channels, mean=data.mean, std=data.std, output=mc.output,
-                        normalize=mc.normalize, replace_hard_activations=mc.replace_hard_activations, **mc.options)
+                        normalize=mc.normalize, replace_hard_activations=mc.replace_hard_activations,
+                        math_attention=mc.math_attention, **mc.options)
 
 
 def _check_input_shape(model: nn.Module, data: DataSplits, name: str, key: str) -> int:
     """One dry forward pass of a zero sample of the data set's shape; returns the number
-    of outputs. A model that cannot take the shape is refused in one line."""
+    of outputs. A model that cannot take the shape is refused in one line that says the
+    smallest input it takes."""
     shape = tuple(data.train.images.shape[1:])
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            out = model(torch.zeros(1, *shape, device=next(iter(model.buffers()), torch.zeros(0)).device))
-    except (RuntimeError, ValueError) as exc:
+    if not takes_input(model, shape):
+        side = smallest_input(model, shape[0])
+        hint = (f"its smallest input is {shape[0]}x{side}x{side}" if side else
+                f"it takes no {shape[0]}-channel square input up to 256x256")
         raise ConfigError(f"{key} {name!r} cannot take {data.name} inputs of shape {'x'.join(map(str, shape))}: "
-                          f"{str(exc).splitlines()[0]} (choose another model or data set)") from None
-    finally:
+                          f"{hint}; choose another model or data set")
+    with torch.no_grad():
+        was_training = model.training
+        out = model.eval()(torch.zeros(1, *shape, device=next(iter(model.buffers())).device))
         model.train(was_training)
     return int(out.shape[-1])
 
@@ -236,11 +243,11 @@ def train(cfg: RunConfig, *, resume: bool = False, data: DataSplits | None = Non
         raise ConfigError(f"one step would need about {step_bytes >> 30} GiB: "
                           "lower optim.batch_size, objective.num_projections or objective.noise_draws")
 
-    teacher = _load_teacher(cfg, data, device)
-    teacher_key = None if teacher is None or given else _teacher_key(cfg)
     torch.manual_seed(cfg.seed)
     model = model_from_config(cfg.model, data.num_classes, data).to(device)
-    _check_input_shape(model, data, cfg.model.name, "model")
+    _check_input_shape(model, data, cfg.model.name, "model")  # before the teacher is loaded
+    teacher = _load_teacher(cfg, data, device)
+    teacher_key = None if teacher is None or given else _teacher_key(cfg)
     if cfg.channels_last:  # convolutions then run channels-last (NHWC); values and checkpoints unchanged
         model = model.to(memory_format=torch.channels_last)
     if cfg.init_from and not resume:
@@ -257,10 +264,19 @@ def train(cfg: RunConfig, *, resume: bool = False, data: DataSplits | None = Non
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         start_epoch, history = state["epoch"], json.loads(state["history"])
-    net = DistributedDataParallel(model) if info.enabled else model
+    global_bn = info.enabled and cfg.ddp.sync_batchnorm
+    if global_bn:  # trained without the DDP wrapper: gradients averaged after each backward
+        global_batchnorm(model)
+        broadcast_parameters(model)
+    net = DistributedDataParallel(model) if info.enabled and not global_bn else model
 
+    # Draws (projections, directions, noise, crops) come from one seed for all processes,
+    # each keeping its own samples of the global batch: the number of processes changes nothing.
     gen = torch.Generator()
-    objective = TransferObjective(net, teacher, cfg.objective, generator=gen)
+    aug_gen = torch.Generator()
+    draws = ShardedGenerator(gen, info.rank, info.world_size) if info.enabled else gen
+    aug_draws = ShardedGenerator(aug_gen, info.rank, info.world_size) if info.enabled else aug_gen
+    objective = TransferObjective(net, teacher, cfg.objective, generator=draws)
     use_cache = cfg.teacher_cache and objective.needs_teacher_targets and not d.augment
     cache = TeacherCache(len(data.train)) if use_cache else None
     scaler = torch.amp.GradScaler("cuda") if cfg.amp == "fp16" and device.type == "cuda" else None
@@ -280,8 +296,8 @@ def train(cfg: RunConfig, *, resume: bool = False, data: DataSplits | None = Non
     t_start = time.time()
     for epoch in range(start_epoch, cfg.optim.epochs):
         torch.manual_seed(_seed(cfg.seed, epoch, info.rank, 1))
-        gen.manual_seed(_seed(cfg.seed, epoch, info.rank, 2))
-        aug_gen = torch.Generator().manual_seed(_seed(cfg.seed, epoch, info.rank, 3))
+        gen.manual_seed(_seed(cfg.seed, epoch, 0, 2))
+        aug_gen.manual_seed(_seed(cfg.seed, epoch, 0, 3))
         batches = _epoch_indices(len(data.train), cfg, info, epoch)
         net.train()
         sums: dict[str, float] = {}
@@ -292,7 +308,7 @@ def train(cfg: RunConfig, *, resume: bool = False, data: DataSplits | None = Non
             index = torch.tensor(idx)
             x, y = data.train.batch(index)
             if d.augment:
-                x = random_crop_flip(x, d.crop_padding, data.hflip, aug_gen)
+                x = random_crop_flip(x, d.crop_padding, data.hflip, aug_draws)
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             targets = None
             if cache is not None:
@@ -306,6 +322,8 @@ def train(cfg: RunConfig, *, resume: bool = False, data: DataSplits | None = Non
             optimizer.zero_grad(set_to_none=True)
             if not bad:
                 (scaler.scale(total) if scaler else total).backward()
+                if global_bn:
+                    average_gradients(model)
                 if scaler:
                     scaler.unscale_(optimizer)
                 if not all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None):
