@@ -351,11 +351,12 @@ def test_demo_says_what_it_does_within_ten_seconds(tmp_path):
 
 
 @pytest.mark.vision
-@pytest.mark.parametrize("spec", ["torchvision:resnet18", "timm:resnet10t", "torchvision:mobilenet_v3_small"])
-def test_torchvision_and_timm_models_as_students(spec):
-    student = create_model(spec, 10, 3, replace_hard_activations=True)
+@pytest.mark.parametrize("spec,size", [("torchvision:resnet18", 32), ("timm:resnet10t", 32),
+                                       ("torchvision:mobilenet_v3_small", 32), ("timm:vit_tiny_patch16_224", 224)])
+def test_torchvision_and_timm_models_as_students(spec, size):
+    student = create_model(spec, 10, 3, replace_hard_activations=True, math_attention=True)
     teacher = create_model("small_cnn_4", 10, 3)
-    x, y = torch.rand(2, 3, 32, 32), torch.tensor([1, 2])
+    x, y = torch.rand(2, 3, size, size), torch.tensor([1, 2])
     _, total, terms = jm.TransferObjective(student.train(), teacher, jm.ObjectiveConfig(beta=1, gamma=1))(x, y)
     total.backward()
     assert set(terms) == {"ce", "kd", "jm"} and torch.isfinite(total)

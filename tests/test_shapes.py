@@ -55,3 +55,13 @@ def test_every_model_on_every_shape_trains_a_step_or_is_refused_in_one_line(tmp_
             train(cfg)
         message = str(refused.value)
         assert "\n" not in message and model in message and "smallest input is" in message
+
+
+def test_cli_refuses_a_model_too_large_for_the_data_in_one_line(tmp_path, capsys):
+    from jacmatch.cli import main
+    code = main(["distill", "--dataset", "digits", "--model", "lenet5", "--teacher-model", "small_cnn_4",
+                 "--teacher-weights", str(tmp_path / "never_read.pt"), "--out", str(tmp_path / "s"),
+                 "--set", "progress=false"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "\n" not in err
+    assert "'lenet5' cannot take digits inputs of shape 1x8x8: its smallest input is 1x12x12" in err
