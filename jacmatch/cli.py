@@ -18,6 +18,7 @@ from ._extras import MissingExtra
 from .training import ConfigError, resolve
 
 EXIT_USAGE = 2
+EXIT_IO = 1
 EXIT_NONFINITE = 3
 EXIT_INCOMPATIBLE = 1
 
@@ -26,6 +27,45 @@ EXIT_INCOMPATIBLE = 1
 DISTILL_OBJECTIVE = {"alpha": 1.0, "beta": 1.0, "gamma": 10.0, "temperature": 8.0, "jm_form": "normalized",
                      "jm_outputs": "teacher_top1"}
 NOISE_SIGMAS = [0.1, 0.2, 0.3, 0.5]
+
+
+def _sigma(text: str) -> float:
+    """A noise σ for argparse: a finite number >= 0."""
+    value = float(text)
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"σ must be a finite number >= 0, got {text}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {text}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return value
+
+
+def _shape(text: str) -> tuple[int, ...]:
+    try:
+        shape = tuple(int(v) for v in text.lower().split("x"))
+    except ValueError:
+        shape = ()
+    if len(shape) != 3 or min(shape) < 1 or max(shape) > 4096:
+        raise argparse.ArgumentTypeError(f"write C x H x W, e.g. 3x32x32, got {text!r}")
+    return shape
 
 
 def _objective_text(o: dict) -> str:
@@ -51,14 +91,14 @@ def _add_run_options(p, kind: str) -> None:
     p.add_argument("--model", metavar="SPEC",
                    help="model: a built-in name (jacmatch.models.list_models()), package.module:callable, "
                         "torchvision:NAME or timm:NAME")
-    p.add_argument("--seed", type=int, help="seeds the weights, data order and every draw (default 0)")
+    p.add_argument("--seed", type=_non_negative_int, help="seeds the weights, data order and every draw (default 0)")
     if kind == "distill":
         p.add_argument("--teacher", metavar="CKPT", help="teacher checkpoint (written by train-teacher)")
         p.add_argument("--teacher-model", metavar="SPEC",
                        help="the teacher's architecture, with --teacher-weights (same forms as --model)")
         p.add_argument("--teacher-weights", metavar="FILE",
                        help="a plain state_dict file for --teacher-model (loaded with weights_only=True)")
-        p.add_argument("--samples-per-class", type=int, help="few-sample training set: n samples per class")
+        p.add_argument("--samples-per-class", type=_positive_int, help="few-sample training set: n samples per class")
 
 
 def _overrides(args) -> list[str]:
@@ -121,7 +161,7 @@ def _evaluate(args) -> None:
 
 def _check_model(args) -> int:
     from .training.compat import check_model, describe
-    shape = tuple(int(v) for v in args.input_shape.lower().split("x"))
+    shape = args.input_shape
     options = {"output": args.output} if args.output is not None else {}
     result = check_model(args.spec, shape, args.num_classes, fix=args.fix, **options)
     print("\n".join(describe(result)))
@@ -167,7 +207,7 @@ def add_training_commands(sub) -> None:
     p.add_argument("--dataset", help="data set (default: the one the checkpoint was trained on)")
     p.add_argument("--data-dir", help="folder with the data set's files")
     p.add_argument("--device", default="auto", choices=["cpu", "cuda", "auto"], help="where to evaluate")
-    p.add_argument("--noise-sigmas", type=float, nargs="*", default=NOISE_SIGMAS,
+    p.add_argument("--noise-sigmas", type=_sigma, nargs="*", default=NOISE_SIGMAS,
                    help=f"σ of the Gaussian test noise, in [0, 1] pixel units (default {NOISE_SIGMAS})")
     p.add_argument("--json", metavar="PATH", help="also write the result as JSON")
     p.set_defaults(run=_evaluate)
@@ -177,8 +217,8 @@ def add_training_commands(sub) -> None:
                                    "tiny batch. Names the first module whose backward has no derivative, and the "
                                    "fix where one exists. Exit 0: usable as a student; 1: not.")
     p.add_argument("spec", help="a built-in name, package.module:callable, torchvision:NAME or timm:NAME")
-    p.add_argument("--input-shape", default="3x32x32", help="C x H x W of one input (default 3x32x32)")
-    p.add_argument("--num-classes", type=int, default=10, help="outputs of the model (default 10)")
+    p.add_argument("--input-shape", type=_shape, default=(3, 32, 32), help="C x H x W of one input (default 3x32x32)")
+    p.add_argument("--num-classes", type=_positive_int, default=10, help="outputs of the model (default 10)")
     p.add_argument("--output", help="which part of the model's output holds the logits (key or index)")
     p.add_argument("--fix", action="store_true",
                    help="also try replace_hard_activations (Hardsigmoid/Hardswish -> twice-differentiable)")
@@ -233,7 +273,7 @@ def add_experiment_commands(sub) -> None:
     p.add_argument("--quick", action="store_true", help="fewer σ and draws (under a minute)")
     p.add_argument("--json", metavar="PATH", help="write the records as JSON")
     p.add_argument("--plot", metavar="PATH", help="write a log-log PNG, one panel per proposition")
-    p.add_argument("--seed", type=int, default=0, help="seeds the networks and the draws")
+    p.add_argument("--seed", type=_non_negative_int, default=0, help="seeds the networks and the draws")
     p.set_defaults(run=_verify)
 
     p = sub.add_parser("demo", help="the main job: teacher, students with CE / KD / KD+JM, table and plot",
@@ -241,7 +281,7 @@ def add_experiment_commands(sub) -> None:
                                    "samples per class over 3 seeds; print a table, write JSON and a PNG.")
     p.add_argument("--dataset", default="digits", help="digits (default, bundled) or fashion-mnist")
     p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
-    p.add_argument("--seeds", type=int, default=3, help="seeds per cell (default 3)")
+    p.add_argument("--seeds", type=_positive_int, default=3, help="seeds per cell (default 3)")
     p.add_argument("--device", default="auto", choices=["cpu", "cuda", "auto"], help="where to train")
     p.set_defaults(run=_demo)
 
@@ -277,7 +317,7 @@ def add_experiment_commands(sub) -> None:
     p.add_argument("--out", metavar="PATH", default="docs/compatibility.md", help="the markdown table")
     p.add_argument("--json", metavar="PATH", help="also the records as JSON")
     p.add_argument("--only", metavar="SPEC", nargs="*", help="check only these specs")
-    p.add_argument("--timeout", type=float, default=120.0, help="seconds per model before it is recorded as too slow")
+    p.add_argument("--timeout", type=_positive_float, default=120.0, help="seconds per model before it is recorded as too slow")
     p.set_defaults(run=_compat)
 
 
@@ -294,10 +334,15 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         code = args.run(args)
-    except (ValueError, FileNotFoundError, MissingExtra) as exc:
-        message = exc.args[0] if exc.args else type(exc).__name__
+    except (ValueError, MissingExtra, FileNotFoundError, IsADirectoryError, NotADirectoryError) as exc:
+        message = exc.args[0] if exc.args and isinstance(exc.args[0], str) else str(exc) or type(exc).__name__
         print(f"jacmatch {args.command}: error: {message}", file=sys.stderr)
         return EXIT_USAGE
+    except OSError as exc:  # a full disk, a read-only folder, a directory where a file goes
+        where = f" {exc.filename}" if exc.filename else ""
+        print(f"jacmatch {args.command}: error: cannot write or read{where}: {exc.strerror or exc}; "
+              "what was written before is kept", file=sys.stderr)
+        return EXIT_IO
     except KeyboardInterrupt:
         print(f"jacmatch {args.command}: interrupted; the last complete checkpoint is kept", file=sys.stderr)
         return 130

@@ -21,9 +21,11 @@ def write_atomic(path: str | os.PathLike, write: Callable[[Any], None], mode: st
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual mode
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(exc, OSError) and exc.filename is None:  # name the file the write was for
+            raise type(exc)(exc.errno, exc.strerror or str(exc), str(path)) from None
         raise
 
 

@@ -154,7 +154,7 @@ def test_nonfinite_skip_mode_finishes(tmp_path, teacher, monkeypatch):
 
 def test_nonfinite_exits_nonzero_from_the_cli(tmp_path, teacher):
     r = subprocess.run([sys.executable, "-m", "jacmatch", "distill", "--teacher", teacher, "--dataset", "synthetic",
-                        "--out", str(tmp_path / "o"), "--set", "objective.beta=1", "--set", "optim.lr=1e30",
+                        "--out", str(tmp_path / "o"), "--set", "objective.beta=1", "--set", "optim.lr=1000", "--set", "optim.momentum=0.99",
                         "--set", "optim.epochs=3", "--set", "progress=false", "--set", "tensorboard=false"],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 3, r.stderr
@@ -277,3 +277,121 @@ def test_atomic_files_get_the_usual_mode(tmp_path):
     mask = os.umask(0)
     os.umask(mask)
     assert (tmp_path / "f.txt").stat().st_mode & 0o777 == 0o666 & ~mask
+
+
+# ---- resume guard ----------------------------------------------------------------------
+
+
+def test_resume_with_a_changed_objective_is_refused_with_the_diff(tmp_path, teacher, capsys):
+    from jacmatch.cli import main
+    run = ["distill", "--teacher", teacher, "--dataset", "synthetic", "--model", "small_cnn_4",
+           "--samples-per-class", "4", "--set", "objective.beta=1", "--set", "objective.gamma=1",
+           "--set", "optim.epochs=1", "--set", "progress=false", "--out", str(tmp_path / "s")]
+    assert main(run) == 0
+    config_before = (tmp_path / "s" / "config.yaml").read_text()
+    capsys.readouterr()
+    assert main([*run, "--resume", "--set", "objective.beta=0", "--set", "objective.gamma=100"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "objective.beta: 1.0 -> 0.0" in err and "objective.gamma: 1.0 -> 100.0" in err
+    assert (tmp_path / "s" / "config.yaml").read_text() == config_before  # the record of what was trained
+    assert main([*run, "--resume", "--set", "optim.epochs=2"]) == 0  # more epochs: allowed, and recorded
+    history = [json.loads(line) for line in (tmp_path / "s" / "history.jsonl").read_text().splitlines()]
+    assert [h["event"] for h in history] == ["start", "resume"]
+    assert history[1]["changes"] == {"optim.epochs": [1, 2]} and history[1]["epoch"] == 1
+    metrics = [json.loads(line) for line in (tmp_path / "s" / "metrics.jsonl").read_text().splitlines()]
+    assert [m.get("config_changes") for m in metrics] == [None, {"optim.epochs": [1, 2]}]
+
+
+def test_progress_in_a_log_is_plain_lines(tmp_path):
+    """stderr is a pipe here, as in a batch job's log: one line per epoch, no carriage return."""
+    r = subprocess.run([sys.executable, "-m", "jacmatch", "train-teacher", "--dataset", "synthetic", "--model",
+                        "small_cnn_4", "--set", "optim.epochs=2", "--set", "data.samples_per_class=8",
+                        "--out", str(tmp_path / "t")], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "\r" not in r.stderr and "\r" not in r.stdout
+    lines = [line for line in r.stderr.splitlines() if line.startswith("epoch ")]
+    assert [line.split(":")[0] for line in lines] == ["epoch 1/2", "epoch 2/2"] and " ce " in lines[0]
+
+
+def test_a_full_disk_keeps_the_last_checkpoint_and_says_where(tmp_path, monkeypatch, capsys):
+    """ENOSPC while the second epoch's checkpoint is written: one line naming the file, a
+    non-zero exit, and the first epoch's checkpoint intact."""
+    import errno
+
+    import jacmatch.io as jio
+    from jacmatch.cli import main
+    real_fsync, calls = os.fsync, {"n": 0}
+
+    def fsync(fd):
+        calls["n"] += 1
+        if calls["n"] > 6:  # config, indices, history; epoch 1: metrics, last.pt; epoch 2: metrics; then last.pt
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_fsync(fd)
+    out = tmp_path / "t"
+    args = ["train-teacher", "--dataset", "synthetic", "--model", "small_cnn_4", "--set", "optim.epochs=2",
+            "--set", "data.samples_per_class=4", "--set", "progress=false", "--out", str(out)]
+    monkeypatch.setattr(jio.os, "fsync", fsync)
+    code = main(args)
+    err = capsys.readouterr().err.strip()
+    assert code == 1 and "\n" not in err and "No space left on device" in err and str(out / "last.pt") in err, err
+    monkeypatch.setattr(jio.os, "fsync", real_fsync)
+    assert load_checkpoint(out / "last.pt")["epoch"] == 1
+    assert not list(out.glob(".*.tmp")), "a temporary file was left behind"
+
+
+# ---- every option, every value ---------------------------------------------------------
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from jacmatch.training.config import config_keys  # noqa: E402
+
+_VALUES = st.one_of(st.floats(allow_nan=True, allow_infinity=True).map(repr), st.integers(-10**15, 10**15).map(str),
+                    st.sampled_from(["[]", "null", "true", "-1", "0", "1e400", "nan", "-inf", "{}", "[-0.5]", "/"]),
+                    st.text(max_size=6))
+_KEYS = st.sampled_from([k for k, *_ in config_keys()])
+_OPTIONS = st.sampled_from(["--seed", "--samples-per-class", "--dataset", "--model", "--device", "--data-dir"])
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(key=_KEYS, value=_VALUES, option=_OPTIONS, option_value=_VALUES)
+def test_fuzz_the_command_line_exits_0_or_2_in_one_line(tmp_path, capsys, key, value, option, option_value):
+    """Random values for every --set key and option: the command exits 2 with one line on
+    stderr (or goes on to its --resume check, which refuses in one line too); never a
+    traceback. Nothing trains: --resume of an empty folder stops after the checks."""
+    from jacmatch.cli import main
+    argv = ["distill", "--teacher", str(tmp_path / "t.pt"), "--out", str(tmp_path / "never"), "--resume",
+            "--set", f"{key}={value}", option, option_value]
+    try:
+        code = main(argv)
+    except SystemExit as exc:  # argparse refuses a value of the wrong type
+        code = exc.code
+    err = capsys.readouterr().err.strip()
+    assert code == 2, (argv, err)
+    assert "Traceback" not in err and err.splitlines()[-1].startswith(("jacmatch distill: error:", "usage:",
+                                                                        "jacmatch: error:")), err
+    if not err.startswith("usage"):
+        assert len(err.splitlines()) == 1, err
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["evaluate", "--checkpoint", "c.pt", "--noise-sigmas", "-0.5"], "σ must be a finite number >= 0"),
+    (["evaluate", "--checkpoint", "c.pt", "--noise-sigmas", "-1"], "σ must be a finite number >= 0"),
+    (["evaluate", "--checkpoint", "c.pt", "--noise-sigmas", "nan"], "σ must be a finite number >= 0"),
+    (["train-teacher", "--set", "eval.noise_sigmas=[-0.5]"], "eval.noise_sigmas"),
+    (["train-teacher", "--set", "optim.lr=inf"], "optim.lr"),
+    (["train-teacher", "--set", "objective.temperature=0"], "objective.temperature"),
+    (["train-teacher", "--set", "optim.momentum=2"], "optim.momentum"),
+    (["train-teacher", "--seed", "-3"], "must be >= 0"),
+    (["distill", "--samples-per-class", "0", "--teacher", "x"], "must be >= 1"),
+    (["check-model", "resnet20", "--input-shape", "3x32"], "C x H x W"),
+    (["train-teacher", "--config", "."], "does not exist"),
+])
+def test_bad_values_exit_2_naming_them(argv, message, capsys):
+    from jacmatch.cli import main
+    try:
+        code = main(argv)
+    except SystemExit as exc:
+        code = exc.code
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and "Traceback" not in err, err

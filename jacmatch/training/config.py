@@ -125,8 +125,9 @@ class RunConfig:
             raise ConfigError(f"amp must be none, bf16 or fp16, got {self.amp!r}")
         if self.eval.every < 1 or self.checkpoint_every < 1:
             raise ConfigError("eval.every and checkpoint_every must be >= 1")
-        if any(not (s >= 0) for s in self.eval.noise_sigmas):
-            raise ConfigError(f"eval.noise_sigmas must be >= 0, got {self.eval.noise_sigmas}")
+        if any(not isinstance(s, (int, float)) or not 0 <= s < float("inf") for s in self.eval.noise_sigmas):
+            raise ConfigError(f"eval.noise_sigmas must be finite numbers >= 0, got {self.eval.noise_sigmas}")
+        _check_ranges(self)
         if self.objective.needs_teacher and not (self.teacher or self.teacher_weights):
             raise ConfigError("this objective needs a teacher (β, γ or δ > 0): pass --teacher CKPT, or "
                               "--teacher-model SPEC --teacher-weights FILE")
@@ -138,6 +139,47 @@ class RunConfig:
             self.objective.check()
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
+
+
+def _in_range(key: str, value, low, high=float("inf"), *, low_open: bool = False, optional: bool = False) -> None:
+    """``low <= value <= high`` (``low < value`` when ``low_open``), finite; one line otherwise."""
+    if value is None and optional:
+        return
+    finite = isinstance(value, (int, float)) and not isinstance(value, bool) and value == value \
+        and abs(value) != float("inf")
+    if not finite or value > high or (value <= low if low_open else value < low):
+        bound = f"> {low}" if low_open else f">= {low}"
+        upper = f" and <= {high}" if high != float("inf") else ""
+        raise ConfigError(f"{key} must be a finite number {bound}{upper}, got {value!r}")
+
+
+def _check_ranges(cfg: "RunConfig") -> None:
+    """The numeric settings not covered by the checks above: finite and in range."""
+    o, d, e, m = cfg.optim, cfg.data, cfg.eval, cfg.objective
+    for key, value, low, high, low_open, optional in (
+            ("seed", cfg.seed, 0, 2**63 - 1, False, False),
+            ("optim.lr", o.lr, 0, 1e3, True, False),
+            ("optim.momentum", o.momentum, 0, 1, False, False),
+            ("optim.weight_decay", o.weight_decay, 0, 1e3, False, False),
+            ("optim.lr_decay", o.lr_decay, 0, 1, True, False),
+            ("optim.min_steps_per_epoch", o.min_steps_per_epoch, 1, 1e7, False, False),
+            ("data.samples_per_class", d.samples_per_class, 1, 1e9, False, True),
+            ("data.val_size", d.val_size, 0, 1e9, False, False),
+            ("data.crop_padding", d.crop_padding, 0, 64, False, False),
+            ("eval.cosine_samples", e.cosine_samples, 0, 1e9, False, False),
+            ("eval.batch_size", e.batch_size, 1, MAX_BATCH_SIZE, False, False),
+            ("eval.every", e.every, 1, MAX_EPOCHS, False, False),
+            ("checkpoint_every", cfg.checkpoint_every, 1, MAX_EPOCHS, False, False),
+            ("objective.temperature", m.temperature, 0, 1e6, True, False),
+            ("objective.top_k", m.top_k, 1, 1e6, False, False),
+            ("objective.fd_step", m.fd_step, 0, 1, True, False),
+            ("model.num_classes", cfg.model.num_classes, 1, 1e7, False, True),
+            ("teacher_model.num_classes", cfg.teacher_model.num_classes, 1, 1e7, False, True)):
+        _in_range(key, value, low, high, low_open=low_open, optional=optional)
+    for key, value in (("objective.alpha", m.alpha), ("objective.beta", m.beta), ("objective.gamma", m.gamma),
+                       ("objective.delta", m.delta), ("objective.delta_jacobian", m.delta_jacobian),
+                       ("objective.penalty", m.penalty), ("objective.noise_sigma", m.noise_sigma)):
+        _in_range(key, value, 0, 1e9)
 
 
 def config_to_dict(cfg) -> dict:
@@ -162,8 +204,10 @@ def _typed(f: dataclasses.Field, value, key: str):
     """Check a value against its default's type (an int may stand for a float)."""
     default = f.default if f.default is not dataclasses.MISSING else (
         f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
-    if default is None or value is None:
+    if default is None:
         return value
+    if value is None:
+        raise ConfigError(f"config key {key!r} must be a {type(default).__name__}, got null (an empty value)")
     if isinstance(default, bool):
         ok = isinstance(value, bool)
     elif isinstance(default, float):

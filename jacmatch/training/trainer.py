@@ -17,6 +17,7 @@ import contextlib
 import json
 import math
 import os
+import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -166,6 +167,41 @@ def _teacher_key(cfg: RunConfig) -> tuple:
             tuple(d.classes or ()), d.val_size, d.split_seed)
 
 
+#: Settings a resume may change: they cannot alter the epochs already trained.
+RESUME_MAY_CHANGE = ("optim.epochs", "progress", "eval.every", "device", "out_dir", "tensorboard")
+
+
+def _flat(values: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in values.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) and k != "options" else {prefix + k: v})
+    return out
+
+
+def resume_changes(trained: dict, cfg: RunConfig, epochs_done: int, last: Path) -> dict:
+    """The settings that differ between the checkpoint's run and ``cfg``, as
+    ``{key: [old, new]}``; refused (one line, every key as ``key: old -> new``) unless
+    each is one of :data:`RESUME_MAY_CHANGE`."""
+    old = _flat(config_to_dict(config_from_dict(trained)))
+    new = _flat(config_to_dict(cfg))
+    changes = {k: [old.get(k), new.get(k)] for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)}
+    refused = {k: v for k, v in changes.items() if k not in RESUME_MAY_CHANGE}
+    if cfg.optim.epochs < epochs_done:
+        refused["optim.epochs"] = [old.get("optim.epochs"), cfg.optim.epochs]
+    if refused:
+        diff = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in refused.items())
+        raise ConfigError(f"--resume would change what {last.parent} was trained with ({diff}); resume with its "
+                          f"config.yaml, or start a new run in another --out (a resume may change only "
+                          f"{', '.join(RESUME_MAY_CHANGE)}, and epochs only upwards)")
+    return changes
+
+
+def _append_jsonl(path: Path, record: dict) -> None:
+    """One more line, the earlier ones kept byte for byte (an atomic rewrite)."""
+    before = path.read_text() if path.is_file() else ""
+    write_atomic(path, lambda f: f.write(before + json.dumps(record) + "\n"))
+
+
 def _seed(*parts: int) -> int:
     return int.from_bytes(str(parts).encode(), "little") % (2**61 - 1)
 
@@ -256,14 +292,19 @@ def train(cfg: RunConfig, *, resume: bool = False, data: DataSplits | None = Non
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_factor(cfg.optim))
     history: list[dict] = []
     start_epoch = 0
+    changes: dict = {}
     if resume:
         state = load_checkpoint(last, map_location=device)
         if state.get("arch") != model.arch:
             raise CheckpointError(f"{last} holds model {state.get('arch')}, the config asks for {model.arch}")
+        changes = resume_changes(json.loads(state["config"]), cfg, state["epoch"], last)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         start_epoch, history = state["epoch"], json.loads(state["history"])
+        if info.is_main:
+            _append_jsonl(out / "history.jsonl", {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "event": "resume",
+                                                  "epoch": start_epoch, "changes": changes})
     global_bn = info.enabled and cfg.ddp.sync_batchnorm
     if global_bn:  # trained without the DDP wrapper: gradients averaged after each backward
         global_batchnorm(model)
@@ -286,6 +327,8 @@ def train(cfg: RunConfig, *, resume: bool = False, data: DataSplits | None = Non
     if info.is_main:
         out.mkdir(parents=True, exist_ok=True)
         write_atomic(out / "config.yaml", lambda f: f.write(_yaml(config_to_dict(cfg))))
+        if not resume:
+            _append_jsonl(out / "history.jsonl", {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "event": "start"})
         write_json_atomic(out / "indices.json", {"train": data.train_indices, "val": data.val_indices,
                                                  "dataset_sha256": data.content_sha256})
         if cfg.tensorboard:
@@ -348,6 +391,8 @@ def train(cfg: RunConfig, *, resume: bool = False, data: DataSplits | None = Non
         record = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"], "steps": len(batches),
                   "skipped_steps": skipped, "train": {k: v / n_steps for k, v in sums.items()},
                   "epoch_seconds": time.time() - t_epoch}
+        if changes:  # the settings this resume changed, beside the first epoch trained with them
+            record["config_changes"], changes = changes, {}
         if info.enabled:
             record["train"] = _mean_across_ranks(record["train"], device)
         if (epoch + 1) % cfg.eval.every == 0 or epoch + 1 == cfg.optim.epochs:
@@ -376,11 +421,40 @@ def train(cfg: RunConfig, *, resume: bool = False, data: DataSplits | None = Non
     return results
 
 
+class _PlainProgress:
+    """Progress as plain lines for logs (stderr not a terminal): one every ``every``
+    seconds within an epoch and one at its end, never a carriage return."""
+
+    def __init__(self, batches, desc: str, every: float = 30.0):
+        self.batches, self.desc, self.every = batches, desc, every
+        self.postfix: dict = {}
+
+    def set_postfix(self, values: dict, refresh: bool = False) -> None:
+        self.postfix = values
+
+    def _line(self, step: int, start: float) -> None:
+        terms = " ".join(f"{k} {v}" for k, v in self.postfix.items())
+        print(f"{self.desc}: step {step}/{len(self.batches)} {terms} [{time.time() - start:.0f} s]",
+              file=sys.stderr, flush=True)
+
+    def __iter__(self):
+        start = last = time.time()
+        for step, item in enumerate(self.batches, 1):
+            yield item
+            if time.time() - last >= self.every and step < len(self.batches):
+                self._line(step, start)
+                last = time.time()
+        self._line(len(self.batches), start)
+
+
 def _progress(batches, cfg: RunConfig, info: DistInfo, epoch: int):
     if not (cfg.progress and info.is_main):
         return batches
+    desc = f"epoch {epoch + 1}/{cfg.optim.epochs}"
+    if not sys.stderr.isatty():
+        return _PlainProgress(batches, desc)
     from tqdm import tqdm
-    return tqdm(batches, desc=f"epoch {epoch + 1}/{cfg.optim.epochs}", leave=False, dynamic_ncols=True)
+    return tqdm(batches, desc=desc, leave=False, dynamic_ncols=True)
 
 
 def _mean_across_ranks(values: dict, device) -> dict:
