@@ -16,11 +16,13 @@ import sys
 from . import __version__
 from ._extras import MissingExtra
 from .training import ConfigError, resolve
+from .training.trainer import Preempted
 
 EXIT_USAGE = 2
 EXIT_IO = 1
 EXIT_NONFINITE = 3
 EXIT_INCOMPATIBLE = 1
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped by SIGTERM/SIGINT after a checkpoint; --resume continues
 
 #: What ``jacmatch distill`` trains with unless told otherwise: CE + KD + JM with the τ and
 #: γ that the distillation experiments chose on validation (results/REPORT.md).
@@ -343,6 +345,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"jacmatch {args.command}: error: cannot write or read{where}: {exc.strerror or exc}; "
               "what was written before is kept", file=sys.stderr)
         return EXIT_IO
+    except Preempted as exc:
+        print(f"jacmatch {args.command}: {exc}", file=sys.stderr)
+        return EXIT_PREEMPTED
     except KeyboardInterrupt:
         print(f"jacmatch {args.command}: interrupted; the last complete checkpoint is kept", file=sys.stderr)
         return 130

@@ -32,6 +32,8 @@ def test_every_experiment_section_and_the_report_quick(tmp_path):
     assert selection_run["test"]["noisy_acc"] == {} and "jacobian_cosine" not in selection_run["test"]
     assert {c["row"] for c in distill["cells"].values()} >= {"CE", "CE+KD", "CE+KD+JM", "KD+JM"}
     assert (out / "gradients.png").is_file()
+    for name in ("teacher", "distill", "robustness", "transfer"):
+        assert len(json.loads((out / f"{name}.json").read_text())["provenance"]["data_sha256"]) == 64, name
     jacmatch("report", "--results", str(out), cwd=tmp_path)
     report = (tmp_path / "results" / "REPORT.md").read_text()
     assert "## 2. Distillation with few samples" in report and "Not run yet" not in report
@@ -82,3 +84,19 @@ def test_cifar_configs_run_on_cifar_format_files(tmp_path, config, teacher_model
     assert "test accuracy" in out
     metrics = json.loads((tmp_path / "s" / "metrics.jsonl").read_text().splitlines()[-1])
     assert metrics["train"]["jm"] >= 0 and "jacobian_cosine" in metrics["test"]
+
+
+def test_results_carry_provenance_and_the_report_refuses_mixed_data(tmp_path):
+    from jacmatch.experiments.report import check_one_data_set
+    from jacmatch.training import config_from_dict, train
+    results = train(config_from_dict({"out_dir": str(tmp_path / "r"), "data": {"name": "synthetic"},
+                                      "model": {"name": "small_cnn_4"}, "optim": {"epochs": 1},
+                                      "eval": {"noise_sigmas": [], "jacobian_cosine": False}, "progress": False}))
+    p = json.loads((tmp_path / "r" / "results.json").read_text())["provenance"]
+    assert p == results["provenance"]
+    assert {"jacmatch", "torch", "python", "platform", "git_commit", "config_sha256", "data_sha256"} <= set(p)
+    assert len(p["config_sha256"]) == 64 and len(p["data_sha256"]) == 64
+    assert p["git_commit"] is None or len(p["git_commit"].split("+")[0]) == 40
+    check_one_data_set({"distill": {"provenance": {"data_sha256": "a" * 64}}})
+    with pytest.raises(ValueError, match="mixes runs on 2 different data sets"):
+        check_one_data_set({"distill": {"provenance": {"data_sha256": ["a" * 64, "b" * 64]}}})

@@ -395,3 +395,47 @@ def test_bad_values_exit_2_naming_them(argv, message, capsys):
         code = exc.code
     err = capsys.readouterr().err
     assert code == 2 and message in err and "Traceback" not in err, err
+
+
+# ---- preemption --------------------------------------------------------------------------
+
+
+def _wait_for_steps(process, out: Path, timeout: float = 120) -> None:
+    """Until the run has trained past its first epoch (its first checkpoint exists)."""
+    start = time.time()
+    while not (out / "last.pt").is_file():
+        assert process.poll() is None, process.communicate()[1][-2000:]
+        assert time.time() - start < timeout
+        time.sleep(0.05)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("processes", [1, 2])
+def test_sigterm_mid_epoch_then_resume_is_bit_identical(tmp_path, teacher, processes):
+    """SIGTERM finishes the step, checkpoints it (with the sampler's position and the draws'
+    state) and exits 75; --resume then ends with the weights of a run never stopped."""
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"] \
+        if processes > 1 else [sys.executable]
+    common = ["-m", "jacmatch", "distill", "--teacher", teacher, "--dataset", "synthetic", "--model", "small_cnn_4",
+              "--samples-per-class", "8", "--set", "objective.jm_outputs=projection", "--set", "objective.noise_sigma=0.1",
+              "--set", "data.augment=true", "--set", "optim.epochs=3", "--set", "optim.batch_size=8",
+              "--set", "optim.min_steps_per_epoch=200", "--set", "progress=false", "--set", "eval.every=3"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = tmp_path / "cut"
+    process = subprocess.Popen([*launcher, *common, "--out", str(out)], env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    _wait_for_steps(process, out)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    state = load_checkpoint(out / "last.pt")
+    assert 0 < state["step"] <= 200 and state["epoch"] in (1, 2), stderr[-2000:]  # stopped mid-epoch
+    if processes == 1:
+        assert process.returncode == 75 and "--resume continues" in stderr, stderr[-2000:]
+    resumed = subprocess.run([*launcher, *common, "--out", str(out), "--resume"], env=env, capture_output=True,
+                             text=True, timeout=300)
+    assert resumed.returncode == 0, first_errors(resumed.stderr)
+    straight = subprocess.run([*launcher, *common, "--out", str(tmp_path / "straight")], env=env,
+                              capture_output=True, text=True, timeout=300)
+    assert straight.returncode == 0, first_errors(straight.stderr)
+    a, b = load_checkpoint(out / "last.pt")["model"], load_checkpoint(tmp_path / "straight" / "last.pt")["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -82,7 +82,8 @@ class DataSplits:
     hflip: bool = False            # whether horizontal flips preserve the classes
     train_indices: list[int] = field(default_factory=list)  # into the official training set
     val_indices: list[int] = field(default_factory=list)
-    content_sha256: str = ""
+    content_sha256: str = ""       # a quick fingerprint (the first MiB of the training images)
+    data_sha256: str = ""          # SHA-256 of every image and label the loader read (train and test files)
 
     @property
     def in_channels(self) -> int:
@@ -220,10 +221,21 @@ def _load_raw(name: str, data_dir: str | None, download: bool):
     return _REGISTRY[name](data_dir, download)
 
 
+@functools.lru_cache(maxsize=4)
+def _raw_sha256(name: str, data_dir: str | None, download: bool) -> str:
+    """SHA-256 of every image and label a data set's loader returned (once per process)."""
+    h = hashlib.sha256()
+    train, test, _, _ = _load_raw(name, data_dir, download)
+    for t in (train.images, train.labels, test.images, test.labels):
+        h.update(t.contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
 def register_dataset(name: str, loader: Callable) -> None:
     """Add a loader ``(data_dir, download) -> (train, test, num_classes, hflip)``."""
     _REGISTRY[name] = loader
     _load_raw.cache_clear()
+    _raw_sha256.cache_clear()
 
 
 def list_datasets() -> list[str]:
@@ -264,6 +276,7 @@ def create_dataset(name: str, *, data_dir: str | None = None, samples_per_class:
     if name not in _REGISTRY:
         raise ValueError(f"unknown data set {name!r}: choose one of {list_datasets()}")
     train, test, num_classes, hflip = _load_raw(name, data_dir, download)
+    data_sha256 = _raw_sha256(name, data_dir, download)
     if classes is not None:
         classes = list(classes)
         if not classes or len(set(classes)) != len(classes) or min(classes) < 0 or max(classes) >= num_classes:
@@ -287,4 +300,4 @@ def create_dataset(name: str, *, data_dir: str | None = None, samples_per_class:
         train_pool = train_pool[stratified_subset(train.labels[train_pool], samples_per_class, seed)]
     digest = hashlib.sha256(train.images.numpy().tobytes()[: 1 << 20]).hexdigest()[:16]
     return DataSplits(name, train.subset(train_pool), train.subset(val_idx), test, num_classes, mean, std,
-                      hflip, train_pool.tolist(), val_idx.tolist(), digest)
+                      hflip, train_pool.tolist(), val_idx.tolist(), digest, data_sha256)

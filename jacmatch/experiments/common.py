@@ -10,7 +10,7 @@ from pathlib import Path
 from ..training import config_from_dict, train
 from ..training.config import config_to_dict
 
-__all__ = ["run_or_load", "load_json", "summarize", "summarize_runs"]
+__all__ = ["run_or_load", "load_json", "summarize", "summarize_runs", "with_provenance", "data_hashes"]
 
 
 def run_or_load(values: dict) -> dict:
@@ -53,8 +53,22 @@ def summarize_runs(runs: list[dict]) -> dict:
     cell = {"acc": summarize([t["acc"] for t in tests]),
             "val_acc": summarize([r["final"]["val"]["acc"] for r in runs]),
             "noisy_acc": {s: summarize([t["noisy_acc"][s] for t in tests]) for s in tests[0].get("noisy_acc", {})},
-            "train_seconds": sum(r["train_seconds"] for r in runs),
+            "train_seconds": sum(r["train_seconds"] for r in runs), "data_sha256": data_hashes(runs),
             "student_parameters": runs[0]["student_parameters"]}
     if "jacobian_cosine" in tests[0]:
         cell["jacobian_cosine"] = summarize([t["jacobian_cosine"] for t in tests])
     return cell
+
+
+def data_hashes(runs: list[dict]) -> list[str]:
+    """The distinct data hashes that ``runs`` read (from their provenance)."""
+    return sorted({(r.get("provenance") or {}).get("data_sha256") for r in runs} - {None})
+
+
+def with_provenance(summary: dict, config: dict | None = None) -> dict:
+    """``summary`` with the provenance keys; its data hash is that of its cells' runs (one,
+    unless they read different data, which the report refuses to put in one table)."""
+    from ..training.provenance import provenance
+    cells = summary.get("cells", {}).values()
+    hashes = sorted({h for c in cells for h in c.get("data_sha256", [])} | set(summary.get("data_sha256", [])))
+    return {**summary, "provenance": provenance(config, hashes[0] if len(hashes) == 1 else hashes or None)}

@@ -21,7 +21,7 @@ from pathlib import Path
 from .._extras import require
 from ..io import write_json_atomic
 from ..training.config import merge_values, load_config
-from .common import load_json, run_or_load, summarize_runs
+from .common import data_hashes, load_json, run_or_load, summarize_runs, with_provenance
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "paper"
 
@@ -123,7 +123,8 @@ def teacher_section(lay: Layout) -> dict:
                "test": r["final"]["test"], "val": r["final"]["val"], "epochs": r["epochs"],
                "train_seconds": r["train_seconds"], "section_seconds": time.time() - start,
                "checkpoint": str(target), "config": r["config"]}
-    write_json_atomic(out / "teacher.json", summary)
+    write_json_atomic(out / "teacher.json", with_provenance({**summary, "data_sha256": data_hashes([r])},
+                                                            r["config"]))
     return summary
 
 
@@ -233,9 +234,9 @@ def distill_section(lay: Layout) -> dict:
                   f" ± {100 * cells[f'{row}|{n}']['acc']['std']:.1f}   [{time.time() - start:.0f} s]")
             summary["section_seconds"] = time.time() - start
             summary["run_seconds"] = _run_seconds(cells, *summary["selection"].values())
-            write_json_atomic(out / "distill.json", summary)
+            write_json_atomic(out / "distill.json", with_provenance(summary, _config("distill", lay)))
     summary["complete"] = True
-    write_json_atomic(out / "distill.json", summary)
+    write_json_atomic(out / "distill.json", with_provenance(summary, _config("distill", lay)))
     return summary
 
 
@@ -269,7 +270,7 @@ def robustness_section(lay: Layout) -> dict:
             print(f"  {key:<30} clean {100 * cells[key]['acc']['mean']:.1f}   [{time.time() - start:.0f} s]")
     summary = {"sigma_train": SIGMA_TRAIN, "seeds": list(seeds), "cells": cells,
                "section_seconds": time.time() - start, "run_seconds": _run_seconds(cells)}
-    write_json_atomic(out / "robustness.json", summary)
+    write_json_atomic(out / "robustness.json", with_provenance(summary, _config("robustness", lay)))
     return summary
 
 
@@ -322,7 +323,7 @@ def transfer_section(lay: Layout) -> dict:
                "selection": {"delta": sel_at, "delta_jacobian": sel_jm},
                "seeds": list(seeds), "cells": cells, "section_seconds": time.time() - start,
                "run_seconds": _run_seconds(cells, source, sel_at, sel_jm)}
-    write_json_atomic(out / "transfer.json", summary)
+    write_json_atomic(out / "transfer.json", with_provenance(summary, _config("transfer", lay)))
     return summary
 
 
@@ -397,7 +398,7 @@ def main(section: str, quick: bool = False, out: str | None = None) -> None:
     timings = {}
     for name in names:
         start = time.time()
-        print(f"== {name}")
+        print(f"== {name}", flush=True)
         SECTIONS[name](lay)
         timings[name] = time.time() - start
         print(f"== {name} done in {timings[name]:.0f} s")

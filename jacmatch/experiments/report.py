@@ -319,11 +319,22 @@ def _section_time(name: str) -> str | None:
     return text
 
 
+def check_one_data_set(sections: dict) -> None:
+    """Refuse a section whose runs read different data (its provenance lists several
+    data hashes): its table would compare runs on different data."""
+    for name, j in sections.items():
+        hashes = ((j or {}).get("provenance") or {}).get("data_sha256")
+        if isinstance(hashes, list) and len(hashes) > 1:
+            raise ValueError(f"{name}.json mixes runs on {len(hashes)} different data sets (data_sha256 "
+                             f"{', '.join(h[:12] for h in hashes)}): rerun its runs on one copy of the data")
+
+
 def build_report() -> str:
     t = load_json(PAPER / "teacher.json")
     d = load_json(PAPER / "distill.json")
     r = load_json(PAPER / "robustness.json")
     tr = load_json(PAPER / "transfer.json")
+    check_one_data_set({"teacher": t, "distill": d, "robustness": r, "transfer": tr})
     v = load_json(PAPER / "verify.json")
     plots: list[str] = []
     distill_md, f_distill = _distill(d, plots)

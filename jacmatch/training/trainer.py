@@ -17,7 +17,9 @@ import contextlib
 import json
 import math
 import os
+import signal
 import sys
+import threading
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -41,8 +43,9 @@ from .config import ConfigError, RunConfig, config_from_dict, config_to_dict
 from .distributed import (DistInfo, average_gradients, broadcast_parameters, global_batchnorm, init_distributed,
                           resolve_device)
 from .evaluate import evaluate
+from .provenance import provenance
 
-__all__ = ["train", "load_model", "NonFiniteError", "RunExistsError"]
+__all__ = ["train", "load_model", "NonFiniteError", "RunExistsError", "Preempted"]
 
 #: Memory estimate above which a run is refused before it starts (bytes).
 MAX_STEP_BYTES = 16 << 30
@@ -50,6 +53,44 @@ MAX_STEP_BYTES = 16 << 30
 
 class NonFiniteError(RuntimeError):
     """A loss term or a gradient became NaN or Inf."""
+
+
+class Preempted(RuntimeError):
+    """SIGTERM or SIGINT stopped the run, after the current step and a checkpoint at it."""
+
+
+class _StopOnSignal(contextlib.AbstractContextManager):
+    """SIGTERM (cluster preemption, eviction) and SIGINT ask the loop to stop after the
+    current step; the handlers before are restored on exit."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.requested = False
+        self._before: dict = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self._before[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def __exit__(self, *exc):
+        for sig, handler in self._before.items():
+            signal.signal(sig, handler)
+        return None
+
+
+def _agreed(flag: bool, info: DistInfo, device) -> bool:
+    """Whether any process asks to stop (so that all stop at the same step)."""
+    if not info.enabled:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)
 
 
 class RunExistsError(ConfigError):
@@ -291,7 +332,7 @@ def train(cfg: RunConfig, *, resume: bool = False, data: DataSplits | None = Non
     optimizer = _make_optimizer(cfg, model.parameters())
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_factor(cfg.optim))
     history: list[dict] = []
-    start_epoch = 0
+    start_epoch, first_step, mid_epoch = 0, 0, None
     changes: dict = {}
     if resume:
         state = load_checkpoint(last, map_location=device)
@@ -302,6 +343,7 @@ def train(cfg: RunConfig, *, resume: bool = False, data: DataSplits | None = Non
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         start_epoch, history = state["epoch"], json.loads(state["history"])
+        first_step, mid_epoch = state.get("step", 0), state.get("mid_epoch")  # stopped by a signal mid-epoch
         if info.is_main:
             _append_jsonl(out / "history.jsonl", {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "event": "resume",
                                                   "epoch": start_epoch, "changes": changes})
@@ -337,81 +379,101 @@ def train(cfg: RunConfig, *, resume: bool = False, data: DataSplits | None = Non
             writer = SummaryWriter(str(out / "tensorboard"))
 
     t_start = time.time()
-    for epoch in range(start_epoch, cfg.optim.epochs):
-        torch.manual_seed(_seed(cfg.seed, epoch, info.rank, 1))
-        gen.manual_seed(_seed(cfg.seed, epoch, 0, 2))
-        aug_gen.manual_seed(_seed(cfg.seed, epoch, 0, 3))
-        batches = _epoch_indices(len(data.train), cfg, info, epoch)
-        net.train()
-        sums: dict[str, float] = {}
-        skipped = 0
-        bar = _progress(batches, cfg, info, epoch)
-        t_epoch = time.time()
-        for step, idx in enumerate(bar):
-            index = torch.tensor(idx)
-            x, y = data.train.batch(index)
-            if d.augment:
-                x = random_crop_flip(x, d.crop_padding, data.hflip, aug_draws)
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            targets = None
-            if cache is not None:
-                targets = cache.get(index, lambda m: objective.teacher_targets(
-                    x[m.to(device)], y[m.to(device)], full_jacobian=True))
-            autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
-            with autocast:
-                _, total, terms = objective(x, y, targets)
-            values = {k: float(v.detach()) for k, v in terms.items()}
-            bad = [k for k, v in values.items() if not math.isfinite(v)]
-            optimizer.zero_grad(set_to_none=True)
-            if not bad:
-                (scaler.scale(total) if scaler else total).backward()
-                if global_bn:
-                    average_gradients(model)
-                if scaler:
-                    scaler.unscale_(optimizer)
-                if not all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None):
-                    bad = ["gradient"]
-            if bad:
-                where = f"epoch {epoch + 1}, step {step + 1}"
-                if cfg.nonfinite == "skip":
-                    skipped += 1
-                    optimizer.zero_grad(set_to_none=True)
-                    continue
-                raise NonFiniteError(f"non-finite {', '.join(bad)} at {where} "
-                                     f"({', '.join(f'{k}={values[k]}' for k in values)}); the last "
-                                     f"complete checkpoint is kept: lower the learning rate or weights, "
-                                     f"or set nonfinite=skip")
-            (scaler.step(optimizer), scaler.update()) if scaler else optimizer.step()
-            for k, v in values.items():
-                sums[k] = sums.get(k, 0.0) + v
-            if hasattr(bar, "set_postfix"):
-                bar.set_postfix({k: f"{v:.3g}" for k, v in values.items()}, refresh=False)
-        scheduler.step()
-        n_steps = max(len(batches) - skipped, 1)
-        record = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"], "steps": len(batches),
-                  "skipped_steps": skipped, "train": {k: v / n_steps for k, v in sums.items()},
-                  "epoch_seconds": time.time() - t_epoch}
-        if changes:  # the settings this resume changed, beside the first epoch trained with them
-            record["config_changes"], changes = changes, {}
-        if info.enabled:
-            record["train"] = _mean_across_ranks(record["train"], device)
-        if (epoch + 1) % cfg.eval.every == 0 or epoch + 1 == cfg.optim.epochs:
+    with _StopOnSignal() as stop:
+        for epoch in range(start_epoch, cfg.optim.epochs):
+            torch.manual_seed(_seed(cfg.seed, epoch, info.rank, 1))
+            gen.manual_seed(_seed(cfg.seed, epoch, 0, 2))
+            aug_gen.manual_seed(_seed(cfg.seed, epoch, 0, 3))
+            batches = _epoch_indices(len(data.train), cfg, info, epoch)
+            net.train()
+            sums: dict[str, float] = {}
+            skipped = 0
+            if first_step:  # continue the epoch a signal stopped: its draws and sums where they were
+                gen.set_state(mid_epoch["gen"])
+                aug_gen.set_state(mid_epoch["aug"])
+                if not info.enabled:
+                    torch.set_rng_state(mid_epoch["rng"])
+                sums, skipped = json.loads(mid_epoch["sums"]), int(mid_epoch["skipped"])
+            bar = _progress(batches[first_step:], cfg, info, epoch)
+            t_epoch = time.time()
+            for step, idx in enumerate(bar, start=first_step):
+                index = torch.tensor(idx)
+                x, y = data.train.batch(index)
+                if d.augment:
+                    x = random_crop_flip(x, d.crop_padding, data.hflip, aug_draws)
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                targets = None
+                if cache is not None:
+                    targets = cache.get(index, lambda m: objective.teacher_targets(
+                        x[m.to(device)], y[m.to(device)], full_jacobian=True))
+                autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
+                with autocast:
+                    _, total, terms = objective(x, y, targets)
+                values = {k: float(v.detach()) for k, v in terms.items()}
+                bad = [k for k, v in values.items() if not math.isfinite(v)]
+                optimizer.zero_grad(set_to_none=True)
+                if not bad:
+                    (scaler.scale(total) if scaler else total).backward()
+                    if global_bn:
+                        average_gradients(model)
+                    if scaler:
+                        scaler.unscale_(optimizer)
+                    if not all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None):
+                        bad = ["gradient"]
+                if bad:
+                    where = f"epoch {epoch + 1}, step {step + 1}"
+                    if cfg.nonfinite == "skip":
+                        skipped += 1
+                        optimizer.zero_grad(set_to_none=True)
+                        continue
+                    raise NonFiniteError(f"non-finite {', '.join(bad)} at {where} "
+                                         f"({', '.join(f'{k}={values[k]}' for k in values)}); the last "
+                                         f"complete checkpoint is kept: lower the learning rate or weights, "
+                                         f"or set nonfinite=skip")
+                (scaler.step(optimizer), scaler.update()) if scaler else optimizer.step()
+                for k, v in values.items():
+                    sums[k] = sums.get(k, 0.0) + v
+                if hasattr(bar, "set_postfix"):
+                    bar.set_postfix({k: f"{v:.3g}" for k, v in values.items()}, refresh=False)
+                if _agreed(stop.requested, info, device):
+                    if info.is_main:
+                        save_checkpoint(last, {
+                            "model": model.state_dict(), "arch": model.arch, "optimizer": optimizer.state_dict(),
+                            "scheduler": scheduler.state_dict(), "epoch": epoch, "step": step + 1,
+                            "history": json.dumps(history), "config": json.dumps(config_to_dict(cfg)),
+                            "rng": torch.get_rng_state(),
+                            "mid_epoch": {"gen": gen.get_state(), "aug": aug_gen.get_state(), "rng": torch.get_rng_state(),
+                                          "sums": json.dumps(sums), "skipped": skipped}})
+                    info.barrier()
+                    raise Preempted(f"stopped by a signal at epoch {epoch + 1}, step {step + 1} of {len(batches)}; "
+                                    f"{last} holds that step: --resume continues from it")
+            first_step = 0
+            scheduler.step()
+            n_steps = max(len(batches) - skipped, 1)
+            record = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"], "steps": len(batches),
+                      "skipped_steps": skipped, "train": {k: v / n_steps for k, v in sums.items()},
+                      "epoch_seconds": time.time() - t_epoch}
+            if changes:  # the settings this resume changed, beside the first epoch trained with them
+                record["config_changes"], changes = changes, {}
+            if info.enabled:
+                record["train"] = _mean_across_ranks(record["train"], device)
+            if (epoch + 1) % cfg.eval.every == 0 or epoch + 1 == cfg.optim.epochs:
+                if info.is_main:
+                    record["val"] = evaluate(model, data.val, device, batch_size=cfg.eval.batch_size)
+                    record["test"] = evaluate(model, data.test, device, batch_size=cfg.eval.batch_size,
+                                              noise_sigmas=cfg.eval.noise_sigmas, noise_seed=cfg.eval.noise_seed,
+                                              teacher=teacher if cfg.eval.jacobian_cosine else None,
+                                              cosine_samples=cfg.eval.cosine_samples, teacher_key=teacher_key)
+                info.barrier()
+            history.append(record)
             if info.is_main:
-                record["val"] = evaluate(model, data.val, device, batch_size=cfg.eval.batch_size)
-                record["test"] = evaluate(model, data.test, device, batch_size=cfg.eval.batch_size,
-                                          noise_sigmas=cfg.eval.noise_sigmas, noise_seed=cfg.eval.noise_seed,
-                                          teacher=teacher if cfg.eval.jacobian_cosine else None,
-                                          cosine_samples=cfg.eval.cosine_samples, teacher_key=teacher_key)
+                _log(out, history, writer, record)
+                if (epoch + 1) % cfg.checkpoint_every == 0 or epoch + 1 == cfg.optim.epochs:
+                    save_checkpoint(last, {
+                        "model": model.state_dict(), "arch": model.arch, "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict(), "epoch": epoch + 1, "history": json.dumps(history),
+                        "config": json.dumps(config_to_dict(cfg)), "rng": torch.get_rng_state()})
             info.barrier()
-        history.append(record)
-        if info.is_main:
-            _log(out, history, writer, record)
-            if (epoch + 1) % cfg.checkpoint_every == 0 or epoch + 1 == cfg.optim.epochs:
-                save_checkpoint(last, {
-                    "model": model.state_dict(), "arch": model.arch, "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(), "epoch": epoch + 1, "history": json.dumps(history),
-                    "config": json.dumps(config_to_dict(cfg)), "rng": torch.get_rng_state()})
-        info.barrier()
 
     results = _results(cfg, data, model, teacher, history, time.time() - t_start)
     if info.is_main:
@@ -487,7 +549,8 @@ def _results(cfg, data, model, teacher, history, seconds) -> dict:
             "num_classes": data.num_classes, "student_parameters": count_parameters(model),
             "teacher_parameters": count_parameters(teacher) if teacher is not None else None,
             "final": {"val": final.get("val"), "test": final.get("test"), "train": final.get("train")},
-            "epochs": len(history), "train_seconds": seconds, "torch": torch.__version__}
+            "epochs": len(history), "train_seconds": seconds, "torch": torch.__version__,
+            "provenance": provenance(config_to_dict(cfg), data.data_sha256)}
 
 
 def _yaml(values: dict) -> str:

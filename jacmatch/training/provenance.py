@@ -1,0 +1,47 @@
+"""Where a result came from: versions, platform, git commit, config and data hashes."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import subprocess
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+__all__ = ["provenance", "git_commit", "config_sha256"]
+
+
+@lru_cache(maxsize=1)
+def git_commit() -> str | None:
+    """The commit of the checkout jacmatch runs from (with ``+dirty`` when it has
+    uncommitted changes); None for an installed package."""
+    root = Path(__file__).resolve().parents[2]
+    if not (root / ".git").exists():
+        return None
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if head.returncode != 0:
+        return None
+    return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+
+
+def config_sha256(config: dict) -> str:
+    """SHA-256 of a resolved config, as canonical JSON (sorted keys)."""
+    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def provenance(config: dict | None, data_sha256: str | list | None) -> dict:
+    """The provenance keys every result file carries. ``data_sha256``: the hash of the
+    data a run read (``DataSplits.content_sha256``: every image and label loaded), or
+    the list of distinct hashes of a section's runs."""
+    from .. import __version__
+    return {"jacmatch": __version__, "torch": torch.__version__, "python": platform.python_version(),
+            "platform": platform.platform(), "git_commit": git_commit(),
+            "config_sha256": config_sha256(config) if config is not None else None, "data_sha256": data_sha256}
