@@ -15,21 +15,12 @@ import torch.nn.functional as F
 
 import jacmatch as jm
 from conftest import SmallCNN
+from test_objective import batch, pair
 from jacmatch.cli import main as cli_main
 from jacmatch.models import create_model, replace_hard_activations
 
 ROOT = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
-
-
-def pair():
-    torch.manual_seed(7)
-    return SmallCNN(k=5).double(), SmallCNN(k=5).double()
-
-
-def batch():
-    g = torch.Generator().manual_seed(8)
-    return torch.randn(6, 1, 6, 6, generator=g, dtype=torch.float64), torch.randint(0, 5, (6,), generator=g)
 
 
 # ---- terms composed by hand ------------------------------------------------------------

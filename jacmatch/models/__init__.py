@@ -13,6 +13,7 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
+from .base import NormalizedInput
 from .external import ExternalClassifier, build_external, is_import_path, replace_hard_activations
 
 __all__ = ["create_model", "list_models", "register_model", "Classifier", "count_parameters", "takes_input",
@@ -108,26 +109,20 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-class Classifier(nn.Module):
+class Classifier(NormalizedInput):
     """Normalise, ``features`` (a Sequential of named stages), pool, ``classifier``."""
 
     feature_names: tuple[str, ...] = ()
 
     def __init__(self, num_classes: int, in_channels: int):
-        super().__init__()
+        super().__init__(in_channels)
         self.num_classes = num_classes
-        self.register_buffer("mean", torch.zeros(1, in_channels, 1, 1))
-        self.register_buffer("std", torch.ones(1, in_channels, 1, 1))
-
-    def set_normalization(self, mean: Sequence[float], std: Sequence[float]) -> None:
-        self.mean.copy_(torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
-        self.std.copy_(torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
 
     def forward(self, x: Tensor) -> Tensor:
         if x.dim() != 4 or x.shape[1] != self.mean.shape[1]:
             raise ValueError(f"{type(self).__name__} expects images [B, {self.mean.shape[1]}, H, W], "
                              f"got {tuple(x.shape)}")
-        return self.head(self.body((x - self.mean) / self.std))
+        return self.head(self.body(self.normalized(x)))
 
     def body(self, x: Tensor) -> Tensor:
         raise NotImplementedError

@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import importlib
 import inspect
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
 
 from .._extras import require
 from ..core.outputs import logits_of
+from .base import NormalizedInput
 
 __all__ = ["ExternalClassifier", "build_external", "is_import_path", "replace_hard_activations"]
 
@@ -84,29 +85,23 @@ def build_external(spec: str, num_classes: int, in_channels: int, **options) -> 
     return net
 
 
-class ExternalClassifier(nn.Module):
+class ExternalClassifier(NormalizedInput):
     """Pixels in [0, 1] -> (optionally) normalised -> ``net`` -> logits [B, k]."""
 
     feature_names: tuple[str, ...] = ()
 
     def __init__(self, net: nn.Module, num_classes: int, in_channels: int, *, output: str | int | None = None,
                  normalize: bool = True, math_attention: bool = False):
-        super().__init__()
+        super().__init__(in_channels)
         self.net = net
         self.math_attention = math_attention
         self.num_classes = num_classes
         self.output = output
         self.normalize = normalize
-        self.register_buffer("mean", torch.zeros(1, in_channels, 1, 1))
-        self.register_buffer("std", torch.ones(1, in_channels, 1, 1))
-
-    def set_normalization(self, mean: Sequence[float], std: Sequence[float]) -> None:
-        self.mean.copy_(torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
-        self.std.copy_(torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
 
     def forward(self, x: Tensor) -> Tensor:
         if self.normalize:
-            x = (x - self.mean) / self.std
+            x = self.normalized(x)
         if not self.math_attention:
             return logits_of(self.net(x), self.output)
         # The fused CPU/GPU attention kernels have no double backward; the math one does.
