@@ -318,7 +318,8 @@ def add_experiment_commands(sub) -> None:
                                    "families (needs jacmatch[vision]).")
     p.add_argument("--out", metavar="PATH", default="docs/compatibility.md", help="the markdown table")
     p.add_argument("--json", metavar="PATH", help="also the records as JSON")
-    p.add_argument("--only", metavar="SPEC", nargs="*", help="check only these specs")
+    p.add_argument("--only", metavar="SPEC", nargs="*",
+                   help="check only these specs (with --json of an earlier table: update their rows)")
     p.add_argument("--timeout", type=_positive_float, default=120.0, help="seconds per model before it is recorded as too slow")
     p.set_defaults(run=_compat)
 

@@ -53,6 +53,12 @@ def _check(spec: str, size: str, timeout: float) -> dict:
                 "seconds": time.time() - start}
 
 
+def _size_error(r: dict) -> bool:
+    """Whether a check failed because the model cannot take the input's size."""
+    text = " ".join(str(r.get(k) or "") for k in ("error", "teacher_error", "student_error")).lower()
+    return "error" in r and any(w in text for w in ("size", "height", "width", "shape", "expected"))
+
+
 def _row(r: dict) -> str:
     def ms(s):
         return f"{1e3 * s:.0f}" if s is not None else "–"
@@ -74,6 +80,9 @@ def main(out: str = "docs/compatibility.md", json_path: str | None = None, only:
          timeout: float = 120.0) -> list[dict]:
     tv, timm = require("torchvision", "vision"), require("timm", "vision")
     specs = only or _specs()
+    earlier = {}
+    if only and json_path and Path(json_path).is_file():  # update these rows of an earlier table
+        earlier = {r["spec"]: r for r in json.loads(Path(json_path).read_text())["records"]}
     records = []
     start = time.time()
     for i, spec in enumerate(specs):
@@ -82,10 +91,14 @@ def main(out: str = "docs/compatibility.md", json_path: str | None = None, only:
             if "error" not in r and (r.get("student_ok") or r.get("fix")):
                 break
             bigger = _check(spec, size, timeout)
-            if "error" not in bigger and (bigger["student_ok"] or bigger["fix"] or not r.get("teacher_ok")):
-                r = bigger
+            if _size_error(r) or ("error" not in bigger and (bigger["student_ok"] or bigger["fix"]
+                                                             or not r.get("teacher_ok"))):
+                r = bigger  # the size the model is made for says more, even when it fails too
         records.append(r)
         print(f"[{i + 1}/{len(specs)}] {_row(r)}  [{time.time() - start:.0f} s]", flush=True)
+    if earlier:
+        fresh = {r["spec"]: r for r in records}
+        records = [fresh.get(spec, r) for spec, r in earlier.items()]
     works = sum(1 for r in records if r.get("student_ok"))
     fixed = sum(1 for r in records if r.get("fix"))
     lines = [
