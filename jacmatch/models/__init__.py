@@ -17,7 +17,7 @@ from .base import NormalizedInput
 from .external import ExternalClassifier, build_external, is_import_path, replace_hard_activations
 
 __all__ = ["create_model", "list_models", "register_model", "Classifier", "count_parameters", "takes_input",
-           "smallest_input",
+           "smallest_input", "dry_forward",
            "ExternalClassifier", "is_import_path", "replace_hard_activations"]
 
 _MODELS: dict[str, Callable[..., "Classifier"]] = {}
@@ -78,19 +78,24 @@ def create_model(name: str, num_classes: int, in_channels: int, *, mean: Sequenc
 _replace_hard = replace_hard_activations
 
 
-def takes_input(model: nn.Module, shape: Sequence[int]) -> bool:
-    """Whether ``model`` runs on one zero sample of ``shape`` (C, H, W), in eval mode."""
+def dry_forward(model: nn.Module, shape: Sequence[int]) -> Tensor | None:
+    """``model``'s output on one zero sample of ``shape`` (C, H, W), in eval mode and
+    without a graph; None when the model cannot take that shape."""
     was_training = model.training
     device = next(iter(model.buffers()), next(iter(model.parameters()), torch.zeros(0))).device
     model.eval()
     try:
         with torch.no_grad():
-            model(torch.zeros(1, *shape, device=device))
-        return True
+            return model(torch.zeros(1, *shape, device=device))
     except (RuntimeError, ValueError):
-        return False
+        return None
     finally:
         model.train(was_training)
+
+
+def takes_input(model: nn.Module, shape: Sequence[int]) -> bool:
+    """Whether ``model`` runs on one zero sample of ``shape`` (C, H, W)."""
+    return dry_forward(model, shape) is not None
 
 
 def smallest_input(model: nn.Module, channels: int, max_side: int = 256) -> int | None:

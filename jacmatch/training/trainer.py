@@ -35,8 +35,8 @@ from ..core.draws import ShardedGenerator
 from ..core.objective import TransferObjective, build_terms, rows_per_sample
 from ..data import DataSplits, create_dataset, random_crop_flip
 from ..io import write_atomic, write_json_atomic
-from ..models import (ExternalClassifier, count_parameters, create_model, is_import_path, smallest_input,
-                      takes_input)
+from ..models import (ExternalClassifier, count_parameters, create_model, dry_forward, is_import_path,
+                      smallest_input)
 from .cache import TeacherCache
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .config import ConfigError, RunConfig, config_from_dict, config_to_dict
@@ -130,16 +130,13 @@ def _check_input_shape(model: nn.Module, data: DataSplits, name: str, key: str) 
     of outputs. A model that cannot take the shape is refused in one line that says the
     smallest input it takes."""
     shape = tuple(data.train.images.shape[1:])
-    if not takes_input(model, shape):
+    out = dry_forward(model, shape)
+    if out is None:
         side = smallest_input(model, shape[0])
         hint = (f"its smallest input is {shape[0]}x{side}x{side}" if side else
                 f"it takes no {shape[0]}-channel square input up to 256x256")
         raise ConfigError(f"{key} {name!r} cannot take {data.name} inputs of shape {'x'.join(map(str, shape))}: "
                           f"{hint}; choose another model or data set")
-    with torch.no_grad():
-        was_training = model.training
-        out = model.eval()(torch.zeros(1, *shape, device=next(iter(model.buffers())).device))
-        model.train(was_training)
     return int(out.shape[-1])
 
 
