@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test verify bench data clean vision-venv test-vision compat
+.PHONY: demo test test-fast verify bench data clean vision-venv test-vision compat
 
 $(STAMP): pyproject.toml constraints.txt
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
@@ -17,6 +17,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -m "not vision"
+
+# The tier to run while working: no subprocesses, torchrun or training-heavy tests (seconds).
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -m "not slow and not vision"
 
 verify: $(STAMP)
 	$(BIN)/jacmatch verify --json results/verify.json --plot results/verify.png

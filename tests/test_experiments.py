@@ -19,6 +19,7 @@ def jacmatch(*args, cwd):
     return r.stdout
 
 
+@pytest.mark.slow
 def test_every_experiment_section_and_the_report_quick(tmp_path):
     jacmatch("experiment", "all", "--quick", cwd=tmp_path)
     out = tmp_path / "results" / "quick"
@@ -57,6 +58,7 @@ def test_every_paper_student_takes_the_same_number_of_steps():
             assert steps - per_epoch < cfg.optim.epochs * per_epoch <= steps, (steps, n, per_epoch)
 
 
+@pytest.mark.slow
 def test_bench_quick_writes_valid_json(tmp_path):
     jacmatch("bench", "--quick", "--json", str(tmp_path / "b.json"), cwd=tmp_path)
     b = json.loads((tmp_path / "b.json").read_text())
@@ -66,6 +68,7 @@ def test_bench_quick_writes_valid_json(tmp_path):
                                                          "noisy_kd_step_m16", "naive_top1_step"}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("config,teacher_model", [("resnet32x4_resnet8x4", "resnet8x4"),
                                                   ("wrn_40_2_wrn_16_2", "wrn_16_2"),
                                                   ("few_sample_cifar100", "wrn_16_1")])

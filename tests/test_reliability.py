@@ -79,6 +79,7 @@ def test_failed_write_keeps_the_previous_file(tmp_path):
     assert path.read_text() == "old" and list(tmp_path.iterdir()) == [path]
 
 
+@pytest.mark.slow
 def test_sigkill_at_random_moments_always_leaves_a_loadable_checkpoint(tmp_path, teacher):
     """A real training process killed with SIGKILL at random points (checkpoints are
     written every epoch, epochs are tiny, so kills land inside writes too): whatever is
@@ -152,6 +153,7 @@ def test_nonfinite_skip_mode_finishes(tmp_path, teacher, monkeypatch):
     assert [h["skipped_steps"] for h in history] == [0, 1, 1] and results["epochs"] == 3
 
 
+@pytest.mark.slow
 def test_nonfinite_exits_nonzero_from_the_cli(tmp_path, teacher):
     r = subprocess.run([sys.executable, "-m", "jacmatch", "distill", "--teacher", teacher, "--dataset", "synthetic",
                         "--out", str(tmp_path / "o"), "--set", "objective.beta=1", "--set", "optim.lr=1000", "--set", "optim.momentum=0.99",
@@ -164,6 +166,7 @@ def test_nonfinite_exits_nonzero_from_the_cli(tmp_path, teacher):
 # ---- determinism -----------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_ddp_runs_with_the_same_seed_agree(tmp_path, teacher):
     common = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "jacmatch",
               "distill", "--teacher", teacher, "--dataset", "synthetic", "--model", "small_cnn_4",
@@ -302,6 +305,7 @@ def test_resume_with_a_changed_objective_is_refused_with_the_diff(tmp_path, teac
     assert [m.get("config_changes") for m in metrics] == [None, {"optim.epochs": [1, 2]}]
 
 
+@pytest.mark.slow
 def test_progress_in_a_log_is_plain_lines(tmp_path):
     """stderr is a pipe here, as in a batch job's log: one line per epoch, no carriage return."""
     r = subprocess.run([sys.executable, "-m", "jacmatch", "train-teacher", "--dataset", "synthetic", "--model",
