@@ -228,7 +228,7 @@ class TransferObjective(nn.Module):
         terms = {t.key: t.from_step(step) for t in self.terms}
         total = sum(t.weight * terms[t.key] for t in self.terms)
         if logits is None:  # noise training alone: the first draw's logits stand for the batch
-            logits = next(iter(step._noisy.values()))[1][: x.shape[0]]
+            logits = step.noisy_logits()
         return logits, total, terms
 
 

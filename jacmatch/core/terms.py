@@ -112,6 +112,10 @@ class Step:
             self._noisy[key] = (noisy, self.student(noisy))
         return self._noisy[key]
 
+    def noisy_logits(self) -> Tensor | None:
+        """The student's logits on the first noisy draw of this step, if any was taken."""
+        return next(iter(self._noisy.values()))[1][: self.x.shape[0]] if self._noisy else None
+
 
 class Term(nn.Module):
     """One weighted term ``weight · value``; ``key`` names it in the objective's terms."""

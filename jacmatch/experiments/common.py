@@ -65,10 +65,10 @@ def data_hashes(runs: list[dict]) -> list[str]:
     return sorted({(r.get("provenance") or {}).get("data_sha256") for r in runs} - {None})
 
 
-def with_provenance(summary: dict, config: dict | None = None) -> dict:
-    """``summary`` with the provenance keys; its data hash is that of its cells' runs (one,
-    unless they read different data, which the report refuses to put in one table)."""
+def with_provenance(summary: dict, config: dict | None = None, runs: list[dict] = ()) -> dict:
+    """``summary`` with the provenance keys; its data hash is that of its cells' runs and of
+    ``runs`` (one, unless they read different data, which the report refuses to put in one table)."""
     from ..training.provenance import provenance
     cells = summary.get("cells", {}).values()
-    hashes = sorted({h for c in cells for h in c.get("data_sha256", [])} | set(summary.get("data_sha256", [])))
+    hashes = sorted({h for c in cells for h in c.get("data_sha256", [])} | set(data_hashes(list(runs))))
     return {**summary, "provenance": provenance(config, hashes[0] if len(hashes) == 1 else hashes or None)}

@@ -21,7 +21,7 @@ from pathlib import Path
 from .._extras import require
 from ..io import write_json_atomic
 from ..training.config import merge_values, load_config
-from .common import data_hashes, load_json, run_or_load, summarize_runs, with_provenance
+from .common import load_json, run_or_load, summarize_runs, with_provenance
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "paper"
 
@@ -123,8 +123,7 @@ def teacher_section(lay: Layout) -> dict:
                "test": r["final"]["test"], "val": r["final"]["val"], "epochs": r["epochs"],
                "train_seconds": r["train_seconds"], "section_seconds": time.time() - start,
                "checkpoint": str(target), "config": r["config"]}
-    write_json_atomic(out / "teacher.json", with_provenance({**summary, "data_sha256": data_hashes([r])},
-                                                            r["config"]))
+    write_json_atomic(out / "teacher.json", with_provenance(summary, r["config"], [r]))
     return summary
 
 

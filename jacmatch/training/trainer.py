@@ -341,6 +341,7 @@ def train(cfg: RunConfig, *, resume: bool = False, data: DataSplits | None = Non
         scheduler.load_state_dict(state["scheduler"])
         start_epoch, history = state["epoch"], json.loads(state["history"])
         first_step, mid_epoch = state.get("step", 0), state.get("mid_epoch")  # stopped by a signal mid-epoch
+        resume_rng = state["rng"]
         if info.is_main:
             _append_jsonl(out / "history.jsonl", {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "event": "resume",
                                                   "epoch": start_epoch, "changes": changes})
@@ -389,7 +390,7 @@ def train(cfg: RunConfig, *, resume: bool = False, data: DataSplits | None = Non
                 gen.set_state(mid_epoch["gen"])
                 aug_gen.set_state(mid_epoch["aug"])
                 if not info.enabled:
-                    torch.set_rng_state(mid_epoch["rng"])
+                    torch.set_rng_state(resume_rng)
                 sums, skipped = json.loads(mid_epoch["sums"]), int(mid_epoch["skipped"])
             bar = _progress(batches[first_step:], cfg, info, epoch)
             t_epoch = time.time()
@@ -434,13 +435,10 @@ def train(cfg: RunConfig, *, resume: bool = False, data: DataSplits | None = Non
                     bar.set_postfix({k: f"{v:.3g}" for k, v in values.items()}, refresh=False)
                 if _agreed(stop.requested, info, device):
                     if info.is_main:
-                        save_checkpoint(last, {
-                            "model": model.state_dict(), "arch": model.arch, "optimizer": optimizer.state_dict(),
-                            "scheduler": scheduler.state_dict(), "epoch": epoch, "step": step + 1,
-                            "history": json.dumps(history), "config": json.dumps(config_to_dict(cfg)),
-                            "rng": torch.get_rng_state(),
-                            "mid_epoch": {"gen": gen.get_state(), "aug": aug_gen.get_state(), "rng": torch.get_rng_state(),
-                                          "sums": json.dumps(sums), "skipped": skipped}})
+                        save_checkpoint(last, _run_state(
+                            cfg, model, optimizer, scheduler, history, epoch, step=step + 1,
+                            mid_epoch={"gen": gen.get_state(), "aug": aug_gen.get_state(),
+                                       "sums": json.dumps(sums), "skipped": skipped}))
                     info.barrier()
                     raise Preempted(f"stopped by a signal at epoch {epoch + 1}, step {step + 1} of {len(batches)}; "
                                     f"{last} holds that step: --resume continues from it")
@@ -466,10 +464,7 @@ def train(cfg: RunConfig, *, resume: bool = False, data: DataSplits | None = Non
             if info.is_main:
                 _log(out, history, writer, record)
                 if (epoch + 1) % cfg.checkpoint_every == 0 or epoch + 1 == cfg.optim.epochs:
-                    save_checkpoint(last, {
-                        "model": model.state_dict(), "arch": model.arch, "optimizer": optimizer.state_dict(),
-                        "scheduler": scheduler.state_dict(), "epoch": epoch + 1, "history": json.dumps(history),
-                        "config": json.dumps(config_to_dict(cfg)), "rng": torch.get_rng_state()})
+                    save_checkpoint(last, _run_state(cfg, model, optimizer, scheduler, history, epoch + 1))
             info.barrier()
 
     results = _results(cfg, data, model, teacher, history, time.time() - t_start)
@@ -548,6 +543,14 @@ def _results(cfg, data, model, teacher, history, seconds) -> dict:
             "final": {"val": final.get("val"), "test": final.get("test"), "train": final.get("train")},
             "epochs": len(history), "train_seconds": seconds, "torch": torch.__version__,
             "provenance": provenance(config_to_dict(cfg), data.data_sha256)}
+
+
+def _run_state(cfg, model, optimizer, scheduler, history, epoch: int, **extra) -> dict:
+    """What a checkpoint holds: weights, optimiser, schedule, ``epoch`` completed epochs,
+    the history, the config and the RNG state (``extra``: a mid-epoch stop's position)."""
+    return {"model": model.state_dict(), "arch": model.arch, "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(), "epoch": epoch, "history": json.dumps(history),
+            "config": json.dumps(config_to_dict(cfg)), "rng": torch.get_rng_state(), **extra}
 
 
 def _yaml(values: dict) -> str:
