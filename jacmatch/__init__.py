@@ -13,7 +13,8 @@ from .core.losses import (attention_map, attention_transfer_loss, gaussian_noise
                           jacobian_penalty, kd_loss, noise_training_loss, noisy_distillation_loss,
                           normalize_per_sample)
 from .core.estimators import Estimator, create_estimator, list_estimators, register_estimator
-from .core.objective import ObjectiveConfig, TransferObjective, build_terms, jacobian_cosine
+from .core.metrics import jacobian_cosine
+from .core.objective import ObjectiveConfig, TransferObjective, build_terms
 from .core.outputs import logits_of
 from .core.terms import (AttentionJacobianLoss, AttentionTransferLoss, CrossEntropyLoss, FeatureTaps,
                          JacobianMatchingLoss, JacobianPenalty, KDLoss, NoiseTrainingLoss, NoisyDistillationLoss,

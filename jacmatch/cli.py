@@ -145,7 +145,7 @@ def _run_training(args, kind: str) -> None:
 
 def _evaluate(args) -> None:
     from .data import create_dataset
-    from .io import write_json_atomic
+    from .atomic import write_json_atomic
     from .training import evaluate, load_model
     from .training.distributed import DistInfo, resolve_device
     device = resolve_device(args.device, DistInfo())
@@ -168,7 +168,7 @@ def _check_model(args) -> int:
     result = check_model(args.spec, shape, args.num_classes, fix=args.fix, **options)
     print("\n".join(describe(result)))
     if args.json:
-        from .io import write_json_atomic
+        from .atomic import write_json_atomic
         write_json_atomic(args.json, result.to_dict())
     return 0 if result.student_ok or result.fix else EXIT_INCOMPATIBLE
 
@@ -240,7 +240,8 @@ def add_training_commands(sub) -> None:
 
 def _verify(a):
     from .experiments.verify import main
-    main(a.quick, a.json, a.plot, a.seed)
+    sizes = {"num_sigmas": 5, "num_draws": 100_000} if a.quick else {}
+    main(a.json, a.plot, a.seed, **sizes)
 
 
 def _demo(a):

@@ -2,6 +2,9 @@ import pytest
 import torch
 from torch import nn
 
+#: Run settings that keep a test's output quiet: no progress bars, no TensorBoard files.
+QUIET = {"progress": False, "tensorboard": False}
+
 
 @pytest.fixture(autouse=True)
 def _seed():
@@ -43,3 +46,18 @@ def first_errors(stderr: str) -> str:
     """The workers' own error lines, before torchrun's summary of them (for assertion messages)."""
     lines = [line for line in stderr.splitlines() if any(w in line for w in ("Error", "error", "terminate", "what()"))]
     return "\n".join(lines[:15]) or stderr[-3000:]
+
+
+def teacher_values(out):
+    """A small teacher's run config on the synthetic data (seconds to train)."""
+    return {"out_dir": str(out), "data": {"name": "synthetic"}, "model": {"name": "small_cnn_8"},
+            "optim": {"epochs": 2, "batch_size": 32, "lr": 0.1}, "eval": {"noise_sigmas": [0.1]}, **QUIET}
+
+
+@pytest.fixture(scope="session")
+def teacher(tmp_path_factory):
+    """The checkpoint of a teacher trained once per session (``teacher_values``)."""
+    from jacmatch.training import config_from_dict, train
+    out = tmp_path_factory.mktemp("teacher")
+    train(config_from_dict(teacher_values(out)))
+    return str(out / "last.pt")

@@ -75,22 +75,27 @@ def test_attention_transfer_with_jacobians():
     assert student.conv.weight.grad.abs().sum() > 0
 
 
-def test_ce_penalty_is_first_order_of_noise_training():
-    """Prop. 2 (CE): E CE(x+ξ) − CE(x) ≈ σ² · ½‖∇ log Sˢ_y‖² to first order, for a
-    network that is linear in x (no curvature term)."""
+def test_ce_penalty_is_the_short_form_of_noise_training():
+    """Prop. 2 (CE, one-hot y): E CE(x+ξ) − CE(x) = σ²·(½‖∇ log Sˢ_y‖² − ½ ΔSˢ_y/Sˢ_y) + O(σ⁴).
+    The penalty (ce form) is the first part; with the Laplacian term added, the library's
+    noisy cross-entropy (Monte Carlo) must agree to its sampling error."""
+    from torch.func import hessian
     torch.manual_seed(9)
     net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(6, 3)).double()
     x = torch.randn(1, 6, dtype=torch.float64)
     y = torch.tensor([1])
     obj = jm.TransferObjective(net, None, jm.ObjectiveConfig(alpha=0, penalty=1.0, penalty_form="ce"))
-    _, _, terms = obj(x, y)
+    penalty = obj(x, y)[2]["penalty"].item()
+    log_s = lambda z: torch.log_softmax(net(z[None]), dim=-1)[0, 1]  # noqa: E731
+    s_y = lambda z: torch.softmax(net(z[None]), dim=-1)[0, 1]  # noqa: E731
+    assert penalty == pytest.approx(0.5 * torch.func.grad(log_s)(x[0]).pow(2).sum().item(), rel=1e-12)
+    full = penalty - 0.5 * (hessian(s_y)(x[0]).trace() / s_y(x[0])).item()
     sigma = 1e-2
     gen = torch.Generator().manual_seed(0)
     noisy = jm.noise_training_loss(net, x, y, sigma, 200_000, antithetic=True, generator=gen)
-    clean = torch.nn.functional.cross_entropy(net(x), y)
-    # softmax curvature adds −σ²/2·ΔSˢ/Sˢ, so compare with the full form's first-order part loosely
-    ratio = ((noisy - clean) / sigma**2).item() / terms["penalty"].item()
-    assert 0.3 < ratio < 3.0
+    measured = ((noisy - torch.nn.functional.cross_entropy(net(x), y)) / sigma**2).item()
+    assert measured == pytest.approx(full, rel=0.02)
+    assert abs(measured - penalty) > 0.1 * abs(full)  # the Laplacian term is not negligible here
 
 
 def test_config_errors():

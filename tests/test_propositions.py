@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch.func import hessian
 
-from jacmatch.core.propositions import CLOSED_FORMS, LOSSES, make_mlp, monte_carlo, sweep
+from jacmatch.core.propositions import CLOSED_FORMS, LOSSES
+from jacmatch.experiments.verify import make_mlp, monte_carlo, sweep
 
 
 @pytest.mark.parametrize("prop", list(CLOSED_FORMS))

@@ -15,23 +15,12 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import first_errors
+from conftest import QUIET, first_errors
 from jacmatch.data import DataError, read_cifar_batch, read_idx
-from jacmatch.io import write_atomic
+from jacmatch.atomic import write_atomic
 from jacmatch.training import CheckpointError, config_from_dict, load_checkpoint, save_checkpoint, train
 from jacmatch.training.config import ConfigError, load_config
 from jacmatch.training.trainer import NonFiniteError
-
-QUIET = {"progress": False, "tensorboard": False}
-
-
-@pytest.fixture(scope="module")
-def teacher(tmp_path_factory):
-    out = tmp_path_factory.mktemp("teacher")
-    train(config_from_dict({"out_dir": str(out), "data": {"name": "synthetic"}, "model": {"name": "small_cnn_8"},
-                            "optim": {"epochs": 1, "batch_size": 32}, **QUIET}))
-    return str(out / "last.pt")
-
 
 # ---- checkpoints ----------------------------------------------------------------------
 
@@ -322,7 +311,7 @@ def test_a_full_disk_keeps_the_last_checkpoint_and_says_where(tmp_path, monkeypa
     non-zero exit, and the first epoch's checkpoint intact."""
     import errno
 
-    import jacmatch.io as jio
+    import jacmatch.atomic as jio
     from jacmatch.cli import main
     real_fsync, calls = os.fsync, {"n": 0}
 

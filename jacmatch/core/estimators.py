@@ -189,8 +189,6 @@ class _Drawn(Estimator):
         return {"draws": draws, "drawn": self.teacher_drawn(teacher, x, xt, logits, draws)}
 
     def contract(self, targets, x, generator):
-        if "full_jac" not in targets:
-            return targets
         full_jac = targets["full_jac"]
         draws = self.draws(x, full_jac.shape[1], generator)
         return {**targets, "draws": draws, "drawn": self.contract_full(full_jac, draws)}

@@ -28,8 +28,7 @@ from .terms import (AttentionJacobianLoss, AttentionTransferLoss, CrossEntropyLo
                     JacobianMatchingLoss, JacobianPenalty, KDLoss, NoiseTrainingLoss, NoisyDistillationLoss,
                     Step, Term, _Logits, teacher_targets)
 
-__all__ = ["ObjectiveConfig", "TransferObjective", "FeatureTaps", "JM_OUTPUTS", "build_terms",
-           "rows_per_sample", "jacobian_cosine", "teacher_top1_gradient"]
+__all__ = ["ObjectiveConfig", "TransferObjective", "FeatureTaps", "JM_OUTPUTS", "build_terms", "rows_per_sample"]
 
 #: The built-in estimators (docs/method.md, "Which Jacobians"); users may register more.
 JM_OUTPUTS = tuple(list_estimators())
@@ -87,6 +86,17 @@ class ObjectiveConfig:
     @property
     def needs_teacher(self) -> bool:
         return bool(self.beta or self.gamma or self.delta or self.delta_jacobian)
+
+    @property
+    def compares_outputs(self) -> bool:
+        """Whether a term compares teacher and student outputs one to one (KD, JM)."""
+        return bool(self.beta or self.gamma)
+
+    def step_bytes(self, sample_numel: int, num_classes: int, batch: int) -> int:
+        """A coarse upper estimate of one step's activations, to refuse absurd settings early."""
+        rows = rows_per_sample(build_terms(self), num_classes)
+        noise = 4 * self.noise_draws * (self.noise_sigma > 0)
+        return sample_numel * 4 * (64 + 8 * rows + noise) * batch
 
 
 def build_terms(cfg: ObjectiveConfig) -> list[Term]:
@@ -204,8 +214,8 @@ class TransferObjective(nn.Module):
             raise ValueError("the input batch contains NaN or Inf: check the data pipeline")
         if targets is None and self.needs_teacher_targets:
             targets = self.teacher_targets(x, y)
-        elif targets is not None:
-            for term in self.terms:  # a cached full teacher Jacobian: this step's draws contract it
+        elif targets is not None:  # teacher_targets(..., full_jacobian=True), e.g. from a cache
+            for term in self.terms:  # a random estimator contracts the full Jacobian with this step's draws
                 targets = term.from_cache(targets, x, self.generator)
         targets = targets or {}
         xs = x.detach().requires_grad_(any(t.needs_input_grad for t in self.terms))
@@ -230,33 +240,3 @@ class TransferObjective(nn.Module):
         if logits is None:  # noise training alone: the first draw's logits stand for the batch
             logits = step.noisy_logits()
         return logits, total, terms
-
-
-def teacher_top1_gradient(teacher: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
-    """The teacher's top-1 output per sample and its input-gradient there, with no graph:
-    the teacher's side of :func:`jacobian_cosine`, which a caller may compute once."""
-    xt = x.detach().requires_grad_()
-    with torch.enable_grad():
-        zt = teacher(xt)
-        idx = J.teacher_top1(zt.detach())
-        return idx, J.input_jacobian(zt, xt, idx).detach()
-
-
-def jacobian_cosine(student: nn.Module, teacher: nn.Module, x: Tensor, index: Tensor | None = None,
-                    teacher_side: tuple[Tensor, Tensor] | None = None) -> Tensor:
-    """Per-sample cosine between teacher and student input-gradients of one output
-    (the teacher's top-1 unless ``index`` is given): [B]. For evaluation, no graph kept.
-    ``teacher_side``: the (index, gradient) of :func:`teacher_top1_gradient` for this x."""
-    xs = x.detach().requires_grad_()
-    if teacher_side is not None:
-        idx, gt = teacher_side
-    elif index is None:
-        idx, gt = teacher_top1_gradient(teacher, x)
-    else:
-        xt = x.detach().requires_grad_()
-        with torch.enable_grad():
-            idx, gt = index, J.input_jacobian(teacher(xt), xt, index)
-    with torch.enable_grad():
-        gs = J.input_jacobian(student(xs), xs, idx)
-    gt, gs = gt.flatten(1)[:, None], gs.flatten(1)[:, None]
-    return (normalize_per_sample(gt) * normalize_per_sample(gs)).sum(dim=-1)[:, 0]

@@ -25,7 +25,7 @@ from .._extras import require
 from ..core import jacobian as J
 from ..core.losses import jacobian_matching_loss, kd_loss
 from ..core.objective import ObjectiveConfig, TransferObjective
-from ..io import write_json_atomic
+from ..atomic import write_json_atomic
 from ..models import create_model
 
 __all__ = ["main", "run_bench"]

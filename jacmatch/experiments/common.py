@@ -7,15 +7,16 @@ import json
 import math
 from pathlib import Path
 
-from ..training import config_from_dict, train
+from ..training import TeacherGradients, config_from_dict, train
 from ..training.config import config_to_dict
 
 __all__ = ["run_or_load", "load_json", "summarize", "summarize_runs", "with_provenance", "data_hashes"]
 
 
-def run_or_load(values: dict) -> dict:
+def run_or_load(values: dict, teacher_gradients: TeacherGradients | None = None) -> dict:
     """Train the run described by ``values`` (a config dict), unless its folder already
-    holds finished results for the same config; resume it when it holds a checkpoint."""
+    holds finished results for the same config; resume it when it holds a checkpoint.
+    ``teacher_gradients``: shared by the runs of a sweep (see :func:`train`)."""
     cfg = config_from_dict(values)
     cfg.check()
     out = Path(cfg.out_dir)
@@ -26,7 +27,7 @@ def run_or_load(values: dict) -> dict:
         if config_to_dict(config_from_dict(results.get("config") or {})) == config_to_dict(cfg):
             return results
         raise ValueError(f"{out} holds results of another config: remove it or choose another folder")
-    return train(cfg, resume=(out / "last.pt").is_file())
+    return train(cfg, resume=(out / "last.pt").is_file(), teacher_gradients=teacher_gradients)
 
 
 def load_json(path: str | Path) -> dict | list | None:

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from .._extras import require
-from ..io import write_atomic, write_json_atomic
+from ..atomic import write_atomic, write_json_atomic
 
 #: One or two models of each timm family that torchvision does not cover.
 TIMM_MODELS = ("resnet10t", "efficientnet_b0", "mobilenetv3_small_100", "lcnet_050", "ghostnet_100",

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from .._extras import require
-from ..io import write_json_atomic
+from ..atomic import write_json_atomic
 from .common import run_or_load, summarize_runs
 
 SAMPLES = (1, 5, 10)

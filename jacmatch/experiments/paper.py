@@ -1,10 +1,11 @@
 """``jacmatch experiment SECTION``: the paper's experiments on Fashion-MNIST (issue: the
 paper's claims measured on real data).
 
-Each section composes run configs from ``configs/paper/*.yaml`` (what a run is) and the
-grid below (which runs), trains them through :func:`run_or_load` (finished runs are
-reused, interrupted ones resumed) and writes one JSON summary under ``results/paper/``.
-``jacmatch report`` turns those JSONs into ``results/REPORT.md`` and its plots.
+Each section composes run configs from ``configs/paper/*.yaml`` (what a run is) and a
+:class:`Profile` (which runs: grids, seeds, sizes, as data), trains them through
+:func:`run_or_load` (finished runs are reused, interrupted ones resumed) and writes one
+JSON summary under ``results/paper/``. ``jacmatch report`` turns those JSONs into
+``results/REPORT.md`` and its plots.
 
 Hyperparameters are chosen on the validation split (never the test set), and the choice
 is recorded in the section's JSON.
@@ -15,46 +16,17 @@ from __future__ import annotations
 import math
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .._extras import require
-from ..io import write_json_atomic
-from ..training.config import merge_values, load_config
+from ..atomic import write_json_atomic
+from ..training import TeacherGradients
+from ..training.config import load_config, merge_values
 from .common import load_json, run_or_load, summarize_runs, with_provenance
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "paper"
 
-
-@dataclass(frozen=True)
-class Layout:
-    """Where a profile's runs and results live, under ``root`` (``--out``; default the
-    current folder): ``runs/paper/`` and ``results/paper/`` (``quick/`` for the smoke run)."""
-
-    root: Path = Path(".")
-    quick: bool = False
-
-    @property
-    def runs(self) -> Path:
-        return self.root / "runs" / "paper" / ("quick" if self.quick else "")
-
-    @property
-    def out(self) -> Path:
-        return self.root / "results" / ("quick" if self.quick else "paper")
-
-    @property
-    def teacher(self) -> Path:
-        return self.out / "teacher.pt" if self.quick else self.root / "results" / "teachers" / "fmnist_resnet20.pt"
-
-    @property
-    def source_teacher(self) -> Path:
-        return self.out / "source_teacher.pt" if self.quick else \
-            self.root / "results" / "teachers" / "fmnist_0-4_resnet20.pt"
-
-
-SAMPLES = (1, 5, 10, 50, 100, 500)
-SEEDS = (0, 1, 2, 3, 4)
-SIGMAS = (0.1, 0.2, 0.3, 0.5, 0.7)
 ROWS = {  # the paper's rows: α (CE), β (KD), γ (JM; its value chosen on validation)
     "CE": {"alpha": 1.0},
     "CE+KD": {"alpha": 1.0, "beta": 1.0},
@@ -68,37 +40,100 @@ ABLATIONS = {  # at a few n: the form, and which Jacobians
     "CE+KD+JM label": {"alpha": 1.0, "beta": 1.0, "gamma": "γ", "jm_outputs": "label"},
     "CE+KD+JM projection": {"alpha": 1.0, "beta": 1.0, "gamma": "γ", "jm_outputs": "projection"},
 }
-ABLATION_SAMPLES = (5, 50)
-STEP_BUDGETS = (200, 400)  # optimizer steps per student; 800 would take the section past its 60 minutes
-TEMPERATURES = (2.0, 4.0, 8.0)
 TAU_PRIOR = 4.0  # τ while the step budget is chosen (the KD literature's usual value)
-GAMMAS = (0.1, 1.0, 10.0, 100.0)
-GAMMAS_SQ = (0.01, 0.1, 1.0)
-SELECTION = {"samples_per_class": 10, "seeds": (0, 1)}
 SELECTION_EVAL = {"noise_sigmas": [], "jacobian_cosine": False}  # selection reads validation accuracy only
 PLACEHOLDERS = ("τ", "γ", "γ_ce", "γ_sq", "δ", "δ_J")
 
-QUICK = {  # a smoke run of every section: digits, tiny grids, one or two seeds
-    "data": {"name": "digits", "augment": False},
-    "model_teacher": "small_cnn_16", "model_student": "small_cnn_4",
-    "optim": {"epochs": 2, "min_steps_per_epoch": 2, "batch_size": 64},
-}
+
+@dataclass(frozen=True)
+class Profile:
+    """Which runs the sections train, as data: the grids searched on validation, the
+    seeds, the sample counts, and settings merged into every run's config."""
+
+    name: str  # results/<name>/ and runs/paper/<runs>/
+    runs: str
+    samples: tuple[int, ...]
+    seeds: tuple[int, ...]
+    ablation_samples: tuple[int, ...]
+    selection_samples: int  # n of the validation runs that choose the grids' values
+    selection_seeds: tuple[int, ...]
+    grids: dict[str, tuple]  # steps (budget per student), tau, gamma, gamma_ce, gamma_sq, delta
+    robust_seeds: tuple[int, ...]
+    robust_subsets: tuple  # training sets of section 3: None (the full set) or n per class
+    transfer_samples: tuple[int, ...]
+    pictures_samples: int
+    models: dict[str, str] = field(default_factory=dict)  # teacher, student: instead of the configs'
+    overrides: dict = field(default_factory=dict)  # merged into every run config
+    budget_epochs: bool = True  # students' epochs from the step budget (else the config's)
+    committed_teacher: bool = True  # the teacher lives in results/teachers/ and is reused once trained
+    verify: dict = field(default_factory=dict)  # sizes of the propositions' check (experiments.verify.main)
 
 
-def _config(name: str, lay: "Layout", **over) -> dict:
-    values = load_config(str(CONFIGS / f"{name}.yaml"))
-    values = merge_values(values, {"progress": False, "tensorboard": False})
-    if lay.quick:
-        model = QUICK["model_teacher"] if "teacher" in name else QUICK["model_student"]
-        values = merge_values(values, {"data": dict(QUICK["data"]), "model": {"name": model},
-                                 "optim": dict(QUICK["optim"]), "eval": {"every": 1}})
-        if values["data"].get("classes"):
-            values["data"]["classes"] = [int(c) for c in values["data"]["classes"]]
+FULL = Profile(
+    name="paper", runs="", samples=(1, 5, 10, 50, 100, 500), seeds=(0, 1, 2, 3, 4), ablation_samples=(5, 50),
+    selection_samples=10, selection_seeds=(0, 1),
+    # Step budgets: 800 would take the section past its 60 minutes.
+    grids={"steps": (200, 400), "tau": (2.0, 4.0, 8.0), "gamma": (0.1, 1.0, 10.0, 100.0),
+           "gamma_ce": (0.1, 1.0, 10.0, 100.0), "gamma_sq": (0.01, 0.1, 1.0), "delta": (0.1, 1.0, 10.0),
+           "delta_jacobian": (0.1, 1.0, 10.0)},
+    robust_seeds=(0, 1, 2), robust_subsets=(None, 100), transfer_samples=(5, 10, 50), pictures_samples=10)
+
+QUICK = Profile(  # a smoke run of every section: digits, tiny grids, one seed
+    name="quick", runs="quick", samples=(1, 5), seeds=(0,), ablation_samples=(5,),
+    selection_samples=5, selection_seeds=(0,),
+    grids={"steps": (400,), "tau": (2.0, 4.0), "gamma": (0.1, 1.0), "gamma_ce": (1.0,), "gamma_sq": (0.1,),
+           "delta": (1.0,), "delta_jacobian": (1.0,)},
+    robust_seeds=(0,), robust_subsets=(None, 10), transfer_samples=(5,), pictures_samples=5,
+    models={"teacher": "small_cnn_16", "student": "small_cnn_4"},
+    overrides={"data": {"name": "digits", "augment": False}, "eval": {"every": 1},
+               "optim": {"epochs": 2, "min_steps_per_epoch": 2, "batch_size": 64}},
+    budget_epochs=False, committed_teacher=False, verify={"num_sigmas": 5, "num_draws": 100_000})
+
+PROFILES = {p.name: p for p in (FULL, QUICK)}
+
+
+@dataclass
+class Layout:
+    """Where a profile's runs and results live, under ``root`` (``--out``; default the
+    current folder): ``runs/paper/`` and ``results/paper/``; and what the section's runs
+    share in this process (the teacher's side of the Jacobian cosine)."""
+
+    root: Path = Path(".")
+    profile: Profile = FULL
+    teacher_gradients: TeacherGradients = field(default_factory=TeacherGradients)
+
+    @property
+    def runs(self) -> Path:
+        return self.root / "runs" / "paper" / self.profile.runs
+
+    @property
+    def out(self) -> Path:
+        return self.root / "results" / self.profile.name
+
+    @property
+    def teacher(self) -> Path:
+        return self.root / "results" / "teachers" / "fmnist_resnet20.pt" if self.profile.committed_teacher \
+            else self.out / "teacher.pt"
+
+    @property
+    def source_teacher(self) -> Path:
+        return self.root / "results" / "teachers" / "fmnist_0-4_resnet20.pt" if self.profile.committed_teacher \
+            else self.out / "source_teacher.pt"
+
+    def train(self, values: dict) -> dict:
+        """A run of this layout, reused when finished (the teacher's gradients shared)."""
+        return run_or_load(values, teacher_gradients=self.teacher_gradients)
+
+
+def run_config(name: str, profile: Profile = FULL, **over) -> dict:
+    """The config of a run of section config ``name`` under ``profile``, with ``over``."""
+    values = merge_values(load_config(str(CONFIGS / f"{name}.yaml")), {"progress": False, "tensorboard": False})
+    values = merge_values(values, profile.overrides)
+    if profile.models:
+        values = merge_values(values, {"model": {"name": profile.models["teacher" if "teacher" in name else "student"]}})
+    if values["data"].get("classes"):
+        values["data"]["classes"] = [int(c) for c in values["data"]["classes"]]
     return merge_values(values, over)
-
-
-def _paths(lay: Layout) -> tuple[Path, Path]:
-    return lay.runs, lay.out
 
 
 # ---- 1. teacher ---------------------------------------------------------------------------
@@ -107,15 +142,15 @@ def _paths(lay: Layout) -> tuple[Path, Path]:
 def _train_teacher(config: str, run: str, target: Path, lay: Layout) -> tuple[dict, Path]:
     """Train (or reuse) a teacher and copy its checkpoint where the students read it:
     under results/teachers/ (committed, so students rerun without retraining)."""
-    r = run_or_load(_config(config, lay, out_dir=str(lay.runs / run), seed=0))
+    r = lay.train(run_config(config, lay.profile, out_dir=str(lay.runs / run), seed=0))
     target.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(lay.runs / run / "last.pt", target)
     return r, target
 
 
 def teacher_section(lay: Layout) -> dict:
-    _, out = _paths(lay)
-    if not lay.quick and (out / "teacher.json").is_file() and lay.teacher.is_file():
+    out = lay.out
+    if lay.profile.committed_teacher and (out / "teacher.json").is_file() and lay.teacher.is_file():
         return load_json(out / "teacher.json")  # trained and committed: keep its record
     start = time.time()
     r, target = _train_teacher("teacher", "teacher", lay.teacher, lay)
@@ -130,7 +165,7 @@ def teacher_section(lay: Layout) -> dict:
 def _teacher_path(lay: Layout) -> str:
     if not lay.teacher.is_file():
         raise ValueError(f"{lay.teacher} is missing: run `jacmatch experiment teacher"
-                         f"{' --quick' if lay.quick else ''}` first")
+                         f"{'' if lay.profile is FULL else ' --' + lay.profile.name}` first")
     return str(lay.teacher)
 
 
@@ -149,7 +184,7 @@ def _fill(objective: dict, values: dict) -> dict:
 # ---- 2. distillation with few samples -----------------------------------------------------
 
 
-def _epochs(n: int, values: dict, steps: int) -> int:
+def epochs_for_steps(n: int, values: dict, steps: int) -> int:
     """Epochs that give a student of n samples per class (10 classes) about ``steps`` steps
     (minus less than one epoch): an epoch repeats whole passes over the data up to
     min_steps_per_epoch, so it has 20 steps up to n = 50, 24 at n = 100, 40 at n = 500."""
@@ -160,20 +195,18 @@ def _epochs(n: int, values: dict, steps: int) -> int:
 
 
 def _student(lay, tag, n, seed, objective, teacher, steps, selection=False) -> dict:
-    runs, _ = _paths(lay)
-    values = _config("distill", lay, out_dir=str(runs / "distill" / f"{tag}_n{n}_s{seed}"), seed=seed,
-                     teacher=teacher, data={"samples_per_class": n}, objective=objective,
-                     eval=SELECTION_EVAL if selection else {})
-    if not lay.quick:
-        values["optim"]["epochs"] = _epochs(n, values, steps)
-    return run_or_load(values)
+    values = run_config("distill", lay.profile, out_dir=str(lay.runs / "distill" / f"{tag}_n{n}_s{seed}"),
+                        seed=seed, teacher=teacher, data={"samples_per_class": n}, objective=objective,
+                        eval=SELECTION_EVAL if selection else {})
+    if lay.profile.budget_epochs:
+        values["optim"]["epochs"] = epochs_for_steps(n, values, steps)
+    return lay.train(values)
 
 
-def _select(lay, name, grid, train) -> tuple[float, dict]:
-    """The value in ``grid`` with the best mean validation accuracy (never the test set);
-    ``train(value, tag, n, seed)`` trains one run with that value."""
-    n = 5 if lay.quick else SELECTION["samples_per_class"]
-    seeds = (0,) if lay.quick else SELECTION["seeds"]
+def _select(lay, name, train) -> tuple[float, dict]:
+    """The value in the profile's grid ``name`` with the best mean validation accuracy
+    (never the test set); ``train(value, tag, n, seed)`` trains one run with that value."""
+    grid, n, seeds = lay.profile.grids[name], lay.profile.selection_samples, lay.profile.selection_seeds
     scores, seconds = {}, 0.0
     for value in grid:
         runs = [train(value, f"select-{name}-{value}", n, s) for s in seeds]
@@ -191,51 +224,52 @@ def _placeholder(lay, objective, teacher, student=_student, **kw):
                                                teacher, **kw)
 
 
+def _distill_selection(lay: Layout, teacher: str) -> tuple[dict, dict]:
+    """In this order, each on validation with the values chosen before it: the step budget
+    and τ on CE+KD, then γ for CE+KD+JM (also KD+JM and the label and projection
+    ablations), γ for CE+JM, and γ for the sq form. Returns (values, selection records)."""
+    kd = {**ROWS["CE+KD"], "temperature": TAU_PRIOR}
+    steps, sel_steps = _select(lay, "steps", lambda v, tag, n, seed: _student(lay, tag, n, seed, kd, teacher, v,
+                                                                               selection=True))
+    tau, sel_tau = _select(lay, "tau", _placeholder(lay, {**ROWS["CE+KD"], "temperature": "τ"}, teacher,
+                                                    steps=steps, selection=True))
+    chosen = {"steps": steps, "tau": tau}
+    selection = {"steps": sel_steps, "tau": sel_tau}
+    for name, objective in (("gamma", ROWS["CE+KD+JM"]), ("gamma_ce", ROWS["CE+JM"]),
+                            ("gamma_sq", ABLATIONS["CE+KD+JM sq"])):
+        chosen[name], selection[name] = _select(lay, name, _placeholder(
+            lay, {**objective, "temperature": tau}, teacher, steps=steps, selection=True))
+    return chosen, selection
+
+
 def distill_section(lay: Layout) -> dict:
-    runs, out = _paths(lay)
+    out, profile = lay.out, lay.profile
     teacher = _teacher_path(lay)
     start = time.time()
-    # In this order, each on validation with the values chosen before it: the step budget
-    # and τ on CE+KD, then γ for CE+KD+JM (also KD+JM and the label and projection
-    # ablations), γ for CE+JM, and γ for the sq form.
-    kd = {**ROWS["CE+KD"], "temperature": TAU_PRIOR}
-    steps, sel_steps = _select(lay, "steps", STEP_BUDGETS[-1:] if lay.quick else STEP_BUDGETS,
-                               lambda v, tag, n, seed: _student(lay, tag, n, seed, kd, teacher, v, selection=True))
-    tau, sel_tau = _select(lay, "tau", (TAU_PRIOR,) if lay.quick else TEMPERATURES,
-                           _placeholder(lay, {**ROWS["CE+KD"], "temperature": "τ"}, teacher, steps=steps,
-                                        selection=True))
-    choose = lambda name, grid, objective: _select(  # noqa: E731
-        lay, name, grid[1:2] if lay.quick else grid,
-        _placeholder(lay, {**objective, "temperature": tau}, teacher, steps=steps, selection=True))
-    gamma, sel = choose("gamma", GAMMAS, ROWS["CE+KD+JM"])
-    gamma_ce, sel_ce = choose("gamma_ce", GAMMAS, ROWS["CE+JM"])
-    gamma_sq, sel_sq = choose("gamma_sq", GAMMAS_SQ, ABLATIONS["CE+KD+JM sq"])
-    weights = {"γ": gamma, "γ_ce": gamma_ce, "γ_sq": gamma_sq}
-    samples = (1, 5) if lay.quick else SAMPLES
-    seeds = (0,) if lay.quick else SEEDS
-    cells = {}
-    ablation_samples = (5,) if lay.quick else ABLATION_SAMPLES
-    summary = {"teacher": teacher, "selection": {"steps": sel_steps, "tau": sel_tau, "gamma": sel,
-                                                   "gamma_ce": sel_ce, "gamma_sq": sel_sq},
-               "steps": steps, "tau": tau, "seeds": list(seeds),
-               "samples": list(samples), "cells": cells, "complete": False,
-               "student": _config("distill", lay)["model"]["name"]}
+    chosen, selection = _distill_selection(lay, teacher)
+    steps, tau = chosen["steps"], chosen["tau"]
+    weights = {"γ": chosen["gamma"], "γ_ce": chosen["gamma_ce"], "γ_sq": chosen["gamma_sq"]}
+    cells: dict = {}
+    config = run_config("distill", profile)
+    summary = {"teacher": teacher, "selection": selection, "steps": steps, "tau": tau, "seeds": list(profile.seeds),
+               "samples": list(profile.samples), "cells": cells, "complete": False,
+               "student": config["model"]["name"]}
     # n-major, smallest first: a partial run has every row at the smallest n, and the
     # JSON is rewritten after each cell, so the report can show what has run so far.
-    for n in samples:
-        grid = list(ROWS.items()) + (list(ABLATIONS.items()) if n in ablation_samples else [])
+    for n in profile.samples:
+        grid = list(ROWS.items()) + (list(ABLATIONS.items()) if n in profile.ablation_samples else [])
         for row, objective in grid:
             obj = {**_fill(objective, weights), "temperature": tau}
             tag = row.replace("+", "_").replace(" ", "_")
-            cells[f"{row}|{n}"] = {"row": row, "samples_per_class": n, "objective": obj,
-                                   **summarize_runs([_student(lay, tag, n, s, obj, teacher, steps) for s in seeds])}
-            print(f"  {row:<22} n={n:<4} test {100 * cells[f'{row}|{n}']['acc']['mean']:.1f}"
-                  f" ± {100 * cells[f'{row}|{n}']['acc']['std']:.1f}   [{time.time() - start:.0f} s]")
+            runs = [_student(lay, tag, n, s, obj, teacher, steps) for s in profile.seeds]
+            cell = cells[f"{row}|{n}"] = {"row": row, "samples_per_class": n, "objective": obj, **summarize_runs(runs)}
+            print(f"  {row:<22} n={n:<4} test {100 * cell['acc']['mean']:.1f} ± {100 * cell['acc']['std']:.1f}"
+                  f"   [{time.time() - start:.0f} s]")
             summary["section_seconds"] = time.time() - start
             summary["run_seconds"] = _run_seconds(cells, *summary["selection"].values())
-            write_json_atomic(out / "distill.json", with_provenance(summary, _config("distill", lay)))
+            write_json_atomic(out / "distill.json", with_provenance(summary, config))
     summary["complete"] = True
-    write_json_atomic(out / "distill.json", with_provenance(summary, _config("distill", lay)))
+    write_json_atomic(out / "distill.json", with_provenance(summary, config))
     return summary
 
 
@@ -251,25 +285,23 @@ ROBUST_ROWS = {
 
 
 def robustness_section(lay: Layout) -> dict:
-    runs, out = _paths(lay)
+    out, profile = lay.out, lay.profile
     start = time.time()
-    seeds = (0,) if lay.quick else (0, 1, 2)
     cells = {}
-    for subset in ((None, 10) if lay.quick else (None, 100)):
+    for subset in profile.robust_subsets:
         for row, obj in ROBUST_ROWS.items():
             results = []
-            for seed in seeds:
+            for seed in profile.robust_seeds:
                 tag = f"{row.split()[0]}_{'full' if subset is None else f'n{subset}'}_s{seed}"
-                values = _config("robustness", lay, out_dir=str(runs / "robustness" / tag), seed=seed,
-                                 data={"samples_per_class": subset}, objective=obj)
-                results.append(run_or_load(values))
+                results.append(lay.train(run_config("robustness", profile, out_dir=str(lay.runs / "robustness" / tag),
+                                                    seed=seed, data={"samples_per_class": subset}, objective=obj)))
             key = f"{row}|{'full' if subset is None else subset}"
             cells[key] = {"row": row, "training_set": "full" if subset is None else f"{subset} per class",
                           "objective": obj, **summarize_runs(results)}
             print(f"  {key:<30} clean {100 * cells[key]['acc']['mean']:.1f}   [{time.time() - start:.0f} s]")
-    summary = {"sigma_train": SIGMA_TRAIN, "seeds": list(seeds), "cells": cells,
+    summary = {"sigma_train": SIGMA_TRAIN, "seeds": list(profile.robust_seeds), "cells": cells,
                "section_seconds": time.time() - start, "run_seconds": _run_seconds(cells)}
-    write_json_atomic(out / "robustness.json", with_provenance(summary, _config("robustness", lay)))
+    write_json_atomic(out / "robustness.json", with_provenance(summary, run_config("robustness", profile)))
     return summary
 
 
@@ -280,49 +312,46 @@ TRANSFER_ROWS = {  # δ (AT) and δ_J (its Jacobians) chosen on validation, in t
     "CE+AT": {"alpha": 1.0, "delta": "δ"},
     "CE+AT+JM": {"alpha": 1.0, "delta": "δ", "delta_jacobian": "δ_J"},
 }
-DELTAS = (0.1, 1.0, 10.0)
+ORACLE = "fine-tune teacher (oracle)"
 
 
 def _transfer_student(lay, tag, n, seed, objective, teacher) -> dict:
-    runs, _ = _paths(lay)
-    return run_or_load(_config("transfer", lay, out_dir=str(runs / "transfer" / f"{tag}_n{n}_s{seed}"), seed=seed,
-                               teacher=teacher, data={"samples_per_class": n}, objective=objective))
+    return lay.train(run_config("transfer", lay.profile, out_dir=str(lay.runs / "transfer" / f"{tag}_n{n}_s{seed}"),
+                                seed=seed, teacher=teacher, data={"samples_per_class": n}, objective=objective))
+
+
+def _fine_tune(lay, n, seed, source: dict, target: Path) -> dict:
+    """The teacher's own network and weights (5 classes each side), fine-tuned."""
+    return lay.train(run_config("transfer", lay.profile, out_dir=str(lay.runs / "transfer" / f"finetune_n{n}_s{seed}"),
+                                seed=seed, data={"samples_per_class": n}, init_from=str(target),
+                                model={"name": source["config"]["model"]["name"]},
+                                objective={"alpha": 1.0, "at_layers": []}))
 
 
 def transfer_section(lay: Layout) -> dict:
-    runs, out = _paths(lay)
+    out, profile = lay.out, lay.profile
     start = time.time()
     source, target = _train_teacher("transfer_teacher", "source_teacher", lay.source_teacher, lay)
-    grid = (1.0,) if lay.quick else DELTAS
-    delta, sel_at = _select(lay, "delta", grid,
-                            _placeholder(lay, {"alpha": 1.0, "delta": "δ"}, str(target), _transfer_student))
-    delta_j, sel_jm = _select(lay, "delta_jacobian", grid, _placeholder(
+    delta, sel_at = _select(lay, "delta", _placeholder(lay, {"alpha": 1.0, "delta": "δ"}, str(target),
+                                                       _transfer_student))
+    delta_j, sel_jm = _select(lay, "delta_jacobian", _placeholder(
         lay, {"alpha": 1.0, "delta": delta, "delta_jacobian": "δ_J"}, str(target), _transfer_student))
     weights = {"δ": delta, "δ_J": delta_j}
-    seeds = (0,) if lay.quick else SEEDS
     cells = {}
-    for n in ((5,) if lay.quick else (5, 10, 50)):
-        for row, objective in {**TRANSFER_ROWS, "fine-tune teacher (oracle)": None}.items():
-            results = []
-            for seed in seeds:
-                if objective is None:  # the teacher's own network and weights (5 classes each side), fine-tuned
-                    values = _config("transfer", lay, out_dir=str(runs / "transfer" / f"finetune_n{n}_s{seed}"),
-                                     seed=seed, data={"samples_per_class": n}, init_from=str(target),
-                                     model={"name": source["config"]["model"]["name"]},
-                                     objective={"alpha": 1.0, "at_layers": []})
-                    results.append(run_or_load(values))
-                else:
-                    results.append(_transfer_student(lay, row.split()[0].replace("+", "_"), n, seed,
-                                                     _fill(objective, weights), str(target)))
+    for n in profile.transfer_samples:
+        for row, objective in {**TRANSFER_ROWS, ORACLE: None}.items():
+            results = [_fine_tune(lay, n, seed, source, target) if objective is None else
+                       _transfer_student(lay, row.split()[0].replace("+", "_"), n, seed, _fill(objective, weights),
+                                         str(target)) for seed in profile.seeds]
             cells[f"{row}|{n}"] = {"row": row, "samples_per_class": n, **summarize_runs(results)}
             print(f"  {row:<28} n={n:<3} test {100 * cells[f'{row}|{n}']['acc']['mean']:.1f}   "
                   f"[{time.time() - start:.0f} s]")
     summary = {"source_teacher": {"test": source["final"]["test"], "checkpoint": str(target),
                                   "train_seconds": source["train_seconds"]},
                "selection": {"delta": sel_at, "delta_jacobian": sel_jm},
-               "seeds": list(seeds), "cells": cells, "section_seconds": time.time() - start,
+               "seeds": list(profile.seeds), "cells": cells, "section_seconds": time.time() - start,
                "run_seconds": _run_seconds(cells, source, sel_at, sel_jm)}
-    write_json_atomic(out / "transfer.json", with_provenance(summary, _config("transfer", lay)))
+    write_json_atomic(out / "transfer.json", with_provenance(summary, run_config("transfer", profile)))
     return summary
 
 
@@ -331,9 +360,8 @@ def transfer_section(lay: Layout) -> dict:
 
 def verify_section(lay: Layout) -> dict:
     from .verify import main as verify_main
-    _, out = _paths(lay)
     start = time.time()
-    records = verify_main(lay.quick, str(out / "verify.json"), str(out / "verify.png"))
+    records = verify_main(str(lay.out / "verify.json"), str(lay.out / "verify.png"), **lay.profile.verify)
     return {"records": len(records), "section_seconds": time.time() - start}
 
 
@@ -344,16 +372,16 @@ def pictures_section(lay: Layout) -> dict:
     from ..core.jacobian import input_jacobian, teacher_top1
     from ..data import create_dataset
     from ..training import load_model
-    runs, out = _paths(lay)
+    runs, out = lay.runs, lay.out
     teacher, _ = load_model(_teacher_path(lay))
-    n = 5 if lay.quick else 10
+    n = lay.profile.pictures_samples
     students = {"CE+KD": runs / "distill" / f"CE_KD_n{n}_s0" / "last.pt",
                 "CE+KD+JM": runs / "distill" / f"CE_KD_JM_n{n}_s0" / "last.pt"}
     missing = [str(p) for p in students.values() if not p.is_file()]
     if missing:
         raise ValueError(f"{missing} missing: run `jacmatch experiment distill` first")
     models = {"teacher": teacher, **{k: load_model(p)[0] for k, p in students.items()}}
-    data = create_dataset("digits" if lay.quick else "fashion-mnist")
+    data = create_dataset(run_config("distill", lay.profile)["data"]["name"])
     x, _ = data.test.batch(torch.arange(6))
     with torch.enable_grad():
         xt = x.clone().requires_grad_()
@@ -390,7 +418,7 @@ SECTIONS = {"teacher": teacher_section, "distill": distill_section, "robustness"
 
 def main(section: str, quick: bool = False, out: str | None = None) -> None:
     """Run ``section`` (or ``all``), writing under ``out`` (default: the current folder)."""
-    lay = Layout(Path(out) if out else Path("."), quick)
+    lay = Layout(Path(out) if out else Path("."), QUICK if quick else FULL)
     names = list(SECTIONS) if section == "all" else [section]
     if any(n not in SECTIONS for n in names):
         raise ValueError(f"unknown section {section!r}: choose one of {list(SECTIONS) + ['all']}")

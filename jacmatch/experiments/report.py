@@ -9,7 +9,7 @@ import re
 from pathlib import Path
 
 from .._extras import require
-from ..io import write_atomic
+from ..atomic import write_atomic
 from .common import load_json
 
 RESULTS = Path("results")

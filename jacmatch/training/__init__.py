@@ -2,8 +2,8 @@
 
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .config import ConfigError, RunConfig, config_from_dict, resolve
-from .evaluate import evaluate
+from .evaluate import TeacherGradients, evaluate
 from .trainer import NonFiniteError, load_model, train
 
-__all__ = ["RunConfig", "ConfigError", "config_from_dict", "resolve", "train", "load_model", "evaluate",
+__all__ = ["RunConfig", "ConfigError", "config_from_dict", "resolve", "train", "load_model", "evaluate", "TeacherGradients",
            "NonFiniteError", "CheckpointError", "load_checkpoint", "save_checkpoint"]

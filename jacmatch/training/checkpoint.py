@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from ..io import write_atomic
+from ..atomic import write_atomic
 
 __all__ = ["save_checkpoint", "load_checkpoint", "CheckpointError", "MAGIC"]
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..core.objective import jacobian_cosine, teacher_top1_gradient
+from ..core.metrics import jacobian_cosine, teacher_top1_gradient
 from ..data import ImageSet
 
-__all__ = ["evaluate"]
+__all__ = ["evaluate", "TeacherGradients"]
 
 
 def _batches(n: int, size: int):
@@ -28,31 +28,37 @@ def _accuracy(model: nn.Module, data: ImageSet, device, batch_size: int, sigma: 
     return correct / max(len(data), 1)
 
 
-#: The teacher's side of the Jacobian cosine for the last (teacher, data) key: a sweep of
-#: students in one process (the experiments) computes the teacher's gradients once.
-_TEACHER_SIDE: dict = {}
+class TeacherGradients:
+    """The teacher's side of the Jacobian cosine (its top-1 outputs and their input-gradients
+    on the first samples of an evaluation set), kept for the last key it was asked for.
 
+    Its owner decides how long it lives: a sweep of students of one teacher (an
+    experiment) passes one to every run, so the teacher's gradients are computed once.
+    The key names the teacher's weights and the data; without a key nothing is kept."""
 
-def _teacher_sides(teacher, data, device, n, batch_size, key) -> list:
-    full_key = None if key is None else (key, n, batch_size, str(device))
-    if full_key is not None and full_key in _TEACHER_SIDE:
-        return _TEACHER_SIDE[full_key]
-    sides = [teacher_top1_gradient(teacher, data.batch(idx)[0].to(device)) for idx in _batches(n, batch_size)]
-    if full_key is not None:
-        _TEACHER_SIDE.clear()
-        _TEACHER_SIDE[full_key] = sides
-    return sides
+    def __init__(self):
+        self._key: tuple | None = None
+        self._sides: list = []
+
+    def __call__(self, teacher: nn.Module, data: ImageSet, device, n: int, batch_size: int, key=None) -> list:
+        full_key = None if key is None else (key, n, batch_size, str(device))
+        if full_key is not None and full_key == self._key:
+            return self._sides
+        sides = [teacher_top1_gradient(teacher, data.batch(idx)[0].to(device)) for idx in _batches(n, batch_size)]
+        if full_key is not None:
+            self._key, self._sides = full_key, sides
+        return sides
 
 
 def evaluate(model: nn.Module, data: ImageSet, device, *, batch_size: int = 500, noise_sigmas=(),
              noise_seed: int = 0, teacher: nn.Module | None = None, cosine_samples: int = 1000,
-             teacher_key=None) -> dict:
+             teacher_key=None, teacher_gradients: TeacherGradients | None = None) -> dict:
     """``acc``; ``noisy_acc`` {σ: accuracy on x + σ·N(0, I)} (σ in [0, 1] pixel units, the
     same noise for every model: seeded per σ); ``jacobian_cosine``: the mean cosine between
     the teacher's and the model's input-gradients of the teacher's top-1 output.
 
-    ``teacher_key`` (hashable) names the teacher's weights and ``data``: calls with the same
-    key reuse the teacher's gradients of the previous call. None: always recompute."""
+    ``teacher_key`` (hashable) names the teacher's weights and ``data``: calls that pass the
+    same ``teacher_gradients`` and key reuse the teacher's side. None: always recompute."""
     was_training = model.training
     model.eval()
     try:
@@ -62,7 +68,7 @@ def evaluate(model: nn.Module, data: ImageSet, device, *, batch_size: int = 500,
                             for i, s in enumerate(noise_sigmas) if s > 0}
         if teacher is not None and teacher is not model and cosine_samples > 0:
             n = min(cosine_samples, len(data))
-            sides = _teacher_sides(teacher, data, device, n, batch_size, teacher_key)
+            sides = (teacher_gradients or TeacherGradients())(teacher, data, device, n, batch_size, teacher_key)
             cosines = [jacobian_cosine(model, teacher, data.batch(idx)[0].to(device), teacher_side=side).cpu()
                        for idx, side in zip(_batches(n, batch_size), sides)]
             out["jacobian_cosine"] = float(torch.cat(cosines).mean())

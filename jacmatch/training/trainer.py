@@ -21,8 +21,9 @@ import signal
 import sys
 import threading
 import time
-from dataclasses import asdict
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -32,9 +33,9 @@ from torch.utils.data import DistributedSampler
 
 from .._extras import require
 from ..core.draws import ShardedGenerator
-from ..core.objective import TransferObjective, build_terms, rows_per_sample
+from ..core.objective import TransferObjective
 from ..data import DataSplits, create_dataset, random_crop_flip
-from ..io import write_atomic, write_json_atomic
+from ..atomic import write_atomic, write_json_atomic
 from ..models import (ExternalClassifier, count_parameters, create_model, dry_forward, is_import_path,
                       smallest_input)
 from .cache import TeacherCache
@@ -42,10 +43,10 @@ from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .config import ConfigError, RunConfig, config_from_dict, config_to_dict
 from .distributed import (DistInfo, average_gradients, broadcast_parameters, global_batchnorm, init_distributed,
                           resolve_device)
-from .evaluate import evaluate
+from .evaluate import TeacherGradients, evaluate
 from .provenance import provenance
 
-__all__ = ["train", "load_model", "NonFiniteError", "RunExistsError", "Preempted"]
+__all__ = ["train", "load_model", "epoch_batches", "NonFiniteError", "RunExistsError", "Preempted"]
 
 #: Memory estimate above which a run is refused before it starts (bytes).
 MAX_STEP_BYTES = 16 << 30
@@ -151,8 +152,7 @@ def _load_teacher(cfg: RunConfig, data: DataSplits, device) -> nn.Module | None:
     else:
         return None
     outputs = _check_input_shape(teacher, data, cfg.teacher_model.name or cfg.teacher, "teacher")
-    o = cfg.objective
-    if (o.beta or o.gamma) and outputs != data.num_classes:
+    if cfg.objective.compares_outputs and outputs != data.num_classes:
         raise ConfigError(f"class-count mismatch: the teacher has {outputs} outputs but {data.name} has "
                           f"{data.num_classes} classes here; KD and Jacobian matching compare outputs one to one "
                           "(use a teacher trained on these classes)")
@@ -244,15 +244,6 @@ def _seed(*parts: int) -> int:
     return int.from_bytes(str(parts).encode(), "little") % (2**61 - 1)
 
 
-def _estimate_step_bytes(cfg: RunConfig, data: DataSplits) -> int:
-    """A coarse upper estimate of one step's activations, to refuse absurd settings early."""
-    d = math.prod(data.train.images.shape[1:])
-    o = cfg.objective
-    rows = rows_per_sample(build_terms(o), data.num_classes)
-    per_sample = d * 4 * (64 + 8 * rows + 4 * o.noise_draws * (o.noise_sigma > 0))
-    return per_sample * min(cfg.optim.batch_size, max(len(data.train), 1))
-
-
 def _lr_factor(optim_cfg):
     """Learning-rate factor per epoch: cosine, step (milestones) or constant. A plain
     function, so the scheduler's state holds nothing but numbers."""
@@ -276,7 +267,7 @@ def _make_optimizer(cfg: RunConfig, params):
     return torch.optim.Adam(params, lr=o.lr, weight_decay=o.weight_decay)
 
 
-def _epoch_indices(n: int, cfg: RunConfig, info: DistInfo, epoch: int) -> list[list[int]]:
+def epoch_batches(n: int, cfg: RunConfig, info: DistInfo, epoch: int) -> list[list[int]]:
     """This rank's batches of training indices for ``epoch``; the global batch of step j
     is the union of the ranks' j-th batches (DistributedSampler interleaves ranks)."""
     o = cfg.optim
@@ -293,186 +284,285 @@ def _epoch_indices(n: int, cfg: RunConfig, info: DistInfo, epoch: int) -> list[l
     return batches
 
 
+@dataclass
+class _Run:
+    """What a run holds between its phases: set up once, then epochs of steps."""
+
+    cfg: RunConfig
+    info: DistInfo
+    device: torch.device
+    out: Path
+    data: DataSplits
+    model: nn.Module  # the student, unwrapped (what a checkpoint holds)
+    net: nn.Module  # the student as trained: the model, or its DDP wrapper
+    teacher: nn.Module | None
+    objective: TransferObjective
+    cache: TeacherCache | None
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    scaler: Any  # a GradScaler for fp16 on CUDA, else None
+    gen: torch.Generator  # projections, directions and noise
+    aug_gen: torch.Generator  # crops and flips
+    teacher_key: tuple | None
+    teacher_gradients: TeacherGradients
+    history: list = field(default_factory=list)
+    start_epoch: int = 0
+    first_step: int = 0  # > 0: resume inside an epoch that a signal stopped
+    mid_epoch: dict | None = None
+    resume_rng: torch.Tensor | None = None
+    changes: dict = field(default_factory=dict)  # what a resume changed, logged with its first epoch
+    writer: Any = None
+
+    @property
+    def last(self) -> Path:
+        return self.out / "last.pt"
+
+    @property
+    def global_bn(self) -> bool:
+        return _global_bn(self.cfg, self.info)
+
+    def state(self, epoch: int, **extra) -> dict:
+        return _run_state(self.cfg, self.model, self.optimizer, self.scheduler, self.history, epoch, **extra)
+
+
+def _global_bn(cfg: RunConfig, info: DistInfo) -> bool:
+    """DDP with global BatchNorm: trained without the DDP wrapper, gradients averaged after each backward."""
+    return info.enabled and cfg.ddp.sync_batchnorm
+
+
 def train(cfg: RunConfig, *, resume: bool = False, data: DataSplits | None = None,
-          info: DistInfo | None = None) -> dict:
+          info: DistInfo | None = None, teacher_gradients: TeacherGradients | None = None) -> dict:
     """Train a teacher (no ``cfg.teacher``) or distil a student; returns the results dict
-    also written to ``out_dir/results.json``."""
+    also written to ``out_dir/results.json``. ``teacher_gradients``: the caller's memo of
+    the teacher's side of the Jacobian cosine, shared by the runs of a sweep."""
+    run = _setup(cfg, resume, data, info or init_distributed(cfg.device), teacher_gradients or TeacherGradients())
+    t_start = time.time()
+    with _StopOnSignal() as stop:
+        for epoch in range(run.start_epoch, cfg.optim.epochs):
+            t_epoch = time.time()
+            steps, sums, skipped = _train_epoch(run, epoch, stop)
+            _end_epoch(run, epoch, steps, sums, skipped, time.time() - t_epoch)
+    results = _results(cfg, run.data, run.model, run.teacher, run.history, time.time() - t_start)
+    if run.info.is_main:
+        write_json_atomic(run.out / "results.json", results)
+        if run.writer is not None:
+            run.writer.close()
+    return results
+
+
+# ---- setup ------------------------------------------------------------------------------------
+
+
+def _setup(cfg: RunConfig, resume: bool, data: DataSplits | None, info: DistInfo,
+           teacher_gradients: TeacherGradients) -> _Run:
+    """Data, models, optimiser and objective, restored from ``last.pt`` when resuming."""
     cfg.check()
-    info = info or init_distributed(cfg.device)
     device = resolve_device(cfg.device, info)
     out = Path(cfg.out_dir)
-    last = out / "last.pt"
-    if last.exists() and not resume:
+    if (out / "last.pt").exists() and not resume:
         raise RunExistsError(f"{out} already holds a run: pass --resume to continue it, or choose another --out")
-    if resume and not last.exists():
-        raise ConfigError(f"--resume: {last} does not exist (nothing to resume)")
-
-    d = cfg.data
+    if resume and not (out / "last.pt").exists():
+        raise ConfigError(f"--resume: {out / 'last.pt'} does not exist (nothing to resume)")
     given = data is not None
-    data = data or create_dataset(d.name, data_dir=d.data_dir, samples_per_class=d.samples_per_class,
-                                  val_size=d.val_size, split_seed=d.split_seed, seed=cfg.seed,
-                                  classes=d.classes, download=d.download)
-    step_bytes = _estimate_step_bytes(cfg, data)
+    data = data or _load_data(cfg)
+    batch = min(cfg.optim.batch_size, max(len(data.train), 1))
+    step_bytes = cfg.objective.step_bytes(math.prod(data.train.images.shape[1:]), data.num_classes, batch)
     if step_bytes > MAX_STEP_BYTES:
         raise ConfigError(f"one step would need about {step_bytes >> 30} GiB: "
                           "lower optim.batch_size, objective.num_projections or objective.noise_draws")
-
     torch.manual_seed(cfg.seed)
     model = model_from_config(cfg.model, data.num_classes, data).to(device)
     _check_input_shape(model, data, cfg.model.name, "model")  # before the teacher is loaded
     teacher = _load_teacher(cfg, data, device)
-    teacher_key = None if teacher is None or given else _teacher_key(cfg)
     if cfg.channels_last:  # convolutions then run channels-last (NHWC); values and checkpoints unchanged
         model = model.to(memory_format=torch.channels_last)
     if cfg.init_from and not resume:
         _init_from(model, cfg.init_from, device)
     optimizer = _make_optimizer(cfg, model.parameters())
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_factor(cfg.optim))
-    history: list[dict] = []
-    start_epoch, first_step, mid_epoch = 0, 0, None
-    changes: dict = {}
-    if resume:
-        state = load_checkpoint(last, map_location=device)
-        if state.get("arch") != model.arch:
-            raise CheckpointError(f"{last} holds model {state.get('arch')}, the config asks for {model.arch}")
-        changes = resume_changes(json.loads(state["config"]), cfg, state["epoch"], last)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        start_epoch, history = state["epoch"], json.loads(state["history"])
-        first_step, mid_epoch = state.get("step", 0), state.get("mid_epoch")  # stopped by a signal mid-epoch
-        resume_rng = state["rng"]
-        if info.is_main:
-            _append_jsonl(out / "history.jsonl", {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "event": "resume",
-                                                  "epoch": start_epoch, "changes": changes})
-    global_bn = info.enabled and cfg.ddp.sync_batchnorm
-    if global_bn:  # trained without the DDP wrapper: gradients averaged after each backward
+    restored = _restore(cfg, out / "last.pt", model, optimizer, scheduler, info, device) if resume else {}
+    if _global_bn(cfg, info):
         global_batchnorm(model)
         broadcast_parameters(model)
-    net = DistributedDataParallel(model) if info.enabled and not global_bn else model
-
+    net = DistributedDataParallel(model) if info.enabled and not _global_bn(cfg, info) else model
     # Draws (projections, directions, noise, crops) come from one seed for all processes,
     # each keeping its own samples of the global batch: the number of processes changes nothing.
     gen = torch.Generator()
-    aug_gen = torch.Generator()
-    draws = ShardedGenerator(gen, info.rank, info.world_size) if info.enabled else gen
-    aug_draws = ShardedGenerator(aug_gen, info.rank, info.world_size) if info.enabled else aug_gen
-    objective = TransferObjective(net, teacher, cfg.objective, generator=draws)
-    use_cache = cfg.teacher_cache and objective.needs_teacher_targets and not d.augment
-    cache = TeacherCache(len(data.train)) if use_cache else None
-    scaler = torch.amp.GradScaler("cuda") if cfg.amp == "fp16" and device.type == "cuda" else None
+    objective = TransferObjective(net, teacher, cfg.objective, generator=_draws(gen, info))
+    fixed_inputs = cfg.teacher_cache and objective.needs_teacher_targets and not cfg.data.augment
+    run = _Run(cfg=cfg, info=info, device=device, out=out, data=data, model=model, net=net, teacher=teacher,
+               objective=objective, cache=TeacherCache(objective, len(data.train)) if fixed_inputs else None,
+               optimizer=optimizer, scheduler=scheduler,
+               scaler=torch.amp.GradScaler("cuda") if cfg.amp == "fp16" and device.type == "cuda" else None,
+               gen=gen, aug_gen=torch.Generator(),
+               teacher_key=None if teacher is None or given else _teacher_key(cfg),
+               teacher_gradients=teacher_gradients, **restored)
+    if info.is_main:
+        _open_outputs(run, resume)
+    return run
+
+
+def _draws(gen: torch.Generator, info: DistInfo):
+    """A generator's draws for this process: its own samples of the global batch."""
+    return ShardedGenerator(gen, info.rank, info.world_size) if info.enabled else gen
+
+
+def _load_data(cfg: RunConfig) -> DataSplits:
+    d = cfg.data
+    return create_dataset(d.name, data_dir=d.data_dir, samples_per_class=d.samples_per_class, val_size=d.val_size,
+                          split_seed=d.split_seed, seed=cfg.seed, classes=d.classes, download=d.download)
+
+
+def _restore(cfg: RunConfig, last: Path, model, optimizer, scheduler, info: DistInfo, device) -> dict:
+    """Weights, optimiser and schedule loaded from ``last``; returns the run's history and
+    position. The config changes the resume makes are checked and logged."""
+    state = load_checkpoint(last, map_location=device)
+    if state.get("arch") != model.arch:
+        raise CheckpointError(f"{last} holds model {state.get('arch')}, the config asks for {model.arch}")
+    changes = resume_changes(json.loads(state["config"]), cfg, state["epoch"], last)
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    if info.is_main:
+        _append_jsonl(last.parent / "history.jsonl", {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                                                      "event": "resume", "epoch": state["epoch"], "changes": changes})
+    return {"history": json.loads(state["history"]), "start_epoch": state["epoch"], "changes": changes,
+            "first_step": state.get("step", 0), "mid_epoch": state.get("mid_epoch"),  # stopped mid-epoch
+            "resume_rng": state["rng"]}
+
+
+def _open_outputs(run: _Run, resume: bool) -> None:
+    """The run folder's config, history, data indices and TensorBoard writer (rank 0)."""
+    cfg, out, data = run.cfg, run.out, run.data
+    out.mkdir(parents=True, exist_ok=True)
+    write_atomic(out / "config.yaml", lambda f: f.write(_yaml(config_to_dict(cfg))))
+    if not resume:
+        _append_jsonl(out / "history.jsonl", {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "event": "start"})
+    write_json_atomic(out / "indices.json", {"train": data.train_indices, "val": data.val_indices,
+                                             "dataset_sha256": data.content_sha256})
+    if cfg.tensorboard:
+        require("tensorboard", "tensorboard")
+        from torch.utils.tensorboard import SummaryWriter
+        run.writer = SummaryWriter(str(out / "tensorboard"))
+
+
+# ---- one epoch, one step ----------------------------------------------------------------------
+
+
+def _train_epoch(run: _Run, epoch: int, stop: _StopOnSignal) -> tuple[int, dict[str, float], int]:
+    """The epoch's steps; returns (steps, sums of the terms, skipped steps). Its draws are
+    seeded from (seed, epoch), or restored where a signal stopped it."""
+    cfg, info = run.cfg, run.info
+    torch.manual_seed(_seed(cfg.seed, epoch, info.rank, 1))
+    run.gen.manual_seed(_seed(cfg.seed, epoch, 0, 2))
+    run.aug_gen.manual_seed(_seed(cfg.seed, epoch, 0, 3))
+    batches = epoch_batches(len(run.data.train), cfg, info, epoch)
+    run.net.train()
+    sums: dict[str, float] = {}
+    skipped = 0
+    if run.first_step:  # continue the epoch a signal stopped: its draws and sums where they were
+        assert run.mid_epoch is not None
+        run.gen.set_state(run.mid_epoch["gen"])
+        run.aug_gen.set_state(run.mid_epoch["aug"])
+        if not info.enabled:
+            torch.set_rng_state(run.resume_rng)
+        sums, skipped = json.loads(run.mid_epoch["sums"]), int(run.mid_epoch["skipped"])
+    bar = _progress(batches[run.first_step:], cfg, info, epoch)
+    for step, idx in enumerate(bar, start=run.first_step):
+        values = _train_step(run, torch.tensor(idx), f"epoch {epoch + 1}, step {step + 1}")
+        if values is None:
+            skipped += 1
+            continue
+        for k, v in values.items():
+            sums[k] = sums.get(k, 0.0) + v
+        if hasattr(bar, "set_postfix"):
+            bar.set_postfix({k: f"{v:.3g}" for k, v in values.items()}, refresh=False)
+        if _agreed(stop.requested, info, run.device):
+            _stop_mid_epoch(run, epoch, step + 1, len(batches), sums, skipped)
+    run.first_step = 0
+    return len(batches), sums, skipped
+
+
+def _train_step(run: _Run, index: torch.Tensor, where: str) -> dict[str, float] | None:
+    """One optimiser step on the training samples ``index``; returns the terms' values, or
+    None when a non-finite step was skipped (``nonfinite=skip``)."""
+    cfg, device, optimizer = run.cfg, run.device, run.optimizer
+    x, y = run.data.train.batch(index)
+    if cfg.data.augment:
+        x = random_crop_flip(x, cfg.data.crop_padding, run.data.hflip, _draws(run.aug_gen, run.info))
+    x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+    targets = run.cache(index, x, y) if run.cache is not None else None
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp)
+    scaler = run.scaler
+    with torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext():
+        _, total, terms = run.objective(x, y, targets)
+    values = {k: float(v.detach()) for k, v in terms.items()}
+    bad = [k for k, v in values.items() if not math.isfinite(v)]
+    optimizer.zero_grad(set_to_none=True)
+    if not bad:
+        (scaler.scale(total) if scaler else total).backward()
+        if run.global_bn:
+            average_gradients(run.model)
+        if scaler:
+            scaler.unscale_(optimizer)
+        if not all(torch.isfinite(p.grad).all() for p in run.model.parameters() if p.grad is not None):
+            bad = ["gradient"]
+    if bad:
+        if cfg.nonfinite == "skip":
+            optimizer.zero_grad(set_to_none=True)
+            return None
+        raise NonFiniteError(f"non-finite {', '.join(bad)} at {where} "
+                             f"({', '.join(f'{k}={values[k]}' for k in values)}); the last "
+                             f"complete checkpoint is kept: lower the learning rate or weights, "
+                             f"or set nonfinite=skip")
+    (scaler.step(optimizer), scaler.update()) if scaler else optimizer.step()
+    return values
 
-    writer = None
+
+def _stop_mid_epoch(run: _Run, epoch: int, step: int, steps: int, sums: dict, skipped: int) -> None:
+    """A signal asked to stop: checkpoint this step (with the epoch's draws) and raise."""
+    if run.info.is_main:
+        save_checkpoint(run.last, run.state(epoch, step=step, mid_epoch={
+            "gen": run.gen.get_state(), "aug": run.aug_gen.get_state(), "sums": json.dumps(sums),
+            "skipped": skipped}))
+    run.info.barrier()
+    raise Preempted(f"stopped by a signal at epoch {epoch + 1}, step {step} of {steps}; "
+                    f"{run.last} holds that step: --resume continues from it")
+
+
+# ---- end of an epoch: evaluate, log, checkpoint -----------------------------------------------
+
+
+def _end_epoch(run: _Run, epoch: int, steps: int, sums: dict, skipped: int, seconds: float) -> None:
+    cfg, info = run.cfg, run.info
+    run.scheduler.step()
+    n_steps = max(steps - skipped, 1)
+    record = {"epoch": epoch + 1, "lr": run.optimizer.param_groups[0]["lr"], "steps": steps,
+              "skipped_steps": skipped, "train": {k: v / n_steps for k, v in sums.items()},
+              "epoch_seconds": seconds}
+    if run.changes:  # the settings this resume changed, beside the first epoch trained with them
+        record["config_changes"], run.changes = run.changes, {}
+    if info.enabled:
+        record["train"] = _mean_across_ranks(record["train"], run.device)
+    if (epoch + 1) % cfg.eval.every == 0 or epoch + 1 == cfg.optim.epochs:
+        if info.is_main:
+            record.update(_evaluate(run))
+        info.barrier()
+    run.history.append(record)
     if info.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        write_atomic(out / "config.yaml", lambda f: f.write(_yaml(config_to_dict(cfg))))
-        if not resume:
-            _append_jsonl(out / "history.jsonl", {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "event": "start"})
-        write_json_atomic(out / "indices.json", {"train": data.train_indices, "val": data.val_indices,
-                                                 "dataset_sha256": data.content_sha256})
-        if cfg.tensorboard:
-            require("tensorboard", "tensorboard")
-            from torch.utils.tensorboard import SummaryWriter
-            writer = SummaryWriter(str(out / "tensorboard"))
+        _log(run.out, run.history, run.writer, record)
+        if (epoch + 1) % cfg.checkpoint_every == 0 or epoch + 1 == cfg.optim.epochs:
+            save_checkpoint(run.last, run.state(epoch + 1))
+    info.barrier()
 
-    t_start = time.time()
-    with _StopOnSignal() as stop:
-        for epoch in range(start_epoch, cfg.optim.epochs):
-            torch.manual_seed(_seed(cfg.seed, epoch, info.rank, 1))
-            gen.manual_seed(_seed(cfg.seed, epoch, 0, 2))
-            aug_gen.manual_seed(_seed(cfg.seed, epoch, 0, 3))
-            batches = _epoch_indices(len(data.train), cfg, info, epoch)
-            net.train()
-            sums: dict[str, float] = {}
-            skipped = 0
-            if first_step:  # continue the epoch a signal stopped: its draws and sums where they were
-                gen.set_state(mid_epoch["gen"])
-                aug_gen.set_state(mid_epoch["aug"])
-                if not info.enabled:
-                    torch.set_rng_state(resume_rng)
-                sums, skipped = json.loads(mid_epoch["sums"]), int(mid_epoch["skipped"])
-            bar = _progress(batches[first_step:], cfg, info, epoch)
-            t_epoch = time.time()
-            for step, idx in enumerate(bar, start=first_step):
-                index = torch.tensor(idx)
-                x, y = data.train.batch(index)
-                if d.augment:
-                    x = random_crop_flip(x, d.crop_padding, data.hflip, aug_draws)
-                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                targets = None
-                if cache is not None:
-                    targets = cache.get(index, lambda m: objective.teacher_targets(
-                        x[m.to(device)], y[m.to(device)], full_jacobian=True))
-                autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
-                with autocast:
-                    _, total, terms = objective(x, y, targets)
-                values = {k: float(v.detach()) for k, v in terms.items()}
-                bad = [k for k, v in values.items() if not math.isfinite(v)]
-                optimizer.zero_grad(set_to_none=True)
-                if not bad:
-                    (scaler.scale(total) if scaler else total).backward()
-                    if global_bn:
-                        average_gradients(model)
-                    if scaler:
-                        scaler.unscale_(optimizer)
-                    if not all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None):
-                        bad = ["gradient"]
-                if bad:
-                    where = f"epoch {epoch + 1}, step {step + 1}"
-                    if cfg.nonfinite == "skip":
-                        skipped += 1
-                        optimizer.zero_grad(set_to_none=True)
-                        continue
-                    raise NonFiniteError(f"non-finite {', '.join(bad)} at {where} "
-                                         f"({', '.join(f'{k}={values[k]}' for k in values)}); the last "
-                                         f"complete checkpoint is kept: lower the learning rate or weights, "
-                                         f"or set nonfinite=skip")
-                (scaler.step(optimizer), scaler.update()) if scaler else optimizer.step()
-                for k, v in values.items():
-                    sums[k] = sums.get(k, 0.0) + v
-                if hasattr(bar, "set_postfix"):
-                    bar.set_postfix({k: f"{v:.3g}" for k, v in values.items()}, refresh=False)
-                if _agreed(stop.requested, info, device):
-                    if info.is_main:
-                        save_checkpoint(last, _run_state(
-                            cfg, model, optimizer, scheduler, history, epoch, step=step + 1,
-                            mid_epoch={"gen": gen.get_state(), "aug": aug_gen.get_state(),
-                                       "sums": json.dumps(sums), "skipped": skipped}))
-                    info.barrier()
-                    raise Preempted(f"stopped by a signal at epoch {epoch + 1}, step {step + 1} of {len(batches)}; "
-                                    f"{last} holds that step: --resume continues from it")
-            first_step = 0
-            scheduler.step()
-            n_steps = max(len(batches) - skipped, 1)
-            record = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"], "steps": len(batches),
-                      "skipped_steps": skipped, "train": {k: v / n_steps for k, v in sums.items()},
-                      "epoch_seconds": time.time() - t_epoch}
-            if changes:  # the settings this resume changed, beside the first epoch trained with them
-                record["config_changes"], changes = changes, {}
-            if info.enabled:
-                record["train"] = _mean_across_ranks(record["train"], device)
-            if (epoch + 1) % cfg.eval.every == 0 or epoch + 1 == cfg.optim.epochs:
-                if info.is_main:
-                    record["val"] = evaluate(model, data.val, device, batch_size=cfg.eval.batch_size)
-                    record["test"] = evaluate(model, data.test, device, batch_size=cfg.eval.batch_size,
-                                              noise_sigmas=cfg.eval.noise_sigmas, noise_seed=cfg.eval.noise_seed,
-                                              teacher=teacher if cfg.eval.jacobian_cosine else None,
-                                              cosine_samples=cfg.eval.cosine_samples, teacher_key=teacher_key)
-                info.barrier()
-            history.append(record)
-            if info.is_main:
-                _log(out, history, writer, record)
-                if (epoch + 1) % cfg.checkpoint_every == 0 or epoch + 1 == cfg.optim.epochs:
-                    save_checkpoint(last, _run_state(cfg, model, optimizer, scheduler, history, epoch + 1))
-            info.barrier()
 
-    results = _results(cfg, data, model, teacher, history, time.time() - t_start)
-    if info.is_main:
-        write_json_atomic(out / "results.json", results)
-        if writer is not None:
-            writer.close()
-    return results
+def _evaluate(run: _Run) -> dict:
+    e = run.cfg.eval
+    return {"val": evaluate(run.model, run.data.val, run.device, batch_size=e.batch_size),
+            "test": evaluate(run.model, run.data.test, run.device, batch_size=e.batch_size,
+                             noise_sigmas=e.noise_sigmas, noise_seed=e.noise_seed,
+                             teacher=run.teacher if e.jacobian_cosine else None, cosine_samples=e.cosine_samples,
+                             teacher_key=run.teacher_key, teacher_gradients=run.teacher_gradients)}
 
 
 class _PlainProgress:
