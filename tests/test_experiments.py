@@ -114,3 +114,17 @@ def test_results_carry_provenance_and_the_report_refuses_mixed_data(tmp_path):
     check_one_data_set({"distill": {"provenance": {"data_sha256": "a" * 64}}})
     with pytest.raises(ValueError, match="mixes runs on 2 different data sets"):
         check_one_data_set({"distill": {"provenance": {"data_sha256": ["a" * 64, "b" * 64]}}})
+
+
+def test_report_regenerates_the_committed_report_byte_for_byte(tmp_path, monkeypatch):
+    """REPORT.md, BENCHMARKS.md and the README's findings are what `jacmatch report` makes
+    of the committed JSONs: nothing in them was typed by hand or left stale."""
+    import shutil
+    from jacmatch.experiments import report
+    shutil.copytree(ROOT / "results", tmp_path / "results")
+    for name in ("README.md", "BENCHMARKS.md"):
+        shutil.copyfile(ROOT / name, tmp_path / name)
+    monkeypatch.chdir(tmp_path)
+    report.main()
+    for name in ("results/REPORT.md", "README.md", "BENCHMARKS.md"):
+        assert (tmp_path / name).read_text() == (ROOT / name).read_text(), f"{name} is stale: run `jacmatch report`"

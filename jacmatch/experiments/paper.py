@@ -19,11 +19,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .._extras import require
 from ..atomic import write_json_atomic
 from ..training import TeacherGradients
 from ..training.config import load_config, merge_values
 from .common import load_json, run_or_load, summarize_runs, with_provenance
+from .figures import plot_gradients
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "paper"
 
@@ -390,25 +390,7 @@ def pictures_section(lay: Layout) -> dict:
         for name, model in models.items():
             xi = x.clone().requires_grad_()
             grads[name] = input_jacobian(model.eval()(xi), xi, index).detach()
-    matplotlib = require("matplotlib", "plots")
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(len(x), 1 + len(models), figsize=(2.0 * (1 + len(models)), 2.0 * len(x)))
-    for i in range(len(x)):
-        axes[i, 0].imshow(x[i, 0], cmap="gray")
-        for j, (name, g) in enumerate(grads.items()):
-            m = g[i, 0].abs().max().clamp_min(1e-12)
-            axes[i, j + 1].imshow(g[i, 0] / m, cmap="seismic", vmin=-1, vmax=1)
-            if i == 0:
-                axes[i, j + 1].set_title(name, fontsize=9)
-        if i == 0:
-            axes[i, 0].set_title("input", fontsize=9)
-    for ax in axes.flat:
-        ax.axis("off")
-    fig.suptitle(f"input-gradients of the teacher's top-1 logit (students: n={n}, seed 0)", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(out / "gradients.png", dpi=100)
-    plt.close(fig)
+    plot_gradients(x, grads, n, out / "gradients.png")
     return {"figure": str(out / "gradients.png")}
 
 

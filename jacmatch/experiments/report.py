@@ -1,6 +1,10 @@
 """``jacmatch report``: results/REPORT.md, its plots, BENCHMARKS.md and the README's
 findings, all generated from the JSON files the experiments wrote. No number is typed
 by hand; a section whose JSON is missing says so and names the command that makes it.
+
+:func:`render_report` is pure (section JSONs in, markdown and findings out); the figures
+are drawn by :mod:`.figures` and BENCHMARKS.md is written by :mod:`.bench`. Row names and
+test-noise σ come from the section JSONs.
 """
 
 from __future__ import annotations
@@ -8,12 +12,13 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from .._extras import require
 from ..atomic import write_atomic
+from .bench import write_benchmarks
 from .common import load_json
+from .figures import draw_report_figures, main_rows, noise_sigmas
 
 RESULTS = Path("results")
-PAPER = RESULTS / "paper"
+SECTIONS = ("teacher", "distill", "robustness", "transfer", "verify")
 
 
 def _chosen(sel: dict, labels: tuple[tuple[str, str], ...]) -> str:
@@ -27,9 +32,9 @@ def _pm(s: dict, scale: float = 100.0, digits: int = 1) -> str:
     return f"{scale * s['mean']:.{digits}f} ± {scale * s['std']:.{digits}f}"
 
 
-def _img(name: str) -> str:
+def _img(folder: str, name: str) -> str:
     """A plot's link, relative to the report (written beside the results folder)."""
-    return f"{PAPER.name}/{name}.png"
+    return f"{folder}/{name}.png"
 
 
 def _missing(command: str) -> str:
@@ -58,13 +63,12 @@ def _teacher_findings(t: dict | None) -> list[str]:
     return [f"Teacher: {t['model']} reaches {100 * t['test']['acc']:.2f}% test accuracy on Fashion-MNIST{worst}."]
 
 
-def _distill(d: dict | None, plots: list) -> tuple[str, list[str]]:
+def _distill(d: dict | None, folder: str) -> tuple[str, list[str]]:
     if d is None:
         return _missing("jacmatch experiment distill"), []
-    from .paper import ABLATIONS, ROWS
     cells = d["cells"]
     samples = d["samples"]
-    main_rows = list(ROWS)
+    main = main_rows(d)
     get = lambda r, n, f=_pm: f(cells[f"{r}|{n}"]["acc"]) if f"{r}|{n}" in cells else "—"  # noqa: E731
     done = f"**Partial: {len(cells)} cells have run so far**; `jacmatch experiment distill` resumes the rest. " \
         if not d.get("complete", True) else ""
@@ -77,14 +81,13 @@ def _distill(d: dict | None, plots: list) -> tuple[str, list[str]]:
              f"over seeds. Chosen on the validation split, in this order: {chosen}.\n",
              "| row | " + " | ".join(f"n={n}" for n in samples) + " |",
              "|---|" + "---|" * len(samples)]
-    for r in main_rows:
+    for r in main:
         lines.append(f"| {r} | " + " | ".join(get(r, n) for n in samples) + " |")
     lines += ["", "95% interval half-widths of those means (Student's t over the seeds), in points:", "",
               "| row | " + " | ".join(f"n={n}" for n in samples) + " |", "|---|" + "---|" * len(samples)]
-    for r in main_rows:
+    for r in main:
         lines.append(f"| {r} | " + " | ".join(get(r, n, lambda a: f"±{100 * a['ci95']:.1f}") for n in samples) + " |")
-    rows = main_rows + list(ABLATIONS)
-    ablation = [r for r in rows if r not in main_rows and any(c["row"] == r for c in cells.values())]
+    ablation = [r for r in dict.fromkeys(c["row"] for c in cells.values()) if r not in main]
     if ablation:
         ns = sorted({c["samples_per_class"] for c in cells.values() if c["row"] in ablation})
         lines += ["", "Ablations (form and which Jacobians):", "",
@@ -95,12 +98,10 @@ def _distill(d: dict | None, plots: list) -> tuple[str, list[str]]:
     lines += ["", "Mean cosine between teacher and student input-gradients (test set, teacher's top-1):", "",
               "| row | " + " | ".join(f"n={n}" for n in samples) + " |", "|---|" + "---|" * len(samples)]
     cos = lambda c: f"{c['mean']:.3f}"  # noqa: E731
-    for r in main_rows:
+    for r in main:
         lines.append(f"| {r} | " + " | ".join(
             cos(cells[f"{r}|{n}"]["jacobian_cosine"]) if f"{r}|{n}" in cells else "—" for n in samples) + " |")
-    _plot_distill(d, main_rows, PAPER / "distill.png")
-    plots.append("distill.png")
-    return "\n".join(lines) + f"\n\n![distillation]({_img('distill')})\n", _distill_findings(d)
+    return "\n".join(lines) + f"\n\n![distillation]({_img(folder, 'distill')})\n", _distill_findings(d)
 
 
 def _paired(a: list[float], b: list[float]) -> tuple[float, str]:
@@ -147,31 +148,10 @@ def _budget_findings(d: dict | None, r: dict | None) -> list[str]:
             "budget that limits them all."]
 
 
-def _plot_distill(d, rows, path):
-    matplotlib = require("matplotlib", "plots")
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(6.5, 4))
-    for r in rows:
-        ns = [n for n in d["samples"] if f"{r}|{n}" in d["cells"]]
-        cells = [d["cells"][f"{r}|{n}"] for n in ns]
-        if cells:
-            ax.errorbar(ns, [100 * c["acc"]["mean"] for c in cells], yerr=[100 * c["acc"]["std"] for c in cells],
-                        marker="o", capsize=3, label=r)
-    ax.set_xscale("log")
-    ax.set_xlabel("samples per class")
-    ax.set_ylabel("test accuracy (%)")
-    ax.legend(fontsize=8)
-    ax.set_title("Fashion-MNIST students, mean ± std over seeds")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def _robust(r: dict | None, d: dict | None) -> tuple[str, list[str]]:
+def _robust(r: dict | None, d: dict | None, folder: str) -> tuple[str, list[str]]:
     if r is None:
         return _missing("jacmatch experiment robustness"), []
-    sigmas = sorted({s for c in r["cells"].values() for s in c["noisy_acc"]}, key=float)
+    sigmas = noise_sigmas(r)
     head = "| method | training set | σ=0 | " + " | ".join(f"σ={s}" for s in sigmas) + " |"
     lines = [f"σ_train = {r['sigma_train']}; {len(r['seeds'])} seeds; test accuracy (%) under Gaussian noise of "
              "standard deviation σ (units of the [0, 1] pixel range).", "", head, "|---|---|" + "---|" * (1 + len(sigmas))]
@@ -188,9 +168,7 @@ def _robust(r: dict | None, d: dict | None) -> tuple[str, list[str]]:
                 lines.append(f"| {row} | " + " | ".join(_pm(d["cells"][f"{row}|{n}"]["noisy_acc"]["0.3"]) for n in ns) + " |")
         students = _student_noise_findings(d, ns)
         if ns:
-            _plot_student_noise(d, PAPER / "distill_noise.png")
-            lines += ["", f"![students under noise]({_img('distill_noise')})"]
-    _plot_robust(r, sigmas, PAPER / "robustness.png")
+            lines += ["", f"![students under noise]({_img(folder, 'distill_noise')})"]
     full = {c["row"]: c for c in r["cells"].values() if c["training_set"] == "full"}
     for sigma in ("0.1", "0.5"):
         if full and sigma in sigmas:
@@ -199,7 +177,7 @@ def _robust(r: dict | None, d: dict | None) -> tuple[str, list[str]]:
                 text += " (clean: " + ", ".join(f"{row} {_pm(c['acc'])}%" for row, c in full.items()) + ")"
             findings.append(f"Robustness (full training set, test noise σ = {sigma}): {text}.")
     findings += students
-    return "\n".join(lines) + f"\n\n![robustness]({_img('robustness')})\n", findings
+    return "\n".join(lines) + f"\n\n![robustness]({_img(folder, 'robustness')})\n", findings
 
 
 def _student_noise_findings(d: dict, ns: list) -> list[str]:
@@ -211,53 +189,6 @@ def _student_noise_findings(d: dict, ns: list) -> list[str]:
             parts.append(f"n={n}: {_paired(kd['noisy_acc']['0.3']['values'], jm['noisy_acc']['0.3']['values'])[1]}")
     return ["Distilled students under test noise σ = 0.3: CE+KD+JM against CE+KD, " + ", ".join(parts)
             + " points (paired by seed)."] if parts else []
-
-
-def _noise_curve(c: dict, sigmas: list[str]) -> tuple[list, list, list]:
-    """σ_test (0 first), mean and std accuracy in % of a cell, for an error-bar plot."""
-    cs = [c["acc"]] + [c["noisy_acc"][s] for s in sigmas]
-    return [0.0] + [float(s) for s in sigmas], [100 * a["mean"] for a in cs], [100 * a["std"] for a in cs]
-
-
-def _plot_student_noise(d: dict, path: Path) -> None:
-    """Accuracy against σ_test for the CE+KD and CE+KD+JM students, one panel per n."""
-    matplotlib = require("matplotlib", "plots")
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    ns = [n for n in d["samples"] if f"CE+KD|{n}" in d["cells"] and f"CE+KD+JM|{n}" in d["cells"]]
-    fig, axes = plt.subplots(1, len(ns), figsize=(2.6 * len(ns), 3.2), sharey=True, squeeze=False)
-    for ax, n in zip(axes[0], ns):
-        for row in ("CE+KD", "CE+KD+JM"):
-            c = d["cells"][f"{row}|{n}"]
-            xs, ys, es = _noise_curve(c, sorted(c["noisy_acc"], key=float))
-            ax.errorbar(xs, ys, yerr=es, marker="o", markersize=3, capsize=2, label=row)
-        ax.set_title(f"n={n}", fontsize=9)
-        ax.set_xlabel("σ_test")
-    axes[0][0].set_ylabel("test accuracy (%)")
-    axes[0][0].legend(fontsize=7)
-    fig.suptitle("distilled students under Gaussian input noise (mean ± std over seeds)", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
-def _plot_robust(r, sigmas, path):
-    matplotlib = require("matplotlib", "plots")
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    sets = list(dict.fromkeys(c["training_set"] for c in r["cells"].values()))
-    fig, axes = plt.subplots(1, len(sets), figsize=(5.5 * len(sets), 3.8), sharey=True, squeeze=False)
-    for ax, ts in zip(axes[0], sets):
-        for c in (c for c in r["cells"].values() if c["training_set"] == ts):
-            xs, ys, es = _noise_curve(c, sigmas)
-            ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=c["row"])
-        ax.set_title(f"trained on: {ts}")
-        ax.set_xlabel("σ_test")
-    axes[0][0].set_ylabel("test accuracy (%)")
-    axes[0][0].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def _transfer(t: dict | None) -> tuple[str, list[str]]:
@@ -283,7 +214,7 @@ def _transfer(t: dict | None) -> tuple[str, list[str]]:
     return "\n".join(lines) + "\n", findings
 
 
-def _verify(v: list | None) -> tuple[str, list[str]]:
+def _verify(v: list | None, folder: str) -> tuple[str, list[str]]:
     if v is None:
         return _missing("jacmatch experiment verify"), []
     lines = ["| proposition | activation | form | slope | slope below kink |", "|---|---|---|---|---|"]
@@ -301,14 +232,13 @@ def _verify(v: list | None) -> tuple[str, list[str]]:
                         f"σ^{min(short_ce):.2f}–σ^{max(short_ce):.2f} (theory: 4 and 2).")
     return ("— means the residual never stood clear of Monte-Carlo noise (the form is exact there: "
             "ReLU networks on squared error, inside a linear region).\n\n" + "\n".join(lines)
-            + f"\n\n![propositions]({_img('verify')})\n"), findings
+            + f"\n\n![propositions]({_img(folder, 'verify')})\n"), findings
 
 
-def _section_time(name: str) -> str | None:
+def _section_time(name: str, j: dict | None) -> str | None:
     """Training time summed over a section's runs (the teacher: its own training), which is
     what a rerun from scratch costs; and the wall time of the section's last invocation
     when it is about as long (a shorter one reused finished runs and says nothing)."""
-    j = load_json(PAPER / f"{name}.json")
     if j is None:
         return None
     runs = j.get("train_seconds" if name == "teacher" else "run_seconds", j.get("section_seconds"))
@@ -329,20 +259,23 @@ def check_one_data_set(sections: dict) -> None:
                              f"{', '.join(h[:12] for h in hashes)}): rerun its runs on one copy of the data")
 
 
-def build_report() -> str:
-    t = load_json(PAPER / "teacher.json")
-    d = load_json(PAPER / "distill.json")
-    r = load_json(PAPER / "robustness.json")
-    tr = load_json(PAPER / "transfer.json")
-    check_one_data_set({"teacher": t, "distill": d, "robustness": r, "transfer": tr})
-    v = load_json(PAPER / "verify.json")
-    plots: list[str] = []
-    distill_md, f_distill = _distill(d, plots)
-    robust_md, f_robust = _robust(r, d)
+def load_sections(folder: Path) -> dict:
+    """The section JSONs in ``folder`` (None for a section not run yet)."""
+    sections = {name: load_json(folder / f"{name}.json") for name in SECTIONS}
+    check_one_data_set({k: v for k, v in sections.items() if k != "verify"})
+    return sections
+
+
+def render_report(sections: dict, folder: str = "paper", gradients: bool = True) -> tuple[str, list[str]]:
+    """REPORT.md's text and the findings, from the section JSONs; ``folder`` is where the
+    plots are, relative to the report; ``gradients``: whether gradients.png exists."""
+    t, d, r, tr, v = (sections.get(k) for k in SECTIONS)
+    distill_md, f_distill = _distill(d, folder)
+    robust_md, f_robust = _robust(r, d, folder)
     transfer_md, f_transfer = _transfer(tr)
-    verify_md, f_verify = _verify(v)
+    verify_md, f_verify = _verify(v, folder)
     findings = _teacher_findings(t) + f_verify + f_distill + _budget_findings(d, r) + f_robust + f_transfer
-    times = {name: _section_time(name) for name in ("teacher", "distill", "robustness", "transfer")}
+    times = {name: _section_time(name, sections.get(name)) for name in ("teacher", "distill", "robustness", "transfer")}
     parts = [
         "# jacmatch: the paper's claims measured on Fashion-MNIST\n",
         "Generated by `jacmatch report` from the JSON files in `results/paper/`; every run's config and seed is "
@@ -353,9 +286,9 @@ def build_report() -> str:
         "## 3. Robustness to noisy inputs\n", robust_md,
         "## 4. Transfer\n", transfer_md,
         "## 5. Propositions and pictures\n", verify_md,
-        (f"![gradients]({_img('gradients')})\n\nThe mean cosine between teacher and student input-gradients on the "
+        (f"![gradients]({_img(folder, 'gradients')})\n\nThe mean cosine between teacher and student input-gradients on the "
          "test set, for every student, is the last table of section 2.\n")
-        if (PAPER / "gradients.png").is_file() else _missing("jacmatch experiment pictures"),
+        if gradients else _missing("jacmatch experiment pictures"),
         "## How this differs from the paper\n",
         "- Data: Fashion-MNIST (the paper: CIFAR-10/100 and MIT Scenes), because it installs from Debian and trains on "
         "2 CPU cores; the CIFAR configs are in `jacmatch/configs/cifar/`.",
@@ -384,77 +317,14 @@ def write_findings_into_readme(findings: list[str], readme: Path = Path("README.
         write_atomic(readme, lambda f: f.write(new))
 
 
-TARGETS = [  # (ratio, bound, where) from the performance issue
-    ("jm_over_kd", 2.2, None), ("jm_over_kd_cached", 2.8, None), ("proj_over_top1", 1.15, None),
-    ("jm_over_kd_memory", 2.5, None), ("exact_all_over_top1", 100.0, "cifar100-like"),
-]
-
-
-def _targets(b: dict) -> list[str]:
-    lines = ["## Targets", "", "| ratio | shape | target | measured | met |", "|---|---|---|---|---|"]
-    for ratio, bound, only in TARGETS:
-        for name, s in b["shapes"].items():
-            if only and name != only:
-                continue
-            value = s["ratios"].get(ratio)
-            if value is not None:
-                lines.append(f"| {ratio} | {name} | ≤ {bound:g} | {value:.2f} | {'yes' if value <= bound else '**no**'} |")
-    return lines + [""]
-
-
-def write_benchmarks(bench_json: Path = RESULTS / "bench.json", out: Path = Path("BENCHMARKS.md")) -> None:
-    b = load_json(bench_json)
-    if b is None:
-        return
-    m = b["machine"]
-    lines = ["# Benchmarks", "",
-             f"Generated by `jacmatch report` from `{bench_json}` (written by `jacmatch bench --json {bench_json}`). "
-             f"Machine: {m['processor']}, {m['cpus']} CPUs, {m['threads']} torch threads, torch {m['torch']}, "
-             f"{m['platform']}; device {b['device']}. Each time is the median of {b['repeats']} full optimiser steps "
-             f"of the student (batch {b['batch']}), measured in interleaved rounds. Memory: peak resident-set growth "
-             "during one step (CPU; VmHWM after clear_refs) or peak CUDA allocation.", ""]
-    lines += _targets(b)
-    for name, s in b["shapes"].items():
-        lines += [f"## {name}: {s['channels']}×{s['size']}×{s['size']}, {s['classes']} classes, teacher {s['teacher']}, "
-                  f"student {s['student']}", "", "| step | ms | peak MiB |", "|---|---|---|"]
-        for step, sec in s["seconds"].items():
-            mem = s["peak_bytes"].get(step)
-            lines.append(f"| {step} | {1e3 * sec:.1f} | {'' if mem is None else f'{mem / 2**20:.1f}'} |")
-        lines += ["", "| ratio | value |", "|---|---|"]
-        lines += [f"| {k} | {v:.2f} |" for k, v in s["ratios"].items() if v is not None]
-        lines.append("")
-    if b.get("scaling"):
-        lines += ["## Scaling", "", "![scaling](results/bench_scaling.png)", ""]
-    prof = load_json(RESULTS / "bench_profile.json")
-    if prof is not None:
-        lines += ["## Where the time goes", "",
-                  f"`jacmatch bench --profile --json results/bench_profile.json`: torch.profiler's top operators by "
-                  f"self time per step (teacher {prof['teacher']}, student {prof['student']}, batch {prof['batch']}).", ""]
-        lines += ["All k Jacobian rows of a small CNN student with their double backward (batch 32): "
-                  + ", ".join(f"{k}: {1e3 * v:.0f} ms" for k, v in prof["vectorize_seconds"].items())
-                  + " (vmap: one `is_grads_batched` backward; loop: k backward passes, the default).", ""]
-        lines += ["Teacher chunking (`objective.teacher_chunk`), timed in interleaved rounds: "
-                  + ", ".join(f"{k}: {1e3 * v:.1f} ms" for k, v in prof["chunk_seconds"].items()) + "; peak memory "
-                  + ", ".join(f"{k}: {v / 2**20:.1f} MiB" for k, v in prof["chunk_peak_bytes"].items() if v) + ".", ""]
-        for name, p in prof["steps"].items():
-            lines += [f"**{name}** ({p['self_ms_per_step']:.0f} ms of operator time per step)", "",
-                      "| operator | ms per step | calls per step |", "|---|---|---|"]
-            lines += [f"| {e['op']} | {e['self_ms_per_step']:.1f} | {e['calls_per_step']:.0f} |" for e in p["top"]]
-            lines.append("")
-    notes = Path("results/bench_notes.md")
-    if notes.is_file():
-        lines += [notes.read_text()]
-    write_atomic(out, lambda f: f.write("\n".join(lines) + "\n"))
-
-
 def main(results_dir: str | None = None) -> None:
-    global PAPER
-    if results_dir:
-        PAPER = Path(results_dir)
-    PAPER.mkdir(parents=True, exist_ok=True)
-    text, findings = build_report()
-    write_atomic(PAPER.parent / "REPORT.md", lambda f: f.write(text))
-    if PAPER == RESULTS / "paper":  # only the real experiments speak in the README
+    folder = Path(results_dir) if results_dir else RESULTS / "paper"
+    folder.mkdir(parents=True, exist_ok=True)
+    sections = load_sections(folder)
+    text, findings = render_report(sections, folder.name, (folder / "gradients.png").is_file())
+    draw_report_figures(sections, folder)
+    write_atomic(folder.parent / "REPORT.md", lambda f: f.write(text))
+    if folder == RESULTS / "paper":  # only the real experiments speak in the README
         write_findings_into_readme(findings)
-    write_benchmarks()
-    print(f"wrote {PAPER.parent / 'REPORT.md'}" + (" and BENCHMARKS.md" if (RESULTS / "bench.json").is_file() else ""))
+    write_benchmarks(RESULTS / "bench.json", Path("BENCHMARKS.md"))
+    print(f"wrote {folder.parent / 'REPORT.md'}" + (" and BENCHMARKS.md" if (RESULTS / "bench.json").is_file() else ""))

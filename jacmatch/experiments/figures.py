@@ -1,0 +1,124 @@
+"""The report's figures, drawn from the section JSONs into the paths given (matplotlib,
+the ``plots`` extra). Rendering the report's text never draws; ``jacmatch report`` calls
+:func:`draw_report_figures` beside it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .._extras import require
+
+__all__ = ["draw_report_figures", "plot_distill", "plot_student_noise", "plot_robust", "noise_curve"]
+
+
+def _pyplot():
+    matplotlib = require("matplotlib", "plots")
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def draw_report_figures(sections: dict, folder: Path) -> None:
+    """distill.png, distill_noise.png and robustness.png in ``folder``, for the sections run."""
+    d, r = sections.get("distill"), sections.get("robustness")
+    if d is not None:
+        plot_distill(d, main_rows(d), folder / "distill.png")
+    if r is not None:
+        if d is not None and any(f"CE+KD+JM|{n}" in d["cells"] for n in d["samples"]):
+            plot_student_noise(d, folder / "distill_noise.png")
+        plot_robust(r, noise_sigmas(r), folder / "robustness.png")
+
+
+def main_rows(d: dict) -> list[str]:
+    """The rows a section ran at every n, in the order it ran them (the rest are ablations)."""
+    rows = list(dict.fromkeys(c["row"] for c in d["cells"].values()))
+    ran = {n for n in d["samples"] if any(c["samples_per_class"] == n for c in d["cells"].values())}
+    return [r for r in rows if all(f"{r}|{n}" in d["cells"] for n in ran)]
+
+
+def noise_sigmas(section: dict) -> list[str]:
+    """The test-noise σ keys its cells hold, ascending."""
+    return sorted({s for c in section["cells"].values() for s in c["noisy_acc"]}, key=float)
+
+
+def noise_curve(c: dict, sigmas: list[str]) -> tuple[list, list, list]:
+    """σ_test (0 first), mean and std accuracy in % of a cell, for an error-bar plot."""
+    cs = [c["acc"]] + [c["noisy_acc"][s] for s in sigmas]
+    return [0.0] + [float(s) for s in sigmas], [100 * a["mean"] for a in cs], [100 * a["std"] for a in cs]
+
+
+def plot_distill(d: dict, rows: list[str], path: Path) -> None:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for r in rows:
+        ns = [n for n in d["samples"] if f"{r}|{n}" in d["cells"]]
+        cells = [d["cells"][f"{r}|{n}"] for n in ns]
+        if cells:
+            ax.errorbar(ns, [100 * c["acc"]["mean"] for c in cells], yerr=[100 * c["acc"]["std"] for c in cells],
+                        marker="o", capsize=3, label=r)
+    ax.set_xscale("log")
+    ax.set_xlabel("samples per class")
+    ax.set_ylabel("test accuracy (%)")
+    ax.legend(fontsize=8)
+    ax.set_title("Fashion-MNIST students, mean ± std over seeds")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_student_noise(d: dict, path: Path, rows: tuple[str, str] = ("CE+KD", "CE+KD+JM")) -> None:
+    """Accuracy against σ_test for two rows of students, one panel per n."""
+    plt = _pyplot()
+    ns = [n for n in d["samples"] if all(f"{row}|{n}" in d["cells"] for row in rows)]
+    fig, axes = plt.subplots(1, len(ns), figsize=(2.6 * len(ns), 3.2), sharey=True, squeeze=False)
+    for ax, n in zip(axes[0], ns):
+        for row in rows:
+            c = d["cells"][f"{row}|{n}"]
+            xs, ys, es = noise_curve(c, sorted(c["noisy_acc"], key=float))
+            ax.errorbar(xs, ys, yerr=es, marker="o", markersize=3, capsize=2, label=row)
+        ax.set_title(f"n={n}", fontsize=9)
+        ax.set_xlabel("σ_test")
+    axes[0][0].set_ylabel("test accuracy (%)")
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle("distilled students under Gaussian input noise (mean ± std over seeds)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_robust(r: dict, sigmas: list[str], path: Path) -> None:
+    plt = _pyplot()
+    sets = list(dict.fromkeys(c["training_set"] for c in r["cells"].values()))
+    fig, axes = plt.subplots(1, len(sets), figsize=(5.5 * len(sets), 3.8), sharey=True, squeeze=False)
+    for ax, ts in zip(axes[0], sets):
+        for c in (c for c in r["cells"].values() if c["training_set"] == ts):
+            xs, ys, es = noise_curve(c, sigmas)
+            ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=c["row"])
+        ax.set_title(f"trained on: {ts}")
+        ax.set_xlabel("σ_test")
+    axes[0][0].set_ylabel("test accuracy (%)")
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_gradients(x, grads: dict, n: int, path: Path) -> None:
+    """Inputs (first column) beside each model's input-gradient, scaled to ±1 per image."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(len(x), 1 + len(grads), figsize=(2.0 * (1 + len(grads)), 2.0 * len(x)))
+    for i in range(len(x)):
+        axes[i, 0].imshow(x[i, 0], cmap="gray")
+        for j, (name, g) in enumerate(grads.items()):
+            m = g[i, 0].abs().max().clamp_min(1e-12)
+            axes[i, j + 1].imshow(g[i, 0] / m, cmap="seismic", vmin=-1, vmax=1)
+            if i == 0:
+                axes[i, j + 1].set_title(name, fontsize=9)
+        if i == 0:
+            axes[i, 0].set_title("input", fontsize=9)
+    for ax in axes.flat:
+        ax.axis("off")
+    fig.suptitle(f"input-gradients of the teacher's top-1 logit (students: n={n}, seed 0)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
