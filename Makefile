@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast verify bench data clean vision-venv test-vision compat
+.PHONY: demo test test-fast lint verify bench data clean vision-venv test-vision compat
 
 $(STAMP): pyproject.toml constraints.txt
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
@@ -21,6 +21,11 @@ test: $(STAMP)
 # The tier to run while working: no subprocesses, torchrun or training-heavy tests (seconds).
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -m "not slow and not vision"
+
+# ruff on the package and tests, mypy on the maths (jacmatch/core); settings in pyproject.toml.
+lint: $(STAMP)
+	$(BIN)/ruff check jacmatch tests
+	$(BIN)/mypy
 
 verify: $(STAMP)
 	$(BIN)/jacmatch verify --json results/verify.json --plot results/verify.png

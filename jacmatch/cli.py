@@ -134,7 +134,7 @@ def _run_training(args, kind: str) -> None:
         results = train(cfg, resume=args.resume)
     except NonFiniteError as exc:
         print(f"jacmatch: error: {exc}", file=sys.stderr)
-        raise SystemExit(EXIT_NONFINITE)
+        raise SystemExit(EXIT_NONFINITE) from None
     if not main_process:
         return
     test = results["final"]["test"] or {}
@@ -144,8 +144,8 @@ def _run_training(args, kind: str) -> None:
 
 
 def _evaluate(args) -> None:
-    from .data import create_dataset
     from .atomic import write_json_atomic
+    from .data import create_dataset
     from .training import evaluate, load_model
     from .training.distributed import DistInfo, resolve_device
     device = resolve_device(args.device, DistInfo())

@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from test_data import write_cifar_dir
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -57,8 +56,8 @@ def test_every_paper_student_takes_the_same_number_of_steps():
     counted by the trainer's own batching: larger n, longer epochs, fewer of them."""
     from jacmatch.experiments import paper
     from jacmatch.training import config_from_dict
-    from jacmatch.training.distributed import DistInfo
     from jacmatch.training.config import merge_values
+    from jacmatch.training.distributed import DistInfo
     from jacmatch.training.trainer import epoch_batches
     values = paper.run_config("distill")
     for steps in paper.FULL.grids["steps"]:
@@ -120,6 +119,7 @@ def test_report_regenerates_the_committed_report_byte_for_byte(tmp_path, monkeyp
     """REPORT.md, BENCHMARKS.md and the README's findings are what `jacmatch report` makes
     of the committed JSONs: nothing in them was typed by hand or left stale."""
     import shutil
+
     from jacmatch.experiments import report
     shutil.copytree(ROOT / "results", tmp_path / "results")
     for name in ("README.md", "BENCHMARKS.md"):

@@ -2,10 +2,10 @@
 
 import pytest
 import torch
+from conftest import SmallCNN, mlp
 from torch.autograd.functional import jacobian
 
 import jacmatch as jm
-from conftest import SmallCNN, mlp
 
 
 def reference_jacobian(net, x):

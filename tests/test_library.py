@@ -11,11 +11,10 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
-
-import jacmatch as jm
 from conftest import SmallCNN
 from test_objective import batch, pair
+
+import jacmatch as jm
 from jacmatch.cli import main as cli_main
 from jacmatch.models import create_model, replace_hard_activations
 

@@ -3,9 +3,9 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import mlp
 
 import jacmatch as jm
-from conftest import mlp
 
 
 def _student_loss_fn(form):

@@ -7,7 +7,6 @@ from jacmatch import FeatureTaps
 from jacmatch.models import create_model, list_models
 
 
-
 @pytest.mark.parametrize("name", list_models())
 @pytest.mark.parametrize("shape", [(1, 28, 28), (3, 32, 32)])
 def test_model_runs_and_taps(name, shape):

@@ -2,10 +2,10 @@
 
 import pytest
 import torch
+from conftest import SmallCNN
 
 import jacmatch as jm
 from jacmatch.core.objective import JM_OUTPUTS
-from conftest import SmallCNN
 
 
 def pair():

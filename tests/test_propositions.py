@@ -1,6 +1,5 @@
 """The closed forms of docs/method.md §2 pinned to the Taylor identity, and the slopes of §4."""
 
-import math
 
 import pytest
 import torch

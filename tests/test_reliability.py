@@ -12,12 +12,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import QUIET, first_errors
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import QUIET, first_errors
-from jacmatch.data import DataError, read_cifar_batch, read_idx
 from jacmatch.atomic import write_atomic
+from jacmatch.data import DataError, read_cifar_batch, read_idx
 from jacmatch.training import CheckpointError, config_from_dict, load_checkpoint, save_checkpoint, train
 from jacmatch.training.config import ConfigError, load_config
 from jacmatch.training.trainer import NonFiniteError
@@ -82,7 +82,7 @@ def test_sigkill_at_random_moments_always_leaves_a_loadable_checkpoint(tmp_path,
     rng = random.Random(0)
     epochs_seen = []
     last = out / "last.pt"
-    for attempt in range(5):
+    for _attempt in range(5):
         before = last.stat().st_mtime_ns if last.exists() else 0
         proc = subprocess.Popen(args + (["--resume"] if last.exists() else []), env=env,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -145,7 +145,8 @@ def test_nonfinite_skip_mode_finishes(tmp_path, teacher, monkeypatch):
 @pytest.mark.slow
 def test_nonfinite_exits_nonzero_from_the_cli(tmp_path, teacher):
     r = subprocess.run([sys.executable, "-m", "jacmatch", "distill", "--teacher", teacher, "--dataset", "synthetic",
-                        "--out", str(tmp_path / "o"), "--set", "objective.beta=1", "--set", "optim.lr=1000", "--set", "optim.momentum=0.99",
+                        "--out", str(tmp_path / "o"), "--set", "objective.beta=1", "--set", "optim.lr=1000",
+                        "--set", "optim.momentum=0.99",
                         "--set", "optim.epochs=3", "--set", "progress=false", "--set", "tensorboard=false"],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 3, r.stderr

@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import QUIET, first_errors
 
 import jacmatch as jm
-
-from conftest import QUIET, first_errors
 from jacmatch.training import config_from_dict, load_checkpoint, train
 from jacmatch.training.trainer import RunExistsError
+
 
 def student_values(out, teacher, **objective):
     return {"out_dir": str(out), "teacher": teacher, "data": {"name": "synthetic", "samples_per_class": 6},
@@ -241,6 +241,7 @@ def test_channels_last_trains_the_same_student(tmp_path, teacher):
 
 def test_evaluation_reuses_the_teachers_gradients_for_the_same_key_only(teacher):
     import copy
+
     from jacmatch.data import create_dataset
     from jacmatch.training import TeacherGradients, evaluate, load_model
     t, _ = load_model(teacher)

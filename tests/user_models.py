@@ -1,6 +1,5 @@
 """Models defined outside jacmatch, reached by import path (``user_models:tiny_cnn``)."""
 
-import torch
 from torch import nn
 
 

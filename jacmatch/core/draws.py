@@ -8,7 +8,7 @@ number of processes changes nothing but speed.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -36,7 +36,7 @@ class ShardedGenerator:
 
 
 def per_sample_draw(draw: Callable[..., Tensor], shape: tuple[int, ...], *, batch_dim: int = 0,
-                    generator: "torch.Generator | ShardedGenerator | None" = None, **kwargs) -> Tensor:
+                    generator: torch.Generator | ShardedGenerator | None = None, **kwargs) -> Tensor:
     """``draw(shape, generator=…, **kwargs)`` (``torch.randn``, ``torch.rand``, …) for a
     batch whose samples lie along ``batch_dim``; sharded when ``generator`` is."""
     if not isinstance(generator, ShardedGenerator):

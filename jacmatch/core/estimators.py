@@ -15,7 +15,7 @@ estimator's name.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -26,10 +26,10 @@ from .losses import JM_FORMS, jacobian_matching_loss
 
 __all__ = ["Estimator", "register_estimator", "create_estimator", "list_estimators"]
 
-_ESTIMATORS: dict[str, type["Estimator"]] = {}
+_ESTIMATORS: dict[str, type[Estimator]] = {}
 
 
-def register_estimator(name: str) -> Callable[[type["Estimator"]], type["Estimator"]]:
+def register_estimator(name: str) -> Callable[[type[Estimator]], type[Estimator]]:
     def wrap(cls: type[Estimator]) -> type[Estimator]:
         cls.name = name
         _ESTIMATORS[name] = cls
@@ -42,7 +42,7 @@ def list_estimators() -> list[str]:
     return list(_ESTIMATORS)
 
 
-def create_estimator(name: str, **options) -> "Estimator":
+def create_estimator(name: str, **options) -> Estimator:
     if name not in _ESTIMATORS:
         raise ValueError(f"unknown Jacobian estimator {name!r}: use one of {list_estimators()}")
     return _ESTIMATORS[name](**options)
@@ -91,7 +91,7 @@ class Estimator:
         """(logits, tangent) from a forward pass of the estimator's own, or None."""
         return None
 
-    def loss(self, student: Callable, xs: Tensor, logits: Tensor, targets: dict[str, Tensor],
+    def loss(self, student: Callable | None, xs: Tensor, logits: Tensor, targets: dict[str, Tensor],
              tangent: Tensor | None) -> Tensor:
         raise NotImplementedError
 
@@ -171,7 +171,7 @@ class _Drawn(Estimator):
     """Random draws per step. For a cache, the teacher's side is its full Jacobian, which
     each step contracts with its own draws."""
 
-    forms = ("normalized", "sq")  # the ce form weights exact rows by probabilities
+    forms: tuple[str, ...] = ("normalized", "sq")  # the ce form weights exact rows by probabilities
 
     def draws(self, x: Tensor, num_outputs: int, generator) -> Tensor:
         raise NotImplementedError

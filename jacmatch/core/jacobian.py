@@ -19,7 +19,7 @@ Estimators of the full Jacobian (docs/method.md §3.1):
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.autograd.forward_ad as fwAD

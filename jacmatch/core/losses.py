@@ -7,7 +7,7 @@ live in :mod:`jacmatch.core.objective`.
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -175,7 +175,7 @@ def attention_transfer_loss(student_features: Sequence[Tensor], teacher_features
         q_s = q_s / q_s.norm(dim=1, keepdim=True).clamp_min(eps)
         q_t = q_t / q_t.norm(dim=1, keepdim=True).clamp_min(eps)
         total = total + (q_s - q_t).norm(dim=1).mean()
-    return total
+    return torch.as_tensor(total)
 
 
 # ---- Noise by Monte Carlo (docs/method.md §3, item 6): the quantities the propositions approximate

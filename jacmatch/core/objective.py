@@ -14,19 +14,29 @@ sample and cache it when the student's inputs are fixed.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Any, cast
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import jacobian as J
 from .estimators import create_estimator, list_estimators
-from .losses import normalize_per_sample
-from .terms import (AttentionJacobianLoss, AttentionTransferLoss, CrossEntropyLoss, FeatureTaps,
-                    JacobianMatchingLoss, JacobianPenalty, KDLoss, NoiseTrainingLoss, NoisyDistillationLoss,
-                    Step, Term, _Logits, teacher_targets)
+from .terms import (
+    AttentionJacobianLoss,
+    AttentionTransferLoss,
+    CrossEntropyLoss,
+    FeatureTaps,
+    JacobianMatchingLoss,
+    JacobianPenalty,
+    KDLoss,
+    NoiseTrainingLoss,
+    NoisyDistillationLoss,
+    Step,
+    Term,
+    _Logits,
+    teacher_targets,
+)
 
 __all__ = ["ObjectiveConfig", "TransferObjective", "FeatureTaps", "JM_OUTPUTS", "build_terms", "rows_per_sample"]
 
@@ -103,12 +113,12 @@ def build_terms(cfg: ObjectiveConfig) -> list[Term]:
     """The terms that ``cfg``'s non-zero weights ask for, in the order ce, kd, jm, at,
     at_jm, penalty. With ``noise_sigma`` > 0, CE and KD are taken on noisy inputs."""
     cfg.check()
-    noise = {"sigma": cfg.noise_sigma, "draws": cfg.noise_draws, "antithetic": cfg.noise_antithetic}
+    noise: dict[str, Any] = {"sigma": cfg.noise_sigma, "draws": cfg.noise_draws, "antithetic": cfg.noise_antithetic}
     terms: list[Term] = []
     if cfg.alpha:
         terms.append(NoiseTrainingLoss(cfg.alpha, **noise) if cfg.noise_sigma else CrossEntropyLoss(cfg.alpha))
     if cfg.beta:
-        kd = {"temperature": cfg.temperature, "form": cfg.kd_form}
+        kd: dict[str, Any] = {"temperature": cfg.temperature, "form": cfg.kd_form}
         terms.append(NoisyDistillationLoss(cfg.beta, **noise, **kd) if cfg.noise_sigma else KDLoss(cfg.beta, **kd))
     if cfg.gamma:
         terms.append(JacobianMatchingLoss(cfg.gamma, cfg.jm_outputs, cfg.jm_form, cfg.temperature, cfg.top_k,
@@ -175,16 +185,21 @@ class TransferObjective(nn.Module):
         self._student_fn = _Logits(student, student_output)
         self._teacher_fn = _Logits(teacher, teacher_output) if teacher is not None else None
 
-    def train(self, mode: bool = True) -> "TransferObjective":
+    def train(self, mode: bool = True) -> TransferObjective:
         super().train(mode)
         if self.teacher is not None:
             self.teacher.eval()
         return self
 
     @property
+    def term_list(self) -> list[Term]:
+        """The terms, in order (``self.terms`` is their ModuleList)."""
+        return cast(list[Term], list(self.terms))
+
+    @property
     def needs_teacher_targets(self) -> bool:
         """Whether a step uses the teacher's pass on the clean batch (what a cache holds)."""
-        return any(t.needs_teacher_targets for t in self.terms)
+        return any(t.needs_teacher_targets for t in self.term_list)
 
     # ---- the teacher's side: per-sample tensors, cacheable -----------------------------
 
@@ -197,8 +212,10 @@ class TransferObjective(nn.Module):
         With ``full_jacobian`` (for a cache), random estimators keep every row of the
         teacher's Jacobian and draw nothing; each step contracts it with its draws.
         """
+        if self._teacher_fn is None:
+            raise ValueError("this objective has no teacher: pass teacher=... to take the teacher's side")
         chunk = self.teacher_chunk
-        terms = list(self.terms)
+        terms = self.term_list
         if chunk and x.shape[0] > chunk and any(t.chunk_teacher for t in terms):
             parts = [teacher_targets(self._teacher_fn, terms, x[i:i + chunk], y[i:i + chunk],
                                      generator=self.generator, full_jacobian=full_jacobian)
@@ -215,28 +232,32 @@ class TransferObjective(nn.Module):
         if targets is None and self.needs_teacher_targets:
             targets = self.teacher_targets(x, y)
         elif targets is not None:  # teacher_targets(..., full_jacobian=True), e.g. from a cache
-            for term in self.terms:  # a random estimator contracts the full Jacobian with this step's draws
+            for term in self.term_list:  # a random estimator contracts the full Jacobian with this step's draws
                 targets = term.from_cache(targets, x, self.generator)
         targets = targets or {}
-        xs = x.detach().requires_grad_(any(t.needs_input_grad for t in self.terms))
-        layers = list(dict.fromkeys(n for t in self.terms for n in t.student_layers))
+        all_terms = self.term_list
+        xs = x.detach().requires_grad_(any(t.needs_input_grad for t in all_terms))
+        layers = list(dict.fromkeys(n for t in all_terms for n in t.student_layers))
         taps = FeatureTaps(self.student, layers) if layers else contextlib.nullcontext()
-        logits, tangent = None, None
+        logits: Tensor | None = None
+        tangent: Tensor | None = None
         with taps:
-            special = next((r for r in (t.student_forward(self._student_fn, xs, targets) for t in self.terms)
+            special = next((r for r in (t.student_forward(self._student_fn, xs, targets) for t in all_terms)
                             if r is not None), None)
             if special is not None:
                 logits, tangent = special
-            elif any(t.needs_clean_forward for t in self.terms):
+            elif any(t.needs_clean_forward for t in all_terms):
                 logits = self._student_fn(xs)
         if logits is not None and "logits" in targets and targets["logits"].shape[1] != logits.shape[1]:
             raise ValueError(f"the teacher has {targets['logits'].shape[1]} outputs and the student "
                              f"{logits.shape[1]}: KD and Jacobian matching compare outputs one to one, so "
                              "both must have as many classes as the data set")
         step = Step(x, y, xs, logits, self._student_fn, self._teacher_fn, targets,
-                    taps.features if layers else {}, tangent, self.generator)
-        terms = {t.key: t.from_step(step) for t in self.terms}
-        total = sum(t.weight * terms[t.key] for t in self.terms)
+                    taps.features if isinstance(taps, FeatureTaps) else {}, tangent, self.generator)
+        terms = {t.key: t.from_step(step) for t in all_terms}
+        total = cast(Tensor, sum(t.weight * terms[t.key] for t in all_terms))
         if logits is None:  # noise training alone: the first draw's logits stand for the batch
             logits = step.noisy_logits()
+        if logits is None:
+            raise ValueError(f"no term of {[t.key for t in all_terms]} takes the student's logits")
         return logits, total, terms

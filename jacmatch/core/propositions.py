@@ -9,14 +9,12 @@ forms is an experiment: ``jacmatch.experiments.verify``.
 
 from __future__ import annotations
 
-import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.func import hessian, jacrev, vmap
+from torch.func import hessian, jacrev
 
 __all__ = ["Ingredients", "ingredients", "CLOSED_FORMS", "LOSSES", "PROPOSITIONS"]
 

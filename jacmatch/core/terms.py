@@ -18,8 +18,9 @@ composes them: one student forward pass, one teacher pass (cacheable), every ter
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -27,8 +28,16 @@ from torch import Tensor, nn
 
 from . import jacobian as J
 from .estimators import create_estimator
-from .losses import (attention_map, attention_transfer_loss, gaussian_noise, jacobian_matching_loss,
-                     jacobian_penalty, kd_loss, noise_training_loss, noisy_distillation_loss)
+from .losses import (
+    attention_map,
+    attention_transfer_loss,
+    gaussian_noise,
+    jacobian_matching_loss,
+    jacobian_penalty,
+    kd_loss,
+    noise_training_loss,
+    noisy_distillation_loss,
+)
 from .outputs import logits_of
 
 __all__ = ["Term", "Step", "TeacherSide", "CrossEntropyLoss", "KDLoss", "JacobianMatchingLoss",
@@ -285,10 +294,11 @@ class AttentionJacobianLoss(AttentionTransferLoss):
         return {f"at_jac{j}": _attention_gradient(side.features[n], side.xt, False)
                 for j, n in enumerate(self.teacher_layers)}
 
-    def forward(self, inputs: Tensor, student_features: Sequence[Tensor],
+    def forward(self, inputs: Tensor, student_features: Sequence[Tensor],  # type: ignore[override]
                 teacher_gradients: Sequence[Tensor]) -> Tensor:
-        return sum(jacobian_matching_loss(_attention_gradient(f, inputs, True), t, "normalized")
-                   for f, t in zip(student_features, teacher_gradients))
+        # The same layers and weight as AttentionTransferLoss; its inputs are the maps' gradients.
+        return cast(Tensor, sum(jacobian_matching_loss(_attention_gradient(f, inputs, True), t, "normalized")
+                                for f, t in zip(student_features, teacher_gradients)))
 
     def from_step(self, step):
         return self(step.xs, [step.features[n] for n in self.student_layers],
@@ -380,7 +390,7 @@ def teacher_targets(teacher: Callable, terms: Sequence[Term], x: Tensor, y: Tens
     needs_graph = any(t.teacher_needs_graph(full_jacobian) for t in terms)
     xt = x.detach().requires_grad_(needs_graph)
     layers = list(dict.fromkeys(n for t in terms for n in t.teacher_layers))
-    module = teacher.module if isinstance(teacher, _Logits) else teacher
+    module = cast(nn.Module, teacher.module if isinstance(teacher, _Logits) else teacher)
     taps = FeatureTaps(module, layers) if layers else contextlib.nullcontext()
     fn = teacher if isinstance(teacher, _Logits) else _Logits(teacher)
     with torch.set_grad_enabled(needs_graph):
@@ -388,7 +398,7 @@ def teacher_targets(teacher: Callable, terms: Sequence[Term], x: Tensor, y: Tens
             special = next((r for r in (t.teacher_forward(fn, xt, generator, full_jacobian) for t in terms)
                             if r is not None), None)
             logits, out = special if special is not None else (fn(xt), {})
-        features = taps.features if layers else {}
+        features = taps.features if isinstance(taps, FeatureTaps) else {}
         side = TeacherSide(fn, x, xt, logits, y, features, generator, full_jacobian)
         out = {"logits": logits.detach(), **out}
         for t in terms:

@@ -1,8 +1,7 @@
 """Data sets by name, the standard file formats, augmentation."""
 
 from .augment import random_crop_flip
-from .datasets import (DataSplits, ImageSet, create_dataset, list_datasets, register_dataset,
-                       stratified_subset)
+from .datasets import DataSplits, ImageSet, create_dataset, list_datasets, register_dataset, stratified_subset
 from .formats import DataError, read_cifar_batch, read_idx
 
 __all__ = ["DataSplits", "ImageSet", "create_dataset", "list_datasets", "register_dataset",

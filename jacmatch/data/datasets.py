@@ -16,9 +16,9 @@ import functools
 import hashlib
 import os
 import urllib.request
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -66,7 +66,7 @@ class ImageSet:
         x = x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
         return x, self.labels[index]
 
-    def subset(self, index: Tensor) -> "ImageSet":
+    def subset(self, index: Tensor) -> ImageSet:
         return ImageSet(self.images[index], self.labels[index])
 
 

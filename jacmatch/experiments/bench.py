@@ -16,17 +16,17 @@ import os
 import platform
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
 from .._extras import require
+from ..atomic import write_atomic, write_json_atomic
 from ..core import jacobian as J
 from ..core.losses import jacobian_matching_loss, kd_loss
 from ..core.objective import ObjectiveConfig, TransferObjective
-from ..atomic import write_atomic, write_json_atomic
 from ..models import create_model
 from .common import load_json
 
@@ -324,7 +324,7 @@ def _vectorize_comparison(device, batch: int = 32) -> dict:
         x = torch.rand(batch, 3, 32, 32, device=device)
         index = torch.arange(k, device=device).expand(batch, k)
         for vectorize in (True, False):
-            def step():
+            def step(x=x, student=student, index=index, vectorize=vectorize):
                 xs = x.clone().requires_grad_()
                 rows = J.input_jacobian(student(xs), xs, index, create_graph=True, vectorize=vectorize)
                 rows.pow(2).sum().backward()

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -134,7 +134,7 @@ def _point_away_from_kinks(nets, candidates: Tensor) -> tuple[Tensor, float]:
         for layer in net:
             if isinstance(layer, nn.Linear) and layer is not net[-1]:
                 pre = layer(h)
-                grads = jacrev(lambda z, upto=layer: _prefix(net, upto)(z))
+                grads = jacrev(lambda z, net=net, upto=layer: _prefix(net, upto)(z))
                 norms = vmap(grads)(candidates).norm(dim=-1).clamp_min(1e-12)  # [N, hidden]
                 margins = torch.minimum(margins, (pre.abs() / norms).amin(dim=1))
                 h = pre

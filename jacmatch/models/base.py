@@ -3,7 +3,7 @@ the classifier skeleton of the built-in families, and their residual stage build
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor, nn

@@ -7,7 +7,6 @@ from torch import nn
 from ._registry import register_model
 from .base import Classifier
 
-
 _VGG = {"vgg8": [[64], [128], [256], [512], [512]],
         "vgg9": [[64], [128], [256, 256], [512], [512]],
         "vgg13": [[64, 64], [128, 128], [256, 256], [512, 512], [512, 512]]}

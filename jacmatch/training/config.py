@@ -153,7 +153,7 @@ def _in_range(key: str, value, low, high=float("inf"), *, low_open: bool = False
         raise ConfigError(f"{key} must be a finite number {bound}{upper}, got {value!r}")
 
 
-def _check_ranges(cfg: "RunConfig") -> None:
+def _check_ranges(cfg: RunConfig) -> None:
     """The numeric settings not covered by the checks above: finite and in range."""
     o, d, e, m = cfg.optim, cfg.data, cfg.eval, cfg.objective
     for key, value, low, high, low_open, optional in (

@@ -80,8 +80,9 @@ class GlobalBatchNorm(nn.BatchNorm2d):
 
     ``torch.nn.SyncBatchNorm`` runs on GPUs only and its backward has no derivative, so a
     BatchNorm student could not take the Jacobian term's double backward with it. This one
-    all-reduces the batch mean and variance through an all-reduce whose backward is itself: on CPU (gloo) and GPU alike, the statistics, the outputs and every
-    derivative are those of one process holding the global batch (equal shares assumed, as
+    all-reduces the batch mean and variance through an all-reduce whose backward is itself:
+    on CPU (gloo) and GPU alike, the statistics, the outputs and every derivative are those
+    of one process holding the global batch (equal shares assumed, as
     ``DistributedSampler`` deals them).
 
     Its collectives run inside the backward pass, which ``DistributedDataParallel``'s

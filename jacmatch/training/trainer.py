@@ -32,17 +32,22 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DistributedSampler
 
 from .._extras import require
+from ..atomic import write_atomic, write_json_atomic
 from ..core.draws import ShardedGenerator
 from ..core.objective import TransferObjective
 from ..data import DataSplits, create_dataset, random_crop_flip
-from ..atomic import write_atomic, write_json_atomic
-from ..models import (ExternalClassifier, count_parameters, create_model, dry_forward, is_import_path,
-                      smallest_input)
+from ..models import ExternalClassifier, count_parameters, create_model, dry_forward, is_import_path, smallest_input
 from .cache import TeacherCache
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .config import ConfigError, RunConfig, config_from_dict, config_to_dict
-from .distributed import (DistInfo, average_gradients, broadcast_parameters, global_batchnorm, init_distributed,
-                          resolve_device)
+from .distributed import (
+    DistInfo,
+    average_gradients,
+    broadcast_parameters,
+    global_batchnorm,
+    init_distributed,
+    resolve_device,
+)
 from .evaluate import TeacherGradients, evaluate
 from .provenance import provenance
 
