@@ -7,44 +7,18 @@ estimators, and the same losses as ``nn.Module`` terms); the training system liv
 """
 
 from .core.estimators import Estimator, create_estimator, list_estimators, register_estimator
-from .core.jacobian import (
-                            all_outputs,
-                            finite_difference_jvp,
-                            input_directions,
-                            input_jacobian,
-                            jacobian_vector_product,
-                            label,
-                            output_projections,
-                            teacher_top1,
-                            teacher_top_k,
-                            vector_jacobian_product,
-)
-from .core.losses import (
-                            attention_map,
-                            attention_transfer_loss,
-                            gaussian_noise,
-                            jacobian_matching_loss,
-                            jacobian_penalty,
-                            kd_loss,
-                            noise_training_loss,
-                            noisy_distillation_loss,
-                            normalize_per_sample,
-)
+from .core.jacobian import (all_outputs, finite_difference_jvp, input_directions, input_jacobian,
+                            jacobian_vector_product, label, output_projections, teacher_top1, teacher_top_k,
+                            vector_jacobian_product)
+from .core.losses import (attention_map, attention_transfer_loss, gaussian_noise, jacobian_matching_loss,
+                          jacobian_penalty, kd_loss, noise_training_loss, noisy_distillation_loss,
+                          normalize_per_sample)
 from .core.metrics import jacobian_cosine
 from .core.objective import ObjectiveConfig, TransferObjective, build_terms
 from .core.outputs import logits_of
-from .core.terms import (
-                            AttentionJacobianLoss,
-                            AttentionTransferLoss,
-                            CrossEntropyLoss,
-                            FeatureTaps,
-                            JacobianMatchingLoss,
-                            JacobianPenalty,
-                            KDLoss,
-                            NoiseTrainingLoss,
-                            NoisyDistillationLoss,
-                            Term,
-)
+from .core.terms import (AttentionJacobianLoss, AttentionTransferLoss, CrossEntropyLoss, FeatureTaps,
+                         JacobianMatchingLoss, JacobianPenalty, KDLoss, NoiseTrainingLoss, NoisyDistillationLoss,
+                         Term)
 
 __version__ = "0.2.0"
 

@@ -269,13 +269,18 @@ def _compat(a):
     main(a.out, a.json, a.only, a.timeout)
 
 
+def _result_files(p: argparse.ArgumentParser, records: str, figure: str) -> None:
+    """--json PATH and --plot PATH: where a command writes its results and their figure."""
+    p.add_argument("--json", metavar="PATH", help=f"write {records} as JSON")
+    p.add_argument("--plot", metavar="PATH", help=f"write {figure}")
+
+
 def add_experiment_commands(sub) -> None:
     p = sub.add_parser("verify", help="check Propositions 1 and 2 numerically (docs/method.md)",
                        description="Monte-Carlo noisy losses against the closed forms of the propositions, "
                                    "over a sweep of σ, for smooth and ReLU networks.")
     p.add_argument("--quick", action="store_true", help="fewer σ and draws (under a minute)")
-    p.add_argument("--json", metavar="PATH", help="write the records as JSON")
-    p.add_argument("--plot", metavar="PATH", help="write a log-log PNG, one panel per proposition")
+    _result_files(p, "the records", "a log-log PNG, one panel per proposition")
     p.add_argument("--seed", type=_non_negative_int, default=0, help="seeds the networks and the draws")
     p.set_defaults(run=_verify)
 
@@ -291,10 +296,9 @@ def add_experiment_commands(sub) -> None:
     p = sub.add_parser("bench", help="cost of the Jacobian terms against KD (ratios in one run)",
                        description="Median step times and peak memory of CE, KD, KD+JM and the estimators, "
                                    "with and without the teacher cache; ratios measured in one run.")
-    p.add_argument("--json", metavar="PATH", help="write the measurements as JSON")
+    _result_files(p, "the measurements", "a PNG of step time against batch, input size and classes")
     p.add_argument("--quick", action="store_true", help="few steps, small shapes (a smoke test)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to measure")
-    p.add_argument("--plot", metavar="PATH", help="PNG of step time against batch, input size, classes")
     p.add_argument("--profile", action="store_true",
                    help="only profile kd_step, jm_step and jm_step_cached (torch.profiler's top operators)")
     p.set_defaults(run=_bench)

@@ -350,3 +350,29 @@ def test_torchvision_and_timm_models_as_students(spec, size):
     _, total, terms = jm.TransferObjective(student.train(), teacher, jm.ObjectiveConfig(beta=1, gamma=1))(x, y)
     total.backward()
     assert set(terms) == {"ce", "kd", "jm"} and torch.isfinite(total)
+
+
+def test_every_function_reads_in_one_screen():
+    """No function in the package is over 60 lines (the trainer's loop included)."""
+    import ast
+    long = []
+    for path in sorted((ROOT / "jacmatch").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 60:
+                long.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name} ({node.end_lineno - node.lineno + 1})")
+    assert not long, long
+
+
+def test_imports_point_down():
+    """core imports nothing of the package above it; training nothing of experiments or the CLI."""
+    import ast
+    above = {"core": ("training", "experiments", "cli", "data", "models"), "training": ("experiments", "cli")}
+    wrong = []
+    for layer, banned in above.items():
+        for path in sorted((ROOT / "jacmatch" / layer).rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.ImportFrom) and node.level >= 2:
+                    target = (node.module or "").split(".")[0]
+                    if target in banned:
+                        wrong.append(f"{path.relative_to(ROOT)} imports ..{node.module}")
+    assert not wrong, wrong

@@ -22,21 +22,9 @@ import torch
 from torch import Tensor, nn
 
 from .estimators import create_estimator, list_estimators
-from .terms import (
-    AttentionJacobianLoss,
-    AttentionTransferLoss,
-    CrossEntropyLoss,
-    FeatureTaps,
-    JacobianMatchingLoss,
-    JacobianPenalty,
-    KDLoss,
-    NoiseTrainingLoss,
-    NoisyDistillationLoss,
-    Step,
-    Term,
-    _Logits,
-    teacher_targets,
-)
+from .terms import (AttentionJacobianLoss, AttentionTransferLoss, CrossEntropyLoss, FeatureTaps,
+                    JacobianMatchingLoss, JacobianPenalty, KDLoss, NoiseTrainingLoss, NoisyDistillationLoss, Step,
+                    Term, _Logits, teacher_targets)
 
 __all__ = ["ObjectiveConfig", "TransferObjective", "FeatureTaps", "JM_OUTPUTS", "build_terms", "rows_per_sample"]
 

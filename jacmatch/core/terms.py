@@ -28,16 +28,8 @@ from torch import Tensor, nn
 
 from . import jacobian as J
 from .estimators import create_estimator
-from .losses import (
-    attention_map,
-    attention_transfer_loss,
-    gaussian_noise,
-    jacobian_matching_loss,
-    jacobian_penalty,
-    kd_loss,
-    noise_training_loss,
-    noisy_distillation_loss,
-)
+from .losses import (attention_map, attention_transfer_loss, gaussian_noise, jacobian_matching_loss,
+                     jacobian_penalty, kd_loss, noise_training_loss, noisy_distillation_loss)
 from .outputs import logits_of
 
 __all__ = ["Term", "Step", "TeacherSide", "CrossEntropyLoss", "KDLoss", "JacobianMatchingLoss",
