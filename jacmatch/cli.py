@@ -250,8 +250,8 @@ def _demo(a):
 
 
 def _bench(a):
-    from .experiments.bench import main
-    main(a.json, a.quick, a.device, a.plot, a.profile)
+    from .experiments.bench import Plan, main
+    main(a.json, a.device, a.plot, a.profile, Plan.choose(a.only, a.full, a.shape, smoke=a.quick))
 
 
 def _experiment(a):
@@ -297,6 +297,9 @@ def add_experiment_commands(sub) -> None:
                        description="Median step times and peak memory of CE, KD, KD+JM and the estimators, "
                                    "with and without the teacher cache; ratios measured in one run.")
     _result_files(p, "the measurements", "a PNG of step time against batch, input size and classes")
+    p.add_argument("--only", metavar="STEPS", help="only these steps, comma-separated (kd,jm,jm_proj,...)")
+    p.add_argument("--full", action="store_true", help="every step and the scaling sweep (slow)")
+    p.add_argument("--shape", choices=["mnist-like", "cifar100-like"], help="only this shape")
     p.add_argument("--quick", action="store_true", help="few steps, small shapes (a smoke test)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to measure")
     p.add_argument("--profile", action="store_true",

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from .estimators import create_estimator, list_estimators
+from .fusion import fast_teacher
 from .terms import (AttentionJacobianLoss, AttentionTransferLoss, CrossEntropyLoss, FeatureTaps,
                     JacobianMatchingLoss, JacobianPenalty, KDLoss, NoiseTrainingLoss, NoisyDistillationLoss, Step,
                     Term, _Logits, teacher_targets)
@@ -55,6 +56,8 @@ class ObjectiveConfig:
     noise_draws: int = 1          # M: noise draws per sample (Monte Carlo)
     noise_antithetic: bool = False  # draw ξ and −ξ (cancels odd moments)
     teacher_chunk: int = 32       # teacher targets in chunks of this many samples (0: whole batch)
+    teacher_fold_bn: bool = True  # the teacher runs as a copy with BatchNorm folded into its layers (faster)
+    teacher_channels_last: bool = True  # that copy's weights channels-last (faster on CPU; jacmatch bench)
 
     def check(self) -> None:
         for name in ("alpha", "beta", "gamma", "delta", "delta_jacobian", "penalty", "noise_sigma"):
@@ -142,7 +145,8 @@ class TransferObjective(nn.Module):
     def __init__(self, student: nn.Module, teacher: nn.Module | None = None,
                  config: ObjectiveConfig | None = None, *, terms: Sequence[Term] | None = None,
                  generator: torch.Generator | None = None, teacher_chunk: int = 32,
-                 student_output: str | int | None = None, teacher_output: str | int | None = None):
+                 student_output: str | int | None = None, teacher_output: str | int | None = None,
+                 teacher_fold_bn: bool = True, teacher_channels_last: bool = True):
         super().__init__()
         if terms is not None and config is not None:
             raise ValueError("pass either config or terms, not both")
@@ -150,6 +154,7 @@ class TransferObjective(nn.Module):
             config = config or ObjectiveConfig()
             terms = build_terms(config)
             teacher_chunk = config.teacher_chunk
+            teacher_fold_bn, teacher_channels_last = config.teacher_fold_bn, config.teacher_channels_last
         keys = [t.key for t in terms]
         if len(set(keys)) != len(keys) or not keys:
             raise ValueError(f"the terms' keys must be distinct and not empty, got {keys}")
@@ -172,6 +177,28 @@ class TransferObjective(nn.Module):
         self.teacher_chunk = teacher_chunk
         self._student_fn = _Logits(student, student_output)
         self._teacher_fn = _Logits(teacher, teacher_output) if teacher is not None else None
+        self._teacher_output = teacher_output
+        self._fast_options = {"fold": teacher_fold_bn, "channels_last": teacher_channels_last}
+        self._fast: _Logits | None = None
+
+    def fast_teacher(self, x: Tensor) -> _Logits:
+        """The teacher as the objective runs it: a copy with BatchNorm folded and weights
+        channels-last (``teacher_fold_bn``, ``teacher_channels_last``), built from the first
+        batch and checked against the teacher on it (see :mod:`jacmatch.core.fusion`). The
+        user's teacher is not changed; after changing its weights, call :meth:`reset_teacher`."""
+        if self._teacher_fn is None or self.teacher is None:
+            raise ValueError("this objective has no teacher: pass teacher=... to take the teacher's side")
+        device = next(iter(self.teacher.parameters()), x).device
+        if self._fast is None or next(iter(cast(nn.Module, self._fast.module).parameters()), x).device != device:
+            keep = [n for t in self.term_list for n in t.teacher_layers]
+            module = fast_teacher(self.teacher, x[:8].detach(), keep=keep, output=self._teacher_output,
+                                  **self._fast_options)
+            self._fast = _Logits(module, self._teacher_output)
+        return self._fast
+
+    def reset_teacher(self) -> None:
+        """Drop the fast copy of the teacher (rebuilt from the teacher at the next step)."""
+        self._fast = None
 
     def train(self, mode: bool = True) -> TransferObjective:
         super().train(mode)
@@ -200,16 +227,15 @@ class TransferObjective(nn.Module):
         With ``full_jacobian`` (for a cache), random estimators keep every row of the
         teacher's Jacobian and draw nothing; each step contracts it with its draws.
         """
-        if self._teacher_fn is None:
-            raise ValueError("this objective has no teacher: pass teacher=... to take the teacher's side")
+        teacher = self.fast_teacher(x)
         chunk = self.teacher_chunk
         terms = self.term_list
         if chunk and x.shape[0] > chunk and any(t.chunk_teacher for t in terms):
-            parts = [teacher_targets(self._teacher_fn, terms, x[i:i + chunk], y[i:i + chunk],
+            parts = [teacher_targets(teacher, terms, x[i:i + chunk], y[i:i + chunk],
                                      generator=self.generator, full_jacobian=full_jacobian)
                      for i in range(0, x.shape[0], chunk)]
             return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
-        return teacher_targets(self._teacher_fn, terms, x, y, generator=self.generator, full_jacobian=full_jacobian)
+        return teacher_targets(teacher, terms, x, y, generator=self.generator, full_jacobian=full_jacobian)
 
     # ---- one step ------------------------------------------------------------------------
 
@@ -240,7 +266,8 @@ class TransferObjective(nn.Module):
             raise ValueError(f"the teacher has {targets['logits'].shape[1]} outputs and the student "
                              f"{logits.shape[1]}: KD and Jacobian matching compare outputs one to one, so "
                              "both must have as many classes as the data set")
-        step = Step(x, y, xs, logits, self._student_fn, self._teacher_fn, targets,
+        teacher = self.fast_teacher(x) if self._teacher_fn is not None else None
+        step = Step(x, y, xs, logits, self._student_fn, teacher, targets,
                     taps.features if isinstance(taps, FeatureTaps) else {}, tangent, self.generator)
         terms = {t.key: t.from_step(step) for t in all_terms}
         total = cast(Tensor, sum(t.weight * terms[t.key] for t in all_terms))

@@ -9,6 +9,7 @@ with glibc's mmap threshold fixed at 128 KiB so that freed tensors leave the RSS
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import ctypes
 import math
@@ -17,6 +18,7 @@ import platform
 import statistics
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -115,17 +117,35 @@ class Setup:
         self.classes = classes
 
     def objective_step(self, cached: bool = False, channels_last: bool = False, **weights) -> Callable[[], None]:
+        """One optimiser step of the library's objective (the teacher as it runs it: BatchNorm
+        folded, channels-last, unless ``weights`` say otherwise)."""
         cfg = ObjectiveConfig(**weights)
         student, opt = (self.student_cl, self.opt_cl) if channels_last else (self.student, self.opt)
         obj = TransferObjective(student, self.teacher if cfg.needs_teacher else None, cfg,
                                 generator=torch.Generator().manual_seed(0))
         targets = obj.teacher_targets(self.x, self.y, full_jacobian=True) if cached and cfg.needs_teacher else None
+        params = list(student.parameters())
 
         def step():
             opt.zero_grad(set_to_none=True)
             _, total, _ = obj(self.x, self.y, targets)
-            total.backward()
+            total.backward(inputs=params)  # as the trainer does: no gradient for the input
             opt.step()
+        return step
+
+    def handwritten_step(self) -> Callable[[], None]:
+        """KD + JM as a user writes it in plain PyTorch: the README's functional snippet
+        (teacher top-1, normalized loss, the teacher frozen but run as it is)."""
+        def step():
+            self.opt.zero_grad(set_to_none=True)
+            x = self.x.clone().requires_grad_()
+            zs, zt = self.student(x), self.teacher(x)
+            idx = J.teacher_top1(zt.detach())
+            js = J.input_jacobian(zs, x, idx, create_graph=True)
+            jt = J.input_jacobian(zt, x, idx)
+            loss = F.cross_entropy(zs, self.y) + kd_loss(zs, zt) + jacobian_matching_loss(js, jt)
+            loss.backward()
+            self.opt.step()
         return step
 
     def naive_step(self, all_classes: bool) -> Callable[[], None]:
@@ -175,41 +195,97 @@ def _interleaved_medians(steps: dict, device, repeats: int, classes: int) -> dic
     return {name: statistics.median(v) for name, v in times.items()}
 
 
-def _steps(s: Setup, naive_all: bool) -> dict[str, Callable[[], None]]:
+def _step_table(s: Setup | None) -> dict[str, Callable[[], Callable[[], None]]]:
+    """Every step the bench can time, by its JSON key, each built on demand (``s`` None:
+    only the keys are wanted)."""
     kd = {"alpha": 1.0, "beta": 1.0}
     jm = {**kd, "gamma": 1.0}
-    steps = {
-        "ce_step": s.objective_step(alpha=1.0),
-        "kd_step": s.objective_step(**kd),
-        "jm_step": s.objective_step(**jm, jm_outputs="teacher_top1"),
-        "jm_proj_step": s.objective_step(**jm, jm_outputs="projection", num_projections=1),
-        "jm_exact_all_step": s.objective_step(**jm, jm_outputs="all"),
-        "jm_fd_step": s.objective_step(**jm, jm_outputs="input_fd", jm_form="sq"),
-        "jm_jvp_step": s.objective_step(**jm, jm_outputs="input_jvp", jm_form="sq"),
-        "kd_step_cached": s.objective_step(cached=True, **kd),
-        "jm_step_cached": s.objective_step(cached=True, **jm, jm_outputs="teacher_top1"),
-        "jm_proj_step_cached": s.objective_step(cached=True, **jm, jm_outputs="projection"),
-        "naive_top1_step": s.naive_step(all_classes=False),
-        "ce_step_channels_last": s.objective_step(channels_last=True, alpha=1.0),
-        "jm_step_cached_channels_last": s.objective_step(cached=True, channels_last=True, **jm,
-                                                         jm_outputs="teacher_top1"),
+    unfolded = {"teacher_fold_bn": False, "teacher_channels_last": False}
+    o = s.objective_step if s is not None else None
+    return {
+        "teacher_forward": lambda: (lambda: s.teacher(s.x)),
+        "student_forward": lambda: (lambda: s.student(s.x)),
+        "ce_step": lambda: o(alpha=1.0),
+        "kd_step": lambda: o(**kd),
+        "jm_step": lambda: o(**jm, jm_outputs="teacher_top1"),
+        "handwritten_step": lambda: s.handwritten_step(),
+        "kd_step_unfolded": lambda: o(**kd, **unfolded),
+        "jm_step_unfolded": lambda: o(**jm, **unfolded),
+        "jm_step_teacher_contiguous": lambda: o(**jm, teacher_channels_last=False),
+        "jm_proj_step": lambda: o(**jm, jm_outputs="projection", num_projections=1),
+        "jm_fd_step": lambda: o(**jm, jm_outputs="input_fd", jm_form="sq"),
+        "jm_jvp_step": lambda: o(**jm, jm_outputs="input_jvp", jm_form="sq"),
+        "kd_step_cached": lambda: o(cached=True, **kd),
+        "jm_step_cached": lambda: o(cached=True, **jm, jm_outputs="teacher_top1"),
+        "jm_proj_step_cached": lambda: o(cached=True, **jm, jm_outputs="projection"),
+        "noisy_kd_step_m1": lambda: o(**kd, noise_sigma=0.1, noise_draws=1),
+        "noisy_kd_step_m4": lambda: o(**kd, noise_sigma=0.1, noise_draws=4),
+        # --full only: the slow ones, and comparisons that do not change between runs
+        "jm_exact_all_step": lambda: o(**jm, jm_outputs="all"),
+        "noisy_kd_step_m16": lambda: o(**kd, noise_sigma=0.1, noise_draws=16),
+        "naive_top1_step": lambda: s.naive_step(all_classes=False),
+        "naive_all_step": lambda: s.naive_step(all_classes=True),
+        "ce_step_channels_last": lambda: o(channels_last=True, alpha=1.0),
+        "jm_step_cached_channels_last": lambda: o(cached=True, channels_last=True, **jm, jm_outputs="teacher_top1"),
     }
-    for m in (1, 4, 16):
-        steps[f"noisy_kd_step_m{m}"] = s.objective_step(**kd, noise_sigma=0.1, noise_draws=m)
-    if naive_all:
-        steps["naive_all_step"] = s.naive_step(all_classes=True)
-    return steps
+
+
+#: The default bench: what the targets need and the estimators' costs (a few minutes on 2 cores).
+DEFAULT_STEPS = ("teacher_forward", "student_forward", "ce_step", "kd_step", "jm_step", "handwritten_step",
+                 "kd_step_unfolded", "jm_step_unfolded", "jm_step_teacher_contiguous", "jm_proj_step",
+                 "jm_fd_step", "jm_jvp_step", "kd_step_cached", "jm_step_cached", "jm_proj_step_cached",
+                 "noisy_kd_step_m1", "noisy_kd_step_m4")
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What one bench run measures: steps (JSON keys), shapes, sizes, and the scaling sweep."""
+
+    steps: tuple[str, ...] = DEFAULT_STEPS
+    shapes: tuple[str, ...] = tuple(SHAPES)
+    repeats: int = 10
+    batch: int = 128
+    size: int | None = None  # the shapes' own sizes unless set
+    scaling: bool = False
+
+    @classmethod
+    def choose(cls, only: str | None = None, full: bool = False, shape: str | None = None,
+               smoke: bool = False) -> Plan:
+        """The plan of ``jacmatch bench [--only kd,jm,jm_proj] [--full] [--shape NAME]``;
+        ``smoke``: one small shape, few repeats (a test of the bench itself)."""
+        everything = tuple(_step_table(None))
+        steps = everything if full else DEFAULT_STEPS
+        if only:
+            wanted = [w if w in everything else f"{w}_step" for w in (w.strip() for w in only.split(",")) if w]
+            unknown = [w for w in wanted if w not in everything]
+            if unknown:
+                raise ValueError(f"unknown bench step {unknown}: choose from {', '.join(everything)} "
+                                 "(the _step suffix may be left out)")
+            steps = tuple(wanted)
+        if shape is not None and shape not in SHAPES:
+            raise ValueError(f"unknown --shape {shape!r}: choose one of {list(SHAPES)}")
+        shapes = (shape,) if shape else tuple(SHAPES)
+        if smoke:
+            return cls(steps, shapes[:1], repeats=3, batch=16, size=12)
+        return cls(steps, shapes, scaling=full)
 
 
 def _ratios(t: dict, mem: dict) -> dict:
+    """The ratios of a shape's step times (and memory), where both steps were measured."""
     r = lambda a, b: t[a] / t[b] if a in t and b in t else None  # noqa: E731
     out = {
         "jm_over_kd": r("jm_step", "kd_step"),
+        "library_over_handwritten": r("jm_step", "handwritten_step"),
         "jm_over_kd_cached": r("jm_step_cached", "kd_step_cached"),
+        "folded_over_unfolded_jm": r("jm_step", "jm_step_unfolded"),
+        "folded_over_unfolded_kd": r("kd_step", "kd_step_unfolded"),
+        "teacher_channels_last_over_contiguous_jm": r("jm_step", "jm_step_teacher_contiguous"),
+        "jm_over_kd_unfolded": r("jm_step_unfolded", "kd_step_unfolded"),
         "proj_over_top1": r("jm_proj_step", "jm_step"),
         "exact_all_over_top1": r("jm_exact_all_step", "jm_step"),
         "fd_over_kd": r("jm_fd_step", "kd_step"),
         "jvp_over_kd": r("jm_jvp_step", "kd_step"),
+        "noisy_kd_m4_over_jm": r("noisy_kd_step_m4", "jm_step"),
         "naive_top1_over_jm": r("naive_top1_step", "jm_step"),
         "naive_all_over_exact_all": r("naive_all_step", "jm_exact_all_step"),
         "teacher_forward_over_student_forward": r("teacher_forward", "student_forward"),
@@ -218,41 +294,37 @@ def _ratios(t: dict, mem: dict) -> dict:
     }
     if mem.get("jm_step") and mem.get("kd_step"):
         out["jm_over_kd_memory"] = mem["jm_step"] / mem["kd_step"]
-    return out
+    return {k: v for k, v in out.items() if v is not None}
 
 
-def run_bench(device_name: str = "cpu", quick: bool = False, batch: int = 128) -> dict:
+def run_bench(device_name: str = "cpu", plan: Plan | None = None) -> dict:
     """Times first (the normal allocator), scaling, then peak memory in a second pass:
     the fixed mmap threshold that makes CPU memory readable costs page faults (system
     time) on every large allocation, so no time is measured after it is set."""
+    plan = plan or Plan()
     device = torch.device(device_name)
-    repeats = 3 if quick else 10
-    results = {"device": device_name, "machine": _machine(device), "batch": batch, "repeats": repeats, "shapes": {}}
-    shapes = {k: v for k, v in SHAPES.items() if not quick or k == "mnist-like"}
+    results = {"device": device_name, "machine": _machine(device), "batch": plan.batch, "repeats": plan.repeats,
+               "steps": list(plan.steps), "shapes": {}}
     prepared = {}
-    for name, (c, size, k, teacher, student) in shapes.items():
-        s = Setup(c, 12 if quick else size, k, teacher, student, 16 if quick else batch, device)
-        steps = {"teacher_forward": lambda s=s: s.teacher(s.x), "student_forward": lambda s=s: s.student(s.x),
-                 **_steps(s, naive_all=not quick and k <= 10)}
-        times = _interleaved_medians(steps, device, repeats, k)
+    for name in plan.shapes:
+        c, size, k, teacher, student = SHAPES[name]
+        s = Setup(c, plan.size or size, k, teacher, student, plan.batch, device)
+        table = _step_table(s)
+        steps = {n: table[n]() for n in plan.steps if not (n == "naive_all_step" and k > 10)}  # k backward passes
+        times = _interleaved_medians(steps, device, plan.repeats, k)
         for step_name, sec in times.items():
-            print(f"  {name:<14}{step_name:<30}{1e3 * sec:9.1f} ms")
+            print(f"  {name:<14}{step_name:<30}{1e3 * sec:9.1f} ms", flush=True)
         prepared[name] = steps
-        results["shapes"][name] = {"channels": c, "size": size, "classes": k, "teacher": teacher,
+        results["shapes"][name] = {"channels": c, "size": plan.size or size, "classes": k, "teacher": teacher,
                                    "student": student, "seconds": times}
-    if not quick:
-        results["scaling"] = _scaling(device, repeats)
+    if plan.scaling:
+        results["scaling"] = _scaling(device, plan.repeats)
     results["malloc_fixed"] = _fix_malloc() if device.type == "cpu" else None
     for name, steps in prepared.items():
         memory = {}
         for step_name, step in steps.items():
-            if step_name.endswith("_forward"):
-                with torch.no_grad():
-                    memory[step_name] = peak_memory(step, device)
-            else:
+            with torch.no_grad() if step_name.endswith("_forward") else contextlib.nullcontext():
                 memory[step_name] = peak_memory(step, device)
-            if memory[step_name] is not None:
-                print(f"  {name:<14}{step_name:<30}{memory[step_name] / 2**20:9.1f} MiB")
         shape = results["shapes"][name]
         shape["peak_bytes"] = memory
         shape["ratios"] = _ratios(shape["seconds"], memory)
@@ -377,9 +449,9 @@ def format_table(results: dict) -> str:
 
 # ---- BENCHMARKS.md, from the bench's JSON ----------------------------------------------
 
-TARGETS = [  # (ratio, bound, where) from the performance issue
-    ("jm_over_kd", 2.2, None), ("jm_over_kd_cached", 2.8, None), ("proj_over_top1", 1.15, None),
-    ("jm_over_kd_memory", 2.5, None), ("exact_all_over_top1", 100.0, "cifar100-like"),
+TARGETS = [  # (ratio, bound, where) from the performance issues
+    ("jm_over_kd", 2.2, None), ("library_over_handwritten", 0.8, None), ("jm_over_kd_cached", 2.8, None),
+    ("proj_over_top1", 1.15, None), ("jm_over_kd_memory", 2.5, None), ("exact_all_over_top1", 100.0, "cifar100-like"),
 ]
 
 
@@ -443,31 +515,33 @@ def write_benchmarks(bench_json: Path = Path("results/bench.json"), out: Path = 
 
 
 
-def main(json_path: str | None, quick: bool, device: str, plot_path: str | None = None,
-         profile: bool = False) -> dict:
+def main(json_path: str | None, device: str, plot_path: str | None = None, profile: bool = False,
+         plan: Plan | None = None) -> dict:
     if device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda but no CUDA device is visible: use --device cpu")
     if profile:
         results = run_profile(device)
-        print("all-k student rows: " + ", ".join(f"{k} {1e3 * v:.0f} ms" for k, v in results["vectorize_seconds"].items()))
-        print("teacher chunking: " + ", ".join(f"{k} {1e3 * v:.1f} ms" for k, v in results["chunk_seconds"].items()))
-        print("peak memory: " + ", ".join(f"{k} {(v or 0) / 2**20:.1f} MiB" for k, v in results["chunk_peak_bytes"].items()))
-        for name, p in results["steps"].items():
-            print(f"{name}: {p['self_ms_per_step']:.1f} ms of operator time per step")
-            for e in p["top"]:
-                print(f"  {e['op']:<48}{e['self_ms_per_step']:9.1f} ms  ({e['calls_per_step']:.0f} calls)")
-        if json_path:
-            write_json_atomic(json_path, results)
-        return results
-    start = time.time()
-    results = run_bench(device, quick)
-    results["bench_seconds"] = time.time() - start
-    print(format_table(results))
+        _print_profile(results)
+    else:
+        start = time.time()
+        results = run_bench(device, plan)
+        results["bench_seconds"] = time.time() - start
+        print(format_table(results))
+        if plot_path and results.get("scaling"):
+            plot_scaling(results, plot_path)
     if json_path:
         write_json_atomic(json_path, _finite(results))
-    if plot_path and results.get("scaling"):
-        plot_scaling(results, plot_path)
     return results
+
+
+def _print_profile(results: dict) -> None:
+    print("all-k student rows: " + ", ".join(f"{k} {1e3 * v:.0f} ms" for k, v in results["vectorize_seconds"].items()))
+    print("teacher chunking: " + ", ".join(f"{k} {1e3 * v:.1f} ms" for k, v in results["chunk_seconds"].items()))
+    print("peak memory: " + ", ".join(f"{k} {(v or 0) / 2**20:.1f} MiB" for k, v in results["chunk_peak_bytes"].items()))
+    for name, p in results["steps"].items():
+        print(f"{name}: {p['self_ms_per_step']:.1f} ms of operator time per step")
+        for e in p["top"]:
+            print(f"  {e['op']:<48}{e['self_ms_per_step']:9.1f} ms  ({e['calls_per_step']:.0f} calls)")
 
 
 def _finite(obj):

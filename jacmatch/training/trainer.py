@@ -323,6 +323,10 @@ class _Run:
         return self.out / "last.pt"
 
     @property
+    def trainable(self) -> list[torch.Tensor]:
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    @property
     def global_bn(self) -> bool:
         return _global_bn(self.cfg, self.info)
 
@@ -505,7 +509,9 @@ def _train_step(run: _Run, index: torch.Tensor, where: str) -> dict[str, float] 
     bad = [k for k, v in values.items() if not math.isfinite(v)]
     optimizer.zero_grad(set_to_none=True)
     if not bad:
-        (scaler.scale(total) if scaler else total).backward()
+        # Gradients of the parameters only: the input, which requires grad for the Jacobian
+        # terms, needs none (about 5% of a KD+JM step on CPU; jacmatch bench).
+        (scaler.scale(total) if scaler else total).backward(inputs=run.trainable)
         if run.global_bn:
             average_gradients(run.model)
         if scaler:
