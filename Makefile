@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast lint verify bench data clean vision-venv test-vision compat
+.PHONY: demo test test-fast lint verify bench gpu-check data clean vision-venv test-vision compat
 
 $(STAMP): pyproject.toml constraints.txt
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
@@ -32,6 +32,11 @@ verify: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/jacmatch bench --json results/bench.json
+
+# On a CUDA machine with its own PyTorch (no install): the CUDA tests, the bench on the GPU
+# (results/bench_cuda.json, a GPU table in BENCHMARKS.md), fp16/bf16 distillation.
+gpu-check:
+	.ci/gpu-check
 
 # Real data for the experiments (needs root; Debian package).
 data:

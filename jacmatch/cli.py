@@ -254,6 +254,11 @@ def _bench(a):
     main(a.json, a.device, a.plot, a.profile, Plan.choose(a.only, a.full, a.shape, smoke=a.quick))
 
 
+def _estimators(a):
+    from .experiments.estimators import main
+    main(a.json, a.samples, a.draws, a.seed)
+
+
 def _experiment(a):
     from .experiments.paper import main
     main(a.section, a.quick, a.out)
@@ -293,19 +298,6 @@ def add_experiment_commands(sub) -> None:
     p.add_argument("--device", default="auto", choices=["cpu", "cuda", "auto"], help="where to train")
     p.set_defaults(run=_demo)
 
-    p = sub.add_parser("bench", help="cost of the Jacobian terms against KD (ratios in one run)",
-                       description="Median step times and peak memory of CE, KD, KD+JM and the estimators, "
-                                   "with and without the teacher cache; ratios measured in one run.")
-    _result_files(p, "the measurements", "a PNG of step time against batch, input size and classes")
-    p.add_argument("--only", metavar="STEPS", help="only these steps, comma-separated (kd,jm,jm_proj,...)")
-    p.add_argument("--full", action="store_true", help="every step and the scaling sweep (slow)")
-    p.add_argument("--shape", choices=["mnist-like", "cifar100-like"], help="only this shape")
-    p.add_argument("--quick", action="store_true", help="few steps, small shapes (a smoke test)")
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to measure")
-    p.add_argument("--profile", action="store_true",
-                   help="only profile kd_step, jm_step and jm_step_cached (torch.profiler's top operators)")
-    p.set_defaults(run=_bench)
-
     p = sub.add_parser("experiment", help="run a section of the paper's experiments (Fashion-MNIST)",
                        description="Sections: teacher, distill, robustness, transfer, verify, pictures, or all. "
                                    "Finished runs are reused and interrupted ones resumed; each section writes "
@@ -332,12 +324,38 @@ def add_experiment_commands(sub) -> None:
     p.set_defaults(run=_compat)
 
 
+def add_measurement_commands(sub) -> None:
+    p = sub.add_parser("bench", help="cost of the Jacobian terms against KD (ratios in one run)",
+                       description="Median step times and peak memory of CE, KD, KD+JM and the estimators, "
+                                   "with and without the teacher cache; ratios measured in one run.")
+    _result_files(p, "the measurements", "a PNG of step time against batch, input size and classes")
+    p.add_argument("--only", metavar="STEPS", help="only these steps, comma-separated (kd,jm,jm_proj,...)")
+    p.add_argument("--full", action="store_true", help="every step and the scaling sweep (slow)")
+    p.add_argument("--shape", choices=["mnist-like", "cifar100-like"], help="only this shape")
+    p.add_argument("--quick", action="store_true", help="few steps, small shapes (a smoke test)")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to measure")
+    p.add_argument("--profile", action="store_true",
+                   help="only profile kd_step, jm_step and jm_step_cached (torch.profiler's top operators)")
+    p.set_defaults(run=_bench)
+
+    p = sub.add_parser("estimators", help="variance of the output projections and error of finite differences",
+                       description="Measures what the random estimators' defaults are chosen from: each projection "
+                                   "kind's bias and variance against the exact Frobenius norm, and the finite "
+                                   "difference's error against forward-mode J·u over a range of steps.")
+    p.add_argument("--json", metavar="PATH", help="write the measurements as JSON")
+    p.add_argument("--samples", type=_positive_int, default=32, help="samples (default 32)")
+    p.add_argument("--draws", type=_positive_int, default=4000, help="draws per projection kind (default 4000)")
+    p.add_argument("--seed", type=_non_negative_int, default=0, help="seeds the student and the draws")
+    p.set_defaults(run=_estimators)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jacmatch", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"jacmatch {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     add_training_commands(sub)
     add_experiment_commands(sub)
+    add_measurement_commands(sub)
     return parser
 
 

@@ -24,9 +24,16 @@ from torch import Tensor
 from . import jacobian as J
 from .losses import JM_FORMS, jacobian_matching_loss
 
-__all__ = ["Estimator", "register_estimator", "create_estimator", "list_estimators"]
+__all__ = ["Estimator", "register_estimator", "create_estimator", "list_estimators", "PROJECTION", "FD_STEP"]
 
 _ESTIMATORS: dict[str, type[Estimator]] = {}
+
+#: Output projections by default: the lowest variance measured (``jacmatch estimators``,
+#: BENCHMARKS.md): rademacher for one projection, orthogonal for several.
+PROJECTION = "auto"
+#: The finite-difference step h by default: the smallest worst-case error in the measured
+#: table (ReLU and smooth networks, float32; BENCHMARKS.md).
+FD_STEP = 3e-4
 
 
 def register_estimator(name: str) -> Callable[[type[Estimator]], type[Estimator]]:
@@ -59,12 +66,15 @@ class Estimator:
     owns_student_forward = False
 
     def __init__(self, form: str = "normalized", temperature: float = 4.0, top_k: int = 3,
-                 num_projections: int = 1, fd_step: float = 1e-2):
+                 num_projections: int = 1, fd_step: float = FD_STEP, projection: str = PROJECTION):
         if form not in self.forms:
             raise ValueError(f"jm_outputs={self.name!r} takes jm_form={' or '.join(self.forms)}, got {form!r}"
                              + (" (the ce form weights exact rows by teacher probabilities)" if form == "ce" else ""))
         self.form, self.temperature, self.top_k = form, temperature, top_k
         self.num_projections, self.fd_step = num_projections, fd_step
+        if projection not in J.PROJECTIONS:
+            raise ValueError(f"unknown projection {projection!r}: use one of {J.PROJECTIONS}")
+        self.projection = projection
 
     def rows_per_sample(self, num_classes: int) -> int:
         """How many Jacobian rows (or products) one sample costs: for memory estimates."""
@@ -196,12 +206,13 @@ class _Drawn(Estimator):
 
 @register_estimator("projection")
 class OutputProjection(_Drawn):
-    """``E_v ‖vᵀ(J_T − J_S)‖² = ‖J_T − J_S‖²_F`` for ``v ~ N(0, I_k)``: one VJP per
-    projection whatever k is."""
+    """``E_v ‖vᵀ(J_T − J_S)‖² = ‖J_T − J_S‖²_F`` for random v with ``E[v vᵀ] = I_k``
+    (``projection``: gaussian, sphere, orthogonal or rademacher): one VJP per projection
+    whatever k is."""
 
     def draws(self, x, num_outputs, generator):
         return J.output_projections(x.shape[0], num_outputs, self.num_projections, generator=generator,
-                                    dtype=x.dtype, device=x.device)
+                                    dtype=x.dtype, device=x.device, kind=self.projection)
 
     def contract_full(self, full_jac, draws):
         flat = full_jac.flatten(start_dim=2)

@@ -19,6 +19,8 @@ Estimators of the full Jacobian (docs/method.md §3.1):
 
 from __future__ import annotations
 
+import math
+
 from collections.abc import Callable
 
 import torch
@@ -31,6 +33,7 @@ __all__ = [
     "input_jacobian",
     "vector_jacobian_product",
     "output_projections",
+    "PROJECTIONS",
     "input_directions",
     "jacobian_vector_product",
     "finite_difference_jvp",
@@ -167,14 +170,48 @@ def all_outputs(teacher_logits: Tensor) -> Tensor:
 # ---- Random projections (docs/method.md §3.1) ---------------------------------------------
 
 
+#: Output projection kinds: each has E[v vᵀ] = I_k, so the mean of ‖vᵀA‖² is ‖A‖²_F.
+#: ``auto``: the lowest variance measured (``jacmatch estimators``): rademacher for one
+#: projection, orthogonal for several.
+PROJECTIONS = ("auto", "gaussian", "sphere", "orthogonal", "rademacher")
+
+
 def output_projections(batch: int, num_classes: int, num_projections: int = 1, *,
                        generator: torch.Generator | None = None, dtype=torch.float32,
-                       device=None) -> Tensor:
-    """``v ~ N(0, I_k)``: [B, P, k]. ``E‖vᵀ A‖² = ‖A‖²_F`` for any [k, D] matrix A."""
+                       device=None, kind: str = "gaussian") -> Tensor:
+    """Random projections of the k outputs: [B, P, k], each with ``E[v vᵀ] = I_k`` so that
+    ``E (1/P) Σ_p ‖v_pᵀ A‖² = ‖A‖²_F`` for any [k, D] matrix A.
+
+    ``gaussian``: v ~ N(0, I_k). ``sphere``: uniform on the sphere of radius √k.
+    ``orthogonal``: the P vectors of a sample are orthonormal (blocks of k when P > k; the
+    directions of a random orthogonal matrix), scaled by √k; with P = k the estimate is
+    exact. ``rademacher``: independent ±1 entries. All but gaussian have a lower variance
+    (``jacmatch estimators`` measures it; docs/method.md §3.1); ``auto`` takes the lowest
+    measured: rademacher for P = 1, orthogonal for P > 1."""
     if num_projections < 1:
         raise ValueError(f"num_projections must be >= 1, got {num_projections}")
-    v = per_sample_draw(torch.randn, (batch, num_projections, num_classes), generator=generator, dtype=dtype,
-                        device="cpu" if generator is not None and generator.device.type == "cpu" else device)
+    if kind not in PROJECTIONS:
+        raise ValueError(f"unknown projection kind {kind!r}: use one of {PROJECTIONS}")
+    if kind == "auto":
+        kind = "rademacher" if num_projections == 1 else "orthogonal"
+    draw_device = "cpu" if generator is not None and generator.device.type == "cpu" else device
+    if kind == "orthogonal":
+        blocks = -(-num_projections // num_classes)  # ceil: P > k takes several orthonormal blocks
+        g = per_sample_draw(torch.randn, (batch, blocks, num_classes, num_classes), generator=generator,
+                            dtype=dtype, device=draw_device)
+        q, r = torch.linalg.qr(g)  # columns of q: a random orthonormal basis (signs fixed by r's diagonal)
+        q = q * torch.sign(torch.diagonal(r, dim1=-2, dim2=-1)).unsqueeze(-2)
+        v = q.transpose(-2, -1).reshape(batch, blocks * num_classes, num_classes)[:, :num_projections]
+        v = v * math.sqrt(num_classes)
+    elif kind == "rademacher":
+        bits = per_sample_draw(lambda shape, **kw: torch.randint(0, 2, shape, **kw), (batch, num_projections, num_classes),
+                               generator=generator, device=draw_device)
+        v = (2 * bits - 1).to(dtype)
+    else:
+        v = per_sample_draw(torch.randn, (batch, num_projections, num_classes), generator=generator, dtype=dtype,
+                            device=draw_device)
+        if kind == "sphere":
+            v = v / v.norm(dim=-1, keepdim=True).clamp_min(1e-12) * math.sqrt(num_classes)
     return v.to(device) if device is not None else v
 
 

@@ -21,7 +21,8 @@ from typing import Any, cast
 import torch
 from torch import Tensor, nn
 
-from .estimators import create_estimator, list_estimators
+from . import jacobian as J
+from .estimators import FD_STEP, PROJECTION, create_estimator, list_estimators
 from .fusion import fast_teacher
 from .terms import (AttentionJacobianLoss, AttentionTransferLoss, CrossEntropyLoss, FeatureTaps,
                     JacobianMatchingLoss, JacobianPenalty, KDLoss, NoiseTrainingLoss, NoisyDistillationLoss, Step,
@@ -49,13 +50,14 @@ class ObjectiveConfig:
     jm_outputs: str = "teacher_top1"  # which Jacobians: label, teacher_top1, top_k, all, projection, input_jvp, input_fd
     top_k: int = 3                # k of jm_outputs=top_k
     num_projections: int = 1      # projections or input directions per sample
-    fd_step: float = 1e-2         # h of the finite-difference estimator
+    fd_step: float = FD_STEP      # h of the finite-difference estimator (from a measured error table)
+    projection: str = PROJECTION  # output projections: auto | orthogonal | rademacher | sphere | gaussian
     penalty_form: str = "ce"      # ce: ½‖∇ log Sˢ_y‖²; sq: ‖J_S‖²_F by output projections
     at_layers: list = field(default_factory=list)  # ["student_module:teacher_module", ...]
     noise_sigma: float = 0.0      # σ of Gaussian-noise training / noisy distillation
     noise_draws: int = 1          # M: noise draws per sample (Monte Carlo)
     noise_antithetic: bool = False  # draw ξ and −ξ (cancels odd moments)
-    teacher_chunk: int = 32       # teacher targets in chunks of this many samples (0: whole batch)
+    teacher_chunk: int = 64       # teacher targets in chunks of this many samples (0: whole batch; jacmatch bench)
     teacher_fold_bn: bool = True  # the teacher runs as a copy with BatchNorm folded into its layers (faster)
     teacher_channels_last: bool = True  # that copy's weights channels-last (faster on CPU; jacmatch bench)
 
@@ -71,6 +73,8 @@ class ObjectiveConfig:
         create_estimator(self.jm_outputs, form=self.jm_form)  # each estimator says which forms it takes
         if self.kd_form not in ("kl", "mse"):
             raise ValueError(f"unknown objective.kd_form {self.kd_form!r}: use kl or mse")
+        if self.projection not in J.PROJECTIONS:
+            raise ValueError(f"unknown objective.projection {self.projection!r}: use one of {list(J.PROJECTIONS)}")
         if self.penalty_form not in ("ce", "sq"):
             raise ValueError(f"unknown objective.penalty_form {self.penalty_form!r}: use ce or sq")
         if self.temperature <= 0:
@@ -113,13 +117,13 @@ def build_terms(cfg: ObjectiveConfig) -> list[Term]:
         terms.append(NoisyDistillationLoss(cfg.beta, **noise, **kd) if cfg.noise_sigma else KDLoss(cfg.beta, **kd))
     if cfg.gamma:
         terms.append(JacobianMatchingLoss(cfg.gamma, cfg.jm_outputs, cfg.jm_form, cfg.temperature, cfg.top_k,
-                                          cfg.num_projections, cfg.fd_step))
+                                          cfg.num_projections, cfg.fd_step, cfg.projection))
     if cfg.delta:
         terms.append(AttentionTransferLoss(cfg.delta, cfg.at_layers))
     if cfg.delta_jacobian:
         terms.append(AttentionJacobianLoss(cfg.delta_jacobian, cfg.at_layers))
     if cfg.penalty:
-        terms.append(JacobianPenalty(cfg.penalty, cfg.penalty_form, cfg.num_projections))
+        terms.append(JacobianPenalty(cfg.penalty, cfg.penalty_form, cfg.num_projections, cfg.projection))
     if not terms:
         raise ValueError("every weight of the objective is 0: set alpha, beta, gamma, ... ")
     return terms
@@ -144,7 +148,7 @@ class TransferObjective(nn.Module):
 
     def __init__(self, student: nn.Module, teacher: nn.Module | None = None,
                  config: ObjectiveConfig | None = None, *, terms: Sequence[Term] | None = None,
-                 generator: torch.Generator | None = None, teacher_chunk: int = 32,
+                 generator: torch.Generator | None = None, teacher_chunk: int = 64,
                  student_output: str | int | None = None, teacher_output: str | int | None = None,
                  teacher_fold_bn: bool = True, teacher_channels_last: bool = True):
         super().__init__()

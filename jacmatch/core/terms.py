@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import jacobian as J
-from .estimators import create_estimator
+from .estimators import FD_STEP, PROJECTION, create_estimator
 from .losses import (attention_map, attention_transfer_loss, gaussian_noise, jacobian_matching_loss,
                      jacobian_penalty, kd_loss, noise_training_loss, noisy_distillation_loss)
 from .outputs import logits_of
@@ -200,10 +200,11 @@ class JacobianMatchingLoss(Term):
     needs_teacher = needs_teacher_targets = chunk_teacher = True
 
     def __init__(self, weight: float = 1.0, estimator: str = "teacher_top1", form: str = "normalized",
-                 temperature: float = 4.0, top_k: int = 3, num_projections: int = 1, fd_step: float = 1e-2):
+                 temperature: float = 4.0, top_k: int = 3, num_projections: int = 1, fd_step: float = FD_STEP,
+                 projection: str = PROJECTION):
         super().__init__(weight)
         self.estimator = create_estimator(estimator, form=form, temperature=temperature, top_k=top_k,
-                                          num_projections=num_projections, fd_step=fd_step)
+                                          num_projections=num_projections, fd_step=fd_step, projection=projection)
         self.needs_input_grad = self.estimator.student_input_grad
 
     def teacher_needs_graph(self, full_jacobian):
@@ -304,19 +305,21 @@ class JacobianPenalty(Term):
     key = "penalty"
     needs_input_grad = True
 
-    def __init__(self, weight: float = 1.0, form: str = "ce", num_projections: int = 1):
+    def __init__(self, weight: float = 1.0, form: str = "ce", num_projections: int = 1, projection: str = PROJECTION):
         super().__init__(weight)
         if form not in ("ce", "sq"):
             raise ValueError(f"unknown penalty form {form!r}: use ce or sq")
-        self.form, self.num_projections = form, num_projections
+        if projection not in J.PROJECTIONS:
+            raise ValueError(f"unknown projection {projection!r}: use one of {J.PROJECTIONS}")
+        self.form, self.num_projections, self.projection = form, num_projections, projection
 
     def forward(self, inputs: Tensor, student_logits: Tensor, labels: Tensor,
                 generator: torch.Generator | None = None) -> Tensor:
         if self.form == "ce":
             log_p = F.log_softmax(student_logits, dim=1)
             return jacobian_penalty(J.input_jacobian(log_p, inputs, labels, create_graph=True), "ce")
-        v = J.output_projections(inputs.shape[0], student_logits.shape[1], self.num_projections,
-                                 generator=generator, dtype=student_logits.dtype, device=student_logits.device)
+        v = J.output_projections(inputs.shape[0], student_logits.shape[1], self.num_projections, generator=generator,
+                                 dtype=student_logits.dtype, device=student_logits.device, kind=self.projection)
         rows = J.vector_jacobian_product(student_logits, inputs, v, create_graph=True)
         return jacobian_penalty(rows, "sq", multiple_outputs=True) / self.num_projections
 
