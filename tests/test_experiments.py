@@ -74,8 +74,22 @@ def test_bench_quick_writes_valid_json(tmp_path):
     ratios, seconds = b["shapes"]["mnist-like"]["ratios"], b["shapes"]["mnist-like"]["seconds"]
     assert ratios["jm_over_kd"] == pytest.approx(seconds["jm_step"] / seconds["kd_step"])
     assert ratios["proj_over_top1"] == pytest.approx(seconds["jm_proj_step"] / seconds["jm_step"])
-    assert set(b["shapes"]["mnist-like"]["seconds"]) >= {"ce_step", "kd_step", "jm_step", "jm_step_cached",
-                                                         "noisy_kd_step_m16", "naive_top1_step"}
+    from jacmatch.experiments.bench import DEFAULT_STEPS
+    assert set(seconds) == set(DEFAULT_STEPS) and ratios["library_over_handwritten"] > 0
+    assert b["shapes"]["mnist-like"]["peak_bytes"].keys() == seconds.keys()
+
+
+def test_bench_plans():
+    from jacmatch.experiments.bench import DEFAULT_STEPS, Plan
+    assert Plan.choose().steps == DEFAULT_STEPS and not Plan.choose().scaling
+    assert Plan.choose(only="kd,jm,jm_proj").steps == ("kd_step", "jm_step", "jm_proj_step")
+    assert Plan.choose(only="teacher_forward,jm_step_cached").steps == ("teacher_forward", "jm_step_cached")
+    full = Plan.choose(full=True, shape="cifar100-like")
+    assert full.scaling and full.shapes == ("cifar100-like",) and set(DEFAULT_STEPS) < set(full.steps)
+    with pytest.raises(ValueError, match="unknown bench step"):
+        Plan.choose(only="kd,warp")
+    with pytest.raises(ValueError, match="unknown --shape"):
+        Plan.choose(shape="imagenet")
 
 
 @pytest.mark.slow

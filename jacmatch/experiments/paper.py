@@ -13,6 +13,7 @@ is recorded in the section's JSON.
 
 from __future__ import annotations
 
+import json
 import math
 import shutil
 import time
@@ -20,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..atomic import write_json_atomic
-from ..training import TeacherGradients
+from ..training import TeacherGradients, load_checkpoint
 from ..training.config import load_config, merge_values
 from .common import load_json, run_or_load, summarize_runs, with_provenance
 from .figures import plot_gradients
@@ -148,6 +149,15 @@ def _train_teacher(config: str, run: str, target: Path, lay: Layout) -> tuple[di
     return r, target
 
 
+def _committed_teacher(path: Path) -> dict:
+    """What a section needs of a committed teacher checkpoint, read back from it: its config,
+    final test metrics and training time (the epochs' own seconds, evaluation left out)."""
+    state = load_checkpoint(path)
+    history = json.loads(state["history"])
+    return {"config": json.loads(state["config"]), "final": {"test": history[-1]["test"]},
+            "train_seconds": sum(h.get("epoch_seconds", 0.0) for h in history)}
+
+
 def teacher_section(lay: Layout) -> dict:
     out = lay.out
     if lay.profile.committed_teacher and (out / "teacher.json").is_file() and lay.teacher.is_file():
@@ -203,17 +213,40 @@ def _student(lay, tag, n, seed, objective, teacher, steps, selection=False) -> d
     return lay.train(values)
 
 
+MAX_EXTENSIONS = 3  # how far a grid may grow past an edge that wins
+
+
+def _beyond(grid: list, low: bool) -> float:
+    """The next value past the grid's low or high edge, at the grid's own spacing there
+    (geometric: 10 after 0.1, 1; 16 after 4, 8)."""
+    a, b = (grid[1], grid[0]) if low else (grid[-2], grid[-1])
+    return type(b)(b * b / a) if a > 0 and b > 0 else type(b)(2 * b - a)
+
+
 def _select(lay, name, train) -> tuple[float, dict]:
     """The value in the profile's grid ``name`` with the best mean validation accuracy
-    (never the test set); ``train(value, tag, n, seed)`` trains one run with that value."""
-    grid, n, seeds = lay.profile.grids[name], lay.profile.selection_samples, lay.profile.selection_seeds
-    scores, seconds = {}, 0.0
-    for value in grid:
-        runs = [train(value, f"select-{name}-{value}", n, s) for s in seeds]
-        scores[str(value)] = sum(r["final"]["val"]["acc"] for r in runs) / len(runs)
-        seconds += sum(r["train_seconds"] for r in runs)
-    best = max(grid, key=lambda v: scores[str(v)])
-    return best, {"grid": list(grid), "val_acc": scores, "chosen": best, "samples_per_class": n,
+    (never the test set); ``train(value, tag, n, seed)`` trains one run with that value.
+    When an edge of the grid wins, the grid grows past it (at its own spacing, up to
+    MAX_EXTENSIONS times) until the choice lies strictly inside; the record says so."""
+    grid, n, seeds = list(lay.profile.grids[name]), lay.profile.selection_samples, lay.profile.selection_seeds
+    scores: dict[str, float] = {}
+    seconds = 0.0
+    extended: list = []
+    while True:
+        for value in grid:
+            if str(value) not in scores:
+                runs = [train(value, f"select-{name}-{value}", n, s) for s in seeds]
+                scores[str(value)] = sum(r["final"]["val"]["acc"] for r in runs) / len(runs)
+                seconds += sum(r["train_seconds"] for r in runs)
+        best = max(grid, key=lambda v: scores[str(v)])
+        at = grid.index(best)
+        if len(grid) < 2 or 0 < at < len(grid) - 1 or len(extended) == MAX_EXTENSIONS:
+            break
+        new = _beyond(grid, low=at == 0)
+        grid = [new, *grid] if at == 0 else [*grid, new]
+        extended.append(new)
+    return best, {"grid": grid, "val_acc": {str(v): scores[str(v)] for v in grid}, "chosen": best,
+                  "inside": 0 < at < len(grid) - 1, "extended": extended, "samples_per_class": n,
                   "seeds": list(seeds), "train_seconds": seconds}
 
 
@@ -331,7 +364,10 @@ def _fine_tune(lay, n, seed, source: dict, target: Path) -> dict:
 def transfer_section(lay: Layout) -> dict:
     out, profile = lay.out, lay.profile
     start = time.time()
-    source, target = _train_teacher("transfer_teacher", "source_teacher", lay.source_teacher, lay)
+    if lay.profile.committed_teacher and lay.source_teacher.is_file():  # committed: students rerun without it
+        source, target = _committed_teacher(lay.source_teacher), lay.source_teacher
+    else:
+        source, target = _train_teacher("transfer_teacher", "source_teacher", lay.source_teacher, lay)
     delta, sel_at = _select(lay, "delta", _placeholder(lay, {"alpha": 1.0, "delta": "δ"}, str(target),
                                                        _transfer_student))
     delta_j, sel_jm = _select(lay, "delta_jacobian", _placeholder(
