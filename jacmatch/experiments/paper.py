@@ -220,7 +220,8 @@ def _beyond(grid: list, low: bool) -> float:
     """The next value past the grid's low or high edge, at the grid's own spacing there
     (geometric: 10 after 0.1, 1; 16 after 4, 8)."""
     a, b = (grid[1], grid[0]) if low else (grid[-2], grid[-1])
-    return type(b)(b * b / a) if a > 0 and b > 0 else type(b)(2 * b - a)
+    value = b * b / a if a > 0 and b > 0 else 2 * b - a
+    return type(b)(float(f"{value:.12g}"))  # 0.01, not 0.010000000000000002
 
 
 def _select(lay, name, train) -> tuple[float, dict]:
