@@ -433,3 +433,23 @@ def test_sigterm_mid_epoch_then_resume_is_bit_identical(tmp_path, teacher, proce
     assert straight.returncode == 0, first_errors(straight.stderr)
     a, b = load_checkpoint(out / "last.pt")["model"], load_checkpoint(tmp_path / "straight" / "last.pt")["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_signal_during_the_last_evaluation_stops_the_process_after_the_finished_run(tmp_path, teacher, monkeypatch):
+    """A SIGTERM that lands after the last step (in the final evaluation) is not lost: the
+    run finishes and writes its results, then Preempted stops the sweep it belongs to."""
+    import signal
+
+    from jacmatch.training import trainer
+    real = trainer._evaluate
+
+    def evaluate_then_signal(run):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return real(run)
+    monkeypatch.setattr(trainer, "_evaluate", evaluate_then_signal)
+    values = {"out_dir": str(tmp_path / "r"), "teacher": teacher, "data": {"name": "synthetic", "samples_per_class": 4},
+              "model": {"name": "small_cnn_4"}, "objective": {"beta": 1.0}, "optim": {"epochs": 1}, **QUIET}
+    with pytest.raises(trainer.Preempted, match="after the last epoch"):
+        train(config_from_dict(values))
+    assert json.loads((tmp_path / "r" / "results.json").read_text())["epochs"] == 1
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler before is back

@@ -23,7 +23,7 @@ from pathlib import Path
 from ..atomic import write_json_atomic
 from ..training import TeacherGradients, load_checkpoint
 from ..training.config import load_config, merge_values
-from .common import load_json, run_or_load, summarize_runs, with_provenance
+from .common import load_json, run_or_load, summarize, summarize_runs, with_provenance
 from .figures import plot_gradients
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "paper"
@@ -36,6 +36,14 @@ ROWS = {  # the paper's rows: α (CE), β (KD), γ (JM; its value chosen on vali
     "KD": {"alpha": 0.0, "beta": 1.0},
     "KD+JM": {"alpha": 0.0, "beta": 1.0, "gamma": "γ"},
 }
+COMPUTE_ROWS = {  # Proposition 1 taken literally, and what JM's cost buys otherwise
+    "noisy KD M=1": {"alpha": 1.0, "beta": 1.0, "noise_sigma": "σ", "noise_draws": 1},
+    # M at JM's cost: a KD + JM step costs about 2.1 KD steps without the teacher cache (BENCHMARKS.md)
+    "noisy KD M=2": {"alpha": 1.0, "beta": 1.0, "noise_sigma": "σ", "noise_draws": "M"},
+    "CE+KD (JM's time)": None,  # CE+KD for as many steps as CE+KD+JM's measured training time allows
+}
+EQUAL_TIME_ROW = "CE+KD (JM's time)"
+DOUBLED_ROW = "CE (2× steps)"
 ABLATIONS = {  # at a few n: the form, and which Jacobians
     "CE+KD+JM sq": {"alpha": 1.0, "beta": 1.0, "gamma": "γ_sq", "jm_form": "sq"},
     "CE+KD+JM label": {"alpha": 1.0, "beta": 1.0, "gamma": "γ", "jm_outputs": "label"},
@@ -43,7 +51,7 @@ ABLATIONS = {  # at a few n: the form, and which Jacobians
 }
 TAU_PRIOR = 4.0  # τ while the step budget is chosen (the KD literature's usual value)
 SELECTION_EVAL = {"noise_sigmas": [], "jacobian_cosine": False}  # selection reads validation accuracy only
-PLACEHOLDERS = ("τ", "γ", "γ_ce", "γ_sq", "δ", "δ_J")
+PLACEHOLDERS = ("τ", "γ", "γ_ce", "γ_sq", "σ", "δ", "δ_J")
 
 
 @dataclass(frozen=True)
@@ -68,27 +76,34 @@ class Profile:
     budget_epochs: bool = True  # students' epochs from the step budget (else the config's)
     committed_teacher: bool = True  # the teacher lives in results/teachers/ and is reused once trained
     verify: dict = field(default_factory=dict)  # sizes of the propositions' check (experiments.verify.main)
+    min_epochs: int = 0  # a student's budget: at least this many passes over its data ...
+    max_steps: int = 10**9  # ... and at most this many steps (the time a section may take)
+    noise_draws_equal: int = 2  # M of noisy KD at JM's cost
+    budget_check_samples: int | None = None  # n where CE also trains for twice its budget
 
 
 FULL = Profile(
     name="paper", runs="", samples=(1, 5, 10, 50, 100, 500), seeds=(0, 1, 2, 3, 4), ablation_samples=(5, 50),
     selection_samples=10, selection_seeds=(0, 1),
-    # Step budgets: 800 would take the section past its 60 minutes.
     grids={"steps": (200, 400), "tau": (2.0, 4.0, 8.0), "gamma": (0.1, 1.0, 10.0, 100.0),
-           "gamma_ce": (0.1, 1.0, 10.0, 100.0), "gamma_sq": (0.01, 0.1, 1.0), "delta": (0.1, 1.0, 10.0),
-           "delta_jacobian": (0.1, 1.0, 10.0)},
-    robust_seeds=(0, 1, 2), robust_subsets=(None, 100), transfer_samples=(5, 10, 50), pictures_samples=10)
+           "gamma_ce": (0.1, 1.0, 10.0, 100.0), "gamma_sq": (0.01, 0.1, 1.0), "sigma": (0.03, 0.1, 0.3),
+           "delta": (0.1, 1.0, 10.0), "delta_jacobian": (0.1, 1.0, 10.0)},
+    robust_seeds=(0, 1, 2), robust_subsets=(None, 100), transfer_samples=(5, 10, 50), pictures_samples=10,
+    # CE at n = 500 reaches 74.6 / 77.8 / 82.5 / 85.0% at 400 / 800 / 1600 / 3200 steps (seed 0): at
+    # least 80 passes over the data; the step cap is what the section's time allows.
+    min_epochs=80, max_steps=3200, budget_check_samples=500)
 
 QUICK = Profile(  # a smoke run of every section: digits, tiny grids, one seed
     name="quick", runs="quick", samples=(1, 5), seeds=(0,), ablation_samples=(5,),
     selection_samples=5, selection_seeds=(0,),
     grids={"steps": (400,), "tau": (2.0, 4.0), "gamma": (0.1, 1.0), "gamma_ce": (1.0,), "gamma_sq": (0.1,),
-           "delta": (1.0,), "delta_jacobian": (1.0,)},
+           "sigma": (0.1,), "delta": (1.0,), "delta_jacobian": (1.0,)},
     robust_seeds=(0,), robust_subsets=(None, 10), transfer_samples=(5,), pictures_samples=5,
     models={"teacher": "small_cnn_16", "student": "small_cnn_4"},
     overrides={"data": {"name": "digits", "augment": False}, "eval": {"every": 1},
                "optim": {"epochs": 2, "min_steps_per_epoch": 2, "batch_size": 64}},
-    budget_epochs=False, committed_teacher=False, verify={"num_sigmas": 5, "num_draws": 100_000})
+    budget_epochs=False, committed_teacher=False, verify={"num_sigmas": 5, "num_draws": 100_000},
+    budget_check_samples=5)
 
 PROFILES = {p.name: p for p in (FULL, QUICK)}
 
@@ -258,10 +273,18 @@ def _placeholder(lay, objective, teacher, student=_student, **kw):
                                                teacher, **kw)
 
 
+def _budget(profile: Profile, n: int, values: dict, steps: int) -> int:
+    """The step budget of a student of n samples per class: the budget chosen on validation,
+    or at least ``min_epochs`` passes over its data, at most ``max_steps`` (time)."""
+    per_pass = math.ceil(10 * n / values["optim"]["batch_size"])
+    return min(max(steps, profile.min_epochs * per_pass), profile.max_steps)
+
+
 def _distill_selection(lay: Layout, teacher: str) -> tuple[dict, dict]:
     """In this order, each on validation with the values chosen before it: the step budget
     and τ on CE+KD, then γ for CE+KD+JM (also KD+JM and the label and projection
-    ablations), γ for CE+JM, and γ for the sq form. Returns (values, selection records)."""
+    ablations), γ for CE+JM, γ for the sq form, and σ of noisy KD (one draw).
+    Returns (values, selection records)."""
     kd = {**ROWS["CE+KD"], "temperature": TAU_PRIOR}
     steps, sel_steps = _select(lay, "steps", lambda v, tag, n, seed: _student(lay, tag, n, seed, kd, teacher, v,
                                                                                selection=True))
@@ -270,10 +293,40 @@ def _distill_selection(lay: Layout, teacher: str) -> tuple[dict, dict]:
     chosen = {"steps": steps, "tau": tau}
     selection = {"steps": sel_steps, "tau": sel_tau}
     for name, objective in (("gamma", ROWS["CE+KD+JM"]), ("gamma_ce", ROWS["CE+JM"]),
-                            ("gamma_sq", ABLATIONS["CE+KD+JM sq"])):
+                            ("gamma_sq", ABLATIONS["CE+KD+JM sq"]), ("sigma", COMPUTE_ROWS["noisy KD M=1"])):
         chosen[name], selection[name] = _select(lay, name, _placeholder(
-            lay, {**objective, "temperature": tau}, teacher, steps=steps, selection=True))
+            lay, {**_fill(objective, {"M": 1}), "temperature": tau}, teacher, steps=steps, selection=True))
     return chosen, selection
+
+
+def _cell(lay, row, n, objective, teacher, steps, tag=None) -> dict:
+    tag = tag or row.replace("+", "_").replace(" ", "_").replace("=", "").replace("'", "").replace("(", "").replace(")", "")
+    runs = [_student(lay, tag, n, s, objective, teacher, steps) for s in lay.profile.seeds]
+    return {"row": row, "samples_per_class": n, "objective": objective, "steps": steps, **summarize_runs(runs),
+            "loop_seconds": summarize([r.get("loop_seconds", r["train_seconds"]) for r in runs])}
+
+
+def _cells_at(lay: Layout, n: int, chosen: dict, teacher: str, cells: dict, say) -> None:
+    """Every row at n: the paper's, noisy KD, KD at JM's training time, the ablations, and
+    CE at twice its budget where the budget is checked."""
+    profile, values = lay.profile, run_config("distill", lay.profile)
+    steps = _budget(profile, n, values, chosen["steps"])
+    weights = {"γ": chosen["gamma"], "γ_ce": chosen["gamma_ce"], "γ_sq": chosen["gamma_sq"], "σ": chosen["sigma"],
+               "M": profile.noise_draws_equal}
+    grid = {**ROWS, **{k: v for k, v in COMPUTE_ROWS.items() if v is not None}}
+    grid.update(ABLATIONS if n in profile.ablation_samples else {})
+    for row, objective in grid.items():
+        cells[f"{row}|{n}"] = _cell(lay, row, n, {**_fill(objective, weights), "temperature": chosen["tau"]}, teacher, steps)
+        say(cells[f"{row}|{n}"])
+    # CE+KD trained for as long as CE+KD+JM took (the epochs' own seconds, mean over seeds)
+    ratio = cells[f"CE+KD+JM|{n}"]["loop_seconds"]["mean"] / cells[f"CE+KD|{n}"]["loop_seconds"]["mean"]
+    kd = {**ROWS["CE+KD"], "temperature": chosen["tau"]}
+    cell = _cell(lay, EQUAL_TIME_ROW, n, kd, teacher, max(round(steps * ratio), steps), tag="CE_KD_equal_time")
+    cells[f"{EQUAL_TIME_ROW}|{n}"] = {**cell, "time_ratio": ratio}
+    say(cell)
+    if n == profile.budget_check_samples:
+        cells[f"{DOUBLED_ROW}|{n}"] = _cell(lay, DOUBLED_ROW, n, ROWS["CE"], teacher, 2 * steps, tag="CE_doubled")
+        say(cells[f"{DOUBLED_ROW}|{n}"])
 
 
 def distill_section(lay: Layout) -> dict:
@@ -281,27 +334,25 @@ def distill_section(lay: Layout) -> dict:
     teacher = _teacher_path(lay)
     start = time.time()
     chosen, selection = _distill_selection(lay, teacher)
-    steps, tau = chosen["steps"], chosen["tau"]
-    weights = {"γ": chosen["gamma"], "γ_ce": chosen["gamma_ce"], "γ_sq": chosen["gamma_sq"]}
     cells: dict = {}
     config = run_config("distill", profile)
-    summary = {"teacher": teacher, "selection": selection, "steps": steps, "tau": tau, "seeds": list(profile.seeds),
-               "samples": list(profile.samples), "cells": cells, "complete": False,
-               "student": config["model"]["name"]}
-    # n-major, smallest first: a partial run has every row at the smallest n, and the
-    # JSON is rewritten after each cell, so the report can show what has run so far.
-    for n in profile.samples:
-        grid = list(ROWS.items()) + (list(ABLATIONS.items()) if n in profile.ablation_samples else [])
-        for row, objective in grid:
-            obj = {**_fill(objective, weights), "temperature": tau}
-            tag = row.replace("+", "_").replace(" ", "_")
-            runs = [_student(lay, tag, n, s, obj, teacher, steps) for s in profile.seeds]
-            cell = cells[f"{row}|{n}"] = {"row": row, "samples_per_class": n, "objective": obj, **summarize_runs(runs)}
-            print(f"  {row:<22} n={n:<4} test {100 * cell['acc']['mean']:.1f} ± {100 * cell['acc']['std']:.1f}"
-                  f"   [{time.time() - start:.0f} s]")
-            summary["section_seconds"] = time.time() - start
-            summary["run_seconds"] = _run_seconds(cells, *summary["selection"].values())
-            write_json_atomic(out / "distill.json", with_provenance(summary, config))
+    summary = {"teacher": teacher, "selection": selection, "steps": chosen["steps"], "tau": chosen["tau"],
+               "budgets": {str(n): _budget(profile, n, config, chosen["steps"]) for n in profile.samples},
+               "budget_rule": {"min_epochs": profile.min_epochs, "max_steps": profile.max_steps},
+               "noise_draws_equal": profile.noise_draws_equal, "seeds": list(profile.seeds),
+               "samples": list(profile.samples), "cells": cells, "complete": False, "student": config["model"]["name"],
+               "rows": {"paper": list(ROWS), "equal_compute": ["CE+KD", "CE+KD+JM", *COMPUTE_ROWS],
+                        "ablations": list(ABLATIONS), "budget_check": ["CE", DOUBLED_ROW]},
+               "budget_check_samples": profile.budget_check_samples}
+
+    def say(cell):  # the JSON is rewritten after each cell, so the report can show what has run so far
+        print(f"  {cell['row']:<22} n={cell['samples_per_class']:<4} test {100 * cell['acc']['mean']:.1f} ± "
+              f"{100 * cell['acc']['std']:.1f}   [{time.time() - start:.0f} s]", flush=True)
+        summary["section_seconds"] = time.time() - start
+        summary["run_seconds"] = _run_seconds(cells, *summary["selection"].values())
+        write_json_atomic(out / "distill.json", with_provenance(summary, config))
+    for n in profile.samples:  # n-major, smallest first: a partial run has every row at the smallest n
+        _cells_at(lay, n, chosen, teacher, cells, say)
     summary["complete"] = True
     write_json_atomic(out / "distill.json", with_provenance(summary, config))
     return summary
@@ -398,8 +449,10 @@ def transfer_section(lay: Layout) -> dict:
 def verify_section(lay: Layout) -> dict:
     from .verify import main as verify_main
     start = time.time()
-    records = verify_main(str(lay.out / "verify.json"), str(lay.out / "verify.png"), **lay.profile.verify)
-    return {"records": len(records), "section_seconds": time.time() - start}
+    records = verify_main(None, str(lay.out / "verify.png"), **lay.profile.verify)
+    summary = {"records": records, "section_seconds": time.time() - start}
+    write_json_atomic(lay.out / "verify.json", with_provenance(summary))
+    return summary
 
 
 def pictures_section(lay: Layout) -> dict:

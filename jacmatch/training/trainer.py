@@ -356,6 +356,8 @@ def train(cfg: RunConfig, *, resume: bool = False, data: DataSplits | None = Non
         write_json_atomic(run.out / "results.json", results)
         if run.writer is not None:
             run.writer.close()
+    if stop.requested:  # a signal during the last evaluation: the run is complete, and the process stops
+        raise Preempted(f"stopped by a signal after the last epoch; {run.out} holds the finished run")
     return results
 
 
@@ -643,6 +645,8 @@ def _results(cfg, data, model, teacher, history, seconds) -> dict:
             "teacher_parameters": count_parameters(teacher) if teacher is not None else None,
             "final": {"val": final.get("val"), "test": final.get("test"), "train": final.get("train")},
             "epochs": len(history), "train_seconds": seconds, "torch": torch.__version__,
+            # the epochs' own time (steps, no evaluation), over every invocation: what equal compute compares
+            "loop_seconds": sum(h.get("epoch_seconds", 0.0) for h in history),
             "provenance": provenance(config_to_dict(cfg), data.data_sha256)}
 
 
