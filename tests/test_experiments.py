@@ -2,6 +2,7 @@
 run on small CIFAR-format files the test writes."""
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -142,3 +143,24 @@ def test_report_regenerates_the_committed_report_byte_for_byte(tmp_path, monkeyp
     report.main()
     for name in ("results/REPORT.md", "README.md", "BENCHMARKS.md"):
         assert (tmp_path / name).read_text() == (ROOT / name).read_text(), f"{name} is stale: run `jacmatch report`"
+
+
+def test_a_selection_grows_its_grid_until_the_choice_is_inside():
+    """An edge that wins extends the grid at its own spacing; the record says where it ended."""
+    import dataclasses
+
+    from jacmatch.experiments import paper
+    profile = dataclasses.replace(paper.QUICK, grids={"w": (1.0, 10.0, 100.0)}, selection_seeds=(0, 1))
+    lay = paper.Layout(profile=profile)
+
+    def train(peak):
+        def run(value, tag, n, seed):
+            return {"final": {"val": {"acc": -abs(math.log10(value) - math.log10(peak))}}, "train_seconds": 1.0}
+        return run
+    best, rec = paper._select(lay, "w", train(1000.0))
+    assert best == 1000.0 and rec["inside"] and rec["extended"] == [1000.0, 10000.0]
+    assert rec["grid"] == [1.0, 10.0, 100.0, 1000.0, 10000.0] and rec["train_seconds"] == 10.0
+    best, rec = paper._select(lay, "w", train(1e-6))  # keeps winning at the low edge: 3 extensions, then stops
+    assert best == 0.001 and not rec["inside"] and rec["extended"] == [0.1, 0.01, 0.001]
+    best, rec = paper._select(lay, "w", train(10.0))
+    assert best == 10.0 and rec["inside"] and rec["extended"] == []

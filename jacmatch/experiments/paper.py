@@ -325,7 +325,8 @@ def _cells_at(lay: Layout, n: int, chosen: dict, teacher: str, cells: dict, say)
     cells[f"{EQUAL_TIME_ROW}|{n}"] = {**cell, "time_ratio": ratio}
     say(cell)
     if n == profile.budget_check_samples:
-        cells[f"{DOUBLED_ROW}|{n}"] = _cell(lay, DOUBLED_ROW, n, ROWS["CE"], teacher, 2 * steps, tag="CE_doubled")
+        ce = cells[f"CE|{n}"]["objective"]  # the CE row's own settings, for twice its steps
+        cells[f"{DOUBLED_ROW}|{n}"] = _cell(lay, DOUBLED_ROW, n, ce, teacher, 2 * steps, tag="CE_doubled")
         say(cells[f"{DOUBLED_ROW}|{n}"])
 
 
