@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -300,7 +301,7 @@ def _distill_selection(lay: Layout, teacher: str) -> tuple[dict, dict]:
 
 
 def _cell(lay, row, n, objective, teacher, steps, tag=None) -> dict:
-    tag = tag or row.replace("+", "_").replace(" ", "_").replace("=", "").replace("'", "").replace("(", "").replace(")", "")
+    tag = tag or re.sub(r"[^A-Za-z0-9]+", "_", row).strip("_")  # CE+KD+JM sq -> CE_KD_JM_sq
     runs = [_student(lay, tag, n, s, objective, teacher, steps) for s in lay.profile.seeds]
     return {"row": row, "samples_per_class": n, "objective": objective, "steps": steps, **summarize_runs(runs),
             "loop_seconds": summarize([r.get("loop_seconds", r["train_seconds"]) for r in runs])}
