@@ -359,16 +359,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line(text: str) -> str:
+    """A message as one line: control characters (a newline or form feed in a path) escaped."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         code = args.run(args)
     except (ValueError, MissingExtra, FileNotFoundError, IsADirectoryError, NotADirectoryError) as exc:
         message = exc.args[0] if exc.args and isinstance(exc.args[0], str) else str(exc) or type(exc).__name__
-        print(f"jacmatch {args.command}: error: {message}", file=sys.stderr)
+        print(f"jacmatch {args.command}: error: {_one_line(message)}", file=sys.stderr)
         return EXIT_USAGE
     except OSError as exc:  # a full disk, a read-only folder, a directory where a file goes
-        where = f" {exc.filename}" if exc.filename else ""
+        where = f" {_one_line(str(exc.filename))}" if exc.filename else ""
         print(f"jacmatch {args.command}: error: cannot write or read{where}: {exc.strerror or exc}; "
               "what was written before is kept", file=sys.stderr)
         return EXIT_IO
