@@ -180,7 +180,6 @@ class TransferObjective(nn.Module):
         self.generator = generator
         self.teacher_chunk = teacher_chunk
         self._student_fn = _Logits(student, student_output)
-        self._teacher_fn = _Logits(teacher, teacher_output) if teacher is not None else None
         self._teacher_output = teacher_output
         self._fast_options = {"fold": teacher_fold_bn, "channels_last": teacher_channels_last}
         self._fast: _Logits | None = None
@@ -190,7 +189,7 @@ class TransferObjective(nn.Module):
         channels-last (``teacher_fold_bn``, ``teacher_channels_last``), built from the first
         batch and checked against the teacher on it (see :mod:`jacmatch.core.fusion`). The
         user's teacher is not changed; after changing its weights, call :meth:`reset_teacher`."""
-        if self._teacher_fn is None or self.teacher is None:
+        if self.teacher is None:
             raise ValueError("this objective has no teacher: pass teacher=... to take the teacher's side")
         device = next(iter(self.teacher.parameters()), x).device
         if self._fast is None or next(iter(cast(nn.Module, self._fast.module).parameters()), x).device != device:
@@ -270,7 +269,7 @@ class TransferObjective(nn.Module):
             raise ValueError(f"the teacher has {targets['logits'].shape[1]} outputs and the student "
                              f"{logits.shape[1]}: KD and Jacobian matching compare outputs one to one, so "
                              "both must have as many classes as the data set")
-        teacher = self.fast_teacher(x) if self._teacher_fn is not None else None
+        teacher = self.fast_teacher(x) if self.teacher is not None else None
         step = Step(x, y, xs, logits, self._student_fn, teacher, targets,
                     taps.features if isinstance(taps, FeatureTaps) else {}, tangent, self.generator)
         terms = {t.key: t.from_step(step) for t in all_terms}

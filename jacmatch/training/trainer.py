@@ -317,14 +317,11 @@ class _Run:
     resume_rng: torch.Tensor | None = None
     changes: dict = field(default_factory=dict)  # what a resume changed, logged with its first epoch
     writer: Any = None
+    trainable: list = field(default_factory=list)  # the parameters a step takes gradients of
 
     @property
     def last(self) -> Path:
         return self.out / "last.pt"
-
-    @property
-    def trainable(self) -> list[torch.Tensor]:
-        return [p for p in self.model.parameters() if p.requires_grad]
 
     @property
     def global_bn(self) -> bool:
@@ -408,6 +405,7 @@ def _setup(cfg: RunConfig, resume: bool, data: DataSplits | None, info: DistInfo
                gen=gen, aug_gen=torch.Generator(),
                teacher_key=None if teacher is None or given else _teacher_key(cfg),
                teacher_gradients=teacher_gradients, **restored)
+    run.trainable = [p for p in model.parameters() if p.requires_grad]  # once, not every step
     if info.is_main:
         _open_outputs(run, resume)
     return run
