@@ -3,6 +3,7 @@ run on small CIFAR-format files the test writes."""
 
 import json
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -30,6 +31,11 @@ def test_every_experiment_section_and_the_report_quick(tmp_path):
         assert sel["chosen"] == max(sel["grid"], key=lambda v: sel["val_acc"][str(v)]), name
     assert len(distill["selection"]["tau"]["grid"]) > 1 and len(distill["selection"]["gamma"]["grid"]) > 1
     assert distill["steps"] == distill["selection"]["steps"]["chosen"]
+    for row in ("CE", "CE+KD+JM", "noisy KD M=1"):  # every student trains at the learning rate chosen first
+        run = tmp_path / "runs" / "paper" / "quick" / "distill" / f"{re.sub('[^A-Za-z0-9]+', '_', row)}_n5_s0"
+        config = json.loads((run / "results.json").read_text())["config"]
+        assert config["optim"]["lr"] == distill["lr"] == distill["selection"]["lr"]["chosen"], row
+    assert distill["selection"]["lr"]["samples_per_class"] == 5  # the quick profile's budget check
     for cell in distill["cells"].values():
         assert cell["objective"]["temperature"] == distill["selection"]["tau"]["chosen"]
         if cell["row"] in ("CE+KD+JM", "KD+JM"):

@@ -37,10 +37,9 @@ ROWS = {  # the paper's rows: α (CE), β (KD), γ (JM; its value chosen on vali
     "KD": {"alpha": 0.0, "beta": 1.0},
     "KD+JM": {"alpha": 0.0, "beta": 1.0, "gamma": "γ"},
 }
-COMPUTE_ROWS = {  # Proposition 1 taken literally, and what JM's cost buys otherwise
-    "noisy KD M=1": {"alpha": 1.0, "beta": 1.0, "noise_sigma": "σ", "noise_draws": 1},
-    # M at JM's cost: a KD + JM step costs about 2.1 KD steps without the teacher cache (BENCHMARKS.md)
-    "noisy KD M=2": {"alpha": 1.0, "beta": 1.0, "noise_sigma": "σ", "noise_draws": "M"},
+NOISY_KD = {"alpha": 1.0, "beta": 1.0, "noise_sigma": "σ", "noise_draws": "M"}  # Proposition 1 taken literally
+COMPUTE_ROWS = {  # what JM's cost buys otherwise: noisy KD, and KD trained for longer
+    "noisy KD M=1": {**NOISY_KD, "noise_draws": 1},
     "CE+KD (JM's time)": None,  # CE+KD for as many steps as CE+KD+JM's measured training time allows
 }
 EQUAL_TIME_ROW = "CE+KD (JM's time)"
@@ -67,7 +66,7 @@ class Profile:
     ablation_samples: tuple[int, ...]
     selection_samples: int  # n of the validation runs that choose the grids' values
     selection_seeds: tuple[int, ...]
-    grids: dict[str, tuple]  # steps (budget per student), tau, gamma, gamma_ce, gamma_sq, delta
+    grids: dict[str, tuple]  # lr, steps (budget per student), tau, gamma, gamma_ce, gamma_sq, sigma, delta, …
     robust_seeds: tuple[int, ...]
     robust_subsets: tuple  # training sets of section 3: None (the full set) or n per class
     transfer_samples: tuple[int, ...]
@@ -79,25 +78,26 @@ class Profile:
     verify: dict = field(default_factory=dict)  # sizes of the propositions' check (experiments.verify.main)
     min_epochs: int = 0  # a student's budget: at least this many passes over its data ...
     max_steps: int = 10**9  # ... and at most this many steps (the time a section may take)
-    noise_draws_equal: int = 2  # M of noisy KD at JM's cost
+    noise_draws_equal: int = 1  # M of noisy KD at JM's cost; a row "noisy KD M=<M>" when over 1
     budget_check_samples: int | None = None  # n where CE also trains for twice its budget
 
 
 FULL = Profile(
     name="paper", runs="", samples=(1, 5, 10, 50, 100, 500), seeds=(0, 1, 2, 3, 4), ablation_samples=(5, 50),
     selection_samples=10, selection_seeds=(0, 1),
-    grids={"steps": (200, 400), "tau": (2.0, 4.0, 8.0), "gamma": (0.1, 1.0, 10.0, 100.0),
+    grids={"lr": (0.003, 0.01, 0.03), "steps": (200, 400), "tau": (2.0, 4.0, 8.0), "gamma": (0.1, 1.0, 10.0, 100.0),
            "gamma_ce": (0.1, 1.0, 10.0, 100.0), "gamma_sq": (0.01, 0.1, 1.0), "sigma": (0.03, 0.1, 0.3),
            "delta": (0.1, 1.0, 10.0), "delta_jacobian": (0.1, 1.0, 10.0)},
     robust_seeds=(0, 1, 2), robust_subsets=(None, 100), transfer_samples=(5, 10, 50), pictures_samples=10,
-    # An ad-hoc probe (seed 0, not yet a committed command) had CE at n = 500 still climbing at 3200
-    # steps (80 passes over its data): hence the rule; the cap is what the section's time allows.
-    min_epochs=80, max_steps=3200, budget_check_samples=500)
+    # A student takes at least 40 passes over its data, at most 1600 steps: what n = 500 needs at
+    # the learning rate chosen on validation there; the report's budget check (CE at twice the
+    # budget) says whether that was enough.
+    min_epochs=40, max_steps=1600, budget_check_samples=500)
 
 QUICK = Profile(  # a smoke run of every section: digits, tiny grids, one seed
     name="quick", runs="quick", samples=(1, 5), seeds=(0,), ablation_samples=(5,),
     selection_samples=5, selection_seeds=(0,),
-    grids={"steps": (400,), "tau": (2.0, 4.0), "gamma": (0.1, 1.0), "gamma_ce": (1.0,), "gamma_sq": (0.1,),
+    grids={"lr": (0.01, 0.03), "steps": (400,), "tau": (2.0, 4.0), "gamma": (0.1, 1.0), "gamma_ce": (1.0,), "gamma_sq": (0.1,),
            "sigma": (0.1,), "delta": (1.0,), "delta_jacobian": (1.0,)},
     robust_seeds=(0,), robust_subsets=(None, 10), transfer_samples=(5,), pictures_samples=5,
     models={"teacher": "small_cnn_16", "student": "small_cnn_4"},
@@ -220,10 +220,10 @@ def epochs_for_steps(n: int, values: dict, steps: int) -> int:
     return max(steps // per_epoch, 1)
 
 
-def _student(lay, tag, n, seed, objective, teacher, steps, selection=False) -> dict:
+def _student(lay, tag, n, seed, objective, teacher, steps, selection=False, lr=None) -> dict:
     values = run_config("distill", lay.profile, out_dir=str(lay.runs / "distill" / f"{tag}_n{n}_s{seed}"),
                         seed=seed, teacher=teacher, data={"samples_per_class": n}, objective=objective,
-                        eval=SELECTION_EVAL if selection else {})
+                        eval=SELECTION_EVAL if selection else {}, optim={} if lr is None else {"lr": lr})
     if lay.profile.budget_epochs:
         values["optim"]["epochs"] = epochs_for_steps(n, values, steps)
     return lay.train(values)
@@ -240,12 +240,14 @@ def _beyond(grid: list, low: bool) -> float:
     return type(b)(float(f"{value:.12g}"))  # 0.01, not 0.010000000000000002
 
 
-def _select(lay, name, train) -> tuple[float, dict]:
+def _select(lay, name, train, samples=None) -> tuple[float, dict]:
     """The value in the profile's grid ``name`` with the best mean validation accuracy
-    (never the test set); ``train(value, tag, n, seed)`` trains one run with that value.
+    (never the test set) of students of ``samples`` per class (default: the profile's
+    selection_samples); ``train(value, tag, n, seed)`` trains one run with that value.
     When an edge of the grid wins, the grid grows past it (at its own spacing, up to
     MAX_EXTENSIONS times) until the choice lies strictly inside; the record says so."""
-    grid, n, seeds = list(lay.profile.grids[name]), lay.profile.selection_samples, lay.profile.selection_seeds
+    grid, seeds = list(lay.profile.grids[name]), lay.profile.selection_seeds
+    n = samples or lay.profile.selection_samples
     scores: dict[str, float] = {}
     seconds = 0.0
     extended: list = []
@@ -282,27 +284,38 @@ def _budget(profile: Profile, n: int, values: dict, steps: int) -> int:
 
 
 def _distill_selection(lay: Layout, teacher: str) -> tuple[dict, dict]:
-    """In this order, each on validation with the values chosen before it: the step budget
-    and τ on CE+KD, then γ for CE+KD+JM (also KD+JM and the label and projection
-    ablations), γ for CE+JM, γ for the sq form, and σ of noisy KD (one draw).
-    Returns (values, selection records)."""
+    """In this order, each on validation with the values chosen before it: the learning
+    rate on CE at the n where the budget is checked (the largest, slowest to converge), with
+    that n's budget; the step budget and τ on CE+KD; then γ for CE+KD+JM (also KD+JM and the
+    label and projection ablations), γ for CE+JM, γ for the sq form, and σ of noisy KD (one
+    draw). Returns (values, selection records)."""
+    profile, config = lay.profile, run_config("distill", lay.profile)
+    lr, sel_lr = _select(lay, "lr", lambda v, tag, n, seed: _student(
+        lay, tag, n, seed, ROWS["CE"], teacher, _budget(profile, n, config, 0), selection=True, lr=v),
+        samples=profile.budget_check_samples)
     kd = {**ROWS["CE+KD"], "temperature": TAU_PRIOR}
     steps, sel_steps = _select(lay, "steps", lambda v, tag, n, seed: _student(lay, tag, n, seed, kd, teacher, v,
-                                                                               selection=True))
+                                                                               selection=True, lr=lr))
     tau, sel_tau = _select(lay, "tau", _placeholder(lay, {**ROWS["CE+KD"], "temperature": "τ"}, teacher,
-                                                    steps=steps, selection=True))
-    chosen = {"steps": steps, "tau": tau}
-    selection = {"steps": sel_steps, "tau": sel_tau}
+                                                    steps=steps, selection=True, lr=lr))
+    chosen = {"lr": lr, "steps": steps, "tau": tau}
+    selection = {"lr": sel_lr, "steps": sel_steps, "tau": sel_tau}
     for name, objective in (("gamma", ROWS["CE+KD+JM"]), ("gamma_ce", ROWS["CE+JM"]),
                             ("gamma_sq", ABLATIONS["CE+KD+JM sq"]), ("sigma", COMPUTE_ROWS["noisy KD M=1"])):
         chosen[name], selection[name] = _select(lay, name, _placeholder(
-            lay, {**_fill(objective, {"M": 1}), "temperature": tau}, teacher, steps=steps, selection=True))
+            lay, {**objective, "temperature": tau}, teacher, steps=steps, selection=True, lr=lr))
     return chosen, selection
 
 
-def _cell(lay, row, n, objective, teacher, steps, tag=None) -> dict:
+def _noisy_rows(profile: Profile) -> dict:
+    """Noisy KD's rows: one draw, and M at JM's cost when that is more than one."""
+    m = profile.noise_draws_equal
+    return {"noisy KD M=1": COMPUTE_ROWS["noisy KD M=1"], **({f"noisy KD M={m}": NOISY_KD} if m > 1 else {})}
+
+
+def _cell(lay, row, n, objective, teacher, steps, lr, tag=None) -> dict:
     tag = tag or re.sub(r"[^A-Za-z0-9]+", "_", row).strip("_")  # CE+KD+JM sq -> CE_KD_JM_sq
-    runs = [_student(lay, tag, n, s, objective, teacher, steps) for s in lay.profile.seeds]
+    runs = [_student(lay, tag, n, s, objective, teacher, steps, lr=lr) for s in lay.profile.seeds]
     return {"row": row, "samples_per_class": n, "objective": objective, "steps": steps, **summarize_runs(runs),
             "loop_seconds": summarize([r.get("loop_seconds", r["train_seconds"]) for r in runs])}
 
@@ -314,20 +327,21 @@ def _cells_at(lay: Layout, n: int, chosen: dict, teacher: str, cells: dict, say)
     steps = _budget(profile, n, values, chosen["steps"])
     weights = {"γ": chosen["gamma"], "γ_ce": chosen["gamma_ce"], "γ_sq": chosen["gamma_sq"], "σ": chosen["sigma"],
                "M": profile.noise_draws_equal}
-    grid = {**ROWS, **{k: v for k, v in COMPUTE_ROWS.items() if v is not None}}
-    grid.update(ABLATIONS if n in profile.ablation_samples else {})
+    grid = {**ROWS, **_noisy_rows(profile), **(ABLATIONS if n in profile.ablation_samples else {})}
     for row, objective in grid.items():
-        cells[f"{row}|{n}"] = _cell(lay, row, n, {**_fill(objective, weights), "temperature": chosen["tau"]}, teacher, steps)
+        cells[f"{row}|{n}"] = _cell(lay, row, n, {**_fill(objective, weights), "temperature": chosen["tau"]}, teacher,
+                                    steps, chosen["lr"])
         say(cells[f"{row}|{n}"])
     # CE+KD trained for as long as CE+KD+JM took (the epochs' own seconds, mean over seeds)
     ratio = cells[f"CE+KD+JM|{n}"]["loop_seconds"]["mean"] / cells[f"CE+KD|{n}"]["loop_seconds"]["mean"]
     kd = {**ROWS["CE+KD"], "temperature": chosen["tau"]}
-    cell = _cell(lay, EQUAL_TIME_ROW, n, kd, teacher, max(round(steps * ratio), steps), tag="CE_KD_equal_time")
+    cell = _cell(lay, EQUAL_TIME_ROW, n, kd, teacher, max(round(steps * ratio), steps), chosen["lr"],
+                 tag="CE_KD_equal_time")
     cells[f"{EQUAL_TIME_ROW}|{n}"] = {**cell, "time_ratio": ratio}
     say(cell)
     if n == profile.budget_check_samples:
         ce = cells[f"CE|{n}"]["objective"]  # the CE row's own settings, for twice its steps
-        cells[f"{DOUBLED_ROW}|{n}"] = _cell(lay, DOUBLED_ROW, n, ce, teacher, 2 * steps, tag="CE_doubled")
+        cells[f"{DOUBLED_ROW}|{n}"] = _cell(lay, DOUBLED_ROW, n, ce, teacher, 2 * steps, chosen["lr"], tag="CE_doubled")
         say(cells[f"{DOUBLED_ROW}|{n}"])
 
 
@@ -338,12 +352,12 @@ def distill_section(lay: Layout) -> dict:
     chosen, selection = _distill_selection(lay, teacher)
     cells: dict = {}
     config = run_config("distill", profile)
-    summary = {"teacher": teacher, "selection": selection, "steps": chosen["steps"], "tau": chosen["tau"],
+    summary = {"teacher": teacher, "selection": selection, "lr": chosen["lr"], "steps": chosen["steps"], "tau": chosen["tau"],
                "budgets": {str(n): _budget(profile, n, config, chosen["steps"]) for n in profile.samples},
                "budget_rule": {"min_epochs": profile.min_epochs, "max_steps": profile.max_steps},
                "noise_draws_equal": profile.noise_draws_equal, "seeds": list(profile.seeds),
                "samples": list(profile.samples), "cells": cells, "complete": False, "student": config["model"]["name"],
-               "rows": {"paper": list(ROWS), "equal_compute": ["CE+KD", "CE+KD+JM", *COMPUTE_ROWS],
+               "rows": {"paper": list(ROWS), "equal_compute": ["CE+KD", "CE+KD+JM", *_noisy_rows(profile), EQUAL_TIME_ROW],
                         "ablations": list(ABLATIONS), "budget_check": ["CE", DOUBLED_ROW]},
                "budget_check_samples": profile.budget_check_samples}
 

@@ -100,6 +100,7 @@ def _distill(d: dict | None, folder: str) -> tuple[str, list[str]]:
     done = f"**Partial: {len(cells)} cells have run so far**; `jacmatch experiment distill` resumes the rest. " \
         if not d.get("complete", True) else ""
     chosen = _chosen(d["selection"], (
+        ("lr", "the learning rate on CE, with that n's step budget"),
         ("steps", "the step budget on CE+KD (optimizer steps per student)"), ("tau", "τ on CE+KD"),
         ("gamma", "γ on CE+KD+JM (also used by KD+JM, label and projection)"), ("gamma_ce", "γ on CE+JM"),
         ("gamma_sq", "γ on CE+KD+JM sq"), ("sigma", "σ of noisy KD (one draw)")))
@@ -130,9 +131,13 @@ def _equal_compute(d: dict, rows: dict) -> list[str]:
         return []
     cells, ns, group = d["cells"], d["samples"], rows["equal_compute"]
     secs = lambda c: f"{c['loop_seconds']['mean']:.0f}" if "loop_seconds" in c else "—"  # noqa: E731
+    m = d["noise_draws_equal"]
+    draws = (f"M = 1 and M = {m} draws, the M at which noisy KD costs what a KD + JM step costs" if m > 1 else
+             "M = 1 draw, which is also the M at JM's cost: one draw already takes longer than a CE+KD+JM step, "
+             "since the teacher's outputs and Jacobians on the fixed training inputs are cached while noisy inputs "
+             "need the teacher every step (seconds below)")
     return (["", f"At equal compute (Proposition 1 read as a recipe: CE+KD on noisy inputs, σ chosen on validation, "
-             f"M = 1 and M = {d['noise_draws_equal']} draws, the M at which noisy KD costs what a KD + JM step costs "
-             "without the teacher cache; and CE+KD trained for as long as CE+KD+JM took). Test accuracy (%):", ""]
+             f"{draws}; and CE+KD trained for as long as CE+KD+JM took). Test accuracy (%):", ""]
             + _table(cells, group, ns, lambda c: _pm(c["acc"]))
             + ["", "Test accuracy under Gaussian input noise σ = 0.3 (%):", ""]
             + _table(cells, group, ns, lambda c: _pm(c["noisy_acc"]["0.3"]) if "0.3" in c["noisy_acc"] else "—")
