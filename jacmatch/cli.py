@@ -16,6 +16,7 @@ import sys
 from . import __version__
 from ._extras import MissingExtra
 from .training import ConfigError, resolve
+from .training.provenance import git_commit
 from .training.trainer import Preempted
 
 EXIT_USAGE = 2
@@ -366,6 +367,7 @@ def _one_line(text: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    git_commit()  # the commit of the code this process loaded, before anyone edits the checkout
     try:
         code = args.run(args)
     except (ValueError, MissingExtra, FileNotFoundError, IsADirectoryError, NotADirectoryError) as exc:

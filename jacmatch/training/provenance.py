@@ -17,7 +17,8 @@ __all__ = ["provenance", "git_commit", "config_sha256"]
 @lru_cache(maxsize=1)
 def git_commit() -> str | None:
     """The commit of the checkout jacmatch runs from (with ``+dirty`` when it has
-    uncommitted changes); None for an installed package."""
+    uncommitted changes); None for an installed package. Read once per process: the CLI
+    reads it at start, so a long run records the code it loaded, not a later commit."""
     root = Path(__file__).resolve().parents[2]
     if not (root / ".git").exists():
         return None
