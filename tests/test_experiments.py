@@ -170,3 +170,25 @@ def test_a_selection_grows_its_grid_until_the_choice_is_inside():
     assert best == 0.001 and not rec["inside"] and rec["extended"] == [0.1, 0.01, 0.001]
     best, rec = paper._select(lay, "w", train(10.0))
     assert best == 10.0 and rec["inside"] and rec["extended"] == []
+
+
+def test_a_committed_teacher_is_re_evaluated_and_gains_provenance(tmp_path):
+    """A teacher.json from before provenance: `experiment teacher` re-evaluates the committed
+    checkpoint, says whether every accuracy came out the same, and adds the provenance keys."""
+    import dataclasses
+    import shutil
+
+    from jacmatch.experiments import paper
+    quick = paper.Layout(root=tmp_path, profile=paper.QUICK)
+    record = paper.teacher_section(quick)  # a quick teacher, trained here
+    lay = paper.Layout(root=tmp_path, profile=dataclasses.replace(paper.QUICK, committed_teacher=True))
+    lay.teacher.parent.mkdir(parents=True)
+    shutil.copyfile(quick.teacher, lay.teacher)
+    old = {k: v for k, v in json.loads((lay.out / "teacher.json").read_text()).items() if k != "provenance"}
+    for test_acc, reproduced in ((record["test"]["acc"], True), (0.5, False)):
+        (lay.out / "teacher.json").write_text(json.dumps({**old, "test": {**old["test"], "acc": test_acc}}))
+        checked = json.loads(json.dumps(paper.teacher_section(lay)))
+        assert checked["check"]["reproduced"] is reproduced and checked["test"]["acc"] == test_acc
+        written = json.loads((lay.out / "teacher.json").read_text())
+        assert len(written["provenance"]["data_sha256"]) == 64 and len(written["check"]["checkpoint_sha256"]) == 64
+        assert paper.teacher_section(lay) == written  # checked once: read back as it is

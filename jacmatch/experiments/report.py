@@ -64,7 +64,18 @@ def _teacher(t: dict | None) -> str:
             f"(54,000 images; 6,000 held out for validation) for {t['epochs']} epochs: **test accuracy "
             f"{100 * t['test']['acc']:.2f}%** (validation {100 * t['val']['acc']:.2f}%), trained in "
             f"{t['train_seconds'] / 60:.1f} min. Checkpoint: `{t['checkpoint']}`. Under Gaussian input noise "
-            f"(trained without noise): {noisy}.\n")
+            f"(trained without noise): {noisy}.{_teacher_check(t)}\n")
+
+
+def _teacher_check(t: dict) -> str:
+    c = t.get("check")
+    if c is None:
+        return ""
+    commit = (t.get("provenance") or {}).get("git_commit") or "an installed package"
+    same = "every accuracy above came out identical" if c["reproduced"] else \
+        f"**it differs from the record**: test {100 * c['test']['acc']:.2f}%, validation {100 * c['val']['acc']:.2f}%"
+    return (f" Re-evaluated from the committed checkpoint (SHA-256 {c['checkpoint_sha256'][:12]}…) by "
+            f"`jacmatch experiment teacher` at commit {commit[:12]}: {same}.")
 
 
 def _teacher_findings(t: dict | None) -> list[str]:
