@@ -51,6 +51,10 @@ def test_every_experiment_section_and_the_report_quick(tmp_path):
     report = (tmp_path / "results" / "REPORT.md").read_text()
     assert "## 2. Distillation with few samples" in report and "Not run yet" not in report
     assert "| CE+KD+JM |" in report
+    ce, doubled = distill["cells"]["CE|5"], distill["cells"]["CE (2× steps)|5"]  # the budget check, in the findings
+    assert f"Step budgets: a CE student at n=5 reaches {100 * ce['acc']['mean']:.1f} ± " in report
+    assert f"{100 * doubled['acc']['mean']:.1f} ± {100 * doubled['acc']['std']:.1f}% with twice as many" in report
+    assert "M = 1 draw, which is also the M at JM's cost" in report and "| noisy KD M=1 |" in report
     assert distill["run_seconds"] == pytest.approx(
         sum(c["train_seconds"] for c in distill["cells"].values())
         + sum(s["train_seconds"] for s in distill["selection"].values()))

@@ -196,17 +196,26 @@ def _distill_findings(d: dict) -> list[str]:
 
 
 def _budget_findings(d: dict | None, r: dict | None) -> list[str]:
-    """Whether the students' step budget, rather than n, limits them at large n: CE at
-    n ≥ 50 against the same network trained with CE on the full set (section 3)."""
+    """Whether the step budget, rather than n, limits the students: CE at the n where the
+    budget is checked, with its budget and twice it; against the same network trained
+    with CE on the full set (section 3). Older JSONs (one budget for all n): CE at n ≥ 50."""
     if d is None or r is None:
         return []
-    large = [n for n in d["samples"] if n >= 50 and f"CE|{n}" in d["cells"]]
     full = r["cells"].get("CE|full")
-    if not large or full is None:
+    n = d.get("budget_check_samples")
+    ce, doubled = (d["cells"].get(f"{row}|{n}") for row in _distill_rows(d).get("budget_check", ["", ""]))
+    if ce and doubled and full:
+        diff = 100 * (doubled["acc"]["mean"] - ce["acc"]["mean"])
+        return [f"Step budgets: a CE student at n={n} reaches {_pm(ce['acc'])}% with its budget of {ce['steps']} steps "
+                f"and {_pm(doubled['acc'])}% with twice as many ({diff:+.1f} points): "
+                + ("the students have converged at their budget" if abs(diff) < 1 else "the budget still limits them")
+                + f"; the same network trained on the full set for longer (section 3) reaches {_pm(full['acc'])}%."]
+    large = [n for n in d["samples"] if n >= 50 and f"CE|{n}" in d["cells"]]
+    if not large or "budgets" in d:
         return []
-    ce = ", ".join(f"{_pm(d['cells'][f'CE|{n}']['acc'])}% at n={n}" for n in large)
-    return [f"Limit of this setup: with a budget of {d['steps']} steps a CE student reaches {ce}, whereas the same network "
-            f"trained on the full set for longer (section 3) reaches {_pm(full['acc'])}%: at large n the students "
+    ce_text = ", ".join(f"{_pm(d['cells'][f'CE|{n}']['acc'])}% at n={n}" for n in large)
+    return [f"Limit of this setup: with a budget of {d['steps']} steps a CE student reaches {ce_text}, whereas the same "
+            f"network trained on the full set for longer (section 3) reaches {_pm(full['acc'])}%: at large n the students "
             "are limited by the steps more than by the samples, and the large-n columns compare the rows under a "
             "budget that limits them all."]
 
