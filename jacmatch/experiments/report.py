@@ -119,7 +119,7 @@ def _distill(d: dict | None, folder: str) -> tuple[str, list[str]]:
               "budgets" not in d else "a student of n samples per class takes " + ", ".join(
                   f"{s} steps at n={n}" for n, s in d["budgets"].items()) + f" (the budget chosen on validation, or "
               f"{d['budget_rule']['min_epochs']} passes over its data, at most {d['budget_rule']['max_steps']} "
-              "steps: the time the section may take)")
+              "steps: the time the section may take)" + _step_cap(d))
     lines = [done + f"Student: {d['student']}; {len(d['seeds'])} seeds per cell; {budget}. Test accuracy (%), mean ± "
              f"std over seeds. Chosen on the validation split, in this order: {chosen}.\n"]
     lines += _table(cells, rows["paper"], samples, lambda c: _pm(c["acc"]))
@@ -133,6 +133,16 @@ def _distill(d: dict | None, folder: str) -> tuple[str, list[str]]:
     lines += ["", "Mean cosine between teacher and student input-gradients (test set, teacher's top-1):", ""]
     lines += _table(cells, rows["paper"], samples, lambda c: f"{c['jacobian_cosine']['mean']:.3f}")
     return "\n".join(lines) + f"\n\n![distillation]({_img(folder, 'distill')})\n", _distill_findings(d)
+
+
+def _step_cap(d: dict) -> str:
+    """Whether the cap on the chosen budget bound: validation preferred more steps than the
+    section's time allows at small n."""
+    cap, chosen = d["budget_rule"].get("max_chosen_steps"), d["selection"]["steps"]["chosen"]
+    if cap is None or chosen <= cap:
+        return ""
+    return (f"; **validation chose {chosen} steps, capped at {cap}**: at n ≤ 100 the budget is bounded by the time "
+            "the section may take (2 cores), a natural bound, not a choice inside the grid")
 
 
 def _equal_compute(d: dict, rows: dict) -> list[str]:
