@@ -141,7 +141,8 @@ def _step_cap(d: dict) -> str:
     cap, chosen = d["budget_rule"].get("max_chosen_steps"), d["selection"]["steps"]["chosen"]
     if cap is None or chosen <= cap:
         return ""
-    return (f"; **validation chose {chosen} steps, capped at {cap}**: at n ≤ 100 the budget is bounded by the time "
+    capped = ", ".join(f"n={n}" for n, steps in d["budgets"].items() if steps == cap)
+    return (f"; **validation chose {chosen} steps, capped at {cap}**: at {capped} the budget is bounded by the time "
             "the section may take (2 cores), a natural bound, not a choice inside the grid")
 
 
