@@ -226,7 +226,7 @@ def _compute_findings(d: dict) -> list[str]:
 def _budget_findings(d: dict | None, r: dict | None) -> list[str]:
     """Whether the step budget, rather than n, limits the students: CE at the n where the
     budget is checked, with its budget and twice it; against the same network trained
-    with CE on the full set (section 3). Older JSONs (one budget for all n): CE at n ≥ 50."""
+    with CE on the full set (section 3)."""
     if d is None or r is None:
         return []
     full = r["cells"].get("CE|full")
@@ -238,14 +238,7 @@ def _budget_findings(d: dict | None, r: dict | None) -> list[str]:
                 f"and {_pm(doubled['acc'])}% with twice as many ({diff:+.1f} points): "
                 + ("the students have converged at their budget" if abs(diff) < 1 else "the budget still limits them")
                 + f"; the same network trained on the full set for longer (section 3) reaches {_pm(full['acc'])}%."]
-    large = [n for n in d["samples"] if n >= 50 and f"CE|{n}" in d["cells"]]
-    if not large or "budgets" in d:
-        return []
-    ce_text = ", ".join(f"{_pm(d['cells'][f'CE|{n}']['acc'])}% at n={n}" for n in large)
-    return [f"Limit of this setup: with a budget of {d['steps']} steps a CE student reaches {ce_text}, whereas the same "
-            f"network trained on the full set for longer (section 3) reaches {_pm(full['acc'])}%: at large n the students "
-            "are limited by the steps more than by the samples, and the large-n columns compare the rows under a "
-            "budget that limits them all."]
+    return []
 
 
 def _robust(r: dict | None, d: dict | None, folder: str) -> tuple[str, list[str]]:
