@@ -193,7 +193,7 @@ def test_a_committed_teacher_is_re_evaluated_and_gains_provenance(tmp_path):
     old = {k: v for k, v in json.loads((lay.out / "teacher.json").read_text()).items() if k != "provenance"}
     for test_acc, reproduced in ((record["test"]["acc"], True), (0.5, False)):
         (lay.out / "teacher.json").write_text(json.dumps({**old, "test": {**old["test"], "acc": test_acc}}))
-        checked = json.loads(json.dumps(paper.teacher_section(lay)))
+        checked = paper.teacher_section(lay)
         assert checked["check"]["reproduced"] is reproduced and checked["test"]["acc"] == test_acc
         written = json.loads((lay.out / "teacher.json").read_text())
         assert len(written["provenance"]["data_sha256"]) == 64 and len(written["check"]["checkpoint_sha256"]) == 64
@@ -211,3 +211,15 @@ def test_the_step_budget_rule_and_its_cap():
          "selection": {"steps": {"chosen": 800}}}
     assert "validation chose 800 steps, capped at 400**: at n=10 the budget" in report._step_cap(d)
     assert report._step_cap({**d, "selection": {"steps": {"chosen": 400}}}) == ""
+
+
+def test_noisy_kd_at_jm_cost_gets_its_own_row_when_it_needs_more_than_one_draw():
+    import dataclasses
+
+    from jacmatch.experiments import paper
+    assert list(paper._noisy_rows(paper.FULL)) == ["noisy KD M=1"]
+    rows = paper._noisy_rows(dataclasses.replace(paper.FULL, noise_draws_equal=3))
+    assert list(rows) == ["noisy KD M=1", "noisy KD M=3"]
+    filled = {r: paper._fill(o, {"σ": 0.1, "M": 3}) for r, o in rows.items()}
+    assert filled["noisy KD M=1"]["noise_draws"] == 1 and filled["noisy KD M=3"]["noise_draws"] == 3
+    assert filled["noisy KD M=3"]["noise_sigma"] == 0.1

@@ -125,7 +125,7 @@ def _distill(d: dict | None, folder: str) -> tuple[str, list[str]]:
     lines += _table(cells, rows["paper"], samples, lambda c: _pm(c["acc"]))
     lines += ["", "95% interval half-widths of those means (Student's t over the seeds), in points:", ""]
     lines += _table(cells, rows["paper"], samples, lambda c: f"±{100 * c['acc']['ci95']:.1f}")
-    lines += _equal_compute(d, rows) + _budget_check(d, rows)
+    lines += _equal_compute(d, rows) + _budget_check(d)
     if rows.get("ablations"):
         ns = sorted({c["samples_per_class"] for c in cells.values() if c["row"] in rows["ablations"]})
         lines += ["", "Ablations (form and which Jacobians):", ""]
@@ -167,12 +167,17 @@ def _equal_compute(d: dict, rows: dict) -> list[str]:
             + _table(cells, group, ns, secs))
 
 
-def _budget_check(d: dict, rows: dict) -> list[str]:
+def _budget_pair(d: dict) -> tuple | None:
+    """(n, CE cell, CE at twice its budget, difference in points) where the budget is checked."""
     n = d.get("budget_check_samples")
-    ce, doubled = (d["cells"].get(f"{r}|{n}") for r in rows.get("budget_check", ["", ""]))
-    if not (ce and doubled):
+    ce, doubled = (d["cells"].get(f"{r}|{n}") for r in _distill_rows(d).get("budget_check", ["", ""]))
+    return (n, ce, doubled, 100 * (doubled["acc"]["mean"] - ce["acc"]["mean"])) if ce and doubled else None
+
+
+def _budget_check(d: dict) -> list[str]:
+    if (pair := _budget_pair(d)) is None:
         return []
-    diff = 100 * (doubled["acc"]["mean"] - ce["acc"]["mean"])
+    n, ce, doubled, diff = pair
     verdict = "converged (under 1 point)" if abs(diff) < 1 else "**not converged** (1 point or more)"
     return ["", f"Is the budget enough? CE at n = {n}: {_pm(ce['acc'])}% with {ce['steps']} steps, "
             f"{_pm(doubled['acc'])}% with {doubled['steps']} steps: {diff:+.1f} points, {verdict}."]
@@ -214,7 +219,7 @@ def _compute_findings(d: dict) -> list[str]:
     ns = [n for n in d["samples"] if rivals and all(n in pairs[r] for r in rivals)]
     if not ns:
         return []
-    worth = [n for n in ns if all(pairs[r][n][0] > 0 and pairs[r][n][1] >= 0.8 * pairs[r][n][2] for r in rivals)]
+    worth = [n for n in ns if all(_holds(*pairs[r][n]) for r in rivals)]
     against = "; ".join(f"against {r}: " + ", ".join(f"n={n}: {pairs[r][n][0]:+.1f} ({pairs[r][n][1]}/{pairs[r][n][2]})"
                                                       for n in ns) for r in rivals)
     where = (f"worth its cost at {', '.join(f'n={n}' for n in worth)}" if worth else "not worth its cost at any n")
@@ -229,16 +234,14 @@ def _budget_findings(d: dict | None, r: dict | None) -> list[str]:
     with CE on the full set (section 3)."""
     if d is None or r is None:
         return []
-    full = r["cells"].get("CE|full")
-    n = d.get("budget_check_samples")
-    ce, doubled = (d["cells"].get(f"{row}|{n}") for row in _distill_rows(d).get("budget_check", ["", ""]))
-    if ce and doubled and full:
-        diff = 100 * (doubled["acc"]["mean"] - ce["acc"]["mean"])
-        return [f"Step budgets: a CE student at n={n} reaches {_pm(ce['acc'])}% with its budget of {ce['steps']} steps "
-                f"and {_pm(doubled['acc'])}% with twice as many ({diff:+.1f} points): "
-                + ("the students have converged at their budget" if abs(diff) < 1 else "the budget still limits them")
-                + f"; the same network trained on the full set for longer (section 3) reaches {_pm(full['acc'])}%."]
-    return []
+    full, pair = r["cells"].get("CE|full"), _budget_pair(d)
+    if pair is None or full is None:
+        return []
+    n, ce, doubled, diff = pair
+    return [f"Step budgets: a CE student at n={n} reaches {_pm(ce['acc'])}% with its budget of {ce['steps']} steps "
+            f"and {_pm(doubled['acc'])}% with twice as many ({diff:+.1f} points): "
+            + ("the students have converged at their budget" if abs(diff) < 1 else "the budget still limits them")
+            + f"; the same network trained on the full set for longer (section 3) reaches {_pm(full['acc'])}%."]
 
 
 def _robust(r: dict | None, d: dict | None, folder: str) -> tuple[str, list[str]]:
@@ -380,9 +383,14 @@ def _paired_by_n(section: dict, a: str, b: str, metric=lambda c: c["acc"]) -> li
     return out
 
 
+def _holds(mean: float, wins: int, seeds: int) -> bool:
+    """A gain that holds: positive on average and in at least 4 of 5 seeds."""
+    return mean > 0 and wins >= 0.8 * seeds
+
+
 def _verdict(pairs: list[tuple]) -> str:
     """Confirmed: b wins on average at every n, in at least 4 of 5 seeds each; partly: at some n; else not."""
-    strong = [m > 0 and w >= 0.8 * k for _, m, w, k in pairs]
+    strong = [_holds(m, w, k) for _, m, w, k in pairs]
     return "confirmed" if pairs and all(strong) else "partly confirmed" if any(strong) else "not confirmed"
 
 

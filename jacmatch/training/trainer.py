@@ -51,7 +51,8 @@ from .distributed import (
 from .evaluate import TeacherGradients, evaluate
 from .provenance import provenance
 
-__all__ = ["train", "load_model", "epoch_batches", "NonFiniteError", "RunExistsError", "Preempted"]
+__all__ = ["train", "load_model", "load_data", "evaluate_splits", "epoch_batches", "NonFiniteError", "RunExistsError",
+           "Preempted"]
 
 #: Memory estimate above which a run is refused before it starts (bytes).
 MAX_STEP_BYTES = 16 << 30
@@ -372,7 +373,7 @@ def _setup(cfg: RunConfig, resume: bool, data: DataSplits | None, info: DistInfo
     if resume and not (out / "last.pt").exists():
         raise ConfigError(f"--resume: {out / 'last.pt'} does not exist (nothing to resume)")
     given = data is not None
-    data = data or _load_data(cfg)
+    data = data or load_data(cfg)
     batch = min(cfg.optim.batch_size, max(len(data.train), 1))
     step_bytes = cfg.objective.step_bytes(math.prod(data.train.images.shape[1:]), data.num_classes, batch)
     if step_bytes > MAX_STEP_BYTES:
@@ -416,7 +417,8 @@ def _draws(gen: torch.Generator, info: DistInfo):
     return ShardedGenerator(gen, info.rank, info.world_size) if info.enabled else gen
 
 
-def _load_data(cfg: RunConfig) -> DataSplits:
+def load_data(cfg: RunConfig) -> DataSplits:
+    """The data a run of ``cfg`` reads: its splits, subset and seed."""
     d = cfg.data
     return create_dataset(d.name, data_dir=d.data_dir, samples_per_class=d.samples_per_class, val_size=d.val_size,
                           split_seed=d.split_seed, seed=cfg.seed, classes=d.classes, download=d.download)
@@ -557,7 +559,8 @@ def _end_epoch(run: _Run, epoch: int, steps: int, sums: dict, skipped: int, seco
         record["train"] = _mean_across_ranks(record["train"], run.device)
     if (epoch + 1) % cfg.eval.every == 0 or epoch + 1 == cfg.optim.epochs:
         if info.is_main:
-            record.update(_evaluate(run))
+            record.update(evaluate_splits(run.model, run.data, run.cfg, run.device, teacher=run.teacher,
+                                          teacher_key=run.teacher_key, teacher_gradients=run.teacher_gradients))
         info.barrier()
     run.history.append(record)
     if info.is_main:
@@ -567,13 +570,16 @@ def _end_epoch(run: _Run, epoch: int, steps: int, sums: dict, skipped: int, seco
     info.barrier()
 
 
-def _evaluate(run: _Run) -> dict:
-    e = run.cfg.eval
-    return {"val": evaluate(run.model, run.data.val, run.device, batch_size=e.batch_size),
-            "test": evaluate(run.model, run.data.test, run.device, batch_size=e.batch_size,
+def evaluate_splits(model: nn.Module, data: DataSplits, cfg: RunConfig, device="cpu", *, teacher=None,
+                    teacher_key=None, teacher_gradients=None) -> dict:
+    """A run's evaluation, as its config says: {"val": accuracy, "test": accuracy, under
+    noise, and the Jacobian cosine with ``teacher`` when the config asks for it}."""
+    e = cfg.eval
+    return {"val": evaluate(model, data.val, device, batch_size=e.batch_size),
+            "test": evaluate(model, data.test, device, batch_size=e.batch_size,
                              noise_sigmas=e.noise_sigmas, noise_seed=e.noise_seed,
-                             teacher=run.teacher if e.jacobian_cosine else None, cosine_samples=e.cosine_samples,
-                             teacher_key=run.teacher_key, teacher_gradients=run.teacher_gradients)}
+                             teacher=teacher if e.jacobian_cosine else None, cosine_samples=e.cosine_samples,
+                             teacher_key=teacher_key, teacher_gradients=teacher_gradients)}
 
 
 class _PlainProgress:
