@@ -441,12 +441,12 @@ def test_a_signal_during_the_last_evaluation_stops_the_process_after_the_finishe
     import signal
 
     from jacmatch.training import trainer
-    real = trainer._evaluate
+    real = trainer.evaluate_splits
 
-    def evaluate_then_signal(run):
+    def evaluate_then_signal(*args, **kwargs):
         os.kill(os.getpid(), signal.SIGTERM)
-        return real(run)
-    monkeypatch.setattr(trainer, "_evaluate", evaluate_then_signal)
+        return real(*args, **kwargs)
+    monkeypatch.setattr(trainer, "evaluate_splits", evaluate_then_signal)
     values = {"out_dir": str(tmp_path / "r"), "teacher": teacher, "data": {"name": "synthetic", "samples_per_class": 4},
               "model": {"name": "small_cnn_4"}, "objective": {"beta": 1.0}, "optim": {"epochs": 1}, **QUIET}
     with pytest.raises(trainer.Preempted, match="after the last epoch"):
