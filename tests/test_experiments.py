@@ -201,12 +201,17 @@ def test_a_committed_teacher_is_re_evaluated_and_gains_provenance(tmp_path):
 
 
 def test_the_step_budget_rule_and_its_cap():
-    """A student's budget: the chosen steps (capped), at least 40 passes, at most 1600 steps;
-    the report says when the cap bound."""
+    """A student's budget: the chosen steps (capped), at least 40 passes, at most 1600 steps,
+    or the budget set at n = 500 (where the check failed under the rule); the report says
+    when the cap bound."""
+    import dataclasses
+
     from jacmatch.experiments import paper, report
     values, full = paper.run_config("distill"), paper.FULL
-    assert [paper._budget(full, n, values, 800) for n in full.samples] == [400, 400, 400, 400, 400, 1600]
-    assert [paper._budget(full, n, values, 200) for n in full.samples] == [200, 200, 200, 200, 320, 1600]
+    assert [paper._budget(full, n, values, 800) for n in full.samples] == [400, 400, 400, 400, 400, 3200]
+    assert [paper._budget(full, n, values, 200) for n in full.samples] == [200, 200, 200, 200, 320, 3200]
+    unset = dataclasses.replace(full, set_budgets={})
+    assert [paper._budget(unset, n, values, 800) for n in full.samples] == [400, 400, 400, 400, 400, 1600]
     d = {"budgets": {"10": 400, "500": 1600}, "budget_rule": {"max_chosen_steps": 400},
          "selection": {"steps": {"chosen": 800}}}
     assert "validation chose 800 steps, capped at 400**: at n=10 the budget" in report._step_cap(d)
