@@ -216,6 +216,9 @@ def test_the_step_budget_rule_and_its_cap():
          "selection": {"steps": {"chosen": 800}}}
     assert "validation chose 800 steps, capped at 400**: at n=10 the budget" in report._step_cap(d)
     assert report._step_cap({**d, "selection": {"steps": {"chosen": 400}}}) == ""
+    assert report._set_budgets(d) == ""
+    assert "at n=500 the budget is set to 3200 steps instead" in report._set_budgets(
+        {"budget_rule": {"set": {"500": 3200}}})
 
 
 def test_noisy_kd_at_jm_cost_gets_its_own_row_when_it_needs_more_than_one_draw():
