@@ -54,6 +54,7 @@ def test_every_experiment_section_and_the_report_quick(tmp_path):
     ce, doubled = distill["cells"]["CE|5"], distill["cells"]["CE (2× steps)|5"]  # the budget check, in the findings
     assert f"Step budgets: a CE student at n=5 reaches {100 * ce['acc']['mean']:.1f} ± " in report
     assert f"{100 * doubled['acc']['mean']:.1f} ± {100 * doubled['acc']['std']:.1f}% with twice as many" in report
+    assert f"(validation: {100 * ce['val_acc']['mean']:.1f} ± {100 * ce['val_acc']['std']:.1f}% and " in report
     assert "M = 1 draw, which is also the M at JM's cost" in report and "| noisy KD M=1 |" in report
     assert "At equal compute, CE+KD+JM − the rows that cost as much, test points (seeds won) against noisy KD M=1: " \
            "n=1: " in report and "Jacobian matching is " in report

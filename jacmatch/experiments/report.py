@@ -188,8 +188,10 @@ def _budget_check(d: dict) -> list[str]:
         return []
     n, ce, doubled, diff = pair
     verdict = "converged (under 1 point)" if abs(diff) < 1 else "**not converged** (1 point or more)"
+    val = (f" (validation: {_pm(ce['val_acc'])}% and {_pm(doubled['val_acc'])}%)"
+           if "val_acc" in ce and "val_acc" in doubled else "")
     return ["", f"Is the budget enough? CE at n = {n}: {_pm(ce['acc'])}% with {ce['steps']} steps, "
-            f"{_pm(doubled['acc'])}% with {doubled['steps']} steps: {diff:+.1f} points, {verdict}."]
+            f"{_pm(doubled['acc'])}% with {doubled['steps']} steps: {diff:+.1f} points, {verdict}{val}."]
 
 
 def _paired(a: list[float], b: list[float]) -> tuple[float, str]:
