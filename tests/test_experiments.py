@@ -36,6 +36,8 @@ def test_every_experiment_section_and_the_report_quick(tmp_path):
         config = json.loads((run / "results.json").read_text())["config"]
         assert config["optim"]["lr"] == distill["lr"] == distill["selection"]["lr"]["chosen"], row
     assert distill["selection"]["lr"]["samples_per_class"] == 5  # the quick profile's budget check
+    check = distill["selection"]["check_steps"]  # that n's budget: its own choice, not the rule's (400)
+    assert check["samples_per_class"] == 5 and distill["budgets"] == {"1": 400, "5": check["chosen"]} == {"1": 400, "5": 800}
     for cell in distill["cells"].values():
         assert cell["objective"]["temperature"] == distill["selection"]["tau"]["chosen"]
         if cell["row"] in ("CE+KD+JM", "KD+JM"):
@@ -202,24 +204,22 @@ def test_a_committed_teacher_is_re_evaluated_and_gains_provenance(tmp_path):
 
 
 def test_the_step_budget_rule_and_its_cap():
-    """A student's budget: the chosen steps (capped), at least 40 passes, at most 1600 steps,
-    or the budget set at n = 500 (where the check failed under the rule); the report says
-    when the cap bound."""
-    import dataclasses
-
+    """A student's budget: the chosen steps (capped), at least 40 passes, at most 1600 steps;
+    at the n where the budget is checked, the budget chosen there on validation; the report
+    says when the cap bound, and where the budget was chosen at the check."""
     from jacmatch.experiments import paper, report
     values, full = paper.run_config("distill"), paper.FULL
-    assert [paper._budget(full, n, values, 800) for n in full.samples] == [400, 400, 400, 400, 400, 3200]
-    assert [paper._budget(full, n, values, 200) for n in full.samples] == [200, 200, 200, 200, 320, 3200]
-    unset = dataclasses.replace(full, set_budgets={})
-    assert [paper._budget(unset, n, values, 800) for n in full.samples] == [400, 400, 400, 400, 400, 1600]
+    assert [paper._budget(full, n, values, 800) for n in full.samples] == [400, 400, 400, 400, 400, 1600]
+    assert [paper._budget(full, n, values, 200) for n in full.samples] == [200, 200, 200, 200, 320, 1600]
+    assert [paper._budget(full, n, values, 800, 6400) for n in full.samples] == [400, 400, 400, 400, 400, 6400]
+    assert full.grids["check_steps"][0] == paper._budget(full, full.budget_check_samples, values, 0)  # the rule's
     d = {"budgets": {"10": 400, "500": 1600}, "budget_rule": {"max_chosen_steps": 400},
-         "selection": {"steps": {"chosen": 800}}}
+         "selection": {"steps": {"chosen": 800}}, "budget_check_samples": 500}
     assert "validation chose 800 steps, capped at 400**: at n=10 the budget" in report._step_cap(d)
     assert report._step_cap({**d, "selection": {"steps": {"chosen": 400}}}) == ""
-    assert report._set_budgets(d) == ""
-    assert "at n=500 the budget is set to 3200 steps instead" in report._set_budgets(
-        {"budget_rule": {"set": {"500": 3200}}})
+    assert report._check_budget(d) == ""
+    assert "at n=500, where the budget is checked, its own budget is chosen on validation" in report._check_budget(
+        {**d, "selection": {"check_steps": {"chosen": 3200}}})
 
 
 def test_noisy_kd_at_jm_cost_gets_its_own_row_when_it_needs_more_than_one_draw():

@@ -104,7 +104,7 @@ FULL = Profile(
 QUICK = Profile(  # a smoke run of every section: digits, tiny grids, one seed
     name="quick", runs="quick", samples=(1, 5), seeds=(0,), ablation_samples=(5,),
     selection_samples=5, selection_seeds=(0,),
-    grids={"lr": (0.01, 0.03), "check_steps": (400,), "steps": (400,), "tau": (2.0, 4.0), "gamma": (0.1, 1.0),
+    grids={"lr": (0.01, 0.03), "check_steps": (800,), "steps": (400,), "tau": (2.0, 4.0), "gamma": (0.1, 1.0),
            "gamma_ce": (1.0,), "gamma_sq": (0.1,), "sigma": (0.1,), "delta": (1.0,), "delta_jacobian": (1.0,)},
     robust_seeds=(0,), robust_subsets=(None, 10), transfer_samples=(5,), pictures_samples=5,
     models={"teacher": "small_cnn_16", "student": "small_cnn_4"},

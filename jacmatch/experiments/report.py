@@ -111,7 +111,8 @@ def _distill(d: dict | None, folder: str) -> tuple[str, list[str]]:
     done = f"**Partial: {len(cells)} cells have run so far**; `jacmatch experiment distill` resumes the rest. " \
         if not d.get("complete", True) else ""
     chosen = _chosen(d["selection"], (
-        ("lr", "the learning rate on CE, with that n's step budget"),
+        ("lr", "the learning rate on CE, with the rule's step budget at that n"),
+        ("check_steps", "that n's own step budget on CE"),
         ("steps", "the step budget on CE+KD (optimizer steps per student)"), ("tau", "τ on CE+KD"),
         ("gamma", "γ on CE+KD+JM (also used by KD+JM, label and projection)"), ("gamma_ce", "γ on CE+JM"),
         ("gamma_sq", "γ on CE+KD+JM sq"), ("sigma", "σ of noisy KD (one draw)")))
@@ -119,7 +120,7 @@ def _distill(d: dict | None, folder: str) -> tuple[str, list[str]]:
               "budgets" not in d else "a student of n samples per class takes " + ", ".join(
                   f"{s} steps at n={n}" for n, s in d["budgets"].items()) + f" (the budget chosen on validation, or "
               f"{d['budget_rule']['min_epochs']} passes over its data, at most {d['budget_rule']['max_steps']} "
-              "steps: the time the section may take)" + _set_budgets(d) + _step_cap(d))
+              "steps: the time the section may take)" + _check_budget(d) + _step_cap(d))
     lines = [done + f"Student: {d['student']}; {len(d['seeds'])} seeds per cell; {budget}. Test accuracy (%), mean ± "
              f"std over seeds. Chosen on the validation split, in this order: {chosen}.\n"]
     lines += _table(cells, rows["paper"], samples, lambda c: _pm(c["acc"]))
@@ -135,13 +136,12 @@ def _distill(d: dict | None, folder: str) -> tuple[str, list[str]]:
     return "\n".join(lines) + f"\n\n![distillation]({_img(folder, 'distill')})\n", _distill_findings(d)
 
 
-def _set_budgets(d: dict) -> str:
-    """The budgets set in place of the rule, where CE under the rule still gained a point
-    or more from twice its budget (the profile's set_budgets)."""
-    given = d["budget_rule"].get("set") or {}
-    return "".join(f"; at n={n} the budget is set to {steps} steps instead of the rule's, because under the rule CE "
-                   "there still gained a point or more from twice its budget (the check below is at the set budget)"
-                   for n, steps in given.items())
+def _check_budget(d: dict) -> str:
+    """Where the budget is checked, its own budget chosen on validation (not the rule's)."""
+    if "check_steps" not in d["selection"]:
+        return ""
+    return (f"; at n={d['budget_check_samples']}, where the budget is checked, its own budget is chosen on validation "
+            "among the rule's and its doublings (below)")
 
 
 def _step_cap(d: dict) -> str:
