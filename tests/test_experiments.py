@@ -217,8 +217,8 @@ def test_the_step_budget_rule_and_its_cap():
          "selection": {"steps": {"chosen": 800}}, "budget_check_samples": 500}
     assert "validation chose 800 steps, capped at 400**: at n=10 the budget" in report._step_cap(d)
     assert report._step_cap({**d, "selection": {"steps": {"chosen": 400}}}) == ""
-    assert report._check_budget(d) == ""
-    assert "at n=500, where the budget is checked, its own budget is chosen on validation" in report._check_budget(
+    assert report._budget_at_check(d) == ""
+    assert "at n=500, where the budget is checked, its own budget is chosen on validation" in report._budget_at_check(
         {**d, "selection": {"check_steps": {"chosen": 3200}}})
 
 

@@ -120,7 +120,7 @@ def _distill(d: dict | None, folder: str) -> tuple[str, list[str]]:
               "budgets" not in d else "a student of n samples per class takes " + ", ".join(
                   f"{s} steps at n={n}" for n, s in d["budgets"].items()) + f" (the budget chosen on validation, or "
               f"{d['budget_rule']['min_epochs']} passes over its data, at most {d['budget_rule']['max_steps']} "
-              "steps: the time the section may take)" + _check_budget(d) + _step_cap(d))
+              "steps: the time the section may take)" + _budget_at_check(d) + _step_cap(d))
     lines = [done + f"Student: {d['student']}; {len(d['seeds'])} seeds per cell; {budget}. Test accuracy (%), mean ± "
              f"std over seeds. Chosen on the validation split, in this order: {chosen}.\n"]
     lines += _table(cells, rows["paper"], samples, lambda c: _pm(c["acc"]))
@@ -136,7 +136,7 @@ def _distill(d: dict | None, folder: str) -> tuple[str, list[str]]:
     return "\n".join(lines) + f"\n\n![distillation]({_img(folder, 'distill')})\n", _distill_findings(d)
 
 
-def _check_budget(d: dict) -> str:
+def _budget_at_check(d: dict) -> str:
     """Where the budget is checked, its own budget chosen on validation (not the rule's)."""
     if "check_steps" not in d["selection"]:
         return ""
