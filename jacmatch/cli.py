@@ -104,15 +104,16 @@ def _add_run_options(p, kind: str) -> None:
         p.add_argument("--samples-per-class", type=_positive_int, help="few-sample training set: n samples per class")
 
 
-def _overrides(args) -> list[str]:
-    sets = []
+def _overrides(args) -> list:
+    """The options as ``(key, value)`` pairs (taken as typed, not re-parsed), then ``--set``."""
+    sets: list = []
     for flag, key in (("out", "out_dir"), ("device", "device"), ("dataset", "data.name"),
                       ("data_dir", "data.data_dir"), ("model", "model.name"), ("seed", "seed"),
                       ("teacher", "teacher"), ("teacher_model", "teacher_model.name"),
                       ("teacher_weights", "teacher_weights"), ("samples_per_class", "data.samples_per_class")):
         value = getattr(args, flag, None)
         if value is not None:
-            sets.append(f"{key}={json.dumps(value) if isinstance(value, str) else value}")
+            sets.append((key, value))
     return sets + list(args.set)
 
 

@@ -20,6 +20,8 @@ __all__ = ["RunConfig", "DataConfig", "ModelConfig", "OptimConfig", "EvalConfig"
 #: Checked before any work starts (clear errors rather than out-of-memory crashes).
 MAX_BATCH_SIZE = 65_536
 MAX_EPOCHS = 100_000
+#: A config file, and what its aliases expand to, may not be larger (bytes of scalars).
+MAX_CONFIG_BYTES = 1 << 20
 
 
 class ConfigError(ValueError):
@@ -200,12 +202,20 @@ def _build(cls, values: dict, where: str):
     return cls(**kwargs)
 
 
+#: The type of a setting whose default is None, read from its annotation ("int | None").
+_OPTIONAL_TYPES = {"str | None": str, "int | None": int, "list | None": list}
+
+
 def _typed(f: dataclasses.Field, value, key: str):
-    """Check a value against its default's type (an int may stand for a float)."""
+    """Check a value against its default's type (an int may stand for a float); a
+    setting whose default is None against its annotation; list elements too."""
     default = f.default if f.default is not dataclasses.MISSING else (
         f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
     if default is None:
-        return value
+        kind = _OPTIONAL_TYPES.get(str(f.type))
+        if value is None or kind is None:
+            return value
+        default = kind()
     if value is None:
         raise ConfigError(f"config key {key!r} must be a {type(default).__name__}, got null (an empty value)")
     if isinstance(default, bool):
@@ -224,7 +234,29 @@ def _typed(f: dataclasses.Field, value, key: str):
         ok = isinstance(value, type(default))
     if not ok:
         raise ConfigError(f"config key {key!r} must be a {type(default).__name__}, got {value!r}")
+    if isinstance(value, list) and key in _LIST_ELEMENTS:
+        _check_elements(key, value, *_LIST_ELEMENTS[key])
     return value
+
+
+#: What the elements of a list setting must be: (type, a description, distinct).
+_LIST_ELEMENTS = {
+    "data.classes": (int, "class indices (integers >= 0)", True),
+    "optim.milestones": (int, "epochs (integers >= 0)", False),
+    "eval.noise_sigmas": (float, "numbers", False),
+    "objective.at_layers": (str, "'student_module:teacher_module' strings", False),
+}
+
+
+def _check_elements(key: str, values: list, kind: type, what: str, distinct: bool) -> None:
+    for i, v in enumerate(values):
+        numeric = isinstance(v, (int, float)) and not isinstance(v, bool)
+        ok = (isinstance(v, int) and not isinstance(v, bool) and v >= 0) if kind is int else \
+            numeric if kind is float else isinstance(v, kind)
+        if not ok:
+            raise ConfigError(f"config key {key!r} must be a list of {what}; element {i} is {v!r}")
+    if distinct and len(set(values)) != len(values):
+        raise ConfigError(f"config key {key!r} must list distinct {what}, got {values!r}")
 
 
 def _dataclass_type(cls, key):
@@ -263,15 +295,66 @@ def find_config(path: str) -> Path:
                       f"{', '.join(packaged_configs())})")
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """``safe_load`` that refuses a key given twice in one mapping (YAML keeps the last)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            key, line = self.construct_object(key_node, deep=True), key_node.start_mark.line + 1
+            try:
+                if key in seen:
+                    raise ConfigError(f"duplicate key {key!r} on lines {seen[key]} and {line}: keep one "
+                                      "(YAML would silently use the last)")
+                seen[key] = line
+            except TypeError:  # an unhashable key: the constructor below says so
+                continue
+        return super().construct_mapping(node, deep=deep)
+
+
+def _expanded_size(node, sizes: dict) -> int:
+    """Bytes of scalars a YAML node stands for once every alias is expanded. Aliases are
+    the same node object, so each node is sized once: time and memory follow the file's
+    size, not the expansion's ("billion laughs")."""
+    known = sizes.get(id(node))
+    if known is not None:
+        return known
+    if isinstance(node, yaml.ScalarNode):
+        size = len(node.value) + 1
+    elif isinstance(node, yaml.SequenceNode):
+        size = 1 + sum(_expanded_size(child, sizes) for child in node.value)
+    else:
+        size = 1 + sum(_expanded_size(k, sizes) + _expanded_size(v, sizes) for k, v in node.value)
+    sizes[id(node)] = size
+    return size
+
+
+def parse_yaml(text: str, where: str):
+    """YAML text as plain data: safe types only, no duplicate keys, expansion bounded."""
+    loader = _StrictLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        if _expanded_size(node, {}) > MAX_CONFIG_BYTES:
+            raise ConfigError(f"{where} expands (through its aliases) past {MAX_CONFIG_BYTES >> 20} MiB: "
+                              "not a config; write the values out")
+        return loader.construct_document(node)
+    except RecursionError:
+        raise ConfigError(f"{where} is nested too deeply to be a config") from None
+    finally:
+        loader.dispose()
+
+
 def load_config(path: str | None) -> dict:
     """A YAML file (or a shipped config's name) as a nested dict (empty without a path)."""
     if path is None:
         return {}
     p = find_config(path)
-    if p.stat().st_size > 1 << 20:
+    if p.stat().st_size > MAX_CONFIG_BYTES:
         raise ConfigError(f"config file {path} is larger than 1 MiB: not a config")
     try:
-        values = yaml.safe_load(p.read_text())
+        values = parse_yaml(p.read_text(encoding="utf-8"), f"config file {path}")
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
         raise ConfigError(f"config file {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
     if values is None:
@@ -281,17 +364,22 @@ def load_config(path: str | None) -> dict:
     return values
 
 
-def apply_overrides(values: dict, overrides: list[str]) -> dict:
-    """``section.key=value`` pairs, values parsed as YAML (numbers, lists, true/false, null)."""
+def apply_overrides(values: dict, overrides: list) -> dict:
+    """``section.key=value`` strings, values parsed as YAML (numbers, lists, true/false,
+    null), or ``(key, value)`` pairs taken as they are (a command-line path stays the
+    string it was typed as)."""
     values = dict(values)
     for item in overrides or []:
-        if "=" not in item:
+        if isinstance(item, tuple):
+            key, value = item
+        elif "=" not in item:
             raise ConfigError(f"--set expects key=value, got {item!r}")
-        key, raw = item.split("=", 1)
-        try:
-            value = yaml.safe_load(raw)
-        except yaml.YAMLError:
-            value = raw
+        else:
+            key, raw = item.split("=", 1)
+            try:
+                value = parse_yaml(raw, f"--set {key}")
+            except yaml.YAMLError:
+                value = raw
         node = values
         parts = key.strip().split(".")
         for part in parts[:-1]:
@@ -302,7 +390,7 @@ def apply_overrides(values: dict, overrides: list[str]) -> dict:
     return values
 
 
-def resolve(path: str | None, overrides: list[str], base: dict | None = None) -> RunConfig:
+def resolve(path: str | None, overrides: list, base: dict | None = None) -> RunConfig:
     """Defaults ← ``base`` ← YAML file ← ``--set`` overrides; checked."""
     values = merge_values(base or {}, load_config(path))
     cfg = config_from_dict(apply_overrides(values, overrides))
