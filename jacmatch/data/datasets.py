@@ -28,7 +28,7 @@ from .._extras import require
 from .formats import DataError, read_cifar_batch, read_idx
 
 __all__ = ["ImageSet", "DataSplits", "create_dataset", "list_datasets", "register_dataset",
-           "stratified_subset", "DEBIAN_FASHION_MNIST"]
+           "stratified_subset", "check_labels", "DEBIAN_FASHION_MNIST"]
 
 DEBIAN_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
 
@@ -82,7 +82,6 @@ class DataSplits:
     hflip: bool = False            # whether horizontal flips preserve the classes
     train_indices: list[int] = field(default_factory=list)  # into the official training set
     val_indices: list[int] = field(default_factory=list)
-    content_sha256: str = ""       # a quick fingerprint (the first MiB of the training images)
     data_sha256: str = ""          # SHA-256 of every image and label the loader read (train and test files)
 
     @property
@@ -231,6 +230,23 @@ def _raw_sha256(name: str, data_dir: str | None, download: bool) -> str:
     return h.hexdigest()
 
 
+def check_labels(labels: Tensor, num_classes: int, where: str) -> None:
+    """Labels are integers in 0..num_classes-1: a float, negative (cross-entropy silently
+    ignores -100), or too large label is refused, naming the first bad sample."""
+    if not isinstance(labels, Tensor) or labels.ndim != 1:
+        raise DataError(f"{where} labels must be a 1-d tensor of class indices, got "
+                        f"{getattr(labels, 'shape', type(labels).__name__)}")
+    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+        raise DataError(f"{where} labels are {labels.dtype}, not integers: give class indices "
+                        f"0..{num_classes - 1} (an integer tensor)")
+    bad = ((labels < 0) | (labels >= num_classes)).nonzero()
+    if len(bad):
+        i = int(bad[0])
+        note = " (cross-entropy would silently ignore it)" if int(labels[i]) == -100 else ""
+        raise DataError(f"{where} label of sample {i} is {int(labels[i])}{note}, outside 0..{num_classes - 1}: "
+                        f"{len(bad)} labels are out of range; fix the labels or the class count")
+
+
 def register_dataset(name: str, loader: Callable) -> None:
     """Add a loader ``(data_dir, download) -> (train, test, num_classes, hflip)``."""
     _REGISTRY[name] = loader
@@ -276,6 +292,8 @@ def create_dataset(name: str, *, data_dir: str | None = None, samples_per_class:
     if name not in _REGISTRY:
         raise ValueError(f"unknown data set {name!r}: choose one of {list_datasets()}")
     train, test, num_classes, hflip = _load_raw(name, data_dir, download)
+    for split, part in (("training", train), ("test", test)):
+        check_labels(part.labels, num_classes, f"{name} {split}")
     data_sha256 = _raw_sha256(name, data_dir, download)
     if classes is not None:
         classes = list(classes)
@@ -298,6 +316,5 @@ def create_dataset(name: str, *, data_dir: str | None = None, samples_per_class:
         if samples_per_class < 1:
             raise ValueError(f"samples_per_class must be >= 1, got {samples_per_class}")
         train_pool = train_pool[stratified_subset(train.labels[train_pool], samples_per_class, seed)]
-    digest = hashlib.sha256(train.images.numpy().tobytes()[: 1 << 20]).hexdigest()[:16]
     return DataSplits(name, train.subset(train_pool), train.subset(val_idx), test, num_classes, mean, std,
-                      hflip, train_pool.tolist(), val_idx.tolist(), digest, data_sha256)
+                      hflip, train_pool.tolist(), val_idx.tolist(), data_sha256)
