@@ -88,6 +88,8 @@ def _add_run_options(p, kind: str) -> None:
                         "(every key: `jacmatch config --list`)")
     p.add_argument("--out", metavar="DIR", help="output folder: config, metrics, checkpoints, results")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the run that --out holds (its checkpoint, config, metrics and results)")
     p.add_argument("--device", choices=["cpu", "cuda", "auto"], help="where to train (default: auto)")
     p.add_argument("--dataset", help="data set: fashion-mnist, mnist, cifar10, cifar100, digits, synthetic")
     p.add_argument("--data-dir", help="folder with the data set's files")
@@ -119,6 +121,7 @@ def _overrides(args) -> list:
 
 def _run_training(args, kind: str) -> None:
     from .training import train
+    from .training.config import find_config
     from .training.trainer import NonFiniteError
     base = {"objective": {"alpha": 1.0}} if kind == "teacher" else {"objective": dict(DISTILL_OBJECTIVE)}
     cfg = resolve(args.config, _overrides(args), base)
@@ -132,8 +135,11 @@ def _run_training(args, kind: str) -> None:
         o = cfg.objective
         print(f"objective: {_objective_text(vars(o))}" + (f" + {o.delta:g}·AT" if o.delta else "")
               + (f" + {o.penalty:g}·penalty" if o.penalty else ""), flush=True)
+    if args.resume and args.overwrite:
+        raise ConfigError("give --resume (continue the run in --out) or --overwrite (replace it), not both")
+    config_file = str(find_config(args.config)) if args.config else None
     try:
-        results = train(cfg, resume=args.resume)
+        results = train(cfg, resume=args.resume, overwrite=args.overwrite, config_file=config_file)
     except NonFiniteError as exc:
         print(f"jacmatch: error: {exc}", file=sys.stderr)
         raise SystemExit(EXIT_NONFINITE) from None

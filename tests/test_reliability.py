@@ -132,14 +132,45 @@ def test_injected_nan_stops_with_term_and_step_and_keeps_last_checkpoint(tmp_pat
     assert load_checkpoint(tmp_path / "s" / "last.pt")["epoch"] == 1
 
 
+def _nan_at_calls(monkeypatch, calls_to_break):
+    """KD turns NaN at these calls (1-based; one call per step)."""
+    import jacmatch.core.terms as objective_mod
+    real = objective_mod.kd_loss
+    calls = {"n": 0}
+
+    def kd_with_nan(*args, **kwargs):
+        calls["n"] += 1
+        value = real(*args, **kwargs)
+        return value * float("nan") if calls["n"] in calls_to_break else value
+    monkeypatch.setattr(objective_mod, "kd_loss", kd_with_nan)
+
+
+def _skip_values(tmp_path, teacher, **over):
+    return {"out_dir": str(tmp_path / "s"), "teacher": teacher, "data": {"name": "synthetic", "samples_per_class": 8},
+            "model": {"name": "small_cnn_4"}, "objective": {"beta": 1.0}, "nonfinite": "skip",
+            "optim": {"epochs": 3, "batch_size": 32, "min_steps_per_epoch": 4}, **QUIET, **over}
+
+
 def test_nonfinite_skip_mode_finishes(tmp_path, teacher, monkeypatch):
-    values = {"out_dir": str(tmp_path / "s"), "teacher": teacher, "data": {"name": "synthetic", "samples_per_class": 8},
-              "model": {"name": "small_cnn_4"}, "objective": {"beta": 1.0}, "nonfinite": "skip",
-              "optim": {"epochs": 3, "batch_size": 32}, **QUIET}
-    _nan_at_epoch(monkeypatch, 1)
-    results = train(config_from_dict(values))
+    _nan_at_calls(monkeypatch, {6, 10})  # 4 steps an epoch: the second step of epochs 2 and 3
+    results = train(config_from_dict(_skip_values(tmp_path, teacher)))
     history = [json.loads(x) for x in (tmp_path / "s" / "metrics.jsonl").read_text().splitlines()]
     assert [h["skipped_steps"] for h in history] == [0, 1, 1] and results["epochs"] == 3
+
+
+@pytest.mark.parametrize("limit,broken,match", [
+    (20, set(range(5, 9)), r"skipped every step of this epoch \(4\); the last: non-finite kd at epoch 2, step 4"),
+    (2, set(range(3, 13)), r"skipped 3 steps in a row \(more than skip_limit=2\); the last: non-finite kd at epoch 2, "
+                           r"step 1"),
+])
+def test_skipping_has_a_bound(tmp_path, teacher, monkeypatch, limit, broken, match):
+    """A teacher that turns NaN does not end in exit 0 with untrained weights: past
+    skip_limit steps in a row, or a whole epoch, the run stops as nonfinite=stop does."""
+    _nan_at_calls(monkeypatch, broken)
+    with pytest.raises(NonFiniteError, match=match):
+        train(config_from_dict(_skip_values(tmp_path, teacher, skip_limit=limit)))
+    if 1 not in broken and limit == 20:
+        assert load_checkpoint(tmp_path / "s" / "last.pt")["epoch"] == 1  # the last good checkpoint is kept
 
 
 @pytest.mark.slow

@@ -27,7 +27,9 @@ def run_or_load(values: dict, teacher_gradients: TeacherGradients | None = None)
         if config_to_dict(config_from_dict(results.get("config") or {})) == config_to_dict(cfg):
             return results
         raise ValueError(f"{out} holds results of another config: remove it or choose another folder")
-    return train(cfg, resume=(out / "last.pt").is_file(), teacher_gradients=teacher_gradients)
+    # A folder without a checkpoint holds a run cut before its first epoch ended: start it again.
+    cut = (out / "last.pt").is_file()
+    return train(cfg, resume=cut, overwrite=not cut, teacher_gradients=teacher_gradients)
 
 
 def load_json(path: str | Path) -> dict | list | None:

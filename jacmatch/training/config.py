@@ -101,6 +101,7 @@ class RunConfig:
     ddp: DDPConfig = field(default_factory=DDPConfig)  # multi-process training (torchrun)
     teacher_cache: bool = True    # compute the teacher once per sample when inputs are fixed
     nonfinite: str = "stop"       # stop | skip: what a NaN/Inf loss or gradient does
+    skip_limit: int = 20          # nonfinite=skip stops (exit 3) past this many skipped steps in a row, or a whole epoch
     amp: str = "none"             # none | bf16 | fp16 (fp16 on CUDA, with a gradient scaler)
     channels_last: bool = False   # the student's weights channels-last: faster small CNNs on CPU (jacmatch bench)
     progress: bool = True         # a progress bar on the terminal
@@ -172,6 +173,7 @@ def _check_ranges(cfg: RunConfig) -> None:
             ("eval.batch_size", e.batch_size, 1, MAX_BATCH_SIZE, False, False),
             ("eval.every", e.every, 1, MAX_EPOCHS, False, False),
             ("checkpoint_every", cfg.checkpoint_every, 1, MAX_EPOCHS, False, False),
+            ("skip_limit", cfg.skip_limit, 0, 1e9, False, False),
             ("objective.temperature", m.temperature, 0, 1e6, True, False),
             ("objective.top_k", m.top_k, 1, 1e6, False, False),
             ("objective.fd_step", m.fd_step, 0, 1, True, False),

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["provenance", "git_commit", "config_sha256"]
+__all__ = ["provenance", "git_commit", "config_sha256", "file_sha256"]
 
 
 @lru_cache(maxsize=1)
@@ -33,6 +33,15 @@ def git_commit() -> str | None:
     return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
 
 
+def file_sha256(path: str | Path) -> str:
+    """SHA-256 of a file's bytes, read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def config_sha256(config: dict) -> str:
     """SHA-256 of a resolved config, as canonical JSON (sorted keys)."""
     return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()
@@ -40,7 +49,7 @@ def config_sha256(config: dict) -> str:
 
 def provenance(config: dict | None, data_sha256: str | list | None) -> dict:
     """The provenance keys every result file carries. ``data_sha256``: the hash of the
-    data a run read (``DataSplits.content_sha256``: every image and label loaded), or
+    data a run read (``DataSplits.data_sha256``: every image and label loaded), or
     the list of distinct hashes of a section's runs."""
     from .. import __version__
     return {"jacmatch": __version__, "torch": torch.__version__, "python": platform.python_version(),

@@ -49,7 +49,7 @@ from .distributed import (
     resolve_device,
 )
 from .evaluate import TeacherGradients, evaluate
-from .provenance import provenance
+from .provenance import file_sha256, provenance
 
 __all__ = ["train", "load_model", "load_data", "evaluate_splits", "epoch_batches", "NonFiniteError", "RunExistsError",
            "Preempted"]
@@ -101,7 +101,81 @@ def _agreed(flag: bool, info: DistInfo, device) -> bool:
 
 
 class RunExistsError(ConfigError):
-    """The output folder already holds a run."""
+    """The output folder already holds a run, or another process is training in it."""
+
+
+#: The files that make a run folder's record; a new run never writes over them unasked.
+RUN_FILES = ("last.pt", "config.yaml", "results.json", "metrics.jsonl", "history.jsonl", "indices.json")
+LOCK_FILE = ".jacmatch.lock"
+
+
+class RunLock:
+    """An exclusive lock on a run folder for a run's whole life (``flock`` on a file in
+    it, released by the OS if the process dies). A second run on the folder is refused
+    at once, with the holder's PID."""
+
+    def __init__(self, folder: Path):
+        self.path = folder / LOCK_FILE
+        self.fd: int | None = None
+
+    def acquire(self) -> RunLock:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            _lock_fd(fd)
+        except OSError:
+            holder = os.read(fd, 64).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise RunExistsError(f"{self.path.parent} is in use by another jacmatch run (PID {holder}): wait for "
+                                 "it to finish, or choose another --out") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self.fd = fd
+        return self
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # closing the descriptor drops the lock
+            self.fd = None
+
+
+def _lock_fd(fd: int) -> None:
+    """A non-blocking exclusive lock on ``fd``; OSError when another process holds it."""
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        import msvcrt
+        msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+        return
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
+def _claim_folder(out: Path, resume: bool, overwrite: bool, config_file: str | None) -> RunLock:
+    """Lock ``out`` and check what it holds: a run is continued only with ``resume``,
+    replaced only with ``overwrite``, and the user's own config file is never replaced."""
+    mine = config_file is not None and Path(config_file).resolve() == (out / "config.yaml").resolve()
+
+    def check() -> list[str]:
+        held = [name for name in RUN_FILES if (out / name).exists()]
+        if held and not resume and not overwrite:
+            raise RunExistsError(f"{out} already holds a run ({', '.join(held)}): pass --resume to continue it, "
+                                 "--overwrite to replace it, or choose another --out")
+        if overwrite and mine:
+            raise RunExistsError(f"--config {config_file} is the config.yaml that --overwrite would replace in "
+                                 f"{out}: keep your config outside the run folder")
+        return held
+    if resume and not (out / "last.pt").exists():  # before anything is written
+        raise ConfigError(f"--resume: {out / 'last.pt'} does not exist (nothing to resume)")
+    lock = RunLock(out).acquire()  # a run in progress is named first, by its PID
+    try:
+        held = check()
+        if overwrite and not resume:
+            for name in held:
+                (out / name).unlink()
+    except BaseException:
+        lock.release()
+        raise
+    return lock
 
 
 def load_model(path: str | Path, device="cpu", *, trust: str | None = None) -> tuple[nn.Module, dict]:
@@ -211,8 +285,38 @@ def _teacher_key(cfg: RunConfig) -> tuple:
             tuple(d.classes or ()), d.val_size, d.split_seed)
 
 
-#: Settings a resume may change: they cannot alter the epochs already trained.
-RESUME_MAY_CHANGE = ("optim.epochs", "progress", "eval.every", "device", "out_dir", "tensorboard")
+#: Settings a resume may change: they cannot alter the epochs already trained. The paths
+#: of the teacher and the data may move: their contents are checked instead (run_inputs).
+RESUME_MAY_CHANGE = ("optim.epochs", "progress", "eval.every", "device", "out_dir", "tensorboard",
+                     "teacher", "teacher_weights", "data.data_dir")
+
+
+def run_inputs(cfg: RunConfig, data: DataSplits) -> dict:
+    """What a run read, by content: the data's hash, and the teacher file's SHA-256 with
+    its path as given and as resolved (a relative path means another file elsewhere)."""
+    inputs: dict = {"data_sha256": data.data_sha256}
+    weights = cfg.teacher or cfg.teacher_weights
+    if weights:
+        inputs["teacher"] = {"given": weights, "path": str(Path(weights).resolve()), "sha256": file_sha256(weights)}
+    if cfg.data.data_dir:
+        inputs["data_dir"] = {"given": cfg.data.data_dir, "path": str(Path(cfg.data.data_dir).resolve())}
+    return inputs
+
+
+def check_same_inputs(trained: dict | None, now: dict, last: Path) -> None:
+    """A resume reads the teacher and data its run was trained with, by content: refused
+    (one line, both hashes) otherwise. Checkpoints from before this record pass."""
+    if not trained:
+        return
+    old_t, new_t = trained.get("teacher"), now.get("teacher")
+    if old_t and new_t and old_t["sha256"] != new_t["sha256"]:
+        raise ConfigError(f"--resume: the teacher {new_t['given']} ({new_t['path']}) has SHA-256 {new_t['sha256']}, "
+                          f"but {last.parent} was trained with {old_t['path']} of SHA-256 {old_t['sha256']}: pass "
+                          "that teacher, or start a new run in another --out")
+    if trained.get("data_sha256") and trained["data_sha256"] != now["data_sha256"]:
+        raise ConfigError(f"--resume: the data read now has SHA-256 {now['data_sha256']}, but {last.parent} was "
+                          f"trained on data of SHA-256 {trained['data_sha256']}: the files changed; restore them, "
+                          "or start a new run in another --out")
 
 
 def _flat(values: dict, prefix: str = "") -> dict:
@@ -263,6 +367,24 @@ def _lr_factor(optim_cfg):
             return decay ** sum(epoch >= m for m in milestones)
         return 1.0
     return factor
+
+
+def _extend_schedule(trained_optim: dict, cfg: RunConfig, scheduler) -> dict:
+    """A resume that raises ``optim.epochs``: from the epoch where the run stopped on, the
+    learning rate follows the schedule of a run planned that long from the start (the
+    restored optimiser holds the old plan's rate there, which is 0 at the end of a
+    cosine). Returns both plans' rates for the epochs still to train, for history.jsonl."""
+    epoch, factor = scheduler.last_epoch, _lr_factor(cfg.optim)
+    for group, base in zip(scheduler.optimizer.param_groups, scheduler.base_lrs):
+        group["lr"] = base * factor(epoch)
+    scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]
+    old = _lr_factor(config_from_dict({"optim": trained_optim}).optim)
+    ahead = range(epoch, min(cfg.optim.epochs, epoch + 1000))  # at most 1000 epochs of each plan
+    base = scheduler.base_lrs[0]
+    return {"from_epoch": epoch + 1,
+            "old": {"epochs": trained_optim["epochs"], "lr": [base * old(e) for e in ahead
+                                                             if e < trained_optim["epochs"]]},
+            "new": {"epochs": cfg.optim.epochs, "lr": [base * factor(e) for e in ahead]}}
 
 
 def _make_optimizer(cfg: RunConfig, params):
@@ -319,6 +441,9 @@ class _Run:
     changes: dict = field(default_factory=dict)  # what a resume changed, logged with its first epoch
     writer: Any = None
     trainable: list = field(default_factory=list)  # the parameters a step takes gradients of
+    inputs: dict = field(default_factory=dict)  # the teacher's and the data's hashes (run_inputs)
+    skipped_in_a_row: int = 0  # nonfinite=skip: steps skipped since the last one trained
+    last_skip: str = ""  # why the last step was skipped
 
     @property
     def last(self) -> Path:
@@ -329,7 +454,8 @@ class _Run:
         return _global_bn(self.cfg, self.info)
 
     def state(self, epoch: int, **extra) -> dict:
-        return _run_state(self.cfg, self.model, self.optimizer, self.scheduler, self.history, epoch, **extra)
+        return _run_state(self.cfg, self.model, self.optimizer, self.scheduler, self.history, epoch,
+                          inputs=self.inputs, **extra)
 
 
 def _global_bn(cfg: RunConfig, info: DistInfo) -> bool:
@@ -337,12 +463,28 @@ def _global_bn(cfg: RunConfig, info: DistInfo) -> bool:
     return info.enabled and cfg.ddp.sync_batchnorm
 
 
-def train(cfg: RunConfig, *, resume: bool = False, data: DataSplits | None = None,
-          info: DistInfo | None = None, teacher_gradients: TeacherGradients | None = None) -> dict:
+def train(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, data: DataSplits | None = None,
+          info: DistInfo | None = None, teacher_gradients: TeacherGradients | None = None,
+          config_file: str | None = None) -> dict:
     """Train a teacher (no ``cfg.teacher``) or distil a student; returns the results dict
-    also written to ``out_dir/results.json``. ``teacher_gradients``: the caller's memo of
-    the teacher's side of the Jacobian cosine, shared by the runs of a sweep."""
-    run = _setup(cfg, resume, data, info or init_distributed(cfg.device), teacher_gradients or TeacherGradients())
+    also written to ``out_dir/results.json``. The run holds a lock on its folder; a folder
+    that holds a run is continued only with ``resume`` and replaced only with
+    ``overwrite``. ``config_file``: the user's config, never written over.
+    ``teacher_gradients``: the caller's memo of the teacher's side of the Jacobian cosine,
+    shared by the runs of a sweep."""
+    info = info or init_distributed(cfg.device)
+    cfg.check()
+    lock = _claim_folder(Path(cfg.out_dir), resume, overwrite, config_file) if info.is_main else None
+    try:
+        return _train(cfg, resume, data, info, teacher_gradients or TeacherGradients(), config_file)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train(cfg: RunConfig, resume: bool, data: DataSplits | None, info: DistInfo,
+           teacher_gradients: TeacherGradients, config_file: str | None) -> dict:
+    run = _setup(cfg, resume, data, info, teacher_gradients, config_file)
     t_start = time.time()
     with _StopOnSignal() as stop:
         for epoch in range(run.start_epoch, cfg.optim.epochs):
@@ -350,6 +492,7 @@ def train(cfg: RunConfig, *, resume: bool = False, data: DataSplits | None = Non
             steps, sums, skipped = _train_epoch(run, epoch, stop)
             _end_epoch(run, epoch, steps, sums, skipped, time.time() - t_epoch)
     results = _results(cfg, run.data, run.model, run.teacher, run.history, time.time() - t_start)
+    results["inputs"] = run.inputs
     if run.info.is_main:
         write_json_atomic(run.out / "results.json", results)
         if run.writer is not None:
@@ -363,14 +506,11 @@ def train(cfg: RunConfig, *, resume: bool = False, data: DataSplits | None = Non
 
 
 def _setup(cfg: RunConfig, resume: bool, data: DataSplits | None, info: DistInfo,
-           teacher_gradients: TeacherGradients) -> _Run:
+           teacher_gradients: TeacherGradients, config_file: str | None) -> _Run:
     """Data, models, optimiser and objective, restored from ``last.pt`` when resuming."""
-    cfg.check()
     device = resolve_device(cfg.device, info)
     out = Path(cfg.out_dir)
-    if (out / "last.pt").exists() and not resume:
-        raise RunExistsError(f"{out} already holds a run: pass --resume to continue it, or choose another --out")
-    if resume and not (out / "last.pt").exists():
+    if resume and not (out / "last.pt").exists():  # every rank (rank 0 checked it under the lock)
         raise ConfigError(f"--resume: {out / 'last.pt'} does not exist (nothing to resume)")
     given = data is not None
     data = data or load_data(cfg)
@@ -389,7 +529,8 @@ def _setup(cfg: RunConfig, resume: bool, data: DataSplits | None, info: DistInfo
         _init_from(model, cfg.init_from, device)
     optimizer = _make_optimizer(cfg, model.parameters())
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_factor(cfg.optim))
-    restored = _restore(cfg, out / "last.pt", model, optimizer, scheduler, info, device) if resume else {}
+    inputs = run_inputs(cfg, data)
+    restored = _restore(cfg, out / "last.pt", model, optimizer, scheduler, info, device, inputs) if resume else {}
     if _global_bn(cfg, info):
         global_batchnorm(model)
         broadcast_parameters(model)
@@ -405,10 +546,10 @@ def _setup(cfg: RunConfig, resume: bool, data: DataSplits | None, info: DistInfo
                scaler=torch.amp.GradScaler("cuda") if cfg.amp == "fp16" and device.type == "cuda" else None,
                gen=gen, aug_gen=torch.Generator(),
                teacher_key=None if teacher is None or given else _teacher_key(cfg),
-               teacher_gradients=teacher_gradients, **restored)
+               teacher_gradients=teacher_gradients, inputs=inputs, **restored)
     run.trainable = [p for p in model.parameters() if p.requires_grad]  # once, not every step
     if info.is_main:
-        _open_outputs(run, resume)
+        _open_outputs(run, resume, config_file)
     return run
 
 
@@ -424,33 +565,40 @@ def load_data(cfg: RunConfig) -> DataSplits:
                           split_seed=d.split_seed, seed=cfg.seed, classes=d.classes, download=d.download)
 
 
-def _restore(cfg: RunConfig, last: Path, model, optimizer, scheduler, info: DistInfo, device) -> dict:
+def _restore(cfg: RunConfig, last: Path, model, optimizer, scheduler, info: DistInfo, device, inputs: dict) -> dict:
     """Weights, optimiser and schedule loaded from ``last``; returns the run's history and
     position. The config changes the resume makes are checked and logged."""
     state = load_checkpoint(last, map_location=device)
     if state.get("arch") != model.arch:
         raise CheckpointError(f"{last} holds model {state.get('arch')}, the config asks for {model.arch}")
     changes = resume_changes(json.loads(state["config"]), cfg, state["epoch"], last)
+    check_same_inputs(state.get("inputs"), inputs, last)
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
+    event = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "event": "resume", "epoch": state["epoch"],
+             "changes": changes}
+    if "optim.epochs" in changes:
+        event["schedule"] = _extend_schedule(json.loads(state["config"])["optim"], cfg, scheduler)
     if info.is_main:
-        _append_jsonl(last.parent / "history.jsonl", {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                                                      "event": "resume", "epoch": state["epoch"], "changes": changes})
+        _append_jsonl(last.parent / "history.jsonl", event)
     return {"history": json.loads(state["history"]), "start_epoch": state["epoch"], "changes": changes,
             "first_step": state.get("step", 0), "mid_epoch": state.get("mid_epoch"),  # stopped mid-epoch
             "resume_rng": state["rng"]}
 
 
-def _open_outputs(run: _Run, resume: bool) -> None:
-    """The run folder's config, history, data indices and TensorBoard writer (rank 0)."""
+def _open_outputs(run: _Run, resume: bool, config_file: str | None) -> None:
+    """The run folder's config, history, data indices and TensorBoard writer (rank 0).
+    A resume from the folder's own config.yaml leaves that file as it is (the checkpoint
+    and history.jsonl hold the resolved config and what changed)."""
     cfg, out, data = run.cfg, run.out, run.data
     out.mkdir(parents=True, exist_ok=True)
-    write_atomic(out / "config.yaml", lambda f: f.write(_yaml(config_to_dict(cfg))))
+    if config_file is None or Path(config_file).resolve() != (out / "config.yaml").resolve():
+        write_atomic(out / "config.yaml", lambda f: f.write(_yaml(config_to_dict(cfg))))
     if not resume:
         _append_jsonl(out / "history.jsonl", {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "event": "start"})
     write_json_atomic(out / "indices.json", {"train": data.train_indices, "val": data.val_indices,
-                                             "dataset_sha256": data.content_sha256})
+                                             "data_sha256": data.data_sha256})
     if cfg.tensorboard:
         require("tensorboard", "tensorboard")
         from torch.utils.tensorboard import SummaryWriter
@@ -483,7 +631,11 @@ def _train_epoch(run: _Run, epoch: int, stop: _StopOnSignal) -> tuple[int, dict[
         values = _train_step(run, torch.tensor(idx), f"epoch {epoch + 1}, step {step + 1}")
         if values is None:
             skipped += 1
+            run.skipped_in_a_row += 1
+            if run.skipped_in_a_row > cfg.skip_limit or skipped == len(batches):
+                _too_many_skips(run, skipped, len(batches))
             continue
+        run.skipped_in_a_row = 0
         for k, v in values.items():
             sums[k] = sums.get(k, 0.0) + v
         if hasattr(bar, "set_postfix"):
@@ -521,15 +673,25 @@ def _train_step(run: _Run, index: torch.Tensor, where: str) -> dict[str, float] 
         if not all(torch.isfinite(p.grad).all() for p in run.model.parameters() if p.grad is not None):
             bad = ["gradient"]
     if bad:
+        what = f"non-finite {', '.join(bad)} at {where} ({', '.join(f'{k}={values[k]}' for k in values)})"
         if cfg.nonfinite == "skip":
             optimizer.zero_grad(set_to_none=True)
+            run.last_skip = what
             return None
-        raise NonFiniteError(f"non-finite {', '.join(bad)} at {where} "
-                             f"({', '.join(f'{k}={values[k]}' for k in values)}); the last "
-                             f"complete checkpoint is kept: lower the learning rate or weights, "
+        raise NonFiniteError(f"{what}; the last complete checkpoint is kept: lower the learning rate or weights, "
                              f"or set nonfinite=skip")
     (scaler.step(optimizer), scaler.update()) if scaler else optimizer.step()
     return values
+
+
+def _too_many_skips(run: _Run, skipped: int, steps: int) -> None:
+    """``nonfinite=skip`` has a bound: a run that skips more than ``skip_limit`` steps in a
+    row, or every step of an epoch, is not training; it stops like ``nonfinite=stop``."""
+    why = (f"every step of this epoch ({steps})" if skipped == steps else
+           f"{run.skipped_in_a_row} steps in a row (more than skip_limit={run.cfg.skip_limit})")
+    raise NonFiniteError(f"nonfinite=skip skipped {why}; the last: {run.last_skip}. The last complete checkpoint "
+                         "is kept: the loss cannot be trained as it is (check the teacher and the data, lower the "
+                         "learning rate or weights), or raise skip_limit")
 
 
 def _stop_mid_epoch(run: _Run, epoch: int, step: int, steps: int, sums: dict, skipped: int) -> None:
@@ -548,9 +710,10 @@ def _stop_mid_epoch(run: _Run, epoch: int, step: int, steps: int, sums: dict, sk
 
 def _end_epoch(run: _Run, epoch: int, steps: int, sums: dict, skipped: int, seconds: float) -> None:
     cfg, info = run.cfg, run.info
+    lr = run.optimizer.param_groups[0]["lr"]  # the rate this epoch trained with
     run.scheduler.step()
     n_steps = max(steps - skipped, 1)
-    record = {"epoch": epoch + 1, "lr": run.optimizer.param_groups[0]["lr"], "steps": steps,
+    record = {"epoch": epoch + 1, "lr": lr, "steps": steps,
               "skipped_steps": skipped, "train": {k: v / n_steps for k, v in sums.items()},
               "epoch_seconds": seconds}
     if run.changes:  # the settings this resume changed, beside the first epoch trained with them
