@@ -38,3 +38,10 @@ def _umask() -> int:
 
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
     write_atomic(path, lambda f: json.dump(obj, f, indent=1, allow_nan=False))
+
+
+def save_figure(fig, path: str | os.PathLike, **savefig_kwargs) -> None:
+    """A matplotlib figure written atomically (a kill mid-write leaves the old file, never
+    an empty or half-written one); the format follows the file's suffix."""
+    fmt = Path(path).suffix.lstrip(".").lower() or "png"
+    write_atomic(path, lambda f: fig.savefig(f, format=fmt, **savefig_kwargs), mode="wb")

@@ -11,7 +11,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
+import warnings
 
 from . import __version__
 from ._extras import MissingExtra
@@ -24,6 +26,19 @@ EXIT_IO = 1
 EXIT_NONFINITE = 3
 EXIT_INCOMPATIBLE = 1
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped by SIGTERM/SIGINT after a checkpoint; --resume continues
+EXIT_TERMINATED = 143  # 128 + SIGTERM, outside training: every file written so far is complete
+
+
+class DataMismatchWarning(UserWarning):
+    """A teacher trained on other data than the student it is evaluated beside."""
+
+
+class Terminated(BaseException):
+    """SIGTERM outside a training loop (which checkpoints and exits 75 instead)."""
+
+
+def _terminate(signum, frame):
+    raise Terminated()
 
 #: What ``jacmatch distill`` trains with unless told otherwise: CE + KD + JM with the τ and
 #: γ that the distillation experiments chose on validation (results/REPORT.md).
@@ -156,13 +171,23 @@ def _evaluate(args) -> None:
     from .data import create_dataset
     from .training import evaluate, load_model
     from .training.distributed import DistInfo, resolve_device
+    from .training.trainer import check_input_shape, check_teacher_for
     device = resolve_device(args.device, DistInfo())
     model, state = load_model(args.checkpoint, device, trust=args.model)
     cfg = json.loads(state["config"])
     d = cfg["data"]
     data = create_dataset(args.dataset or d["name"], data_dir=args.data_dir or d["data_dir"],
                           val_size=d["val_size"], split_seed=d["split_seed"], classes=d["classes"])
-    teacher = load_model(args.teacher, device, trust=args.teacher_model)[0] if args.teacher else None
+    outputs = check_input_shape(model, data, args.checkpoint, "the checkpoint's model")
+    if outputs != data.num_classes:
+        raise ConfigError(f"class-count mismatch: {args.checkpoint} has {outputs} outputs but {data.name} has "
+                          f"{data.num_classes} classes here: evaluate it on the data it was trained for")
+    teacher = None
+    if args.teacher:
+        teacher, teacher_state = load_model(args.teacher, device, trust=args.teacher_model)
+        note = check_teacher_for(teacher, teacher_state, outputs, data, state, args.teacher)
+        if note:
+            warnings.warn(note, DataMismatchWarning, stacklevel=1)
     result = evaluate(model, data.test, device, noise_sigmas=args.noise_sigmas, teacher=teacher)
     print(json.dumps(result, indent=1))
     if args.json:
@@ -372,9 +397,37 @@ def _one_line(text: str) -> str:
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
+def _warning_line(command: str):
+    """jacmatch's own warnings as one line on stderr; others as Python shows them."""
+    default = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if category.__module__.startswith("jacmatch"):
+            print(f"jacmatch {command}: warning: {_one_line(str(message))}", file=sys.stderr)
+        else:
+            default(message, category, filename, lineno, file, line)
+    return show
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     git_commit()  # the commit of the code this process loaded, before anyone edits the checkout
+    before = signal.signal(signal.SIGTERM, _terminate) if _main_thread() else None
+    try:
+        with warnings.catch_warnings():
+            warnings.showwarning = _warning_line(args.command)
+            return _run(args)
+    finally:
+        if before is not None:
+            signal.signal(signal.SIGTERM, before)
+
+
+def _main_thread() -> bool:
+    import threading
+    return threading.current_thread() is threading.main_thread()
+
+
+def _run(args) -> int:
     try:
         code = args.run(args)
     except (ValueError, MissingExtra, FileNotFoundError, IsADirectoryError, NotADirectoryError) as exc:
@@ -392,4 +445,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"jacmatch {args.command}: interrupted; the last complete checkpoint is kept", file=sys.stderr)
         return 130
+    except Terminated:
+        print(f"jacmatch {args.command}: stopped by SIGTERM; every file written so far is complete (files are "
+              "written atomically: each is its old or its new self)", file=sys.stderr)
+        return EXIT_TERMINATED
     return code or 0

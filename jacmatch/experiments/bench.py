@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from .._extras import require
-from ..atomic import write_atomic, write_json_atomic
+from ..atomic import save_figure, write_atomic, write_json_atomic
 from ..core import jacobian as J
 from ..core.losses import jacobian_matching_loss, kd_loss
 from ..core.objective import ObjectiveConfig, TransferObjective
@@ -461,7 +461,7 @@ def plot_scaling(results: dict, path: str) -> None:
     axes[0].legend()
     fig.suptitle(f"KD + JM step time, {results['device']} ({results['machine']['cpus']} cpus)")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
     plt.close(fig)
 
 

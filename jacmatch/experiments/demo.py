@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from .._extras import require
-from ..atomic import write_json_atomic
+from ..atomic import save_figure, write_json_atomic
 from .common import run_or_load, summarize_runs
 
 SAMPLES = (1, 5, 10)
@@ -110,5 +110,5 @@ def plot_demo(summary: dict, path: Path) -> None:
     axes[0].legend()
     fig.suptitle(f"{summary['dataset']}: students distilled from a teacher, mean ± std over {summary['seeds']} seeds")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
     plt.close(fig)

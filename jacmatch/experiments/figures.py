@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .._extras import require
+from ..atomic import save_figure
 
 __all__ = ["draw_report_figures", "plot_distill", "plot_student_noise", "plot_robust", "noise_curve"]
 
@@ -62,7 +63,7 @@ def plot_distill(d: dict, rows: list[str], path: Path) -> None:
     ax.legend(fontsize=8)
     ax.set_title("Fashion-MNIST students, mean ± std over seeds")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
     plt.close(fig)
 
 
@@ -82,7 +83,7 @@ def plot_student_noise(d: dict, path: Path, rows: tuple[str, str] = ("CE+KD", "C
     axes[0][0].legend(fontsize=7)
     fig.suptitle("distilled students under Gaussian input noise (mean ± std over seeds)", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    save_figure(fig, path, dpi=100)
     plt.close(fig)
 
 
@@ -99,7 +100,7 @@ def plot_robust(r: dict, sigmas: list[str], path: Path) -> None:
     axes[0][0].set_ylabel("test accuracy (%)")
     axes[0][0].legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
     plt.close(fig)
 
 
@@ -120,5 +121,5 @@ def plot_gradients(x, grads: dict, n: int, path: Path) -> None:
         ax.axis("off")
     fig.suptitle(f"input-gradients of the teacher's top-1 logit (students: n={n}, seed 0)", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    save_figure(fig, path, dpi=100)
     plt.close(fig)

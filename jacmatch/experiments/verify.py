@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from torch.func import hessian, jacrev, vmap
 
 from .._extras import require
-from ..atomic import write_json_atomic
+from ..atomic import save_figure, write_json_atomic
 from ..core.propositions import CLOSED_FORMS, LOSSES, PROPOSITIONS
 
 __all__ = ["make_mlp", "monte_carlo", "fit_slope", "sweep", "run_verify", "main"]
@@ -197,7 +197,7 @@ def plot_verify(records: list[dict], path: str) -> None:
     axes[0].set_ylabel("|Monte Carlo − closed form|")
     axes[-1].legend(fontsize=7, loc="lower right")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path, dpi=120)
     plt.close(fig)
 
 

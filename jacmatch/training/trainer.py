@@ -51,7 +51,8 @@ from .distributed import (
 from .evaluate import TeacherGradients, evaluate
 from .provenance import file_sha256, provenance
 
-__all__ = ["train", "load_model", "load_data", "evaluate_splits", "epoch_batches", "NonFiniteError", "RunExistsError",
+__all__ = ["train", "load_model", "load_data", "evaluate_splits", "epoch_batches", "check_input_shape",
+           "check_teacher_for", "NonFiniteError", "RunExistsError",
            "Preempted"]
 
 #: Memory estimate above which a run is refused before it starts (bytes).
@@ -206,7 +207,7 @@ def model_from_config(mc, num_classes: int, data: DataSplits) -> nn.Module:
                         math_attention=mc.math_attention, **mc.options)
 
 
-def _check_input_shape(model: nn.Module, data: DataSplits, name: str, key: str) -> int:
+def check_input_shape(model: nn.Module, data: DataSplits, name: str, key: str) -> int:
     """One dry forward pass of a zero sample of the data set's shape; returns the number
     of outputs. A model that cannot take the shape is refused in one line that says the
     smallest input it takes."""
@@ -221,6 +222,30 @@ def _check_input_shape(model: nn.Module, data: DataSplits, name: str, key: str) 
     return int(out.shape[-1])
 
 
+def check_teacher_for(teacher: nn.Module, teacher_state: dict, student_outputs: int, data: DataSplits,
+                      student_state: dict, name: str) -> str | None:
+    """A teacher beside a student on ``data`` (``jacmatch evaluate``): refused (one line)
+    unless it takes the data's inputs and has the student's number of outputs. Returns a
+    warning when it was trained on other data, which may be a deliberate transfer."""
+    outputs = check_input_shape(teacher, data, name, "teacher")
+    if outputs != student_outputs:
+        raise ConfigError(f"class-count mismatch: the teacher {name} has {outputs} outputs, the student "
+                          f"{student_outputs}; the Jacobian cosine compares outputs one to one (use the "
+                          "student's teacher)")
+
+    def trained_on(state: dict) -> tuple:
+        d = json.loads(state["config"])["data"] if "config" in state else {}
+        digest = (state.get("inputs") or {}).get("data_sha256")
+        return d.get("name"), d.get("classes"), digest
+    (t_name, t_classes, t_hash), (s_name, s_classes, s_hash) = trained_on(teacher_state), trained_on(student_state)
+    if (t_name, t_classes) != (s_name, s_classes) or (t_hash and s_hash and t_hash != s_hash):
+        return (f"the teacher {name} was trained on {t_name}" + (f" classes {t_classes}" if t_classes else "")
+                + (f" (data {t_hash[:12]})" if t_hash else "") + f", the student on {s_name}"
+                + (f" classes {s_classes}" if s_classes else "") + (f" (data {s_hash[:12]})" if s_hash else "")
+                + ": fine for a deliberate transfer, otherwise pass the student's teacher")
+    return None
+
+
 def _load_teacher(cfg: RunConfig, data: DataSplits, device) -> nn.Module | None:
     """The frozen teacher: a jacmatch checkpoint, or ``teacher_model`` with a plain state_dict."""
     if cfg.teacher:
@@ -231,7 +256,7 @@ def _load_teacher(cfg: RunConfig, data: DataSplits, device) -> nn.Module | None:
         _load_state_dict(teacher, cfg.teacher_weights, device)
     else:
         return None
-    outputs = _check_input_shape(teacher, data, cfg.teacher_model.name or cfg.teacher, "teacher")
+    outputs = check_input_shape(teacher, data, cfg.teacher_model.name or cfg.teacher, "teacher")
     if cfg.objective.compares_outputs and outputs != data.num_classes:
         raise ConfigError(f"class-count mismatch: the teacher has {outputs} outputs but {data.name} has "
                           f"{data.num_classes} classes here; KD and Jacobian matching compare outputs one to one "
@@ -521,7 +546,7 @@ def _setup(cfg: RunConfig, resume: bool, data: DataSplits | None, info: DistInfo
                           "lower optim.batch_size, objective.num_projections or objective.noise_draws")
     torch.manual_seed(cfg.seed)
     model = model_from_config(cfg.model, data.num_classes, data).to(device)
-    _check_input_shape(model, data, cfg.model.name, "model")  # before the teacher is loaded
+    check_input_shape(model, data, cfg.model.name, "model")  # before the teacher is loaded
     teacher = _load_teacher(cfg, data, device)
     if cfg.channels_last:  # convolutions then run channels-last (NHWC); values and checkpoints unchanged
         model = model.to(memory_format=torch.channels_last)
