@@ -106,8 +106,13 @@ def _add_run_options(p, kind: str) -> None:
     p.add_argument("--overwrite", action="store_true",
                    help="replace the run that --out holds (its checkpoint, config, metrics and results)")
     p.add_argument("--device", choices=["cpu", "cuda", "auto"], help="where to train (default: auto)")
-    p.add_argument("--dataset", help="data set: fashion-mnist, mnist, cifar10, cifar100, digits, synthetic")
-    p.add_argument("--data-dir", help="folder with the data set's files")
+    p.add_argument("--dataset", help="data set: a built-in name (fashion-mnist, mnist, cifar10, cifar100, digits, "
+                                     "synthetic), a folder of class subfolders (or imagefolder:PATH), npz:PATH, "
+                                     "hf:PATH or package.module:callable")
+    p.add_argument("--data-dir", help="folder with a built-in data set's files (fashion-mnist, mnist, cifar10, cifar100)")
+    p.add_argument("--image-size", type=_positive_int, help="resize the images of a folder or source to this side")
+    p.add_argument("--channels", type=int, choices=[1, 3], help="1 (grey) or 3 (RGB) for the images of a source")
+    p.add_argument("--label-column", help="hf:PATH: the column holding the labels (default label)")
     p.add_argument("--model", metavar="SPEC",
                    help="model: a built-in name (jacmatch.models.list_models()), package.module:callable, "
                         "torchvision:NAME or timm:NAME")
@@ -121,13 +126,28 @@ def _add_run_options(p, kind: str) -> None:
         p.add_argument("--samples-per-class", type=_positive_int, help="few-sample training set: n samples per class")
 
 
+def _dataset_name(value: str) -> str:
+    """``--dataset`` as recorded: a built-in or import path as given; a folder, .npz or
+    Hugging Face folder as its absolute path with its kind (``imagefolder:/abs/path``), so
+    that the run, its resume and ``evaluate`` read it from any working directory."""
+    from .data.sources import source_kind
+    kind, arg = source_kind(value)
+    if kind in ("builtin", "import"):
+        return value
+    return f"{kind}:{os.path.abspath(os.path.expanduser(arg))}"
+
+
 def _overrides(args) -> list:
     """The options as ``(key, value)`` pairs (taken as typed, not re-parsed), then ``--set``."""
     sets: list = []
+    if getattr(args, "dataset", None):
+        args.dataset = _dataset_name(args.dataset)
     for flag, key in (("out", "out_dir"), ("device", "device"), ("dataset", "data.name"),
                       ("data_dir", "data.data_dir"), ("model", "model.name"), ("seed", "seed"),
                       ("teacher", "teacher"), ("teacher_model", "teacher_model.name"),
-                      ("teacher_weights", "teacher_weights"), ("samples_per_class", "data.samples_per_class")):
+                      ("teacher_weights", "teacher_weights"), ("samples_per_class", "data.samples_per_class"),
+                      ("image_size", "data.image_size"), ("channels", "data.channels"),
+                      ("label_column", "data.label_column")):
         value = getattr(args, flag, None)
         if value is not None:
             sets.append((key, value))
@@ -163,21 +183,18 @@ def _run_training(args, kind: str) -> None:
     test = results["final"]["test"] or {}
     print(f"{cfg.out_dir}: test accuracy {test.get('acc', float('nan')):.4f}"
           + "".join(f", σ={s}: {a:.4f}" for s, a in test.get("noisy_acc", {}).items())
-          + (f", Jacobian cosine {test['jacobian_cosine']:.3f}" if "jacobian_cosine" in test else ""))
+          + (f", Jacobian cosine {test['jacobian_cosine']:.3f}" if "jacobian_cosine" in test else "")
+          + f" (training {results['loop_seconds']:.1f} s, evaluation {results['eval_seconds']:.1f} s)")
 
 
 def _evaluate(args) -> None:
     from .atomic import write_json_atomic
-    from .data import create_dataset
     from .training import evaluate, load_model
     from .training.distributed import DistInfo, resolve_device
     from .training.trainer import check_input_shape, check_teacher_for
     device = resolve_device(args.device, DistInfo())
     model, state = load_model(args.checkpoint, device, trust=args.model)
-    cfg = json.loads(state["config"])
-    d = cfg["data"]
-    data = create_dataset(args.dataset or d["name"], data_dir=args.data_dir or d["data_dir"],
-                          val_size=d["val_size"], split_seed=d["split_seed"], classes=d["classes"])
+    data = _recorded_data(state, args)
     outputs = check_input_shape(model, data, args.checkpoint, "the checkpoint's model")
     if outputs != data.num_classes:
         raise ConfigError(f"class-count mismatch: {args.checkpoint} has {outputs} outputs but {data.name} has "
@@ -192,6 +209,28 @@ def _evaluate(args) -> None:
     print(json.dumps(result, indent=1))
     if args.json:
         write_json_atomic(args.json, result)
+
+
+def _recorded_data(state: dict, args):
+    """The data a checkpoint was trained on, rebuilt from the config it records (every
+    source option included), the whole training pool; ``--dataset``/``--data-dir`` replace
+    the recorded ones. A data set built by an import path is imported only when
+    ``--dataset`` names that same path (as for models)."""
+    from .data.sources import source_kind
+    from .training import config_from_dict, load_data
+    cfg = config_from_dict(json.loads(state["config"]))
+    recorded = cfg.data.name
+    if args.dataset:
+        cfg.data.name = _dataset_name(args.dataset)
+        if cfg.data.name != recorded and not args.data_dir:
+            cfg.data.data_dir = None
+    if args.data_dir:
+        cfg.data.data_dir = args.data_dir
+    if source_kind(cfg.data.name)[0] == "import" and cfg.data.name == recorded and args.dataset != recorded:
+        raise ConfigError(f"{args.checkpoint} was trained on the data set {recorded!r}, which evaluating would "
+                          f"import and run: pass --dataset {recorded} to trust it")
+    cfg.data.samples_per_class = None
+    return load_data(cfg)
 
 
 def _check_model(args) -> int:

@@ -12,13 +12,14 @@ test set and the validation set does not change with the training seed.
 
 from __future__ import annotations
 
-import functools
 import hashlib
+import math
 import os
 import urllib.request
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -26,6 +27,7 @@ from torch import Tensor
 
 from .._extras import require
 from .formats import DataError, read_cifar_batch, read_idx
+from .sources import Loading, SourceOptions, open_source, source_kind
 
 __all__ = ["ImageSet", "DataSplits", "create_dataset", "list_datasets", "register_dataset",
            "stratified_subset", "check_labels", "DEBIAN_FASHION_MNIST"]
@@ -69,13 +71,23 @@ class ImageSet:
     def subset(self, index: Tensor) -> ImageSet:
         return ImageSet(self.images[index], self.labels[index])
 
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        return tuple(self.images.shape[1:])
+
+    def batches(self, index_batches) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+        """``(index, x, y)`` for each batch of indices, in the order given."""
+        for idx in index_batches:
+            index = torch.as_tensor(idx, dtype=torch.long)
+            yield (index, *self.batch(index))
+
 
 @dataclass
 class DataSplits:
     name: str
-    train: ImageSet
-    val: ImageSet
-    test: ImageSet
+    train: Any  # a split (ImageSet in memory, or one of jacmatch.data.sources)
+    val: Any
+    test: Any
     num_classes: int
     mean: tuple[float, ...]
     std: tuple[float, ...]
@@ -86,11 +98,11 @@ class DataSplits:
 
     @property
     def in_channels(self) -> int:
-        return self.train.images.shape[1]
+        return self.train.sample_shape[0]
 
     @property
     def image_size(self) -> tuple[int, int]:
-        return tuple(self.train.images.shape[2:])
+        return tuple(self.train.sample_shape[1:])
 
 
 # ---- loaders: each returns (train ImageSet, test ImageSet, num_classes, hflip) -------------
@@ -213,21 +225,21 @@ _REGISTRY: dict[str, Callable] = {
 }
 
 
-@functools.lru_cache(maxsize=4)
-def _load_raw(name: str, data_dir: str | None, download: bool):
-    """The parsed files, kept for the process: experiments train hundreds of runs on one
-    data set. Never modified in place (splits and subsets index new tensors)."""
-    return _REGISTRY[name](data_dir, download)
-
-
-@functools.lru_cache(maxsize=4)
-def _raw_sha256(name: str, data_dir: str | None, download: bool) -> str:
-    """SHA-256 of every image and label a data set's loader returned (once per process)."""
+def _load_raw(name: str, data_dir: str | None, download: bool, cache: dict | None):
+    """The parsed files and their SHA-256 (every image and label the loader returned).
+    ``cache``: the caller's, for experiments that train hundreds of runs on one data set
+    (never modified in place: splits and subsets index new tensors)."""
+    key = (name, data_dir, download)
+    if cache is not None and key in cache:
+        return cache[key]
+    raw = _REGISTRY[name](data_dir, download)
     h = hashlib.sha256()
-    train, test, _, _ = _load_raw(name, data_dir, download)
-    for t in (train.images, train.labels, test.images, test.labels):
+    for t in (raw[0].images, raw[0].labels, raw[1].images, raw[1].labels):
         h.update(t.contiguous().numpy().tobytes())
-    return h.hexdigest()
+    if cache is not None:
+        cache.clear()  # one data set at a time: a sweep reads one
+        cache[key] = (raw, h.hexdigest())
+    return raw, h.hexdigest()
 
 
 def check_labels(labels: Tensor, num_classes: int, where: str) -> None:
@@ -250,8 +262,6 @@ def check_labels(labels: Tensor, num_classes: int, where: str) -> None:
 def register_dataset(name: str, loader: Callable) -> None:
     """Add a loader ``(data_dir, download) -> (train, test, num_classes, hflip)``."""
     _REGISTRY[name] = loader
-    _load_raw.cache_clear()
-    _raw_sha256.cache_clear()
 
 
 def list_datasets() -> list[str]:
@@ -265,36 +275,66 @@ def stratified_subset(labels: Tensor, samples_per_class: int, seed: int) -> Tens
     for c in labels.unique().tolist():
         pool = (labels == c).nonzero().flatten()
         if samples_per_class > len(pool):
-            raise ValueError(f"samples_per_class={samples_per_class} but class {c} has only {len(pool)} "
+            raise DataError(f"samples_per_class={samples_per_class} but class {c} has only {len(pool)} "
                              "training samples after the validation split: ask for fewer")
         chosen.append(pool[torch.randperm(len(pool), generator=g)[:samples_per_class]])
     return torch.cat(chosen).sort().values
 
 
+def _split_off(n: int, size: float | int, seed: int, what: str) -> tuple[Tensor, Tensor]:
+    """(kept, split off): ``size`` (a fraction < 1, or a count) of ``n`` indices, drawn with
+    ``seed``; both sorted."""
+    n_off = int(round(size * n)) if isinstance(size, float) and size < 1 else int(size)
+    if not 0 <= n_off < n:
+        raise DataError(f"data.{what}={size} leaves no training samples out of {n}")
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    return perm[n_off:].sort().values, perm[:n_off].sort().values
+
+
 def _validation_split(labels: Tensor, val_size: float | int, split_seed: int) -> tuple[Tensor, Tensor]:
-    n = len(labels)
-    n_val = int(round(val_size * n)) if isinstance(val_size, float) and val_size < 1 else int(val_size)
-    if not 0 <= n_val < n:
-        raise ValueError(f"data.val_size={val_size} leaves no training samples out of {n}")
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(10_000 + split_seed))
-    return perm[n_val:].sort().values, perm[:n_val].sort().values
+    return _split_off(len(labels), val_size, 10_000 + split_seed, "val_size")
+
+
+def streamed_statistics(split, index: Tensor, batch_size: int = 1024) -> tuple[tuple, tuple]:
+    """Per-channel mean and std (unbiased, at least 1e-3) of ``split``'s samples ``index``,
+    read batch by batch (float64 sums: memory does not grow with the data set)."""
+    total = squares = None
+    for _, x, _ in split.batches([index[start:start + batch_size] for start in range(0, len(index), batch_size)]):
+        x = x.double()
+        s, q = x.sum(dim=(0, 2, 3)), (x * x).sum(dim=(0, 2, 3))
+        total, squares = (s, q) if total is None else (total + s, squares + q)
+    if total is None:
+        raise DataError("the training set is empty")
+    count = len(index) * math.prod(split.sample_shape[1:])
+    mean = total / count
+    var = (squares - count * mean * mean) / max(count - 1, 1)
+    return tuple(mean.tolist()), tuple(var.clamp_min(0).sqrt().clamp_min(1e-3).tolist())
 
 
 def create_dataset(name: str, *, data_dir: str | None = None, samples_per_class: int | None = None,
                    val_size: float | int = 0.1, split_seed: int = 0, seed: int = 0,
-                   classes: Sequence[int] | None = None, download: bool = False) -> DataSplits:
+                   classes: Sequence[int] | None = None, download: bool = False, options: Any = None,
+                   loading: Loading | None = None, cache: dict | None = None) -> DataSplits:
     """Load ``name`` and split it.
 
+    ``name`` is a built-in or registered data set (held in memory), or one of the
+    sources of :mod:`jacmatch.data.sources` (an image folder, ``npz:PATH``, ``hf:PATH``,
+    ``package.module:callable``), read through ``loading`` with the options of
+    ``options`` (a DataConfig: image size, channels, columns, test_size, mean and std).
     ``classes`` keeps only those classes, relabelled 0..len-1 in the given order (for
     transfer between tasks). ``samples_per_class`` draws that many training samples of
     each class with ``seed``. Mean and std for normalisation come from the training pool.
+    ``cache``: the caller's dict that keeps a built-in data set's parsed files between calls.
     """
     if name not in _REGISTRY:
-        raise ValueError(f"unknown data set {name!r}: choose one of {list_datasets()}")
-    train, test, num_classes, hflip = _load_raw(name, data_dir, download)
+        if source_kind(name)[0] == "builtin":
+            raise DataError(f"unknown data set {name!r}: choose one of {list_datasets()}, or give a folder of "
+                            "class subfolders, npz:PATH, hf:PATH or package.module:callable")
+        return _from_source(name, options or SourceOptions(), loading or Loading(), samples_per_class, val_size,
+                            split_seed, seed, classes)
+    (train, test, num_classes, hflip), data_sha256 = _load_raw(name, data_dir, download, cache)
     for split, part in (("training", train), ("test", test)):
         check_labels(part.labels, num_classes, f"{name} {split}")
-    data_sha256 = _raw_sha256(name, data_dir, download)
     if classes is not None:
         classes = list(classes)
         if not classes or len(set(classes)) != len(classes) or min(classes) < 0 or max(classes) >= num_classes:
@@ -318,3 +358,29 @@ def create_dataset(name: str, *, data_dir: str | None = None, samples_per_class:
         train_pool = train_pool[stratified_subset(train.labels[train_pool], samples_per_class, seed)]
     return DataSplits(name, train.subset(train_pool), train.subset(val_idx), test, num_classes, mean, std,
                       hflip, train_pool.tolist(), val_idx.tolist(), data_sha256)
+
+
+def _from_source(name: str, d: Any, loading: Loading, samples_per_class, val_size, split_seed: int, seed: int,
+                 classes) -> DataSplits:
+    """A data set read through a source: index views for every split, statistics streamed."""
+    if classes is not None:
+        raise DataError(f"data.classes selects classes of a built-in data set; for {name!r}, keep only those "
+                        "classes in the data itself (a folder per class)")
+    opened = open_source(name, d, loading)
+    train, test, num_classes = opened.train, opened.test, opened.num_classes
+    if test is None:  # one pool: the test set is drawn from it with split_seed, before validation
+        kept, held_out = _split_off(len(train), d.test_size, 20_000 + split_seed, "test_size")
+        train, test = train.subset(kept), train.subset(held_out)
+    for split, part in (("training", train), ("test", test)):
+        check_labels(part.labels, num_classes, f"{name} {split}")
+    train_pool, val_idx = _validation_split(train.labels, val_size, split_seed)
+    if d.mean is not None and d.std is not None:
+        mean, std = tuple(float(v) for v in d.mean), tuple(float(v) for v in d.std)
+        if len(mean) != train.sample_shape[0] or len(std) != train.sample_shape[0]:
+            raise DataError(f"data.mean and data.std need one value per channel ({train.sample_shape[0]})")
+    else:
+        mean, std = streamed_statistics(train, train_pool)
+    if samples_per_class is not None:
+        train_pool = train_pool[stratified_subset(train.labels[train_pool], samples_per_class, seed)]
+    return DataSplits(name, train.subset(train_pool), train.subset(val_idx), test, num_classes, mean, std,
+                      opened.hflip, train_pool.tolist(), val_idx.tolist(), opened.sha256)

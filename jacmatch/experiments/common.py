@@ -13,10 +13,10 @@ from ..training.config import config_to_dict
 __all__ = ["run_or_load", "load_json", "summarize", "summarize_runs", "with_provenance", "data_hashes"]
 
 
-def run_or_load(values: dict, teacher_gradients: TeacherGradients | None = None) -> dict:
+def run_or_load(values: dict, teacher_gradients: TeacherGradients | None = None, data_cache: dict | None = None) -> dict:
     """Train the run described by ``values`` (a config dict), unless its folder already
     holds finished results for the same config; resume it when it holds a checkpoint.
-    ``teacher_gradients``: shared by the runs of a sweep (see :func:`train`)."""
+    ``teacher_gradients`` and ``data_cache``: shared by the runs of a sweep (see :func:`train`)."""
     cfg = config_from_dict(values)
     cfg.check()
     out = Path(cfg.out_dir)
@@ -29,7 +29,7 @@ def run_or_load(values: dict, teacher_gradients: TeacherGradients | None = None)
         raise ValueError(f"{out} holds results of another config: remove it or choose another folder")
     # A folder without a checkpoint holds a run cut before its first epoch ended: start it again.
     cut = (out / "last.pt").is_file()
-    return train(cfg, resume=cut, overwrite=not cut, teacher_gradients=teacher_gradients)
+    return train(cfg, resume=cut, overwrite=not cut, teacher_gradients=teacher_gradients, data_cache=data_cache)
 
 
 def load_json(path: str | Path) -> dict | list | None:

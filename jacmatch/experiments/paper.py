@@ -125,6 +125,7 @@ class Layout:
     root: Path = Path(".")
     profile: Profile = FULL
     teacher_gradients: TeacherGradients = field(default_factory=TeacherGradients)
+    data_cache: dict = field(default_factory=dict)  # the parsed data set, shared by the section's runs
 
     @property
     def runs(self) -> Path:
@@ -146,7 +147,7 @@ class Layout:
 
     def train(self, values: dict) -> dict:
         """A run of this layout, reused when finished (the teacher's gradients shared)."""
-        return run_or_load(values, teacher_gradients=self.teacher_gradients)
+        return run_or_load(values, teacher_gradients=self.teacher_gradients, data_cache=self.data_cache)
 
 
 def run_config(name: str, profile: Profile = FULL, **over) -> dict:

@@ -6,6 +6,7 @@ with every run and inside every checkpoint.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,10 +29,14 @@ class ConfigError(ValueError):
     """A config file or setting that cannot be used."""
 
 
+#: The built-in data sets that read data.data_dir (the others refuse it).
+READS_DATA_DIR = ("fashion-mnist", "mnist", "cifar10", "cifar100")
+
+
 @dataclass
 class DataConfig:
-    name: str = "digits"          # fashion-mnist, mnist, cifar10, cifar100, digits, synthetic
-    data_dir: str | None = None   # folder of the data set's files (default: where the system keeps them)
+    name: str = "digits"          # built-in name, folder of class subfolders, npz:PATH, hf:PATH or module:callable
+    data_dir: str | None = None   # folder of a built-in data set's files (fashion-mnist, mnist, cifar10, cifar100)
     samples_per_class: int | None = None   # n: few-sample training sets
     val_size: float = 0.1                  # fraction (< 1) or count of the training set
     split_seed: int = 0                    # the validation split does not move with the seed
@@ -39,6 +44,17 @@ class DataConfig:
     augment: bool = False                  # random crop (padding 2 or 4) and flips where valid
     crop_padding: int = 2                  # padding of the random crop, in pixels
     download: bool = False                 # fetch missing files (checksummed) when online
+    image_size: Any = None                 # H (= W) or [H, W]: resize every image of a source (needed when sizes differ)
+    resize: str = "resize"                 # resize | center_crop (short side to image_size, then the centre)
+    channels: int | None = None            # 1 (grey) or 3 (RGB) for an image source; default: the images' own
+    image_column: str = "image"            # hf:PATH: the column of the images
+    label_column: str = "label"            # hf:PATH: the column of the labels
+    test_size: float = 0.2                 # a source without a test split: this part of it is drawn as the test set
+    mean: list | None = None               # per-channel pixel mean (default: streamed over the training pool)
+    std: list | None = None                # per-channel pixel std (default: streamed over the training pool)
+    options: dict = field(default_factory=dict)  # keyword arguments of a package.module:callable data set
+    workers: int = -1                      # processes decoding a source's samples (-1: min(4, CPUs / 2); 0: none)
+    on_bad_sample: str = "stop"            # stop | skip: a sample that cannot be read stops the run, or is skipped and counted
 
 
 @dataclass
@@ -70,6 +86,7 @@ class OptimConfig:
 @dataclass
 class EvalConfig:
     every: int = 1                # evaluate each N epochs (and always after the last)
+    test_each_time: bool = False  # the test set (noise, cosine) at every evaluation, not only after the last epoch
     noise_sigmas: list = field(default_factory=lambda: [0.1, 0.3])  # in [0, 1] pixel units
     noise_seed: int = 0           # seeds the test noise (the same for every model)
     jacobian_cosine: bool = True  # mean teacher/student cosine on (a part of) the test set
@@ -131,6 +148,7 @@ class RunConfig:
         if any(not isinstance(s, (int, float)) or not 0 <= s < float("inf") for s in self.eval.noise_sigmas):
             raise ConfigError(f"eval.noise_sigmas must be finite numbers >= 0, got {self.eval.noise_sigmas}")
         _check_ranges(self)
+        _check_data(self.data)
         if self.objective.needs_teacher and not (self.teacher or self.teacher_weights):
             raise ConfigError("this objective needs a teacher (β, γ or δ > 0): pass --teacher CKPT, or "
                               "--teacher-model SPEC --teacher-weights FILE")
@@ -142,6 +160,37 @@ class RunConfig:
             self.objective.check()
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
+
+
+def _check_data(d: DataConfig) -> None:
+    """The data set's name, the folder only the built-in file formats read, the source options."""
+    from ..data.sources import source_kind
+    kind, _ = source_kind(d.name)
+    if d.data_dir is not None and (kind != "builtin" or d.name in ("digits", "synthetic")):
+        what = d.name if kind == "builtin" else f"the {kind} data set {d.name!r}"
+        raise ConfigError(f"--data-dir (data.data_dir={d.data_dir!r}) is read only by {', '.join(READS_DATA_DIR)}, not "
+                          f"by {what}: name the data set with --dataset (a folder goes there too: --dataset "
+                          f"{d.data_dir})")
+    size = d.image_size
+    sizes = size if isinstance(size, list) else [size]
+    if size is not None and (len(sizes) not in (1, 2) or not all(
+            isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 8192 for v in sizes)):
+        raise ConfigError(f"data.image_size must be a side in 1..8192 or [H, W], got {size!r}")
+    if d.channels not in (None, 1, 3):
+        raise ConfigError(f"data.channels must be 1 (grey) or 3 (RGB), got {d.channels!r}")
+    if d.resize not in ("resize", "center_crop"):
+        raise ConfigError(f"data.resize must be resize or center_crop, got {d.resize!r}")
+    if d.on_bad_sample not in ("stop", "skip"):
+        raise ConfigError(f"data.on_bad_sample must be stop or skip, got {d.on_bad_sample!r}")
+    if not (isinstance(d.workers, int) and -1 <= d.workers <= 256):
+        raise ConfigError(f"data.workers must be -1 (auto), 0 or a count up to 256, got {d.workers!r}")
+    if not 0 < d.test_size < 1:
+        raise ConfigError(f"data.test_size must be a fraction in (0, 1), got {d.test_size!r}")
+    for key in ("mean", "std"):
+        values = getattr(d, key)
+        if values is not None and not all(isinstance(v, (int, float)) and not isinstance(v, bool) and
+                                          math.isfinite(v) for v in values):
+            raise ConfigError(f"data.{key} must be a list of finite numbers, one per channel, got {values!r}")
 
 
 def _in_range(key: str, value, low, high=float("inf"), *, low_open: bool = False, optional: bool = False) -> None:

@@ -20,12 +20,11 @@ def _batches(n: int, size: int):
 def _accuracy(model: nn.Module, data: ImageSet, device, batch_size: int, sigma: float = 0.0,
               generator: torch.Generator | None = None) -> float:
     correct = 0
-    for idx in _batches(len(data), batch_size):
-        x, y = data.batch(idx)
+    for _, x, y in data.batches(list(_batches(len(data), batch_size))):  # read ahead by the source's workers
         if sigma > 0:
             x = x + sigma * torch.randn(x.shape, generator=generator)
         correct += int((model(x.to(device)).argmax(1).cpu() == y).sum())
-    return correct / max(len(data), 1)
+    return correct / max(len(data), 1)  # a sample skipped as unreadable counts as wrong
 
 
 class TeacherGradients:

@@ -36,6 +36,7 @@ from ..atomic import write_atomic, write_json_atomic
 from ..core.draws import ShardedGenerator
 from ..core.objective import TransferObjective
 from ..data import DataSplits, create_dataset, random_crop_flip
+from ..data.sources import Loading
 from ..models import ExternalClassifier, count_parameters, create_model, dry_forward, is_import_path, smallest_input
 from .cache import TeacherCache
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
@@ -211,7 +212,7 @@ def check_input_shape(model: nn.Module, data: DataSplits, name: str, key: str) -
     """One dry forward pass of a zero sample of the data set's shape; returns the number
     of outputs. A model that cannot take the shape is refused in one line that says the
     smallest input it takes."""
-    shape = tuple(data.train.images.shape[1:])
+    shape = tuple(data.train.sample_shape)
     out = dry_forward(model, shape)
     if out is None:
         side = smallest_input(model, shape[0])
@@ -490,26 +491,28 @@ def _global_bn(cfg: RunConfig, info: DistInfo) -> bool:
 
 def train(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, data: DataSplits | None = None,
           info: DistInfo | None = None, teacher_gradients: TeacherGradients | None = None,
-          config_file: str | None = None) -> dict:
+          config_file: str | None = None, data_cache: dict | None = None) -> dict:
     """Train a teacher (no ``cfg.teacher``) or distil a student; returns the results dict
     also written to ``out_dir/results.json``. The run holds a lock on its folder; a folder
     that holds a run is continued only with ``resume`` and replaced only with
     ``overwrite``. ``config_file``: the user's config, never written over.
     ``teacher_gradients``: the caller's memo of the teacher's side of the Jacobian cosine,
-    shared by the runs of a sweep."""
+    and ``data_cache`` the caller's parsed data set, both shared by the runs of a sweep."""
     info = info or init_distributed(cfg.device)
     cfg.check()
     lock = _claim_folder(Path(cfg.out_dir), resume, overwrite, config_file) if info.is_main else None
     try:
-        return _train(cfg, resume, data, info, teacher_gradients or TeacherGradients(), config_file)
+        given = data is not None  # the caller's data: not named by the config, so no teacher key
+        return _train(cfg, resume, data if given else load_data(cfg, data_cache), given, info,
+                      teacher_gradients or TeacherGradients(), config_file)
     finally:
         if lock is not None:
             lock.release()
 
 
-def _train(cfg: RunConfig, resume: bool, data: DataSplits | None, info: DistInfo,
+def _train(cfg: RunConfig, resume: bool, data: DataSplits, given: bool, info: DistInfo,
            teacher_gradients: TeacherGradients, config_file: str | None) -> dict:
-    run = _setup(cfg, resume, data, info, teacher_gradients, config_file)
+    run = _setup(cfg, resume, data, given, info, teacher_gradients, config_file)
     t_start = time.time()
     with _StopOnSignal() as stop:
         for epoch in range(run.start_epoch, cfg.optim.epochs):
@@ -530,17 +533,15 @@ def _train(cfg: RunConfig, resume: bool, data: DataSplits | None, info: DistInfo
 # ---- setup ------------------------------------------------------------------------------------
 
 
-def _setup(cfg: RunConfig, resume: bool, data: DataSplits | None, info: DistInfo,
+def _setup(cfg: RunConfig, resume: bool, data: DataSplits, given: bool, info: DistInfo,
            teacher_gradients: TeacherGradients, config_file: str | None) -> _Run:
     """Data, models, optimiser and objective, restored from ``last.pt`` when resuming."""
     device = resolve_device(cfg.device, info)
     out = Path(cfg.out_dir)
     if resume and not (out / "last.pt").exists():  # every rank (rank 0 checked it under the lock)
         raise ConfigError(f"--resume: {out / 'last.pt'} does not exist (nothing to resume)")
-    given = data is not None
-    data = data or load_data(cfg)
     batch = min(cfg.optim.batch_size, max(len(data.train), 1))
-    step_bytes = cfg.objective.step_bytes(math.prod(data.train.images.shape[1:]), data.num_classes, batch)
+    step_bytes = cfg.objective.step_bytes(math.prod(data.train.sample_shape), data.num_classes, batch)
     if step_bytes > MAX_STEP_BYTES:
         raise ConfigError(f"one step would need about {step_bytes >> 30} GiB: "
                           "lower optim.batch_size, objective.num_projections or objective.noise_draws")
@@ -583,11 +584,16 @@ def _draws(gen: torch.Generator, info: DistInfo):
     return ShardedGenerator(gen, info.rank, info.world_size) if info.enabled else gen
 
 
-def load_data(cfg: RunConfig) -> DataSplits:
-    """The data a run of ``cfg`` reads: its splits, subset and seed."""
+def load_data(cfg: RunConfig, cache: dict | None = None) -> DataSplits:
+    """The data a run of ``cfg`` reads: its splits, subset and seed. ``cache``: the
+    caller's, to keep a built-in data set's files parsed between runs."""
     d = cfg.data
+    device = resolve_device(cfg.device, DistInfo()) if cfg.device != "cpu" else torch.device("cpu")
+    workers = min(4, max(1, (os.cpu_count() or 2) // 2)) if d.workers == -1 else d.workers
+    loading = Loading(workers=workers, pin_memory=device.type == "cuda", on_bad_sample=d.on_bad_sample)
     return create_dataset(d.name, data_dir=d.data_dir, samples_per_class=d.samples_per_class, val_size=d.val_size,
-                          split_seed=d.split_seed, seed=cfg.seed, classes=d.classes, download=d.download)
+                          split_seed=d.split_seed, seed=cfg.seed, classes=d.classes, download=d.download,
+                          options=d, loading=loading, cache=cache)
 
 
 def _restore(cfg: RunConfig, last: Path, model, optimizer, scheduler, info: DistInfo, device, inputs: dict) -> dict:
@@ -652,8 +658,12 @@ def _train_epoch(run: _Run, epoch: int, stop: _StopOnSignal) -> tuple[int, dict[
             torch.set_rng_state(run.resume_rng)
         sums, skipped = json.loads(run.mid_epoch["sums"]), int(run.mid_epoch["skipped"])
     bar = _progress(batches[run.first_step:], cfg, info, epoch)
-    for step, idx in enumerate(bar, start=run.first_step):
-        values = _train_step(run, torch.tensor(idx), f"epoch {epoch + 1}, step {step + 1}")
+    loaded = run.data.train.batches(bar)  # read ahead by the source's workers, in the order of the batches
+    for step, (index, x, y) in enumerate(loaded, start=run.first_step):
+        values = _train_step(run, index, x, y, f"epoch {epoch + 1}, step {step + 1}") if len(index) else None
+        if values is None and not len(index):  # every sample of the batch was unreadable (on_bad_sample=skip)
+            skipped += 1
+            continue
         if values is None:
             skipped += 1
             run.skipped_in_a_row += 1
@@ -671,11 +681,10 @@ def _train_epoch(run: _Run, epoch: int, stop: _StopOnSignal) -> tuple[int, dict[
     return len(batches), sums, skipped
 
 
-def _train_step(run: _Run, index: torch.Tensor, where: str) -> dict[str, float] | None:
-    """One optimiser step on the training samples ``index``; returns the terms' values, or
-    None when a non-finite step was skipped (``nonfinite=skip``)."""
+def _train_step(run: _Run, index: torch.Tensor, x: torch.Tensor, y: torch.Tensor, where: str) -> dict[str, float] | None:
+    """One optimiser step on the training samples ``index`` (images ``x``, labels ``y``);
+    returns the terms' values, or None when a non-finite step was skipped (``nonfinite=skip``)."""
     cfg, device, optimizer = run.cfg, run.device, run.optimizer
-    x, y = run.data.train.batch(index)
     if cfg.data.augment:
         x = random_crop_flip(x, cfg.data.crop_padding, run.data.hflip, _draws(run.aug_gen, run.info))
     x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
@@ -745,10 +754,17 @@ def _end_epoch(run: _Run, epoch: int, steps: int, sums: dict, skipped: int, seco
         record["config_changes"], run.changes = run.changes, {}
     if info.enabled:
         record["train"] = _mean_across_ranks(record["train"], run.device)
-    if (epoch + 1) % cfg.eval.every == 0 or epoch + 1 == cfg.optim.epochs:
+    bad = getattr(run.data.train, "bad", None)  # samples skipped as unreadable (data.on_bad_sample=skip)
+    if bad is not None and bad.count:
+        record["bad_samples"], record["first_bad_sample"] = bad.count, bad.first
+    last = epoch + 1 == cfg.optim.epochs
+    if (epoch + 1) % cfg.eval.every == 0 or last:
         if info.is_main:
+            t_eval = time.time()
             record.update(evaluate_splits(run.model, run.data, run.cfg, run.device, teacher=run.teacher,
-                                          teacher_key=run.teacher_key, teacher_gradients=run.teacher_gradients))
+                                          teacher_key=run.teacher_key, teacher_gradients=run.teacher_gradients,
+                                          test=last or cfg.eval.test_each_time))
+            record["eval_seconds"] = time.time() - t_eval
         info.barrier()
     run.history.append(record)
     if info.is_main:
@@ -759,11 +775,15 @@ def _end_epoch(run: _Run, epoch: int, steps: int, sums: dict, skipped: int, seco
 
 
 def evaluate_splits(model: nn.Module, data: DataSplits, cfg: RunConfig, device="cpu", *, teacher=None,
-                    teacher_key=None, teacher_gradients=None) -> dict:
+                    teacher_key=None, teacher_gradients=None, test: bool = True) -> dict:
     """A run's evaluation, as its config says: {"val": accuracy, "test": accuracy, under
-    noise, and the Jacobian cosine with ``teacher`` when the config asks for it}."""
+    noise, and the Jacobian cosine with ``teacher`` when the config asks for it}; without
+    ``test``, validation only (a run's evaluations before its last)."""
     e = cfg.eval
-    return {"val": evaluate(model, data.val, device, batch_size=e.batch_size),
+    val = {"val": evaluate(model, data.val, device, batch_size=e.batch_size)}
+    if not test:
+        return val
+    return {**val,
             "test": evaluate(model, data.test, device, batch_size=e.batch_size,
                              noise_sigmas=e.noise_sigmas, noise_seed=e.noise_seed,
                              teacher=teacher if e.jacobian_cosine else None, cosine_samples=e.cosine_samples,
@@ -839,6 +859,7 @@ def _results(cfg, data, model, teacher, history, seconds) -> dict:
             "epochs": len(history), "train_seconds": seconds, "torch": torch.__version__,
             # the epochs' own time (steps, no evaluation), over every invocation: what equal compute compares
             "loop_seconds": sum(h.get("epoch_seconds", 0.0) for h in history),
+            "eval_seconds": sum(h.get("eval_seconds", 0.0) for h in history),
             "provenance": provenance(config_to_dict(cfg), data.data_sha256)}
 
 
