@@ -368,11 +368,12 @@ def _from_source(name: str, d: Any, loading: Loading, samples_per_class, val_siz
                         "classes in the data itself (a folder per class)")
     opened = open_source(name, d, loading)
     train, test, num_classes = opened.train, opened.test, opened.num_classes
+    for split, part in (("training", train), ("test", test)):
+        if part is not None:  # sample numbers as the source counts them
+            check_labels(part.labels, num_classes, f"{name} {split}")
     if test is None:  # one pool: the test set is drawn from it with split_seed, before validation
         kept, held_out = _split_off(len(train), d.test_size, 20_000 + split_seed, "test_size")
         train, test = train.subset(kept), train.subset(held_out)
-    for split, part in (("training", train), ("test", test)):
-        check_labels(part.labels, num_classes, f"{name} {split}")
     train_pool, val_idx = _validation_split(train.labels, val_size, split_seed)
     if d.mean is not None and d.std is not None:
         mean, std = tuple(float(v) for v in d.mean), tuple(float(v) for v in d.std)

@@ -89,7 +89,7 @@ def to_chw(image: Any, where: str) -> Tensor:
     """An image as a [C, H, W] tensor (uint8, or float in [0, 1]): a PIL image, a tensor
     [C, H, W] or [H, W], or an array [H, W], [H, W, C] or [C, H, W]."""
     if hasattr(image, "mode") and hasattr(image, "size"):  # PIL, without importing it
-        image = np.array(image)
+        image = np.asarray(image).copy()
     if isinstance(image, np.ndarray):
         if image.ndim == 3 and image.shape[-1] in (1, 3, 4) and image.shape[0] not in (1, 3, 4):
             image = image.transpose(2, 0, 1)  # H, W, C -> C, H, W
@@ -302,7 +302,7 @@ class ImageFolder(torch.utils.data.Dataset):
             im = im.convert(self.mode)
             if self.size is not None and im.size != (self.size[1], self.size[0]):
                 im = _resized(im, self.size, self.resize)
-            return np.array(im), int(self.labels[i])
+            return np.asarray(im).copy(), int(self.labels[i])
 
     def sha256(self, h) -> None:
         for path, label in zip(self.files, self.labels.tolist()):

@@ -1,0 +1,322 @@
+"""Your own data: image folders (PNG and JPEG through Pillow), .npz memmaps, a map-style
+Dataset by import path and a local Hugging Face data set, each through the same trainer,
+on real files the tests write."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import QUIET, first_errors
+
+from jacmatch.data import DataError, create_dataset, register_dataset
+from jacmatch.data.datasets import ImageSet
+from jacmatch.training import config_from_dict, load_checkpoint, train
+
+PIL = pytest.importorskip("PIL.Image")
+TESTS = Path(__file__).resolve().parent
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(TESTS)}
+SMALL = ["--model", "small_cnn_4", "--set", "progress=false", "--set", "tensorboard=false"]
+
+
+def jacmatch(*args, cwd=None, timeout=300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "jacmatch", *map(str, args)], cwd=cwd, env=ENV,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def refused(r, *words) -> None:
+    err = r.stderr.strip()
+    assert r.returncode == 2 and "Traceback" not in err and len(err.splitlines()) == 1, (r.returncode, err[-2000:])
+    for w in words:
+        assert w in err, (w, err)
+
+
+def pixels(n: int, classes: int = 4, size: int = 8, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """uint8 images [N, H, W] with a learnable stripe per class, and their labels."""
+    rng = np.random.default_rng(seed)
+    y = np.arange(n) % classes
+    x = rng.integers(0, 120, (n, size, size), dtype=np.uint8)
+    x[np.arange(n), (2 * y) % size, :] = 250
+    return x, y
+
+
+def write_folder(root: Path, x: np.ndarray, y: np.ndarray, suffix: str = ".png") -> list[tuple[int, int]]:
+    """Class folders of images; returns (class, index) in the order the folder lists them."""
+    order = []
+    for c in sorted(set(y.tolist())):
+        (root / f"class_{c}").mkdir(parents=True, exist_ok=True)
+        for i in np.flatnonzero(y == c):
+            PIL.fromarray(x[i]).save(root / f"class_{c}" / f"{i:05d}{suffix}")
+            order.append((c, int(i)))
+    return order
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> Path:
+    """train/ and test/ folders of PNGs, 4 classes of 8×8 grey images."""
+    root = tmp_path_factory.mktemp("images")
+    write_folder(root / "train", *pixels(160))
+    write_folder(root / "test", *pixels(40, seed=1))
+    return root
+
+
+def _in_memory(root_x, root_y, test_x, test_y) -> str:
+    """The same samples as the folder, in the folder's order, as an in-memory data set."""
+    def ordered(x, y):
+        idx = np.lexsort((np.arange(len(y)), y))  # by class, then by file name (the index)
+        return ImageSet(torch.from_numpy(x[idx][:, None].copy()), torch.from_numpy(y[idx].astype(np.int64)))
+    name = "same-as-folder"
+    register_dataset(name, lambda d, dl: (ordered(root_x, root_y), ordered(test_x, test_y), 4, False))
+    return name
+
+
+def _values(out, name, **over) -> dict:
+    return {"out_dir": str(out), "data": {"name": name, "samples_per_class": 5, "val_size": 0.2},
+            "model": {"name": "small_cnn_4"}, "optim": {"epochs": 2, "batch_size": 8, "min_steps_per_epoch": 3},
+            **QUIET, **over}
+
+
+# ---- the seam -----------------------------------------------------------------------------
+
+
+def test_a_folder_gives_the_weights_of_the_same_samples_in_memory(folder, tmp_path):
+    """Same samples, same order: the weights of a run over PNG files equal those of the
+    in-memory set to 1e-6 (only the streamed statistics' rounding differs)."""
+    name = _in_memory(*pixels(160), *pixels(40, seed=1))
+    a = train(config_from_dict(_values(tmp_path / "mem", name)))
+    b = train(config_from_dict(_values(tmp_path / "png", f"imagefolder:{folder}")))
+    assert a["num_train"] == b["num_train"] == 20 and a["final"]["test"]["acc"] == b["final"]["test"]["acc"]
+    wa, wb = (load_checkpoint(tmp_path / n / "last.pt")["model"] for n in ("mem", "png"))
+    for k in wa:
+        torch.testing.assert_close(wa[k].float(), wb[k].float(), atol=1e-6, rtol=0)
+    indices = [json.loads((tmp_path / n / "indices.json").read_text())["train"] for n in ("mem", "png")]
+    assert indices[0] == indices[1]
+
+
+def test_streamed_statistics_equal_the_in_memory_ones(folder):
+    from jacmatch.data.datasets import streamed_statistics
+    data = create_dataset(f"imagefolder:{folder}", val_size=0)
+    x = torch.from_numpy(pixels(160)[0]).float()[:, None] / 255
+    mean, std = streamed_statistics(data.train, torch.arange(len(data.train)), batch_size=7)
+    assert mean[0] == pytest.approx(float(x.mean()), abs=1e-6) and std[0] == pytest.approx(float(x.std()), abs=1e-6)
+
+
+def test_views_copy_nothing_and_read_only_what_a_batch_asks_for(tmp_path):
+    x, y = pixels(200)
+    np.savez(tmp_path / "a.npz", train_images=x[:, None], train_labels=y, test_images=x[:20, None],
+             test_labels=y[:20])
+    data = create_dataset(f"npz:{tmp_path / 'a.npz'}", samples_per_class=3, val_size=0.1)
+    assert isinstance(data.train.images, np.memmap) and data.train.images is data.val.images  # one map, two views
+    xb, yb = data.train.batch(torch.tensor([0, 5]))
+    rows = data.train_indices
+    assert torch.equal(xb, torch.from_numpy(x[[rows[0], rows[5]]][:, None]).float() / 255)
+    assert yb.tolist() == [int(y[rows[0]]), int(y[rows[5]])]
+
+
+# ---- every form, from Python and from the command line --------------------------------------
+
+
+@pytest.mark.slow
+def test_a_folder_from_any_working_directory_and_evaluate_without_data_options(folder, tmp_path, teacher):
+    """The done-when of the issue: distil from a folder given relative to the working
+    directory, then evaluate from another folder with no data option."""
+    r = jacmatch("distill", "--dataset", folder.name, "--teacher", teacher, "--samples-per-class", "5",
+                 *SMALL, "--set", "optim.epochs=2", "--out", tmp_path / "s", cwd=folder.parent)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "evaluation" in r.stdout and "training" in r.stdout
+    e = jacmatch("evaluate", "--checkpoint", tmp_path / "s" / "last.pt", "--teacher", teacher, cwd=tmp_path)
+    assert e.returncode == 0, e.stderr[-2000:]
+    assert json.loads(e.stdout)["acc"] == json.loads((tmp_path / "s" / "results.json").read_text())["final"]["test"]["acc"]
+
+
+@pytest.mark.slow
+def test_a_dataset_by_import_path_trains_and_evaluates(tmp_path, teacher):
+    r = jacmatch("distill", "--dataset", "user_data:make_dataset", "--teacher", teacher, "--samples-per-class", "5",
+                 *SMALL, "--set", "optim.epochs=2", "--out", tmp_path / "s", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    refused(jacmatch("evaluate", "--checkpoint", tmp_path / "s" / "last.pt"), "--dataset user_data:make_dataset")
+    e = jacmatch("evaluate", "--checkpoint", tmp_path / "s" / "last.pt", "--dataset", "user_data:make_dataset")
+    assert e.returncode == 0 and "acc" in json.loads(e.stdout), e.stderr[-2000:]
+
+
+@pytest.mark.parametrize("suffix", [".png", ".jpg"])
+def test_png_and_jpeg_folders_train_from_python(tmp_path, suffix):
+    x, y = pixels(80, size=10)
+    write_folder(tmp_path / "imgs", x, y, suffix)  # one folder: the test set is drawn from it
+    r = train(config_from_dict(_values(tmp_path / "r", str(tmp_path / "imgs"), data={
+        "name": f"imagefolder:{tmp_path / 'imgs'}", "samples_per_class": 3, "image_size": 8})))
+    assert r["num_classes"] == 4 and r["num_train"] == 12
+    assert r["final"]["test"]["acc"] is not None and r["config"]["data"]["image_size"] == 8
+
+
+def test_an_npz_memmap_trains(tmp_path):
+    x, y = pixels(120)
+    np.savez(tmp_path / "d.npz", x_train=x[:100], y_train=y[:100], x_test=x[100:], y_test=y[100:])
+    r = train(config_from_dict(_values(tmp_path / "r", f"npz:{tmp_path / 'd.npz'}")))
+    assert r["num_train"] == 20 and r["provenance"]["data_sha256"]
+
+
+def test_a_hugging_face_dataset_folder_trains(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    x, y = pixels(100)
+    features = datasets.Features({"img": datasets.Image(), "fine": datasets.ClassLabel(num_classes=4)})
+    whole = datasets.Dataset.from_dict({"img": [PIL.fromarray(a) for a in x], "fine": y.tolist()}, features=features)
+    datasets.DatasetDict({"train": whole.select(range(80)), "test": whole.select(range(80, 100))}).save_to_disk(
+        str(tmp_path / "hf"))
+    values = _values(tmp_path / "r", "")
+    values["data"] = {"name": f"hf:{tmp_path / 'hf'}", "samples_per_class": 4, "image_column": "img",
+                      "label_column": "fine"}
+    r = train(config_from_dict(values))
+    assert r["num_classes"] == 4 and r["num_train"] == 16
+    values["data"]["label_column"] = "label"
+    values["out_dir"] = str(tmp_path / "r2")
+    with pytest.raises(DataError, match=r"has no column 'label' \(its columns: \['img', 'fine'\]\): set data.label_column"):
+        train(config_from_dict(values))
+
+
+def test_the_teacher_cache_works_over_a_folder(folder, tmp_path, teacher):
+    over = {"teacher": teacher, "objective": {"beta": 1.0, "gamma": 1.0}}
+    cached = train(config_from_dict(_values(tmp_path / "c", f"imagefolder:{folder}", **over)))
+    fresh = train(config_from_dict(_values(tmp_path / "f", f"imagefolder:{folder}", teacher_cache=False, **over)))
+    wa, wb = (load_checkpoint(tmp_path / n / "last.pt")["model"] for n in "cf")
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], atol=1e-6, rtol=0)
+    assert cached["final"]["test"]["acc"] == fresh["final"]["test"]["acc"]
+
+
+# ---- processes ----------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_two_torchrun_processes_over_a_folder_give_the_weights_of_one(folder, tmp_path, teacher):
+    common = ["distill", "--teacher", teacher, "--dataset", f"imagefolder:{folder}", *SMALL,
+              "--samples-per-class", "8", "--set", "objective.gamma=1", "--set", "optim.epochs=2",
+              "--set", "optim.batch_size=16", "--set", "data.workers=1"]
+    one = jacmatch(*common, "--out", tmp_path / "one")
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          "-m", "jacmatch", *map(str, common), "--out", str(tmp_path / "two")], env=ENV,
+                         capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, first_errors(two.stderr)
+    a, b = (load_checkpoint(tmp_path / n / "last.pt")["model"] for n in ("one", "two"))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=0)
+
+
+@pytest.mark.slow
+def test_a_mid_epoch_resume_over_a_folder_is_bit_identical(folder, tmp_path, teacher):
+    common = ["distill", "--teacher", teacher, "--dataset", f"imagefolder:{folder}", *SMALL,
+              "--samples-per-class", "8", "--set", "data.augment=true", "--set", "optim.epochs=2",
+              "--set", "optim.batch_size=8", "--set", "optim.min_steps_per_epoch=150", "--set", "eval.every=2"]
+    out = tmp_path / "cut"
+    process = subprocess.Popen([sys.executable, "-m", "jacmatch", *map(str, common), "--out", str(out)], env=ENV,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    start = time.time()
+    while not (out / "last.pt").is_file() and time.time() - start < 120:
+        assert process.poll() is None, process.communicate()[1][-2000:]
+        time.sleep(0.05)
+    time.sleep(0.5)
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=120)
+    state = load_checkpoint(out / "last.pt")
+    assert process.returncode == 75 and 0 < state["step"] <= 150, err[-2000:]
+    resumed = jacmatch(*common, "--out", out, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    straight = jacmatch(*common, "--out", tmp_path / "straight")
+    assert straight.returncode == 0, straight.stderr[-2000:]
+    a, b = load_checkpoint(out / "last.pt")["model"], load_checkpoint(tmp_path / "straight" / "last.pt")["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ---- bad input: one line, exit 2, nothing written ------------------------------------------------
+
+
+def _bad_folder(tmp_path, case: str) -> Path:
+    root = tmp_path / case
+    x, y = pixels(40)
+    if case == "empty":
+        root.mkdir()
+    elif case == "empty-class":
+        write_folder(root, x, y)
+        (root / "class_9").mkdir()
+    elif case == "non-image":
+        write_folder(root, x, y)
+        (root / "class_0" / "notes.txt").write_text("not an image")
+    elif case == "corrupt":
+        write_folder(root, x, y)
+        (root / "class_1" / "00001.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    elif case == "truncated":
+        write_folder(root, x, y)
+        data = (root / "class_2" / "00002.png").read_bytes()
+        (root / "class_2" / "00002.png").write_bytes(data[: len(data) // 2])
+    elif case == "mixed-sizes":
+        write_folder(root, x, y)
+        PIL.fromarray(np.zeros((12, 12), np.uint8)).save(root / "class_3" / "big.png")
+    return root
+
+
+@pytest.mark.parametrize("case,words", [
+    ("empty", ["has no class subfolders"]), ("empty-class", ["class_9 holds no images"]),
+    ("non-image", ["notes.txt is not an image file"]), ("corrupt", ["00001.png is not a readable image"]),
+    ("truncated", ["00002.png cannot be read"]), ("mixed-sizes", ["mixed image sizes", "set data.image_size"]),
+])
+def test_bad_folders_are_one_line(tmp_path, capsys, case, words):
+    from jacmatch.cli import main
+    root = _bad_folder(tmp_path, case)
+    assert main(["train-teacher", "--dataset", str(root), *SMALL, "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and all(w in err for w in words), err
+    assert not (tmp_path / "r" / "last.pt").exists()
+
+
+def test_other_bad_data_is_one_line(tmp_path, capsys):
+    from jacmatch.cli import main
+    x, y = pixels(40)
+    cases = {
+        "user_data:not_a_dataset": "not a data set",
+        "user_data:labels_out_of_range": "label of sample 3 is 5, outside 0..3",
+        "user_data:missing": "has no attribute 'missing'",
+        f"npz:{tmp_path / 'none.npz'}": "does not exist",
+    }
+    for spec, words in cases.items():
+        assert main(["train-teacher", "--dataset", spec, *SMALL, "--out", str(tmp_path / "r")]) == 2, spec
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and words in err, (spec, err)
+    root = tmp_path / "f"
+    write_folder(root, x, y)
+    assert main(["train-teacher", "--dataset", str(root), "--set", "data.samples_per_class=50", *SMALL,
+                 "--out", str(tmp_path / "r")]) == 2
+    assert "samples_per_class=50 but class" in capsys.readouterr().err
+    assert main(["train-teacher", "--data-dir", str(root), "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "not by digits" in err and f"--dataset {root}" in err and len(err.splitlines()) == 1
+
+
+def _truncated_in_training(tmp_path, skip: bool) -> tuple[dict, Path]:
+    """A truncated file among the training images, found mid-run (the statistics are given,
+    so nothing reads the file before training does)."""
+    root = _bad_folder(tmp_path, "truncated")
+    values = _values(tmp_path / "r", f"imagefolder:{root}")
+    values["data"].update({"samples_per_class": None, "val_size": 0.0, "mean": [0.3], "std": [0.3],
+                           "on_bad_sample": "skip" if skip else "stop", "workers": 0})
+    return values, root
+
+
+def test_a_bad_sample_mid_run_names_its_file_and_stops(tmp_path):
+    values, root = _truncated_in_training(tmp_path, skip=False)
+    with pytest.raises(DataError, match=r"00002.png cannot be read .*data.on_bad_sample=skip"):
+        train(config_from_dict(values))
+    assert not (tmp_path / "r" / "last.pt").exists()
+
+
+def test_a_bad_sample_is_skipped_and_counted_with_skip(tmp_path):
+    values, root = _truncated_in_training(tmp_path, skip=True)
+    train(config_from_dict(values))
+    metrics = [json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert metrics[-1]["bad_samples"] >= 1 and "00002.png" in metrics[-1]["first_bad_sample"]
