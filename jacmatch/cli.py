@@ -235,9 +235,13 @@ def _recorded_data(state: dict, args):
 
 def _check_model(args) -> int:
     from .training.compat import check_model, describe
-    shape = args.input_shape
+    shape, num_classes = args.input_shape, args.num_classes
+    if args.dataset:  # the shape and class count of the data the model will train on
+        from .training import load_data
+        data = load_data(resolve(None, [("data.name", _dataset_name(args.dataset)), ("data.val_size", 0)]))
+        shape, num_classes = tuple(data.train.sample_shape), data.num_classes
     options = {"output": args.output} if args.output is not None else {}
-    result = check_model(args.spec, shape, args.num_classes, fix=args.fix, **options)
+    result = check_model(args.spec, shape, num_classes, fix=args.fix, **options)
     print("\n".join(describe(result)))
     if args.json:
         from .atomic import write_json_atomic
@@ -292,6 +296,7 @@ def add_training_commands(sub) -> None:
                                    "fix where one exists. Exit 0: usable as a student; 1: not.")
     p.add_argument("spec", help="a built-in name, package.module:callable, torchvision:NAME or timm:NAME")
     p.add_argument("--input-shape", type=_shape, default=(3, 32, 32), help="C x H x W of one input (default 3x32x32)")
+    p.add_argument("--dataset", help="take the input shape and class count from this data set (any --dataset form)")
     p.add_argument("--num-classes", type=_positive_int, default=10, help="outputs of the model (default 10)")
     p.add_argument("--output", help="which part of the model's output holds the logits (key or index)")
     p.add_argument("--fix", action="store_true",
@@ -322,6 +327,10 @@ def _demo(a):
 
 
 def _bench(a):
+    if a.only == "data":
+        from .experiments.bench_data import main as data_main
+        data_main(a.json, quick=a.quick)
+        return
     from .experiments.bench import Plan, main
     main(a.json, a.device, a.plot, a.profile, Plan.choose(a.only, a.full, a.shape, smoke=a.quick))
 
@@ -401,7 +410,8 @@ def add_measurement_commands(sub) -> None:
                        description="Median step times and peak memory of CE, KD, KD+JM and the estimators, "
                                    "with and without the teacher cache; ratios measured in one run.")
     _result_files(p, "the measurements", "a PNG of step time against batch, input size and classes")
-    p.add_argument("--only", metavar="STEPS", help="only these steps, comma-separated (kd,jm,jm_proj,...)")
+    p.add_argument("--only", metavar="STEPS", help="only these steps, comma-separated (kd,jm,jm_proj,...); "
+                                                    "data: the cost of reading a folder or memmap instead")
     p.add_argument("--full", action="store_true", help="every step and the scaling sweep (slow)")
     p.add_argument("--shape", choices=["mnist-like", "cifar100-like"], help="only this shape")
     p.add_argument("--quick", action="store_true", help="few steps, small shapes (a smoke test)")

@@ -320,3 +320,62 @@ def test_a_bad_sample_is_skipped_and_counted_with_skip(tmp_path):
     train(config_from_dict(values))
     metrics = [json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
     assert metrics[-1]["bad_samples"] >= 1 and "00002.png" in metrics[-1]["first_bad_sample"]
+
+
+# ---- the paper's protocols as shipped configs -----------------------------------------------
+
+
+@pytest.mark.vision
+def test_the_scenes_transfer_config_runs_over_a_folder_of_jpegs(tmp_path):
+    """transfer/scenes_resnet34_resnet18 as shipped (224×224, centre crops, ImageNet
+    statistics, a torchvision teacher from a local weights file), on a tiny MIT-Scenes-like
+    folder of RGB JPEGs of other sizes; only the length of the run is cut."""
+    import torchvision
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 3), ("test", 1)):
+        for c in ("bar", "kitchen"):
+            (tmp_path / "scenes" / split / c).mkdir(parents=True)
+            for i in range(n):
+                PIL.fromarray(rng.integers(0, 255, (240 + 10 * i, 300, 3), dtype=np.uint8)).save(
+                    tmp_path / "scenes" / split / c / f"{i}.jpg", quality=90)
+    torch.save(torchvision.models.resnet34(num_classes=1000).state_dict(), tmp_path / "resnet34.pth")
+    r = jacmatch("distill", "--config", "transfer/scenes_resnet34_resnet18", "--dataset", tmp_path / "scenes",
+                 "--teacher-weights", tmp_path / "resnet34.pth", "--samples-per-class", "2", "--out", tmp_path / "s",
+                 "--set", "optim.epochs=1", "--set", "optim.min_steps_per_epoch=1", "--set", "optim.batch_size=4",
+                 "--set", "progress=false", "--set", "data.val_size=1", timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    results = json.loads((tmp_path / "s" / "results.json").read_text())
+    assert results["num_classes"] == 2 and results["config"]["data"]["image_size"] == 224
+    assert {"at", "at_jm"} <= set(results["final"]["train"]) and results["teacher_parameters"] > 2e7
+
+
+def test_check_model_takes_the_shape_and_classes_of_a_data_set(folder, capsys):
+    from jacmatch.cli import main
+    assert main(["check-model", "small_cnn_4", "--dataset", str(folder)]) == 0
+    out = capsys.readouterr().out
+    assert "input 1x8x8" in out, out
+
+
+def test_every_form_trains_from_the_command_line(tmp_path, monkeypatch, capsys):
+    """npz, a Hugging Face folder and a parquet data file, and a Dataset by import path,
+    through `jacmatch train-teacher` (in this process: the subprocess tests above cover the
+    folder and the import path in their own processes)."""
+    from jacmatch.cli import main
+    x, y = pixels(100)
+    np.savez(tmp_path / "d.npz", images=x, labels=y)
+    forms = [f"npz:{tmp_path / 'd.npz'}", "user_data:make_dataset"]
+    datasets = pytest.importorskip("datasets")
+    ds = datasets.Dataset.from_dict({"image": [PIL.fromarray(a) for a in x], "label": y.tolist()},
+                                    features=datasets.Features({"image": datasets.Image(),
+                                                                "label": datasets.ClassLabel(num_classes=4)}))
+    ds.save_to_disk(str(tmp_path / "hf"))
+    ds.to_parquet(str(tmp_path / "d.parquet"))
+    forms += [f"hf:{tmp_path / 'hf'}", f"hf:{tmp_path / 'd.parquet'}"]
+    monkeypatch.syspath_prepend(str(TESTS))
+    for i, form in enumerate(forms):
+        out = tmp_path / f"r{i}"
+        assert main(["train-teacher", "--dataset", form, *SMALL, "--set", "optim.epochs=1", "--out", str(out)]) == 0, \
+            capsys.readouterr().err
+        assert json.loads((out / "results.json").read_text())["num_classes"] == 4
+        assert main(["evaluate", "--checkpoint", str(out / "last.pt")] +
+                    (["--dataset", form] if form.startswith("user_data") else [])) == 0, capsys.readouterr().err

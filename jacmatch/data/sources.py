@@ -262,7 +262,7 @@ class ImageFolder(torch.utils.data.Dataset):
                                 f"images ({', '.join(IMAGE_SUFFIXES)}) in the class folders")
             if not entries:
                 raise DataError(f"class folder {folder} holds no images")
-            files += entries
+            files += [str(p) for p in entries]  # strings: a tenth of a Path's memory, in every worker too
             labels += [c] * len(entries)
         self.files, self.labels = files, torch.tensor(labels, dtype=torch.long)
         self.size, self.resize = size, resize
@@ -273,7 +273,7 @@ class ImageFolder(torch.utils.data.Dataset):
         """Every file opens as an image (its header only), and without ``size`` all share
         one size."""
         from PIL import Image
-        sizes: dict[tuple[int, int], Path] = {}
+        sizes: dict[tuple[int, int], str] = {}
         modes = set()
         for path in self.files:
             try:
@@ -306,7 +306,7 @@ class ImageFolder(torch.utils.data.Dataset):
 
     def sha256(self, h) -> None:
         for path, label in zip(self.files, self.labels.tolist()):
-            h.update(f"{path.relative_to(self.root)}\0{label}\0".encode("utf-8", "surrogateescape"))
+            h.update(f"{Path(path).relative_to(self.root)}\0{label}\0".encode("utf-8", "surrogateescape"))
             with open(path, "rb") as f:
                 for chunk in iter(lambda: f.read(1 << 20), b""):
                     h.update(chunk)
@@ -534,22 +534,29 @@ def _open_hf(path: Path, d, loading: Loading) -> Opened:
     require("datasets", "hf")
     import datasets
     if not path.exists():
-        raise DataError(f"Hugging Face data set folder {path} does not exist (a datasets.save_to_disk folder)")
+        raise DataError(f"Hugging Face data set {path} does not exist (a datasets.save_to_disk folder, or a "
+                        ".parquet, .json or .csv data file)")
+    builders = {".parquet": "parquet", ".json": "json", ".jsonl": "json", ".csv": "csv"}
     try:
-        loaded = datasets.load_from_disk(str(path))
+        if path.is_file() and path.suffix in builders:  # a data file: one split, the test set drawn from it
+            loaded = datasets.load_dataset(builders[path.suffix], data_files=str(path), split="train")
+        else:
+            loaded = datasets.load_from_disk(str(path))
     except (FileNotFoundError, ValueError) as exc:
-        raise DataError(f"{path} is not a datasets.save_to_disk folder ({str(exc).splitlines()[0]})") from None
+        raise DataError(f"{path} is not a datasets.save_to_disk folder or data file ({str(exc).splitlines()[0]})") \
+            from None
     splits = dict(loaded) if isinstance(loaded, datasets.DatasetDict) else {"train": loaded}
     if "train" not in splits:
         raise DataError(f"{path} has splits {sorted(splits)}, none named train")
     test_name = next((s for s in ("test", "validation", "val") if s in splits), None)
     train = HFDataset(splits["train"], d.image_column, d.label_column, f"{path} (train)")
     test = HFDataset(splits[test_name], d.image_column, d.label_column, f"{path} ({test_name})") if test_name else None
-    files = sorted(p for p in path.rglob("*") if p.is_file())
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
     k = train.num_classes or int(max(int(train.labels.max()), int(test.labels.max()) if test else 0)) + 1
     shape = tuple(to_chw(train[0][0], train.describe(0)).shape)
     return Opened(SampleSplit(train, shape=shape, loading=loading),
-                  SampleSplit(test, shape=shape, loading=loading) if test else None, k, _sha256_files(files, path))
+                  SampleSplit(test, shape=shape, loading=loading) if test else None, k,
+                  _sha256_files(files, path.parent if path.is_file() else path))
 
 
 def _open_import(spec: str, d, loading: Loading) -> Opened:

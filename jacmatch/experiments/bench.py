@@ -583,6 +583,13 @@ def write_benchmarks(bench_json: Path = Path("results/bench.json"), out: Path = 
     if cuda is not None:
         lines += ["# GPU", "", _header(cuda, bench_json.parent / "bench_cuda.json", "make gpu-check"), ""]
         lines += _targets(cuda) + _shape_tables(cuda)
+    data = load_json(bench_json.parent / "bench_data.json")
+    if data is not None:
+        from .bench_data import format_data
+        lines += ["## Your data", "", f"From `{bench_json.parent / 'bench_data.json'}`, written by `jacmatch bench "
+                  f"--only data --json {bench_json.parent / 'bench_data.json'}` ({data['bench_seconds']:.0f} s on "
+                  f"{data['machine']['cpus']} CPUs). Peak memory is that of the largest process of the run "
+                  "(its DataLoader workers included).", ""] + format_data(data) + [""]
     for name, section in (("bench_profile.json", _profile_section), ("estimators.json", _estimators_section)):
         found = load_json(bench_json.parent / name)
         if found is not None:
