@@ -299,7 +299,8 @@ def streamed_statistics(split, index: Tensor, batch_size: int = 1024) -> tuple[t
     """Per-channel mean and std (unbiased, at least 1e-3) of ``split``'s samples ``index``,
     read batch by batch (float64 sums: memory does not grow with the data set)."""
     total = squares = None
-    for _, x, _ in split.batches([index[start:start + batch_size] for start in range(0, len(index), batch_size)]):
+    batches = [index[start:start + batch_size] for start in range(0, len(index), batch_size)]
+    for _, x, _ in (split.batches(batches, keep=False) if hasattr(split, "cache") else split.batches(batches)):
         x = x.double()
         s, q = x.sum(dim=(0, 2, 3)), (x * x).sum(dim=(0, 2, 3))
         total, squares = (s, q) if total is None else (total + s, squares + q)

@@ -68,6 +68,27 @@ class Loading:
     prefetch: int = 2
     pin_memory: bool = False
     on_bad_sample: str = "stop"
+    cache_bytes: int = 512 << 20  # decoded samples kept for the next epochs, up to this many bytes
+
+
+class SampleCache:
+    """Decoded samples by source index, up to a byte budget, owned by the splits of one
+    source: a few-sample run decodes each file once, not once an epoch. Values are the
+    decoded pixels as decoded, so a cached batch equals a decoded one bit for bit."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes, self.bytes = max_bytes, 0
+        self.samples: dict[int, Tensor] = {}
+
+    def has(self, keys) -> bool:
+        return all(k in self.samples for k in keys)
+
+    def add(self, keys, raw: Tensor) -> None:
+        for k, x in zip(keys, raw):
+            size = x.numel() * x.element_size()
+            if k not in self.samples and self.bytes + size <= self.max_bytes:
+                self.samples[k] = x.clone()
+                self.bytes += size
 
 
 class BadSamples:
@@ -136,37 +157,25 @@ class _Fetch(torch.utils.data.Dataset):
 
 
 def _collate(items):
+    """(index, pixels as decoded, labels, errors); floats are made in the training process."""
     good = [it for it in items if it[1] is not None]
     bad = [it[3] for it in items if it[1] is None]
     index = torch.tensor([it[0] for it in good], dtype=torch.long)
-    x = torch.stack([_as_float(it[1]) for it in good]) if good else torch.zeros(0)
-    return index, x, torch.tensor([it[2] for it in good], dtype=torch.long), bad
-
-
-class _Lazy:
-    """The batches as a batch sampler, taken one by one (a progress bar wrapping them ticks
-    as the loader asks for them)."""
-
-    def __init__(self, batches):
-        self.batches = batches
-
-    def __len__(self) -> int:
-        return len(self.batches)
-
-    def __iter__(self):
-        return (list(b) for b in self.batches)
+    raw = torch.stack([it[1] for it in good]) if good else torch.zeros(0)
+    return index, raw, torch.tensor([it[2] for it in good], dtype=torch.long), bad
 
 
 class SampleSplit:
     """A split of a map-style source, as an index view (``subset`` copies nothing)."""
 
     def __init__(self, source, index: Tensor | None = None, shape: tuple[int, ...] | None = None,
-                 loading: Loading | None = None, bad: BadSamples | None = None):
+                 loading: Loading | None = None, bad: BadSamples | None = None, cache: SampleCache | None = None):
         self.source = source
         self.index = torch.arange(len(source)) if index is None else index
         self.labels = source.labels[self.index]
         self.loading = loading or Loading()
         self.bad = bad or BadSamples()
+        self.cache = cache or SampleCache(self.loading.cache_bytes)
         self.sample_shape = shape if shape is not None else self._first_shape()
 
     def _first_shape(self) -> tuple[int, ...]:
@@ -180,23 +189,33 @@ class SampleSplit:
 
     def subset(self, index) -> SampleSplit:
         return SampleSplit(self.source, self.index[torch.as_tensor(index, dtype=torch.long)], self.sample_shape,
-                           self.loading, self.bad)
+                           self.loading, self.bad, self.cache)
 
     def batch(self, index) -> tuple[Tensor, Tensor]:
         fetch = _Fetch(self.source, self.index, self.sample_shape)
-        _, x, y, bad = self._checked(_collate([fetch[int(i)] for i in index]))
-        return x, y
+        _, raw, y, _ = self._checked(_collate([fetch[int(i)] for i in index]))
+        return _as_float(raw), y
 
-    def batches(self, index_batches: Sequence[Sequence[int]]) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
-        """The batches in the order given, decoded ahead by the loader's workers."""
-        lo = self.loading
-        loader = torch.utils.data.DataLoader(
-            _Fetch(self.source, self.index, self.sample_shape), batch_sampler=_Lazy(index_batches),
-            num_workers=lo.workers, collate_fn=_collate, pin_memory=lo.pin_memory,
-            prefetch_factor=lo.prefetch if lo.workers else None)
-        for item in loader:
-            index, x, y, _ = self._checked(item)
-            yield index, x, y
+    def batches(self, index_batches: Sequence[Sequence[int]], keep: bool = True) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+        """The batches in the order given: from the cache where it holds every sample of a
+        batch, else decoded ahead by the loader's workers (and cached, within its budget,
+        unless ``keep`` is false: a single pass such as the statistics')."""
+        lo, cache = self.loading, self.cache if keep else SampleCache(0)
+        wanted = [torch.as_tensor(list(b), dtype=torch.long) for b in index_batches]
+        keys = [self.index[b].tolist() for b in wanted]
+        cached = [cache.has(k) for k in keys]
+        to_load = [b.tolist() for b, c in zip(wanted, cached) if not c]
+        loaded = iter(torch.utils.data.DataLoader(
+            _Fetch(self.source, self.index, self.sample_shape), batch_sampler=to_load, num_workers=lo.workers,
+            collate_fn=_collate, pin_memory=lo.pin_memory, prefetch_factor=lo.prefetch if lo.workers else None)) \
+            if to_load else iter(())
+        for b, k, hit in zip(wanted, keys, cached):
+            if hit:
+                yield b, _as_float(torch.stack([cache.samples[j] for j in k])), self.labels[b]
+                continue
+            index, raw, y, _ = self._checked(next(loaded))
+            cache.add(self.index[index].tolist(), raw)
+            yield index, _as_float(raw), y
 
     def _checked(self, item):
         bad = item[3]

@@ -588,8 +588,10 @@ def write_benchmarks(bench_json: Path = Path("results/bench.json"), out: Path = 
         from .bench_data import format_data
         lines += ["## Your data", "", f"From `{bench_json.parent / 'bench_data.json'}`, written by `jacmatch bench "
                   f"--only data --json {bench_json.parent / 'bench_data.json'}` ({data['bench_seconds']:.0f} s on "
-                  f"{data['machine']['cpus']} CPUs). Peak memory is that of the largest process of the run "
-                  "(its DataLoader workers included).", ""] + format_data(data) + [""]
+                  f"{data['machine']['cpus']} CPUs). Peak memory is the high-water mark (VmHWM) of the run's "
+                  "process and of its largest DataLoader worker; the growth is that of the larger of the two. The "
+                  "epoch is the median of epochs 2-5 (the teacher cache filled), the cheapest steps: the worst case "
+                  "for the loader.", ""] + format_data(data) + [""]
     for name, section in (("bench_profile.json", _profile_section), ("estimators.json", _estimators_section)):
         found = load_json(bench_json.parent / name)
         if found is not None:

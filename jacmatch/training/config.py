@@ -54,6 +54,7 @@ class DataConfig:
     std: list | None = None                # per-channel pixel std (default: streamed over the training pool)
     options: dict = field(default_factory=dict)  # keyword arguments of a package.module:callable data set
     workers: int = -1                      # processes decoding a source's samples (-1: min(4, CPUs / 2); 0: none)
+    cache_mib: int = 512                   # decoded samples of a source kept for the next epochs (MiB; 0: none)
     on_bad_sample: str = "stop"            # stop | skip: a sample that cannot be read stops the run, or is skipped and counted
 
 
@@ -184,6 +185,8 @@ def _check_data(d: DataConfig) -> None:
         raise ConfigError(f"data.on_bad_sample must be stop or skip, got {d.on_bad_sample!r}")
     if not (isinstance(d.workers, int) and -1 <= d.workers <= 256):
         raise ConfigError(f"data.workers must be -1 (auto), 0 or a count up to 256, got {d.workers!r}")
+    if not (isinstance(d.cache_mib, int) and 0 <= d.cache_mib <= 1 << 20):
+        raise ConfigError(f"data.cache_mib must be a size in MiB, 0 to {1 << 20}, got {d.cache_mib!r}")
     if not 0 < d.test_size < 1:
         raise ConfigError(f"data.test_size must be a fraction in (0, 1), got {d.test_size!r}")
     for key in ("mean", "std"):

@@ -590,7 +590,8 @@ def load_data(cfg: RunConfig, cache: dict | None = None) -> DataSplits:
     d = cfg.data
     device = resolve_device(cfg.device, DistInfo()) if cfg.device != "cpu" else torch.device("cpu")
     workers = min(4, max(1, (os.cpu_count() or 2) // 2)) if d.workers == -1 else d.workers
-    loading = Loading(workers=workers, pin_memory=device.type == "cuda", on_bad_sample=d.on_bad_sample)
+    loading = Loading(workers=workers, pin_memory=device.type == "cuda", on_bad_sample=d.on_bad_sample,
+                      cache_bytes=d.cache_mib << 20)
     return create_dataset(d.name, data_dir=d.data_dir, samples_per_class=d.samples_per_class, val_size=d.val_size,
                           split_seed=d.split_seed, seed=cfg.seed, classes=d.classes, download=d.download,
                           options=d, loading=loading, cache=cache)
@@ -657,9 +658,9 @@ def _train_epoch(run: _Run, epoch: int, stop: _StopOnSignal) -> tuple[int, dict[
         if not info.enabled:
             torch.set_rng_state(run.resume_rng)
         sums, skipped = json.loads(run.mid_epoch["sums"]), int(run.mid_epoch["skipped"])
-    bar = _progress(batches[run.first_step:], cfg, info, epoch)
-    loaded = run.data.train.batches(bar)  # read ahead by the source's workers, in the order of the batches
-    for step, (index, x, y) in enumerate(loaded, start=run.first_step):
+    todo = batches[run.first_step:]  # read ahead by the source's workers, in this order
+    bar = _progress(_Sized(run.data.train.batches(todo), len(todo)), cfg, info, epoch)
+    for step, (index, x, y) in enumerate(bar, start=run.first_step):
         values = _train_step(run, index, x, y, f"epoch {epoch + 1}, step {step + 1}") if len(index) else None
         if values is None and not len(index):  # every sample of the batch was unreadable (on_bad_sample=skip)
             skipped += 1
@@ -788,6 +789,19 @@ def evaluate_splits(model: nn.Module, data: DataSplits, cfg: RunConfig, device="
                              noise_sigmas=e.noise_sigmas, noise_seed=e.noise_seed,
                              teacher=teacher if e.jacobian_cosine else None, cosine_samples=e.cosine_samples,
                              teacher_key=teacher_key, teacher_gradients=teacher_gradients)}
+
+
+class _Sized:
+    """An iterator with the length a progress bar shows."""
+
+    def __init__(self, items, n: int):
+        self.items, self.n = items, n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        return iter(self.items)
 
 
 class _PlainProgress:
