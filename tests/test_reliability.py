@@ -484,3 +484,29 @@ def test_a_signal_during_the_last_evaluation_stops_the_process_after_the_finishe
         train(config_from_dict(values))
     assert json.loads((tmp_path / "r" / "results.json").read_text())["epochs"] == 1
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler before is back
+
+
+# ---- mixed precision ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("nonfinite", ["stop", "skip"])
+def test_an_fp16_overflow_skips_one_step_lowers_the_scale_and_trains_on(tmp_path, teacher, monkeypatch, nonfinite):
+    """fp16 with a gradient scaler (on CPU here): an overflow of the scaled gradients, as
+    fp16 has in its first steps, is the scaler's business, not a non-finite loss: the step
+    is skipped, the scale halves, metrics.jsonl counts it, and the run goes on (exit 0)."""
+    from torch.amp import GradScaler
+    real, calls = GradScaler.unscale_, {"n": 0}
+
+    def unscale_with_overflow(self, optimizer):
+        calls["n"] += 1
+        if calls["n"] == 2:  # the second step's scaled gradients overflow
+            next(p for g in optimizer.param_groups for p in g["params"] if p.grad is not None).grad.fill_(float("inf"))
+        return real(self, optimizer)
+    monkeypatch.setattr(GradScaler, "unscale_", unscale_with_overflow)
+    values = {"out_dir": str(tmp_path / "s"), "teacher": teacher, "amp": "fp16", "nonfinite": nonfinite,
+              "data": {"name": "synthetic", "samples_per_class": 8}, "model": {"name": "small_cnn_4"},
+              "objective": {"beta": 1.0}, "optim": {"epochs": 2, "batch_size": 8, "min_steps_per_epoch": 4}, **QUIET}
+    results = train(config_from_dict(values))
+    metrics = [json.loads(x) for x in (tmp_path / "s" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["overflow_steps"] for m in metrics] == [1, 0] and [m["skipped_steps"] for m in metrics] == [0, 0]
+    assert metrics[0]["loss_scale"] == 65536.0 / 2 and results["epochs"] == 2 and calls["n"] == 8

@@ -120,7 +120,7 @@ class RunConfig:
     teacher_cache: bool = True    # compute the teacher once per sample when inputs are fixed
     nonfinite: str = "stop"       # stop | skip: what a NaN/Inf loss or gradient does
     skip_limit: int = 20          # nonfinite=skip stops (exit 3) past this many skipped steps in a row, or a whole epoch
-    amp: str = "none"             # none | bf16 | fp16 (fp16 on CUDA, with a gradient scaler)
+    amp: str = "none"             # none | bf16 | fp16 (with a gradient scaler: an overflow skips that step)
     channels_last: bool = False   # the student's weights channels-last: faster small CNNs on CPU (jacmatch bench)
     progress: bool = True         # a progress bar on the terminal
     tensorboard: bool = False     # TensorBoard logs under out_dir/tensorboard (extra: jacmatch[tensorboard])

@@ -311,10 +311,10 @@ def _teacher_key(cfg: RunConfig) -> tuple:
             tuple(d.classes or ()), d.val_size, d.split_seed)
 
 
-#: Settings a resume may change: they cannot alter the epochs already trained. The paths
-#: of the teacher and the data may move: their contents are checked instead (run_inputs).
-RESUME_MAY_CHANGE = ("optim.epochs", "progress", "eval.every", "device", "out_dir", "tensorboard",
-                     "teacher", "teacher_weights", "data.data_dir")
+#: Settings a resume may change: they cannot alter the epochs already trained.
+RESUME_MAY_CHANGE = ("optim.epochs", "progress", "eval.every", "device", "out_dir", "tensorboard")
+#: Paths that may move too, when the checkpoint records their contents (run_inputs).
+RESUME_MAY_MOVE = ("teacher", "teacher_weights", "data.data_dir")
 
 
 def run_inputs(cfg: RunConfig, data: DataSplits) -> dict:
@@ -352,21 +352,23 @@ def _flat(values: dict, prefix: str = "") -> dict:
     return out
 
 
-def resume_changes(trained: dict, cfg: RunConfig, epochs_done: int, last: Path) -> dict:
+def resume_changes(trained: dict, cfg: RunConfig, epochs_done: int, last: Path, contents_recorded: bool = False) -> dict:
     """The settings that differ between the checkpoint's run and ``cfg``, as
     ``{key: [old, new]}``; refused (one line, every key as ``key: old -> new``) unless
-    each is one of :data:`RESUME_MAY_CHANGE`."""
+    each is one of :data:`RESUME_MAY_CHANGE` (or of :data:`RESUME_MAY_MOVE`, when the
+    checkpoint records the contents those paths held)."""
     old = _flat(config_to_dict(config_from_dict(trained)))
     new = _flat(config_to_dict(cfg))
     changes = {k: [old.get(k), new.get(k)] for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)}
-    refused = {k: v for k, v in changes.items() if k not in RESUME_MAY_CHANGE}
+    allowed = RESUME_MAY_CHANGE + (RESUME_MAY_MOVE if contents_recorded else ())
+    refused = {k: v for k, v in changes.items() if k not in allowed}
     if cfg.optim.epochs < epochs_done:
         refused["optim.epochs"] = [old.get("optim.epochs"), cfg.optim.epochs]
     if refused:
         diff = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in refused.items())
         raise ConfigError(f"--resume would change what {last.parent} was trained with ({diff}); resume with its "
                           f"config.yaml, or start a new run in another --out (a resume may change only "
-                          f"{', '.join(RESUME_MAY_CHANGE)}, and epochs only upwards)")
+                          f"{', '.join(allowed)}, and epochs only upwards)")
     return changes
 
 
@@ -454,7 +456,7 @@ class _Run:
     cache: TeacherCache | None
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
-    scaler: Any  # a GradScaler for fp16 on CUDA, else None
+    scaler: Any  # a GradScaler for fp16, else None
     gen: torch.Generator  # projections, directions and noise
     aug_gen: torch.Generator  # crops and flips
     teacher_key: tuple | None
@@ -469,6 +471,7 @@ class _Run:
     trainable: list = field(default_factory=list)  # the parameters a step takes gradients of
     inputs: dict = field(default_factory=dict)  # the teacher's and the data's hashes (run_inputs)
     skipped_in_a_row: int = 0  # nonfinite=skip: steps skipped since the last one trained
+    overflow_steps: int = 0  # fp16 steps the gradient scaler skipped this epoch (it lowered its scale)
     last_skip: str = ""  # why the last step was skipped
 
     @property
@@ -569,7 +572,7 @@ def _setup(cfg: RunConfig, resume: bool, data: DataSplits, given: bool, info: Di
     run = _Run(cfg=cfg, info=info, device=device, out=out, data=data, model=model, net=net, teacher=teacher,
                objective=objective, cache=TeacherCache(objective, len(data.train)) if fixed_inputs else None,
                optimizer=optimizer, scheduler=scheduler,
-               scaler=torch.amp.GradScaler("cuda") if cfg.amp == "fp16" and device.type == "cuda" else None,
+               scaler=torch.amp.GradScaler(device.type) if cfg.amp == "fp16" else None,
                gen=gen, aug_gen=torch.Generator(),
                teacher_key=None if teacher is None or given else _teacher_key(cfg),
                teacher_gradients=teacher_gradients, inputs=inputs, **restored)
@@ -603,7 +606,7 @@ def _restore(cfg: RunConfig, last: Path, model, optimizer, scheduler, info: Dist
     state = load_checkpoint(last, map_location=device)
     if state.get("arch") != model.arch:
         raise CheckpointError(f"{last} holds model {state.get('arch')}, the config asks for {model.arch}")
-    changes = resume_changes(json.loads(state["config"]), cfg, state["epoch"], last)
+    changes = resume_changes(json.loads(state["config"]), cfg, state["epoch"], last, "inputs" in state)
     check_same_inputs(state.get("inputs"), inputs, last)
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
@@ -706,11 +709,16 @@ def _train_step(run: _Run, index: torch.Tensor, x: torch.Tensor, y: torch.Tensor
         if scaler:
             scaler.unscale_(optimizer)
         if not all(torch.isfinite(p.grad).all() for p in run.model.parameters() if p.grad is not None):
+            if scaler:  # an fp16 overflow of the scaled gradients: the scaler skips the step and lowers its scale
+                scaler.step(optimizer)
+                scaler.update()
+                run.overflow_steps += 1
+                return values
             bad = ["gradient"]
     if bad:
         what = f"non-finite {', '.join(bad)} at {where} ({', '.join(f'{k}={values[k]}' for k in values)})"
         if cfg.nonfinite == "skip":
-            optimizer.zero_grad(set_to_none=True)
+            optimizer.zero_grad(set_to_none=True)  # (a scaler has seen nothing of this step: it stays consistent)
             run.last_skip = what
             return None
         raise NonFiniteError(f"{what}; the last complete checkpoint is kept: lower the learning rate or weights, "
@@ -755,6 +763,9 @@ def _end_epoch(run: _Run, epoch: int, steps: int, sums: dict, skipped: int, seco
         record["config_changes"], run.changes = run.changes, {}
     if info.enabled:
         record["train"] = _mean_across_ranks(record["train"], run.device)
+    if run.scaler is not None:
+        record["overflow_steps"], record["loss_scale"] = run.overflow_steps, float(run.scaler.get_scale())
+        run.overflow_steps = 0
     bad = getattr(run.data.train, "bad", None)  # samples skipped as unreadable (data.on_bad_sample=skip)
     if bad is not None and bad.count:
         record["bad_samples"], record["first_bad_sample"] = bad.count, bad.first
