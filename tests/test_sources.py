@@ -140,7 +140,8 @@ def test_a_dataset_by_import_path_trains_and_evaluates(tmp_path, teacher):
     r = jacmatch("distill", "--dataset", "user_data:make_dataset", "--teacher", teacher, "--samples-per-class", "5",
                  *SMALL, "--set", "optim.epochs=2", "--out", tmp_path / "s", cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
-    refused(jacmatch("evaluate", "--checkpoint", tmp_path / "s" / "last.pt"), "--dataset user_data:make_dataset")
+    from jacmatch.cli import main
+    assert main(["evaluate", "--checkpoint", str(tmp_path / "s" / "last.pt")]) == 2  # names the path to trust
     e = jacmatch("evaluate", "--checkpoint", tmp_path / "s" / "last.pt", "--dataset", "user_data:make_dataset")
     assert e.returncode == 0 and "acc" in json.loads(e.stdout), e.stderr[-2000:]
 
@@ -221,7 +222,7 @@ def test_a_mid_epoch_resume_over_a_folder_is_bit_identical(folder, tmp_path, tea
     while not (out / "last.pt").is_file() and time.time() - start < 120:
         assert process.poll() is None, process.communicate()[1][-2000:]
         time.sleep(0.05)
-    time.sleep(0.5)
+    time.sleep(0.2)
     process.send_signal(signal.SIGTERM)
     _, err = process.communicate(timeout=120)
     state = load_checkpoint(out / "last.pt")
