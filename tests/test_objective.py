@@ -151,3 +151,23 @@ def test_bf16_autocast_agrees_with_float32():
         assert abs(terms16[k].float().item() - terms32[k].item()) <= 0.02 * abs(terms32[k].item()) + 1e-3, k
     total16.float().backward()
     assert all(torch.isfinite(p.grad).all() for p in student.parameters())
+
+
+def test_attention_transfer_takes_a_teacher_of_another_class_count():
+    """Transfer: AT and its Jacobians compare feature maps, not outputs, so an ImageNet-sized
+    teacher teaches a 2-class student; KD between them is refused, naming both counts."""
+    from torch import nn
+
+    class Net(nn.Module):
+        def __init__(self, k):
+            super().__init__()
+            self.layer1, self.head = nn.Conv2d(1, 4, 3, padding=1), nn.Linear(4 * 64, k)
+
+        def forward(self, x):
+            return self.head(torch.tanh(self.layer1(x)).flatten(1))
+    x, y = torch.rand(3, 1, 8, 8), torch.tensor([0, 1, 0])
+    at = jm.ObjectiveConfig(delta=1.0, delta_jacobian=1.0, at_layers=["layer1:layer1"])
+    _, total, terms = jm.TransferObjective(Net(2), Net(7).eval(), at)(x, y)
+    assert set(terms) == {"ce", "at", "at_jm"} and torch.isfinite(total)
+    with pytest.raises(ValueError, match="the teacher has 7 outputs and the student 2"):
+        jm.TransferObjective(Net(2), Net(7).eval(), jm.ObjectiveConfig(beta=1.0))(x, y)

@@ -265,7 +265,8 @@ class TransferObjective(nn.Module):
                 logits, tangent = special
             elif any(t.needs_clean_forward for t in all_terms):
                 logits = self._student_fn(xs)
-        if logits is not None and "logits" in targets and targets["logits"].shape[1] != logits.shape[1]:
+        if logits is not None and "logits" in targets and targets["logits"].shape[1] != logits.shape[1] \
+                and any(t.compares_outputs for t in all_terms):
             raise ValueError(f"the teacher has {targets['logits'].shape[1]} outputs and the student "
                              f"{logits.shape[1]}: KD and Jacobian matching compare outputs one to one, so "
                              "both must have as many classes as the data set")

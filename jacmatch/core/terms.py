@@ -127,6 +127,7 @@ class Term(nn.Module):
     needs_teacher_targets = False  # the teacher's pass on the clean batch (cacheable)
     needs_clean_forward = True     # the student's forward pass on the clean batch
     chunk_teacher = False          # the teacher's pass is heavy: take it in chunks
+    compares_outputs = False       # teacher and student outputs are compared one to one (same class count)
     student_layers: tuple[str, ...] = ()
     teacher_layers: tuple[str, ...] = ()
 
@@ -176,7 +177,7 @@ class KDLoss(Term):
     """β · activation matching: τ²·KL(softmax(z_T/τ) ‖ softmax(z_S/τ)), or squared error on logits."""
 
     key = "kd"
-    needs_teacher = needs_teacher_targets = True
+    needs_teacher = needs_teacher_targets = compares_outputs = True
 
     def __init__(self, weight: float = 1.0, temperature: float = 4.0, form: str = "kl"):
         super().__init__(weight)
@@ -197,7 +198,7 @@ class JacobianMatchingLoss(Term):
     ``label``, ``top_k``, ``all``, ``projection``, ``input_jvp``, ``input_fd``)."""
 
     key = "jm"
-    needs_teacher = needs_teacher_targets = chunk_teacher = True
+    needs_teacher = needs_teacher_targets = chunk_teacher = compares_outputs = True
 
     def __init__(self, weight: float = 1.0, estimator: str = "teacher_top1", form: str = "normalized",
                  temperature: float = 4.0, top_k: int = 3, num_projections: int = 1, fd_step: float = FD_STEP,
@@ -359,7 +360,7 @@ class NoisyDistillationLoss(_Noise):
     """β · ``E_ξ KD(T(x+ξ), S(x+ξ))`` by Monte Carlo: distillation on noisy inputs (left side of Prop. 1)."""
 
     key = "kd"
-    needs_teacher = True
+    needs_teacher = compares_outputs = True
 
     def __init__(self, weight: float = 1.0, sigma: float = 0.1, draws: int = 1, antithetic: bool = False,
                  temperature: float = 4.0, form: str = "kl"):

@@ -20,7 +20,6 @@ one such class; :func:`open_source` names them.
 from __future__ import annotations
 
 import hashlib
-import importlib
 import re
 import zipfile
 from collections.abc import Iterable, Iterator, Sequence
@@ -33,6 +32,7 @@ import torch
 from torch import Tensor
 
 from .._extras import require
+from .._imports import import_callable
 from .formats import DataError
 
 __all__ = ["SampleSplit", "ArraySplit", "ImageFolder", "Loading", "SourceOptions", "open_source", "source_kind", "to_chw",
@@ -579,18 +579,7 @@ def _open_hf(path: Path, d, loading: Loading) -> Opened:
 
 
 def _open_import(spec: str, d, loading: Loading) -> Opened:
-    module, _, attr = spec.partition(":")
-    try:
-        obj: Any = importlib.import_module(module)
-    except ImportError as exc:
-        raise DataError(f"data set {spec!r}: cannot import {module!r} ({exc}); is it on PYTHONPATH?") from None
-    for part in attr.split("."):
-        if not hasattr(obj, part):
-            raise DataError(f"data set {spec!r}: {module!r} has no attribute {attr!r}")
-        obj = getattr(obj, part)
-    if not callable(obj):
-        raise DataError(f"data set {spec!r} is a {type(obj).__name__}, not a callable that returns a data set")
-    made = obj(**d.options)
+    made = import_callable(spec, "data set", DataError)(**d.options)
     if isinstance(made, dict):
         if "train" not in made:
             raise DataError(f"data set {spec!r} returned a dict without 'train' (keys: {sorted(made)})")

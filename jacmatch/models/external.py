@@ -10,15 +10,14 @@ weights (load trained ones with ``--teacher-weights``).
 
 from __future__ import annotations
 
-import importlib
 import inspect
 from collections.abc import Callable
-from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from .._extras import require
+from .._imports import import_callable
 from ..core.outputs import logits_of
 from .base import NormalizedInput
 
@@ -54,17 +53,7 @@ def _factory(spec: str, in_channels: int) -> tuple[Callable[..., nn.Module], dic
         if not timm.is_model(target):
             raise ValueError(f"timm has no model {target!r}: see timm.list_models()")
         return (lambda **kw: timm.create_model(target, pretrained=False, **kw)), {"in_chans": in_channels}
-    try:
-        obj: Any = importlib.import_module(source)
-    except ImportError as exc:
-        raise ValueError(f"model {spec!r}: cannot import {source!r} ({exc}); is it on PYTHONPATH?") from None
-    for part in target.split("."):
-        if not hasattr(obj, part):
-            raise ValueError(f"model {spec!r}: {source!r} has no attribute {target!r}")
-        obj = getattr(obj, part)
-    if not callable(obj):
-        raise ValueError(f"model {spec!r}: {target!r} is not callable")
-    return obj, {}
+    return import_callable(spec, "model"), {}
 
 
 def build_external(spec: str, num_classes: int, in_channels: int, **options) -> nn.Module:

@@ -1,0 +1,26 @@
+"""``package.module:callable``: what a model or a data set given by import path names."""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from typing import Any
+
+__all__ = ["import_callable"]
+
+
+def import_callable(spec: str, what: str, error: type[Exception] = ValueError) -> Callable:
+    """The callable ``spec`` names (``module.path:attr.path``); ``error`` with one line
+    that says what is missing otherwise. ``what`` names it in the message (model, data set)."""
+    module, _, target = spec.partition(":")
+    try:
+        obj: Any = importlib.import_module(module)
+    except ImportError as exc:
+        raise error(f"{what} {spec!r}: cannot import {module!r} ({exc}); is it on PYTHONPATH?") from None
+    for part in target.split("."):
+        if not hasattr(obj, part):
+            raise error(f"{what} {spec!r}: {module!r} has no attribute {target!r}")
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise error(f"{what} {spec!r}: {target!r} is a {type(obj).__name__}, not callable")
+    return obj
