@@ -37,7 +37,14 @@ class Terminated(BaseException):
     """SIGTERM outside a training loop (which checkpoints and exits 75 instead)."""
 
 
+_MAIN_PID = os.getpid()
+
+
 def _terminate(signum, frame):
+    if os.getpid() != _MAIN_PID:  # a forked DataLoader worker: die as it would have before
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+        return
     raise Terminated()
 
 #: What ``jacmatch distill`` trains with unless told otherwise: CE + KD + JM with the τ and
@@ -461,6 +468,8 @@ def _warning_line(command: str):
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     git_commit()  # the commit of the code this process loaded, before anyone edits the checkout
+    global _MAIN_PID
+    _MAIN_PID = os.getpid()
     before = signal.signal(signal.SIGTERM, _terminate) if _main_thread() else None
     try:
         with warnings.catch_warnings():

@@ -75,8 +75,9 @@ class ImageSet:
     def sample_shape(self) -> tuple[int, ...]:
         return tuple(self.images.shape[1:])
 
-    def batches(self, index_batches) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
-        """``(index, x, y)`` for each batch of indices, in the order given."""
+    def batches(self, index_batches, keep: bool = True) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+        """``(index, x, y)`` for each batch of indices, in the order given (``keep``: for
+        the split protocol; everything is in memory already)."""
         for idx in index_batches:
             index = torch.as_tensor(idx, dtype=torch.long)
             yield (index, *self.batch(index))
@@ -300,7 +301,7 @@ def streamed_statistics(split, index: Tensor, batch_size: int = 1024) -> tuple[t
     read batch by batch (float64 sums: memory does not grow with the data set)."""
     total = squares = None
     batches = [index[start:start + batch_size] for start in range(0, len(index), batch_size)]
-    for _, x, _ in (split.batches(batches, keep=False) if hasattr(split, "cache") else split.batches(batches)):
+    for _, x, _ in split.batches(batches, keep=False):  # one pass: nothing kept for later epochs
         x = x.double()
         s, q = x.sum(dim=(0, 2, 3)), (x * x).sum(dim=(0, 2, 3))
         total, squares = (s, q) if total is None else (total + s, squares + q)

@@ -9,8 +9,9 @@ surface (the built-in in-memory :class:`~jacmatch.data.datasets.ImageSet` too):
 - ``split.batch(index)``: float images in [0, 1] [B, C, H, W] and labels, for a list of
   indices;
 - ``split.subset(index)``: a view on those samples (nothing is copied);
-- ``split.batches(index_batches)``: an epoch's batches in the order given, each
-  ``(index, x, y)``, read ahead by a ``DataLoader``'s workers where decoding costs.
+- ``split.batches(index_batches, keep=True)``: an epoch's batches in the order given, each
+  ``(index, x, y)``, read ahead by a ``DataLoader``'s workers where decoding costs (and
+  kept for the next epochs, within a budget, unless ``keep`` is false).
 
 A source is a map-style data set whose ``__getitem__`` returns ``(image, label)``, with
 ``labels`` and ``describe(i)`` (the file a sample came from, for errors). A new source is
@@ -246,7 +247,8 @@ class ArraySplit:
         rows = self.index[torch.as_tensor(index, dtype=torch.long)].numpy()
         return _as_float(torch.from_numpy(np.ascontiguousarray(self.images[rows]))), self.all_labels[rows]
 
-    def batches(self, index_batches) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+    def batches(self, index_batches, keep: bool = True) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+        """``(index, x, y)`` for each batch, read from the map as it is asked for."""
         for idx in index_batches:
             index = torch.as_tensor(idx, dtype=torch.long)
             yield (index, *self.batch(index))
