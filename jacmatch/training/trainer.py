@@ -36,6 +36,7 @@ from ..atomic import write_atomic, write_json_atomic
 from ..core.draws import ShardedGenerator
 from ..core.objective import TransferObjective
 from ..data import DataSplits, create_dataset, random_crop_flip
+from ..data.formats import DataError
 from ..data.sources import Loading
 from ..models import ExternalClassifier, count_parameters, create_model, dry_forward, is_import_path, smallest_input
 from .cache import TeacherCache
@@ -664,10 +665,14 @@ def _train_epoch(run: _Run, epoch: int, stop: _StopOnSignal) -> tuple[int, dict[
     todo = batches[run.first_step:]  # read ahead by the source's workers, in this order
     bar = _progress(_Sized(run.data.train.batches(todo), len(todo)), cfg, info, epoch)
     for step, (index, x, y) in enumerate(bar, start=run.first_step):
-        values = _train_step(run, index, x, y, f"epoch {epoch + 1}, step {step + 1}") if len(index) else None
-        if values is None and not len(index):  # every sample of the batch was unreadable (on_bad_sample=skip)
+        if not len(index):  # every sample of the batch was unreadable (on_bad_sample=skip)
+            if info.enabled:  # the other processes' steps would wait for this one's gradients
+                raise DataError(f"every sample of a batch at epoch {epoch + 1}, step {step + 1} was unreadable "
+                                f"(the first: {getattr(run.data.train, 'bad', None) and run.data.train.bad.first}); "
+                                "under DDP a process cannot skip a step: fix or remove the files")
             skipped += 1
             continue
+        values = _train_step(run, index, x, y, f"epoch {epoch + 1}, step {step + 1}")
         if values is None:
             skipped += 1
             run.skipped_in_a_row += 1
