@@ -207,6 +207,14 @@ def test_check_model_cli_exit_codes(capsys):
     assert cli_main(["check-model", "user_models:se_net", "--input-shape", "3x8x8", "--fix"]) == 0
 
 
+def test_check_model_names_the_shape_to_pass_for_a_model_that_cannot_take_the_input(capsys):
+    """A model too big for the input is the user's input to fix: one line, exit 2, the shape to pass."""
+    assert cli_main(["check-model", "lenet5", "--input-shape", "1x8x8"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.endswith("lenet5 cannot take an input of shape 1x8x8: its smallest input is 1x12x12: pass "
+                        "--input-shape 1x12x12") and len(err.splitlines()) == 1, err
+
+
 # ---- configs and the command line ------------------------------------------------------
 
 

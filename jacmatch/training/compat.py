@@ -16,7 +16,8 @@ import torch
 from torch import Tensor, nn
 
 from ..core.objective import ObjectiveConfig, TransferObjective
-from ..models import create_model
+from ..models import create_model, dry_forward, smallest_input
+from .config import ConfigError
 
 __all__ = ["CheckResult", "check_model", "first_failing_module"]
 
@@ -99,6 +100,7 @@ def check_model(spec: str, input_shape: tuple[int, ...] = (3, 32, 32), num_class
     y = torch.randint(0, num_classes, (batch,))
     partner = create_model("small_cnn_4", num_classes, input_shape[0])
     model = create_model(spec, num_classes, input_shape[0], **options)
+    _check_takes(model, spec, tuple(input_shape))
     result.parameters = sum(p.numel() for p in model.parameters())
     try:
         result.teacher_step_seconds = _step(partner, model, x, y)
@@ -116,6 +118,18 @@ def check_model(spec: str, input_shape: tuple[int, ...] = (3, 32, 32), num_class
     if not result.student_ok and fix:
         _try_fix(result, spec, input_shape, num_classes, x, y, partner, **options)
     return result
+
+
+def _check_takes(model, spec: str, shape: tuple[int, ...]) -> None:
+    """A model that cannot take ``shape`` at all is the user's input to fix, not a finding:
+    one line with the shape to pass."""
+    if dry_forward(model, shape) is not None:
+        return
+    c, side = shape[0], smallest_input(model, shape[0])
+    hint = (f"its smallest input is {c}x{side}x{side}: pass --input-shape {c}x{side}x{side}" if side else
+            f"it takes no {c}-channel square input up to 256x256 (a model of one input size, such as a ViT, "
+            f"takes only its own: e.g. --input-shape {c}x224x224)")
+    raise ConfigError(f"{spec} cannot take an input of shape {'x'.join(map(str, shape))}: {hint}")
 
 
 def _fixes_for(error: str, replaced: bool) -> dict:
