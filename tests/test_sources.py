@@ -136,14 +136,14 @@ def test_a_folder_from_any_working_directory_and_evaluate_without_data_options(f
 
 
 @pytest.mark.slow
-def test_a_dataset_by_import_path_trains_and_evaluates(tmp_path, teacher):
+def test_a_dataset_by_import_path_trains_and_evaluates(tmp_path, teacher, monkeypatch):
     r = jacmatch("distill", "--dataset", "user_data:make_dataset", "--teacher", teacher, "--samples-per-class", "5",
                  *SMALL, "--set", "optim.epochs=2", "--out", tmp_path / "s", cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
     from jacmatch.cli import main
+    monkeypatch.syspath_prepend(str(TESTS))
     assert main(["evaluate", "--checkpoint", str(tmp_path / "s" / "last.pt")]) == 2  # names the path to trust
-    e = jacmatch("evaluate", "--checkpoint", tmp_path / "s" / "last.pt", "--dataset", "user_data:make_dataset")
-    assert e.returncode == 0 and "acc" in json.loads(e.stdout), e.stderr[-2000:]
+    assert main(["evaluate", "--checkpoint", str(tmp_path / "s" / "last.pt"), "--dataset", "user_data:make_dataset"]) == 0
 
 
 @pytest.mark.parametrize("suffix", [".png", ".jpg"])
