@@ -19,7 +19,7 @@ from jacmatch.data import DataError, create_dataset, register_dataset
 from jacmatch.data.datasets import ImageSet
 from jacmatch.training import config_from_dict, load_checkpoint, train
 
-PIL = pytest.importorskip("PIL.Image")
+from PIL import Image as PIL  # noqa: N812  (the test extra installs Pillow: jacmatch[images])
 TESTS = Path(__file__).resolve().parent
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(TESTS)}
 SMALL = ["--model", "small_cnn_4", "--set", "progress=false", "--set", "tensorboard=false"]
@@ -164,7 +164,7 @@ def test_an_npz_memmap_trains(tmp_path):
 
 
 def test_a_hugging_face_dataset_folder_trains(tmp_path):
-    datasets = pytest.importorskip("datasets")
+    import datasets  # the test extra installs it (jacmatch[hf])
     x, y = pixels(100)
     features = datasets.Features({"img": datasets.Image(), "fine": datasets.ClassLabel(num_classes=4)})
     whole = datasets.Dataset.from_dict({"img": [PIL.fromarray(a) for a in x], "fine": y.tolist()}, features=features)
@@ -365,7 +365,7 @@ def test_every_form_trains_from_the_command_line(tmp_path, monkeypatch, capsys):
     x, y = pixels(100)
     np.savez(tmp_path / "d.npz", images=x, labels=y)
     forms = [f"npz:{tmp_path / 'd.npz'}", "user_data:make_dataset"]
-    datasets = pytest.importorskip("datasets")
+    import datasets
     ds = datasets.Dataset.from_dict({"image": [PIL.fromarray(a) for a in x], "label": y.tolist()},
                                     features=datasets.Features({"image": datasets.Image(),
                                                                 "label": datasets.ClassLabel(num_classes=4)}))

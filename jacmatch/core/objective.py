@@ -94,8 +94,9 @@ class ObjectiveConfig:
 
     @property
     def compares_outputs(self) -> bool:
-        """Whether a term compares teacher and student outputs one to one (KD, JM)."""
-        return bool(self.beta or self.gamma)
+        """Whether a term compares teacher and student outputs one to one (KD, JM): what
+        the terms themselves declare (``Term.compares_outputs``)."""
+        return any(t.compares_outputs for t in build_terms(self))
 
     def step_bytes(self, sample_numel: int, num_classes: int, batch: int) -> int:
         """A coarse upper estimate of one step's activations, to refuse absurd settings early."""

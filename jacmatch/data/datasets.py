@@ -27,7 +27,7 @@ from torch import Tensor
 
 from .._extras import require
 from .formats import DataError, read_cifar_batch, read_idx
-from .sources import Loading, SourceOptions, open_source, source_kind
+from .sources import Loading, SourceOptions, batch_by_batch, open_source, source_kind
 
 __all__ = ["ImageSet", "DataSplits", "create_dataset", "list_datasets", "register_dataset",
            "stratified_subset", "check_labels", "DEBIAN_FASHION_MNIST"]
@@ -78,9 +78,7 @@ class ImageSet:
     def batches(self, index_batches, keep: bool = True) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
         """``(index, x, y)`` for each batch of indices, in the order given (``keep``: for
         the split protocol; everything is in memory already)."""
-        for idx in index_batches:
-            index = torch.as_tensor(idx, dtype=torch.long)
-            yield (index, *self.batch(index))
+        return batch_by_batch(self, index_batches)
 
 
 @dataclass

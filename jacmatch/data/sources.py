@@ -132,6 +132,14 @@ def _as_float(x: Tensor) -> Tensor:
     return x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
 
 
+def batch_by_batch(split, index_batches) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+    """``(index, x, y)`` for each batch of indices, in order, through ``split.batch``: the
+    ``batches`` of a split whose samples need no decoding."""
+    for idx in index_batches:
+        index = torch.as_tensor(idx, dtype=torch.long)
+        yield (index, *split.batch(index))
+
+
 # ---- a split over a source: any map-style data set -------------------------------------------
 
 
@@ -249,9 +257,7 @@ class ArraySplit:
 
     def batches(self, index_batches, keep: bool = True) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
         """``(index, x, y)`` for each batch, read from the map as it is asked for."""
-        for idx in index_batches:
-            index = torch.as_tensor(idx, dtype=torch.long)
-            yield (index, *self.batch(index))
+        return batch_by_batch(self, index_batches)
 
 
 # ---- sources ---------------------------------------------------------------------------------

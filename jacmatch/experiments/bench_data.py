@@ -155,7 +155,7 @@ def _evaluation_share(work: Path, quick: bool) -> dict:
 
 
 def run_data_bench(quick: bool = False) -> dict:
-    env = {**os.environ}
+    env = dict(os.environ)
     start = time.time()
     with tempfile.TemporaryDirectory(prefix="jacmatch-bench-data-") as tmp:
         work = Path(tmp)
