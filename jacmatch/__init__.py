@@ -8,27 +8,29 @@ estimators, and the same losses as ``nn.Module`` terms); the training system liv
 
 from .core.estimators import Estimator, create_estimator, list_estimators, register_estimator
 from .core.jacobian import (all_outputs, finite_difference_jvp, input_directions, input_jacobian,
-                            jacobian_vector_product, label, output_projections, teacher_top1, teacher_top_k,
-                            vector_jacobian_product)
+                            jacobian_vector_product, label, math_attention, output_projections, teacher_top1,
+                            teacher_top_k, vector_jacobian_product)
 from .core.losses import (attention_map, attention_transfer_loss, gaussian_noise, jacobian_matching_loss,
                           jacobian_penalty, kd_loss, noise_training_loss, noisy_distillation_loss,
                           normalize_per_sample)
 from .core.metrics import jacobian_cosine
-from .core.objective import ObjectiveConfig, TransferObjective, build_terms
+from .core.objective import TEACHER_OBJECTIVE, ObjectiveConfig, TransferObjective, build_terms
 from .core.outputs import logits_of
 from .core.terms import (AttentionJacobianLoss, AttentionTransferLoss, CrossEntropyLoss, FeatureTaps,
                          JacobianMatchingLoss, JacobianPenalty, KDLoss, NoiseTrainingLoss, NoisyDistillationLoss,
                          Term)
+from .errors import UsageError
 
 __version__ = "0.2.0"
 
 __all__ = [
     "input_jacobian", "vector_jacobian_product", "output_projections", "input_directions",
     "jacobian_vector_product", "finite_difference_jvp", "label", "teacher_top1", "teacher_top_k",
-    "all_outputs", "jacobian_matching_loss", "jacobian_penalty", "kd_loss", "attention_map",
+    "all_outputs", "math_attention", "jacobian_matching_loss", "jacobian_penalty", "kd_loss", "attention_map",
     "attention_transfer_loss", "noisy_distillation_loss", "noise_training_loss", "gaussian_noise",
-    "normalize_per_sample", "ObjectiveConfig", "TransferObjective", "FeatureTaps", "jacobian_cosine",
+    "normalize_per_sample", "ObjectiveConfig", "TEACHER_OBJECTIVE", "TransferObjective", "FeatureTaps", "jacobian_cosine",
     "build_terms", "logits_of", "Term", "CrossEntropyLoss", "KDLoss", "JacobianMatchingLoss",
     "AttentionTransferLoss", "AttentionJacobianLoss", "JacobianPenalty", "NoiseTrainingLoss",
     "NoisyDistillationLoss", "Estimator", "create_estimator", "list_estimators", "register_estimator",
+    "UsageError",
 ]

@@ -3,7 +3,9 @@ bench,experiment,report,compat}``.
 
 Every command is a thin layer over a function of :mod:`jacmatch.experiments` or
 :mod:`jacmatch.training`. A user error (bad file, unknown name, bad setting, a missing
-optional dependency) ends in one line on stderr and exit code 2, never a traceback.
+optional dependency, a model that cannot run: :class:`~jacmatch.errors.UsageError`) ends in one
+line on stderr and exit code 2, never a traceback; any other exception is a bug of jacmatch's
+and keeps its traceback (exit code 1).
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ import warnings
 
 from . import __version__
 from ._extras import MissingExtra
+from .core.objective import TEACHER_OBJECTIVE, ObjectiveConfig
+from .errors import UsageError
 from .training import ConfigError, resolve
 from .training.provenance import git_commit
 from .training.trainer import Preempted
@@ -47,10 +51,6 @@ def _terminate(signum, frame):
         return
     raise Terminated()
 
-#: What ``jacmatch distill`` trains with unless told otherwise: CE + KD + JM with the τ and
-#: γ that the distillation experiments chose on validation (results/REPORT.md).
-DISTILL_OBJECTIVE = {"alpha": 1.0, "beta": 1.0, "gamma": 10.0, "temperature": 8.0, "jm_form": "normalized",
-                     "jm_outputs": "teacher_top1"}
 NOISE_SIGMAS = [0.1, 0.2, 0.3, 0.5]
 
 
@@ -165,7 +165,8 @@ def _run_training(args, kind: str) -> None:
     from .training import train
     from .training.config import find_config
     from .training.trainer import NonFiniteError
-    base = {"objective": {"alpha": 1.0}} if kind == "teacher" else {"objective": dict(DISTILL_OBJECTIVE)}
+    # distill trains with ObjectiveConfig's defaults (CE + KD τ = 8 + 10·JM); a teacher with CE only.
+    base = {"objective": dict(TEACHER_OBJECTIVE)} if kind == "teacher" else {}
     cfg = resolve(args.config, _overrides(args), base)
     if kind == "teacher" and (cfg.teacher or cfg.teacher_weights):
         raise ConfigError("train-teacher takes no --teacher; use distill")
@@ -245,7 +246,8 @@ def _check_model(args) -> int:
     shape, num_classes = args.input_shape, args.num_classes
     if args.dataset:  # the shape and class count of the data the model will train on
         from .training import load_data
-        data = load_data(resolve(None, [("data.name", _dataset_name(args.dataset)), ("data.val_size", 0)]))
+        data = load_data(resolve(None, [("data.name", _dataset_name(args.dataset)), ("data.val_size", 0)],
+                                 {"objective": dict(TEACHER_OBJECTIVE)}))  # the data only: no teacher
         shape, num_classes = tuple(data.train.sample_shape), data.num_classes
     options = {"output": args.output} if args.output is not None else {}
     result = check_model(args.spec, shape, num_classes, fix=args.fix, **options)
@@ -269,14 +271,15 @@ def _config(args) -> None:
 
 def add_training_commands(sub) -> None:
     p = sub.add_parser("train-teacher", help="train a teacher with cross-entropy",
-                       description="Train a model with cross-entropy on the full training set (minus validation).")
+                       description="Train a model with cross-entropy on the full training set (minus validation): "
+                    "objective.beta=0 and objective.gamma=0 under the config, which may set other terms.")
     _add_run_options(p, "teacher")
     p.set_defaults(run=lambda a: _run_training(a, "teacher"))
 
     p = sub.add_parser(
         "distill", help="distil a student from a teacher (default: CE + KD + JM)",
         description=f"Train a student with α·CE + β·KD + γ·JM + δ·AT (+ λ·penalty), weights and settings under "
-                    f"objective.* (docs/method.md). Default objective: {_objective_text(DISTILL_OBJECTIVE)}, the "
+                    f"objective.* (docs/method.md). Default objective: {_objective_text(vars(ObjectiveConfig()))}, the "
                     f"values the distillation experiments chose on validation; --set objective.gamma=0 "
                     f"--set objective.beta=0 trains with CE alone.")
     _add_run_options(p, "distill")
@@ -488,7 +491,7 @@ def _main_thread() -> bool:
 def _run(args) -> int:
     try:
         code = args.run(args)
-    except (ValueError, MissingExtra, FileNotFoundError, IsADirectoryError, NotADirectoryError) as exc:
+    except (UsageError, MissingExtra, FileNotFoundError, IsADirectoryError, NotADirectoryError) as exc:
         message = exc.args[0] if exc.args and isinstance(exc.args[0], str) else str(exc) or type(exc).__name__
         print(f"jacmatch {args.command}: error: {_one_line(message)}", file=sys.stderr)
         return EXIT_USAGE

@@ -51,6 +51,7 @@ def first_errors(stderr: str) -> str:
 def teacher_values(out):
     """A small teacher's run config on the synthetic data (seconds to train)."""
     return {"out_dir": str(out), "data": {"name": "synthetic"}, "model": {"name": "small_cnn_8"},
+            "objective": {"beta": 0.0, "gamma": 0.0},  # a teacher: CE only
             "optim": {"epochs": 2, "batch_size": 32, "lr": 0.1}, "eval": {"noise_sigmas": [0.1]}, **QUIET}
 
 
@@ -61,3 +62,45 @@ def teacher(tmp_path_factory):
     out = tmp_path_factory.mktemp("teacher")
     train(config_from_dict(teacher_values(out)))
     return str(out / "last.pt")
+
+
+#: The learning rate of the reference step (plain SGD).
+REFERENCE_LR = 0.1
+
+
+@pytest.fixture(scope="session")
+def trainer_step(tmp_path_factory, teacher):
+    """One full-batch SGD step (no momentum, no decay) of ``jacmatch distill``'s objective:
+    the weights before and after, the batch, and the terms the trainer logged."""
+    import json
+
+    from jacmatch.training import config_from_dict, load_data, load_model, train
+    from jacmatch.training.trainer import model_from_config
+    out = tmp_path_factory.mktemp("reference")
+    values = {"out_dir": str(out), "teacher": teacher, "data": {"name": "synthetic", "samples_per_class": 6},
+              "model": {"name": "small_cnn_4"}, "teacher_cache": False,
+              "optim": {"name": "sgd", "lr": REFERENCE_LR, "momentum": 0.0, "weight_decay": 0.0, "schedule": "constant",
+                        "epochs": 1, "batch_size": 1000},
+              "eval": {"noise_sigmas": [], "jacobian_cosine": False}, **QUIET}
+    cfg = config_from_dict(values)
+    train(cfg)
+    data = load_data(cfg)
+    torch.manual_seed(cfg.seed)
+    before = model_from_config(cfg.model, data.num_classes, data)
+    after, _ = load_model(out / "last.pt")
+    x, y = data.train.batch(torch.arange(len(data.train)))
+    metrics = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    assert metrics["steps"] == 1
+    return {"before": before, "after": after.state_dict(), "x": x, "y": y, "terms": metrics["train"],
+            "teacher": load_model(teacher)[0]}
+
+
+def same_weights(model: nn.Module, reference: dict, atol=1e-6):
+    state = model.state_dict()
+    worst = max((state[k].float() - v.float()).abs().max().item() for k, v in reference.items())
+    assert worst <= atol, f"weights differ by {worst}"
+
+
+def copy_model(model: nn.Module) -> nn.Module:
+    import copy
+    return copy.deepcopy(model)

@@ -133,8 +133,9 @@ def test_results_carry_provenance_and_the_report_refuses_mixed_data(tmp_path):
     from jacmatch.experiments.report import check_one_data_set
     from jacmatch.training import config_from_dict, train
     results = train(config_from_dict({"out_dir": str(tmp_path / "r"), "data": {"name": "synthetic"},
-                                      "model": {"name": "small_cnn_4"}, "optim": {"epochs": 1},
-                                      "eval": {"noise_sigmas": [], "jacobian_cosine": False}, "progress": False}))
+                                      "model": {"name": "small_cnn_4"}, "objective": {"beta": 0, "gamma": 0},
+                                      "optim": {"epochs": 1}, "eval": {"noise_sigmas": [], "jacobian_cosine": False},
+                                      "progress": False}))
     p = json.loads((tmp_path / "r" / "results.json").read_text())["provenance"]
     assert p == results["provenance"]
     assert {"jacmatch", "torch", "python", "platform", "git_commit", "config_sha256", "data_sha256"} <= set(p)

@@ -37,7 +37,7 @@ HAND = {
                       lambda: [jm.NoiseTrainingLoss(1, 0.1, 2), jm.NoisyDistillationLoss(1, 0.1, 2),
                                jm.JacobianMatchingLoss(1, "input_fd", "sq", num_projections=2),
                                jm.JacobianPenalty(0.3, "sq", 2)]),
-    "attention": (jm.ObjectiveConfig(alpha=1, delta=2, delta_jacobian=0.5, at_layers=["bn:conv"]),
+    "attention": (jm.ObjectiveConfig(alpha=1, beta=0, gamma=0, delta=2, delta_jacobian=0.5, at_layers=["bn:conv"]),
                   lambda: [jm.CrossEntropyLoss(), jm.AttentionTransferLoss(2, ["bn:conv"]),
                            jm.AttentionJacobianLoss(0.5, ["bn:conv"])]),
 }
@@ -80,11 +80,56 @@ def test_terms_in_a_plain_loop_equal_the_functional_api():
     js = jm.input_jacobian(zs, x, idx, create_graph=True)
     jt = jm.input_jacobian(zt, x, idx)
     assert torch.equal(jm.KDLoss(temperature=2)(zs, zt), jm.kd_loss(zs, zt, 2))
-    assert torch.allclose(jm.JacobianMatchingLoss()(x, zs, teacher), jm.jacobian_matching_loss(js, jt), atol=0,
+    assert torch.allclose(jm.JacobianMatchingLoss(1.0)(x, zs, teacher), jm.jacobian_matching_loss(js, jt), atol=0,
                           rtol=1e-12)
     gen = torch.Generator().manual_seed(1)
     assert torch.equal(jm.NoiseTrainingLoss(1, 0.1, 4)(student, x, y, torch.Generator().manual_seed(1)),
                        jm.noise_training_loss(student, x, y, 0.1, 4, generator=gen))
+
+
+def _arguments(kind, student, teacher, x, y):
+    """The arguments a loop of one's own calls term ``kind`` with (a fresh generator each time)."""
+    x = x.clone().requires_grad_()
+    gen = lambda: torch.Generator().manual_seed(3)  # noqa: E731
+    if kind in ("at", "at_jm"):
+        with jm.FeatureTaps(student, ["bn"]) as s_taps, jm.FeatureTaps(teacher, ["conv"]) as t_taps:
+            student(x), teacher(x)
+        if kind == "at":
+            return lambda: ([s_taps["bn"]], [t_taps["conv"].detach()])
+        return lambda: (x, [s_taps["bn"]], [torch.ones_like(x)])
+    if kind == "noise":
+        return lambda: (student, x, y, gen())
+    if kind == "noisy_kd":
+        return lambda: (student, teacher, x, gen())
+    zs = student(x)
+    return {"ce": lambda: (zs, y), "kd": lambda: (zs, teacher(x).detach()), "jm": lambda: (x, zs, teacher),
+            "penalty": lambda: (x, zs, y, gen())}[kind]
+
+
+TERMS = {"ce": lambda w: jm.CrossEntropyLoss(w), "kd": lambda w: jm.KDLoss(w),
+         "jm": lambda w: jm.JacobianMatchingLoss(w), "penalty": lambda w: jm.JacobianPenalty(w),
+         "noise": lambda w: jm.NoiseTrainingLoss(w, 0.1, 2), "noisy_kd": lambda w: jm.NoisyDistillationLoss(w, 0.1, 2),
+         "at": lambda w: jm.AttentionTransferLoss(w, ["bn:conv"]),
+         "at_jm": lambda w: jm.AttentionJacobianLoss(w, ["bn:conv"])}
+
+
+@pytest.mark.parametrize("kind", list(TERMS))
+def test_a_term_called_alone_returns_its_weight_times_its_value(kind):
+    student, teacher = pair()
+    x, y = batch()
+    args = _arguments(kind, student, teacher, x, y)
+    value = TERMS[kind](3.0).value(*args())
+    assert value.abs() > 0
+    for weight in (1.0, 10.0, 0.5):
+        assert torch.allclose(TERMS[kind](weight)(*args()), weight * value, rtol=1e-12, atol=0)
+
+
+def test_the_terms_defaults_are_the_objective_configs():
+    """[CE, KD, JM] with their defaults is ObjectiveConfig(): CE + KD (τ = 8) + 10·JM."""
+    cfg, terms = jm.ObjectiveConfig(), [jm.CrossEntropyLoss(), jm.KDLoss(), jm.JacobianMatchingLoss()]
+    built = jm.build_terms(cfg)
+    assert [repr(t) for t in built] == [repr(t) for t in terms]
+    assert (cfg.beta, cfg.gamma, cfg.temperature) == (1.0, 10.0, 8.0)
 
 
 def test_a_user_estimator_is_one_class_and_its_registration():

@@ -68,7 +68,7 @@ def test_ce_form_and_penalties_and_noise():
 def test_attention_transfer_with_jacobians():
     student, teacher = pair()
     x, y = batch()
-    cfg = jm.ObjectiveConfig(alpha=1, delta=1, delta_jacobian=1, at_layers=["bn:conv"])
+    cfg = jm.ObjectiveConfig(alpha=1, beta=0, gamma=0, delta=1, delta_jacobian=1, at_layers=["bn:conv"])
     _, total, terms = jm.TransferObjective(student, teacher, cfg)(x, y)
     assert set(terms) == {"ce", "at", "at_jm"}
     total.backward()
@@ -84,7 +84,7 @@ def test_ce_penalty_is_the_short_form_of_noise_training():
     net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(6, 3)).double()
     x = torch.randn(1, 6, dtype=torch.float64)
     y = torch.tensor([1])
-    obj = jm.TransferObjective(net, None, jm.ObjectiveConfig(alpha=0, penalty=1.0, penalty_form="ce"))
+    obj = jm.TransferObjective(net, None, jm.ObjectiveConfig(alpha=0, beta=0, gamma=0, penalty=1.0, penalty_form="ce"))
     penalty = obj(x, y)[2]["penalty"].item()
     log_s = lambda z: torch.log_softmax(net(z[None]), dim=-1)[0, 1]  # noqa: E731
     s_y = lambda z: torch.softmax(net(z[None]), dim=-1)[0, 1]  # noqa: E731
@@ -166,8 +166,99 @@ def test_attention_transfer_takes_a_teacher_of_another_class_count():
         def forward(self, x):
             return self.head(torch.tanh(self.layer1(x)).flatten(1))
     x, y = torch.rand(3, 1, 8, 8), torch.tensor([0, 1, 0])
-    at = jm.ObjectiveConfig(delta=1.0, delta_jacobian=1.0, at_layers=["layer1:layer1"])
+    at = jm.ObjectiveConfig(beta=0, gamma=0, delta=1.0, delta_jacobian=1.0, at_layers=["layer1:layer1"])
     _, total, terms = jm.TransferObjective(Net(2), Net(7).eval(), at)(x, y)
     assert set(terms) == {"ce", "at", "at_jm"} and torch.isfinite(total)
     with pytest.raises(ValueError, match="the teacher has 7 outputs and the student 2"):
         jm.TransferObjective(Net(2), Net(7).eval(), jm.ObjectiveConfig(beta=1.0))(x, y)
+
+
+# ---- your loop: attention students, mixed precision, dead students --------------------------
+
+
+class _Attention(torch.nn.Module):
+    """A student with scaled dot-product attention, as a ViT calls it."""
+
+    def __init__(self, k=5):
+        super().__init__()
+        self.embed, self.head = torch.nn.Linear(6, 8), torch.nn.Linear(8, k)
+
+    def forward(self, x):
+        h = self.embed(x.view(x.shape[0], 1, 6, 6))  # [B, heads, tokens, features]
+        return self.head(torch.nn.functional.scaled_dot_product_attention(h, h, h).mean(dim=(1, 2)))
+
+
+def test_an_attention_student_takes_the_jacobian_term_without_a_flag():
+    """On the default (fused) CPU kernel the double backward fails; the objective runs the
+    student on the math kernel whenever a term takes its input gradient."""
+    student, teacher = _Attention(), SmallCNN(k=5)
+    x, y = batch()
+    x = x.float()
+    xs = x.clone().requires_grad_()
+    with pytest.raises(RuntimeError, match="derivative for"):
+        jm.JacobianMatchingLoss()(xs, student(xs), teacher).backward()
+    _, total, _ = jm.TransferObjective(student, teacher)(x, y)
+    total.backward()
+    assert all(torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0 for p in student.parameters())
+    with jm.math_attention():  # the same in a loop of one's own
+        zs = student(xs)
+    jm.JacobianMatchingLoss()(xs, zs, teacher).backward()
+
+
+@pytest.mark.parametrize("estimator", ["teacher_top1", "projection"])
+def test_a_gradient_scale_changes_nothing_but_the_scale_of_the_backward(estimator):
+    """PyTorch's AMP gradient-penalty recipe: the student's input gradients are taken from
+    outputs times the scale and divided by it, so in fp32 the terms and the gradients equal
+    those without a scale (to float rounding), the penalty's too."""
+    cfg = jm.ObjectiveConfig(jm_outputs=estimator, penalty=0.5)
+    results = []
+    for scale in (None, 2.0 ** 16):
+        student, teacher = pair()
+        obj = jm.TransferObjective(student, teacher, cfg, generator=torch.Generator().manual_seed(0))
+        _, total, terms = obj(*batch(), grad_scale=scale)
+        total.backward()
+        results.append((terms, [p.grad.clone() for p in student.parameters()]))
+    (t1, g1), (t2, g2) = results
+    assert all(torch.allclose(t1[k], t2[k], rtol=1e-5, atol=0) for k in t1)
+    assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-7) for a, b in zip(g1, g2))
+
+
+def test_a_gradient_scale_keeps_fp16_input_gradients_from_underflowing():
+    """Under fp16 autocast an input gradient below fp16's smallest subnormal (2^-24) vanishes
+    unless scaled: with the scale it is the fp32 one. Weights of ±2^-17 are exact in fp16, so
+    every product along the way is too: the Jacobian, 2^-34 times an integer, is exact."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(36, 8, bias=False), torch.nn.Linear(8, 5, bias=False))
+    with torch.no_grad():
+        for layer in (net[1], net[2]):
+            layer.weight.copy_(torch.randn_like(layer.weight).sign() * 2.0 ** -17)
+    x = torch.rand(4, 1, 6, 6, requires_grad=True)
+    idx = torch.zeros(4, dtype=torch.long)
+    exact = jm.input_jacobian(net(x), x, idx, create_graph=True)
+    with torch.autocast("cpu", dtype=torch.float16):
+        plain = jm.input_jacobian(net(x), x, idx, create_graph=True)
+        with jm.core.jacobian.scaled_gradients(2.0 ** 12):
+            scaled = jm.input_jacobian(net(x), x, idx, create_graph=True)
+    assert plain.abs().max() == 0 and exact.abs().max() > 0
+    assert torch.equal(scaled.float(), exact)
+
+
+def test_a_dead_student_is_named_once():
+    """A ReLU student whose units are all off has an input Jacobian of zero: the Jacobian
+    term (normalized: exactly 1) gives it no gradient, and a warning says so, once."""
+    student = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(36, 8), torch.nn.ReLU(), torch.nn.Linear(8, 5))
+    with torch.no_grad():
+        student[1].bias.fill_(-100.0)
+    student, teacher = student.double(), SmallCNN(k=5).double()
+    obj = jm.TransferObjective(student, teacher)
+    x, y = batch()
+    with pytest.warns(jm.core.objective.DeadStudentWarning, match="zero for every sample"):
+        _, _, terms = obj(x, y)
+    assert terms["jm"].item() == pytest.approx(1.0)
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        obj(x, y)  # once per objective
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        jm.TransferObjective(*pair())(x, y)  # a live one: no warning

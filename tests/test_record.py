@@ -80,7 +80,7 @@ def test_extending_a_finished_run_trains_at_a_rate_above_zero(tmp_path):
 
 def test_extending_by_several_epochs_follows_the_longer_plan(tmp_path):
     values = {"out_dir": str(tmp_path / "r"), "data": {"name": "synthetic", "samples_per_class": 4},
-              "model": {"name": "small_cnn_4"}, "optim": {"epochs": 2}, **QUIET}
+              "model": {"name": "small_cnn_4"}, "objective": {"beta": 0, "gamma": 0}, "optim": {"epochs": 2}, **QUIET}
     train(config_from_dict(values))
     values["optim"]["epochs"] = 5
     train(config_from_dict(values), resume=True)

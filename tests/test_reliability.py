@@ -1,6 +1,7 @@
 """Faults, non-finite values, determinism and hostile input (reliability guarantees)."""
 
 import json
+import math
 import os
 import random
 import signal
@@ -288,7 +289,7 @@ def test_fuzz_checkpoint_loader(tmp_path_factory, tail):
 @pytest.mark.parametrize("setting,match", [
     ({"optim": {"batch_size": 10**9}}, "batch_size"),
     ({"objective": {"gamma": 1, "num_projections": 10**7}, "teacher": "t.pt"}, "num_projections"),
-    ({"objective": {"noise_sigma": 0.1, "noise_draws": 10**6}}, "noise_draws"),
+    ({"objective": {"beta": 0, "gamma": 0, "noise_sigma": 0.1, "noise_draws": 10**6}}, "noise_draws"),
     ({"optim": {"epochs": 10**9}}, "epochs"),
 ])
 def test_absurd_settings_are_refused_before_work_starts(setting, match):
@@ -505,8 +506,46 @@ def test_an_fp16_overflow_skips_one_step_lowers_the_scale_and_trains_on(tmp_path
     monkeypatch.setattr(GradScaler, "unscale_", unscale_with_overflow)
     values = {"out_dir": str(tmp_path / "s"), "teacher": teacher, "amp": "fp16", "nonfinite": nonfinite,
               "data": {"name": "synthetic", "samples_per_class": 8}, "model": {"name": "small_cnn_4"},
-              "objective": {"beta": 1.0}, "optim": {"epochs": 2, "batch_size": 8, "min_steps_per_epoch": 4}, **QUIET}
+              "objective": {"beta": 1.0, "gamma": 0.0}, "optim": {"epochs": 2, "batch_size": 8, "min_steps_per_epoch": 4},
+              **QUIET}
     results = train(config_from_dict(values))
     metrics = [json.loads(x) for x in (tmp_path / "s" / "metrics.jsonl").read_text().splitlines()]
     assert [m["overflow_steps"] for m in metrics] == [1, 0] and [m["skipped_steps"] for m in metrics] == [0, 0]
     assert metrics[0]["loss_scale"] == 65536.0 / 2 and results["epochs"] == 2 and calls["n"] == 8
+
+
+def test_fp16_jacobian_matching_takes_scaled_input_gradients_and_overflows_are_skipped(tmp_path, teacher):
+    """KD + JM in fp16 (a GradScaler on CPU): the student's input gradients are taken from
+    outputs times the scale (a Jacobian row back-propagates 1 per output, so 2^16 overflows
+    fp16's 65504 at once). Such a step is an overflow, not a non-finite loss: skipped, the
+    scale lowered, counted, and never an exit; the run then trains at a scale that fits."""
+    values = {"out_dir": str(tmp_path / "s"), "teacher": teacher, "amp": "fp16",
+              "data": {"name": "synthetic", "samples_per_class": 8}, "model": {"name": "small_cnn_4"},
+              "optim": {"epochs": 2, "batch_size": 8, "min_steps_per_epoch": 6}, **QUIET}
+    results = train(config_from_dict(values))
+    metrics = [json.loads(x) for x in (tmp_path / "s" / "metrics.jsonl").read_text().splitlines()]
+    assert metrics[0]["overflow_steps"] >= 1 and metrics[1]["overflow_steps"] == 0
+    assert metrics[0]["loss_scale"] <= 2.0 ** 15 and [m["skipped_steps"] for m in metrics] == [0, 0]
+    assert all(math.isfinite(v) for m in metrics for v in m["train"].values()) and results["epochs"] == 2
+    assert results["final"]["train"]["jm"] < 2
+
+
+def test_an_internal_error_keeps_its_traceback(tmp_path, monkeypatch, capsys):
+    """Only a UsageError (an option, a shape, a file, a model that cannot run) is one line
+    with exit 2; any other ValueError is a bug of jacmatch's and propagates with its
+    traceback (exit 1 from the interpreter)."""
+    import jacmatch.training
+    from jacmatch.cli import main
+    from jacmatch.errors import UsageError
+
+    def fails(error):
+        def train(*args, **kwargs):
+            raise error
+        return train
+    args = ["train-teacher", "--dataset", "synthetic", "--out", str(tmp_path / "r"), "--set", "progress=false"]
+    monkeypatch.setattr(jacmatch.training, "train", fails(UsageError("a setting that cannot be used")))
+    assert main(args) == 2
+    assert capsys.readouterr().err.strip() == "jacmatch train-teacher: error: a setting that cannot be used"
+    monkeypatch.setattr(jacmatch.training, "train", fails(ValueError("shapes that cannot disagree do")))
+    with pytest.raises(ValueError, match="shapes that cannot disagree do"):
+        main(args)

@@ -44,7 +44,8 @@ def test_readme_lists_the_smallest_input_of_every_model():
 @pytest.mark.parametrize("model", [m for m in list_models() if m != "small_cnn"])
 def test_every_model_on_every_shape_trains_a_step_or_is_refused_in_one_line(tmp_path, model, dataset):
     cfg = config_from_dict({"out_dir": str(tmp_path), "data": {"name": dataset, "samples_per_class": 2},
-                            "model": {"name": model}, "optim": {"epochs": 1, "batch_size": 6},
+                            "model": {"name": model}, "objective": {"beta": 0, "gamma": 0},
+                            "optim": {"epochs": 1, "batch_size": 6},
                             "eval": {"noise_sigmas": [], "jacobian_cosine": False}, "progress": False})
     side = smallest_input(create_model(model, 10, SHAPES[dataset][0]), SHAPES[dataset][0])
     if side <= SHAPES[dataset][1]:

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..errors import UsageError
 from . import jacobian as J
 from .losses import JM_FORMS, jacobian_matching_loss
 
@@ -51,7 +52,7 @@ def list_estimators() -> list[str]:
 
 def create_estimator(name: str, **options) -> Estimator:
     if name not in _ESTIMATORS:
-        raise ValueError(f"unknown Jacobian estimator {name!r}: use one of {list_estimators()}")
+        raise UsageError(f"unknown Jacobian estimator {name!r}: use one of {list_estimators()}")
     return _ESTIMATORS[name](**options)
 
 
@@ -65,15 +66,15 @@ class Estimator:
     #: the student's logits come from a forward pass of the estimator's own (forward-mode AD)
     owns_student_forward = False
 
-    def __init__(self, form: str = "normalized", temperature: float = 4.0, top_k: int = 3,
+    def __init__(self, form: str = "normalized", temperature: float = 8.0, top_k: int = 3,
                  num_projections: int = 1, fd_step: float = FD_STEP, projection: str = PROJECTION):
         if form not in self.forms:
-            raise ValueError(f"jm_outputs={self.name!r} takes jm_form={' or '.join(self.forms)}, got {form!r}"
+            raise UsageError(f"jm_outputs={self.name!r} takes jm_form={' or '.join(self.forms)}, got {form!r}"
                              + (" (the ce form weights exact rows by teacher probabilities)" if form == "ce" else ""))
         self.form, self.temperature, self.top_k = form, temperature, top_k
         self.num_projections, self.fd_step = num_projections, fd_step
         if projection not in J.PROJECTIONS:
-            raise ValueError(f"unknown projection {projection!r}: use one of {J.PROJECTIONS}")
+            raise UsageError(f"unknown projection {projection!r}: use one of {J.PROJECTIONS}")
         self.projection = projection
 
     def rows_per_sample(self, num_classes: int) -> int:
@@ -105,6 +106,15 @@ class Estimator:
              tangent: Tensor | None) -> Tensor:
         raise NotImplementedError
 
+    #: Whether the student's side of the last :meth:`loss` was zero for every sample (a
+    #: tensor, read without a device sync until asked): a dead student, which the Jacobian
+    #: term cannot train (its ReLUs all off, say).
+    dead: Tensor | None = None
+
+    def _observe(self, student_side: Tensor) -> Tensor:
+        self.dead = student_side.detach().flatten(1).abs().amax(dim=1).eq(0).all()
+        return student_side
+
 
 # ---- exact rows at chosen outputs ---------------------------------------------------------
 
@@ -131,7 +141,7 @@ class _Rows(Estimator):
         return out
 
     def loss(self, student, xs, logits, targets, tangent):
-        s_jac = J.input_jacobian(self._outputs(logits), xs, targets["index"], create_graph=True)
+        s_jac = self._observe(J.input_jacobian(self._outputs(logits), xs, targets["index"], create_graph=True))
         return jacobian_matching_loss(s_jac, targets["jac"], self.form, multiple_outputs=True,
                                       teacher_probs=targets.get("probs"))
 
@@ -223,7 +233,7 @@ class OutputProjection(_Drawn):
 
     def loss(self, student, xs, logits, targets, tangent):
         draws = targets["draws"]
-        s_drawn = J.vector_jacobian_product(logits, xs, draws, create_graph=True)
+        s_drawn = self._observe(J.vector_jacobian_product(logits, xs, draws, create_graph=True))
         # The mean over draws estimates ‖J_T − J_S‖²_F.
         return jacobian_matching_loss(s_drawn, targets["drawn"], self.form, multiple_outputs=True) / draws.shape[1]
 
@@ -242,7 +252,7 @@ class _InputDirections(_Drawn):
         return torch.einsum("bkd,bpd->bpk", full_jac.flatten(start_dim=2), draws.flatten(start_dim=2))
 
     def loss(self, student, xs, logits, targets, tangent):
-        return (targets["drawn"] - tangent).pow(2).sum(dim=2).mean(dim=1).mean()
+        return (targets["drawn"] - self._observe(tangent)).pow(2).sum(dim=2).mean(dim=1).mean()
 
 
 @register_estimator("input_jvp")

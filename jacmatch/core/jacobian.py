@@ -19,14 +19,16 @@ Estimators of the full Jacobian (docs/method.md §3.1):
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
-
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.autograd.forward_ad as fwAD
 from torch import Tensor
 
+from ..errors import UsageError
 from .draws import per_sample_draw
 
 __all__ = [
@@ -41,7 +43,29 @@ __all__ = [
     "teacher_top1",
     "teacher_top_k",
     "all_outputs",
+    "math_attention",
+    "scaled_gradients",
 ]
+
+
+@contextlib.contextmanager
+def math_attention() -> Iterator[None]:
+    """Scaled dot-product attention on PyTorch's math kernel inside the block.
+
+    The fused kernels (flash, memory-efficient, cuDNN, and the CPU flash kernel) have no
+    double backward, so a student with attention (a ViT) cannot take a Jacobian term's
+    gradient through them. The math kernel computes the same attention from matmuls and a
+    softmax, which have one. :class:`~jacmatch.core.objective.TransferObjective` runs the
+    student's forward pass in this block whenever a term back-propagates through the
+    student's input gradient; a loop of one's own calls the student inside it::
+
+        with jm.math_attention():
+            zs = student(x.requires_grad_())
+        loss = jm.JacobianMatchingLoss(10.0)(x, zs, teacher)
+    """
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    with sdpa_kernel(SDPBackend.MATH):
+        yield
 
 
 def _check_graph_inputs(outputs: Tensor, inputs: Tensor) -> None:
@@ -56,16 +80,36 @@ def _check_graph_inputs(outputs: Tensor, inputs: Tensor) -> None:
             "(not under torch.no_grad(), not detached)"
         )
     if outputs.dim() != 2 or outputs.shape[0] != inputs.shape[0]:
-        raise ValueError(
+        raise UsageError(
             f"outputs must be [B, k] with B = inputs.shape[0] = {inputs.shape[0]}, "
             f"got {tuple(outputs.shape)}: flatten the network's outputs to [B, k]"
         )
     if not torch.isfinite(inputs).all():
-        raise ValueError("inputs contains NaN or Inf: clean the batch before taking Jacobians")
+        raise UsageError("inputs contains NaN or Inf: clean the batch before taking Jacobians")
+
+
+_GRAD_SCALE: contextvars.ContextVar[float | None] = contextvars.ContextVar("jacmatch_grad_scale", default=None)
+
+
+@contextlib.contextmanager
+def scaled_gradients(scale: float | None) -> Iterator[None]:
+    """Mixed precision as PyTorch's AMP gradient-penalty recipe takes it: inside the block,
+    every input gradient taken with ``create_graph=True`` (the student's side of a Jacobian
+    term) back-propagates ``scale`` times the outputs, so that fp16 gradients do not
+    underflow, and is divided by ``scale`` before it is returned (the term sees the
+    unscaled Jacobian). ``scale`` is the GradScaler's current scale; None: no scaling."""
+    token = _GRAD_SCALE.set(scale)
+    try:
+        yield
+    finally:
+        _GRAD_SCALE.reset(token)
 
 
 def _grad(outputs: Tensor, inputs: Tensor, grad_outputs: Tensor | None, *,
           create_graph: bool, batched: bool = False) -> Tensor:
+    scale = _GRAD_SCALE.get() if create_graph else None
+    if scale is not None:
+        grad_outputs = (torch.ones_like(outputs) if grad_outputs is None else grad_outputs) * scale
     (g,) = torch.autograd.grad(
         outputs, inputs, grad_outputs=grad_outputs, create_graph=create_graph,
         retain_graph=True, allow_unused=True, is_grads_batched=batched,
@@ -75,7 +119,7 @@ def _grad(outputs: Tensor, inputs: Tensor, grad_outputs: Tensor | None, *,
             "outputs were not computed from inputs: pass the tensor that went into the "
             "network's forward pass as inputs"
         )
-    return g
+    return g if scale is None else g / scale
 
 
 def vector_jacobian_product(outputs: Tensor, inputs: Tensor, vectors: Tensor, *,
@@ -92,10 +136,10 @@ def vector_jacobian_product(outputs: Tensor, inputs: Tensor, vectors: Tensor, *,
     _check_graph_inputs(outputs, inputs)
     if vectors.dim() == 2:
         if vectors.shape != outputs.shape:
-            raise ValueError(f"vectors must be {tuple(outputs.shape)} like outputs, got {tuple(vectors.shape)}")
+            raise UsageError(f"vectors must be {tuple(outputs.shape)} like outputs, got {tuple(vectors.shape)}")
         return _grad(outputs, inputs, vectors, create_graph=create_graph)
     if vectors.dim() != 3 or vectors.shape[0] != outputs.shape[0] or vectors.shape[2] != outputs.shape[1]:
-        raise ValueError(
+        raise UsageError(
             f"vectors must be [B, m, k] = [{outputs.shape[0]}, m, {outputs.shape[1]}], got {tuple(vectors.shape)}"
         )
     if vectorize:
@@ -123,12 +167,12 @@ def input_jacobian(outputs: Tensor, inputs: Tensor, index: Tensor, *,
     """
     _check_graph_inputs(outputs, inputs)
     if not isinstance(index, Tensor) or index.dtype not in (torch.int64, torch.int32):
-        raise ValueError("index must be an integer tensor [B] or [B, m] of output indices")
+        raise UsageError("index must be an integer tensor [B] or [B, m] of output indices")
     batch, k = outputs.shape
     if index.shape[0] != batch or index.dim() not in (1, 2):
-        raise ValueError(f"index must be [B] or [B, m] with B = {batch}, got {tuple(index.shape)}")
+        raise UsageError(f"index must be [B] or [B, m] with B = {batch}, got {tuple(index.shape)}")
     if index.numel() and (index.min() < 0 or index.max() >= k):
-        raise ValueError(f"index out of range: outputs have k = {k} entries, index spans "
+        raise UsageError(f"index out of range: outputs have k = {k} entries, index spans "
                          f"[{int(index.min())}, {int(index.max())}]")
     index = index.long()
     if index.dim() == 1 or index.shape[1] == 1:
@@ -157,7 +201,7 @@ def teacher_top1(teacher_logits: Tensor) -> Tensor:
 def teacher_top_k(teacher_logits: Tensor, k: int) -> Tensor:
     """The teacher's k largest outputs of each sample: index [B, k]."""
     if not 1 <= k <= teacher_logits.shape[1]:
-        raise ValueError(f"top_k must be in [1, {teacher_logits.shape[1]}], got {k}")
+        raise UsageError(f"top_k must be in [1, {teacher_logits.shape[1]}], got {k}")
     return teacher_logits.topk(k, dim=1).indices
 
 
@@ -189,9 +233,9 @@ def output_projections(batch: int, num_classes: int, num_projections: int = 1, *
     (``jacmatch estimators`` measures it; docs/method.md §3.1); ``auto`` takes the lowest
     measured: rademacher for P = 1, orthogonal for P > 1."""
     if num_projections < 1:
-        raise ValueError(f"num_projections must be >= 1, got {num_projections}")
+        raise UsageError(f"num_projections must be >= 1, got {num_projections}")
     if kind not in PROJECTIONS:
-        raise ValueError(f"unknown projection kind {kind!r}: use one of {PROJECTIONS}")
+        raise UsageError(f"unknown projection kind {kind!r}: use one of {PROJECTIONS}")
     if kind == "auto":
         kind = "rademacher" if num_projections == 1 else "orthogonal"
     draw_device = "cpu" if generator is not None and generator.device.type == "cpu" else device
@@ -219,7 +263,7 @@ def input_directions(inputs: Tensor, num_directions: int = 1, *,
                      generator: torch.Generator | None = None) -> Tensor:
     """``u ~ N(0, I_D)`` per sample: [B, P, *in]. ``E‖A u‖² = ‖A‖²_F``."""
     if num_directions < 1:
-        raise ValueError(f"num_directions must be >= 1, got {num_directions}")
+        raise UsageError(f"num_directions must be >= 1, got {num_directions}")
     shape = (inputs.shape[0], num_directions, *inputs.shape[1:])
     gen_device = generator.device if generator is not None else inputs.device
     u = per_sample_draw(torch.randn, shape, generator=generator, dtype=inputs.dtype, device=gen_device)
@@ -229,7 +273,7 @@ def input_directions(inputs: Tensor, num_directions: int = 1, *,
 def _flatten_directions(inputs: Tensor, directions: Tensor) -> tuple[Tensor, Tensor, int]:
     if directions.dim() != inputs.dim() + 1 or directions.shape[0] != inputs.shape[0] \
             or directions.shape[2:] != inputs.shape[1:]:
-        raise ValueError(f"directions must be [B, P, *inputs.shape[1:]], got {tuple(directions.shape)} "
+        raise UsageError(f"directions must be [B, P, *inputs.shape[1:]], got {tuple(directions.shape)} "
                          f"for inputs {tuple(inputs.shape)}")
     p = directions.shape[1]
     x = inputs.detach().unsqueeze(1).expand_as(directions).reshape(-1, *inputs.shape[1:])
@@ -262,7 +306,7 @@ def finite_difference_jvp(fn: Callable[[Tensor], Tensor], inputs: Tensor, direct
     ``outputs`` may pass ``f(x)`` [B, k] already computed, to save a forward pass.
     """
     if step <= 0:
-        raise ValueError(f"step must be > 0, got {step}")
+        raise UsageError(f"step must be > 0, got {step}")
     x, u, p = _flatten_directions(inputs, directions)
     b = inputs.shape[0]
     plus = fn(x + step * u).reshape(b, p, -1)

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..errors import UsageError
 from .draws import per_sample_draw
 
 __all__ = [
@@ -38,7 +39,7 @@ def _full(t: Tensor) -> Tensor:
 def _as_rows(jac: Tensor, name: str, multiple_outputs: bool) -> Tensor:
     """[B, *in] -> [B, 1, D]; with ``multiple_outputs``, [B, m, *in] -> [B, m, D]."""
     if jac.dim() < (3 if multiple_outputs else 2):
-        raise ValueError(f"{name} must be {'[B, m, ...]' if multiple_outputs else '[B, ...]'}, "
+        raise UsageError(f"{name} must be {'[B, m, ...]' if multiple_outputs else '[B, ...]'}, "
                          f"got {tuple(jac.shape)}")
     if multiple_outputs:
         return jac.flatten(start_dim=2)
@@ -54,7 +55,7 @@ def normalize_per_sample(g: Tensor, eps: float = 1e-12) -> Tensor:
 def _check_jacobians(student_jac: Tensor, teacher_jac: Tensor,
                      multiple_outputs: bool) -> tuple[Tensor, Tensor]:
     if student_jac.shape != teacher_jac.shape:
-        raise ValueError(
+        raise UsageError(
             f"student_jac {tuple(student_jac.shape)} and teacher_jac {tuple(teacher_jac.shape)} differ "
             "in shape: take both at the same inputs and the same output index"
         )
@@ -92,15 +93,15 @@ def jacobian_matching_loss(student_jac: Tensor, teacher_jac: Tensor, form: str =
         per_row = (normalize_per_sample(t, eps) - normalize_per_sample(s, eps)).pow(2).sum(dim=2)
     elif form == "ce":
         if teacher_probs is None:
-            raise ValueError("form='ce' needs teacher_probs: the teacher's softmax probabilities "
+            raise UsageError("form='ce' needs teacher_probs: the teacher's softmax probabilities "
                              "at the matched outputs, [B] or [B, m]")
         w = teacher_probs.detach().reshape(s.shape[0], -1)
         if w.shape[1] != s.shape[1]:
-            raise ValueError(f"teacher_probs must have one entry per matched output ({s.shape[1]}), "
+            raise UsageError(f"teacher_probs must have one entry per matched output ({s.shape[1]}), "
                              f"got {tuple(teacher_probs.shape)}")
         per_row = 0.5 * w * (s - t).pow(2).sum(dim=2)
     else:
-        raise ValueError(f"unknown Jacobian matching form {form!r}: use one of {JM_FORMS}")
+        raise UsageError(f"unknown Jacobian matching form {form!r}: use one of {JM_FORMS}")
     return per_row.sum(dim=1).mean()
 
 
@@ -120,7 +121,7 @@ def jacobian_penalty(student_jac: Tensor, form: str = "sq", *, multiple_outputs:
         return sq.mean()
     if form == "ce":
         return 0.5 * sq.mean()
-    raise ValueError(f"unknown penalty form {form!r}: use 'sq' or 'ce'")
+    raise UsageError(f"unknown penalty form {form!r}: use 'sq' or 'ce'")
 
 
 def kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 4.0,
@@ -131,25 +132,25 @@ def kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float =
     ``"mse"``: ``Σ_i (z_T,i − z_S,i)²`` on logits, summed over classes, batch mean.
     """
     if student_logits.shape != teacher_logits.shape:
-        raise ValueError(f"student_logits {tuple(student_logits.shape)} and teacher_logits "
+        raise UsageError(f"student_logits {tuple(student_logits.shape)} and teacher_logits "
                          f"{tuple(teacher_logits.shape)} differ in shape")
     # Losses in float32 even under autocast: τ²·KL of bf16 log-probabilities is off by ~0.1.
     student_logits, teacher_logits = _full(student_logits), _full(teacher_logits.detach())
     if form == "kl":
         if temperature <= 0:
-            raise ValueError(f"temperature τ must be > 0, got {temperature}")
+            raise UsageError(f"temperature τ must be > 0, got {temperature}")
         log_p_s = F.log_softmax(student_logits / temperature, dim=1)
         log_p_t = F.log_softmax(teacher_logits / temperature, dim=1)
         return temperature ** 2 * F.kl_div(log_p_s, log_p_t, reduction="batchmean", log_target=True)
     if form == "mse":
         return (student_logits - teacher_logits).pow(2).sum(dim=1).mean()
-    raise ValueError(f"unknown KD form {form!r}: use 'kl' or 'mse'")
+    raise UsageError(f"unknown KD form {form!r}: use 'kl' or 'mse'")
 
 
 def attention_map(features: Tensor) -> Tensor:
     """``Q = Σ_channels |A|²`` of a feature map [B, C, H, W]: [B, H, W] (Zagoruyko & Komodakis)."""
     if features.dim() != 4:
-        raise ValueError(f"attention maps need [B, C, H, W] feature maps, got {tuple(features.shape)}")
+        raise UsageError(f"attention maps need [B, C, H, W] feature maps, got {tuple(features.shape)}")
     return features.pow(2).sum(dim=1)
 
 
@@ -161,7 +162,7 @@ def attention_transfer_loss(student_features: Sequence[Tensor], teacher_features
     the larger map is average-pooled to the smaller one.
     """
     if len(student_features) != len(teacher_features) or not student_features:
-        raise ValueError(f"attention transfer pairs layers: got {len(student_features)} student and "
+        raise UsageError(f"attention transfer pairs layers: got {len(student_features)} student and "
                          f"{len(teacher_features)} teacher feature maps; list the same number of layers")
     total = 0.0
     for a_s, a_t in zip(student_features, teacher_features):
@@ -189,7 +190,7 @@ def gaussian_noise(inputs: Tensor, sigma: float, num_draws: int, *, antithetic: 
     which cancels every odd moment of ξ exactly.
     """
     if num_draws < 1 or (antithetic and num_draws % 2):
-        raise ValueError(f"num_draws must be >= 1 (and even when antithetic), got {num_draws}")
+        raise UsageError(f"num_draws must be >= 1 (and even when antithetic), got {num_draws}")
     half = num_draws // 2 if antithetic else num_draws
     shape = (half, *inputs.shape)
     gen_device = generator.device if generator is not None else inputs.device

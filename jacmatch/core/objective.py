@@ -14,6 +14,7 @@ sample and cache it when the student's inputs are fixed.
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
@@ -21,6 +22,7 @@ from typing import Any, cast
 import torch
 from torch import Tensor, nn
 
+from ..errors import UsageError
 from . import jacobian as J
 from .estimators import FD_STEP, PROJECTION, create_estimator, list_estimators
 from .fusion import fast_teacher
@@ -28,7 +30,12 @@ from .terms import (AttentionJacobianLoss, AttentionTransferLoss, CrossEntropyLo
                     JacobianMatchingLoss, JacobianPenalty, KDLoss, NoiseTrainingLoss, NoisyDistillationLoss, Step,
                     Term, _Logits, teacher_targets)
 
-__all__ = ["ObjectiveConfig", "TransferObjective", "FeatureTaps", "JM_OUTPUTS", "build_terms", "rows_per_sample"]
+__all__ = ["ObjectiveConfig", "TEACHER_OBJECTIVE", "DeadStudentWarning", "TransferObjective", "FeatureTaps",
+           "JM_OUTPUTS", "build_terms", "rows_per_sample"]
+
+class DeadStudentWarning(UserWarning):
+    """The Jacobian term has no gradient for the student: its input Jacobian is zero."""
+
 
 #: The built-in estimators (docs/method.md, "Which Jacobians"); users may register more.
 JM_OUTPUTS = tuple(list_estimators())
@@ -36,15 +43,22 @@ JM_OUTPUTS = tuple(list_estimators())
 
 @dataclass
 class ObjectiveConfig:
-    """Weights and settings of the objective; symbols as in docs/method.md §3."""
+    """Weights and settings of the objective; symbols as in docs/method.md §3.
+
+    The defaults are jacmatch's distillation objective, the same in Python, on the command
+    line and in ``jacmatch config --list``: CE + KD (τ = 8) + 10·JM (normalized, the
+    teacher's top-1 output), the τ and γ that the distillation experiments chose on
+    validation (results/REPORT.md). A teacher trains on CE only: ``beta=0, gamma=0``
+    (:data:`TEACHER_OBJECTIVE`, what ``jacmatch train-teacher`` sets).
+    """
 
     alpha: float = 1.0            # α: cross-entropy on labels
-    beta: float = 0.0             # β: activation matching (KD)
-    gamma: float = 0.0            # γ: Jacobian matching (the role of σ² in Prop. 1)
+    beta: float = 1.0             # β: activation matching (KD)
+    gamma: float = 10.0           # γ: Jacobian matching (the role of σ² in Prop. 1)
     delta: float = 0.0            # δ: attention transfer
     delta_jacobian: float = 0.0   # weight of the attention maps' Jacobian matching
     penalty: float = 0.0          # λ: Jacobian-norm penalty (Prop. 2)
-    temperature: float = 4.0      # τ: softmax temperature of KD (and of the ce Jacobian form)
+    temperature: float = 8.0      # τ: softmax temperature of KD (and of the ce Jacobian form)
     kd_form: str = "kl"           # kl | mse
     jm_form: str = "normalized"   # normalized | sq | ce
     jm_outputs: str = "teacher_top1"  # which Jacobians: label, teacher_top1, top_k, all, projection, input_jvp, input_fd
@@ -65,28 +79,28 @@ class ObjectiveConfig:
         for name in ("alpha", "beta", "gamma", "delta", "delta_jacobian", "penalty", "noise_sigma"):
             value = getattr(self, name)
             if not (value >= 0 and value < float("inf")):
-                raise ValueError(f"objective.{name} must be a finite number >= 0, got {value}")
+                raise UsageError(f"objective.{name} must be a finite number >= 0, got {value}")
         if self.jm_outputs not in list_estimators():
-            raise ValueError(f"unknown objective.jm_outputs {self.jm_outputs!r}: use one of {list_estimators()}")
+            raise UsageError(f"unknown objective.jm_outputs {self.jm_outputs!r}: use one of {list_estimators()}")
         if self.jm_form not in ("normalized", "sq", "ce"):
-            raise ValueError(f"unknown objective.jm_form {self.jm_form!r}: use normalized, sq or ce")
+            raise UsageError(f"unknown objective.jm_form {self.jm_form!r}: use normalized, sq or ce")
         create_estimator(self.jm_outputs, form=self.jm_form)  # each estimator says which forms it takes
         if self.kd_form not in ("kl", "mse"):
-            raise ValueError(f"unknown objective.kd_form {self.kd_form!r}: use kl or mse")
+            raise UsageError(f"unknown objective.kd_form {self.kd_form!r}: use kl or mse")
         if self.projection not in J.PROJECTIONS:
-            raise ValueError(f"unknown objective.projection {self.projection!r}: use one of {list(J.PROJECTIONS)}")
+            raise UsageError(f"unknown objective.projection {self.projection!r}: use one of {list(J.PROJECTIONS)}")
         if self.penalty_form not in ("ce", "sq"):
-            raise ValueError(f"unknown objective.penalty_form {self.penalty_form!r}: use ce or sq")
+            raise UsageError(f"unknown objective.penalty_form {self.penalty_form!r}: use ce or sq")
         if self.temperature <= 0:
-            raise ValueError(f"objective.temperature must be > 0, got {self.temperature}")
+            raise UsageError(f"objective.temperature must be > 0, got {self.temperature}")
         if not 1 <= self.num_projections <= 4096:
-            raise ValueError(f"objective.num_projections must be in [1, 4096], got {self.num_projections}")
+            raise UsageError(f"objective.num_projections must be in [1, 4096], got {self.num_projections}")
         if not 1 <= self.noise_draws <= 1024 or (self.noise_antithetic and self.noise_draws % 2):
-            raise ValueError(f"objective.noise_draws must be in [1, 1024] (even if antithetic), got {self.noise_draws}")
+            raise UsageError(f"objective.noise_draws must be in [1, 1024] (even if antithetic), got {self.noise_draws}")
         if self.teacher_chunk < 0:
-            raise ValueError(f"objective.teacher_chunk must be >= 0, got {self.teacher_chunk}")
+            raise UsageError(f"objective.teacher_chunk must be >= 0, got {self.teacher_chunk}")
         if (self.delta or self.delta_jacobian) and not self.at_layers:
-            raise ValueError("attention transfer needs objective.at_layers, e.g. ['layer2:layer3']")
+            raise UsageError("attention transfer needs objective.at_layers, e.g. ['layer2:layer3']")
 
     @property
     def needs_teacher(self) -> bool:
@@ -103,6 +117,10 @@ class ObjectiveConfig:
         rows = rows_per_sample(build_terms(self), num_classes)
         noise = 4 * self.noise_draws * (self.noise_sigma > 0)
         return sample_numel * 4 * (64 + 8 * rows + noise) * batch
+
+
+#: What a teacher trains with: cross-entropy only (the distillation terms set to 0).
+TEACHER_OBJECTIVE = {"alpha": 1.0, "beta": 0.0, "gamma": 0.0}
 
 
 def build_terms(cfg: ObjectiveConfig) -> list[Term]:
@@ -126,7 +144,7 @@ def build_terms(cfg: ObjectiveConfig) -> list[Term]:
     if cfg.penalty:
         terms.append(JacobianPenalty(cfg.penalty, cfg.penalty_form, cfg.num_projections, cfg.projection))
     if not terms:
-        raise ValueError("every weight of the objective is 0: set alpha, beta, gamma, ... ")
+        raise UsageError("every weight of the objective is 0: set alpha, beta, gamma, ... ")
     return terms
 
 
@@ -154,7 +172,7 @@ class TransferObjective(nn.Module):
                  teacher_fold_bn: bool = True, teacher_channels_last: bool = True):
         super().__init__()
         if terms is not None and config is not None:
-            raise ValueError("pass either config or terms, not both")
+            raise UsageError("pass either config or terms, not both")
         if terms is None:
             config = config or ObjectiveConfig()
             terms = build_terms(config)
@@ -162,16 +180,18 @@ class TransferObjective(nn.Module):
             teacher_fold_bn, teacher_channels_last = config.teacher_fold_bn, config.teacher_channels_last
         keys = [t.key for t in terms]
         if len(set(keys)) != len(keys) or not keys:
-            raise ValueError(f"the terms' keys must be distinct and not empty, got {keys}")
+            raise UsageError(f"the terms' keys must be distinct and not empty, got {keys}")
         if any(t.needs_teacher for t in terms) and teacher is None:
-            raise ValueError(f"the terms {[t.key for t in terms if t.needs_teacher]} need a teacher: "
+            raise UsageError(f"the terms {[t.key for t in terms if t.needs_teacher]} need a teacher: "
                              "pass teacher=... or drop them (β, γ, δ need a teacher)")
         owner = [t.key for t in terms if isinstance(t, JacobianMatchingLoss) and t.estimator.owns_student_forward]
         if owner and any(t.needs_input_grad for t in terms):
-            raise ValueError("jm_outputs=input_jvp takes the student's logits from a forward-mode pass, which has "
+            raise UsageError("jm_outputs=input_jvp takes the student's logits from a forward-mode pass, which has "
                              f"no input gradient for {[t.key for t in terms if t.needs_input_grad]}: use "
                              "jm_outputs=projection or input_fd with those terms")
         self.config = config
+        self._owns_student_forward = bool(owner)
+        self._warned_dead = False
         self.terms = nn.ModuleList(terms)
         self.student = student
         self.teacher = teacher
@@ -191,7 +211,7 @@ class TransferObjective(nn.Module):
         batch and checked against the teacher on it (see :mod:`jacmatch.core.fusion`). The
         user's teacher is not changed; after changing its weights, call :meth:`reset_teacher`."""
         if self.teacher is None:
-            raise ValueError("this objective has no teacher: pass teacher=... to take the teacher's side")
+            raise UsageError("this objective has no teacher: pass teacher=... to take the teacher's side")
         device = next(iter(self.teacher.parameters()), x).device
         if self._fast is None or next(iter(cast(nn.Module, self._fast.module).parameters()), x).device != device:
             keep = [n for t in self.term_list for n in t.teacher_layers]
@@ -199,6 +219,16 @@ class TransferObjective(nn.Module):
                                   **self._fast_options)
             self._fast = _Logits(module, self._teacher_output)
         return self._fast
+
+    def _warn_if_dead(self, terms: Sequence[Term]) -> None:
+        for t in terms:
+            if isinstance(t, JacobianMatchingLoss) and t.estimator.dead is not None and bool(t.estimator.dead):
+                self._warned_dead = True
+                warnings.warn(DeadStudentWarning(
+                    f"the student's input Jacobian ({t.estimator.name}) is zero for every sample of a batch: the "
+                    "Jacobian term gives it no gradient (are all its ReLUs off?); lower the learning rate, or "
+                    "check the student's initialisation and inputs"), stacklevel=3)
+                return
 
     def reset_teacher(self) -> None:
         """Drop the fast copy of the teacher (rebuilt from the teacher at the next step)."""
@@ -243,10 +273,19 @@ class TransferObjective(nn.Module):
 
     # ---- one step ------------------------------------------------------------------------
 
-    def forward(self, x: Tensor, y: Tensor, targets: dict[str, Tensor] | None = None
-                ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+    def forward(self, x: Tensor, y: Tensor, targets: dict[str, Tensor] | None = None, *,
+                grad_scale: float | None = None) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+        """One step: ``(student_logits, total, terms)``. ``targets``: the teacher's side from
+        :meth:`teacher_targets` (a cache); ``grad_scale``: under fp16 with a GradScaler, its
+        current scale, which the student's input gradients are taken with (then divided by;
+        see :func:`~jacmatch.core.jacobian.scaled_gradients`)."""
+        with J.scaled_gradients(grad_scale):
+            return self._step(x, y, targets)
+
+    def _step(self, x: Tensor, y: Tensor, targets: dict[str, Tensor] | None
+              ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
         if not torch.isfinite(x).all():
-            raise ValueError("the input batch contains NaN or Inf: check the data pipeline")
+            raise UsageError("the input batch contains NaN or Inf: check the data pipeline")
         if targets is None and self.needs_teacher_targets:
             targets = self.teacher_targets(x, y)
         elif targets is not None:  # teacher_targets(..., full_jacobian=True), e.g. from a cache
@@ -259,7 +298,10 @@ class TransferObjective(nn.Module):
         taps = FeatureTaps(self.student, layers) if layers else contextlib.nullcontext()
         logits: Tensor | None = None
         tangent: Tensor | None = None
-        with taps:
+        # A term that back-propagates through the student's input gradient needs every op of
+        # the student twice differentiable: attention then runs on the math kernel.
+        kernel = J.math_attention() if xs.requires_grad or self._owns_student_forward else contextlib.nullcontext()
+        with taps, kernel:
             special = next((r for r in (t.student_forward(self._student_fn, xs, targets) for t in all_terms)
                             if r is not None), None)
             if special is not None:
@@ -268,13 +310,15 @@ class TransferObjective(nn.Module):
                 logits = self._student_fn(xs)
         if logits is not None and "logits" in targets and targets["logits"].shape[1] != logits.shape[1] \
                 and any(t.compares_outputs for t in all_terms):
-            raise ValueError(f"the teacher has {targets['logits'].shape[1]} outputs and the student "
+            raise UsageError(f"the teacher has {targets['logits'].shape[1]} outputs and the student "
                              f"{logits.shape[1]}: KD and Jacobian matching compare outputs one to one, so "
                              "both must have as many classes as the data set")
         teacher = self.fast_teacher(x) if self.teacher is not None else None
         step = Step(x, y, xs, logits, self._student_fn, teacher, targets,
                     taps.features if isinstance(taps, FeatureTaps) else {}, tangent, self.generator)
         terms = {t.key: t.from_step(step) for t in all_terms}
+        if not self._warned_dead:
+            self._warn_if_dead(all_terms)
         total = cast(Tensor, sum(t.weight * terms[t.key] for t in all_terms))
         if logits is None:  # noise training alone: the first draw's logits stand for the batch
             logits = step.noisy_logits()

@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from torch import Tensor
+from ..errors import UsageError
 
 __all__ = ["logits_of"]
 
@@ -38,7 +39,7 @@ def logits_of(out: Any, output: str | int | None = None) -> Tensor:
             else:
                 chosen = getattr(out, output)
         except (KeyError, IndexError, AttributeError, TypeError):
-            raise ValueError(f"the model's output is {_describe(out)}: it has no {output!r} "
+            raise UsageError(f"the model's output is {_describe(out)}: it has no {output!r} "
                              "(set model.output to a key, a field or an index it has)") from None
         return _check(chosen, f"output {output!r}")
     if isinstance(out, Tensor):
@@ -52,12 +53,12 @@ def logits_of(out: Any, output: str | int | None = None) -> Tensor:
         matrices = [o for o in out if isinstance(o, Tensor) and o.dim() == 2]
         if len(matrices) == 1:
             return matrices[0]
-    raise ValueError(f"the model returns {_describe(out)} and which part holds the logits is ambiguous: "
+    raise UsageError(f"the model returns {_describe(out)} and which part holds the logits is ambiguous: "
                      "set model.output (teacher_model.output for the teacher) to its key or index")
 
 
 def _check(t: Any, what: str) -> Tensor:
     if not isinstance(t, Tensor) or t.dim() != 2:
         shape = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
-        raise ValueError(f"{what} must be logits [B, k], got {shape}: set model.output to the part that is")
+        raise UsageError(f"{what} must be logits [B, k], got {shape}: set model.output to the part that is")
     return t

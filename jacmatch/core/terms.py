@@ -1,13 +1,15 @@
 """The terms of the transfer objective as ``nn.Module`` s (docs/method.md, "Losses").
 
-Each term is a small class with a weight and a ``forward`` that a user calls in their own
-training loop with plain tensors and modules::
+Each term is a small class with a weight. Called in a user's own training loop with plain
+tensors and modules, it returns its **weighted** value, ``weight · value``::
 
-    kd = KDLoss(temperature=4.0)
-    jm = JacobianMatchingLoss(estimator="teacher_top1")
+    kd = KDLoss(1.0, temperature=8.0)
+    jm = JacobianMatchingLoss(10.0, estimator="teacher_top1")
     x.requires_grad_()
     zs = student(x)
-    loss = F.cross_entropy(zs, y) + kd(zs, teacher(x)) + 10.0 * jm(x, zs, teacher)
+    loss = F.cross_entropy(zs, y) + kd(zs, teacher(x)) + jm(x, zs, teacher)
+
+:meth:`Term.value` takes the same arguments and returns the unweighted value.
 
 Each term also declares what it needs from one training step (input gradients, feature
 taps, teacher targets) and computes its value from a :class:`Step`
@@ -20,12 +22,13 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import cast
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..errors import UsageError
 from . import jacobian as J
 from .estimators import FD_STEP, PROJECTION, create_estimator
 from .losses import (attention_map, attention_transfer_loss, gaussian_noise, jacobian_matching_loss,
@@ -49,7 +52,7 @@ class FeatureTaps(contextlib.AbstractContextManager):
         modules = dict(model.named_modules())
         missing = [n for n in names if n not in modules]
         if missing:
-            raise ValueError(f"no module named {missing} in {type(model).__name__}; "
+            raise UsageError(f"no module named {missing} in {type(model).__name__}; "
                              f"available: {[n for n in modules if n][:30]}")
         self.features: dict[str, Tensor] = {}
         self._handles = [modules[n].register_forward_hook(self._hook(n)) for n in names]
@@ -119,7 +122,11 @@ class Step:
 
 
 class Term(nn.Module):
-    """One weighted term ``weight · value``; ``key`` names it in the objective's terms."""
+    """One weighted term ``weight · value``; ``key`` names it in the objective's terms.
+
+    The defaults are ObjectiveConfig's: ``[CrossEntropyLoss(), KDLoss(), JacobianMatchingLoss()]``
+    is CE + KD (τ = 8) + 10·JM, the objective that ``ObjectiveConfig()`` builds.
+    """
 
     key = ""
     needs_input_grad = False       # the student's inputs must require grad
@@ -134,7 +141,7 @@ class Term(nn.Module):
     def __init__(self, weight: float = 1.0):
         super().__init__()
         if not (weight >= 0 and weight < float("inf")):
-            raise ValueError(f"the weight of {type(self).__name__} must be a finite number >= 0, got {weight}")
+            raise UsageError(f"the weight of {type(self).__name__} must be a finite number >= 0, got {weight}")
         self.weight = float(weight)
 
     def teacher_needs_graph(self, full_jacobian: bool) -> bool:
@@ -154,7 +161,16 @@ class Term(nn.Module):
         """(logits, tangent) from a student forward pass of the term's own, or None."""
         return None
 
+    def forward(self, *args: Any, **kwargs: Any) -> Tensor:
+        """``weight · value``: what a training loop adds to its loss (arguments as :meth:`value`)."""
+        return self.weight * self.value(*args, **kwargs)
+
+    def value(self, *args: Any, **kwargs: Any) -> Tensor:
+        """The term's unweighted value from plain tensors and modules."""
+        raise NotImplementedError
+
     def from_step(self, step: Step) -> Tensor:
+        """The unweighted value from one step of :class:`~jacmatch.core.objective.TransferObjective`."""
         raise NotImplementedError
 
     def extra_repr(self) -> str:
@@ -166,11 +182,11 @@ class CrossEntropyLoss(Term):
 
     key = "ce"
 
-    def forward(self, logits: Tensor, labels: Tensor) -> Tensor:
+    def value(self, logits: Tensor, labels: Tensor) -> Tensor:
         return F.cross_entropy(logits, labels)
 
     def from_step(self, step):
-        return self(step.logits, step.y)
+        return self.value(step.logits, step.y)
 
 
 class KDLoss(Term):
@@ -179,15 +195,15 @@ class KDLoss(Term):
     key = "kd"
     needs_teacher = needs_teacher_targets = compares_outputs = True
 
-    def __init__(self, weight: float = 1.0, temperature: float = 4.0, form: str = "kl"):
+    def __init__(self, weight: float = 1.0, temperature: float = 8.0, form: str = "kl"):
         super().__init__(weight)
         self.temperature, self.form = temperature, form
 
-    def forward(self, student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
+    def value(self, student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
         return kd_loss(student_logits, teacher_logits, self.temperature, self.form)
 
     def from_step(self, step):
-        return self(step.logits, step.targets["logits"])
+        return self.value(step.logits, step.targets["logits"])
 
     def extra_repr(self):
         return f"weight={self.weight:g}, temperature={self.temperature:g}, form={self.form!r}"
@@ -200,8 +216,8 @@ class JacobianMatchingLoss(Term):
     key = "jm"
     needs_teacher = needs_teacher_targets = chunk_teacher = compares_outputs = True
 
-    def __init__(self, weight: float = 1.0, estimator: str = "teacher_top1", form: str = "normalized",
-                 temperature: float = 4.0, top_k: int = 3, num_projections: int = 1, fd_step: float = FD_STEP,
+    def __init__(self, weight: float = 10.0, estimator: str = "teacher_top1", form: str = "normalized",
+                 temperature: float = 8.0, top_k: int = 3, num_projections: int = 1, fd_step: float = FD_STEP,
                  projection: str = PROJECTION):
         super().__init__(weight)
         self.estimator = create_estimator(estimator, form=form, temperature=temperature, top_k=top_k,
@@ -224,7 +240,7 @@ class JacobianMatchingLoss(Term):
     def student_forward(self, student, xs, targets):
         return self.estimator.student_forward(student, xs, targets)
 
-    def forward(self, inputs: Tensor, student_logits: Tensor, teacher: Callable[[Tensor], Tensor],
+    def value(self, inputs: Tensor, student_logits: Tensor, teacher: Callable[[Tensor], Tensor],
                 labels: Tensor | None = None, *, student: Callable[[Tensor], Tensor] | None = None,
                 generator: torch.Generator | None = None) -> Tensor:
         """``inputs`` require grad and ``student_logits`` were computed from them; the
@@ -233,7 +249,7 @@ class JacobianMatchingLoss(Term):
         tangent = None
         if not self.needs_input_grad:
             if student is None:
-                raise ValueError(f"estimator {self.estimator.name!r} runs the student itself: pass student=")
+                raise UsageError(f"estimator {self.estimator.name!r} runs the student itself: pass student=")
             found = self.student_forward(student, inputs, targets)
             tangent = found[1] if found is not None else None
         return self.estimator.loss(student, inputs, student_logits, targets, tangent)
@@ -255,17 +271,17 @@ class AttentionTransferLoss(Term):
     def __init__(self, weight: float = 1.0, layers: Sequence[str] = ()):
         super().__init__(weight)
         if not layers:
-            raise ValueError("attention transfer needs layers, e.g. ['layer2:layer3'] (student:teacher)")
+            raise UsageError("attention transfer needs layers, e.g. ['layer2:layer3'] (student:teacher)")
         self.student_layers, self.teacher_layers = _split_layers(layers)
 
-    def forward(self, student_features: Sequence[Tensor], teacher_features: Sequence[Tensor]) -> Tensor:
+    def value(self, student_features: Sequence[Tensor], teacher_features: Sequence[Tensor]) -> Tensor:
         return attention_transfer_loss(student_features, teacher_features)
 
     def teacher_targets(self, side):
         return {f"at{j}": side.features[n].detach() for j, n in enumerate(self.teacher_layers)}
 
     def from_step(self, step):
-        return self([step.features[n] for n in self.student_layers],
+        return self.value([step.features[n] for n in self.student_layers],
                     [step.targets[f"at{j}"] for j in range(len(self.student_layers))])
 
 
@@ -288,14 +304,14 @@ class AttentionJacobianLoss(AttentionTransferLoss):
         return {f"at_jac{j}": _attention_gradient(side.features[n], side.xt, False)
                 for j, n in enumerate(self.teacher_layers)}
 
-    def forward(self, inputs: Tensor, student_features: Sequence[Tensor],  # type: ignore[override]
+    def value(self, inputs: Tensor, student_features: Sequence[Tensor],  # type: ignore[override]
                 teacher_gradients: Sequence[Tensor]) -> Tensor:
         # The same layers and weight as AttentionTransferLoss; its inputs are the maps' gradients.
         return cast(Tensor, sum(jacobian_matching_loss(_attention_gradient(f, inputs, True), t, "normalized")
                                 for f, t in zip(student_features, teacher_gradients)))
 
     def from_step(self, step):
-        return self(step.xs, [step.features[n] for n in self.student_layers],
+        return self.value(step.xs, [step.features[n] for n in self.student_layers],
                     [step.targets[f"at_jac{j}"] for j in range(len(self.student_layers))])
 
 
@@ -309,12 +325,12 @@ class JacobianPenalty(Term):
     def __init__(self, weight: float = 1.0, form: str = "ce", num_projections: int = 1, projection: str = PROJECTION):
         super().__init__(weight)
         if form not in ("ce", "sq"):
-            raise ValueError(f"unknown penalty form {form!r}: use ce or sq")
+            raise UsageError(f"unknown penalty form {form!r}: use ce or sq")
         if projection not in J.PROJECTIONS:
-            raise ValueError(f"unknown projection {projection!r}: use one of {J.PROJECTIONS}")
+            raise UsageError(f"unknown projection {projection!r}: use one of {J.PROJECTIONS}")
         self.form, self.num_projections, self.projection = form, num_projections, projection
 
-    def forward(self, inputs: Tensor, student_logits: Tensor, labels: Tensor,
+    def value(self, inputs: Tensor, student_logits: Tensor, labels: Tensor,
                 generator: torch.Generator | None = None) -> Tensor:
         if self.form == "ce":
             log_p = F.log_softmax(student_logits, dim=1)
@@ -325,7 +341,7 @@ class JacobianPenalty(Term):
         return jacobian_penalty(rows, "sq", multiple_outputs=True) / self.num_projections
 
     def from_step(self, step):
-        return self(step.xs, step.logits, step.y, step.generator)
+        return self.value(step.xs, step.logits, step.y, step.generator)
 
 
 class _Noise(Term):
@@ -334,7 +350,7 @@ class _Noise(Term):
     def __init__(self, weight: float = 1.0, sigma: float = 0.1, draws: int = 1, antithetic: bool = False):
         super().__init__(weight)
         if not sigma > 0:
-            raise ValueError(f"noise sigma must be > 0, got {sigma}")
+            raise UsageError(f"noise sigma must be > 0, got {sigma}")
         self.sigma, self.draws, self.antithetic = sigma, draws, antithetic
 
     def extra_repr(self):
@@ -346,7 +362,7 @@ class NoiseTrainingLoss(_Noise):
 
     key = "ce"
 
-    def forward(self, student: Callable[[Tensor], Tensor], inputs: Tensor, labels: Tensor,
+    def value(self, student: Callable[[Tensor], Tensor], inputs: Tensor, labels: Tensor,
                 generator: torch.Generator | None = None) -> Tensor:
         return noise_training_loss(student, inputs, labels, self.sigma, self.draws,
                                    antithetic=self.antithetic, generator=generator)
@@ -363,11 +379,11 @@ class NoisyDistillationLoss(_Noise):
     needs_teacher = compares_outputs = True
 
     def __init__(self, weight: float = 1.0, sigma: float = 0.1, draws: int = 1, antithetic: bool = False,
-                 temperature: float = 4.0, form: str = "kl"):
+                 temperature: float = 8.0, form: str = "kl"):
         super().__init__(weight, sigma, draws, antithetic)
         self.temperature, self.form = temperature, form
 
-    def forward(self, student: Callable[[Tensor], Tensor], teacher: Callable[[Tensor], Tensor], inputs: Tensor,
+    def value(self, student: Callable[[Tensor], Tensor], teacher: Callable[[Tensor], Tensor], inputs: Tensor,
                 generator: torch.Generator | None = None) -> Tensor:
         return noisy_distillation_loss(student, teacher, inputs, self.sigma, self.draws, temperature=self.temperature,
                                        form=self.form, antithetic=self.antithetic, generator=generator)

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from .._extras import require
+from ..errors import UsageError
 from .formats import DataError, read_cifar_batch, read_idx
 from .sources import Loading, SourceOptions, batch_by_batch, open_source, source_kind
 
@@ -338,7 +339,7 @@ def create_dataset(name: str, *, data_dir: str | None = None, samples_per_class:
     if classes is not None:
         classes = list(classes)
         if not classes or len(set(classes)) != len(classes) or min(classes) < 0 or max(classes) >= num_classes:
-            raise ValueError(f"data.classes={classes} must be distinct classes in 0..{num_classes - 1}")
+            raise UsageError(f"data.classes={classes} must be distinct classes in 0..{num_classes - 1}")
         remap = torch.full((num_classes,), -1, dtype=torch.long)
         remap[torch.tensor(classes)] = torch.arange(len(classes))
 
@@ -354,7 +355,7 @@ def create_dataset(name: str, *, data_dir: str | None = None, samples_per_class:
     del pool
     if samples_per_class is not None:
         if samples_per_class < 1:
-            raise ValueError(f"samples_per_class must be >= 1, got {samples_per_class}")
+            raise UsageError(f"samples_per_class must be >= 1, got {samples_per_class}")
         train_pool = train_pool[stratified_subset(train.labels[train_pool], samples_per_class, seed)]
     return DataSplits(name, train.subset(train_pool), train.subset(val_idx), test, num_classes, mean, std,
                       hflip, train_pool.tolist(), val_idx.tolist(), data_sha256)

@@ -14,6 +14,7 @@ import struct
 from pathlib import Path
 
 import numpy as np
+from ..errors import UsageError
 
 __all__ = ["DataError", "read_idx", "read_cifar_batch", "MAX_FILE_BYTES"]
 
@@ -23,7 +24,7 @@ MAX_FILE_BYTES = 1 << 30
 _IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 
 
-class DataError(ValueError):
+class DataError(UsageError):
     """A data file that is missing, truncated, corrupt or not what was expected."""
 
 

@@ -29,10 +29,14 @@ from ..atomic import save_figure, write_atomic, write_json_atomic
 from ..core import jacobian as J
 from ..core.losses import jacobian_matching_loss, kd_loss
 from ..core.objective import ObjectiveConfig, TransferObjective
+from ..errors import UsageError
 from ..models import create_model
 from .common import load_json
 
 __all__ = ["main", "run_bench"]
+
+#: Every distillation term off (ObjectiveConfig's defaults distil with KD + JM); each step sets its own.
+OFF = {"beta": 0.0, "gamma": 0.0, "temperature": 4.0}
 
 SHAPES = {  # name: (channels, size, classes, teacher, student)
     "mnist-like": (1, 28, 10, "resnet20", "small_cnn_8"),
@@ -119,7 +123,7 @@ class Setup:
     def objective_step(self, cached: bool = False, channels_last: bool = False, **weights) -> Callable[[], None]:
         """One optimiser step of the library's objective (the teacher as it runs it: BatchNorm
         folded, channels-last, unless ``weights`` say otherwise)."""
-        cfg = ObjectiveConfig(**weights)
+        cfg = ObjectiveConfig(**{**OFF, **weights})  # the terms that ``weights`` turn on, no others
         student, opt = (self.student_cl, self.opt_cl) if channels_last else (self.student, self.opt)
         obj = TransferObjective(student, self.teacher if cfg.needs_teacher else None, cfg,
                                 generator=torch.Generator().manual_seed(0))
@@ -259,11 +263,11 @@ class Plan:
             wanted = [w if w in everything else f"{w}_step" for w in (w.strip() for w in only.split(",")) if w]
             unknown = [w for w in wanted if w not in everything]
             if unknown:
-                raise ValueError(f"unknown bench step {unknown}: choose from {', '.join(everything)} "
+                raise UsageError(f"unknown bench step {unknown}: choose from {', '.join(everything)} "
                                  "(the _step suffix may be left out)")
             steps = tuple(wanted)
         if shape is not None and shape not in SHAPES:
-            raise ValueError(f"unknown --shape {shape!r}: choose one of {list(SHAPES)}")
+            raise UsageError(f"unknown --shape {shape!r}: choose one of {list(SHAPES)}")
         shapes = (shape,) if shape else tuple(SHAPES)
         if smoke:
             return cls(steps, shapes[:1], repeats=3, batch=16, size=12)
@@ -605,7 +609,7 @@ def write_benchmarks(bench_json: Path = Path("results/bench.json"), out: Path = 
 def main(json_path: str | None, device: str, plot_path: str | None = None, profile: bool = False,
          plan: Plan | None = None) -> dict:
     if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda but no CUDA device is visible: use --device cpu")
+        raise UsageError("--device cuda but no CUDA device is visible: use --device cpu")
     if profile:
         results = run_profile(device)
         _print_profile(results)

@@ -7,6 +7,7 @@ import json
 import math
 from pathlib import Path
 
+from ..errors import UsageError
 from ..training import TeacherGradients, config_from_dict, train
 from ..training.config import config_to_dict
 
@@ -26,7 +27,7 @@ def run_or_load(values: dict, teacher_gradients: TeacherGradients | None = None,
         # Read back through the dataclasses, so that settings added since take their defaults.
         if config_to_dict(config_from_dict(results.get("config") or {})) == config_to_dict(cfg):
             return results
-        raise ValueError(f"{out} holds results of another config: remove it or choose another folder")
+        raise UsageError(f"{out} holds results of another config: remove it or choose another folder")
     # A folder without a checkpoint holds a run cut before its first epoch ended: start it again.
     cut = (out / "last.pt").is_file()
     return train(cfg, resume=cut, overwrite=not cut, teacher_gradients=teacher_gradients, data_cache=data_cache)

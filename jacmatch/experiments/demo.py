@@ -13,13 +13,15 @@ from pathlib import Path
 
 from .._extras import require
 from ..atomic import save_figure, write_json_atomic
+from ..core.objective import TEACHER_OBJECTIVE
+from ..errors import UsageError
 from .common import run_or_load, summarize_runs
 
 SAMPLES = (1, 5, 10)
-METHODS = {  # objective weights: α (CE), β (KD), γ (JM, normalised form, teacher top-1)
-    "CE": {"alpha": 1.0},
-    "KD": {"alpha": 1.0, "beta": 1.0},
-    "KD+JM": {"alpha": 1.0, "beta": 1.0, "gamma": 1.0},
+METHODS = {  # objective weights: α (CE), β (KD, τ = 4), γ (JM, normalised form, teacher top-1)
+    "CE": {"alpha": 1.0, "beta": 0.0, "gamma": 0.0, "temperature": 4.0},
+    "KD": {"alpha": 1.0, "beta": 1.0, "gamma": 0.0, "temperature": 4.0},
+    "KD+JM": {"alpha": 1.0, "beta": 1.0, "gamma": 1.0, "temperature": 4.0},
 }
 SETTINGS = {
     "digits": {"teacher": "small_cnn_32", "student": "small_cnn_8", "teacher_epochs": 15, "student_epochs": 150},
@@ -32,7 +34,8 @@ NOISE = [0.1, 0.3]
 def teacher_config(dataset: str, out: Path, device: str) -> dict:
     s = SETTINGS[dataset]
     return {"out_dir": str(out / "teacher"), "seed": 0, "device": device, "data": {"name": dataset},
-            "model": {"name": s["teacher"]}, "optim": {"epochs": s["teacher_epochs"], "batch_size": 64, "lr": 0.05},
+            "model": {"name": s["teacher"]},
+            "objective": dict(TEACHER_OBJECTIVE), "optim": {"epochs": s["teacher_epochs"], "batch_size": 64, "lr": 0.05},
             "eval": {"every": s["teacher_epochs"], "noise_sigmas": NOISE, "jacobian_cosine": False},
             "progress": False, "tensorboard": False}
 
@@ -50,7 +53,7 @@ def student_config(dataset: str, out: Path, device: str, method: str, n: int, se
 
 def main(dataset: str = "digits", out: str = "runs/demo", seeds: int = 3, device: str = "auto") -> dict:
     if dataset not in SETTINGS:
-        raise ValueError(f"the demo runs on {sorted(SETTINGS)}, not {dataset!r}")
+        raise UsageError(f"the demo runs on {sorted(SETTINGS)}, not {dataset!r}")
     out = Path(out)
     start = time.time()
     s = SETTINGS[dataset]

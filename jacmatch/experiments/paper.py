@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..atomic import write_json_atomic
+from ..errors import UsageError
 from ..training import TeacherGradients, load_checkpoint
 from ..training.config import load_config, merge_values
 from .common import load_json, run_or_load, summarize, summarize_runs, with_provenance
@@ -220,7 +221,7 @@ def teacher_section(lay: Layout) -> dict:
 
 def _teacher_path(lay: Layout) -> str:
     if not lay.teacher.is_file():
-        raise ValueError(f"{lay.teacher} is missing: run `jacmatch experiment teacher"
+        raise UsageError(f"{lay.teacher} is missing: run `jacmatch experiment teacher"
                          f"{'' if lay.profile is FULL else ' --' + lay.profile.name}` first")
     return str(lay.teacher)
 
@@ -525,7 +526,7 @@ def pictures_section(lay: Layout) -> dict:
                 "CE+KD+JM": runs / "distill" / f"CE_KD_JM_n{n}_s0" / "last.pt"}
     missing = [str(p) for p in students.values() if not p.is_file()]
     if missing:
-        raise ValueError(f"{missing} missing: run `jacmatch experiment distill` first")
+        raise UsageError(f"{missing} missing: run `jacmatch experiment distill` first")
     models = {"teacher": teacher, **{k: load_model(p)[0] for k, p in students.items()}}
     data = create_dataset(run_config("distill", lay.profile)["data"]["name"])
     x, _ = data.test.batch(torch.arange(6))
@@ -549,7 +550,7 @@ def main(section: str, quick: bool = False, out: str | None = None) -> None:
     lay = Layout(Path(out) if out else Path("."), QUICK if quick else FULL)
     names = list(SECTIONS) if section == "all" else [section]
     if any(n not in SECTIONS for n in names):
-        raise ValueError(f"unknown section {section!r}: choose one of {list(SECTIONS) + ['all']}")
+        raise UsageError(f"unknown section {section!r}: choose one of {list(SECTIONS) + ['all']}")
     timings = {}
     for name in names:
         start = time.time()

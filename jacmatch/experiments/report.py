@@ -13,6 +13,7 @@ import re
 from pathlib import Path
 
 from ..atomic import write_atomic
+from ..errors import UsageError
 from .bench import write_benchmarks
 from .common import load_json
 from .figures import draw_report_figures, main_rows, noise_sigmas
@@ -363,7 +364,7 @@ def check_one_data_set(sections: dict) -> None:
     for name, j in sections.items():
         hashes = ((j if isinstance(j, dict) else {}).get("provenance") or {}).get("data_sha256")
         if isinstance(hashes, list) and len(hashes) > 1:
-            raise ValueError(f"{name}.json mixes runs on {len(hashes)} different data sets (data_sha256 "
+            raise UsageError(f"{name}.json mixes runs on {len(hashes)} different data sets (data_sha256 "
                              f"{', '.join(h[:12] for h in hashes)}): rerun its runs on one copy of the data")
 
 

@@ -24,6 +24,7 @@ from torch.func import hessian, jacrev, vmap
 from .._extras import require
 from ..atomic import save_figure, write_json_atomic
 from ..core.propositions import CLOSED_FORMS, LOSSES, PROPOSITIONS
+from ..errors import UsageError
 
 __all__ = ["make_mlp", "monte_carlo", "fit_slope", "sweep", "run_verify", "main"]
 
@@ -34,7 +35,7 @@ MODULES = {"tanh": nn.Tanh, "softplus": nn.Softplus, "gelu": nn.GELU, "relu": nn
 def make_mlp(in_dim: int, hidden: int, out_dim: int, activation: str, seed: int) -> nn.Module:
     """A two-hidden-layer MLP in float64, initialised from ``seed``."""
     if activation not in MODULES:
-        raise ValueError(f"unknown activation {activation!r}: use one of {list(MODULES)}")
+        raise UsageError(f"unknown activation {activation!r}: use one of {list(MODULES)}")
     gen = torch.Generator().manual_seed(seed)
     act = MODULES[activation]
     net = nn.Sequential(nn.Linear(in_dim, hidden), act(), nn.Linear(hidden, hidden), act(),

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from ..errors import UsageError
 from ._registry import list_models, model_factory
 from .external import ExternalClassifier, build_external
 from .external import replace_hard_activations as replace_hard
@@ -30,18 +31,18 @@ def create_model(name: str, num_classes: int, in_channels: int, *, mean: Sequenc
     a derivative (vision transformers as students).
     """
     if num_classes < 1 or in_channels < 1:
-        raise ValueError(f"num_classes and in_channels must be >= 1, got {num_classes}, {in_channels}")
+        raise UsageError(f"num_classes and in_channels must be >= 1, got {num_classes}, {in_channels}")
     factory = model_factory(name)
     if factory is not None:
         try:
             model = factory(num_classes=num_classes, in_channels=in_channels, **kwargs)
         except TypeError as exc:
-            raise ValueError(f"bad options {kwargs} for model {name!r}: {exc}") from None
+            raise UsageError(f"bad options {kwargs} for model {name!r}: {exc}") from None
     elif ":" in name:
         model = ExternalClassifier(build_external(name, num_classes, in_channels, **kwargs), num_classes,
                                    in_channels, output=output, normalize=normalize, math_attention=math_attention)
     else:
-        raise ValueError(f"unknown model {name!r}: choose one of {list_models()}, or give an import path "
+        raise UsageError(f"unknown model {name!r}: choose one of {list_models()}, or give an import path "
                          "package.module:callable, torchvision:NAME or timm:NAME")
     if replace_hard_activations:
         replace_hard(model)

@@ -7,6 +7,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
+from ..errors import UsageError
 
 __all__ = ["NormalizedInput", "Classifier", "residual_stages"]
 
@@ -40,7 +41,7 @@ class Classifier(NormalizedInput):
 
     def forward(self, x: Tensor) -> Tensor:
         if x.dim() != 4 or x.shape[1] != self.mean.shape[1]:
-            raise ValueError(f"{type(self).__name__} expects images [B, {self.mean.shape[1]}, H, W], "
+            raise UsageError(f"{type(self).__name__} expects images [B, {self.mean.shape[1]}, H, W], "
                              f"got {tuple(x.shape)}")
         return self.head(self.body(self.normalized(x)))
 

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from .._extras import require
 from .._imports import import_callable
 from ..core.outputs import logits_of
+from ..errors import UsageError
 from .base import NormalizedInput
 
 __all__ = ["ExternalClassifier", "build_external", "is_import_path", "replace_hard_activations"]
@@ -42,16 +43,16 @@ def _accepts(fn: Callable, name: str, *, by_name: bool = False) -> bool:
 def _factory(spec: str, in_channels: int) -> tuple[Callable[..., nn.Module], dict]:
     source, _, target = spec.partition(":")
     if not target:
-        raise ValueError(f"model {spec!r}: write module.path:callable, torchvision:NAME or timm:NAME")
+        raise UsageError(f"model {spec!r}: write module.path:callable, torchvision:NAME or timm:NAME")
     if source == "torchvision":
         tv = require("torchvision", "vision")
         if target not in tv.models.list_models():
-            raise ValueError(f"torchvision has no model {target!r}: see torchvision.models.list_models()")
+            raise UsageError(f"torchvision has no model {target!r}: see torchvision.models.list_models()")
         return (lambda **kw: tv.models.get_model(target, weights=None, **kw)), {}
     if source == "timm":
         timm = require("timm", "vision")
         if not timm.is_model(target):
-            raise ValueError(f"timm has no model {target!r}: see timm.list_models()")
+            raise UsageError(f"timm has no model {target!r}: see timm.list_models()")
         return (lambda **kw: timm.create_model(target, pretrained=False, **kw)), {"in_chans": in_channels}
     return import_callable(spec, "model"), {}
 
@@ -69,9 +70,9 @@ def build_external(spec: str, num_classes: int, in_channels: int, **options) -> 
     try:
         net = fn(**kwargs)
     except TypeError as exc:
-        raise ValueError(f"model {spec!r} does not take {sorted(kwargs)}: {exc}") from None
+        raise UsageError(f"model {spec!r} does not take {sorted(kwargs)}: {exc}") from None
     if not isinstance(net, nn.Module):
-        raise ValueError(f"model {spec!r} returned a {type(net).__name__}, not a torch.nn.Module")
+        raise UsageError(f"model {spec!r} returned a {type(net).__name__}, not a torch.nn.Module")
     return net
 
 

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from ..errors import UsageError
 from ._registry import register_model
 from .base import Classifier, residual_stages
 
@@ -33,7 +34,7 @@ class CifarResNet(Classifier):
     def __init__(self, num_classes, in_channels, depth: int, widths: Sequence[int]):
         super().__init__(num_classes, in_channels)
         if (depth - 2) % 6:
-            raise ValueError(f"CIFAR ResNet depth must be 6n+2, got {depth}")
+            raise UsageError(f"CIFAR ResNet depth must be 6n+2, got {depth}")
         n = (depth - 2) // 6
         self.stem = nn.Sequential(nn.Conv2d(in_channels, widths[0], 3, padding=1, bias=False),
                                   nn.BatchNorm2d(widths[0]), nn.ReLU())

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..errors import UsageError
 from ._registry import register_model
 from .base import Classifier, residual_stages
 
@@ -30,7 +31,7 @@ class WideResNet(Classifier):
     def __init__(self, num_classes, in_channels, depth: int, widen: int):
         super().__init__(num_classes, in_channels)
         if (depth - 4) % 6:
-            raise ValueError(f"WRN depth must be 6n+4, got {depth}")
+            raise UsageError(f"WRN depth must be 6n+4, got {depth}")
         n = (depth - 4) // 6
         widths = (16, 16 * widen, 32 * widen, 64 * widen)
         self.stem = nn.Conv2d(in_channels, widths[0], 3, padding=1, bias=False)

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from ..atomic import write_atomic
+from ..errors import UsageError
 
 __all__ = ["save_checkpoint", "load_checkpoint", "CheckpointError", "VersionWarning", "MAGIC"]
 
@@ -41,7 +42,7 @@ def _digest(fields: dict, payload: bytes) -> str:
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode() + b"\n" + payload).hexdigest()
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UsageError):
     """A checkpoint that cannot be used."""
 
 

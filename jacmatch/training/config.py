@@ -14,6 +14,7 @@ from typing import Any
 import yaml
 
 from ..core.objective import ObjectiveConfig
+from ..errors import UsageError
 
 __all__ = ["RunConfig", "DataConfig", "ModelConfig", "OptimConfig", "EvalConfig", "ConfigError",
            "load_config", "apply_overrides", "config_to_dict", "config_from_dict", "merge_values", "resolve"]
@@ -25,7 +26,7 @@ MAX_EPOCHS = 100_000
 MAX_CONFIG_BYTES = 1 << 20
 
 
-class ConfigError(ValueError):
+class ConfigError(UsageError):
     """A config file or setting that cannot be used."""
 
 
@@ -151,8 +152,11 @@ class RunConfig:
         _check_ranges(self)
         _check_data(self.data)
         if self.objective.needs_teacher and not (self.teacher or self.teacher_weights):
-            raise ConfigError("this objective needs a teacher (β, γ or δ > 0): pass --teacher CKPT, or "
-                              "--teacher-model SPEC --teacher-weights FILE")
+            o = self.objective
+            raise ConfigError(f"this objective needs a teacher (β = {o.beta:g}, γ = {o.gamma:g}, δ = {o.delta:g}; the "
+                              "defaults distil with β = 1, γ = 10): pass --teacher CKPT, or --teacher-model SPEC "
+                              "--teacher-weights FILE; to train a teacher (CE only) set objective.beta=0 and "
+                              "objective.gamma=0, as `jacmatch train-teacher` does")
         if self.teacher and self.teacher_weights:
             raise ConfigError("give either --teacher CKPT or --teacher-weights FILE, not both")
         if self.teacher_weights and not self.teacher_model.name:

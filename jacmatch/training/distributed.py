@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch import nn
+from ..errors import UsageError
 
 __all__ = ["DistInfo", "init_distributed", "resolve_device", "GlobalBatchNorm", "global_batchnorm",
            "average_gradients", "broadcast_parameters"]
@@ -40,7 +41,7 @@ def resolve_device(name: str, info: DistInfo) -> torch.device:
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError("device=cuda but no CUDA device is visible: use --device cpu")
+            raise UsageError("device=cuda but no CUDA device is visible: use --device cpu")
         return torch.device("cuda", info.local_rank % torch.cuda.device_count())
     return torch.device("cpu")
 

@@ -61,6 +61,11 @@ __all__ = ["train", "load_model", "load_data", "evaluate_splits", "epoch_batches
 MAX_STEP_BYTES = 16 << 30
 
 
+#: fp16 steps that overflow one after another before the run is taken to diverge (the scale
+#: has then been halved this many times: 2^16 becomes 2^-34).
+MAX_OVERFLOWS_IN_A_ROW = 50
+
+
 class NonFiniteError(RuntimeError):
     """A loss term or a gradient became NaN or Inf."""
 
@@ -473,6 +478,8 @@ class _Run:
     inputs: dict = field(default_factory=dict)  # the teacher's and the data's hashes (run_inputs)
     skipped_in_a_row: int = 0  # nonfinite=skip: steps skipped since the last one trained
     overflow_steps: int = 0  # fp16 steps the gradient scaler skipped this epoch (it lowered its scale)
+    forward_overflows: int = 0  # of those, steps whose terms overflowed (no values for the epoch's means)
+    overflows_in_a_row: int = 0  # past MAX_OVERFLOWS_IN_A_ROW, a non-finite step is not an overflow but a divergence
     last_skip: str = ""  # why the last step was skipped
 
     @property
@@ -701,10 +708,20 @@ def _train_step(run: _Run, index: torch.Tensor, x: torch.Tensor, y: torch.Tensor
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp)
     scaler = run.scaler
     with torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext():
-        _, total, terms = run.objective(x, y, targets)
+        _, total, terms = run.objective(x, y, targets, grad_scale=float(scaler.get_scale()) if scaler else None)
     values = {k: float(v.detach()) for k, v in terms.items()}
     bad = [k for k, v in values.items() if not math.isfinite(v)]
     optimizer.zero_grad(set_to_none=True)
+    overflowing = scaler is not None and run.overflows_in_a_row < MAX_OVERFLOWS_IN_A_ROW
+    if overflowing and _agreed(bool(bad), run.info, device):
+        # fp16: a non-finite term is an overflow (of fp16 activations, or of the scaled input
+        # gradients): the step is skipped and the scale lowered, as the scaler does for gradients.
+        scaler.scale(total)  # (a scaler's scale exists once it has scaled something)
+        scaler.update(float(scaler.get_scale()) * scaler.get_backoff_factor())
+        run.overflow_steps += 1
+        run.overflows_in_a_row += 1
+        run.forward_overflows += 1
+        return {}
     if not bad:
         # Gradients of the parameters only: the input, which requires grad for the Jacobian
         # terms, needs none (about 5% of a KD+JM step on CPU; jacmatch bench).
@@ -714,10 +731,11 @@ def _train_step(run: _Run, index: torch.Tensor, x: torch.Tensor, y: torch.Tensor
         if scaler:
             scaler.unscale_(optimizer)
         if not all(torch.isfinite(p.grad).all() for p in run.model.parameters() if p.grad is not None):
-            if scaler:  # an fp16 overflow of the scaled gradients: the scaler skips the step and lowers its scale
+            if overflowing:  # an fp16 overflow of the scaled gradients: the scaler skips the step, lowers its scale
                 scaler.step(optimizer)
                 scaler.update()
                 run.overflow_steps += 1
+                run.overflows_in_a_row += 1
                 return values
             bad = ["gradient"]
     if bad:
@@ -729,6 +747,7 @@ def _train_step(run: _Run, index: torch.Tensor, x: torch.Tensor, y: torch.Tensor
         raise NonFiniteError(f"{what}; the last complete checkpoint is kept: lower the learning rate or weights, "
                              f"or set nonfinite=skip")
     (scaler.step(optimizer), scaler.update()) if scaler else optimizer.step()
+    run.overflows_in_a_row = 0
     return values
 
 
@@ -760,7 +779,8 @@ def _end_epoch(run: _Run, epoch: int, steps: int, sums: dict, skipped: int, seco
     cfg, info = run.cfg, run.info
     lr = run.optimizer.param_groups[0]["lr"]  # the rate this epoch trained with
     run.scheduler.step()
-    n_steps = max(steps - skipped, 1)
+    n_steps = max(steps - skipped - run.forward_overflows, 1)
+    run.forward_overflows = 0
     record = {"epoch": epoch + 1, "lr": lr, "steps": steps,
               "skipped_steps": skipped, "train": {k: v / n_steps for k, v in sums.items()},
               "epoch_seconds": seconds}
