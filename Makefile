@@ -50,7 +50,7 @@ clean:
 VISION ?= .venv-vision
 $(VISION)/.installed: pyproject.toml
 	test -d $(VISION) || $(PYTHON) -m venv $(VISION)
-	$(VISION)/bin/pip install -q torch==2.14.1 torchvision==0.29.1 timm
+	$(VISION)/bin/pip install -q torch==2.14.1 torchvision==0.29.1 timm torchdistill==1.1.5
 	$(VISION)/bin/pip install -q -e '.[test]'
 	touch $@
 

@@ -11,7 +11,8 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 def readme_snippets() -> dict[str, str]:
     text = README.read_text()
     blocks = dict(re.findall(r"<!-- snippet: (\w+).*?-->\s*```python\n(.*?)```", text, re.S))
-    assert {"functional", "module"} <= set(blocks), "README.md lost a snippet block"
+    assert {"functional", "module", "lightning", "transformers", "torchdistill"} <= set(blocks), \
+        "README.md lost a snippet block"
     return blocks
 
 
@@ -38,3 +39,22 @@ def test_module_snippet_is_six_lines_and_lowers_the_loss():
     assert set(scope["terms"]) == {"ce", "kd", "jm"}
     assert scope["objective"](scope["x"], scope["y"])[1].item() < before
     assert all(p.grad is None for p in scope["teacher"].parameters())
+
+
+def test_lightning_snippet_trains_a_student_and_logs_every_term(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    scope: dict = {}
+    exec(compile(readme_snippets()["lightning"], str(README), "exec"), scope)
+    logged = scope["module"].trainer.logged_metrics
+    assert {"train/ce_epoch", "train/kd_epoch", "train/jm_epoch", "train/loss_epoch"} <= set(logged)
+    assert all(p.grad is None for p in scope["teacher"].parameters()) and not scope["teacher"].training
+
+
+def test_transformers_snippet_distils_a_vit_with_its_default_attention(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    scope: dict = {}
+    exec(compile(readme_snippets()["transformers"], str(README), "exec"), scope)
+    assert scope["student"].config._attn_implementation == "sdpa"
+    logs = scope["trainer"].state.log_history
+    assert {"loss", "ce", "kd", "jm"} <= set(logs[0]) and logs[0]["jm"] > 0
+    assert not any(p.requires_grad for p in scope["teacher"].parameters()) and not scope["teacher"].training
