@@ -397,12 +397,21 @@ def test_demo_says_what_it_does_within_ten_seconds(tmp_path):
 @pytest.mark.parametrize("spec,size", [("torchvision:resnet18", 32), ("timm:resnet10t", 32),
                                        ("torchvision:mobilenet_v3_small", 32), ("timm:vit_tiny_patch16_224", 224)])
 def test_torchvision_and_timm_models_as_students(spec, size):
-    student = create_model(spec, 10, 3, replace_hard_activations=True, math_attention=True)
+    """As they are (a ViT's attention included: the objective takes it on the math kernel),
+    but for MobileNetV3's Hardsigmoid, which needs replace_hard_activations."""
+    student = create_model(spec, 10, 3, replace_hard_activations="mobilenet" in spec)
     teacher = create_model("small_cnn_4", 10, 3)
     x, y = torch.rand(2, 3, size, size), torch.tensor([1, 2])
     _, total, terms = jm.TransferObjective(student.train(), teacher, jm.ObjectiveConfig(beta=1, gamma=1))(x, y)
     total.backward()
     assert set(terms) == {"ce", "kd", "jm"} and torch.isfinite(total)
+
+
+@pytest.mark.vision
+def test_check_model_names_the_one_size_a_vit_takes(capsys):
+    assert cli_main(["check-model", "timm:vit_tiny_patch16_224", "--input-shape", "3x32x32"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.endswith("it takes 3x224x224 only: pass --input-shape 3x224x224"), err
 
 
 def test_every_function_reads_in_one_screen():
@@ -419,7 +428,8 @@ def test_every_function_reads_in_one_screen():
 def test_imports_point_down():
     """core imports nothing of the package above it; training nothing of experiments or the CLI."""
     import ast
-    above = {"core": ("training", "experiments", "cli", "data", "models"), "training": ("experiments", "cli")}
+    above = {"core": ("training", "experiments", "cli", "data", "models", "integrations"),
+             "training": ("experiments", "cli", "integrations")}
     wrong = []
     for layer, banned in above.items():
         for path in sorted((ROOT / "jacmatch" / layer).rglob("*.py")):
@@ -429,3 +439,16 @@ def test_imports_point_down():
                     if target in banned:
                         wrong.append(f"{path.relative_to(ROOT)} imports ..{node.module}")
     assert not wrong, wrong
+
+
+def test_distill_names_an_operation_without_a_double_backward_and_its_fix(tmp_path, capsys, teacher):
+    """distill with a student that cannot take the Jacobian term's double backward: one line,
+    exit 2, the module and the setting that fixes it (check-model's finding), no traceback."""
+    sys.path.insert(0, str(TESTS))
+    args = ["distill", "--teacher", teacher, "--dataset", "synthetic", "--samples-per-class", "2",
+            "--model", "user_models:se_net", "--out", str(tmp_path / "s"), "--set", "progress=false"]
+    assert cli_main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "cannot take the Jacobian term's double backward" in err, err
+    assert "at module net.2.1 (Hardsigmoid)" in err and "set model.replace_hard_activations=true" in err
+    assert cli_main([*args, "--set", "model.replace_hard_activations=true", "--overwrite"]) == 0

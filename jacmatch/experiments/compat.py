@@ -113,9 +113,10 @@ def main(out: str = "docs/compatibility.md", json_path: str | None = None, only:
         "other work shared the machine: read them as orders of magnitude.", "",
         f"{works} of {len(records)} models work as students as they are; {fixed} more work with the fix in the "
         "last column: `model.replace_hard_activations=true` replaces Hardsigmoid/Hardswish by modules with the "
-        "same outputs and a double backward, and `model.math_attention=true` runs attention on PyTorch's math "
-        "kernel, whose backward has a derivative (the fused CPU kernel's has none). "
-        "`jacmatch check-model SPEC --fix` shows both, with the largest change in the outputs.", "",
+        "same outputs and a double backward. Attention students (ViTs) work as they are: the objective runs "
+        "their attention on PyTorch's math kernel, whose backward has a derivative (the fused kernels' have "
+        "none), whenever a term back-propagates through the student's input gradient. "
+        "`jacmatch check-model SPEC --fix` shows the fix, with the largest change in the outputs.", "",
         "| model | input | parameters (M) | student | teacher | step ms (student / teacher) | fix or failure |",
         "|---|---|---|---|---|---|---|",
         *(_row(r) for r in records), ""]

@@ -11,11 +11,11 @@ checks), ``base.py`` (what the families share), one file per family (``small``,
 """
 
 from . import resnet, small, vgg, wrn  # noqa: F401  (each registers its family)
-from ._factory import count_parameters, create_model, dry_forward, smallest_input, takes_input
+from ._factory import count_parameters, create_model, dry_forward, input_side, smallest_input, takes_input
 from ._registry import list_models, register_model
 from .base import Classifier
 from .external import ExternalClassifier, is_import_path, replace_hard_activations
 
 __all__ = ["create_model", "list_models", "register_model", "Classifier", "count_parameters", "takes_input",
-           "smallest_input", "dry_forward",
+           "smallest_input", "input_side", "dry_forward",
            "ExternalClassifier", "is_import_path", "replace_hard_activations"]

@@ -13,7 +13,7 @@ from ._registry import list_models, model_factory
 from .external import ExternalClassifier, build_external
 from .external import replace_hard_activations as replace_hard
 
-__all__ = ["create_model", "dry_forward", "takes_input", "smallest_input", "count_parameters"]
+__all__ = ["create_model", "dry_forward", "takes_input", "smallest_input", "input_side", "count_parameters"]
 
 
 def create_model(name: str, num_classes: int, in_channels: int, *, mean: Sequence[float] | None = None,
@@ -66,7 +66,7 @@ def dry_forward(model: nn.Module, shape: Sequence[int]) -> Tensor | None:
     try:
         with torch.no_grad():
             return model(torch.zeros(1, *shape, device=device))
-    except (RuntimeError, ValueError):
+    except (RuntimeError, ValueError, AssertionError):  # timm asserts a ViT's input size
         return None
     finally:
         model.train(was_training)
@@ -87,6 +87,20 @@ def smallest_input(model: nn.Module, channels: int, max_side: int = 256) -> int 
         mid = (lo + hi) // 2
         lo, hi = (lo, mid) if takes_input(model, (channels, mid, mid)) else (mid, hi)
     return hi
+
+
+#: The sides a model of one input size (a ViT) is most often built for.
+COMMON_SIDES = (224, 384, 256, 299, 32, 28, 64, 96, 128, 512)
+
+
+def input_side(model: nn.Module, channels: int) -> tuple[int | None, bool]:
+    """``(side, only)``: the smallest square side ``model`` takes and False, or, for a model
+    that takes one size only (a ViT), that size (the first of COMMON_SIDES it takes) and
+    True; ``(None, True)`` when it takes none of them."""
+    side = smallest_input(model, channels)
+    if side is not None:
+        return side, False
+    return next((s for s in COMMON_SIDES if takes_input(model, (channels, s, s))), None), True
 
 
 def count_parameters(model: nn.Module) -> int:

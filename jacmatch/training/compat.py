@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from ..core.objective import ObjectiveConfig, TransferObjective
-from ..models import create_model, dry_forward, smallest_input
+from ..models import create_model, dry_forward, input_side
 from .config import ConfigError
 
 __all__ = ["CheckResult", "check_model", "first_failing_module"]
@@ -125,10 +125,11 @@ def _check_takes(model, spec: str, shape: tuple[int, ...]) -> None:
     one line with the shape to pass."""
     if dry_forward(model, shape) is not None:
         return
-    c, side = shape[0], smallest_input(model, shape[0])
-    hint = (f"its smallest input is {c}x{side}x{side}: pass --input-shape {c}x{side}x{side}" if side else
-            f"it takes no {c}-channel square input up to 256x256 (a model of one input size, such as a ViT, "
-            f"takes only its own: e.g. --input-shape {c}x224x224)")
+    c = shape[0]
+    side, only = input_side(model, c)
+    hint = (f"it takes no {c}-channel square input of the usual sizes" if side is None else
+            f"it takes {c}x{side}x{side} only: pass --input-shape {c}x{side}x{side}" if only else
+            f"its smallest input is {c}x{side}x{side}: pass --input-shape {c}x{side}x{side}")
     raise ConfigError(f"{spec} cannot take an input of shape {'x'.join(map(str, shape))}: {hint}")
 
 

@@ -66,7 +66,7 @@ class ModelConfig:
     output: Any = None            # which part of a tuple/dict/object output holds the logits (key or index)
     normalize: bool = True        # the model normalises [0, 1] pixels with the data set's mean and std
     replace_hard_activations: bool = False  # Hardsigmoid/Hardswish -> twice-differentiable equivalents
-    math_attention: bool = False  # attention on the math kernel, which has a double backward (ViT students)
+    math_attention: bool = False  # attention always on the math kernel (a Jacobian term's student step uses it anyway)
     num_classes: int | None = None  # outputs of a teacher built from --teacher-weights (default: the data set's)
 
 

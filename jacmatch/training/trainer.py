@@ -38,7 +38,8 @@ from ..core.objective import TransferObjective
 from ..data import DataSplits, create_dataset, random_crop_flip
 from ..data.formats import DataError
 from ..data.sources import Loading
-from ..models import ExternalClassifier, count_parameters, create_model, dry_forward, is_import_path, smallest_input
+from ..errors import UsageError
+from ..models import ExternalClassifier, count_parameters, create_model, dry_forward, input_side, is_import_path
 from .cache import TeacherCache
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .config import ConfigError, RunConfig, config_from_dict, config_to_dict
@@ -221,11 +222,17 @@ def check_input_shape(model: nn.Module, data: DataSplits, name: str, key: str) -
     shape = tuple(data.train.sample_shape)
     out = dry_forward(model, shape)
     if out is None:
-        side = smallest_input(model, shape[0])
-        hint = (f"its smallest input is {shape[0]}x{side}x{side}" if side else
-                f"it takes no {shape[0]}-channel square input up to 256x256")
+        side, only = input_side(model, shape[0])
+        c = shape[0]
+        hint = (f"it takes no {c}-channel square input of the usual sizes; choose another model or data set"
+                if side is None else
+                f"it takes {c}x{side}x{side} only: resize the images with --image-size {side} "
+                f"(data.image_size), or choose another model" if only else
+                f"its smallest input is {c}x{side}x{side}; choose another model or data set"
+                + (f", or resize the images with --image-size {side} (data.image_size)"
+                   if data.train.sample_shape[1] < side else ""))
         raise ConfigError(f"{key} {name!r} cannot take {data.name} inputs of shape {'x'.join(map(str, shape))}: "
-                          f"{hint}; choose another model or data set")
+                          f"{hint}")
     return int(out.shape[-1])
 
 
@@ -725,7 +732,7 @@ def _train_step(run: _Run, index: torch.Tensor, x: torch.Tensor, y: torch.Tensor
     if not bad:
         # Gradients of the parameters only: the input, which requires grad for the Jacobian
         # terms, needs none (about 5% of a KD+JM step on CPU; jacmatch bench).
-        (scaler.scale(total) if scaler else total).backward(inputs=run.trainable)
+        _backward(run, scaler.scale(total) if scaler else total, x)
         if run.global_bn:
             average_gradients(run.model)
         if scaler:
@@ -749,6 +756,25 @@ def _train_step(run: _Run, index: torch.Tensor, x: torch.Tensor, y: torch.Tensor
     (scaler.step(optimizer), scaler.update()) if scaler else optimizer.step()
     run.overflows_in_a_row = 0
     return values
+
+
+def _backward(run: _Run, loss: torch.Tensor, x: torch.Tensor) -> None:
+    """The step's backward pass; a student with an operation that has no double backward
+    (which the Jacobian term takes) is named in one line, with the module and the fix."""
+    try:
+        loss.backward(inputs=run.trainable)
+    except RuntimeError as exc:
+        if "derivative for" not in str(exc):
+            raise
+        from .compat import first_failing_module
+        what = str(exc).strip().splitlines()[0]
+        module = first_failing_module(run.model.eval(), x[:2])
+        run.model.train()
+        fix = ("set model.replace_hard_activations=true" if "hardsigmoid" in what or "hardswish" in what else
+               "replace it by a twice-differentiable equivalent, or use this model as a teacher only")
+        raise UsageError(f"the student {run.cfg.model.name!r} cannot take the Jacobian term's double backward"
+                         f"{f' at module {module}' if module else ''} ({what}): {fix}; "
+                         f"`jacmatch check-model {run.cfg.model.name} --fix` shows what works") from None
 
 
 def _too_many_skips(run: _Run, skipped: int, steps: int) -> None:
