@@ -4,6 +4,7 @@ checks, the shipped configs, the CLI's defaults, and the wheel installed elsewhe
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -452,3 +453,27 @@ def test_distill_names_an_operation_without_a_double_backward_and_its_fix(tmp_pa
     assert len(err.splitlines()) == 1 and "cannot take the Jacobian term's double backward" in err, err
     assert "at module net.2.1 (Hardsigmoid)" in err and "set model.replace_hard_activations=true" in err
     assert cli_main([*args, "--set", "model.replace_hard_activations=true", "--overwrite"]) == 0
+
+
+def test_a_new_loss_is_one_file_and_one_line_of_config(tmp_path, teacher):
+    """tests/user_terms.py holds a Term subclass; objective.terms adds it, from Python and
+    from the command line, beside the default terms."""
+    sys.path.insert(0, str(TESTS))
+    student, t = SmallCNN(k=5), SmallCNN(k=5)
+    x, y = torch.rand(4, 1, 6, 6), torch.tensor([0, 1, 2, 3])
+    cfg = jm.ObjectiveConfig(terms={"user_terms:LogitNorm": {"weight": 0.1, "power": 2}})
+    logits, total, terms = jm.TransferObjective(student, t, cfg)(x, y)
+    assert list(terms) == ["ce", "kd", "jm", "logit_norm"]
+    assert torch.allclose(terms["logit_norm"], logits.pow(2).mean())
+    assert torch.allclose(total, terms["ce"] + terms["kd"] + 10 * terms["jm"] + 0.1 * terms["logit_norm"])
+    for spec, options, message in (("user_terms:not_a_term", {}, "is not a jacmatch.Term subclass"),
+                                   ("user_terms:Missing", {}, "has no attribute 'Missing'"),
+                                   ("user_terms:LogitNorm", {"alpha": 1}, "does not take ['alpha']")):
+        with pytest.raises(jm.UsageError, match=re.escape(message)):
+            jm.build_terms(jm.ObjectiveConfig(terms={spec: options}))
+    args = ["distill", "--teacher", teacher, "--dataset", "synthetic", "--samples-per-class", "2", "--model",
+            "small_cnn_4", "--out", str(tmp_path / "s"), "--set", "progress=false", "--set", "optim.epochs=1",
+            "--set", "objective.terms={user_terms:LogitNorm: {weight: 0.1}}"]
+    assert cli_main(args) == 0
+    metrics = json.loads((tmp_path / "s" / "metrics.jsonl").read_text().splitlines()[0])
+    assert set(metrics["train"]) == {"ce", "kd", "jm", "logit_norm"}

@@ -22,6 +22,7 @@ from typing import Any, cast
 import torch
 from torch import Tensor, nn
 
+from .._imports import import_callable
 from ..errors import UsageError
 from . import jacobian as J
 from .estimators import FD_STEP, PROJECTION, create_estimator, list_estimators
@@ -71,6 +72,7 @@ class ObjectiveConfig:
     noise_sigma: float = 0.0      # σ of Gaussian-noise training / noisy distillation
     noise_draws: int = 1          # M: noise draws per sample (Monte Carlo)
     noise_antithetic: bool = False  # draw ξ and −ξ (cancels odd moments)
+    terms: dict = field(default_factory=dict)  # more terms: {"package.module:TermClass": {weight: 0.5, ...}}
     teacher_chunk: int = 64       # teacher targets in chunks of this many samples (0: whole batch; jacmatch bench)
     teacher_fold_bn: bool = True  # the teacher runs as a copy with BatchNorm folded into its layers (faster)
     teacher_channels_last: bool = True  # that copy's weights channels-last (faster on CPU; jacmatch bench)
@@ -101,6 +103,10 @@ class ObjectiveConfig:
             raise UsageError(f"objective.teacher_chunk must be >= 0, got {self.teacher_chunk}")
         if (self.delta or self.delta_jacobian) and not self.at_layers:
             raise UsageError("attention transfer needs objective.at_layers, e.g. ['layer2:layer3']")
+        for spec, options in self.terms.items():
+            if not isinstance(options, dict):
+                raise UsageError(f"objective.terms[{spec!r}] must be a mapping of the term's arguments, e.g. "
+                                 f"{{weight: 0.5}}, got {options!r}")
 
     @property
     def needs_teacher(self) -> bool:
@@ -143,9 +149,22 @@ def build_terms(cfg: ObjectiveConfig) -> list[Term]:
         terms.append(AttentionJacobianLoss(cfg.delta_jacobian, cfg.at_layers))
     if cfg.penalty:
         terms.append(JacobianPenalty(cfg.penalty, cfg.penalty_form, cfg.num_projections, cfg.projection))
+    terms += [_user_term(spec, options) for spec, options in cfg.terms.items()]
     if not terms:
         raise UsageError("every weight of the objective is 0: set alpha, beta, gamma, ... ")
     return terms
+
+
+def _user_term(spec: str, options: dict) -> Term:
+    """A term of one's own, given by import path (``package.module:TermClass``): a new loss
+    is one file, a :class:`Term` subclass, and one line of config."""
+    cls = import_callable(spec, "objective term", UsageError)
+    if not (isinstance(cls, type) and issubclass(cls, Term)):
+        raise UsageError(f"objective term {spec!r} is not a jacmatch.Term subclass")
+    try:
+        return cls(**options)
+    except TypeError as exc:
+        raise UsageError(f"objective term {spec!r} does not take {sorted(options)}: {exc}") from None
 
 
 def rows_per_sample(terms: Sequence[Term], num_classes: int) -> int:

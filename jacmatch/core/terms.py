@@ -126,6 +126,12 @@ class Term(nn.Module):
 
     The defaults are ObjectiveConfig's: ``[CrossEntropyLoss(), KDLoss(), JacobianMatchingLoss()]``
     is CE + KD (τ = 8) + 10·JM, the objective that ``ObjectiveConfig()`` builds.
+
+    A new loss is one subclass in a file of one's own: a ``key``, the flags of what it needs
+    (``needs_input_grad``, ``needs_teacher``, ``needs_teacher_targets``, ...), ``value`` for
+    plain tensors and ``from_step`` for a :class:`Step` (its ``logits``, ``xs``, ``y``,
+    ``targets["logits"]``, ``features``). ``objective.terms: {"my_file:MyLoss": {weight: 0.5}}``
+    adds it to a run (tests/user_terms.py is one).
     """
 
     key = ""
