@@ -125,9 +125,9 @@ def test_teacher_targets_in_chunks_equal_the_whole_batch(outputs):
     student, teacher = pair()
     x, y = batch()
     whole = jm.TransferObjective(student, teacher, jm.ObjectiveConfig(gamma=1, jm_outputs=outputs, top_k=2,
-                                                                      teacher_chunk=0)).teacher_targets(x, y)
+                                                                      teacher_chunk=0)).teacher_targets(x, y).tensors()
     chunked = jm.TransferObjective(student, teacher, jm.ObjectiveConfig(gamma=1, jm_outputs=outputs, top_k=2,
-                                                                        teacher_chunk=4)).teacher_targets(x, y)
+                                                                        teacher_chunk=4)).teacher_targets(x, y).tensors()
     assert whole.keys() == chunked.keys()
     for k in whole:
         torch.testing.assert_close(whole[k], chunked[k])
@@ -262,3 +262,22 @@ def test_a_dead_student_is_named_once():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         jm.TransferObjective(*pair())(x, y)  # a live one: no warning
+
+
+def test_teacher_targets_are_typed_per_term_and_select_samples():
+    """The teacher's side is a TeacherTargets: its logits, and each term's own tensors under
+    its key (JM's rows and AT's maps never share a name); selecting samples of it equals the
+    teacher's side of those samples, which is what the cache relies on."""
+    student, teacher = pair()
+    x, y = batch()
+    cfg = jm.ObjectiveConfig(delta=1.0, at_layers=["bn:conv"])
+    obj = jm.TransferObjective(student, teacher, cfg)
+    targets = obj.teacher_targets(x, y)
+    assert isinstance(targets, jm.core.terms.TeacherTargets) and set(targets.terms) == {"jm", "at"}
+    assert set(targets.of(obj.term_list[2])) == {"index", "jac"} and set(targets.terms["at"]) == {"at0"}
+    index = torch.tensor([4, 1])
+    part = obj.teacher_targets(x[index], y[index])
+    assert part.tensors().keys() == targets[index].tensors().keys()
+    for k, v in part.tensors().items():
+        torch.testing.assert_close(targets[index].tensors()[k], v)
+    assert jm.core.terms.TeacherTargets.cat([targets[index], targets[index]]).logits.shape[0] == 4

@@ -29,7 +29,7 @@ from .estimators import FD_STEP, PROJECTION, create_estimator, list_estimators
 from .fusion import fast_teacher
 from .terms import (AttentionJacobianLoss, AttentionTransferLoss, CrossEntropyLoss, FeatureTaps,
                     JacobianMatchingLoss, JacobianPenalty, KDLoss, NoiseTrainingLoss, NoisyDistillationLoss, Step,
-                    Term, _Logits, teacher_targets)
+                    TeacherTargets, Term, _Logits, teacher_targets)
 
 __all__ = ["ObjectiveConfig", "TEACHER_OBJECTIVE", "DeadStudentWarning", "TransferObjective", "FeatureTaps",
            "JM_OUTPUTS", "build_terms", "rows_per_sample"]
@@ -271,7 +271,7 @@ class TransferObjective(nn.Module):
 
     # ---- the teacher's side: per-sample tensors, cacheable -----------------------------
 
-    def teacher_targets(self, x: Tensor, y: Tensor, *, full_jacobian: bool = False) -> dict[str, Tensor]:
+    def teacher_targets(self, x: Tensor, y: Tensor, *, full_jacobian: bool = False) -> TeacherTargets:
         """The teacher's side of a step, computed without a graph to its parameters.
 
         When a term's teacher pass is heavy (Jacobians), it is taken in chunks of
@@ -287,12 +287,12 @@ class TransferObjective(nn.Module):
             parts = [teacher_targets(teacher, terms, x[i:i + chunk], y[i:i + chunk],
                                      generator=self.generator, full_jacobian=full_jacobian)
                      for i in range(0, x.shape[0], chunk)]
-            return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+            return TeacherTargets.cat(parts)
         return teacher_targets(teacher, terms, x, y, generator=self.generator, full_jacobian=full_jacobian)
 
     # ---- one step ------------------------------------------------------------------------
 
-    def forward(self, x: Tensor, y: Tensor, targets: dict[str, Tensor] | None = None, *,
+    def forward(self, x: Tensor, y: Tensor, targets: TeacherTargets | None = None, *,
                 grad_scale: float | None = None) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
         """One step: ``(student_logits, total, terms)``. ``targets``: the teacher's side from
         :meth:`teacher_targets` (a cache); ``grad_scale``: under fp16 with a GradScaler, its
@@ -301,16 +301,16 @@ class TransferObjective(nn.Module):
         with J.scaled_gradients(grad_scale):
             return self._step(x, y, targets)
 
-    def _step(self, x: Tensor, y: Tensor, targets: dict[str, Tensor] | None
+    def _step(self, x: Tensor, y: Tensor, targets: TeacherTargets | None
               ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
         if not torch.isfinite(x).all():
             raise UsageError("the input batch contains NaN or Inf: check the data pipeline")
         if targets is None and self.needs_teacher_targets:
             targets = self.teacher_targets(x, y)
         elif targets is not None:  # teacher_targets(..., full_jacobian=True), e.g. from a cache
-            for term in self.term_list:  # a random estimator contracts the full Jacobian with this step's draws
-                targets = term.from_cache(targets, x, self.generator)
-        targets = targets or {}
+            # a random estimator contracts the full Jacobian with this step's draws
+            targets = TeacherTargets(targets.logits, {t.key: t.from_cache(targets.of(t), x, self.generator)
+                                                      for t in self.term_list if targets.of(t)})
         all_terms = self.term_list
         xs = x.detach().requires_grad_(any(t.needs_input_grad for t in all_terms))
         layers = list(dict.fromkeys(n for t in all_terms for n in t.student_layers))
@@ -321,15 +321,15 @@ class TransferObjective(nn.Module):
         # the student twice differentiable: attention then runs on the math kernel.
         kernel = J.math_attention() if xs.requires_grad or self._owns_student_forward else contextlib.nullcontext()
         with taps, kernel:
-            special = next((r for r in (t.student_forward(self._student_fn, xs, targets) for t in all_terms)
-                            if r is not None), None)
+            special = next((r for r in (t.student_forward(self._student_fn, xs, targets.of(t) if targets else {})
+                                        for t in all_terms) if r is not None), None)
             if special is not None:
                 logits, tangent = special
             elif any(t.needs_clean_forward for t in all_terms):
                 logits = self._student_fn(xs)
-        if logits is not None and "logits" in targets and targets["logits"].shape[1] != logits.shape[1] \
+        if logits is not None and targets is not None and targets.logits.shape[1] != logits.shape[1] \
                 and any(t.compares_outputs for t in all_terms):
-            raise UsageError(f"the teacher has {targets['logits'].shape[1]} outputs and the student "
+            raise UsageError(f"the teacher has {targets.logits.shape[1]} outputs and the student "
                              f"{logits.shape[1]}: KD and Jacobian matching compare outputs one to one, so "
                              "both must have as many classes as the data set")
         teacher = self.fast_teacher(x) if self.teacher is not None else None

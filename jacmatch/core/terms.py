@@ -35,7 +35,7 @@ from .losses import (attention_map, attention_transfer_loss, gaussian_noise, jac
                      jacobian_penalty, kd_loss, noise_training_loss, noisy_distillation_loss)
 from .outputs import logits_of
 
-__all__ = ["Term", "Step", "TeacherSide", "CrossEntropyLoss", "KDLoss", "JacobianMatchingLoss",
+__all__ = ["Term", "Step", "TeacherSide", "TeacherTargets", "CrossEntropyLoss", "KDLoss", "JacobianMatchingLoss",
            "AttentionTransferLoss", "AttentionJacobianLoss", "JacobianPenalty", "NoiseTrainingLoss",
            "NoisyDistillationLoss", "FeatureTaps", "teacher_targets"]
 
@@ -78,6 +78,41 @@ def _split_layers(at_layers: Sequence[str]) -> tuple[tuple[str, ...], tuple[str,
 
 
 @dataclass
+class TeacherTargets:
+    """The teacher's side of a batch, per sample: its logits, and what each term took from
+    its pass (by the term's key: a term's own tensors never meet another's). Selecting
+    samples (``targets[index]``) gives the same structure, which is what a cache stores."""
+
+    logits: Tensor
+    terms: dict[str, dict[str, Tensor]] = field(default_factory=dict)
+
+    def of(self, term: Term) -> dict[str, Tensor]:
+        """What ``term`` took from the teacher's pass (empty when nothing)."""
+        return self.terms.get(term.key, {})
+
+    def __getitem__(self, index: Tensor) -> TeacherTargets:
+        return TeacherTargets(self.logits[index], {k: {n: v[index] for n, v in d.items()} for k, d in self.terms.items()})
+
+    def tensors(self) -> dict[tuple[str, str], Tensor]:
+        """Every tensor, by (term key, name); the logits under ("", "logits")."""
+        return {("", "logits"): self.logits, **{(k, n): v for k, d in self.terms.items() for n, v in d.items()}}
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[tuple[str, str], Tensor]) -> TeacherTargets:
+        terms: dict[str, dict[str, Tensor]] = {}
+        for (key, name), value in tensors.items():
+            if key:
+                terms.setdefault(key, {})[name] = value
+        return cls(tensors[("", "logits")], terms)
+
+    @classmethod
+    def cat(cls, parts: Sequence[TeacherTargets]) -> TeacherTargets:
+        """The targets of consecutive chunks of a batch, as one."""
+        flat = [p.tensors() for p in parts]
+        return cls.from_tensors({k: torch.cat([f[k] for f in flat]) for k in flat[0]})
+
+
+@dataclass
 class TeacherSide:
     """What the teacher's pass offers the terms: inputs, logits, tapped features."""
 
@@ -101,7 +136,7 @@ class Step:
     logits: Tensor | None        # None when no term needs a clean forward pass
     student: Callable[[Tensor], Tensor]
     teacher: Callable[[Tensor], Tensor] | None
-    targets: dict[str, Tensor]
+    targets: TeacherTargets | None  # the teacher's side (None without a teacher)
     features: dict[str, Tensor]
     tangent: Tensor | None = None
     generator: torch.Generator | None = None
@@ -130,7 +165,7 @@ class Term(nn.Module):
     A new loss is one subclass in a file of one's own: a ``key``, the flags of what it needs
     (``needs_input_grad``, ``needs_teacher``, ``needs_teacher_targets``, ...), ``value`` for
     plain tensors and ``from_step`` for a :class:`Step` (its ``logits``, ``xs``, ``y``,
-    ``targets["logits"]``, ``features``). ``objective.terms: {"my_file:MyLoss": {weight: 0.5}}``
+    ``targets.logits``, ``targets.of(self)``, ``features``). ``objective.terms: {"my_file:MyLoss": {weight: 0.5}}``
     adds it to a run (tests/user_terms.py is one).
     """
 
@@ -158,9 +193,11 @@ class Term(nn.Module):
         return None
 
     def teacher_targets(self, side: TeacherSide) -> dict[str, Tensor]:
+        """This term's own tensors from the teacher's pass (see :class:`TeacherTargets`)."""
         return {}
 
     def from_cache(self, targets: dict[str, Tensor], x: Tensor, generator) -> dict[str, Tensor]:
+        """This term's cached tensors, for this step (random estimators draw here)."""
         return targets
 
     def student_forward(self, student, xs: Tensor, targets: dict[str, Tensor]):
@@ -209,7 +246,7 @@ class KDLoss(Term):
         return kd_loss(student_logits, teacher_logits, self.temperature, self.form)
 
     def from_step(self, step):
-        return self.value(step.logits, step.targets["logits"])
+        return self.value(step.logits, step.targets.logits)
 
     def extra_repr(self):
         return f"weight={self.weight:g}, temperature={self.temperature:g}, form={self.form!r}"
@@ -251,7 +288,7 @@ class JacobianMatchingLoss(Term):
                 generator: torch.Generator | None = None) -> Tensor:
         """``inputs`` require grad and ``student_logits`` were computed from them; the
         teacher's side is taken here, without a graph to its parameters."""
-        targets = teacher_targets(teacher, [self], inputs, labels, generator=generator)
+        targets = teacher_targets(teacher, [self], inputs, labels, generator=generator).of(self)
         tangent = None
         if not self.needs_input_grad:
             if student is None:
@@ -261,7 +298,7 @@ class JacobianMatchingLoss(Term):
         return self.estimator.loss(student, inputs, student_logits, targets, tangent)
 
     def from_step(self, step):
-        return self.estimator.loss(step.student, step.xs, step.logits, step.targets, step.tangent)
+        return self.estimator.loss(step.student, step.xs, step.logits, step.targets.of(self), step.tangent)
 
     def extra_repr(self):
         e = self.estimator
@@ -288,7 +325,7 @@ class AttentionTransferLoss(Term):
 
     def from_step(self, step):
         return self.value([step.features[n] for n in self.student_layers],
-                    [step.targets[f"at{j}"] for j in range(len(self.student_layers))])
+                    [step.targets.of(self)[f"at{j}"] for j in range(len(self.student_layers))])
 
 
 def _attention_gradient(features: Tensor, inputs: Tensor, create_graph: bool) -> Tensor:
@@ -318,7 +355,7 @@ class AttentionJacobianLoss(AttentionTransferLoss):
 
     def from_step(self, step):
         return self.value(step.xs, [step.features[n] for n in self.student_layers],
-                    [step.targets[f"at_jac{j}"] for j in range(len(self.student_layers))])
+                    [step.targets.of(self)[f"at_jac{j}"] for j in range(len(self.student_layers))])
 
 
 class JacobianPenalty(Term):
@@ -402,9 +439,9 @@ class NoisyDistillationLoss(_Noise):
 
 
 def teacher_targets(teacher: Callable, terms: Sequence[Term], x: Tensor, y: Tensor | None, *,
-                    generator: torch.Generator | None = None, full_jacobian: bool = False) -> dict[str, Tensor]:
+                    generator: torch.Generator | None = None, full_jacobian: bool = False) -> TeacherTargets:
     """The teacher's side of a step for ``terms``: per-sample tensors without a graph to
-    the teacher's parameters. Always ``logits``; each term adds what it needs."""
+    the teacher's parameters, its logits and what each term takes from its pass."""
     needs_graph = any(t.teacher_needs_graph(full_jacobian) for t in terms)
     xt = x.detach().requires_grad_(needs_graph)
     layers = list(dict.fromkeys(n for t in terms for n in t.teacher_layers))
@@ -412,16 +449,21 @@ def teacher_targets(teacher: Callable, terms: Sequence[Term], x: Tensor, y: Tens
     taps = FeatureTaps(module, layers) if layers else contextlib.nullcontext()
     fn = teacher if isinstance(teacher, _Logits) else _Logits(teacher)
     with torch.set_grad_enabled(needs_graph):
+        owner, first = None, {}
         with taps:
-            special = next((r for r in (t.teacher_forward(fn, xt, generator, full_jacobian) for t in terms)
-                            if r is not None), None)
-            logits, out = special if special is not None else (fn(xt), {})
+            for t in terms:  # a term may run the teacher's pass itself (forward-mode JVPs)
+                special = t.teacher_forward(fn, xt, generator, full_jacobian)
+                if special is not None:
+                    owner, (logits, first) = t, special
+                    break
+            else:
+                logits = fn(xt)
         features = taps.features if isinstance(taps, FeatureTaps) else {}
         side = TeacherSide(fn, x, xt, logits, y, features, generator, full_jacobian)
-        out = {"logits": logits.detach(), **out}
-        for t in terms:
-            out.update(t.teacher_targets(side))
-    return out
+        taken = {t.key: t.teacher_targets(side) for t in terms}
+    if owner is not None:  # what that term took from its own pass
+        taken[owner.key] = {**first, **taken[owner.key]}
+    return TeacherTargets(logits.detach(), {k: v for k, v in taken.items() if v})
 
 
 class _Logits:

@@ -6,6 +6,7 @@ import torch
 from torch import Tensor
 
 from ..core.objective import TransferObjective
+from ..core.terms import TeacherTargets
 
 __all__ = ["TeacherCache"]
 
@@ -27,19 +28,19 @@ class TeacherCache:
         self.objective = objective
         self.size = size
         self.max_bytes = max_bytes
-        self.store: dict[str, Tensor] = {}
+        self.store: dict[tuple[str, str], Tensor] = {}
         self.filled = torch.zeros(size, dtype=torch.bool)
 
-    def __call__(self, index: Tensor, x: Tensor, y: Tensor) -> dict[str, Tensor]:
+    def __call__(self, index: Tensor, x: Tensor, y: Tensor) -> TeacherTargets:
         """Targets for the batch ``x, y`` of training indices ``index`` [B] (on CPU)."""
         missing = (~self.filled[index]).nonzero().flatten()
         if len(missing):
             m = missing.to(x.device)
-            self._store(index[missing], self.objective.teacher_targets(x[m], y[m], full_jacobian=True))
-        dev_index = index.to(next(iter(self.store.values())).device) if self.store else index
-        return {name: value[dev_index] for name, value in self.store.items()}
+            self._store(index[missing], self.objective.teacher_targets(x[m], y[m], full_jacobian=True).tensors())
+        dev_index = index.to(next(iter(self.store.values())).device)
+        return TeacherTargets.from_tensors({name: value[dev_index] for name, value in self.store.items()})
 
-    def _store(self, index: Tensor, fresh: dict[str, Tensor]) -> None:
+    def _store(self, index: Tensor, fresh: dict[tuple[str, str], Tensor]) -> None:
         for name, value in fresh.items():
             if name not in self.store:
                 need = value[0].numel() * value.element_size() * self.size
