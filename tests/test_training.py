@@ -265,3 +265,43 @@ def test_evaluation_reuses_the_teachers_gradients_for_the_same_key_only(teacher)
             p.mul_(-1.0)
     other = evaluate(student, test, "cpu", teacher_key="k2", **kw)
     assert len(calls) > before and other["jacobian_cosine"] != plain["jacobian_cosine"]
+
+
+def test_keep_best_tests_the_best_validation_weights_and_patience_stops(tmp_path, monkeypatch):
+    """eval.keep_best writes best.pt at each new best validation accuracy and tests those
+    weights at the end; eval.patience stops the run after that many evaluations without a
+    better one. The record says where the best point was, and whether it lies inside the
+    maximum."""
+    import json
+
+    import jacmatch.training.trainer as trainer
+    from jacmatch.training import config_from_dict, load_checkpoint, load_model, train
+    real, scripted = trainer.evaluate, iter([0.50, 0.70, 0.60, 0.65, 0.60, 0.90])
+
+    def evaluate(model, split, *args, **kwargs):
+        result = real(model, split, *args, **kwargs)
+        return {**result, "acc": next(scripted)} if split is data["splits"].val else result
+    data = {}
+    original_load = trainer.load_data
+
+    def load_data(cfg, cache=None):
+        data["splits"] = original_load(cfg, cache)
+        return data["splits"]
+    monkeypatch.setattr(trainer, "evaluate", evaluate)
+    monkeypatch.setattr(trainer, "load_data", load_data)
+    values = {"out_dir": str(tmp_path / "r"), "data": {"name": "synthetic", "samples_per_class": 4},
+              "model": {"name": "small_cnn_4"}, "objective": {"beta": 0, "gamma": 0},
+              "optim": {"epochs": 6}, "eval": {"keep_best": True, "patience": 2, "noise_sigmas": []},
+              "progress": False}
+    results = train(config_from_dict(values))
+    metrics = [json.loads(x) for x in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["val"]["acc"] for m in metrics] == [0.50, 0.70, 0.60, 0.65]  # stopped: 2 evaluations without 0.70
+    assert all("test" not in m for m in metrics)
+    best = results["best"]
+    assert (best["epoch"], best["stopped_early"], best["inside"], best["epochs_trained"]) == (2, True, True, 4)
+    assert best["step"] == sum(m["steps"] for m in metrics[:2]) and best["val_acc"] == 0.70
+    assert load_checkpoint(tmp_path / "r" / "best.pt")["epoch"] == 2
+    model, _ = load_model(tmp_path / "r" / "best.pt")
+    assert results["final"]["test"]["acc"] == real(model, data["splits"].test, "cpu", batch_size=500)["acc"]
+    last, _ = load_model(tmp_path / "r" / "last.pt")
+    assert any(not torch.equal(a, b) for a, b in zip(model.state_dict().values(), last.state_dict().values()))

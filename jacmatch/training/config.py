@@ -94,6 +94,8 @@ class EvalConfig:
     jacobian_cosine: bool = True  # mean teacher/student cosine on (a part of) the test set
     cosine_samples: int = 1000    # test samples for the Jacobian cosine
     batch_size: int = 500         # evaluation batch
+    keep_best: bool = False       # keep the weights of the best validation accuracy (best.pt); test those at the end
+    patience: int = 0             # with keep_best: stop after this many evaluations without a better one (0: never)
 
 
 @dataclass
@@ -228,6 +230,7 @@ def _check_ranges(cfg: RunConfig) -> None:
             ("eval.cosine_samples", e.cosine_samples, 0, 1e9, False, False),
             ("eval.batch_size", e.batch_size, 1, MAX_BATCH_SIZE, False, False),
             ("eval.every", e.every, 1, MAX_EPOCHS, False, False),
+            ("eval.patience", e.patience, 0, MAX_EPOCHS, False, False),
             ("checkpoint_every", cfg.checkpoint_every, 1, MAX_EPOCHS, False, False),
             ("skip_limit", cfg.skip_limit, 0, 1e9, False, False),
             ("objective.temperature", m.temperature, 0, 1e6, True, False),

@@ -114,7 +114,7 @@ class RunExistsError(ConfigError):
 
 
 #: The files that make a run folder's record; a new run never writes over them unasked.
-RUN_FILES = ("last.pt", "config.yaml", "results.json", "metrics.jsonl", "history.jsonl", "indices.json")
+RUN_FILES = ("last.pt", "best.pt", "config.yaml", "results.json", "metrics.jsonl", "history.jsonl", "indices.json")
 LOCK_FILE = ".jacmatch.lock"
 
 
@@ -488,6 +488,7 @@ class _Run:
     forward_overflows: int = 0  # of those, steps whose terms overflowed (no values for the epoch's means)
     overflows_in_a_row: int = 0  # past MAX_OVERFLOWS_IN_A_ROW, a non-finite step is not an overflow but a divergence
     last_skip: str = ""  # why the last step was skipped
+    best_final: dict = field(default_factory=dict)  # eval.keep_best: the best weights' validation and test
 
     @property
     def last(self) -> Path:
@@ -534,11 +535,19 @@ def _train(cfg: RunConfig, resume: bool, data: DataSplits, given: bool, info: Di
     t_start = time.time()
     with _StopOnSignal() as stop:
         for epoch in range(run.start_epoch, cfg.optim.epochs):
+            if _no_better_for(cfg, run.history) >= cfg.eval.patience > 0:  # (a resumed run that had stopped)
+                break
             t_epoch = time.time()
             steps, sums, skipped = _train_epoch(run, epoch, stop)
-            _end_epoch(run, epoch, steps, sums, skipped, time.time() - t_epoch)
+            if _end_epoch(run, epoch, steps, sums, skipped, time.time() - t_epoch):
+                break
+        if cfg.eval.keep_best:
+            _evaluate_best(run)
     results = _results(cfg, run.data, run.model, run.teacher, run.history, time.time() - t_start)
     results["inputs"] = run.inputs
+    if cfg.eval.keep_best:
+        results["final"] = {**run.best_final, "train": results["final"]["train"]}
+        results["best"] = best_point(run.history, cfg)
     if run.info.is_main:
         write_json_atomic(run.out / "results.json", results)
         if run.writer is not None:
@@ -801,7 +810,8 @@ def _stop_mid_epoch(run: _Run, epoch: int, step: int, steps: int, sums: dict, sk
 # ---- end of an epoch: evaluate, log, checkpoint -----------------------------------------------
 
 
-def _end_epoch(run: _Run, epoch: int, steps: int, sums: dict, skipped: int, seconds: float) -> None:
+def _end_epoch(run: _Run, epoch: int, steps: int, sums: dict, skipped: int, seconds: float) -> bool:
+    """Log, evaluate and checkpoint the epoch; True when the run stops early (patience)."""
     cfg, info = run.cfg, run.info
     lr = run.optimizer.param_groups[0]["lr"]  # the rate this epoch trained with
     run.scheduler.step()
@@ -824,17 +834,23 @@ def _end_epoch(run: _Run, epoch: int, steps: int, sums: dict, skipped: int, seco
     if (epoch + 1) % cfg.eval.every == 0 or last:
         if info.is_main:
             t_eval = time.time()
+            # with keep_best, the test set is for the best weights, at the end
             record.update(evaluate_splits(run.model, run.data, run.cfg, run.device, teacher=run.teacher,
                                           teacher_key=run.teacher_key, teacher_gradients=run.teacher_gradients,
-                                          test=last or cfg.eval.test_each_time))
+                                          test=(last and not cfg.eval.keep_best) or cfg.eval.test_each_time))
             record["eval_seconds"] = time.time() - t_eval
         info.barrier()
     run.history.append(record)
+    stop = False
     if info.is_main:
         _log(run.out, run.history, run.writer, record)
-        if (epoch + 1) % cfg.checkpoint_every == 0 or epoch + 1 == cfg.optim.epochs:
+        if cfg.eval.keep_best and "val" in record and _best_index(run.history) == len(run.history) - 1:
+            save_checkpoint(run.out / "best.pt", run.state(epoch + 1))
+        stop = _no_better_for(cfg, run.history) >= cfg.eval.patience > 0
+        if (epoch + 1) % cfg.checkpoint_every == 0 or epoch + 1 == cfg.optim.epochs or stop:
             save_checkpoint(run.last, run.state(epoch + 1))
     info.barrier()
+    return _agreed(stop, info, run.device)
 
 
 def evaluate_splits(model: nn.Module, data: DataSplits, cfg: RunConfig, device="cpu", *, teacher=None,
@@ -924,6 +940,42 @@ def _log(out: Path, history: list[dict], writer, record: dict) -> None:
                 else:
                     writer.add_scalar(f"{split}/{k}", v, step)
         writer.flush()
+
+
+def _best_index(history: list[dict]) -> int | None:
+    """The epoch record (index) with the best validation accuracy: the first of equals."""
+    evaluated = [i for i, h in enumerate(history) if "val" in h]
+    return max(evaluated, key=lambda i: (history[i]["val"]["acc"], -i)) if evaluated else None
+
+
+def _no_better_for(cfg: RunConfig, history: list[dict]) -> int:
+    """Evaluations since the best one (0 when the last is the best, or with keep_best off)."""
+    best = _best_index(history) if cfg.eval.keep_best else None
+    return 0 if best is None else sum(1 for h in history[best + 1:] if "val" in h)
+
+
+def best_point(history: list[dict], cfg: RunConfig) -> dict:
+    """Where the best validation accuracy was: its epoch and step, whether the run stopped
+    early (patience), and whether that point lies strictly inside the run's maximum."""
+    best = _best_index(history)
+    steps = [sum(h["steps"] for h in history[:i + 1]) for i in range(len(history))]
+    seconds = [sum(h.get("epoch_seconds", 0.0) for h in history[:i + 1]) for i in range(len(history))]
+    if best is None:
+        return {}
+    return {"epoch": history[best]["epoch"], "step": steps[best], "val_acc": history[best]["val"]["acc"],
+            "loop_seconds": seconds[best], "max_epochs": cfg.optim.epochs, "epochs_trained": len(history),
+            "stopped_early": len(history) < cfg.optim.epochs, "inside": history[best]["epoch"] < cfg.optim.epochs}
+
+
+def _evaluate_best(run: _Run) -> None:
+    """The final evaluation (validation and test) of the best weights (best.pt)."""
+    if run.info.is_main:
+        best = run.out / "best.pt"
+        if best.is_file():
+            run.model.load_state_dict(load_checkpoint(best, map_location=run.device)["model"])
+        run.best_final = evaluate_splits(run.model, run.data, run.cfg, run.device, teacher=run.teacher,
+                                         teacher_key=run.teacher_key, teacher_gradients=run.teacher_gradients)
+    run.info.barrier()
 
 
 def _results(cfg, data, model, teacher, history, seconds) -> dict:
