@@ -4,6 +4,7 @@ run on small CIFAR-format files the test writes."""
 import json
 import math
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -60,6 +61,14 @@ def test_every_experiment_section_and_the_report_quick(tmp_path):
     assert "M = 1 draw, which is also the M at JM's cost" in report and "| noisy KD M=1 |" in report
     assert "At equal compute, CE+KD+JM − the rows that cost as much, test points (seeds won) against noisy KD M=1: " \
            "n=1: " in report and "Jacobian matching is " in report
+    # A fresh clone: no runs/ folder. The section reuses the committed run records and trains nothing.
+    assert len(list((out / "runs" / "distill").glob("*.json"))) == len(list((tmp_path / "runs" / "paper" / "quick"
+                                                                            / "distill").iterdir()))
+    shutil.rmtree(tmp_path / "runs")
+    jacmatch("experiment", "distill", "--quick", cwd=tmp_path)
+    assert not (tmp_path / "runs").exists()
+    again = json.loads((out / "distill.json").read_text())
+    assert again["cells"] == distill["cells"] and again["selection"] == distill["selection"]
     assert distill["run_seconds"] == pytest.approx(
         sum(c["train_seconds"] for c in distill["cells"].values())
         + sum(s["train_seconds"] for s in distill["selection"].values()))

@@ -8,29 +8,62 @@ import math
 from pathlib import Path
 
 from ..errors import UsageError
+from ..atomic import write_json_atomic
 from ..training import TeacherGradients, config_from_dict, train
 from ..training.config import config_to_dict
 
-__all__ = ["run_or_load", "load_json", "summarize", "summarize_runs", "with_provenance", "data_hashes"]
+__all__ = ["run_or_load", "write_record", "load_json", "summarize", "summarize_runs", "with_provenance", "data_hashes"]
 
 
-def run_or_load(values: dict, teacher_gradients: TeacherGradients | None = None, data_cache: dict | None = None) -> dict:
+def run_or_load(values: dict, teacher_gradients: TeacherGradients | None = None, data_cache: dict | None = None,
+                record: Path | None = None) -> dict:
     """Train the run described by ``values`` (a config dict), unless its folder already
     holds finished results for the same config; resume it when it holds a checkpoint.
-    ``teacher_gradients`` and ``data_cache``: shared by the runs of a sweep (see :func:`train`)."""
+    ``record``: where the finished run's record lives (its results and per-epoch metrics, a
+    small JSON that is committed): a run whose folder is gone (another machine, a fresh
+    clone) is that record, and nothing is trained. ``teacher_gradients`` and
+    ``data_cache``: shared by the runs of a sweep (see :func:`train`)."""
     cfg = config_from_dict(values)
     cfg.check()
     out = Path(cfg.out_dir)
     done = out / "results.json"
     if done.is_file():
         results = json.loads(done.read_text())
-        # Read back through the dataclasses, so that settings added since take their defaults.
-        if config_to_dict(config_from_dict(results.get("config") or {})) == config_to_dict(cfg):
-            return results
-        raise UsageError(f"{out} holds results of another config: remove it or choose another folder")
+        if not _same_config(results, cfg):
+            raise UsageError(f"{out} holds results of another config: remove it or choose another folder")
+        if record is not None and not record.is_file():
+            write_record(record, results, out)
+        return results
+    if record is not None and record.is_file():
+        kept = json.loads(record.read_text())
+        if not _same_config(kept, cfg, where=False):
+            raise UsageError(f"{record} records a run of another config: remove it (and commit that) to train "
+                             "this one")
+        return kept
     # A folder without a checkpoint holds a run cut before its first epoch ended: start it again.
     cut = (out / "last.pt").is_file()
-    return train(cfg, resume=cut, overwrite=not cut, teacher_gradients=teacher_gradients, data_cache=data_cache)
+    results = train(cfg, resume=cut, overwrite=not cut, teacher_gradients=teacher_gradients, data_cache=data_cache)
+    if record is not None:
+        write_record(record, results, out)
+    return results
+
+
+def _same_config(results: dict, cfg, where: bool = True) -> bool:
+    """Whether ``results`` are of ``cfg`` (``where``: in the same folder too). Read back
+    through the dataclasses, so that settings added since take their defaults."""
+    mine, theirs = config_to_dict(cfg), config_to_dict(config_from_dict(results.get("config") or {}))
+    if not where:
+        mine, theirs = {**mine, "out_dir": ""}, {**theirs, "out_dir": ""}
+    return mine == theirs
+
+
+def write_record(path: Path, results: dict, out: Path) -> None:
+    """A finished run's record: its results (config, seed, metrics, provenance) and the
+    metrics of every epoch (``history``: validation accuracy, steps and seconds, for
+    time-to-accuracy), without its checkpoint."""
+    metrics = out / "metrics.jsonl"
+    history = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.is_file() else []
+    write_json_atomic(path, {**results, "history": history})
 
 
 def load_json(path: str | Path) -> dict | list | None:

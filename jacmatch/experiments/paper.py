@@ -146,9 +146,24 @@ class Layout:
         return self.root / "results" / "teachers" / "fmnist_0-4_resnet20.pt" if self.profile.committed_teacher \
             else self.out / "source_teacher.pt"
 
-    def train(self, values: dict) -> dict:
-        """A run of this layout, reused when finished (the teacher's gradients shared)."""
-        return run_or_load(values, teacher_gradients=self.teacher_gradients, data_cache=self.data_cache)
+    @property
+    def records(self) -> Path:
+        """The finished runs' records (committed): results/<profile>/runs/."""
+        return self.out / "runs"
+
+    def record_of(self, run: Path) -> Path:
+        """The record of the run in folder ``run`` (``runs/paper/distill/CE_n5_s0`` ->
+        ``results/paper/runs/distill/CE_n5_s0.json``)."""
+        relative = run.relative_to(self.runs)
+        return self.records / relative.parent / f"{relative.name}.json"
+
+    def train(self, values: dict, record: bool = True) -> dict:
+        """A run of this layout, reused when finished, in its folder under runs/ or as its
+        record under results/<profile>/runs/ (``record``: a student's; a teacher's run
+        needs its checkpoint). The teacher's gradients are shared."""
+        where = self.record_of(Path(values["out_dir"])) if record else None
+        return run_or_load(values, teacher_gradients=self.teacher_gradients, data_cache=self.data_cache,
+                           record=where)
 
 
 def run_config(name: str, profile: Profile = FULL, **over) -> dict:
@@ -168,7 +183,7 @@ def run_config(name: str, profile: Profile = FULL, **over) -> dict:
 def _train_teacher(config: str, run: str, target: Path, lay: Layout) -> tuple[dict, Path]:
     """Train (or reuse) a teacher and copy its checkpoint where the students read it:
     under results/teachers/ (committed, so students rerun without retraining)."""
-    r = lay.train(run_config(config, lay.profile, out_dir=str(lay.runs / run), seed=0))
+    r = lay.train(run_config(config, lay.profile, out_dir=str(lay.runs / run), seed=0), record=False)
     target.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(lay.runs / run / "last.pt", target)
     return r, target
@@ -524,6 +539,10 @@ def pictures_section(lay: Layout) -> dict:
     n = lay.profile.pictures_samples
     students = {"CE+KD": runs / "distill" / f"CE_KD_n{n}_s0" / "last.pt",
                 "CE+KD+JM": runs / "distill" / f"CE_KD_JM_n{n}_s0" / "last.pt"}
+    for path in students.values():  # a run known by its record only (a fresh clone): trained again, as recorded
+        record = lay.record_of(path.parent)
+        if not path.is_file() and record.is_file():
+            lay.train(json.loads(record.read_text())["config"], record=False)
     missing = [str(p) for p in students.values() if not p.is_file()]
     if missing:
         raise UsageError(f"{missing} missing: run `jacmatch experiment distill` first")
