@@ -61,6 +61,19 @@ def test_every_experiment_section_and_the_report_quick(tmp_path):
     assert "M = 1 draw, which is also the M at JM's cost" in report and "| noisy KD M=1 |" in report
     assert "At equal compute, CE+KD+JM − the rows that cost as much, test points (seeds won) against noisy KD M=1: " \
            "n=1: " in report and "Jacobian matching is " in report
+    # The converged view: every cell early-stopped, its maximum grown while it bound, the budget check at every n,
+    # time-to-accuracy, and verdicts shaped like the claim.
+    converge = json.loads((out / "converge.json").read_text())
+    assert set(converge["cells"]) == {f"{r}|{n}" for n in (1, 5) for r in
+                                      ("CE", "CE+KD", "CE+JM", "CE+KD+JM", "CE (2× patience)", "CE+KD (2× patience)")}
+    for cell in converge["cells"].values():  # inside its maximum, or grown as far as the rule lets it
+        assert max(cell["best_step"]["values"]) < cell["max_steps"] if cell["inside"] else \
+            len(cell["grown_from"]) == converge["rule"]["growths"]
+        assert cell["max_steps"] == cell["grown_from"][0] * 2 ** len(cell["grown_from"]) if cell["grown_from"] else True
+    assert {"val_gain"} <= set(converge["cells"]["CE (2× patience)|1"])
+    assert "to_kd" in converge["cells"]["CE+KD+JM|5"] and (out / "converge_curves.png").is_file()
+    assert "## 2b. Distillation at convergence" in report and "| (b) Jacobian matching improves distillation (at " \
+        "convergence) |" in report and "(at an equal budget of 400 steps)" in report
     # A fresh clone: no runs/ folder. The section reuses the committed run records and trains nothing.
     assert len(list((out / "runs" / "distill").glob("*.json"))) == len(list((tmp_path / "runs" / "paper" / "quick"
                                                                             / "distill").iterdir()))

@@ -33,7 +33,7 @@ def run_or_load(values: dict, teacher_gradients: TeacherGradients | None = None,
             raise UsageError(f"{out} holds results of another config: remove it or choose another folder")
         if record is not None and not record.is_file():
             write_record(record, results, out)
-        return results
+        return {**results, "history": _history(out)}
     if record is not None and record.is_file():
         kept = json.loads(record.read_text())
         if not _same_config(kept, cfg, where=False):
@@ -45,7 +45,13 @@ def run_or_load(values: dict, teacher_gradients: TeacherGradients | None = None,
     results = train(cfg, resume=cut, overwrite=not cut, teacher_gradients=teacher_gradients, data_cache=data_cache)
     if record is not None:
         write_record(record, results, out)
-    return results
+    return {**results, "history": _history(out)}
+
+
+def _history(out: Path) -> list[dict]:
+    """A run folder's per-epoch metrics (metrics.jsonl)."""
+    metrics = out / "metrics.jsonl"
+    return [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.is_file() else []
 
 
 def _same_config(results: dict, cfg, where: bool = True) -> bool:
@@ -61,9 +67,7 @@ def write_record(path: Path, results: dict, out: Path) -> None:
     """A finished run's record: its results (config, seed, metrics, provenance) and the
     metrics of every epoch (``history``: validation accuracy, steps and seconds, for
     time-to-accuracy), without its checkpoint."""
-    metrics = out / "metrics.jsonl"
-    history = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.is_file() else []
-    write_json_atomic(path, {**results, "history": history})
+    write_json_atomic(path, {**results, "history": _history(out)})
 
 
 def load_json(path: str | Path) -> dict | list | None:

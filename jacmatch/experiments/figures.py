@@ -20,14 +20,45 @@ def _pyplot():
 
 
 def draw_report_figures(sections: dict, folder: Path) -> None:
-    """distill.png, distill_noise.png and robustness.png in ``folder``, for the sections run."""
-    d, r = sections.get("distill"), sections.get("robustness")
+    """distill.png, distill_noise.png, converge_curves.png and robustness.png in ``folder``, for
+    the sections run."""
+    d, r, c = sections.get("distill"), sections.get("robustness"), sections.get("converge")
     if d is not None:
         plot_distill(d, main_rows(d), folder / "distill.png")
+    if c is not None and c["cells"]:
+        plot_converge_curves(c, folder / "converge_curves.png")
     if r is not None:
         if d is not None and any(f"CE+KD+JM|{n}" in d["cells"] for n in d["samples"]):
             plot_student_noise(d, folder / "distill_noise.png")
         plot_robust(r, noise_sigmas(r), folder / "robustness.png")
+
+
+def curve_samples(c: dict) -> list[int]:
+    """The n of the converged view's curves plot: 10 and 100 when they ran, else its smallest and largest."""
+    ran = sorted({cell["samples_per_class"] for cell in c["cells"].values()})
+    wanted = [n for n in (10, 100) if n in ran]
+    return wanted or sorted({ran[0], ran[-1]}) if ran else []
+
+
+def plot_converge_curves(c: dict, path: Path) -> None:
+    """Validation accuracy against training seconds for every row, at n = 10 and n = 100:
+    each seed's curve (early stopping ends it), one colour per row."""
+    plt = _pyplot()
+    ns = curve_samples(c)
+    fig, axes = plt.subplots(1, len(ns), figsize=(6 * len(ns), 4), squeeze=False)
+    for ax, n in zip(axes[0], ns):
+        for i, row in enumerate(c["rows"]):
+            cell = c["cells"].get(f"{row}|{n}")
+            for j, curve in enumerate(cell["curves"] if cell else []):
+                ax.plot([sec for _, sec, _ in curve], [100 * acc for _, _, acc in curve], color=f"C{i}", alpha=0.6,
+                        lw=1, label=row if j == 0 else None)
+        ax.set_xlabel("training seconds (2-core CPU)")
+        ax.set_ylabel("validation accuracy (%)")
+        ax.set_title(f"n = {n} samples per class, every seed")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    save_figure(fig, path, dpi=110)
+    plt.close(fig)
 
 
 def main_rows(d: dict) -> list[str]:

@@ -19,7 +19,7 @@ from .common import load_json
 from .figures import draw_report_figures, main_rows, noise_sigmas
 
 RESULTS = Path("results")
-SECTIONS = ("teacher", "distill", "robustness", "transfer", "verify")
+SECTIONS = ("teacher", "distill", "robustness", "transfer", "verify", "converge")
 
 
 def _chosen(sel: dict, labels: tuple[tuple[str, str], ...]) -> str:
@@ -135,6 +135,87 @@ def _distill(d: dict | None, folder: str) -> tuple[str, list[str]]:
     lines += ["", "Mean cosine between teacher and student input-gradients (test set, teacher's top-1):", ""]
     lines += _table(cells, rows["paper"], samples, lambda c: f"{c['jacobian_cosine']['mean']:.3f}")
     return "\n".join(lines) + f"\n\n![distillation]({_img(folder, 'distill')})\n", _distill_findings(d)
+
+
+def _converge(c: dict | None, folder: str) -> tuple[str, list[str]]:
+    """The converged view: every student early-stopped inside a maximum that never binds."""
+    if c is None:
+        return _missing("jacmatch experiment converge"), []
+    cells, ns, rows, rule = c["cells"], c["samples"], c["rows"], c["rule"]
+    done = "" if c.get("complete", True) else \
+        f"**Partial: {len(cells)} cells have run so far**; `jacmatch experiment converge` resumes the rest. "
+    chosen = c["chosen"]
+    lines = [done + f"Every student trains at a constant learning rate ({chosen['lr']:g}, τ = {chosen['tau']:g}, "
+             f"γ = {chosen['gamma']:g}, γ for CE+JM = {chosen['gamma_ce']:g}: section 2's choices on validation) up "
+             f"to a maximum of {rule['first_max_steps']} steps, is evaluated on validation every "
+             f"{rule['eval_every_epochs']} epochs, and "
+             f"stops after {rule['patience']} evaluations without a better validation accuracy; its best weights "
+             "are tested. A maximum where a seed's best point lies (or that stops no seed) is doubled, up to "
+             f"{rule['growths']} times. Test accuracy (%), mean ± std over {len(c['seeds'])} seeds:\n"]
+    lines += _table(cells, rows, ns, lambda x: _pm(x["acc"]))
+    lines += ["", "Where the best validation accuracy was: mean step (of the maximum); ✓ when every seed's best point "
+              "lies strictly inside its maximum and the run stopped early:", ""]
+    lines += _table(cells, rows, ns, lambda x: f"{x['best_step']['mean']:.0f} of {x['max_steps']} "
+                    + ("✓" if x["inside"] else "**✗ binds**"))
+    lines += ["", "Budget check: CE and CE+KD again with twice the patience and maximum; the change in validation "
+              "accuracy (points), within 0.5 for a student that has converged:", ""]
+    lines += ["| row | " + " | ".join(f"n={n}" for n in ns) + " |", "|---|" + "---|" * len(ns)]
+    for row in c["checked_rows"]:
+        lines.append(f"| {row} | " + " | ".join(_gain(cells.get(f"{row} (2× patience)|{n}")) for n in ns) + " |")
+    lines += ["", f"Time to accuracy: training seconds (and steps) to reach {100 * rule['reach']:.0f}% of the row's own "
+              "best validation accuracy, mean over seeds:", ""]
+    lines += _table(cells, rows, ns, lambda x: _reached(x["to_own_99"], None))
+    lines += ["", "… and to reach CE+KD's converged validation accuracy at that n (seeds that reach it):", ""]
+    lines += _table(cells, rows, ns, lambda x: _reached(x["to_kd"], x["to_kd"]) if "to_kd" in x else "—")
+    lines += ["", f"![validation accuracy against training time]({_img(folder, 'converge_curves')})"]
+    return "\n".join(lines) + "\n", _converge_findings(c)
+
+
+def _gain(cell: dict | None) -> str:
+    if cell is None:
+        return "—"
+    ok = abs(cell["val_gain"]) < 0.5
+    return f"{cell['val_gain']:+.1f}" + ("" if ok else " **not converged**")
+
+
+def _reached(to: dict, count: dict | None) -> str:
+    if not to or to.get("seconds") is None:
+        return "not reached"
+    seeds = f" ({count['reached']}/{count['seeds']})" if count else ""
+    seconds = to["seconds"]["mean"]
+    return f"{seconds:.{0 if seconds >= 10 else 1}f} s ({to['steps']['mean']:.0f} steps){seeds}"
+
+
+def _small_over_large(c: dict) -> tuple[float, int, int, list, list] | None:
+    """Is JM's gain over CE+KD larger at n ≤ 10 than at n ≥ 100? Per seed: the mean gain
+    over the small n minus that over the large n; (mean, seeds where positive, seeds, small, large)."""
+    small = [n for n in c["samples"] if n <= 10 and f"CE+KD+JM|{n}" in c["cells"]]
+    large = [n for n in c["samples"] if n >= 100 and f"CE+KD+JM|{n}" in c["cells"]]
+    if not small or not large:
+        return None
+
+    def gain(n):
+        kd, jm = c["cells"][f"CE+KD|{n}"]["acc"]["values"], c["cells"][f"CE+KD+JM|{n}"]["acc"]["values"]
+        return [b - a for a, b in zip(kd, jm)]
+    seeds = len(gain(small[0]))
+    per_seed = [sum(gain(n)[s] for n in small) / len(small) - sum(gain(n)[s] for n in large) / len(large)
+                for s in range(seeds)]
+    return 100 * sum(per_seed) / seeds, sum(d > 0 for d in per_seed), seeds, small, large
+
+
+def _converge_findings(c: dict) -> list[str]:
+    pairs = _paired_by_n(c, "CE+KD", "CE+KD+JM")
+    if not pairs:
+        return []
+    out = ["At convergence (every student early-stopped inside its maximum), adding Jacobian matching to CE+KD "
+           f"changes test accuracy by {_evidence(pairs)} (points, seeds won)."]
+    binding = [k for k, x in c["cells"].items() if not x["inside"]]
+    checks = [(k, x["val_gain"]) for k, x in c["cells"].items() if "val_gain" in x]
+    out.append("Budgets at convergence: " + ("every best point lies inside its maximum" if not binding else
+               f"**the maximum still binds for {', '.join(binding)}**") + "; with twice the patience, CE and CE+KD "
+               "change validation accuracy by " + ", ".join(f"{k.split('|')[0].split(' (')[0]} n={k.split('|')[1]}: "
+                                                            f"{g:+.1f}" for k, g in checks) + " points.")
+    return out
 
 
 def _budget_at_check(d: dict) -> str:
@@ -423,9 +504,24 @@ def _verdicts(sections: dict) -> list[tuple[str, str, str, str]]:
         out.append((*claims[0][:1], "confirmed" if ok else "partly confirmed",
                     f"full forms' residuals fall like σ^{min(full):.2f}–σ^{max(full):.2f} on smooth networks (theory 4), "
                     f"short cross-entropy forms like σ^{min(short):.2f}–σ^{max(short):.2f} (theory 2)", claims[0][1]))
+    c = sections.get("converge")
+    if c is not None and _paired_by_n(c, "CE+KD", "CE+KD+JM"):
+        pairs = _paired_by_n(c, "CE+KD", "CE+KD+JM")
+        out.append(("(b) Jacobian matching improves distillation (at convergence)", _verdict(pairs),
+                    "CE+KD+JM − CE+KD, every student early-stopped inside its maximum, test points (seeds won): "
+                    + _evidence(pairs), claims[1][1]))
+        shape = _small_over_large(c)
+        if shape is not None:
+            mean, wins, seeds, small, large = shape
+            out.append(("(b) … most with few samples (at convergence)",
+                        "confirmed" if _holds(mean, wins, seeds) else "not confirmed",
+                        f"JM's gain at n ≤ 10 ({', '.join(map(str, small))}) minus its gain at n ≥ 100 "
+                        f"({', '.join(map(str, large))}), paired by seed: {mean:+.1f} points ({wins}/{seeds})",
+                        claims[1][1]))
     if d is not None:
         pairs = _paired_by_n(d, "CE+KD", "CE+KD+JM")
-        out.append((claims[1][0], _verdict(pairs), "CE+KD+JM − CE+KD, test points (seeds won): " + _evidence(pairs),
+        label = claims[1][0] + (" (at an equal budget of 400 steps)" if c is not None else "")
+        out.append((label, _verdict(pairs), "CE+KD+JM − CE+KD, test points (seeds won): " + _evidence(pairs),
                     claims[1][1]))
         noisy = _paired_by_n(d, "CE+KD", "CE+KD+JM", lambda c: c["noisy_acc"]["0.3"])
         out.append((claims[2][0], _verdict(noisy), "CE+KD+JM − CE+KD under test noise σ = 0.3, points (seeds won): "
@@ -457,14 +553,18 @@ def load_sections(folder: Path) -> dict:
 def render_report(sections: dict, folder: str = "paper", gradients: bool = True) -> tuple[str, list[str]]:
     """REPORT.md's text and the findings, from the section JSONs; ``folder`` is where the
     plots are, relative to the report; ``gradients``: whether gradients.png exists."""
-    t, d, r, tr, v = (sections.get(k) for k in SECTIONS)
+    t, d, r, tr, v, c = (sections.get(k) for k in SECTIONS)
     distill_md, f_distill = _distill(d, folder)
+    converge_md, f_converge = _converge(c, folder)
+    if c is not None:  # the 400-step view is what it is: an equal budget
+        f_distill = [f.replace("Distillation on Fashion-MNIST", "Distillation on Fashion-MNIST at an equal budget "
+                               "(section 2's steps)", 1) for f in f_distill]
     robust_md, f_robust = _robust(r, d, folder)
     transfer_md, f_transfer = _transfer(tr)
     verify_md, f_verify = _verify(v, folder)
     verdicts = _verdicts(sections)
     findings = [f"Claim {c.split(')')[0]}): **{v}**" + f" ({e})." for c, v, e, _ in verdicts]
-    findings += _teacher_findings(t) + f_verify + f_distill + _budget_findings(d, r) + f_robust + f_transfer
+    findings += _teacher_findings(t) + f_verify + f_converge + f_distill + _budget_findings(d, r) + f_robust + f_transfer
     times = {name: _section_time(name, sections.get(name)) for name in ("teacher", "distill", "robustness", "transfer")}
     parts = [
         "# jacmatch: the paper's claims measured on Fashion-MNIST\n",
@@ -474,6 +574,7 @@ def render_report(sections: dict, folder: str = "paper", gradients: bool = True)
         "## Findings\n", "\n".join(f"- {f}" for f in findings) or "*No section has run yet.*", "",
         "## 1. Teacher\n", _teacher(t),
         "## 2. Distillation with few samples\n", distill_md,
+        "## 2b. Distillation at convergence\n", converge_md,
         "## 3. Robustness to noisy inputs\n", robust_md,
         "## 4. Transfer\n", transfer_md,
         "## 5. Propositions and pictures\n", verify_md,
