@@ -34,6 +34,7 @@ from .terms import (AttentionJacobianLoss, AttentionTransferLoss, CrossEntropyLo
 __all__ = ["ObjectiveConfig", "TEACHER_OBJECTIVE", "DeadStudentWarning", "TransferObjective", "FeatureTaps",
            "JM_OUTPUTS", "build_terms", "rows_per_sample"]
 
+
 class DeadStudentWarning(UserWarning):
     """The Jacobian term has no gradient for the student: its input Jacobian is zero."""
 

@@ -14,6 +14,7 @@ processes does not change the draws.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import math
 import os
@@ -958,10 +959,10 @@ def best_point(history: list[dict], cfg: RunConfig) -> dict:
     """Where the best validation accuracy was: its epoch and step, whether the run stopped
     early (patience), and whether that point lies strictly inside the run's maximum."""
     best = _best_index(history)
-    steps = [sum(h["steps"] for h in history[:i + 1]) for i in range(len(history))]
-    seconds = [sum(h.get("epoch_seconds", 0.0) for h in history[:i + 1]) for i in range(len(history))]
     if best is None:
         return {}
+    steps = list(itertools.accumulate(h["steps"] for h in history))
+    seconds = list(itertools.accumulate(h.get("epoch_seconds", 0.0) for h in history))
     return {"epoch": history[best]["epoch"], "step": steps[best], "val_acc": history[best]["val"]["acc"],
             "loop_seconds": seconds[best], "max_epochs": cfg.optim.epochs, "epochs_trained": len(history),
             "stopped_early": len(history) < cfg.optim.epochs, "inside": history[best]["epoch"] < cfg.optim.epochs}
