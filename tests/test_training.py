@@ -305,3 +305,11 @@ def test_keep_best_tests_the_best_validation_weights_and_patience_stops(tmp_path
     assert results["final"]["test"]["acc"] == real(model, data["splits"].test, "cpu", batch_size=500)["acc"]
     last, _ = load_model(tmp_path / "r" / "last.pt")
     assert any(not torch.equal(a, b) for a, b in zip(model.state_dict().values(), last.state_dict().values()))
+
+
+def test_a_better_validation_accuracy_must_beat_the_best_by_min_delta():
+    from jacmatch.training.trainer import _best_index
+    history = [{"val": {"acc": a}} if a is not None else {} for a in (0.50, None, 0.5004, 0.52, 0.5205, 0.53)]
+    assert _best_index(history) == 5 and _best_index(history, 0.001) == 5
+    assert _best_index(history[:5]) == 4 and _best_index(history[:5], 0.001) == 3  # 0.5205 is not better by 0.1 point
+    assert _best_index(history[:3], 0.001) == 0 and _best_index([{}]) is None

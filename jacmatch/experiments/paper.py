@@ -85,6 +85,7 @@ class Profile:
     converge_steps: int = 3200  # the converged view: each student's first maximum (steps), early stopping inside it
     converge_patience: int = 10  # ... evaluations without a better validation accuracy before it stops
     converge_every: int = 2  # ... one evaluation every this many epochs (6,000 validation images each)
+    converge_min_delta: float = 0.001  # ... better: by more than 0.1 point (6 of 6,000 validation images)
     converge_growths: int = 2  # ... and how often a maximum that binds is doubled
 
 
@@ -447,7 +448,8 @@ def _converge_student(lay, tag, n, seed, objective, teacher, max_steps, patience
     without a better accuracy, and tested with its best weights."""
     values = run_config("distill", lay.profile, seed=seed, teacher=teacher, data={"samples_per_class": n},
                         objective=objective, optim={"lr": lr, "schedule": "constant"},
-                        eval={"every": lay.profile.converge_every, "keep_best": True, "patience": patience},
+                        eval={"every": lay.profile.converge_every, "keep_best": True, "patience": patience,
+                              "min_delta": lay.profile.converge_min_delta},
                         out_dir=str(lay.runs / "converge" / f"{tag}_n{n}_s{seed}_max{max_steps}_p{patience}"))
     values["optim"]["epochs"] = epochs_for_steps(n, values, max_steps)
     return lay.train(values)
@@ -520,7 +522,7 @@ def converge_section(lay: Layout) -> dict:
     summary = {"teacher": teacher, "chosen": chosen, "rows": list(CONVERGE_ROWS), "checked_rows": list(CHECKED_ROWS),
                "samples": list(profile.samples), "seeds": list(profile.seeds), "cells": cells, "complete": False,
                "rule": {"first_max_steps": profile.converge_steps, "patience": profile.converge_patience,
-                        "eval_every_epochs": profile.converge_every,
+                        "eval_every_epochs": profile.converge_every, "min_delta": profile.converge_min_delta,
                         "growths": profile.converge_growths, "schedule": "constant", "reach": REACH}}
     config = run_config("distill", profile)
     for n in profile.samples:

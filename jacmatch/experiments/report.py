@@ -149,7 +149,8 @@ def _converge(c: dict | None, folder: str) -> tuple[str, list[str]]:
              f"γ = {chosen['gamma']:g}, γ for CE+JM = {chosen['gamma_ce']:g}: section 2's choices on validation) up "
              f"to a maximum of {rule['first_max_steps']} steps, is evaluated on validation every "
              f"{rule['eval_every_epochs']} epochs, and "
-             f"stops after {rule['patience']} evaluations without a better validation accuracy; its best weights "
+             f"stops after {rule['patience']} evaluations without a validation accuracy better by more than "
+             f"{100 * rule.get('min_delta', 0):g} point; its best weights "
              "are tested. A maximum where a seed's best point lies (or that stops no seed) is doubled, up to "
              f"{rule['growths']} times. Test accuracy (%), mean ± std over {len(c['seeds'])} seeds:\n"]
     lines += _table(cells, rows, ns, lambda x: _pm(x["acc"]))

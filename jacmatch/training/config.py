@@ -96,6 +96,7 @@ class EvalConfig:
     batch_size: int = 500         # evaluation batch
     keep_best: bool = False       # keep the weights of the best validation accuracy (best.pt); test those at the end
     patience: int = 0             # with keep_best: stop after this many evaluations without a better one (0: never)
+    min_delta: float = 0.0        # with keep_best: better means a validation accuracy above the best by more than this
 
 
 @dataclass
@@ -231,6 +232,7 @@ def _check_ranges(cfg: RunConfig) -> None:
             ("eval.batch_size", e.batch_size, 1, MAX_BATCH_SIZE, False, False),
             ("eval.every", e.every, 1, MAX_EPOCHS, False, False),
             ("eval.patience", e.patience, 0, MAX_EPOCHS, False, False),
+            ("eval.min_delta", e.min_delta, 0, 1, False, False),
             ("checkpoint_every", cfg.checkpoint_every, 1, MAX_EPOCHS, False, False),
             ("skip_limit", cfg.skip_limit, 0, 1e9, False, False),
             ("objective.temperature", m.temperature, 0, 1e6, True, False),

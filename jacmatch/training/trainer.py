@@ -845,7 +845,7 @@ def _end_epoch(run: _Run, epoch: int, steps: int, sums: dict, skipped: int, seco
     stop = False
     if info.is_main:
         _log(run.out, run.history, run.writer, record)
-        if cfg.eval.keep_best and "val" in record and _best_index(run.history) == len(run.history) - 1:
+        if cfg.eval.keep_best and "val" in record and _best_index(run.history, cfg.eval.min_delta) == len(run.history) - 1:
             save_checkpoint(run.out / "best.pt", run.state(epoch + 1))
         stop = _no_better_for(cfg, run.history) >= cfg.eval.patience > 0
         if (epoch + 1) % cfg.checkpoint_every == 0 or epoch + 1 == cfg.optim.epochs or stop:
@@ -943,22 +943,26 @@ def _log(out: Path, history: list[dict], writer, record: dict) -> None:
         writer.flush()
 
 
-def _best_index(history: list[dict]) -> int | None:
-    """The epoch record (index) with the best validation accuracy: the first of equals."""
-    evaluated = [i for i, h in enumerate(history) if "val" in h]
-    return max(evaluated, key=lambda i: (history[i]["val"]["acc"], -i)) if evaluated else None
+def _best_index(history: list[dict], min_delta: float = 0.0) -> int | None:
+    """The epoch record (index) of the best validation accuracy, in order: an evaluation is
+    better when it beats the best so far by more than ``min_delta`` (the first of equals)."""
+    best = None
+    for i, h in enumerate(history):
+        if "val" in h and (best is None or h["val"]["acc"] > history[best]["val"]["acc"] + min_delta):
+            best = i
+    return best
 
 
 def _no_better_for(cfg: RunConfig, history: list[dict]) -> int:
     """Evaluations since the best one (0 when the last is the best, or with keep_best off)."""
-    best = _best_index(history) if cfg.eval.keep_best else None
+    best = _best_index(history, cfg.eval.min_delta) if cfg.eval.keep_best else None
     return 0 if best is None else sum(1 for h in history[best + 1:] if "val" in h)
 
 
 def best_point(history: list[dict], cfg: RunConfig) -> dict:
     """Where the best validation accuracy was: its epoch and step, whether the run stopped
     early (patience), and whether that point lies strictly inside the run's maximum."""
-    best = _best_index(history)
+    best = _best_index(history, cfg.eval.min_delta)
     if best is None:
         return {}
     steps = list(itertools.accumulate(h["steps"] for h in history))
