@@ -74,6 +74,13 @@ def test_every_experiment_section_and_the_report_quick(tmp_path):
     assert "to_kd" in converge["cells"]["CE+KD+JM|5"] and (out / "converge_curves.png").is_file()
     assert "## 2b. Distillation at convergence" in report and "| (b) Jacobian matching improves distillation (at " \
         "convergence) |" in report and "(at an equal budget of 400 steps)" in report
+    # Robustness and transfer: their baselines at twice their epochs, the difference shown.
+    robust, transfer = (json.loads((out / f"{k}.json").read_text()) for k in ("robustness", "transfer"))
+    assert {"CE (2× epochs)|full", "CE (2× epochs)|10"} <= set(robust["cells"])
+    assert {"CE (scratch) (2× epochs)|5", "CE+AT (2× epochs)|5"} <= set(transfer["cells"])
+    assert transfer["cells"]["CE+AT (2× epochs)|5"]["epochs"] == 2 * json.loads(
+        (tmp_path / "runs" / "paper" / "quick" / "transfer" / "CE_AT_n5_s0" / "results.json").read_text())["epochs"]
+    assert report.count("Budget check: the baselines trained for twice their epochs") == 2
     # A fresh clone: no runs/ folder. The section reuses the committed run records and trains nothing.
     assert len(list((out / "runs" / "distill").glob("*.json"))) == len(list((tmp_path / "runs" / "paper" / "quick"
                                                                             / "distill").iterdir()))

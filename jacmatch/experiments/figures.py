@@ -123,7 +123,7 @@ def plot_robust(r: dict, sigmas: list[str], path: Path) -> None:
     sets = list(dict.fromkeys(c["training_set"] for c in r["cells"].values()))
     fig, axes = plt.subplots(1, len(sets), figsize=(5.5 * len(sets), 3.8), sharey=True, squeeze=False)
     for ax, ts in zip(axes[0], sets):
-        for c in (c for c in r["cells"].values() if c["training_set"] == ts):
+        for c in (c for c in r["cells"].values() if c["training_set"] == ts and "val_gain" not in c):
             xs, ys, es = noise_curve(c, sigmas)
             ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=c["row"])
         ax.set_title(f"trained on: {ts}")

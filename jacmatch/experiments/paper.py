@@ -560,6 +560,25 @@ ROBUST_ROWS = {
 }
 
 
+DOUBLED_EPOCHS = "CE (2× epochs)"
+
+
+def _doubled(lay, config, folder, tag, seed, objective, n, **over) -> dict:
+    """A baseline run of section config ``config`` with twice its epochs (the budget check)."""
+    values = run_config(config, lay.profile, out_dir=str(lay.runs / folder / tag), seed=seed,
+                        data={"samples_per_class": n}, objective=objective, **over)
+    values["optim"]["epochs"] *= 2
+    return lay.train(values)
+
+
+def _check_cell(cell: dict, doubled: list[dict]) -> dict:
+    """A baseline at twice its budget, beside the cell at its budget: the change in validation
+    and test accuracy (points, the means over seeds)."""
+    twice = summarize_runs(doubled)
+    return {**twice, "epochs": doubled[0]["epochs"], "val_gain": 100 * (twice["val_acc"]["mean"] - cell["val_acc"]["mean"]),
+            "test_gain": 100 * (twice["acc"]["mean"] - cell["acc"]["mean"])}
+
+
 def robustness_section(lay: Layout) -> dict:
     out, profile = lay.out, lay.profile
     start = time.time()
@@ -575,6 +594,12 @@ def robustness_section(lay: Layout) -> dict:
             cells[key] = {"row": row, "training_set": "full" if subset is None else f"{subset} per class",
                           "objective": obj, **summarize_runs(results)}
             print(f"  {key:<30} clean {100 * cells[key]['acc']['mean']:.1f}   [{time.time() - start:.0f} s]")
+        # the budget check: the baseline trained for twice its epochs
+        where = "full" if subset is None else subset
+        doubled = [_doubled(lay, "robustness", "robustness", f"CE2x_{'full' if subset is None else f'n{subset}'}_s{s}",
+                            s, ROBUST_ROWS["CE"], subset) for s in profile.robust_seeds]
+        cells[f"{DOUBLED_EPOCHS}|{where}"] = {**_check_cell(cells[f"CE|{where}"], doubled), "row": DOUBLED_EPOCHS,
+                                              "training_set": cells[f"CE|{where}"]["training_set"]}
     summary = {"sigma_train": SIGMA_TRAIN, "seeds": list(profile.robust_seeds), "cells": cells,
                "section_seconds": time.time() - start, "run_seconds": _run_seconds(cells)}
     write_json_atomic(out / "robustness.json", with_provenance(summary, run_config("robustness", profile)))
@@ -625,6 +650,12 @@ def transfer_section(lay: Layout) -> dict:
             cells[f"{row}|{n}"] = {"row": row, "samples_per_class": n, **summarize_runs(results)}
             print(f"  {row:<28} n={n:<3} test {100 * cells[f'{row}|{n}']['acc']['mean']:.1f}   "
                   f"[{time.time() - start:.0f} s]")
+        for row in ("CE (scratch)", "CE+AT"):  # the baselines of claim (d) at twice their epochs
+            objective = _fill(TRANSFER_ROWS[row], weights)
+            doubled = [_doubled(lay, "transfer", "transfer", f"{row.split()[0].replace('+', '_')}2x_n{n}_s{seed}",
+                                seed, objective, n, teacher=str(target)) for seed in profile.seeds]
+            cells[f"{row} (2× epochs)|{n}"] = {**_check_cell(cells[f"{row}|{n}"], doubled),
+                                              "row": f"{row} (2× epochs)", "samples_per_class": n}
     summary = {"source_teacher": {"test": source["final"]["test"], "checkpoint": str(target),
                                   "train_seconds": source["train_seconds"]},
                "selection": {"delta": sel_at, "delta_jacobian": sel_jm},

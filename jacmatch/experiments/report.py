@@ -346,8 +346,10 @@ def _robust(r: dict | None, d: dict | None, folder: str) -> tuple[str, list[str]
     lines = [f"σ_train = {r['sigma_train']}; {len(r['seeds'])} seeds; test accuracy (%) under Gaussian noise of "
              "standard deviation σ (units of the [0, 1] pixel range).", "", head, "|---|---|" + "---|" * (1 + len(sigmas))]
     for c in r["cells"].values():
-        lines.append(f"| {c['row']} | {c['training_set']} | {_pm(c['acc'])} | "
-                     + " | ".join(_pm(c["noisy_acc"][s]) for s in sigmas) + " |")
+        if "val_gain" not in c:
+            lines.append(f"| {c['row']} | {c['training_set']} | {_pm(c['acc'])} | "
+                         + " | ".join(_pm(c["noisy_acc"][s]) for s in sigmas) + " |")
+    lines += _budget_checks([c for c in r["cells"].values() if "val_gain" in c], "training_set")
     findings, students = [], []
     if d is not None:
         ns = [n for n in d["samples"] if f"CE+KD+JM|{n}" in d["cells"]]
@@ -359,7 +361,7 @@ def _robust(r: dict | None, d: dict | None, folder: str) -> tuple[str, list[str]
         students = _student_noise_findings(d, ns)
         if ns:
             lines += ["", f"![students under noise]({_img(folder, 'distill_noise')})"]
-    full = {c["row"]: c for c in r["cells"].values() if c["training_set"] == "full"}
+    full = {c["row"]: c for c in r["cells"].values() if c["training_set"] == "full" and "val_gain" not in c}
     for sigma in ("0.1", "0.5"):
         if full and sigma in sigmas:
             text = ", ".join(f"{row} {_pm(c['noisy_acc'][sigma])}%" for row, c in full.items())
@@ -368,6 +370,19 @@ def _robust(r: dict | None, d: dict | None, folder: str) -> tuple[str, list[str]
             findings.append(f"Robustness (full training set, test noise σ = {sigma}): {text}.")
     findings += students
     return "\n".join(lines) + f"\n\n![robustness]({_img(folder, 'robustness')})\n", findings
+
+
+def _budget_checks(cells: list[dict], where: str) -> list[str]:
+    """The baselines at twice their budget: the change in validation and test accuracy."""
+    if not cells:
+        return []
+    lines = ["", "Budget check: the baselines trained for twice their epochs, against their own budget (points, "
+             "means over seeds; within 0.5 of validation accuracy for a baseline that has converged):", "",
+             "| baseline | at | epochs | validation | test |", "|---|---|---|---|---|"]
+    for c in cells:
+        flag = "" if abs(c["val_gain"]) < 0.5 else " **not converged**"
+        lines.append(f"| {c['row']} | {c[where]} | {c['epochs']} | {c['val_gain']:+.1f}{flag} | {c['test_gain']:+.1f} |")
+    return lines
 
 
 def _student_noise_findings(d: dict, ns: list) -> list[str]:
@@ -392,7 +407,9 @@ def _transfer(t: dict | None) -> tuple[str, list[str]]:
              + (f" Chosen on the validation split, in this order: {chosen}." if chosen else ""), "",
              "| row | " + " | ".join(f"n={n}" for n in ns) + " |", "|---|" + "---|" * len(ns)]
     for r in rows:
-        lines.append(f"| {r} | " + " | ".join(_pm(t["cells"][f"{r}|{n}"]["acc"]) for n in ns) + " |")
+        if not any("val_gain" in t["cells"].get(f"{r}|{n}", {}) for n in ns):
+            lines.append(f"| {r} | " + " | ".join(_pm(t["cells"][f"{r}|{n}"]["acc"]) for n in ns) + " |")
+    lines += _budget_checks([c for c in t["cells"].values() if "val_gain" in c], "samples_per_class")
     findings = []
     for a, b, what in (("CE (scratch)", "CE+AT", "attention transfer versus CE from scratch"),
                        ("CE+AT", "CE+AT+JM", "AT + Jacobians versus AT alone")):
