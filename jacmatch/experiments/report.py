@@ -523,26 +523,33 @@ def _verdicts(sections: dict) -> list[tuple[str, str, str, str]]:
                     f"full forms' residuals fall like σ^{min(full):.2f}–σ^{max(full):.2f} on smooth networks (theory 4), "
                     f"short cross-entropy forms like σ^{min(short):.2f}–σ^{max(short):.2f} (theory 2)", claims[0][1]))
     c = sections.get("converge")
+    at = "at convergence" + ("" if c is None or c.get("complete", True) else "; partial run, only the n listed")
     if c is not None and _paired_by_n(c, "CE+KD", "CE+KD+JM"):
         pairs = _paired_by_n(c, "CE+KD", "CE+KD+JM")
-        out.append(("(b) Jacobian matching improves distillation (at convergence)", _verdict(pairs),
+        out.append((f"(b) Jacobian matching improves distillation ({at})", _verdict(pairs),
                     "CE+KD+JM − CE+KD, every student early-stopped inside its maximum, test points (seeds won): "
                     + _evidence(pairs), claims[1][1]))
         shape = _small_over_large(c)
         if shape is not None:
             mean, wins, seeds, small, large = shape
-            out.append(("(b) … most with few samples (at convergence)",
+            out.append((f"(b) … most with few samples ({at})",
                         "confirmed" if _holds(mean, wins, seeds) else "not confirmed",
                         f"JM's gain at n ≤ 10 ({', '.join(map(str, small))}) minus its gain at n ≥ 100 "
                         f"({', '.join(map(str, large))}), paired by seed: {mean:+.1f} points ({wins}/{seeds})",
                         claims[1][1]))
+        noisy = _paired_by_n(c, "CE+KD", "CE+KD+JM", lambda x: x["noisy_acc"]["0.3"])
+        if noisy:
+            out.append((f"(c) Jacobian matching makes students more robust to noisy inputs ({at})",
+                        _verdict(noisy), "CE+KD+JM − CE+KD under test noise σ = 0.3, every student early-stopped, "
+                        "points (seeds won): " + _evidence(noisy), claims[2][1]))
     if d is not None:
         pairs = _paired_by_n(d, "CE+KD", "CE+KD+JM")
         label = claims[1][0] + (" (at an equal budget of 400 steps)" if c is not None else "")
         out.append((label, _verdict(pairs), "CE+KD+JM − CE+KD, test points (seeds won): " + _evidence(pairs),
                     claims[1][1]))
         noisy = _paired_by_n(d, "CE+KD", "CE+KD+JM", lambda c: c["noisy_acc"]["0.3"])
-        out.append((claims[2][0], _verdict(noisy), "CE+KD+JM − CE+KD under test noise σ = 0.3, points (seeds won): "
+        out.append((claims[2][0] + (" (at an equal budget of 400 steps)" if c is not None else ""), _verdict(noisy),
+                    "CE+KD+JM − CE+KD under test noise σ = 0.3, points (seeds won): "
                     + _evidence(noisy), claims[2][1]))
     if tr is not None:
         pairs = _paired_by_n(tr, "CE+AT", "CE+AT+JM")
