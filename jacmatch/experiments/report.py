@@ -523,28 +523,33 @@ def _verdicts(sections: dict) -> list[tuple[str, str, str, str]]:
                     f"full forms' residuals fall like σ^{min(full):.2f}–σ^{max(full):.2f} on smooth networks (theory 4), "
                     f"short cross-entropy forms like σ^{min(short):.2f}–σ^{max(short):.2f} (theory 2)", claims[0][1]))
     c = sections.get("converge")
-    at = "at convergence" + ("" if c is None or c.get("complete", True) else "; partial run, only the n listed")
+    partial = c is not None and not c.get("complete", True)
+    at = "at convergence" + ("; partial run, only the n listed" if partial else "")
+
+    def so_far(verdict: str) -> str:  # a partial run's verdict holds for the n run so far
+        return f"{verdict} so far" if partial else verdict
     if c is not None and _paired_by_n(c, "CE+KD", "CE+KD+JM"):
         pairs = _paired_by_n(c, "CE+KD", "CE+KD+JM")
-        out.append((f"(b) Jacobian matching improves distillation ({at})", _verdict(pairs),
+        out.append((f"(b) Jacobian matching improves distillation ({at})", so_far(_verdict(pairs)),
                     "CE+KD+JM − CE+KD, every student early-stopped inside its maximum, test points (seeds won): "
                     + _evidence(pairs), claims[1][1]))
         shape = _small_over_large(c)
         if shape is not None:
             mean, wins, seeds, small, large = shape
             out.append((f"(b) … most with few samples ({at})",
-                        "confirmed" if _holds(mean, wins, seeds) else "not confirmed",
+                        so_far("confirmed" if _holds(mean, wins, seeds) else "not confirmed"),
                         f"JM's gain at n ≤ 10 ({', '.join(map(str, small))}) minus its gain at n ≥ 100 "
                         f"({', '.join(map(str, large))}), paired by seed: {mean:+.1f} points ({wins}/{seeds})",
                         claims[1][1]))
         noisy = _paired_by_n(c, "CE+KD", "CE+KD+JM", lambda x: x["noisy_acc"]["0.3"])
         if noisy:
             out.append((f"(c) Jacobian matching makes students more robust to noisy inputs ({at})",
-                        _verdict(noisy), "CE+KD+JM − CE+KD under test noise σ = 0.3, every student early-stopped, "
+                        so_far(_verdict(noisy)), "CE+KD+JM − CE+KD under test noise σ = 0.3, every student early-stopped, "
                         "points (seeds won): " + _evidence(noisy), claims[2][1]))
     if d is not None:
         pairs = _paired_by_n(d, "CE+KD", "CE+KD+JM")
-        label = claims[1][0] + (" (at an equal budget of 400 steps)" if c is not None else "")
+        label = "(b) Jacobian matching improves distillation (at an equal budget of 400 steps)" if c is not None \
+            else claims[1][0]
         out.append((label, _verdict(pairs), "CE+KD+JM − CE+KD, test points (seeds won): " + _evidence(pairs),
                     claims[1][1]))
         noisy = _paired_by_n(d, "CE+KD", "CE+KD+JM", lambda c: c["noisy_acc"]["0.3"])
@@ -557,6 +562,13 @@ def _verdicts(sections: dict) -> list[tuple[str, str, str, str]]:
         out.append((claims[3][0], _verdict(pairs), "CE+AT+JM − CE+AT, test points (seeds won): " + _evidence(pairs)
                     + "; CE+AT − CE: " + _evidence(at), claims[3][1]))
     return out
+
+
+def _claim_label(claim: str) -> str:
+    """``(b)``, with the claim's view when it names one: ``(b), at convergence``."""
+    letter = claim.split(")")[0] + ")"
+    view = re.search(r"\((at [^)]*)\)$", claim)
+    return f"{letter}, {view.group(1)}" if view else letter
 
 
 def _verdict_table(rows: list[tuple]) -> str:
@@ -588,7 +600,7 @@ def render_report(sections: dict, folder: str = "paper", gradients: bool = True)
     transfer_md, f_transfer = _transfer(tr)
     verify_md, f_verify = _verify(v, folder)
     verdicts = _verdicts(sections)
-    findings = [f"Claim {c.split(')')[0]}): **{v}**" + f" ({e})." for c, v, e, _ in verdicts]
+    findings = [f"Claim {_claim_label(c)}: **{v}**" + f" ({e})." for c, v, e, _ in verdicts]
     findings += _teacher_findings(t) + f_verify + f_converge + f_distill + _budget_findings(d, r) + f_robust + f_transfer
     times = {name: _section_time(name, sections.get(name)) for name in ("teacher", "distill", "robustness", "transfer")}
     parts = [
