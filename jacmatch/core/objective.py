@@ -39,6 +39,9 @@ class DeadStudentWarning(UserWarning):
     """The Jacobian term has no gradient for the student: its input Jacobian is zero."""
 
 
+#: A dead student is looked for at the first step and every this many after it.
+DEAD_CHECK_EVERY = 50
+
 #: The built-in estimators (docs/method.md, "Which Jacobians"); users may register more.
 JM_OUTPUTS = tuple(list_estimators())
 
@@ -211,7 +214,7 @@ class TransferObjective(nn.Module):
                              "jm_outputs=projection or input_fd with those terms")
         self.config = config
         self._owns_student_forward = bool(owner)
-        self._warned_dead = False
+        self._warned_dead, self._steps = False, 0
         self.terms = nn.ModuleList(terms)
         self.student = student
         self.teacher = teacher
@@ -337,7 +340,8 @@ class TransferObjective(nn.Module):
         step = Step(x, y, xs, logits, self._student_fn, teacher, targets,
                     taps.features if isinstance(taps, FeatureTaps) else {}, tangent, self.generator)
         terms = {t.key: t.from_step(step) for t in all_terms}
-        if not self._warned_dead:
+        self._steps += 1
+        if not self._warned_dead and self._steps % DEAD_CHECK_EVERY == 1:  # (reading the flag syncs a GPU)
             self._warn_if_dead(all_terms)
         total = cast(Tensor, sum(t.weight * terms[t.key] for t in all_terms))
         if logits is None:  # noise training alone: the first draw's logits stand for the batch
