@@ -487,6 +487,35 @@ def test_a_signal_during_the_last_evaluation_stops_the_process_after_the_finishe
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler before is back
 
 
+def test_a_run_stopped_after_an_epochs_last_step_resumes_with_its_seconds_and_no_warning(tmp_path, teacher,
+                                                                                        monkeypatch):
+    """A signal during the first epoch's last step: the resumed run has no step left in that
+    epoch. Its epoch_seconds keep the time trained before the stop (time-to-accuracy reads
+    them), and torch's 'scheduler before optimizer' warning, wrong here, is not shown."""
+    import warnings
+
+    from jacmatch.training import trainer
+    real, calls = trainer._train_step, {"n": 0}
+
+    def slow_step_then_signal(*args, **kwargs):
+        time.sleep(0.05)
+        calls["n"] += 1
+        if calls["n"] == 4:  # the last of the first epoch's 4 steps
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(*args, **kwargs)
+    monkeypatch.setattr(trainer, "_train_step", slow_step_then_signal)
+    values = {"out_dir": str(tmp_path / "r"), "teacher": teacher, "data": {"name": "synthetic", "samples_per_class": 4},
+              "model": {"name": "small_cnn_4"}, "objective": {"beta": 1.0},
+              "optim": {"epochs": 2, "batch_size": 4, "min_steps_per_epoch": 4}, **QUIET}
+    with pytest.raises(trainer.Preempted, match="epoch 1, step 4 of 4"):
+        train(config_from_dict(values))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # any warning fails the resume
+        train(config_from_dict(values), resume=True)
+    first = json.loads((tmp_path / "r" / "metrics.jsonl").read_text().splitlines()[0])
+    assert first["epoch"] == 1 and first["epoch_seconds"] >= 4 * 0.05, first
+
+
 # ---- mixed precision ------------------------------------------------------------------------
 
 

@@ -22,6 +22,7 @@ import signal
 import sys
 import threading
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -538,9 +539,8 @@ def _train(cfg: RunConfig, resume: bool, data: DataSplits, given: bool, info: Di
         for epoch in range(run.start_epoch, cfg.optim.epochs):
             if _no_better_for(cfg, run.history) >= cfg.eval.patience > 0:  # (a resumed run that had stopped)
                 break
-            t_epoch = time.time()
-            steps, sums, skipped = _train_epoch(run, epoch, stop)
-            if _end_epoch(run, epoch, steps, sums, skipped, time.time() - t_epoch):
+            steps, sums, skipped, seconds = _train_epoch(run, epoch, stop)
+            if _end_epoch(run, epoch, steps, sums, skipped, seconds):
                 break
         if cfg.eval.keep_best:
             _evaluate_best(run)
@@ -668,10 +668,12 @@ def _open_outputs(run: _Run, resume: bool, config_file: str | None) -> None:
 # ---- one epoch, one step ----------------------------------------------------------------------
 
 
-def _train_epoch(run: _Run, epoch: int, stop: _StopOnSignal) -> tuple[int, dict[str, float], int]:
-    """The epoch's steps; returns (steps, sums of the terms, skipped steps). Its draws are
-    seeded from (seed, epoch), or restored where a signal stopped it."""
+def _train_epoch(run: _Run, epoch: int, stop: _StopOnSignal) -> tuple[int, dict[str, float], int, float]:
+    """The epoch's steps; returns (steps, sums of the terms, skipped steps, seconds). Its
+    draws are seeded from (seed, epoch), or restored where a signal stopped it, and so are
+    its seconds: a stopped epoch's time before the stop counts in its ``epoch_seconds``."""
     cfg, info = run.cfg, run.info
+    t_epoch, before = time.time(), 0.0
     torch.manual_seed(_seed(cfg.seed, epoch, info.rank, 1))
     run.gen.manual_seed(_seed(cfg.seed, epoch, 0, 2))
     run.aug_gen.manual_seed(_seed(cfg.seed, epoch, 0, 3))
@@ -686,6 +688,7 @@ def _train_epoch(run: _Run, epoch: int, stop: _StopOnSignal) -> tuple[int, dict[
         if not info.enabled:
             torch.set_rng_state(run.resume_rng)
         sums, skipped = json.loads(run.mid_epoch["sums"]), int(run.mid_epoch["skipped"])
+        before = float(run.mid_epoch.get("seconds", 0.0))  # (older checkpoints lack it)
     todo = batches[run.first_step:]  # read ahead by the source's workers, in this order
     bar = _progress(_Sized(run.data.train.batches(todo), len(todo)), cfg, info, epoch)
     for step, (index, x, y) in enumerate(bar, start=run.first_step):
@@ -709,9 +712,9 @@ def _train_epoch(run: _Run, epoch: int, stop: _StopOnSignal) -> tuple[int, dict[
         if hasattr(bar, "set_postfix"):
             bar.set_postfix({k: f"{v:.3g}" for k, v in values.items()}, refresh=False)
         if _agreed(stop.requested, info, run.device):
-            _stop_mid_epoch(run, epoch, step + 1, len(batches), sums, skipped)
+            _stop_mid_epoch(run, epoch, step + 1, len(batches), sums, skipped, before + time.time() - t_epoch)
     run.first_step = 0
-    return len(batches), sums, skipped
+    return len(batches), sums, skipped, before + time.time() - t_epoch
 
 
 def _train_step(run: _Run, index: torch.Tensor, x: torch.Tensor, y: torch.Tensor, where: str) -> dict[str, float] | None:
@@ -797,12 +800,13 @@ def _too_many_skips(run: _Run, skipped: int, steps: int) -> None:
                          "learning rate or weights), or raise skip_limit")
 
 
-def _stop_mid_epoch(run: _Run, epoch: int, step: int, steps: int, sums: dict, skipped: int) -> None:
-    """A signal asked to stop: checkpoint this step (with the epoch's draws) and raise."""
+def _stop_mid_epoch(run: _Run, epoch: int, step: int, steps: int, sums: dict, skipped: int,
+                    seconds: float) -> None:
+    """A signal asked to stop: checkpoint this step (with the epoch's draws and seconds so far) and raise."""
     if run.info.is_main:
         save_checkpoint(run.last, run.state(epoch, step=step, mid_epoch={
             "gen": run.gen.get_state(), "aug": run.aug_gen.get_state(), "sums": json.dumps(sums),
-            "skipped": skipped}))
+            "skipped": skipped, "seconds": seconds}))
     run.info.barrier()
     raise Preempted(f"stopped by a signal at epoch {epoch + 1}, step {step} of {steps}; "
                     f"{run.last} holds that step: --resume continues from it")
@@ -815,7 +819,10 @@ def _end_epoch(run: _Run, epoch: int, steps: int, sums: dict, skipped: int, seco
     """Log, evaluate and checkpoint the epoch; True when the run stops early (patience)."""
     cfg, info = run.cfg, run.info
     lr = run.optimizer.param_groups[0]["lr"]  # the rate this epoch trained with
-    run.scheduler.step()
+    with warnings.catch_warnings():  # this loop always steps the optimizer first; a run resumed
+        # after its first epoch's last step has not in this process, and torch would say so
+        warnings.filterwarnings("ignore", r"Detected call of `lr_scheduler\.step\(\)` before", UserWarning)
+        run.scheduler.step()
     n_steps = max(steps - skipped - run.forward_overflows, 1)
     run.forward_overflows = 0
     record = {"epoch": epoch + 1, "lr": lr, "steps": steps,
