@@ -211,6 +211,29 @@ def test_a_selection_grows_its_grid_until_the_choice_is_inside():
     assert best == 10.0 and rec["inside"] and rec["extended"] == []
 
 
+
+def test_a_converged_cell_grows_its_maximum_and_trains_again_only_the_seeds_that_bound(monkeypatch):
+    """Seed 1's best point lies at the first maximum: the maximum doubles and only seed 1
+    trains again (seed 0 stopped early inside; a larger maximum trains it identically, as
+    test_training pins); the cell reports the grown maximum and seed 1's longer run."""
+    import dataclasses
+
+    from jacmatch.experiments import paper
+    lay = paper.Layout(profile=dataclasses.replace(paper.QUICK, seeds=(0, 1), converge_steps=100, converge_growths=2))
+    trained = []
+
+    def student(lay, tag, n, seed, objective, teacher, max_steps, patience, lr):
+        trained.append((seed, max_steps))
+        settled = seed == 0 or max_steps == 200
+        acc = 0.5 + 0.1 * seed + (0.05 if max_steps == 200 else 0.0)
+        return {"best": {"inside": settled, "stopped_early": settled, "step": 60, "loop_seconds": 1.0, "val_acc": acc},
+                "final": {"test": {"acc": acc}, "val": {"acc": acc}}, "train_seconds": 2.0, "student_parameters": 10,
+                "history": [{"steps": 60, "epoch_seconds": 1.0, "val": {"acc": acc}}]}
+    monkeypatch.setattr(paper, "_converge_student", student)
+    cell = paper._converged_cell(lay, "CE", 5, {"alpha": 1.0}, None, 0.01, 2)
+    assert trained == [(0, 100), (1, 100), (1, 200)]
+    assert cell["max_steps"] == 200 and cell["grown_from"] == [100] and cell["inside"]
+    assert cell["acc"]["values"] == [0.5, 0.65]
 def test_a_committed_teacher_is_re_evaluated_and_gains_provenance(tmp_path):
     """A teacher.json from before provenance: `experiment teacher` re-evaluates the committed
     checkpoint, says whether every accuracy came out the same, and adds the provenance keys."""

@@ -307,6 +307,30 @@ def test_keep_best_tests_the_best_validation_weights_and_patience_stops(tmp_path
     assert any(not torch.equal(a, b) for a, b in zip(model.state_dict().values(), last.state_dict().values()))
 
 
+def test_a_run_stopped_early_at_a_constant_rate_is_the_same_run_under_a_larger_maximum(tmp_path, teacher):
+    """What `experiment converge` relies on when a cell's maximum grows: a seed that stopped
+    early inside the smaller maximum is not trained again, since the larger one trains it
+    identically (weights, best point, test accuracy)."""
+    runs = {}
+    for epochs in (5, 10):
+        values = {"out_dir": str(tmp_path / f"e{epochs}"), "teacher": teacher, "seed": 3,
+                  "data": {"name": "synthetic", "samples_per_class": 4}, "model": {"name": "small_cnn_4"},
+                  "objective": {"beta": 1.0, "gamma": 1.0}, "optim": {"epochs": epochs, "schedule": "constant"},
+                  "eval": {"keep_best": True, "patience": 1, "min_delta": 0.5, "noise_sigmas": []}, "progress": False}
+        runs[epochs] = train(config_from_dict(values))
+    small, large = runs[5], runs[10]
+    assert small["best"]["stopped_early"] and small["best"]["inside"] and small["best"]["epochs_trained"] == 2
+    assert {k: v for k, v in small["best"].items() if k not in ("loop_seconds", "max_epochs")} == \
+        {k: v for k, v in large["best"].items() if k not in ("loop_seconds", "max_epochs")}
+    assert small["final"]["test"]["acc"] == large["final"]["test"]["acc"]
+    for name in ("best.pt", "last.pt"):
+        a, b = (load_checkpoint(tmp_path / f"e{e}" / name)["model"] for e in (5, 10))
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    strip = [{k: v for k, v in json.loads(line).items() if k not in ("epoch_seconds", "eval_seconds")}
+             for e in (5, 10) for line in (tmp_path / f"e{e}" / "metrics.jsonl").read_text().splitlines()]
+    assert strip[:2] == strip[2:]
+
+
 def test_a_better_validation_accuracy_must_beat_the_best_by_min_delta():
     from jacmatch.training.trainer import _best_index
     history = [{"val": {"acc": a}} if a is not None else {} for a in (0.50, None, 0.5004, 0.52, 0.5205, 0.53)]

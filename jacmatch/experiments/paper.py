@@ -471,14 +471,25 @@ def _reach(curve: list[tuple], target: float) -> tuple[int, float] | None:
     return next(((st, sec) for st, sec, acc in curve if acc >= target - 1e-12), None)
 
 
+def _settled(run: dict) -> bool:
+    """The run stopped early, its best point strictly inside its maximum. At a constant rate a
+    larger maximum trains it step for step the same (the rate and draws of an epoch do not
+    depend on the maximum), so it is not trained again when its cell's maximum grows."""
+    return run["best"]["inside"] and run["best"]["stopped_early"]
+
+
 def _converged_cell(lay, row, n, objective, teacher, lr, patience, check=False) -> dict:
-    """One row at n over the seeds, its maximum doubled while a seed's best point lies at it."""
+    """One row at n over the seeds, its maximum doubled while a seed's best point lies at it
+    (or a seed did not stop); only those seeds train again."""
     profile = lay.profile
     tag = re.sub(r"[^A-Za-z0-9]+", "_", row).strip("_")
-    max_steps, grown = profile.converge_steps * (2 if check else 1), []
+    max_steps, grown, by_seed = profile.converge_steps * (2 if check else 1), [], {}
     while True:
-        runs = [_converge_student(lay, tag, n, s, objective, teacher, max_steps, patience, lr) for s in profile.seeds]
-        inside = all(r["best"]["inside"] and r["best"]["stopped_early"] for r in runs)
+        by_seed = {s: by_seed[s] if s in by_seed and _settled(by_seed[s])
+                   else _converge_student(lay, tag, n, s, objective, teacher, max_steps, patience, lr)
+                   for s in profile.seeds}
+        runs = list(by_seed.values())
+        inside = all(_settled(r) for r in runs)
         if inside or len(grown) == profile.converge_growths:
             break
         grown.append(max_steps)
