@@ -285,3 +285,10 @@ def test_noisy_kd_at_jm_cost_gets_its_own_row_when_it_needs_more_than_one_draw()
     filled = {r: paper._fill(o, {"σ": 0.1, "M": 3}) for r, o in rows.items()}
     assert filled["noisy KD M=1"]["noise_draws"] == 1 and filled["noisy KD M=3"]["noise_draws"] == 3
     assert filled["noisy KD M=3"]["noise_sigma"] == 0.1
+
+
+def test_a_findings_label_names_the_claims_view_and_part():
+    from jacmatch.experiments.report import _claim_label
+    assert _claim_label("(b) Jacobian matching improves distillation (at convergence)") == "(b), at convergence"
+    assert _claim_label("(b) … most with few samples (at convergence)") == "(b) … most with few samples, at convergence"
+    assert _claim_label("(d) attention transfer plus Jacobians helps transfer") == "(d)"

@@ -565,10 +565,13 @@ def _verdicts(sections: dict) -> list[tuple[str, str, str, str]]:
 
 
 def _claim_label(claim: str) -> str:
-    """``(b)``, with the claim's view when it names one: ``(b), at convergence``."""
+    """``(b)``, with the claim's view when it names one: ``(b), at convergence``; a part of a
+    claim keeps its words: ``(b) … most with few samples, at convergence``."""
     letter = claim.split(")")[0] + ")"
     view = re.search(r"\((at [^)]*)\)$", claim)
-    return f"{letter}, {view.group(1)}" if view else letter
+    part = claim[len(letter):view.start() if view else None].strip()
+    head = f"{letter} {part}" if part.startswith("…") else letter
+    return f"{head}, {view.group(1)}" if view else head
 
 
 def _verdict_table(rows: list[tuple]) -> str:
