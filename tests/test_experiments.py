@@ -73,7 +73,7 @@ def test_every_experiment_section_and_the_report_quick(tmp_path):
     assert {"val_gain"} <= set(converge["cells"]["CE (2× patience)|1"])
     assert "to_kd" in converge["cells"]["CE+KD+JM|5"] and (out / "converge_curves.png").is_file()
     assert "## 2b. Distillation at convergence" in report and "| (b) Jacobian matching improves distillation (at " \
-        "convergence) |" in report and "(at an equal budget of 400 steps)" in report
+        "convergence) |" in report and "(at an equal budget of 400 steps, 800 at n=5)" in report
     # Robustness and transfer: their baselines at twice their epochs, the difference shown.
     robust, transfer = (json.loads((out / f"{k}.json").read_text()) for k in ("robustness", "transfer"))
     assert {"CE (2× epochs)|full", "CE (2× epochs)|10"} <= set(robust["cells"])

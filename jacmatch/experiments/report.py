@@ -548,12 +548,12 @@ def _verdicts(sections: dict) -> list[tuple[str, str, str, str]]:
                         "points (seeds won): " + _evidence(noisy), claims[2][1]))
     if d is not None:
         pairs = _paired_by_n(d, "CE+KD", "CE+KD+JM")
-        label = "(b) Jacobian matching improves distillation (at an equal budget of 400 steps)" if c is not None \
-            else claims[1][0]
+        view = f" ({_equal_budget(d)})" if c is not None else ""
+        label = f"(b) Jacobian matching improves distillation{view}" if c is not None else claims[1][0]
         out.append((label, _verdict(pairs), "CE+KD+JM − CE+KD, test points (seeds won): " + _evidence(pairs),
                     claims[1][1]))
         noisy = _paired_by_n(d, "CE+KD", "CE+KD+JM", lambda c: c["noisy_acc"]["0.3"])
-        out.append((claims[2][0] + (" (at an equal budget of 400 steps)" if c is not None else ""), _verdict(noisy),
+        out.append((claims[2][0] + view, _verdict(noisy),
                     "CE+KD+JM − CE+KD under test noise σ = 0.3, points (seeds won): "
                     + _evidence(noisy), claims[2][1]))
     if tr is not None:
@@ -562,6 +562,14 @@ def _verdicts(sections: dict) -> list[tuple[str, str, str, str]]:
         out.append((claims[3][0], _verdict(pairs), "CE+AT+JM − CE+AT, test points (seeds won): " + _evidence(pairs)
                     + "; CE+AT − CE: " + _evidence(at), claims[3][1]))
     return out
+
+
+def _equal_budget(d: dict) -> str:
+    """Section 2's view, named by its steps: ``at an equal budget of 400 steps, 3200 at n=500``."""
+    budgets = {int(n): int(b) for n, b in (d.get("budgets") or {str(n): d["steps"] for n in d["samples"]}).items()}
+    common = max(sorted(set(budgets.values())), key=list(budgets.values()).count)
+    others = ", ".join(f"{b} at n={n}" for n, b in sorted(budgets.items()) if b != common)
+    return f"at an equal budget of {common} steps" + (f", {others}" if others else "")
 
 
 def _claim_label(claim: str) -> str:
