@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from test_data import write_cifar_dir
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -167,7 +168,12 @@ def test_results_carry_provenance_and_the_report_refuses_mixed_data(tmp_path):
                                       "progress": False}))
     p = json.loads((tmp_path / "r" / "results.json").read_text())["provenance"]
     assert p == results["provenance"]
-    assert {"jacmatch", "torch", "python", "platform", "git_commit", "config_sha256", "data_sha256"} <= set(p)
+    assert {"jacmatch", "torch", "python", "platform", "machine", "git_commit", "config_sha256",
+            "data_sha256"} <= set(p)
+    # bit-identical reruns hold per processor and thread count, so the record names both
+    assert p["machine"]["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert p["machine"]["threads"] == torch.get_num_threads() and p["machine"]["processor"]
+    assert "gpu" not in p["machine"]  # it ran on the CPU
     assert len(p["config_sha256"]) == 64 and len(p["data_sha256"]) == 64
     assert p["git_commit"] is None or len(p["git_commit"].split("+")[0]) == 40
     check_one_data_set({"distill": {"provenance": {"data_sha256": "a" * 64}}})

@@ -13,7 +13,6 @@ import contextlib
 import copy
 import ctypes
 import math
-import os
 import platform
 import statistics
 import time
@@ -31,6 +30,7 @@ from ..core.losses import jacobian_matching_loss, kd_loss
 from ..core.objective import ObjectiveConfig, TransferObjective
 from ..errors import UsageError
 from ..models import create_model
+from ..training.provenance import machine
 from .common import load_json
 
 __all__ = ["main", "run_bench"]
@@ -438,11 +438,7 @@ def _vectorize_comparison(device, batch: int = 32) -> dict:
 
 
 def _machine(device) -> dict:
-    info = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-            "cpus": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads()}
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-    return info
+    return {"platform": platform.platform(), "torch": torch.__version__, **machine(device)}
 
 
 def plot_scaling(results: dict, path: str) -> None:

@@ -1,9 +1,10 @@
-"""Where a result came from: versions, platform, git commit, config and data hashes."""
+"""Where a result came from: versions, platform, machine, git commit, config and data hashes."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import platform
 import subprocess
 from functools import lru_cache
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["provenance", "git_commit", "config_sha256", "file_sha256"]
+__all__ = ["provenance", "machine", "git_commit", "config_sha256", "file_sha256"]
 
 
 @lru_cache(maxsize=1)
@@ -47,11 +48,35 @@ def config_sha256(config: dict) -> str:
     return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def provenance(config: dict | None, data_sha256: str | list | None) -> dict:
+@lru_cache(maxsize=1)
+def _cpu_model() -> str:
+    try:  # Linux names the processor here; platform.processor() is often empty there
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine(device: torch.device | str | None = None) -> dict:
+    """The hardware a number was measured on. The same code and seed give bit-identical
+    weights on one machine, not across processors: kernels differ by instruction set
+    (``cpu_capability``) and by thread count, so a record says which it had."""
+    info = {"processor": _cpu_model(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "cpus": os.cpu_count(), "threads": torch.get_num_threads()}
+    device = torch.device(device) if device is not None else None
+    if device is not None and device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def provenance(config: dict | None, data_sha256: str | list | None,
+               device: torch.device | str | None = None) -> dict:
     """The provenance keys every result file carries. ``data_sha256``: the hash of the
     data a run read (``DataSplits.data_sha256``: every image and label loaded), or
-    the list of distinct hashes of a section's runs."""
+    the list of distinct hashes of a section's runs; ``device``: the one it ran on."""
     from .. import __version__
     return {"jacmatch": __version__, "torch": torch.__version__, "python": platform.python_version(),
-            "platform": platform.platform(), "git_commit": git_commit(),
+            "platform": platform.platform(), "machine": machine(device), "git_commit": git_commit(),
             "config_sha256": config_sha256(config) if config is not None else None, "data_sha256": data_sha256}

@@ -1000,7 +1000,8 @@ def _results(cfg, data, model, teacher, history, seconds) -> dict:
             # the epochs' own time (steps, no evaluation), over every invocation: what equal compute compares
             "loop_seconds": sum(h.get("epoch_seconds", 0.0) for h in history),
             "eval_seconds": sum(h.get("eval_seconds", 0.0) for h in history),
-            "provenance": provenance(config_to_dict(cfg), data.data_sha256)}
+            "provenance": provenance(config_to_dict(cfg), data.data_sha256,
+                                     next(model.parameters(), torch.empty(0)).device)}
 
 
 def _run_state(cfg, model, optimizer, scheduler, history, epoch: int, **extra) -> dict:
