@@ -205,11 +205,10 @@ def _small_over_large(c: dict) -> tuple[float, int, int, list, list] | None:
 
 
 def _converge_findings(c: dict) -> list[str]:
-    pairs = _paired_by_n(c, "CE+KD", "CE+KD+JM")
-    if not pairs:
+    # JM's gain at convergence is the verdict "Claim (b), at convergence"; said once, there
+    if not _paired_by_n(c, "CE+KD", "CE+KD+JM"):
         return []
-    out = ["At convergence (every student early-stopped inside its maximum), adding Jacobian matching to CE+KD "
-           f"changes test accuracy by {_evidence(pairs)} (points, seeds won)."]
+    out = []
     binding = [k for k, x in c["cells"].items() if not x["inside"]]
     checks = [(k, x["val_gain"]) for k, x in c["cells"].items() if "val_gain" in x]
     out.append("Budgets at convergence: " + ("every best point lies inside its maximum" if not binding else
@@ -350,7 +349,7 @@ def _robust(r: dict | None, d: dict | None, folder: str) -> tuple[str, list[str]
             lines.append(f"| {c['row']} | {c['training_set']} | {_pm(c['acc'])} | "
                          + " | ".join(_pm(c["noisy_acc"][s]) for s in sigmas) + " |")
     lines += _budget_checks([c for c in r["cells"].values() if "val_gain" in c], "training_set")
-    findings, students = [], []
+    findings = []  # the distilled students under noise are claim (c)'s verdict: said there, once
     if d is not None:
         ns = [n for n in d["samples"] if f"CE+KD+JM|{n}" in d["cells"]]
         lines += ["", "The students of section 2 under the same noise (σ = 0.3):", "",
@@ -358,7 +357,6 @@ def _robust(r: dict | None, d: dict | None, folder: str) -> tuple[str, list[str]
         for row in ("CE+KD", "CE+KD+JM", "KD", "KD+JM"):
             if all(f"{row}|{n}" in d["cells"] for n in ns):
                 lines.append(f"| {row} | " + " | ".join(_pm(d["cells"][f"{row}|{n}"]["noisy_acc"]["0.3"]) for n in ns) + " |")
-        students = _student_noise_findings(d, ns)
         if ns:
             lines += ["", f"![students under noise]({_img(folder, 'distill_noise')})"]
     full = {c["row"]: c for c in r["cells"].values() if c["training_set"] == "full" and "val_gain" not in c}
@@ -368,7 +366,6 @@ def _robust(r: dict | None, d: dict | None, folder: str) -> tuple[str, list[str]
             if sigma == "0.1":
                 text += " (clean: " + ", ".join(f"{row} {_pm(c['acc'])}%" for row, c in full.items()) + ")"
             findings.append(f"Robustness (full training set, test noise σ = {sigma}): {text}.")
-    findings += students
     return "\n".join(lines) + f"\n\n![robustness]({_img(folder, 'robustness')})\n", findings
 
 
@@ -383,17 +380,6 @@ def _budget_checks(cells: list[dict], where: str) -> list[str]:
         flag = "" if abs(c["val_gain"]) < 0.5 else " **not converged**"
         lines.append(f"| {c['row']} | {c[where]} | {c['epochs']} | {c['val_gain']:+.1f}{flag} | {c['test_gain']:+.1f} |")
     return lines
-
-
-def _student_noise_findings(d: dict, ns: list) -> list[str]:
-    """CE+KD+JM against CE+KD under test noise σ = 0.3, paired by seed, for each n."""
-    parts = []
-    for n in ns:
-        kd, jm = d["cells"].get(f"CE+KD|{n}"), d["cells"].get(f"CE+KD+JM|{n}")
-        if kd and jm and "0.3" in kd["noisy_acc"]:
-            parts.append(f"n={n}: {_paired(kd['noisy_acc']['0.3']['values'], jm['noisy_acc']['0.3']['values'])[1]}")
-    return ["Distilled students under test noise σ = 0.3: CE+KD+JM against CE+KD, " + ", ".join(parts)
-            + " points (paired by seed)."] if parts else []
 
 
 def _transfer(t: dict | None) -> tuple[str, list[str]]:
@@ -604,9 +590,8 @@ def render_report(sections: dict, folder: str = "paper", gradients: bool = True)
     t, d, r, tr, v, c = (sections.get(k) for k in SECTIONS)
     distill_md, f_distill = _distill(d, folder)
     converge_md, f_converge = _converge(c, folder)
-    if c is not None:  # the 400-step view is what it is: an equal budget
-        f_distill = [f.replace("Distillation on Fashion-MNIST", "Distillation on Fashion-MNIST at an equal budget "
-                               "(section 2's steps)", 1) for f in f_distill]
+    if c is not None:  # JM's gains at an equal budget are the verdict "Claim (b), at an equal budget of …"
+        f_distill = [f for f in f_distill if not f.startswith("Distillation on Fashion-MNIST")]
     robust_md, f_robust = _robust(r, d, folder)
     transfer_md, f_transfer = _transfer(tr)
     verify_md, f_verify = _verify(v, folder)
