@@ -459,12 +459,16 @@ def _one_line(text: str) -> str:
 
 
 def _warning_line(command: str):
-    """jacmatch's own warnings as one line on stderr; others as Python shows them."""
-    default = warnings.showwarning
+    """jacmatch's own warnings as one line on stderr, each text once (a section loads its
+    teacher once per run); others as Python shows them."""
+    default, shown = warnings.showwarning, set()
 
     def show(message, category, filename, lineno, file=None, line=None):
         if category.__module__.startswith("jacmatch"):
-            print(f"jacmatch {command}: warning: {_one_line(str(message))}", file=sys.stderr)
+            text = f"jacmatch {command}: warning: {_one_line(str(message))}"
+            if text not in shown:
+                shown.add(text)
+                print(text, file=sys.stderr)
         else:
             default(message, category, filename, lineno, file, line)
     return show

@@ -409,6 +409,17 @@ def test_a_newer_format_is_refused_and_another_version_loads_with_one_line(tmp_p
         load_checkpoint(path)
 
 
+def test_a_warning_said_again_is_shown_once_on_the_command_line(capsys):
+    """A section loads its teacher once per run: its version warning is one line, not one per run."""
+    from jacmatch.cli import _warning_line
+    show = _warning_line("experiment")
+    for text in ("t.pt was written by jacmatch 0.1.0", "t.pt was written by jacmatch 0.1.0", "u.pt was written"):
+        show(VersionWarning(text), VersionWarning, "f.py", 1)
+    assert capsys.readouterr().err.splitlines() == [
+        "jacmatch experiment: warning: t.pt was written by jacmatch 0.1.0",
+        "jacmatch experiment: warning: u.pt was written"]
+
+
 def test_format_1_checkpoints_still_load(tmp_path):
     """The committed teachers were written in format 1 (the payload's hash only)."""
     root = Path(__file__).resolve().parents[1]
