@@ -79,8 +79,12 @@ def test_every_experiment_section_and_the_report_quick(tmp_path):
     robust, transfer = (json.loads((out / f"{k}.json").read_text()) for k in ("robustness", "transfer"))
     assert {"CE (2× epochs)|full", "CE (2× epochs)|10"} <= set(robust["cells"])
     assert {"CE (scratch) (2× epochs)|5", "CE+AT (2× epochs)|5"} <= set(transfer["cells"])
-    assert transfer["cells"]["CE+AT (2× epochs)|5"]["epochs"] == 2 * json.loads(
-        (tmp_path / "runs" / "paper" / "quick" / "transfer" / "CE_AT_n5_s0" / "results.json").read_text())["epochs"]
+    for section, at, check in ((robust, "full", "CE (2× epochs)|full"), (transfer, 5, "CE+AT (2× epochs)|5")):
+        rows = [c for k, c in section["cells"].items() if k.endswith(f"|{at}") and "val_gain" not in c]
+        assert {c["epochs"] for c in rows} == {rows[0]["epochs"]}  # one budget for every row, grown or not
+        assert section["cells"][check]["epochs"] == 2 * rows[0]["epochs"]
+        assert rows[0]["epochs"] == section["base_epochs"] * 2 ** len(rows[0]["grown_from"])
+        assert section["cells"][check]["val_gain"] < 0.5 or len(rows[0]["grown_from"]) == 1  # the quick profile's
     assert report.count("Budget check: the baselines trained for twice their epochs") == 2
     # A fresh clone: no runs/ folder. The section reuses the committed run records and trains nothing.
     assert len(list((out / "runs" / "distill").glob("*.json"))) == len(list((tmp_path / "runs" / "paper" / "quick"
@@ -95,6 +99,54 @@ def test_every_experiment_section_and_the_report_quick(tmp_path):
         + sum(s["train_seconds"] for s in distill["selection"].values()))
     assert (out / "distill_noise.png").is_file()
     assert "students under noise" in report
+
+
+def _fake_rows(val_acc: dict, trained: list):
+    """A section's ``rows`` for ``paper._until_converged``: one seed, the given validation
+    accuracy at each number of epochs, as many seconds as epochs."""
+    from jacmatch.experiments.common import summarize_runs
+
+    def rows(epochs, only=("CE", "noise")):
+        out = {}
+        for row in only:
+            trained.append((row, epochs))
+            runs = [{"final": {"test": {"acc": val_acc[epochs]}, "val": {"acc": val_acc[epochs]}},
+                     "train_seconds": float(epochs), "student_parameters": 1, "epochs": epochs}]
+            out[row] = {"row": row, "epochs": epochs, **summarize_runs(runs), "runs": runs}
+        return out
+    return rows
+
+
+def test_a_section_doubles_its_epochs_while_its_baseline_still_gains_at_twice_them():
+    from dataclasses import replace
+
+    from jacmatch.experiments import paper
+    lay = paper.Layout(profile=replace(paper.FULL, budget_growths=2))
+    trained = []  # CE gains 3 points from 8 to 16 epochs, then 0.2 from 16 to 32: 16 epochs it is
+    cells, checks, epochs, growth = paper._until_converged(lay, 8, _fake_rows({8: .80, 16: .83, 32: .832}, trained),
+                                                           ("CE",))
+    assert epochs == 16 and {c["epochs"] for c in cells.values()} == {16} and set(cells) == {"CE", "noise"}
+    assert growth["grown_from"] == [8] and growth["val_gains"] == [{"CE": pytest.approx(3.0)}]
+    assert checks["CE"]["row"] == "CE (2× epochs)" and checks["CE"]["epochs"] == 32
+    assert checks["CE"]["val_gain"] == pytest.approx(0.2)
+    assert growth["seconds_left_behind"] == 16.0  # CE and noise at 8 epochs; CE at 16 is the next rows' own
+    assert trained == [("CE", 8), ("noise", 8), ("CE", 16), ("CE", 16), ("noise", 16), ("CE", 32)]
+    # a baseline that never settles grows as often as the profile lets it, then stops, its check shown
+    cells, checks, epochs, growth = paper._until_converged(lay, 8, _fake_rows({8: .5, 16: .6, 32: .7, 64: .8}, []),
+                                                           ("CE",))
+    assert epochs == 32 and growth["grown_from"] == [8, 16] and checks["CE"]["val_gain"] == pytest.approx(10.0)
+    # where it has converged at once, nothing grows
+    _, checks, epochs, growth = paper._until_converged(lay, 8, _fake_rows({8: .8, 16: .804}, []), ("CE",))
+    assert epochs == 8 and growth == {"grown_from": [], "val_gains": [], "seconds_left_behind": 0.0}
+
+
+def test_a_baseline_at_twice_its_epochs_is_the_run_its_row_grows_into():
+    """The check's folder at twice the epochs is the row's own at them, so growing reuses it;
+    the config's epochs keep the names the committed records have."""
+    from jacmatch.experiments.paper import _epochs_tag
+    assert _epochs_tag("CE_full_s0", 8, 8) == "CE_full_s0"
+    assert _epochs_tag("CE_full_s0", 16, 8) == "CE_full_e16_s0"
+    assert _epochs_tag("finetune_n5_s12", 32, 8) == "finetune_n5_e32_s12"
 
 
 def test_every_paper_student_takes_the_same_number_of_steps():

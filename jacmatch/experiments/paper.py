@@ -87,6 +87,7 @@ class Profile:
     converge_every: int = 2  # ... one evaluation every this many epochs (6,000 validation images each)
     converge_min_delta: float = 0.001  # ... better: by more than 0.1 point (6 of 6,000 validation images)
     converge_growths: int = 2  # ... and how often a maximum that binds is doubled
+    budget_growths: int = 2  # how often sections 3 and 4 double their epochs while a baseline still gains at twice them
 
 
 FULL = Profile(
@@ -117,7 +118,8 @@ QUICK = Profile(  # a smoke run of every section: digits, tiny grids, one seed
     overrides={"data": {"name": "digits", "augment": False}, "eval": {"every": 1},
                "optim": {"epochs": 2, "min_steps_per_epoch": 2, "batch_size": 64}},
     budget_epochs=False, committed_teacher=False, verify={"num_sigmas": 5, "num_draws": 100_000},
-    budget_check_samples=5, converge_steps=12, converge_patience=2, converge_growths=1, converge_every=1)
+    budget_check_samples=5, converge_steps=12, converge_patience=2, converge_growths=1, converge_every=1,
+    budget_growths=1)
 
 PROFILES = {p.name: p for p in (FULL, QUICK)}
 
@@ -572,14 +574,16 @@ ROBUST_ROWS = {
 
 
 DOUBLED_EPOCHS = "CE (2× epochs)"
+CONVERGED_GAIN = 0.5  # points of validation accuracy: a baseline that gains less at twice its epochs has converged
 
 
-def _doubled(lay, config, folder, tag, seed, objective, n, **over) -> dict:
-    """A baseline run of section config ``config`` with twice its epochs (the budget check)."""
-    values = run_config(config, lay.profile, out_dir=str(lay.runs / folder / tag), seed=seed,
-                        data={"samples_per_class": n}, objective=objective, **over)
-    values["optim"]["epochs"] *= 2
-    return lay.train(values)
+def _epochs_tag(tag: str, epochs: int, base: int) -> str:
+    """A run's folder name at ``epochs``: ``CE_full_s0`` at the config's, ``CE_full_e16_s0``
+    at others; a baseline at twice the epochs is the same run as that row grown to them."""
+    if epochs == base:
+        return tag
+    head, seed = tag.rsplit("_s", 1)
+    return f"{head}_e{epochs}_s{seed}"
 
 
 def _check_cell(cell: dict, doubled: list[dict]) -> dict:
@@ -590,29 +594,64 @@ def _check_cell(cell: dict, doubled: list[dict]) -> dict:
             "test_gain": 100 * (twice["acc"]["mean"] - cell["acc"]["mean"])}
 
 
+def _until_converged(lay: Layout, base: int, rows, baselines: tuple[str, ...]) -> tuple[dict, dict, int, dict]:
+    """A section's rows trained as long as their baselines need: ``rows(epochs)`` trains
+    every row at ``epochs`` (one cell per row); each baseline also at twice them (the
+    budget check). While a baseline still gains ``CONVERGED_GAIN`` or more of validation
+    accuracy there, every row is trained again at twice the epochs (at most
+    ``budget_growths`` times); a baseline's check is then its row's own run. Returns
+    (cells, checks, epochs, growth): the cells without their runs, with the epochs grown
+    from and the gains that grew them; ``growth`` has those and the training seconds of the
+    rows left behind."""
+    epochs, growth = base, {"grown_from": [], "val_gains": [], "seconds_left_behind": 0.0}
+    while True:
+        cells, twice = rows(epochs), rows(2 * epochs, only=baselines)
+        checks = {row: {**_check_cell(cells[row], twice[row]["runs"]), "row": f"{row} (2× epochs)"} for row in baselines}
+        if (all(c["val_gain"] < CONVERGED_GAIN for c in checks.values())
+                or len(growth["grown_from"]) == lay.profile.budget_growths):
+            kept = {"grown_from": growth["grown_from"], "gains_grown_from": growth["val_gains"]}
+            return ({row: {k: v for k, v in c.items() if k != "runs"} | kept for row, c in cells.items()}, checks,
+                    epochs, growth)
+        growth["grown_from"].append(epochs)
+        growth["val_gains"].append({row: c["val_gain"] for row, c in checks.items()})
+        # the baselines' runs at twice the epochs are the next rows' own: not left behind
+        growth["seconds_left_behind"] += sum(c["train_seconds"] for c in cells.values())
+        epochs *= 2
+
+
 def robustness_section(lay: Layout) -> dict:
+    """Training with noise and with the Jacobian penalty against CE, tested under noise, on
+    the full set and on n per class; all rows at the epochs that CE needs (grown while CE at
+    twice them still gains on validation)."""
     out, profile = lay.out, lay.profile
     start = time.time()
-    cells = {}
+    cells, left_behind = {}, 0.0
+    base = run_config("robustness", profile)["optim"]["epochs"]
     for subset in profile.robust_subsets:
-        for row, obj in ROBUST_ROWS.items():
-            results = []
-            for seed in profile.robust_seeds:
-                tag = f"{row.split()[0]}_{'full' if subset is None else f'n{subset}'}_s{seed}"
-                results.append(lay.train(run_config("robustness", profile, out_dir=str(lay.runs / "robustness" / tag),
-                                                    seed=seed, data={"samples_per_class": subset}, objective=obj)))
-            key = f"{row}|{'full' if subset is None else subset}"
-            cells[key] = {"row": row, "training_set": "full" if subset is None else f"{subset} per class",
-                          "objective": obj, **summarize_runs(results)}
-            print(f"  {key:<30} clean {100 * cells[key]['acc']['mean']:.1f}   [{time.time() - start:.0f} s]")
-        # the budget check: the baseline trained for twice its epochs
         where = "full" if subset is None else subset
-        doubled = [_doubled(lay, "robustness", "robustness", f"CE2x_{'full' if subset is None else f'n{subset}'}_s{s}",
-                            s, ROBUST_ROWS["CE"], subset) for s in profile.robust_seeds]
-        cells[f"{DOUBLED_EPOCHS}|{where}"] = {**_check_cell(cells[f"CE|{where}"], doubled), "row": DOUBLED_EPOCHS,
-                                              "training_set": cells[f"CE|{where}"]["training_set"]}
-    summary = {"sigma_train": SIGMA_TRAIN, "seeds": list(profile.robust_seeds), "cells": cells,
-               "section_seconds": time.time() - start, "run_seconds": _run_seconds(cells)}
+        training_set = "full" if subset is None else f"{subset} per class"
+
+        def rows(epochs, only=tuple(ROBUST_ROWS), subset=subset, training_set=training_set):
+            out = {}
+            for row in only:
+                results = [lay.train(run_config(
+                    "robustness", profile, seed=seed, data={"samples_per_class": subset}, objective=ROBUST_ROWS[row],
+                    optim={"epochs": epochs}, out_dir=str(lay.runs / "robustness" / _epochs_tag(
+                        f"{row.split()[0]}_{'full' if subset is None else f'n{subset}'}_s{seed}", epochs, base))))
+                    for seed in profile.robust_seeds]
+                out[row] = {"row": row, "training_set": training_set, "objective": ROBUST_ROWS[row], "epochs": epochs,
+                            **summarize_runs(results), "runs": results}
+            return out
+        grown_cells, checks, epochs, growth = _until_converged(lay, base, rows, ("CE",))
+        left_behind += growth["seconds_left_behind"]
+        for row, cell in grown_cells.items():
+            cells[f"{row}|{where}"] = cell
+            print(f"  {row}|{where:<24} {epochs} epochs, clean {100 * cell['acc']['mean']:.1f}   "
+                  f"[{time.time() - start:.0f} s]", flush=True)
+        cells[f"{DOUBLED_EPOCHS}|{where}"] = {**checks["CE"], "row": DOUBLED_EPOCHS, "training_set": training_set}
+    summary = {"sigma_train": SIGMA_TRAIN, "seeds": list(profile.robust_seeds), "cells": cells, "base_epochs": base,
+               "section_seconds": time.time() - start,
+               "run_seconds": _run_seconds(cells, {"train_seconds": left_behind})}
     write_json_atomic(out / "robustness.json", with_provenance(summary, run_config("robustness", profile)))
     return summary
 
@@ -627,17 +666,26 @@ TRANSFER_ROWS = {  # δ (AT) and δ_J (its Jacobians) chosen on validation, in t
 ORACLE = "fine-tune teacher (oracle)"
 
 
-def _transfer_student(lay, tag, n, seed, objective, teacher) -> dict:
-    return lay.train(run_config("transfer", lay.profile, out_dir=str(lay.runs / "transfer" / f"{tag}_n{n}_s{seed}"),
-                                seed=seed, teacher=teacher, data={"samples_per_class": n}, objective=objective))
+def _transfer_epochs(profile: Profile) -> int:
+    return run_config("transfer", profile)["optim"]["epochs"]
 
 
-def _fine_tune(lay, n, seed, source: dict, target: Path) -> dict:
+def _transfer_student(lay, tag, n, seed, objective, teacher, epochs: int | None = None) -> dict:
+    """A target-task student; ``epochs``: the config's when None."""
+    base = _transfer_epochs(lay.profile)
+    epochs = epochs or base
+    return lay.train(run_config("transfer", lay.profile, seed=seed, teacher=teacher, data={"samples_per_class": n},
+                                objective=objective, optim={"epochs": epochs}, out_dir=str(
+                                    lay.runs / "transfer" / _epochs_tag(f"{tag}_n{n}_s{seed}", epochs, base))))
+
+
+def _fine_tune(lay, n, seed, source: dict, target: Path, epochs: int) -> dict:
     """The teacher's own network and weights (5 classes each side), fine-tuned."""
-    return lay.train(run_config("transfer", lay.profile, out_dir=str(lay.runs / "transfer" / f"finetune_n{n}_s{seed}"),
-                                seed=seed, data={"samples_per_class": n}, init_from=str(target),
-                                model={"name": source["config"]["model"]["name"]},
-                                objective={"alpha": 1.0, "at_layers": []}))
+    base = _transfer_epochs(lay.profile)
+    return lay.train(run_config("transfer", lay.profile, seed=seed, data={"samples_per_class": n}, init_from=str(target),
+                                model={"name": source["config"]["model"]["name"]}, optim={"epochs": epochs},
+                                objective={"alpha": 1.0, "at_layers": []},
+                                out_dir=str(lay.runs / "transfer" / _epochs_tag(f"finetune_n{n}_s{seed}", epochs, base))))
 
 
 def transfer_section(lay: Layout) -> dict:
@@ -652,26 +700,32 @@ def transfer_section(lay: Layout) -> dict:
     delta_j, sel_jm = _select(lay, "delta_jacobian", _placeholder(
         lay, {"alpha": 1.0, "delta": delta, "delta_jacobian": "δ_J"}, str(target), _transfer_student))
     weights = {"δ": delta, "δ_J": delta_j}
-    cells = {}
+    cells, left_behind, base = {}, 0.0, _transfer_epochs(profile)
     for n in profile.transfer_samples:
-        for row, objective in {**TRANSFER_ROWS, ORACLE: None}.items():
-            results = [_fine_tune(lay, n, seed, source, target) if objective is None else
-                       _transfer_student(lay, row.split()[0].replace("+", "_"), n, seed, _fill(objective, weights),
-                                         str(target)) for seed in profile.seeds]
-            cells[f"{row}|{n}"] = {"row": row, "samples_per_class": n, **summarize_runs(results)}
-            print(f"  {row:<28} n={n:<3} test {100 * cells[f'{row}|{n}']['acc']['mean']:.1f}   "
-                  f"[{time.time() - start:.0f} s]")
-        for row in ("CE (scratch)", "CE+AT"):  # the baselines of claim (d) at twice their epochs
-            objective = _fill(TRANSFER_ROWS[row], weights)
-            doubled = [_doubled(lay, "transfer", "transfer", f"{row.split()[0].replace('+', '_')}2x_n{n}_s{seed}",
-                                seed, objective, n, teacher=str(target)) for seed in profile.seeds]
-            cells[f"{row} (2× epochs)|{n}"] = {**_check_cell(cells[f"{row}|{n}"], doubled),
-                                              "row": f"{row} (2× epochs)", "samples_per_class": n}
+        def rows(epochs, only=(*TRANSFER_ROWS, ORACLE), n=n):
+            out = {}
+            for row in only:
+                objective = TRANSFER_ROWS.get(row)
+                results = [_fine_tune(lay, n, seed, source, target, epochs) if objective is None else
+                           _transfer_student(lay, row.split()[0].replace("+", "_"), n, seed, _fill(objective, weights),
+                                             str(target), epochs) for seed in profile.seeds]
+                out[row] = {"row": row, "samples_per_class": n, "epochs": epochs, **summarize_runs(results),
+                            "runs": results}
+            return out
+        # the baselines of claim (d): CE from scratch and CE+AT
+        grown_cells, checks, epochs, growth = _until_converged(lay, base, rows, ("CE (scratch)", "CE+AT"))
+        left_behind += growth["seconds_left_behind"]
+        for row, cell in grown_cells.items():
+            cells[f"{row}|{n}"] = cell
+            print(f"  {row:<28} n={n:<3} {epochs} epochs, test {100 * cell['acc']['mean']:.1f}   "
+                  f"[{time.time() - start:.0f} s]", flush=True)
+        for check in checks.values():
+            cells[f"{check['row']}|{n}"] = {**check, "samples_per_class": n}
     summary = {"source_teacher": {"test": source["final"]["test"], "checkpoint": str(target),
                                   "train_seconds": source["train_seconds"]},
                "selection": {"delta": sel_at, "delta_jacobian": sel_jm},
-               "seeds": list(profile.seeds), "cells": cells, "section_seconds": time.time() - start,
-               "run_seconds": _run_seconds(cells, source, sel_at, sel_jm)}
+               "seeds": list(profile.seeds), "cells": cells, "base_epochs": base, "section_seconds": time.time() - start,
+               "run_seconds": _run_seconds(cells, source, sel_at, sel_jm, {"train_seconds": left_behind})}
     write_json_atomic(out / "transfer.json", with_provenance(summary, run_config("transfer", profile)))
     return summary
 
