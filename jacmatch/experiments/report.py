@@ -208,14 +208,12 @@ def _converge_findings(c: dict) -> list[str]:
     # JM's gain at convergence is the verdict "Claim (b), at convergence"; said once, there
     if not _paired_by_n(c, "CE+KD", "CE+KD+JM"):
         return []
-    out = []
     binding = [k for k, x in c["cells"].items() if not x["inside"]]
     checks = [(k, x["val_gain"]) for k, x in c["cells"].items() if "val_gain" in x]
-    out.append("Budgets at convergence: " + ("every best point lies inside its maximum" if not binding else
-               f"**the maximum still binds for {', '.join(binding)}**") + "; with twice the patience, CE and CE+KD "
-               "change validation accuracy by " + ", ".join(f"{k.split('|')[0].split(' (')[0]} n={k.split('|')[1]}: "
-                                                            f"{g:+.1f}" for k, g in checks) + " points.")
-    return out
+    return ["Budgets at convergence: " + ("every best point lies inside its maximum" if not binding else
+            f"**the maximum still binds for {', '.join(binding)}**") + "; with twice the patience, CE and CE+KD "
+            "change validation accuracy by " + ", ".join(f"{k.split('|')[0].split(' (')[0]} n={k.split('|')[1]}: "
+                                                         f"{g:+.1f}" for k, g in checks) + " points."]
 
 
 def _budget_at_check(d: dict) -> str:
