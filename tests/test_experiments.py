@@ -233,6 +233,15 @@ def test_results_carry_provenance_and_the_report_refuses_mixed_data(tmp_path):
         check_one_data_set({"distill": {"provenance": {"data_sha256": ["a" * 64, "b" * 64]}}})
 
 
+def test_a_budget_check_flags_a_gain_as_not_converged_and_names_a_loss():
+    """One-sided, as the growth rule is: a baseline worse at twice its budget was not held back by it."""
+    from jacmatch.experiments.common import CONVERGED_GAIN
+    from jacmatch.experiments.report import _check_flag
+    assert _check_flag(CONVERGED_GAIN - 0.01) == "" and _check_flag(-CONVERGED_GAIN + 0.01) == ""
+    assert _check_flag(CONVERGED_GAIN) == " **not converged**" and _check_flag(3.0) == " **not converged**"
+    assert _check_flag(-2.1) == " (lower when trained longer)"
+
+
 def test_report_regenerates_the_committed_report_byte_for_byte(tmp_path, monkeypatch):
     """REPORT.md, BENCHMARKS.md and the README's findings are what `jacmatch report` makes
     of the committed JSONs: nothing in them was typed by hand or left stale."""

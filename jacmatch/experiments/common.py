@@ -12,7 +12,12 @@ from ..atomic import write_json_atomic
 from ..training import TeacherGradients, config_from_dict, train
 from ..training.config import config_to_dict
 
-__all__ = ["run_or_load", "write_record", "load_json", "summarize", "summarize_runs", "with_provenance", "data_hashes"]
+__all__ = ["CONVERGED_GAIN", "run_or_load", "write_record", "load_json", "summarize", "summarize_runs",
+           "with_provenance", "data_hashes"]
+
+
+# points of validation accuracy: a baseline that gains less at twice its budget has converged
+CONVERGED_GAIN = 0.5
 
 
 def run_or_load(values: dict, teacher_gradients: TeacherGradients | None = None, data_cache: dict | None = None,

@@ -25,7 +25,7 @@ from ..atomic import write_json_atomic
 from ..errors import UsageError
 from ..training import TeacherGradients, load_checkpoint
 from ..training.config import load_config, merge_values
-from .common import load_json, run_or_load, summarize, summarize_runs, with_provenance
+from .common import CONVERGED_GAIN, load_json, run_or_load, summarize, summarize_runs, with_provenance
 from .figures import plot_gradients
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "paper"
@@ -574,7 +574,6 @@ ROBUST_ROWS = {
 
 
 DOUBLED_EPOCHS = "CE (2× epochs)"
-CONVERGED_GAIN = 0.5  # points of validation accuracy: a baseline that gains less at twice its epochs has converged
 
 
 def _epochs_tag(tag: str, epochs: int, base: int) -> str:
