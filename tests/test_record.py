@@ -109,7 +109,7 @@ def test_a_teacher_replaced_at_the_same_path_is_refused_on_resume(tmp_path, teac
     shutil.copyfile(teacher, path)
     run = ["distill", "--teacher", path, "--dataset", "synthetic", *SMALL, "--samples-per-class", "4",
            "--out", tmp_path / "s"]
-    assert jacmatch(*run, "--set", "optim.epochs=1").returncode == 0
+    assert cli(*run, "--set", "optim.epochs=1") == 0
     from jacmatch.training.provenance import file_sha256
     old = file_sha256(path)
     shutil.copyfile(other_teacher, path)
@@ -119,14 +119,17 @@ def test_a_teacher_replaced_at_the_same_path_is_refused_on_resume(tmp_path, teac
 
 
 @pytest.mark.slow
-def test_a_relative_teacher_path_from_another_folder_is_checked_by_content(tmp_path, teacher, other_teacher):
+def test_a_relative_teacher_path_from_another_folder_is_checked_by_content(tmp_path, teacher, other_teacher,
+                                                                         monkeypatch):
     here, there = tmp_path / "here", tmp_path / "there"
     here.mkdir(), there.mkdir()
     shutil.copyfile(teacher, here / "t.pt")
     shutil.copyfile(other_teacher, there / "t.pt")
     run = ["distill", "--teacher", "t.pt", "--dataset", "synthetic", *SMALL, "--samples-per-class", "4",
            "--out", tmp_path / "s"]
-    assert jacmatch(*run, "--set", "optim.epochs=1", cwd=here).returncode == 0
+    with monkeypatch.context() as m:
+        m.chdir(here)
+        assert cli(*run, "--set", "optim.epochs=1") == 0
     refused(jacmatch(*run, "--set", "optim.epochs=2", "--resume", cwd=there), str(there / "t.pt"), str(here / "t.pt"))
     moved = tmp_path / "moved.pt"  # the same teacher at another path: its content is what counts
     shutil.copyfile(teacher, moved)

@@ -445,7 +445,7 @@ def test_sigterm_mid_epoch_then_resume_is_bit_identical(tmp_path, teacher, proce
     common = ["-m", "jacmatch", "distill", "--teacher", teacher, "--dataset", "synthetic", "--model", "small_cnn_4",
               "--samples-per-class", "8", "--set", "objective.jm_outputs=projection", "--set", "objective.noise_sigma=0.1",
               "--set", "data.augment=true", "--set", "optim.epochs=3", "--set", "optim.batch_size=8",
-              "--set", "optim.min_steps_per_epoch=200", "--set", "progress=false", "--set", "eval.every=3"]
+              "--set", "optim.min_steps_per_epoch=100", "--set", "progress=false", "--set", "eval.every=3"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     out = tmp_path / "cut"
     process = subprocess.Popen([*launcher, *common, "--out", str(out)], env=env, stdout=subprocess.PIPE,
@@ -454,7 +454,7 @@ def test_sigterm_mid_epoch_then_resume_is_bit_identical(tmp_path, teacher, proce
     process.send_signal(signal.SIGTERM)
     _, stderr = process.communicate(timeout=120)
     state = load_checkpoint(out / "last.pt")
-    assert 0 < state["step"] <= 200 and state["epoch"] in (1, 2), stderr[-2000:]  # stopped mid-epoch
+    assert 0 < state["step"] <= 100 and state["epoch"] in (1, 2), stderr[-2000:]  # stopped mid-epoch
     if processes == 1:
         assert process.returncode == 75 and "--resume continues" in stderr, stderr[-2000:]
     resumed = subprocess.run([*launcher, *common, "--out", str(out), "--resume"], env=env, capture_output=True,
