@@ -241,6 +241,12 @@ def test_a_budget_check_flags_a_gain_as_not_converged_and_names_a_loss():
     assert _check_flag(CONVERGED_GAIN - 0.01) == "" and _check_flag(-CONVERGED_GAIN + 0.01) == ""
     assert _check_flag(CONVERGED_GAIN) == " **not converged**" and _check_flag(3.0) == " **not converged**"
     assert _check_flag(-2.1) == " (lower when trained longer)"
+    from jacmatch.experiments.report import _claim_label, _transfer_view
+    cells = {"CE+AT (2× epochs)|5": {"val_gain": -2.1}, "CE (scratch) (2× epochs)|5": {"val_gain": 0.2}, "CE|5": {}}
+    assert _transfer_view({"cells": cells}) == " (at its baselines' convergence)"
+    assert _claim_label("(d) x" + _transfer_view({"cells": cells})) == "(d), at its baselines' convergence"
+    cells["CE (scratch) (2× epochs)|5"]["val_gain"] = CONVERGED_GAIN
+    assert "a baseline still gains" in _transfer_view({"cells": cells}) and _transfer_view({"cells": {"CE|5": {}}}) == ""
 
 
 def test_report_regenerates_the_committed_report_byte_for_byte(tmp_path, monkeypatch):

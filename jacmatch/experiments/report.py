@@ -560,9 +560,20 @@ def _verdicts(sections: dict) -> list[tuple[str, str, str, str]]:
     if tr is not None:
         pairs = _paired_by_n(tr, "CE+AT", "CE+AT+JM")
         at = _paired_by_n(tr, "CE (scratch)", "CE+AT")
-        out.append((claims[3][0], _verdict(pairs), "CE+AT+JM − CE+AT, test points (seeds won): " + _evidence(pairs)
-                    + "; CE+AT − CE: " + _evidence(at), claims[3][1]))
+        out.append((claims[3][0] + _transfer_view(tr), _verdict(pairs), "CE+AT+JM − CE+AT, test points (seeds won): "
+                    + _evidence(pairs) + "; CE+AT − CE: " + _evidence(at), claims[3][1]))
     return out
+
+
+def _transfer_view(tr: dict) -> str:
+    """Where (d)'s rows were compared: at their baselines' convergence when every budget
+    check gained under CONVERGED_GAIN; nothing said for a section without checks."""
+    checks = [c for c in tr["cells"].values() if "val_gain" in c]
+    if not checks:
+        return ""
+    if all(c["val_gain"] < CONVERGED_GAIN for c in checks):
+        return " (at its baselines' convergence)"
+    return " (at the epochs' cap: a baseline still gains at twice them)"
 
 
 def _equal_budget(d: dict) -> str:
