@@ -12,12 +12,17 @@ from ..atomic import write_json_atomic
 from ..training import TeacherGradients, config_from_dict, train
 from ..training.config import config_to_dict
 
-__all__ = ["CONVERGED_GAIN", "run_or_load", "write_record", "load_json", "summarize", "summarize_runs",
+__all__ = ["CONVERGED_GAIN", "converged", "run_or_load", "write_record", "load_json", "summarize", "summarize_runs",
            "with_provenance", "data_hashes"]
 
 
 # points of validation accuracy: a baseline that gains less at twice its budget has converged
 CONVERGED_GAIN = 0.5
+
+
+def converged(val_gain: float) -> bool:
+    """The budget check's rule, one-sided: less than CONVERGED_GAIN gained at twice the budget."""
+    return val_gain < CONVERGED_GAIN
 
 
 def run_or_load(values: dict, teacher_gradients: TeacherGradients | None = None, data_cache: dict | None = None,

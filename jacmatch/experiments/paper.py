@@ -25,7 +25,7 @@ from ..atomic import write_json_atomic
 from ..errors import UsageError
 from ..training import TeacherGradients, load_checkpoint
 from ..training.config import load_config, merge_values
-from .common import CONVERGED_GAIN, load_json, run_or_load, summarize, summarize_runs, with_provenance
+from .common import converged, load_json, run_or_load, summarize, summarize_runs, with_provenance
 from .figures import plot_gradients
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "paper"
@@ -606,7 +606,7 @@ def _until_converged(lay: Layout, base: int, rows, baselines: tuple[str, ...]) -
     while True:
         cells, twice = rows(epochs), rows(2 * epochs, only=baselines)
         checks = {row: {**_check_cell(cells[row], twice[row]["runs"]), "row": f"{row} (2× epochs)"} for row in baselines}
-        if (all(c["val_gain"] < CONVERGED_GAIN for c in checks.values())
+        if (all(converged(c["val_gain"]) for c in checks.values())
                 or len(growth["grown_from"]) == lay.profile.budget_growths):
             kept = {"grown_from": growth["grown_from"], "gains_grown_from": growth["val_gains"]}
             return ({row: {k: v for k, v in c.items() if k != "runs"} | kept for row, c in cells.items()}, checks,

@@ -15,7 +15,7 @@ from pathlib import Path
 from ..atomic import write_atomic
 from ..errors import UsageError
 from .bench import write_benchmarks
-from .common import CONVERGED_GAIN, load_json
+from .common import CONVERGED_GAIN, converged, load_json
 from .figures import draw_report_figures, main_rows, noise_sigmas
 
 RESULTS = Path("results")
@@ -180,7 +180,7 @@ def _check_flag(val_gain: float) -> str:
     """A budget check's verdict, one-sided as the growth rule is: a baseline that gains
     CONVERGED_GAIN or more at twice its budget has not converged; one that loses as much is
     named too (it is not "within" the bound), but its budget did not hold it back."""
-    if val_gain >= CONVERGED_GAIN:
+    if not converged(val_gain):
         return " **not converged**"
     return " (lower when trained longer)" if val_gain <= -CONVERGED_GAIN else ""
 
@@ -571,7 +571,7 @@ def _transfer_view(tr: dict) -> str:
     checks = [c for c in tr["cells"].values() if "val_gain" in c]
     if not checks:
         return ""
-    if all(c["val_gain"] < CONVERGED_GAIN for c in checks):
+    if all(converged(c["val_gain"]) for c in checks):
         return " (at its baselines' convergence)"
     return " (at the epochs' cap: a baseline still gains at twice them)"
 
