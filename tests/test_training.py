@@ -90,6 +90,49 @@ def test_teacher_cache_gives_the_same_training(tmp_path, teacher, outputs):
     assert_same_weights(runs[True], runs[False], atol=1e-5)
 
 
+def test_the_teacher_cache_holds_what_fixed_blocks_computed_whatever_batch_a_step_holds(teacher):
+    """The cache is filled before the first step, in blocks of the training set's order; a
+    step's lookup returns those bits for any batch. With a teacher whose result depends on the
+    batch it runs in (user_models.BatchSensitive, as rounding does in the last bits), a fresh
+    pass over the step's own batch gives other targets: what a cache filled from each
+    step's unseen samples stored, and why it differed between 1 and 2 processes."""
+    from user_models import BatchSensitive
+
+    from jacmatch.models import create_model
+    from jacmatch.training import load_data, load_model
+    from jacmatch.training.cache import TeacherCache
+    cfg = config_from_dict(student_values("unused", teacher, jm_outputs="projection"))
+    data = load_data(cfg)
+    objective = jm.TransferObjective(create_model("small_cnn_4", 4, 1), BatchSensitive(load_model(teacher)[0]),
+                                     cfg.objective)
+    cache = TeacherCache(objective, len(data.train))
+    cache.fill(data.train, 8, torch.device("cpu"))
+    assert bool(cache.filled.all()) and cache.digest()["samples"] == len(data.train) == 24
+    step = [5, 17, 2]
+    (index, x, y), = data.train.batches([step])
+    got = cache(index, x, y).tensors()
+    (_, xb, yb), = data.train.batches([list(range(16, 24))])  # the block that holds sample 17
+    block = objective.teacher_targets(xb, yb, full_jacobian=True).tensors()
+    fresh = objective.teacher_targets(x, y, full_jacobian=True).tensors()
+    assert got.keys() == {("", "logits"), ("jm", "full_jac")}
+    for name in got:
+        assert torch.equal(got[name][1], block[name][1]) and not torch.equal(got[name][1], fresh[name][1]), name
+    before = cache.digest()
+    cache(index, x, y)  # a lookup computes nothing
+    assert cache.digest() == before
+
+
+def test_a_teacher_cache_over_its_budget_is_refused_in_one_line(teacher):
+    from jacmatch.models import create_model
+    from jacmatch.training import load_data, load_model
+    from jacmatch.training.cache import TeacherCache
+    cfg = config_from_dict(student_values("unused", teacher, jm_outputs="projection"))
+    data = load_data(cfg)
+    objective = jm.TransferObjective(create_model("small_cnn_4", 4, 1), load_model(teacher)[0], cfg.objective)
+    with pytest.raises(jm.UsageError, match=r"teacher cache would need .* MiB .* teacher_cache=false"):
+        TeacherCache(objective, len(data.train), max_bytes=1 << 10).fill(data.train, 8, torch.device("cpu"))
+
+
 def test_augmentation_changes_the_inputs_and_bypasses_the_cache(tmp_path, teacher):
     plain = student_values(tmp_path / "plain", teacher)
     augmented = student_values(tmp_path / "aug", teacher)

@@ -479,6 +479,7 @@ class _Run:
     history: list = field(default_factory=list)
     start_epoch: int = 0
     first_step: int = 0  # > 0: resume inside an epoch that a signal stopped
+    fill_seconds: float = 0.0  # the teacher cache's fill, counted in the first epoch this process trains
     mid_epoch: dict | None = None
     resume_rng: torch.Tensor | None = None
     changes: dict = field(default_factory=dict)  # what a resume changed, logged with its first epoch
@@ -546,6 +547,8 @@ def _train(cfg: RunConfig, resume: bool, data: DataSplits, given: bool, info: Di
             _evaluate_best(run)
     results = _results(cfg, run.data, run.model, run.teacher, run.history, time.time() - t_start)
     results["inputs"] = run.inputs
+    if run.cache is not None and run.info.is_main:  # the teacher targets this invocation trained on
+        results["teacher_cache"] = {**run.cache.digest(), "fill_seconds": run.cache.fill_seconds}
     if cfg.eval.keep_best:
         results["final"] = {**run.best_final, "train": results["final"]["train"]}
         results["best"] = best_point(run.history, cfg)
@@ -593,6 +596,8 @@ def _setup(cfg: RunConfig, resume: bool, data: DataSplits, given: bool, info: Di
     # each keeping its own samples of the global batch: the number of processes changes nothing.
     gen = torch.Generator()
     objective = TransferObjective(net, teacher, cfg.objective, generator=_draws(gen, info))
+    if teacher is not None:
+        _build_fast_teacher(objective, data, device)
     fixed_inputs = cfg.teacher_cache and objective.needs_teacher_targets and not cfg.data.augment
     run = _Run(cfg=cfg, info=info, device=device, out=out, data=data, model=model, net=net, teacher=teacher,
                objective=objective, cache=TeacherCache(objective, len(data.train)) if fixed_inputs else None,
@@ -604,7 +609,19 @@ def _setup(cfg: RunConfig, resume: bool, data: DataSplits, given: bool, info: Di
     run.trainable = [p for p in model.parameters() if p.requires_grad]  # once, not every step
     if info.is_main:
         _open_outputs(run, resume, config_file)
+    if run.cache is not None:  # the teacher's side of every sample, the same bits in every process
+        run.cache.fill(data.train, cfg.objective.teacher_chunk or cfg.optim.batch_size, device, info)
+        run.fill_seconds = run.cache.fill_seconds
     return run
+
+
+def _build_fast_teacher(objective: TransferObjective, data: DataSplits, device) -> None:
+    """The objective's fast copy of the teacher (BatchNorm folded, channels-last), built
+    from and checked on the first 8 training samples: the same decision, and the same
+    copy, in every process and whatever the first batch is."""
+    (index, x, _), = data.train.batches([list(range(min(8, len(data.train))))], keep=False)
+    if len(index):
+        objective.fast_teacher(x.to(device))
 
 
 def _draws(gen: torch.Generator, info: DistInfo):
@@ -673,7 +690,8 @@ def _train_epoch(run: _Run, epoch: int, stop: _StopOnSignal) -> tuple[int, dict[
     draws are seeded from (seed, epoch), or restored where a signal stopped it, and so are
     its seconds: a stopped epoch's time before the stop counts in its ``epoch_seconds``."""
     cfg, info = run.cfg, run.info
-    t_epoch, before = time.time(), 0.0
+    t_epoch, before = time.time(), run.fill_seconds  # the teacher's passes that the cache took ahead
+    run.fill_seconds = 0.0
     torch.manual_seed(_seed(cfg.seed, epoch, info.rank, 1))
     run.gen.manual_seed(_seed(cfg.seed, epoch, 0, 2))
     run.aug_gen.manual_seed(_seed(cfg.seed, epoch, 0, 3))
@@ -688,7 +706,7 @@ def _train_epoch(run: _Run, epoch: int, stop: _StopOnSignal) -> tuple[int, dict[
         if not info.enabled:
             torch.set_rng_state(run.resume_rng)
         sums, skipped = json.loads(run.mid_epoch["sums"]), int(run.mid_epoch["skipped"])
-        before = float(run.mid_epoch.get("seconds", 0.0))  # (older checkpoints lack it)
+        before += float(run.mid_epoch.get("seconds", 0.0))  # (older checkpoints lack it)
     todo = batches[run.first_step:]  # read ahead by the source's workers, in this order
     bar = _progress(_Sized(run.data.train.batches(todo), len(todo)), cfg, info, epoch)
     for step, (index, x, y) in enumerate(bar, start=run.first_step):
