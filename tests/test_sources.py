@@ -320,7 +320,19 @@ def test_a_bad_sample_is_skipped_and_counted_with_skip(tmp_path):
     values, root = _truncated_in_training(tmp_path, skip=True)
     train(config_from_dict(values))
     metrics = [json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
-    assert metrics[-1]["bad_samples"] >= 1 and "00002.png" in metrics[-1]["first_bad_sample"]
+    # one file, read in every epoch: counted once
+    assert [m["bad_samples"] for m in metrics] == [1, 1] and "00002.png" in metrics[-1]["first_bad_sample"]
+
+
+def test_bad_samples_are_counted_once_each_and_the_first_is_first_in_the_data_sets_order():
+    from jacmatch.data.sources import BadSamples
+    mine, theirs = BadSamples(), BadSamples()
+    mine.add([(7, "seven cannot be read"), (3, "three cannot be read")])
+    mine.add([(7, "seven cannot be read")])  # read again next epoch
+    theirs.add([(1, "one cannot be read")])
+    assert (mine.count, mine.first) == (2, "three cannot be read")
+    mine.merge(theirs.found)  # what another process found
+    assert (mine.count, mine.first) == (3, "one cannot be read")
 
 
 # ---- the paper's protocols as shipped configs -----------------------------------------------

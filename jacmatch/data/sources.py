@@ -93,15 +93,27 @@ class SampleCache:
 
 
 class BadSamples:
-    """The samples skipped so far (``on_bad_sample=skip``), owned by the run that reads."""
+    """The samples found unreadable so far (``on_bad_sample=skip``), owned by the run that
+    reads: each once, by source index, however often it was read. ``count`` and ``first``
+    (the message of the one first in the source's order) are what one process reading
+    every sample finds; :meth:`merge` adds what other processes found."""
 
     def __init__(self):
-        self.count = 0
-        self.first: str | None = None
+        self.found: dict[int, str] = {}
 
-    def add(self, messages: list[str]) -> None:
-        self.count += len(messages)
-        self.first = self.first or messages[0]
+    def add(self, found: list[tuple[int, str]]) -> None:
+        self.found.update(found)
+
+    def merge(self, found: dict[int, str]) -> None:
+        self.found.update(found)
+
+    @property
+    def count(self) -> int:
+        return len(self.found)
+
+    @property
+    def first(self) -> str | None:
+        return self.found[min(self.found)] if self.found else None
 
 
 # ---- images as tensors ----------------------------------------------------------------------
@@ -166,9 +178,10 @@ class _Fetch(torch.utils.data.Dataset):
 
 
 def _collate(items):
-    """(index, pixels as decoded, labels, errors); floats are made in the training process."""
+    """(index, pixels as decoded, labels, errors as (index, message)); floats are made in
+    the training process."""
     good = [it for it in items if it[1] is not None]
-    bad = [it[3] for it in items if it[1] is None]
+    bad = [(it[0], it[3]) for it in items if it[1] is None]
     index = torch.tensor([it[0] for it in good], dtype=torch.long)
     raw = torch.stack([it[1] for it in good]) if good else torch.zeros(0)
     return index, raw, torch.tensor([it[2] for it in good], dtype=torch.long), bad
@@ -230,9 +243,9 @@ class SampleSplit:
         bad = item[3]
         if bad:
             if self.loading.on_bad_sample != "skip":
-                raise DataError(f"{bad[0]}; nothing after the last complete checkpoint is kept: fix or remove the "
+                raise DataError(f"{bad[0][1]}; nothing after the last complete checkpoint is kept: fix or remove the "
                                 "file, or set data.on_bad_sample=skip")
-            self.bad.add(bad)
+            self.bad.add([(int(self.index[i]), message) for i, message in bad])
         return item
 
 
