@@ -143,52 +143,139 @@ def test_augmentation_changes_the_inputs_and_bypasses_the_cache(tmp_path, teache
     assert any(not torch.equal(a[k], b[k]) for k in a), "augmentation had no effect on training"
 
 
-@pytest.mark.slow
-def test_ddp_two_processes_equal_one_process(tmp_path, teacher):
-    """torchrun with 2 CPU processes (gloo), KD + JM with double backward: after a few steps
-    the parameters equal those of one process on the same global batch, to 1e-5."""
-    common = ["--teacher", teacher, "--dataset", "synthetic", "--model", "small_cnn_4",
-              "--samples-per-class", "8", "--set", "objective.beta=1", "--set", "objective.gamma=1",
-              "--set", "optim.epochs=2", "--set", "optim.batch_size=16", "--set", "progress=false",
-              "--set", "tensorboard=false", "--set", "eval.every=2"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                          "-m", "jacmatch", "distill", "--out", str(tmp_path / "ddp"),
-                          *common], capture_output=True, text=True, env=env, timeout=300)
-    assert ddp.returncode == 0, first_errors(ddp.stderr)
-    single = subprocess.run([sys.executable, "-m", "jacmatch", "distill", "--out", str(tmp_path / "one"), *common],
-                            capture_output=True, text=True, env=env, timeout=300)
-    assert single.returncode == 0, single.stderr[-3000:]
-    assert_same_weights(weights(tmp_path / "ddp" / "last.pt"), weights(tmp_path / "one" / "last.pt"), atol=1e-5)
-    # The Jacobian term was part of the distributed steps, and the two ranks split the batch.
-    metrics = [json.loads(line) for line in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()]
-    assert len(metrics) == 2 and metrics[-1]["train"]["jm"] > 0
-    assert metrics[0]["steps"] == 2  # 4 classes × 8 samples / global batch 16, each rank 8 per step
+def _ddp_case(out, teacher, *, batch_sensitive=True, poison=None, **over) -> dict:
+    """A 3-epoch run (samples move between processes) of 32 synthetic samples, global batch 16."""
+    values = student_values(out, teacher)
+    values["data"]["samples_per_class"] = 8
+    values["optim"].update(epochs=3, batch_size=16)
+    values["eval"]["every"] = 3
+    for key, value in over.items():  # "objective.jm_outputs": ..., "eval": {...}
+        section, _, name = key.partition(".")
+        if name:
+            values.setdefault(section, {})[name] = value
+        else:
+            values[section] = {**values.get(section, {}), **value} if isinstance(value, dict) else value
+    return {"values": values, "batch_sensitive": batch_sensitive, "poison": poison}
+
+
+@pytest.fixture(scope="module")
+def fashion_teacher(tmp_path_factory):
+    """A max-pooling CNN teacher on Fashion-MNIST (flat backgrounds: its max-pool ties are
+    exact, and broken by rounding), trained for one epoch."""
+    out = tmp_path_factory.mktemp("fashion-teacher")
+    values = {"out_dir": str(out), "data": {"name": "fashion-mnist"}, "model": {"name": "small_cnn_8"},
+              "objective": {"beta": 0.0, "gamma": 0.0}, "optim": {"epochs": 1, "batch_size": 128},
+              "eval": {"noise_sigmas": [], "jacobian_cosine": False}, **QUIET}
+    train(config_from_dict(values))
+    return str(out / "last.pt")
+
+
+def _fashion_case(out, teacher, outputs) -> dict:
+    """The issue's reproduction on the real data (200 samples, global batch 64, 3 epochs), at
+    lr 0.01: at its lr of 0.05 a ReLU student's input Jacobian jumps where rounding moves an
+    activation across zero, and 1 and 2 processes part by 1e-4 with or without the cache."""
+    values = {"out_dir": str(out), "teacher": teacher, "data": {"name": "fashion-mnist", "samples_per_class": 20},
+              "model": {"name": "lenet5"}, "objective": {"jm_outputs": outputs},
+              "optim": {"epochs": 3, "batch_size": 64, "lr": 0.01},
+              "eval": {"every": 3, "noise_sigmas": [], "jacobian_cosine": False}, **QUIET}
+    return {"values": values, "batch_sensitive": False, "poison": None}
+
+
+def _folder_with_a_truncated_image(root: Path) -> Path:
+    from test_sources import pixels, write_folder
+    write_folder(root, *pixels(40))
+    data = (root / "class_2" / "00002.png").read_bytes()
+    (root / "class_2" / "00002.png").write_bytes(data[: len(data) // 2])
+    return root
+
+
+def _bad_samples_case(out, folder) -> dict:
+    """CE over a folder of 40 PNGs, one truncated and skipped: one process's batch holding it
+    is one short, and so is the share of the one process of two that holds it."""
+    values = {"out_dir": str(out), "data": {"name": f"imagefolder:{folder}", "samples_per_class": None,
+                                            "val_size": 0.0, "mean": [0.3], "std": [0.3], "workers": 0,
+                                            "on_bad_sample": "skip"},
+              "model": {"name": "small_cnn_4"}, "objective": {"beta": 0.0, "gamma": 0.0},
+              "optim": {"epochs": 3, "batch_size": 8}, "eval": {"noise_sigmas": [0.1]}, **QUIET}
+    return {"values": values, "batch_sensitive": False, "poison": None}
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name,settings", [
-    ("projection+noise+augment", ["--set", "objective.jm_outputs=projection", "--set", "objective.num_projections=2",
-                                  "--set", "objective.noise_sigma=0.1", "--set", "data.augment=true"]),
-    ("batchnorm+sync", ["--set", "model.options.batchnorm=true", "--set", "ddp.sync_batchnorm=true"]),
-])
-def test_the_number_of_processes_does_not_change_the_result(tmp_path, teacher, name, settings):
-    """Random estimators, noise and augmentation draw per sample from one seed, and a
-    BatchNorm student normalises over the global batch (ddp.sync_batchnorm): 2 processes
-    train the weights of 1, and only rank 0 prints its result."""
-    common = ["--teacher", teacher, "--dataset", "synthetic", "--model", "small_cnn_4", "--samples-per-class", "8",
-              "--set", "objective.beta=1", "--set", "objective.gamma=1", "--set", "optim.epochs=2",
-              "--set", "optim.batch_size=16", "--set", "progress=false", "--set", "eval.every=2", *settings]
+def test_the_number_of_processes_does_not_change_the_run(tmp_path, teacher, fashion_teacher):
+    """Every run below trains alone and under torchrun with 2 CPU processes (gloo); each
+    gives the weights of one process to 1e-5, the same terms every epoch, and the same
+    record. With the teacher cache on (the default), the teacher is a BatchSensitive one
+    (tests/scripts/ddp_runs.py): a cache filled from each process's own samples gives it
+    other targets than one process's, and the weights part by far more than 1e-5; so do
+    the two Fashion-MNIST runs with the real teacher, where the cache filled some samples in
+    a batch of one, whose channels-last convolution rounds otherwise. Also: a non-finite
+    step on one process is skipped (or an fp16 overflow lowers the scale) on every
+    process, as one process with the global batch does; early stopping stops at the same
+    best point; random draws, noise and augmentation (cache off), and a BatchNorm student
+    with ddp.sync_batchnorm, train the same weights."""
+    poison = {"epoch": 2, "sample": 5}
+    def cases(root):
+        return {
+            **{f"cache-{o}": _ddp_case(root / f"cache-{o}", teacher, **{"objective.jm_outputs": o, **extra})
+               for o, extra in [("teacher_top1", {}), ("top_k", {"objective.top_k": 2}),
+                                ("projection", {"objective.num_projections": 2}),
+                                ("input_jvp", {"objective.jm_form": "sq", "objective.gamma": 0.01}),
+                                ("input_fd", {"objective.jm_form": "sq", "objective.gamma": 0.01})]},
+            **{f"cache-bn-{o}": _ddp_case(root / f"cache-bn-{o}", teacher, **{
+                "objective.jm_outputs": o, "model": {"name": "small_cnn_4", "options": {"batchnorm": True}},
+                "ddp": {"sync_batchnorm": True}}) for o in ("teacher_top1", "projection")},
+            "projection+noise+augment": _ddp_case(
+                root / "pna", teacher, batch_sensitive=False, **{
+                    "objective.jm_outputs": "projection", "objective.num_projections": 2,
+                    "objective.noise_sigma": 0.1, "data.augment": True, "data.crop_padding": 1}),
+            "nonfinite-skip": _ddp_case(root / "skip", teacher, poison=poison, nonfinite="skip"),
+            "fp16-overflow": _ddp_case(root / "fp16", teacher, poison=poison, amp="fp16"),
+            "early-stop": _ddp_case(root / "early", teacher, **{
+                "optim.epochs": 12, "optim.lr": 0.2, "eval": {"every": 1, "keep_best": True, "patience": 2}}),
+            **{f"fashion-{o}": _fashion_case(root / f"fashion-{o}", fashion_teacher, o)
+               for o in ("teacher_top1", "projection")},
+            "bad-samples": _bad_samples_case(root / "bad", folder),
+        }
+    folder = _folder_with_a_truncated_image(tmp_path / "images")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                          "-m", "jacmatch", "distill", "--out", str(tmp_path / "ddp"), *common],
-                         capture_output=True, text=True, env=env, timeout=300)
-    assert ddp.returncode == 0, first_errors(ddp.stderr)
-    assert ddp.stdout.count("test accuracy") == 1 and "nan" not in ddp.stdout, ddp.stdout
-    single = subprocess.run([sys.executable, "-m", "jacmatch", "distill", "--out", str(tmp_path / "one"), *common],
-                            capture_output=True, text=True, env=env, timeout=300)
-    assert single.returncode == 0, single.stderr[-3000:]
-    assert_same_weights(weights(tmp_path / "ddp" / "last.pt"), weights(tmp_path / "one" / "last.pt"), atol=1e-5)
+    script = str(Path(__file__).parent / "scripts" / "ddp_runs.py")
+    for launcher, root in (([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"],
+                            tmp_path / "two"), ([sys.executable], tmp_path / "one")):
+        (tmp_path / f"{root.name}.json").write_text(json.dumps(cases(root)))
+        run = subprocess.run([*launcher, script, str(tmp_path / f"{root.name}.json")], capture_output=True,
+                             text=True, env=env, timeout=600)
+        assert run.returncode == 0, first_errors(run.stderr)
+    one, two = cases(tmp_path / "one"), cases(tmp_path / "two")
+    gaps, terms = {}, {}  # each run's largest difference of weights, and of terms (relative), 1 to 2 processes
+    for name in one:
+        a, b = Path(one[name]["values"]["out_dir"]), Path(two[name]["values"]["out_dir"])
+        wa, wb = weights(a / "last.pt"), weights(b / "last.pt")
+        gaps[name] = max(float((wa[k].float() - wb[k].float()).abs().max()) for k in wa)
+        ma, mb = ([json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()] for d in (a, b))
+        assert len(ma) == len(mb), name
+        for ra, rb in zip(ma, mb):
+            assert ra["train"].keys() == rb["train"].keys(), name
+            terms[name] = max([terms.get(name, 0.0)] + [abs(rb["train"][k] - ra["train"][k]) / max(abs(ra["train"][k]), 1)
+                                                        for k in ra["train"]])
+            for k in ("steps", "skipped_steps", "overflow_steps", "loss_scale", "bad_samples", "first_bad_sample"):
+                assert ra.get(k) == rb.get(k), (name, ra["epoch"], k)
+        resa, resb = (json.loads((d / "results.json").read_text()) for d in (a, b))
+        assert resa["final"]["test"]["acc"] == resb["final"]["test"]["acc"] or gaps[name] > 1e-5, name
+        point = lambda r: {k: v for k, v in r.get("best", {}).items() if k != "loop_seconds"}  # noqa: E731
+        assert point(resa) == point(resb), name
+        cached = resa["config"]["teacher"] is not None and "augment" not in name
+        assert ("teacher_cache" in resa) == cached, name
+        if "teacher_cache" in resa:  # the same teacher targets, bit for bit
+            assert resa["teacher_cache"]["sha256"] == resb["teacher_cache"]["sha256"], name
+    # fp16: the two differ in the rounding of half-precision activations, not in a step (1.7e-3 measured)
+    tolerance = {name: 1e-2 if name == "fp16-overflow" else 1e-5 for name in one}
+    assert all(gaps[n] <= tolerance[n] and terms[n] <= tolerance[n] for n in one), (gaps, terms)
+    metrics = lambda n: [json.loads(x) for x in (tmp_path / "one" / n / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
+    assert sum(r["skipped_steps"] for r in metrics("skip")) == 1 and metrics("fp16")[1]["overflow_steps"] == 1
+    assert [r["bad_samples"] for r in metrics("bad")] == [1, 1, 1] and "00002.png" in metrics("bad")[0]["first_bad_sample"]
+    early = json.loads((tmp_path / "one" / "early" / "results.json").read_text())["best"]
+    assert early["stopped_early"] and early["inside"], early  # patience stopped it, at a point both found
+    assert metrics("cache-teacher_top1")[-1]["train"]["jm"] > 0
 
 
 def test_sharded_draws_are_the_single_process_draws_of_the_same_samples():
