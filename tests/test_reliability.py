@@ -188,23 +188,6 @@ def test_nonfinite_exits_nonzero_from_the_cli(tmp_path, teacher):
 # ---- determinism -----------------------------------------------------------------------
 
 
-@pytest.mark.slow
-def test_ddp_runs_with_the_same_seed_agree(tmp_path, teacher):
-    common = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "jacmatch",
-              "distill", "--teacher", teacher, "--dataset", "synthetic", "--model", "small_cnn_4",
-              "--samples-per-class", "8", "--set", "objective.beta=1", "--set", "objective.gamma=1",
-              "--set", "objective.jm_outputs=projection", "--set", "optim.epochs=2", "--set", "optim.batch_size=16",
-              "--set", "progress=false", "--set", "tensorboard=false"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    for name in ("a", "b"):
-        r = subprocess.run([sys.executable, *common, "--out", str(tmp_path / name)], capture_output=True,
-                           text=True, env=env, timeout=300)
-        assert r.returncode == 0, first_errors(r.stderr)
-    a, b = (load_checkpoint(tmp_path / n / "last.pt")["model"] for n in "ab")
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=0)
-
-
 # ---- hostile input: fuzzing ------------------------------------------------------------
 
 FUZZ = settings(max_examples=150, deadline=2000, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -444,8 +427,8 @@ def test_sigterm_mid_epoch_then_resume_is_bit_identical(tmp_path, teacher, proce
         if processes > 1 else [sys.executable]
     common = ["-m", "jacmatch", "distill", "--teacher", teacher, "--dataset", "synthetic", "--model", "small_cnn_4",
               "--samples-per-class", "8", "--set", "objective.jm_outputs=projection", "--set", "objective.noise_sigma=0.1",
-              "--set", "data.augment=true", "--set", "optim.epochs=3", "--set", "optim.batch_size=8",
-              "--set", "optim.min_steps_per_epoch=100", "--set", "progress=false", "--set", "eval.every=3"]
+              "--set", "data.augment=true", "--set", "optim.epochs=2", "--set", "optim.batch_size=8",
+              "--set", "optim.min_steps_per_epoch=100", "--set", "progress=false", "--set", "eval.every=2"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     out = tmp_path / "cut"
     process = subprocess.Popen([*launcher, *common, "--out", str(out)], env=env, stdout=subprocess.PIPE,
@@ -454,7 +437,7 @@ def test_sigterm_mid_epoch_then_resume_is_bit_identical(tmp_path, teacher, proce
     process.send_signal(signal.SIGTERM)
     _, stderr = process.communicate(timeout=120)
     state = load_checkpoint(out / "last.pt")
-    assert 0 < state["step"] <= 100 and state["epoch"] in (1, 2), stderr[-2000:]  # stopped mid-epoch
+    assert 0 < state["step"] < 100 and state["epoch"] == 1, stderr[-2000:]  # stopped inside the last epoch
     if processes == 1:
         assert process.returncode == 75 and "--resume continues" in stderr, stderr[-2000:]
     resumed = subprocess.run([*launcher, *common, "--out", str(out), "--resume"], env=env, capture_output=True,

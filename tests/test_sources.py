@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import QUIET, first_errors
+from conftest import QUIET
 
 from jacmatch.data import DataError, create_dataset, register_dataset
 from jacmatch.data.datasets import ImageSet
@@ -192,22 +192,6 @@ def test_the_teacher_cache_works_over_a_folder(folder, tmp_path, teacher):
 
 
 # ---- processes ----------------------------------------------------------------------------
-
-
-@pytest.mark.slow
-def test_two_torchrun_processes_over_a_folder_give_the_weights_of_one(folder, tmp_path, teacher):
-    common = ["distill", "--teacher", teacher, "--dataset", f"imagefolder:{folder}", *SMALL,
-              "--samples-per-class", "8", "--set", "objective.gamma=1", "--set", "optim.epochs=2",
-              "--set", "optim.batch_size=16", "--set", "data.workers=1"]
-    one = jacmatch(*common, "--out", tmp_path / "one")
-    assert one.returncode == 0, one.stderr[-2000:]
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                          "-m", "jacmatch", *map(str, common), "--out", str(tmp_path / "two")], env=ENV,
-                         capture_output=True, text=True, timeout=300)
-    assert two.returncode == 0, first_errors(two.stderr)
-    a, b = (load_checkpoint(tmp_path / n / "last.pt")["model"] for n in ("one", "two"))
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=0)
 
 
 @pytest.mark.slow

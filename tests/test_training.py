@@ -163,8 +163,9 @@ def fashion_teacher(tmp_path_factory):
     """A max-pooling CNN teacher on Fashion-MNIST (flat backgrounds: its max-pool ties are
     exact, and broken by rounding), trained for one epoch."""
     out = tmp_path_factory.mktemp("fashion-teacher")
-    values = {"out_dir": str(out), "data": {"name": "fashion-mnist"}, "model": {"name": "small_cnn_8"},
-              "objective": {"beta": 0.0, "gamma": 0.0}, "optim": {"epochs": 1, "batch_size": 128},
+    values = {"out_dir": str(out), "data": {"name": "fashion-mnist", "samples_per_class": 2000},
+              "model": {"name": "small_cnn_8"}, "objective": {"beta": 0.0, "gamma": 0.0},
+              "optim": {"epochs": 1, "batch_size": 128},
               "eval": {"noise_sigmas": [], "jacobian_cosine": False}, **QUIET}
     train(config_from_dict(values))
     return str(out / "last.pt")
@@ -189,14 +190,14 @@ def _folder_with_a_truncated_image(root: Path) -> Path:
     return root
 
 
-def _bad_samples_case(out, folder) -> dict:
-    """CE over a folder of 40 PNGs, one truncated and skipped: one process's batch holding it
-    is one short, and so is the share of the one process of two that holds it."""
-    values = {"out_dir": str(out), "data": {"name": f"imagefolder:{folder}", "samples_per_class": None,
-                                            "val_size": 0.0, "mean": [0.3], "std": [0.3], "workers": 0,
-                                            "on_bad_sample": "skip"},
-              "model": {"name": "small_cnn_4"}, "objective": {"beta": 0.0, "gamma": 0.0},
-              "optim": {"epochs": 3, "batch_size": 8}, "eval": {"noise_sigmas": [0.1]}, **QUIET}
+def _bad_samples_case(out, folder, teacher) -> dict:
+    """KD + JM over a folder of 40 PNGs read by a worker process, one truncated and skipped:
+    one process's batch holding it is one short, and so is the share of the one process of
+    two that holds it."""
+    values = student_values(out, teacher)
+    values["data"] = {"name": f"imagefolder:{folder}", "samples_per_class": None, "val_size": 0.0,
+                      "mean": [0.3], "std": [0.3], "workers": 1, "on_bad_sample": "skip"}
+    values["optim"].update(epochs=3, batch_size=8)
     return {"values": values, "batch_sensitive": False, "poison": None}
 
 
@@ -234,7 +235,9 @@ def test_the_number_of_processes_does_not_change_the_run(tmp_path, teacher, fash
                 "optim.epochs": 12, "optim.lr": 0.2, "eval": {"every": 1, "keep_best": True, "patience": 2}}),
             **{f"fashion-{o}": _fashion_case(root / f"fashion-{o}", fashion_teacher, o)
                for o in ("teacher_top1", "projection")},
-            "bad-samples": _bad_samples_case(root / "bad", folder),
+            "bad-samples": _bad_samples_case(root / "bad", folder, teacher),
+            "again": _ddp_case(root / "again", teacher, **{"objective.jm_outputs": "projection",
+                                                         "objective.num_projections": 2}),
         }
     folder = _folder_with_a_truncated_image(tmp_path / "images")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -263,7 +266,7 @@ def test_the_number_of_processes_does_not_change_the_run(tmp_path, teacher, fash
         assert resa["final"]["test"]["acc"] == resb["final"]["test"]["acc"] or gaps[name] > 1e-5, name
         point = lambda r: {k: v for k, v in r.get("best", {}).items() if k != "loop_seconds"}  # noqa: E731
         assert point(resa) == point(resb), name
-        cached = resa["config"]["teacher"] is not None and "augment" not in name
+        cached = "augment" not in name
         assert ("teacher_cache" in resa) == cached, name
         if "teacher_cache" in resa:  # the same teacher targets, bit for bit
             assert resa["teacher_cache"]["sha256"] == resb["teacher_cache"]["sha256"], name
@@ -276,6 +279,9 @@ def test_the_number_of_processes_does_not_change_the_run(tmp_path, teacher, fash
     early = json.loads((tmp_path / "one" / "early" / "results.json").read_text())["best"]
     assert early["stopped_early"] and early["inside"], early  # patience stopped it, at a point both found
     assert metrics("cache-teacher_top1")[-1]["train"]["jm"] > 0
+    # the same seed twice under torchrun: the same weights, bit for bit
+    assert_same_weights(weights(tmp_path / "two" / "again" / "last.pt"),
+                        weights(tmp_path / "two" / "cache-projection" / "last.pt"))
 
 
 def test_sharded_draws_are_the_single_process_draws_of_the_same_samples():
