@@ -315,7 +315,7 @@ def test_bad_samples_are_counted_once_each_and_the_first_is_first_in_the_data_se
     mine.add([(7, "seven cannot be read")])  # read again next epoch
     theirs.add([(1, "one cannot be read")])
     assert (mine.count, mine.first) == (2, "three cannot be read")
-    mine.merge(theirs.found)  # what another process found
+    mine.add(theirs.found)  # what another process found
     assert (mine.count, mine.first) == (3, "one cannot be read")
 
 

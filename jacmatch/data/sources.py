@@ -96,15 +96,13 @@ class BadSamples:
     """The samples found unreadable so far (``on_bad_sample=skip``), owned by the run that
     reads: each once, by source index, however often it was read. ``count`` and ``first``
     (the message of the one first in the source's order) are what one process reading
-    every sample finds; :meth:`merge` adds what other processes found."""
+    every sample finds, once :meth:`add` has taken what the other processes found too."""
 
     def __init__(self):
         self.found: dict[int, str] = {}
 
-    def add(self, found: list[tuple[int, str]]) -> None:
-        self.found.update(found)
-
-    def merge(self, found: dict[int, str]) -> None:
+    def add(self, found) -> None:
+        """(source index, message) pairs, or another process's ``found``."""
         self.found.update(found)
 
     @property

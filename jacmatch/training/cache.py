@@ -62,20 +62,20 @@ class TeacherCache:
         blocks = [list(range(s, min(s + block, self.size))) for s in range(0, self.size, block)]
         share = [(len(blocks) * r // info.world_size, len(blocks) * (r + 1) // info.world_size)
                  for r in range(info.world_size)]
-        if info.enabled:  # every process holds the whole store, whatever its share
-            self._allocate(split, device)
         first, end = share[info.rank]
         for index, x, y in split.batches(blocks[first:end]):
             if len(index):
                 self._store(index, self._targets(x.to(device), y.to(device)))
         if not info.enabled:
             return
+        if not self.store:  # a share with no block (or none readable) still receives the whole store
+            self._allocate(split, device)
         filled = self.filled.to(device=device, dtype=torch.uint8)
         for r, (a, b) in enumerate(share):
             lo, hi = a * block, min(b * block, self.size)
             if lo < hi:
-                for value in self.store.values():
-                    dist.broadcast(value[lo:hi], src=r)
+                for name in sorted(self.store):  # the same order in every process
+                    dist.broadcast(self.store[name][lo:hi], src=r)
                 dist.broadcast(filled[lo:hi], src=r)
         self.filled = filled.bool().cpu()
 
@@ -93,7 +93,7 @@ class TeacherCache:
         return self.objective.teacher_targets(x, y, full_jacobian=True).tensors()
 
     def _allocate(self, split, device: torch.device) -> None:
-        """The store's tensors, shaped from the first readable of the first 8 samples."""
+        """The store's tensors, shaped from the first 8 samples' targets."""
         (index, x, y), = split.batches([list(range(min(8, self.size)))], keep=False)
         if not len(index):
             raise DataError("none of the first 8 training samples can be read: the teacher cache takes the shapes "

@@ -747,16 +747,15 @@ def _train_step(run: _Run, index: torch.Tensor, x: torch.Tensor, y: torch.Tensor
     scaler = run.scaler
     with torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext():
         _, total, terms = run.objective(x, y, targets, grad_scale=float(scaler.get_scale()) if scaler else None)
-    if run.info.enabled and cfg.data.on_bad_sample == "skip":
-        # unreadable samples leave this process's share short: weigh its batch mean by its share of
-        # the global batch, so that the gradients DDP averages (and the logged terms) are the global mean
-        share = _batch_share(len(index), run.info, device)
-        total, terms = total * share, {k: v * share for k, v in terms.items()}
     values = {k: float(v.detach()) for k, v in terms.items()}
     bad = [k for k, v in values.items() if not math.isfinite(v)]
-    if run.info.enabled and _agreed(bool(bad), run.info, device) and not bad:
-        # one process holding the global batch would see the non-finite term: every process skips or stops
-        bad = ["terms of another process"]
+    if run.info.enabled:
+        share, bad_elsewhere = _agree_on_step(len(index), bool(bad), run.info, device)
+        if bad_elsewhere and not bad:  # one process holding the global batch would see it: all skip or stop
+            bad = ["terms of another process"]
+        if share != 1.0:  # unreadable samples left this share short: weigh its mean by its part of the
+            # global batch, so that the gradients DDP averages (and the logged terms) are the global mean
+            total, values = total * share, {k: v * share for k, v in values.items()}
     optimizer.zero_grad(set_to_none=True)
     overflowing = scaler is not None and run.overflows_in_a_row < MAX_OVERFLOWS_IN_A_ROW
     if overflowing and bad:
@@ -797,11 +796,12 @@ def _train_step(run: _Run, index: torch.Tensor, x: torch.Tensor, y: torch.Tensor
     return values
 
 
-def _batch_share(n: int, info: DistInfo, device) -> float:
-    """``n`` over the mean number of samples per process in this step (1.0 for equal shares)."""
-    t = torch.tensor([float(n)], device=device)
+def _agree_on_step(n: int, bad: bool, info: DistInfo, device) -> tuple[float, bool]:
+    """One all-reduce a step: this process's ``n`` samples over the mean per process (1.0
+    for equal shares), and whether any process's terms are non-finite."""
+    t = torch.tensor([float(n), 1.0 if bad else 0.0], device=device)
     dist.all_reduce(t)
-    return n * info.world_size / float(t.item())
+    return n * info.world_size / float(t[0]), bool(t[1] > 0)
 
 
 def _backward(run: _Run, loss: torch.Tensor, x: torch.Tensor) -> None:
@@ -869,11 +869,11 @@ def _end_epoch(run: _Run, epoch: int, steps: int, sums: dict, skipped: int, seco
         record["overflow_steps"], record["loss_scale"] = run.overflow_steps, float(run.scaler.get_scale())
         run.overflow_steps = 0
     bad = getattr(run.data.train, "bad", None)  # samples skipped as unreadable (data.on_bad_sample=skip)
-    if bad is not None and info.enabled:  # what every process found: the samples one process would have read
-        found: list = [None] * info.world_size
+    if bad is not None and info.enabled and cfg.data.on_bad_sample == "skip":
+        found: list = [None] * info.world_size  # what every process found: what one process would have read
         dist.all_gather_object(found, bad.found)
         for f in found:
-            bad.merge(f)
+            bad.add(f)
     if bad is not None and bad.count:
         record["bad_samples"], record["first_bad_sample"] = bad.count, bad.first
     last = epoch + 1 == cfg.optim.epochs
