@@ -455,13 +455,13 @@ def test_a_signal_during_the_last_evaluation_stops_the_process_after_the_finishe
     run finishes and writes its results, then Preempted stops the sweep it belongs to."""
     import signal
 
-    from jacmatch.training import trainer
-    real = trainer.evaluate_splits
+    from jacmatch.training import epoch, trainer
+    real = epoch.evaluate_splits
 
     def evaluate_then_signal(*args, **kwargs):
         os.kill(os.getpid(), signal.SIGTERM)
         return real(*args, **kwargs)
-    monkeypatch.setattr(trainer, "evaluate_splits", evaluate_then_signal)
+    monkeypatch.setattr(epoch, "evaluate_splits", evaluate_then_signal)
     values = {"out_dir": str(tmp_path / "r"), "teacher": teacher, "data": {"name": "synthetic", "samples_per_class": 4},
               "model": {"name": "small_cnn_4"}, "objective": {"beta": 1.0}, "optim": {"epochs": 1}, **QUIET}
     with pytest.raises(trainer.Preempted, match="after the last epoch"):
@@ -477,8 +477,8 @@ def test_a_run_stopped_after_an_epochs_last_step_resumes_with_its_seconds_and_no
     them), and torch's 'scheduler before optimizer' warning, wrong here, is not shown."""
     import warnings
 
-    from jacmatch.training import trainer
-    real, calls = trainer._train_step, {"n": 0}
+    from jacmatch.training import epoch, trainer
+    real, calls = epoch.train_step, {"n": 0}
 
     def slow_step_then_signal(*args, **kwargs):
         time.sleep(0.05)
@@ -486,7 +486,7 @@ def test_a_run_stopped_after_an_epochs_last_step_resumes_with_its_seconds_and_no
         if calls["n"] == 4:  # the last of the first epoch's 4 steps
             os.kill(os.getpid(), signal.SIGTERM)
         return real(*args, **kwargs)
-    monkeypatch.setattr(trainer, "_train_step", slow_step_then_signal)
+    monkeypatch.setattr(epoch, "train_step", slow_step_then_signal)
     values = {"out_dir": str(tmp_path / "r"), "teacher": teacher, "data": {"name": "synthetic", "samples_per_class": 4},
               "model": {"name": "small_cnn_4"}, "objective": {"beta": 1.0},
               "optim": {"epochs": 2, "batch_size": 4, "min_steps_per_epoch": 4}, **QUIET}

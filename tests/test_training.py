@@ -48,7 +48,7 @@ def test_resume_continues_exactly(tmp_path, teacher, monkeypatch):
     straight = tmp_path / "straight"
     train(config_from_dict(student_values(straight, teacher, jm_outputs="projection", noise_sigma=0.1)))
     cut = tmp_path / "cut"
-    import jacmatch.training.trainer as trainer_mod
+    import jacmatch.training.epoch as trainer_mod  # where checkpoints are written
     real_save = trainer_mod.save_checkpoint
     calls = []
 
@@ -324,6 +324,7 @@ def test_cli_errors_are_one_line_exit_2(tmp_path, args, message, capsys):
     assert len(err.strip().splitlines()) == 1
 
 
+@pytest.mark.slow  # starts a process (data-loading workers or the command line)
 def test_samples_per_class_too_large(tmp_path, teacher):
     r = run_cli("distill", "--teacher", teacher, "--dataset", "synthetic", "--samples-per-class", "10000",
                 "--set", "objective.beta=1", "--out", str(tmp_path / "o"))
@@ -339,6 +340,7 @@ def test_checkpoint_of_another_model_is_refused_on_resume(tmp_path, teacher):
         train(config_from_dict(values), resume=True)
 
 
+@pytest.mark.slow  # starts a process (data-loading workers or the command line)
 def test_evaluate_command(tmp_path, teacher):
     r = run_cli("evaluate", "--checkpoint", teacher, "--noise-sigmas", "0.1", "--json", str(tmp_path / "e.json"))
     assert r.returncode == 0, r.stderr
@@ -410,9 +412,10 @@ def test_keep_best_tests_the_best_validation_weights_and_patience_stops(tmp_path
     maximum."""
     import json
 
+    import jacmatch.training.results as results_mod
     import jacmatch.training.trainer as trainer
     from jacmatch.training import config_from_dict, load_checkpoint, load_model, train
-    real, scripted = trainer.evaluate, iter([0.50, 0.70, 0.60, 0.65, 0.60, 0.90])
+    real, scripted = results_mod.evaluate, iter([0.50, 0.70, 0.60, 0.65, 0.60, 0.90])
 
     def evaluate(model, split, *args, **kwargs):
         result = real(model, split, *args, **kwargs)
@@ -423,7 +426,7 @@ def test_keep_best_tests_the_best_validation_weights_and_patience_stops(tmp_path
     def load_data(cfg, cache=None):
         data["splits"] = original_load(cfg, cache)
         return data["splits"]
-    monkeypatch.setattr(trainer, "evaluate", evaluate)
+    monkeypatch.setattr(results_mod, "evaluate", evaluate)
     monkeypatch.setattr(trainer, "load_data", load_data)
     values = {"out_dir": str(tmp_path / "r"), "data": {"name": "synthetic", "samples_per_class": 4},
               "model": {"name": "small_cnn_4"}, "objective": {"beta": 0, "gamma": 0},
@@ -468,7 +471,7 @@ def test_a_run_stopped_early_at_a_constant_rate_is_the_same_run_under_a_larger_m
 
 
 def test_a_better_validation_accuracy_must_beat_the_best_by_min_delta():
-    from jacmatch.training.trainer import _best_index
+    from jacmatch.training.results import best_index as _best_index
     history = [{"val": {"acc": a}} if a is not None else {} for a in (0.50, None, 0.5004, 0.52, 0.5205, 0.53)]
     assert _best_index(history) == 5 and _best_index(history, 0.001) == 5
     assert _best_index(history[:5]) == 4 and _best_index(history[:5], 0.001) == 3  # 0.5205 is not better by 0.1 point

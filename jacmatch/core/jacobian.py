@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterator
 
 import torch
 import torch.autograd.forward_ad as fwAD
-from torch import Tensor
+from torch import Tensor, nn
 
 from ..errors import UsageError
 from .draws import per_sample_draw
@@ -45,6 +45,7 @@ __all__ = [
     "all_outputs",
     "math_attention",
     "scaled_gradients",
+    "first_failing_module",
 ]
 
 
@@ -315,3 +316,32 @@ def finite_difference_jvp(fn: Callable[[Tensor], Tensor], inputs: Tensor, direct
         return (plus - minus) / (2 * step)
     base = outputs if outputs is not None else fn(inputs)
     return (plus - base.reshape(b, 1, -1)) / step
+
+
+def first_failing_module(model: nn.Module, x: Tensor) -> str | None:
+    """The first leaf module (in forward order) whose output's input-gradient cannot be
+    differentiated again, found by re-running each leaf on the input it was given."""
+    seen: list[tuple[str, nn.Module, Tensor]] = []
+    hooks = [m.register_forward_hook(lambda mod, inp, out, name=name: seen.append((name, mod, inp[0])))
+             for name, m in model.named_modules() if not list(m.children()) and name]
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    for name, module, inp in seen:
+        if not isinstance(inp, Tensor) or not inp.is_floating_point():
+            continue
+        z = inp.detach().clone().requires_grad_()
+        try:
+            out = module(z)
+            if not isinstance(out, Tensor) or not out.requires_grad:
+                continue
+            (g,) = torch.autograd.grad((out * torch.randn_like(out)).sum(), z, create_graph=True, allow_unused=True)
+            if g is not None and g.requires_grad:
+                g.pow(2).sum().backward()
+        except RuntimeError as exc:
+            if "derivative for" in str(exc) or "not implemented" in str(exc):
+                return f"{name} ({type(module).__name__})"
+    return None

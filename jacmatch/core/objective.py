@@ -122,6 +122,13 @@ class ObjectiveConfig:
         the terms themselves declare (``Term.compares_outputs``)."""
         return any(t.compares_outputs for t in build_terms(self))
 
+    def check_memory(self, sample_numel: int, num_classes: int, batch: int, max_bytes: int) -> None:
+        """Refuse (one line) settings whose step would need more than ``max_bytes``, before a run starts."""
+        need = self.step_bytes(sample_numel, num_classes, batch)
+        if need > max_bytes:
+            raise UsageError(f"one step would need about {need >> 30} GiB: "
+                             "lower optim.batch_size, objective.num_projections or objective.noise_draws")
+
     def step_bytes(self, sample_numel: int, num_classes: int, batch: int) -> int:
         """A coarse upper estimate of one step's activations, to refuse absurd settings early."""
         rows = rows_per_sample(build_terms(self), num_classes)
@@ -243,6 +250,33 @@ class TransferObjective(nn.Module):
             self._fast = _Logits(module, self._teacher_output)
         return self._fast
 
+    def prepare(self, x: Tensor) -> None:
+        """Ready the objective for a run from an example batch ``x`` (a trainer passes the
+        first 8 training samples, so that every process decides alike): the teacher's fast
+        copy is built and checked on it. Without a teacher there is nothing to prepare."""
+        if self.teacher is not None and len(x):
+            self.fast_teacher(x)
+
+    def explain_backward_failure(self, exc: RuntimeError, x: Tensor, student_name: str = "student"
+                                 ) -> UsageError | None:
+        """A step's backward failed with ``exc`` on the batch ``x``: when the cause is an
+        operation of the student with no double backward (which the Jacobian terms take),
+        the one-line error that names the module and the fix; None for any other failure."""
+        if "derivative for" not in str(exc):
+            return None
+        what = str(exc).strip().splitlines()[0]
+        student = self.student
+        if isinstance(student, nn.parallel.DistributedDataParallel):
+            student = student.module
+        was_training = student.training
+        module = J.first_failing_module(student.eval(), x[:2])
+        student.train(was_training)
+        fix = ("set model.replace_hard_activations=true" if "hardsigmoid" in what or "hardswish" in what else
+               "replace it by a twice-differentiable equivalent, or use this model as a teacher only")
+        return UsageError(f"the student {student_name!r} cannot take the Jacobian term's double backward"
+                          f"{f' at module {module}' if module else ''} ({what}): {fix}; "
+                          f"`jacmatch check-model {student_name} --fix` shows what works")
+
     def _warn_if_dead(self, terms: Sequence[Term]) -> None:
         for t in terms:
             if isinstance(t, JacobianMatchingLoss) and t.estimator.dead is not None and bool(t.estimator.dead):
@@ -293,6 +327,15 @@ class TransferObjective(nn.Module):
                      for i in range(0, x.shape[0], chunk)]
             return TeacherTargets.cat(parts)
         return teacher_targets(teacher, terms, x, y, generator=self.generator, full_jacobian=full_jacobian)
+
+    def cache_targets(self, x: Tensor, y: Tensor) -> TeacherTargets:
+        """What a cache keeps for each sample: every term's teacher side as the term
+        declares it (a random estimator keeps the teacher's full Jacobian and draws nothing;
+        each step contracts it with its own draws)."""
+        return self.teacher_targets(x, y, full_jacobian=True)
+
+    #: How to make :meth:`cache_targets` smaller, for a cache that would be too large.
+    cache_hint = "use an estimator that keeps one Jacobian row per sample (objective.jm_outputs=teacher_top1)"
 
     # ---- one step ------------------------------------------------------------------------
 

@@ -1,8 +1,8 @@
 """Data sets by name, the standard file formats, augmentation."""
 
 from .augment import random_crop_flip
-from .datasets import DataSplits, ImageSet, create_dataset, list_datasets, register_dataset, stratified_subset
+from .datasets import DataSplits, ImageSet, create_dataset, list_datasets, load_data, register_dataset, stratified_subset
 from .formats import DataError, read_cifar_batch, read_idx
 
-__all__ = ["DataSplits", "ImageSet", "create_dataset", "list_datasets", "register_dataset",
+__all__ = ["DataSplits", "ImageSet", "create_dataset", "load_data", "list_datasets", "register_dataset",
            "stratified_subset", "random_crop_flip", "DataError", "read_idx", "read_cifar_batch"]

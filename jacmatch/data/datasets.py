@@ -30,7 +30,7 @@ from ..errors import UsageError
 from .formats import DataError, read_cifar_batch, read_idx
 from .sources import Loading, SourceOptions, batch_by_batch, open_source, source_kind
 
-__all__ = ["ImageSet", "DataSplits", "create_dataset", "list_datasets", "register_dataset",
+__all__ = ["ImageSet", "DataSplits", "create_dataset", "load_data", "list_datasets", "register_dataset",
            "stratified_subset", "check_labels", "DEBIAN_FASHION_MNIST"]
 
 DEBIAN_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
@@ -386,3 +386,16 @@ def _from_source(name: str, d: Any, loading: Loading, samples_per_class, val_siz
         train_pool = train_pool[stratified_subset(train.labels[train_pool], samples_per_class, seed)]
     return DataSplits(name, train.subset(train_pool), train.subset(val_idx), test, num_classes, mean, std,
                       opened.hflip, train_pool.tolist(), val_idx.tolist(), opened.sha256)
+
+
+def load_data(d: Any, *, seed: int = 0, pin_memory: bool = False, cache: dict | None = None) -> DataSplits:
+    """The splits a DataConfig ``d`` names, with ``seed`` for its few-sample draws:
+    :func:`create_dataset` with the config's options and its way of reading a source
+    (workers, cache, what a bad sample does). ``cache``: the caller's, to keep a built-in
+    data set's files parsed between runs."""
+    workers = min(4, max(1, (os.cpu_count() or 2) // 2)) if d.workers == -1 else d.workers
+    loading = Loading(workers=workers, pin_memory=pin_memory, on_bad_sample=d.on_bad_sample,
+                      cache_bytes=d.cache_mib << 20)
+    return create_dataset(d.name, data_dir=d.data_dir, samples_per_class=d.samples_per_class, val_size=d.val_size,
+                          split_seed=d.split_seed, seed=seed, classes=d.classes, download=d.download,
+                          options=d, loading=loading, cache=cache)

@@ -186,7 +186,7 @@ class JacmatchDataModule(pl.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.splits is None:
             from ..training.config import RunConfig
-            from ..training.trainer import load_data
+            from ..training.loading import load_data
             self.splits = load_data(RunConfig(data=self.data_config, seed=self.seed))
 
     @property

@@ -21,10 +21,9 @@ __all__ = ["TeacherCache"]
 class TeacherCache:
     """The teacher's side of ``objective`` for every training sample, by training index.
 
-    One contract: ``cache(index, x, y)`` returns what
-    ``objective.teacher_targets(x, y, full_jacobian=True)`` gives for those samples (random
-    estimators keep the full teacher Jacobian), and the objective takes it as
-    ``objective(x, y, targets)`` and contracts it with each step's draws.
+    One contract: ``cache(index, x, y)`` returns what ``objective.cache_targets(x, y)``
+    gives for those samples (whatever the terms declare), and the objective takes it as
+    ``objective(x, y, targets)`` with each step's draws.
 
     :meth:`fill` computes every sample before the first step, in fixed blocks of the
     training set's own order (samples ``0..b-1``, ``b..2b-1``, ...): under DDP each process
@@ -34,7 +33,7 @@ class TeacherCache:
     step's not-yet-seen samples, they were not: a teacher pass on a batch of another size
     may round differently (oneDNN's channels-last convolution on a batch of one does), and
     a max-pooling teacher on images with a flat background breaks its exact ties by those
-    last bits, so its input Jacobian moved by O(1) between 1 and 2 processes.
+    last bits, so its targets moved by O(1) between 1 and 2 processes.
 
     Valid only while the student sees the same inputs every epoch (no augmentation): the
     teacher is frozen and in eval mode, so its targets for a sample never change. Stored on
@@ -90,7 +89,7 @@ class TeacherCache:
         return TeacherTargets.from_tensors({name: value[dev_index] for name, value in self.store.items()})
 
     def _targets(self, x: Tensor, y: Tensor) -> dict[tuple[str, str], Tensor]:
-        return self.objective.teacher_targets(x, y, full_jacobian=True).tensors()
+        return self.objective.cache_targets(x, y).tensors()
 
     def _allocate(self, split, device: torch.device) -> None:
         """The store's tensors, shaped from the first 8 samples' targets."""
@@ -106,8 +105,8 @@ class TeacherCache:
         have = sum(t.numel() * t.element_size() for t in self.store.values())
         if have + need > self.max_bytes:
             raise UsageError(f"the teacher cache would need over {(have + need) >> 20} MiB for {self.size} samples "
-                             f"(at most {self.max_bytes >> 20} MiB): set teacher_cache=false, or use an estimator "
-                             "that keeps one Jacobian row per sample (objective.jm_outputs=teacher_top1)")
+                             f"(at most {self.max_bytes >> 20} MiB): set teacher_cache=false, or "
+                             f"{self.objective.cache_hint}")
         self.store[name] = torch.zeros((self.size, *value.shape[1:]), dtype=value.dtype, device=value.device)
 
     def _store(self, index: Tensor, fresh: dict[tuple[str, str], Tensor]) -> None:

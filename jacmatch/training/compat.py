@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import Tensor, nn
 
+from ..core.jacobian import first_failing_module
 from ..core.objective import ObjectiveConfig, TransferObjective
 from ..models import create_model, dry_forward, input_side
 from .config import ConfigError
@@ -58,35 +59,6 @@ def _step(student: nn.Module, teacher: nn.Module, x: Tensor, y: Tensor) -> float
         seconds = time.perf_counter() - start
     student.zero_grad(set_to_none=True)
     return seconds
-
-
-def first_failing_module(model: nn.Module, x: Tensor) -> str | None:
-    """The first leaf module (in forward order) whose output's input-gradient cannot be
-    differentiated again, found by re-running each leaf on the input it was given."""
-    seen: list[tuple[str, nn.Module, Tensor]] = []
-    hooks = [m.register_forward_hook(lambda mod, inp, out, name=name: seen.append((name, mod, inp[0])))
-             for name, m in model.named_modules() if not list(m.children()) and name]
-    try:
-        with torch.no_grad():
-            model(x)
-    finally:
-        for h in hooks:
-            h.remove()
-    for name, module, inp in seen:
-        if not isinstance(inp, Tensor) or not inp.is_floating_point():
-            continue
-        z = inp.detach().clone().requires_grad_()
-        try:
-            out = module(z)
-            if not isinstance(out, Tensor) or not out.requires_grad:
-                continue
-            (g,) = torch.autograd.grad((out * torch.randn_like(out)).sum(), z, create_graph=True, allow_unused=True)
-            if g is not None and g.requires_grad:
-                g.pow(2).sum().backward()
-        except RuntimeError as exc:
-            if "derivative for" in str(exc) or "not implemented" in str(exc):
-                return f"{name} ({type(module).__name__})"
-    return None
 
 
 def check_model(spec: str, input_shape: tuple[int, ...] = (3, 32, 32), num_classes: int = 10, *,

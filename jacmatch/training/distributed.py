@@ -14,7 +14,7 @@ from torch import nn
 from ..errors import UsageError
 
 __all__ = ["DistInfo", "init_distributed", "resolve_device", "GlobalBatchNorm", "global_batchnorm",
-           "average_gradients", "broadcast_parameters"]
+           "average_gradients", "broadcast_parameters", "agree_on_step", "any_process", "mean_across_processes"]
 
 
 @dataclass(frozen=True)
@@ -148,3 +148,29 @@ def broadcast_parameters(model: nn.Module) -> None:
     """Rank 0's parameters and buffers on every process (what DDP does at construction)."""
     for t in list(model.parameters()) + list(model.buffers()):
         dist.broadcast(t.data, src=0)
+
+
+def agree_on_step(n: int, bad: bool, info: DistInfo, device) -> tuple[float, bool]:
+    """The processes' one agreement a step, in one all-reduce: this process's ``n``
+    samples over the mean per process (1.0 for equal shares), and whether any process's
+    terms are non-finite (then every process skips or stops, as one process would)."""
+    t = torch.tensor([float(n), 1.0 if bad else 0.0], device=device)
+    dist.all_reduce(t)
+    return n * info.world_size / float(t[0]), bool(t[1] > 0)
+
+
+def any_process(flag: bool, info: DistInfo, device) -> bool:
+    """Whether any process says ``flag`` (so that all stop at the same step)."""
+    if not info.enabled:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)
+
+
+def mean_across_processes(values: dict, device) -> dict:
+    """Each value's mean over the processes."""
+    keys = sorted(values)
+    t = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return {k: float(v) / dist.get_world_size() for k, v in zip(keys, t)}

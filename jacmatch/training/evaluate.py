@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import torch
 from torch import nn
 
 from ..core.metrics import jacobian_cosine, teacher_top1_gradient
 from ..data import ImageSet
 
-__all__ = ["evaluate", "TeacherGradients"]
+__all__ = ["evaluate", "TeacherGradients", "teacher_key"]
 
 
 def _batches(n: int, size: int):
@@ -74,3 +77,14 @@ def evaluate(model: nn.Module, data: ImageSet, device, *, batch_size: int = 500,
     finally:
         model.train(was_training)
     return out
+
+
+def teacher_key(cfg) -> tuple:
+    """Names a RunConfig's teacher weights (path, mtime, size) and the data that fix the
+    test set: the key of :class:`TeacherGradients`, so that evaluation computes the
+    teacher's side of the Jacobian cosine once per process."""
+    weights = cfg.teacher or cfg.teacher_weights
+    st = os.stat(weights)
+    d = cfg.data
+    return (str(Path(weights).resolve()), st.st_mtime_ns, st.st_size, d.name, d.data_dir,
+            tuple(d.classes or ()), d.val_size, d.split_seed)

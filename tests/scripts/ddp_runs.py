@@ -18,11 +18,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests/: user_
 from user_models import BatchSensitive  # noqa: E402
 
 from jacmatch.core.objective import TransferObjective  # noqa: E402
-from jacmatch.training import config_from_dict, train, trainer  # noqa: E402
+from jacmatch.training import config_from_dict, epoch, train, trainer  # noqa: E402
 
 
 state = {"case": {}, "poisoned": False}
-_load_teacher, _train_step, _forward = trainer._load_teacher, trainer._train_step, TransferObjective.forward
+_load_teacher, _train_step, _forward = trainer.load_teacher, epoch.train_step, TransferObjective.forward
 
 
 def load_teacher(cfg, data, device):
@@ -45,7 +45,7 @@ def forward(self, x, y, targets=None, **kwargs):
     return logits, total, terms
 
 
-trainer._load_teacher, trainer._train_step, TransferObjective.forward = load_teacher, train_step, forward
+trainer.load_teacher, epoch.train_step, TransferObjective.forward = load_teacher, train_step, forward
 
 if __name__ == "__main__":
     with open(sys.argv[1]) as f:

@@ -1,0 +1,126 @@
+"""The run folder: its lock, the claim a new run makes on it, and the files it writes
+before the first step (config, history, data indices, TensorBoard)."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+from .._extras import require
+from ..atomic import write_atomic, write_json_atomic
+from .config import ConfigError, RunConfig, config_to_dict
+
+__all__ = ["RunExistsError", "RunLock", "RUN_FILES", "LOCK_FILE", "claim_folder", "open_outputs", "append_jsonl"]
+
+
+class RunExistsError(ConfigError):
+    """The output folder already holds a run, or another process is training in it."""
+
+
+#: The files that make a run folder's record; a new run never writes over them unasked.
+RUN_FILES = ("last.pt", "best.pt", "config.yaml", "results.json", "metrics.jsonl", "history.jsonl", "indices.json")
+LOCK_FILE = ".jacmatch.lock"
+
+
+class RunLock:
+    """An exclusive lock on a run folder for a run's whole life (``flock`` on a file in
+    it, released by the OS if the process dies). A second run on the folder is refused
+    at once, with the holder's PID."""
+
+    def __init__(self, folder: Path):
+        self.path = folder / LOCK_FILE
+        self.fd: int | None = None
+
+    def acquire(self) -> RunLock:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            _lock_fd(fd)
+        except OSError:
+            holder = os.read(fd, 64).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise RunExistsError(f"{self.path.parent} is in use by another jacmatch run (PID {holder}): wait for "
+                                 "it to finish, or choose another --out") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self.fd = fd
+        return self
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # closing the descriptor drops the lock
+            self.fd = None
+
+
+def _lock_fd(fd: int) -> None:
+    """A non-blocking exclusive lock on ``fd``; OSError when another process holds it."""
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        import msvcrt
+        msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+        return
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
+def claim_folder(out: Path, resume: bool, overwrite: bool, config_file: str | None) -> RunLock:
+    """Lock ``out`` and check what it holds: a run is continued only with ``resume``,
+    replaced only with ``overwrite``, and the user's own config file is never replaced."""
+    mine = config_file is not None and Path(config_file).resolve() == (out / "config.yaml").resolve()
+
+    def check() -> list[str]:
+        held = [name for name in RUN_FILES if (out / name).exists()]
+        if held and not resume and not overwrite:
+            raise RunExistsError(f"{out} already holds a run ({', '.join(held)}): pass --resume to continue it, "
+                                 "--overwrite to replace it, or choose another --out")
+        if overwrite and mine:
+            raise RunExistsError(f"--config {config_file} is the config.yaml that --overwrite would replace in "
+                                 f"{out}: keep your config outside the run folder")
+        return held
+    if resume and not (out / "last.pt").exists():  # before anything is written
+        raise ConfigError(f"--resume: {out / 'last.pt'} does not exist (nothing to resume)")
+    lock = RunLock(out).acquire()  # a run in progress is named first, by its PID
+    try:
+        held = check()
+        if overwrite and not resume:
+            for name in held:
+                (out / name).unlink()
+    except BaseException:
+        lock.release()
+        raise
+    return lock
+
+
+def append_jsonl(path: Path, record: dict) -> None:
+    """One more line, the earlier ones kept byte for byte (an atomic rewrite)."""
+    before = path.read_text() if path.is_file() else ""
+    write_atomic(path, lambda f: f.write(before + json.dumps(record) + "\n"))
+
+
+def now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+
+def open_outputs(cfg: RunConfig, out: Path, indices: dict, resume: bool, config_file: str | None):
+    """The run folder's config, history, data indices (rank 0); returns the TensorBoard
+    writer when the config asks for one. A resume from the folder's own config.yaml leaves
+    that file as it is (the checkpoint and history.jsonl hold the resolved config and what
+    changed)."""
+    out.mkdir(parents=True, exist_ok=True)
+    if config_file is None or Path(config_file).resolve() != (out / "config.yaml").resolve():
+        write_atomic(out / "config.yaml", lambda f: f.write(_yaml(config_to_dict(cfg))))
+    if not resume:
+        append_jsonl(out / "history.jsonl", {"time": now(), "event": "start"})
+    write_json_atomic(out / "indices.json", indices)
+    if not cfg.tensorboard:
+        return None
+    require("tensorboard", "tensorboard")
+    from torch.utils.tensorboard import SummaryWriter
+    return SummaryWriter(str(out / "tensorboard"))
+
+
+def _yaml(values: dict) -> str:
+    import yaml
+    return yaml.safe_dump(values, sort_keys=False)
