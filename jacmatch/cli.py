@@ -22,6 +22,7 @@ from ._extras import MissingExtra
 from .core.objective import TEACHER_OBJECTIVE, ObjectiveConfig
 from .errors import UsageError
 from .training import ConfigError, resolve
+from .training.config import EvalConfig
 from .training.provenance import git_commit
 from .training.trainer import Preempted
 
@@ -51,7 +52,8 @@ def _terminate(signum, frame):
         return
     raise Terminated()
 
-NOISE_SIGMAS = [0.1, 0.2, 0.3, 0.5]
+#: What `jacmatch evaluate` measures under noise unless told: a run's own default (eval.noise_sigmas).
+NOISE_SIGMAS = EvalConfig().noise_sigmas
 
 
 def _sigma(text: str) -> float:
@@ -351,7 +353,7 @@ def _estimators(a):
 
 
 def _experiment(a):
-    from .experiments.paper import main
+    from .experiments.sections import main
     main(a.section, a.quick, a.out)
 
 

@@ -64,7 +64,7 @@ def test_jacobian_term_without_create_graph_is_detected():
     with pytest.raises(ValueError, match="create_graph=True"):
         jm.jacobian_matching_loss(jac_s, torch.randn(4, 6))
     with pytest.raises(ValueError, match="create_graph=True"):
-        jm.jacobian_penalty(jac_s)
+        jm.jacobian_penalty(jac_s, "sq")
     with torch.no_grad():  # measuring only is allowed
         jm.jacobian_matching_loss(jac_s, torch.randn(4, 6))
 

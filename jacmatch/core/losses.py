@@ -105,13 +105,15 @@ def jacobian_matching_loss(student_jac: Tensor, teacher_jac: Tensor, form: str =
     return per_row.sum(dim=1).mean()
 
 
-def jacobian_penalty(student_jac: Tensor, form: str = "sq", *, multiple_outputs: bool = False) -> Tensor:
+def jacobian_penalty(student_jac: Tensor, form: str, *, multiple_outputs: bool = False) -> Tensor:
     """Jacobian-norm penalty of Proposition 2 (docs/method.md §3, item 4).
 
     - ``"sq"``: ``Σ_c ‖∇S_c‖²``, the first-order part of squared-error noise training;
       ``student_jac`` holds the Jacobian rows of the outputs S.
     - ``"ce"``: ``½ Σ_i y_i ‖∇ log Sˢ_i‖²``, the first-order part of cross-entropy noise
       training; ``student_jac`` holds the input gradient of the label's log-probability.
+
+    ``form`` has no default: it says what ``student_jac`` holds.
     """
     if torch.is_grad_enabled() and not student_jac.requires_grad:
         raise ValueError("student_jac carries no graph, so the penalty would train nothing: "
@@ -124,7 +126,7 @@ def jacobian_penalty(student_jac: Tensor, form: str = "sq", *, multiple_outputs:
     raise UsageError(f"unknown penalty form {form!r}: use 'sq' or 'ce'")
 
 
-def kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 4.0,
+def kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 8.0,
             form: str = "kl") -> Tensor:
     """Activation matching (docs/method.md §3, item 2).
 
@@ -203,7 +205,7 @@ def gaussian_noise(inputs: Tensor, sigma: float, num_draws: int, *, antithetic: 
 
 def noisy_distillation_loss(student: Callable[[Tensor], Tensor], teacher: Callable[[Tensor], Tensor],
                             inputs: Tensor, sigma: float, num_draws: int = 1, *,
-                            temperature: float = 4.0, form: str = "kl", antithetic: bool = False,
+                            temperature: float = 8.0, form: str = "kl", antithetic: bool = False,
                             generator: torch.Generator | None = None) -> Tensor:
     """``E_ξ KD(T(x+ξ), S(x+ξ))`` by Monte Carlo over M draws: the left side of Prop. 1."""
     noisy = gaussian_noise(inputs, sigma, num_draws, antithetic=antithetic, generator=generator)
