@@ -120,10 +120,11 @@ def _fake_rows(val_acc: dict, trained: list):
 def test_a_section_doubles_its_epochs_while_its_baseline_still_gains_at_twice_them():
     from dataclasses import replace
 
+    from jacmatch.experiments import growth as growth_rule
     from jacmatch.experiments import paper
     lay = paper.Layout(profile=replace(paper.FULL, budget_growths=2))
     trained = []  # CE gains 3 points from 8 to 16 epochs, then 0.2 from 16 to 32: 16 epochs it is
-    cells, checks, epochs, growth = paper._until_converged(lay, 8, _fake_rows({8: .80, 16: .83, 32: .832}, trained),
+    cells, checks, epochs, growth = growth_rule.until_converged(lay, 8, _fake_rows({8: .80, 16: .83, 32: .832}, trained),
                                                            ("CE",))
     assert epochs == 16 and {c["epochs"] for c in cells.values()} == {16} and set(cells) == {"CE", "noise"}
     assert growth["grown_from"] == [8] and growth["val_gains"] == [{"CE": pytest.approx(3.0)}]
@@ -132,18 +133,18 @@ def test_a_section_doubles_its_epochs_while_its_baseline_still_gains_at_twice_th
     assert growth["seconds_left_behind"] == 16.0  # CE and noise at 8 epochs; CE at 16 is the next rows' own
     assert trained == [("CE", 8), ("noise", 8), ("CE", 16), ("CE", 16), ("noise", 16), ("CE", 32)]
     # a baseline that never settles grows as often as the profile lets it, then stops, its check shown
-    cells, checks, epochs, growth = paper._until_converged(lay, 8, _fake_rows({8: .5, 16: .6, 32: .7, 64: .8}, []),
+    cells, checks, epochs, growth = growth_rule.until_converged(lay, 8, _fake_rows({8: .5, 16: .6, 32: .7, 64: .8}, []),
                                                            ("CE",))
     assert epochs == 32 and growth["grown_from"] == [8, 16] and checks["CE"]["val_gain"] == pytest.approx(10.0)
     # where it has converged at once, nothing grows
-    _, checks, epochs, growth = paper._until_converged(lay, 8, _fake_rows({8: .8, 16: .804}, []), ("CE",))
+    _, checks, epochs, growth = growth_rule.until_converged(lay, 8, _fake_rows({8: .8, 16: .804}, []), ("CE",))
     assert epochs == 8 and growth == {"grown_from": [], "val_gains": [], "seconds_left_behind": 0.0}
 
 
 def test_a_baseline_at_twice_its_epochs_is_the_run_its_row_grows_into():
     """The check's folder at twice the epochs is the row's own at them, so growing reuses it;
     the config's epochs keep the names the committed records have."""
-    from jacmatch.experiments.paper import _epochs_tag
+    from jacmatch.experiments.growth import epochs_tag as _epochs_tag
     assert _epochs_tag("CE_full_s0", 8, 8) == "CE_full_s0"
     assert _epochs_tag("CE_full_s0", 16, 8) == "CE_full_e16_s0"
     assert _epochs_tag("finetune_n5_s12", 32, 8) == "finetune_n5_e32_s12"
@@ -156,12 +157,12 @@ def test_every_paper_student_takes_the_same_number_of_steps():
     from jacmatch.training import config_from_dict
     from jacmatch.training.config import merge_values
     from jacmatch.training.distributed import DistInfo
-    from jacmatch.training.trainer import epoch_batches
+    from jacmatch.training.schedule import epoch_batches
     values = paper.run_config("distill")
     for steps in paper.FULL.grids["steps"]:
         for n in paper.FULL.samples:
             cfg = config_from_dict(merge_values(values, {"optim": {"epochs": paper.epochs_for_steps(n, values, steps)}}))
-            per_epoch = len(epoch_batches(10 * n, cfg, DistInfo(), 0))
+            per_epoch = len(epoch_batches(10 * n, cfg.optim, cfg.seed, DistInfo(), 0))
             assert steps - per_epoch < cfg.optim.epochs * per_epoch <= steps, (steps, n, per_epoch)
 
 
@@ -292,7 +293,7 @@ def test_a_converged_cell_grows_its_maximum_and_trains_again_only_the_seeds_that
     test_training pins); the cell reports the grown maximum and seed 1's longer run."""
     import dataclasses
 
-    from jacmatch.experiments import paper
+    from jacmatch.experiments import converge, paper
     lay = paper.Layout(profile=dataclasses.replace(paper.QUICK, seeds=(0, 1), converge_steps=100, converge_growths=2))
     trained = []
 
@@ -303,8 +304,8 @@ def test_a_converged_cell_grows_its_maximum_and_trains_again_only_the_seeds_that
         return {"best": {"inside": settled, "stopped_early": settled, "step": 60, "loop_seconds": 1.0, "val_acc": acc},
                 "final": {"test": {"acc": acc}, "val": {"acc": acc}}, "train_seconds": 2.0, "student_parameters": 10,
                 "history": [{"steps": 60, "epoch_seconds": 1.0, "val": {"acc": acc}}]}
-    monkeypatch.setattr(paper, "_converge_student", student)
-    cell = paper._converged_cell(lay, "CE", 5, {"alpha": 1.0}, None, 0.01, 2)
+    monkeypatch.setattr(converge, "_converge_student", student)
+    cell = converge._converged_cell(lay, "CE", 5, {"alpha": 1.0}, None, 0.01, 2)
     assert trained == [(0, 100), (1, 100), (1, 200)]
     assert cell["max_steps"] == 200 and cell["grown_from"] == [100] and cell["inside"]
     assert cell["acc"]["values"] == [0.5, 0.65]

@@ -13,25 +13,22 @@ import contextlib
 import copy
 import ctypes
 import math
-import platform
 import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from .._extras import require
-from ..atomic import save_figure, write_atomic, write_json_atomic
+from ..atomic import write_json_atomic
 from ..core import jacobian as J
 from ..core.losses import jacobian_matching_loss, kd_loss
 from ..core.objective import ObjectiveConfig, TransferObjective
 from ..errors import UsageError
 from ..models import create_model
-from ..training.provenance import machine
-from .common import load_json
+from .bench_report import format_table, plot_scaling
+from .common import machine_record
 
 __all__ = ["main", "run_bench"]
 
@@ -307,7 +304,7 @@ def run_bench(device_name: str = "cpu", plan: Plan | None = None) -> dict:
     time) on every large allocation, so no time is measured after it is set."""
     plan = plan or Plan()
     device = torch.device(device_name)
-    results = {"device": device_name, "machine": _machine(device), "batch": plan.batch, "repeats": plan.repeats,
+    results = {"device": device_name, "machine": machine_record(device), "batch": plan.batch, "repeats": plan.repeats,
                "steps": list(plan.steps), "shapes": {}}
     prepared = {}
     for name in plan.shapes:
@@ -371,7 +368,7 @@ def run_profile(device_name: str = "cpu", batch: int = 128, calls: int = 3) -> d
     chunks = {f"jm_step_teacher_chunk_{c}": s.objective_step(**kd, gamma=1.0, teacher_chunk=c) for c in (0, 32, 64)}
     chunk_times = _interleaved_medians({"kd_step": steps["kd_step"], **chunks}, device, 10, k)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    out = {"device": device_name, "machine": _machine(device), "batch": batch, "teacher": teacher,
+    out = {"device": device_name, "machine": machine_record(device), "batch": batch, "teacher": teacher,
            "student": student, "steps": {}, "chunk_seconds": chunk_times}
     for name, step in steps.items():
         step()
@@ -435,171 +432,6 @@ def _vectorize_comparison(device, batch: int = 32) -> dict:
                 rows.pow(2).sum().backward()
             out[f"k{k}_{'vmap' if vectorize else 'loop'}"] = time_step(step, device, repeats=2, warmup=1)
     return out
-
-
-def _machine(device) -> dict:
-    return {"platform": platform.platform(), "torch": torch.__version__, **machine(device)}
-
-
-def plot_scaling(results: dict, path: str) -> None:
-    matplotlib = require("matplotlib", "plots")
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    axes_names = [a for a in ("batch", "size", "classes") if results.get("scaling", {}).get(a)]
-    fig, axes = plt.subplots(1, len(axes_names), figsize=(4.2 * len(axes_names), 3.5))
-    for ax, axis in zip(axes, axes_names):
-        rows = results["scaling"][axis]
-        for kind in ("top1", "projection", "exact_all"):
-            pts = [(r[axis], 1e3 * r[kind]) for r in rows if kind in r]
-            if pts:
-                ax.plot(*zip(*pts), marker="o", label=kind)
-        ax.set_xlabel({"batch": "batch size", "size": "input side (pixels)", "classes": "classes k"}[axis])
-        ax.set_ylabel("step time (ms)")
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-    axes[0].legend()
-    fig.suptitle(f"KD + JM step time, {results['device']} ({results['machine']['cpus']} cpus)")
-    fig.tight_layout()
-    save_figure(fig, path, dpi=110)
-    plt.close(fig)
-
-
-def format_table(results: dict) -> str:
-    lines = []
-    for name, shape in results["shapes"].items():
-        lines.append(f"{name}: {shape['channels']}×{shape['size']}×{shape['size']}, {shape['classes']} classes, "
-                     f"teacher {shape['teacher']}, student {shape['student']}, batch {results['batch']}")
-        for k, v in shape["ratios"].items():
-            if v is not None:
-                lines.append(f"  {k:<40}{v:8.2f}")
-    return "\n".join(lines)
-
-
-# ---- BENCHMARKS.md, from the bench's JSON ----------------------------------------------
-
-TARGETS = [  # (ratio, bound, where) from the performance issues
-    ("jm_over_kd", 2.2, None), ("library_over_handwritten", 0.8, None), ("jm_over_kd_cached", 2.8, None),
-    ("proj_over_top1", 1.15, None), ("jm_over_kd_memory", 2.5, None), ("exact_all_over_top1", 100.0, "cifar100-like"),
-]
-
-
-def _targets(b: dict) -> list[str]:
-    lines = ["## Targets", "", "| ratio | shape | target | measured | met |", "|---|---|---|---|---|"]
-    for ratio, bound, only in TARGETS:
-        for name, s in b["shapes"].items():
-            value = s["ratios"].get(ratio)
-            if (only and name != only) or value is None:
-                continue
-            met = "yes" if value <= bound else f"**no**: {100 * (value / bound - 1):.0f}% over"
-            lines.append(f"| {ratio} | {name} | ≤ {bound:g} | {value:.2f} | {met} |")
-    return lines + [""]
-
-
-def _shape_tables(b: dict) -> list[str]:
-    lines = []
-    for name, s in b["shapes"].items():
-        lines += [f"## {name}: {s['channels']}×{s['size']}×{s['size']}, {s['classes']} classes, teacher {s['teacher']}, "
-                  f"student {s['student']}", "", "| step | ms | peak MiB |", "|---|---|---|"]
-        for step, sec in s["seconds"].items():
-            mem = s["peak_bytes"].get(step)
-            lines.append(f"| {step} | {1e3 * sec:.1f} | {'' if mem is None else f'{mem / 2**20:.1f}'} |")
-        lines += ["", "| ratio | value |", "|---|---|"]
-        lines += [f"| {k} | {v:.2f} |" for k, v in s["ratios"].items() if v is not None]
-        lines.append("")
-    return lines
-
-
-def _header(b: dict, source: Path, command: str) -> str:
-    m = b["machine"]
-    gpu = f", {m['gpu']}" if m.get("gpu") else ""
-    return (f"Generated by `jacmatch report` from `{source}` (written by `{command}`). Machine: {m['processor']}, "
-            f"{m['cpus']} CPUs, {m['threads']} torch threads{gpu}, torch {m['torch']}, {m['platform']}; device "
-            f"{b['device']}. Each time is the median of {b['repeats']} full optimiser steps of the student (batch "
-            f"{b['batch']}), measured in interleaved rounds. Memory: peak resident-set growth during one step (CPU; "
-            "VmHWM after clear_refs) or peak CUDA allocation.")
-
-
-def _profile_section(prof: dict) -> list[str]:
-    lines = ["## Where the time goes", "",
-             f"`jacmatch bench --profile --json results/bench_profile.json`: torch.profiler's top operators by "
-             f"self time per step (teacher {prof['teacher']}, student {prof['student']}, batch {prof['batch']}).", ""]
-    lines += ["All k Jacobian rows of a small CNN student with their double backward (batch 32): "
-              + ", ".join(f"{k}: {1e3 * v:.0f} ms" for k, v in prof["vectorize_seconds"].items())
-              + " (vmap: one `is_grads_batched` backward; loop: k backward passes, the default).", ""]
-    if prof.get("teacher_seconds"):
-        lines += ["The teacher's side (mnist-like, batch " + str(prof["batch"]) + "), timed in interleaved rounds: "
-                  + ", ".join(f"{k}: {1e3 * v:.1f} ms" for k, v in prof["teacher_seconds"].items())
-                  + ". The objective runs the folded, channels-last copy; torch.compile is not used.", ""]
-    lines += ["Teacher chunking (`objective.teacher_chunk`), timed in interleaved rounds: "
-              + ", ".join(f"{k}: {1e3 * v:.1f} ms" for k, v in prof["chunk_seconds"].items()) + "; peak memory "
-              + ", ".join(f"{k}: {v / 2**20:.1f} MiB" for k, v in prof["chunk_peak_bytes"].items() if v) + ".", ""]
-    for name, p in prof["steps"].items():
-        lines += [f"**{name}** ({p['self_ms_per_step']:.0f} ms of operator time per step)", "",
-                  "| operator | ms per step | calls per step |", "|---|---|---|"]
-        lines += [f"| {e['op']} | {e['self_ms_per_step']:.1f} | {e['calls_per_step']:.0f} |" for e in p["top"]]
-        lines.append("")
-    return lines
-
-
-def _estimators_section(e: dict) -> list[str]:
-    ps = sorted({r["projections"] for r in e["projections"].values()})
-    kinds = list(dict.fromkeys(r["kind"] for r in e["projections"].values()))
-    lines = ["## Random estimators", "",
-             f"`jacmatch estimators --json results/estimators.json` ({e['source']}; {e['samples']} samples, seed "
-             f"{e['seed']}). Output projections: the variance of one estimate of ‖J_T − J_S‖²_F relative to Gaussian "
-             f"projections ({e['draws']} draws; every kind's mean within a few standard errors of the exact value: "
-             "the largest distance in the last column). The default, `auto`, draws Rademacher vectors for one "
-             "projection and orthogonal ones for several.", "",
-             "| kind | " + " | ".join(f"P={p}" for p in ps) + " | largest bias (standard errors) |",
-             "|---|" + "---|" * (len(ps) + 1)]
-    for kind in kinds:
-        rows = [e["projections"][f"{kind}_p{p}"] for p in ps]
-        lines.append(f"| {kind} | " + " | ".join(f"{r['variance_over_gaussian']:.2f}" for r in rows)
-                     + f" | {max(r['max_bias_in_se'] for r in rows):.1f} |")
-    steps = [r["step"] for r in next(iter(e["finite_differences"].values()))]
-    lines += ["", "Finite differences (`input_fd`): the relative error of the forward difference, the estimator's "
-              "form (the central one in brackets), against forward-mode J·u for Gaussian directions. The default "
-              "step is the one with the smallest worst error over the first three networks; max pooling over the "
-              "constant background of real images has ties, where no step converges (last row).", "",
-              "| network | " + " | ".join(f"h={h:g}" for h in steps) + " |", "|---|" + "---|" * len(steps)]
-    for name, rows in e["finite_differences"].items():
-        lines.append(f"| {name} | " + " | ".join(f"{100 * r['forward']:.1f}% ({100 * r['central']:.1f}%)"
-                                                 for r in rows) + " |")
-    return lines + [""]
-
-
-def write_benchmarks(bench_json: Path = Path("results/bench.json"), out: Path = Path("BENCHMARKS.md")) -> None:
-    """BENCHMARKS.md from the bench's JSON, and beside it (when there) the GPU bench, the
-    profile, the estimators' measurements and notes."""
-    b = load_json(bench_json)
-    if b is None:
-        return
-    lines = ["# Benchmarks", "", _header(b, bench_json, f"jacmatch bench --json {bench_json}"), ""]
-    lines += _targets(b) + _shape_tables(b)
-    if b.get("scaling"):
-        lines += ["## Scaling", "", "![scaling](results/bench_scaling.png)", ""]
-    cuda = load_json(bench_json.parent / "bench_cuda.json")
-    if cuda is not None:
-        lines += ["# GPU", "", _header(cuda, bench_json.parent / "bench_cuda.json", "make gpu-check"), ""]
-        lines += _targets(cuda) + _shape_tables(cuda)
-    data = load_json(bench_json.parent / "bench_data.json")
-    if data is not None:
-        from .bench_data import format_data
-        lines += ["## Your data", "", f"From `{bench_json.parent / 'bench_data.json'}`, written by `jacmatch bench "
-                  f"--only data --json {bench_json.parent / 'bench_data.json'}` ({data['bench_seconds']:.0f} s on "
-                  f"{data['machine']['cpus']} CPUs). Peak memory is the high-water mark (VmHWM) of the run's "
-                  "process and of its largest DataLoader worker; the growth is that of the larger of the two. The "
-                  "epoch is the median of epochs 2-5 (the teacher cache filled), the cheapest steps: the worst case "
-                  "for the loader.", ""] + format_data(data) + [""]
-    for name, section in (("bench_profile.json", _profile_section), ("estimators.json", _estimators_section)):
-        found = load_json(bench_json.parent / name)
-        if found is not None:
-            lines += section(found)
-    notes = bench_json.parent / "bench_notes.md"
-    if notes.is_file():
-        lines += [notes.read_text()]
-    write_atomic(out, lambda f: f.write("\n".join(lines) + "\n"))
 
 
 def main(json_path: str | None, device: str, plot_path: str | None = None, profile: bool = False,

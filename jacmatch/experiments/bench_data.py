@@ -26,7 +26,9 @@ import numpy as np
 import torch
 
 from ..atomic import write_json_atomic
-from .bench import _machine
+from ..training import config_from_dict, train
+from .bench_report import format_data
+from .common import machine_record
 
 __all__ = ["run_data_bench", "main"]
 
@@ -92,13 +94,13 @@ def _epoch_ratio(work: Path, n: int) -> dict:
     write_png_folder(work / "fm" / "train", x, y)
     write_png_folder(work / "fm" / "test", tx, ty)
     np.savez(work / "fm.npz", train_images=x[:, None], train_labels=y, test_images=tx[:, None], test_labels=ty)
-    common = ["distill", "--teacher", str(TEACHER), "--set", "optim.epochs=5", "--set", "progress=false",
-              "--set", "eval.noise_sigmas=[]", "--set", "eval.jacobian_cosine=false"]
+    common = {"teacher": str(TEACHER), "optim": {"epochs": 5}, "progress": False,
+              "eval": {"noise_sigmas": [], "jacobian_cosine": False}}  # what `jacmatch distill` trains
     seconds = {}
     # the same images held in memory (the built-in path), then read from the PNG files
     for name, spec in (("memory", _register_in_memory(work / "fm.npz")), ("folder", str(work / "fm"))):
         out = work / f"epoch_{name}"
-        _run_in_process([*common, "--dataset", spec, "--out", str(out)])
+        train(config_from_dict({**common, "data": {"name": spec}, "out_dir": str(out)}))
         epochs = [json.loads(line)["epoch_seconds"] for line in (out / "metrics.jsonl").read_text().splitlines()]
         seconds[name] = float(np.median(epochs[1:]))
     return {"images": n, "epoch_seconds": seconds, "ratio": seconds["folder"] / seconds["memory"], "target": 1.2}
@@ -112,12 +114,6 @@ def _register_in_memory(npz: Path) -> str:
             ImageSet(torch.from_numpy(a["test_images"]), torch.from_numpy(a["test_labels"].astype(np.int64))))
     register_dataset("bench-in-memory", lambda d, dl: (*sets, 10, False))
     return "bench-in-memory"
-
-
-def _run_in_process(argv: list[str]) -> None:
-    from ..cli import main
-    if main(argv) != 0:
-        raise RuntimeError(f"jacmatch {' '.join(argv)} failed")
 
 
 def _memory(work: Path, sizes: tuple[int, int], env: dict) -> dict:
@@ -144,7 +140,9 @@ def _evaluation_share(work: Path, quick: bool) -> dict:
             "--out", str(work / "default_distill")]
     if quick:
         args += ["--samples-per-class", "5", "--set", "optim.epochs=2"]
-    _run_in_process(args)
+    values = {"data": {"name": "fashion-mnist", "samples_per_class": 5 if quick else None}, "teacher": str(TEACHER),
+              "progress": False, "out_dir": str(work / "default_distill"), "optim": {"epochs": 2} if quick else {}}
+    train(config_from_dict(values))  # what `args` runs, trained in this process
     r = json.loads((work / "default_distill" / "results.json").read_text())
     total = r["loop_seconds"] + r["eval_seconds"]
     shown = [a for a in args if not a.startswith(str(work))]
@@ -163,30 +161,9 @@ def run_data_bench(quick: bool = False) -> dict:
                    "epoch": _epoch_ratio(work, 600 if quick else 6000),
                    "memory": _memory(work, (600, 1200) if quick else (6000, 60000), env),
                    "evaluation": _evaluation_share(work, quick)}
-    results["machine"] = _machine(torch.device("cpu"))
+    results["machine"] = machine_record(torch.device("cpu"))
     results["bench_seconds"] = time.time() - start
     return results
-
-
-def format_data(results: dict) -> list[str]:
-    """The three figures as markdown lines, each with its target and whether it is met."""
-    e, m, v = results["epoch"], results["memory"], results["evaluation"]
-    met = lambda ok: "met" if ok else "**not met**"  # noqa: E731
-    small, large = m["sizes"]
-    lines = ["| figure | measured | target | |", "|---|---|---|---|",
-             f"| KD + JM epoch over {e['images']} PNGs / in memory | {e['ratio']:.2f}× "
-             f"({e['epoch_seconds']['folder']:.2f} s / {e['epoch_seconds']['memory']:.2f} s) | ≤ {e['target']}× | "
-             f"{met(e['ratio'] <= e['target'])} |"]
-    for kind in ("folder", "npz"):
-        a, b = m["runs"][f"{kind}_{small}"], m["runs"][f"{kind}_{large}"]
-        lines.append(f"| peak memory, {kind}: {large} − {small} images | {m['growth_mib'][kind]:+.0f} MiB "
-                     f"(run {b['peak_mib']:.0f} − {a['peak_mib']:.0f} MiB; largest worker {b['worker_peak_mib']:.0f} − "
-                     f"{a['worker_peak_mib']:.0f} MiB) | ≤ {m['target_mib']} MiB | "
-                     f"{met(m['growth_mib'][kind] <= m['target_mib'])} |")
-    lines.append(f"| evaluation's share of `{v['command']}` | {100 * v['share']:.1f}% ({v['eval_seconds']:.1f} s of "
-                 f"{v['eval_seconds'] + v['train_seconds']:.1f} s) | ≤ {100 * v['target']:.0f}% | "
-                 f"{met(v['share'] <= v['target'])} |")
-    return lines
 
 
 def main(json_path: str | None, quick: bool = False) -> dict:

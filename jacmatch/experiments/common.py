@@ -123,3 +123,13 @@ def with_provenance(summary: dict, config: dict | None = None, runs: list[dict] 
     cells = summary.get("cells", {}).values()
     hashes = sorted({h for c in cells for h in c.get("data_sha256", [])} | set(data_hashes(list(runs))))
     return {**summary, "provenance": provenance(config, hashes[0] if len(hashes) == 1 else hashes or None)}
+
+
+def machine_record(device) -> dict:
+    """The machine a measurement ran on, for a result file: platform, torch, processor, cores, GPU."""
+    import platform
+
+    import torch
+
+    from ..training.provenance import machine
+    return {"platform": platform.platform(), "torch": torch.__version__, **machine(device)}

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from ..atomic import write_atomic
 from ..errors import UsageError
-from .bench import write_benchmarks
+from .bench_report import write_benchmarks
 from .common import CONVERGED_GAIN, converged, load_json
 from .figures import draw_report_figures, main_rows, noise_sigmas
 
