@@ -426,20 +426,99 @@ def test_every_function_reads_in_one_screen():
     assert not long, long
 
 
-def test_imports_point_down():
-    """core imports nothing of the package above it; training nothing of experiments or the CLI."""
+#: Layers of the package, bottom up: an import may point only to a lower layer (or within
+#: its own package). The maths at the bottom (the package's own __init__ is its face); data
+#: and models beside it; training above; integrations and experiments on top of training;
+#: the command line over everything.
+LAYERS = {"errors": 0, "atomic": 0, "_imports": 0, "_extras": 0, "core": 1, "data": 2, "models": 2,
+          "training": 3, "integrations": 4, "experiments": 4, "cli": 5, "__main__": 6}
+
+
+def import_graph(root: Path) -> dict[str, set[str]]:
+    """Every module of the package under ``root`` and the package modules it imports:
+    absolute and relative imports, at any depth of the file (inside functions too)."""
     import ast
-    above = {"core": ("training", "experiments", "cli", "data", "models", "integrations"),
-             "training": ("experiments", "cli", "integrations")}
-    wrong = []
-    for layer, banned in above.items():
-        for path in sorted((ROOT / "jacmatch" / layer).rglob("*.py")):
-            for node in ast.walk(ast.parse(path.read_text())):
-                if isinstance(node, ast.ImportFrom) and node.level >= 2:
-                    target = (node.module or "").split(".")[0]
-                    if target in banned:
-                        wrong.append(f"{path.relative_to(ROOT)} imports ..{node.module}")
-    assert not wrong, wrong
+    package = root.name
+    modules = {}
+    for path in root.rglob("*.py"):
+        parts = list(path.relative_to(root.parent).with_suffix("").parts)
+        modules[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    graph: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        here = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        targets = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                found = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    up = here.split(".")[:len(here.split(".")) - node.level + 1]
+                    base = ".".join(up + ([node.module] if node.module else []))
+                found = [base] + [f"{base}.{a.name}" for a in node.names]
+            else:
+                continue
+            for target in found:
+                while target and target not in modules:  # a name imported from a module: the module
+                    target = target.rpartition(".")[0]
+                if target.split(".")[0] == package and target != name:
+                    targets.add(target)
+        graph[name] = targets
+    return graph
+
+
+def import_problems(root: Path) -> list[str]:
+    """The cycles of the import graph, and every arrow that points up a layer or across to
+    another package of the same layer."""
+    graph = import_graph(root)
+
+    def layer(module: str) -> tuple[str, int]:
+        top = module.split(".")[1] if "." in module else "core"  # the package's face is the maths'
+        return top, LAYERS[top]
+    problems = []
+    for a, targets in sorted(graph.items()):
+        for b in sorted(targets):
+            (ta, la), (tb, lb) = layer(a), layer(b)
+            if ta != tb and lb >= la:
+                problems.append(f"{a} imports {b}, which is not below it")
+    done: set[str] = set()
+
+    def visit(module: str, path: list[str]) -> None:  # depth first: a module met again on the path is a cycle
+        if module in path:
+            problems.append("cycle: " + " -> ".join(path[path.index(module):] + [module]))
+            return
+        if module in done:
+            return
+        for target in sorted(graph[module]):
+            visit(target, path + [module])
+        done.add(module)
+    for module in sorted(graph):
+        visit(module, [])
+    return problems
+
+
+def test_imports_point_down_and_make_no_cycle():
+    """The whole package's import graph, absolute and relative imports of every module."""
+    graph = import_graph(ROOT / "jacmatch")
+    assert "jacmatch.training.trainer" in graph and "jacmatch.core.objective" in graph["jacmatch.training.trainer"]
+    assert "jacmatch.training" in graph["jacmatch.experiments.common"]  # absolute and relative imports count
+    assert import_problems(ROOT / "jacmatch") == []
+
+
+def test_the_import_check_finds_an_upward_arrow_and_a_cycle(tmp_path):
+    pkg = tmp_path / "jacmatch"
+    for folder in ("core", "training"):
+        (pkg / folder).mkdir(parents=True)
+        (pkg / folder / "__init__.py").write_text("")
+    (pkg / "__init__.py").write_text("")
+    (pkg / "core" / "a.py").write_text("def f():\n    import jacmatch.training.b\n")  # up, inside a function
+    (pkg / "core" / "c.py").write_text("from . import d\n")
+    (pkg / "core" / "d.py").write_text("from .c import x\n")
+    (pkg / "training" / "b.py").write_text("from ..core import a\n")
+    problems = import_problems(pkg)
+    assert "jacmatch.core.a imports jacmatch.training.b, which is not below it" in problems
+    assert any(p.startswith("cycle: jacmatch.core.a -> jacmatch.training.b") for p in problems), problems
+    assert any(p.startswith("cycle: jacmatch.core.c -> jacmatch.core.d") for p in problems), problems
 
 
 def test_distill_names_an_operation_without_a_double_backward_and_its_fix(tmp_path, capsys, teacher):
