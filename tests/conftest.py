@@ -1,3 +1,7 @@
+import multiprocessing.process
+import os
+import subprocess
+
 import pytest
 import torch
 from torch import nn
@@ -9,6 +13,36 @@ QUIET = {"progress": False, "tensorboard": False}
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+#: Processes a fast-tier test may start: git, which provenance asks once per process for
+#: the checkout's commit, and uname, which Python's platform module asks for the machine.
+ALLOWED_PROGRAMS = ("git", "uname")
+
+
+@pytest.fixture(autouse=True)
+def _fast_tier_starts_no_process(request, monkeypatch):
+    """The fast tier (tests not marked slow) starts no process: a test that does (a command
+    in a subprocess, torchrun, data-loading workers) fails, and says to mark it slow."""
+    if request.node.get_closest_marker("slow") or request.node.get_closest_marker("vision"):
+        return
+
+    def refuse(what: str):
+        raise AssertionError(f"{request.node.nodeid} starts a process ({what}) but is not marked slow: "
+                             "mark it @pytest.mark.slow, or make it run in this process")
+    popen_init, process_start = subprocess.Popen.__init__, multiprocessing.process.BaseProcess.start
+
+    def popen(self, args, *rest, **kwargs):
+        program = os.path.basename(str(args[0] if isinstance(args, (list, tuple)) else args).split()[0])
+        if program not in ALLOWED_PROGRAMS:
+            refuse(program)
+        popen_init(self, args, *rest, **kwargs)
+
+    def start(self):
+        refuse(f"multiprocessing {type(self).__name__}")
+        process_start(self)
+    monkeypatch.setattr(subprocess.Popen, "__init__", popen)
+    monkeypatch.setattr(multiprocessing.process.BaseProcess, "start", start)
 
 
 class SmallCNN(nn.Module):

@@ -85,6 +85,7 @@ def _values(out, name, **over) -> dict:
 # ---- the seam -----------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # starts a process (data-loading workers or the command line)
 def test_a_folder_gives_the_weights_of_the_same_samples_in_memory(folder, tmp_path):
     """Same samples, same order: the weights of a run over PNG files equal those of the
     in-memory set to 1e-6 (only the streamed statistics' rounding differs)."""
@@ -146,6 +147,7 @@ def test_a_dataset_by_import_path_trains_and_evaluates(tmp_path, teacher, monkey
     assert main(["evaluate", "--checkpoint", str(tmp_path / "s" / "last.pt"), "--dataset", "user_data:make_dataset"]) == 0
 
 
+@pytest.mark.slow  # starts a process (data-loading workers or the command line)
 @pytest.mark.parametrize("suffix", [".png", ".jpg"])
 def test_png_and_jpeg_folders_train_from_python(tmp_path, suffix):
     x, y = pixels(80, size=10)
@@ -163,6 +165,7 @@ def test_an_npz_memmap_trains(tmp_path):
     assert r["num_train"] == 20 and r["provenance"]["data_sha256"]
 
 
+@pytest.mark.slow  # starts a process (data-loading workers or the command line)
 def test_a_hugging_face_dataset_folder_trains(tmp_path):
     import datasets  # the test extra installs it (jacmatch[hf])
     x, y = pixels(100)
@@ -181,6 +184,7 @@ def test_a_hugging_face_dataset_folder_trains(tmp_path):
         train(config_from_dict(values))
 
 
+@pytest.mark.slow  # starts a process (data-loading workers or the command line)
 def test_the_teacher_cache_works_over_a_folder(folder, tmp_path, teacher):
     over = {"teacher": teacher, "objective": {"beta": 1.0, "gamma": 1.0}}
     cached = train(config_from_dict(_values(tmp_path / "c", f"imagefolder:{folder}", **over)))
@@ -251,6 +255,7 @@ def _bad_folder(tmp_path, case: str) -> Path:
     ("non-image", ["notes.txt is not an image file"]), ("corrupt", ["00001.png is not a readable image"]),
     ("truncated", ["00002.png cannot be read"]), ("mixed-sizes", ["mixed image sizes", "set data.image_size"]),
 ])
+@pytest.mark.slow  # starts a process (data-loading workers or the command line)
 def test_bad_folders_are_one_line(tmp_path, capsys, case, words):
     from jacmatch.cli import main
     root = _bad_folder(tmp_path, case)
@@ -260,6 +265,7 @@ def test_bad_folders_are_one_line(tmp_path, capsys, case, words):
     assert not (tmp_path / "r" / "last.pt").exists()
 
 
+@pytest.mark.slow  # starts a process (data-loading workers or the command line)
 def test_other_bad_data_is_one_line(tmp_path, capsys):
     from jacmatch.cli import main
     x, y = pixels(40)
@@ -346,6 +352,7 @@ def test_the_scenes_transfer_config_runs_over_a_folder_of_jpegs(tmp_path):
     assert {"at", "at_jm"} <= set(results["final"]["train"]) and results["teacher_parameters"] > 2e7
 
 
+@pytest.mark.slow  # starts a process (data-loading workers or the command line)
 def test_check_model_takes_the_shape_and_classes_of_a_data_set(folder, capsys):
     from jacmatch.cli import main
     assert main(["check-model", "small_cnn_4", "--dataset", str(folder)]) == 0
@@ -353,6 +360,7 @@ def test_check_model_takes_the_shape_and_classes_of_a_data_set(folder, capsys):
     assert "input 1x8x8" in out, out
 
 
+@pytest.mark.slow  # starts a process (data-loading workers or the command line)
 def test_every_form_trains_from_the_command_line(tmp_path, monkeypatch, capsys):
     """npz, a Hugging Face folder and a parquet data file, and a Dataset by import path,
     through `jacmatch train-teacher` (in this process: the subprocess tests above cover the
