@@ -214,7 +214,7 @@ def test_cifar_configs_run_on_cifar_format_files(tmp_path, config, teacher_model
 
 
 def test_results_carry_provenance_and_the_report_refuses_mixed_data(tmp_path):
-    from jacmatch.experiments.report import check_one_data_set
+    from jacmatch.experiments.report_sections import check_one_data_set
     from jacmatch.training import config_from_dict, train
     results = train(config_from_dict({"out_dir": str(tmp_path / "r"), "data": {"name": "synthetic"},
                                       "model": {"name": "small_cnn_4"}, "objective": {"beta": 0, "gamma": 0},
@@ -238,11 +238,12 @@ def test_results_carry_provenance_and_the_report_refuses_mixed_data(tmp_path):
 def test_a_budget_check_flags_a_gain_as_not_converged_and_names_a_loss():
     """One-sided, as the growth rule is: a baseline worse at twice its budget was not held back by it."""
     from jacmatch.experiments.common import CONVERGED_GAIN
-    from jacmatch.experiments.report import _check_flag
+    from jacmatch.experiments.report_text import check_flag as _check_flag
     assert _check_flag(CONVERGED_GAIN - 0.01) == "" and _check_flag(-CONVERGED_GAIN + 0.01) == ""
     assert _check_flag(CONVERGED_GAIN) == " **not converged**" and _check_flag(3.0) == " **not converged**"
     assert _check_flag(-2.1) == " (lower when trained longer)"
-    from jacmatch.experiments.report import _claim_label, _transfer_view
+    from jacmatch.experiments.claims import _transfer_view
+    from jacmatch.experiments.claims import claim_label as _claim_label
     cells = {"CE+AT (2× epochs)|5": {"val_gain": -2.1}, "CE (scratch) (2× epochs)|5": {"val_gain": 0.2}, "CE|5": {}}
     assert _transfer_view({"cells": cells}) == " (at its baselines' convergence)"
     assert _claim_label("(d) x" + _transfer_view({"cells": cells})) == "(d), at its baselines' convergence"
@@ -335,7 +336,8 @@ def test_the_step_budget_rule_and_its_cap():
     """A student's budget: the chosen steps (capped), at least 40 passes, at most 1600 steps;
     at the n where the budget is checked, the budget chosen there on validation; the report
     says when the cap bound, and where the budget was chosen at the check."""
-    from jacmatch.experiments import paper, report
+    from jacmatch.experiments import paper
+    from jacmatch.experiments import report_distill as report
     values, full = paper.run_config("distill"), paper.FULL
     assert [paper._budget(full, n, values, 800) for n in full.samples] == [400, 400, 400, 400, 400, 1600]
     assert [paper._budget(full, n, values, 200) for n in full.samples] == [200, 200, 200, 200, 320, 1600]
@@ -363,7 +365,7 @@ def test_noisy_kd_at_jm_cost_gets_its_own_row_when_it_needs_more_than_one_draw()
 
 
 def test_a_findings_label_names_the_claims_view_and_part():
-    from jacmatch.experiments.report import _claim_label
+    from jacmatch.experiments.claims import claim_label as _claim_label
     assert _claim_label("(b) Jacobian matching improves distillation (at convergence)") == "(b), at convergence"
     assert _claim_label("(b) … most with few samples (at convergence)") == "(b) … most with few samples, at convergence"
     assert _claim_label("(d) attention transfer plus Jacobians helps transfer") == "(d)"

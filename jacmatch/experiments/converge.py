@@ -7,14 +7,15 @@ from __future__ import annotations
 import re
 import time
 
+from . import rows as R
 from ..atomic import write_json_atomic
 from ..errors import UsageError
 from .common import load_json, summarize, summarize_runs, with_provenance
 from .paper import FULL, ROWS, Layout, _fill, _run_seconds, _teacher_path, epochs_for_steps, run_config
 
 
-CONVERGE_ROWS = ("CE", "CE+KD", "CE+JM", "CE+KD+JM")
-CHECKED_ROWS = ("CE", "CE+KD")  # trained again with twice the patience and maximum: the budget check
+CONVERGE_ROWS = (R.CE, R.CE_KD, R.CE_JM, R.CE_KD_JM)
+CHECKED_ROWS = (R.CE, R.CE_KD)  # trained again with twice the patience and maximum: the budget check
 REACH = 0.99  # time-to-accuracy: steps and seconds to 99% of a row's own best validation accuracy
 
 
@@ -115,20 +116,20 @@ def converge_section(lay: Layout) -> dict:
     for n in profile.samples:
         for row in CONVERGE_ROWS:
             objective = {**_fill(ROWS[row], weights), "temperature": chosen["tau"]}
-            cells[f"{row}|{n}"] = _converged_cell(lay, row, n, objective, teacher, chosen["lr"],
+            cells[R.key(row, n)] = _converged_cell(lay, row, n, objective, teacher, chosen["lr"],
                                                   profile.converge_patience)
         for row in CHECKED_ROWS:
-            cell = _converged_cell(lay, row, n, cells[f"{row}|{n}"]["objective"], teacher, chosen["lr"],
+            cell = _converged_cell(lay, row, n, cells[R.key(row, n)]["objective"], teacher, chosen["lr"],
                                    2 * profile.converge_patience, check=True)
-            cells[f"{row} (2× patience)|{n}"] = {**cell, "row": f"{row} (2× patience)",
+            cells[R.key(R.twice_patience(row), n)] = {**cell, "row": R.twice_patience(row),
                                                  "val_gain": 100 * (cell["val_acc"]["mean"]
-                                                                    - cells[f"{row}|{n}"]["val_acc"]["mean"])}
-        kd = cells[f"CE+KD|{n}"]["val_acc"]["mean"]
+                                                                    - cells[R.key(row, n)]["val_acc"]["mean"])}
+        kd = cells[R.key(R.CE_KD, n)]["val_acc"]["mean"]
         for row in CONVERGE_ROWS:
-            cells[f"{row}|{n}"]["to_kd"] = _to_target(cells[f"{row}|{n}"], kd)
+            cells[R.key(row, n)]["to_kd"] = _to_target(cells[R.key(row, n)], kd)
         summary["section_seconds"] = time.time() - start
         summary["run_seconds"] = _run_seconds(cells)
-        print(f"  n={n}: " + ", ".join(f"{r} {100 * cells[f'{r}|{n}']['acc']['mean']:.1f}" for r in CONVERGE_ROWS)
+        print(f"  n={n}: " + ", ".join(f"{r} {100 * cells[R.key(r, n)]['acc']['mean']:.1f}" for r in CONVERGE_ROWS)
               + f"   [{time.time() - start:.0f} s]", flush=True)
         write_json_atomic(lay.out / "converge.json", with_provenance(summary, config))
     summary["complete"] = True

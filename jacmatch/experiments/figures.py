@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from . import rows as R
 from .._extras import require
 from ..atomic import save_figure
 
@@ -28,7 +29,7 @@ def draw_report_figures(sections: dict, folder: Path) -> None:
     if c is not None and c["cells"]:
         plot_converge_curves(c, folder / "converge_curves.png")
     if r is not None:
-        if d is not None and any(f"CE+KD+JM|{n}" in d["cells"] for n in d["samples"]):
+        if d is not None and any(R.key(R.CE_KD_JM, n) in d["cells"] for n in d["samples"]):
             plot_student_noise(d, folder / "distill_noise.png")
         plot_robust(r, noise_sigmas(r), folder / "robustness.png")
 
@@ -48,7 +49,7 @@ def plot_converge_curves(c: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, len(ns), figsize=(6 * len(ns), 4), squeeze=False)
     for ax, n in zip(axes[0], ns):
         for i, row in enumerate(c["rows"]):
-            cell = c["cells"].get(f"{row}|{n}")
+            cell = c["cells"].get(R.key(row, n))
             for j, curve in enumerate(cell["curves"] if cell else []):
                 ax.plot([sec for _, sec, _ in curve], [100 * acc for _, _, acc in curve], color=f"C{i}", alpha=0.6,
                         lw=1, label=row if j == 0 else None)
@@ -65,7 +66,7 @@ def main_rows(d: dict) -> list[str]:
     """The rows a section ran at every n, in the order it ran them (the rest are ablations)."""
     rows = list(dict.fromkeys(c["row"] for c in d["cells"].values()))
     ran = {n for n in d["samples"] if any(c["samples_per_class"] == n for c in d["cells"].values())}
-    return [r for r in rows if all(f"{r}|{n}" in d["cells"] for n in ran)]
+    return [r for r in rows if all(R.key(r, n) in d["cells"] for n in ran)]
 
 
 def noise_sigmas(section: dict) -> list[str]:
@@ -83,8 +84,8 @@ def plot_distill(d: dict, rows: list[str], path: Path) -> None:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4))
     for r in rows:
-        ns = [n for n in d["samples"] if f"{r}|{n}" in d["cells"]]
-        cells = [d["cells"][f"{r}|{n}"] for n in ns]
+        ns = [n for n in d["samples"] if R.key(r, n) in d["cells"]]
+        cells = [d["cells"][R.key(r, n)] for n in ns]
         if cells:
             ax.errorbar(ns, [100 * c["acc"]["mean"] for c in cells], yerr=[100 * c["acc"]["std"] for c in cells],
                         marker="o", capsize=3, label=r)
@@ -98,14 +99,14 @@ def plot_distill(d: dict, rows: list[str], path: Path) -> None:
     plt.close(fig)
 
 
-def plot_student_noise(d: dict, path: Path, rows: tuple[str, str] = ("CE+KD", "CE+KD+JM")) -> None:
+def plot_student_noise(d: dict, path: Path, rows: tuple[str, str] = (R.CE_KD, R.CE_KD_JM)) -> None:
     """Accuracy against σ_test for two rows of students, one panel per n."""
     plt = _pyplot()
-    ns = [n for n in d["samples"] if all(f"{row}|{n}" in d["cells"] for row in rows)]
+    ns = [n for n in d["samples"] if all(R.key(row, n) in d["cells"] for row in rows)]
     fig, axes = plt.subplots(1, len(ns), figsize=(2.6 * len(ns), 3.2), sharey=True, squeeze=False)
     for ax, n in zip(axes[0], ns):
         for row in rows:
-            c = d["cells"][f"{row}|{n}"]
+            c = d["cells"][R.key(row, n)]
             xs, ys, es = noise_curve(c, sorted(c["noisy_acc"], key=float))
             ax.errorbar(xs, ys, yerr=es, marker="o", markersize=3, capsize=2, label=row)
         ax.set_title(f"n={n}", fontsize=9)

@@ -4,6 +4,7 @@ twice them (``common.converged``)."""
 
 from __future__ import annotations
 
+from . import rows as R
 from .common import converged, summarize_runs
 
 __all__ = ["epochs_tag", "check_cell", "until_converged"]
@@ -38,7 +39,7 @@ def until_converged(lay, base: int, rows, baselines: tuple[str, ...]) -> tuple[d
     epochs, growth = base, {"grown_from": [], "val_gains": [], "seconds_left_behind": 0.0}
     while True:
         cells, twice = rows(epochs), rows(2 * epochs, only=baselines)
-        checks = {row: {**check_cell(cells[row], twice[row]["runs"]), "row": f"{row} (2× epochs)"} for row in baselines}
+        checks = {row: {**check_cell(cells[row], twice[row]["runs"]), "row": R.twice_epochs(row)} for row in baselines}
         if (all(converged(c["val_gain"]) for c in checks.values())
                 or len(growth["grown_from"]) == lay.profile.budget_growths):
             kept = {"grown_from": growth["grown_from"], "gains_grown_from": growth["val_gains"]}

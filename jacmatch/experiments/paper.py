@@ -21,6 +21,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from . import rows as R
 from ..atomic import write_json_atomic
 from ..errors import UsageError
 from ..training import TeacherGradients, load_checkpoint
@@ -30,24 +31,22 @@ from .common import load_json, run_or_load, summarize, summarize_runs, with_prov
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "paper"
 
 ROWS = {  # the paper's rows: α (CE), β (KD), γ (JM; its value chosen on validation)
-    "CE": {"alpha": 1.0},
-    "CE+KD": {"alpha": 1.0, "beta": 1.0},
-    "CE+JM": {"alpha": 1.0, "gamma": "γ_ce"},  # without KD, γ has its own choice
-    "CE+KD+JM": {"alpha": 1.0, "beta": 1.0, "gamma": "γ"},
-    "KD": {"alpha": 0.0, "beta": 1.0},
-    "KD+JM": {"alpha": 0.0, "beta": 1.0, "gamma": "γ"},
+    R.CE: {"alpha": 1.0},
+    R.CE_KD: {"alpha": 1.0, "beta": 1.0},
+    R.CE_JM: {"alpha": 1.0, "gamma": "γ_ce"},  # without KD, γ has its own choice
+    R.CE_KD_JM: {"alpha": 1.0, "beta": 1.0, "gamma": "γ"},
+    R.KD: {"alpha": 0.0, "beta": 1.0},
+    R.KD_JM: {"alpha": 0.0, "beta": 1.0, "gamma": "γ"},
 }
 NOISY_KD = {"alpha": 1.0, "beta": 1.0, "noise_sigma": "σ", "noise_draws": "M"}  # Proposition 1 taken literally
 COMPUTE_ROWS = {  # what JM's cost buys otherwise: noisy KD, and KD trained for longer
-    "noisy KD M=1": {**NOISY_KD, "noise_draws": 1},
-    "CE+KD (JM's time)": None,  # CE+KD for as many steps as CE+KD+JM's measured training time allows
+    R.NOISY_KD_1: {**NOISY_KD, "noise_draws": 1},
+    R.EQUAL_TIME: None,  # CE+KD for as many steps as CE+KD+JM's measured training time allows
 }
-EQUAL_TIME_ROW = "CE+KD (JM's time)"
-DOUBLED_ROW = "CE (2× steps)"
 ABLATIONS = {  # at a few n: the form, and which Jacobians
-    "CE+KD+JM sq": {"alpha": 1.0, "beta": 1.0, "gamma": "γ_sq", "jm_form": "sq"},
-    "CE+KD+JM label": {"alpha": 1.0, "beta": 1.0, "gamma": "γ", "jm_outputs": "label"},
-    "CE+KD+JM projection": {"alpha": 1.0, "beta": 1.0, "gamma": "γ", "jm_outputs": "projection"},
+    R.JM_SQ: {"alpha": 1.0, "beta": 1.0, "gamma": "γ_sq", "jm_form": "sq"},
+    R.JM_LABEL: {"alpha": 1.0, "beta": 1.0, "gamma": "γ", "jm_outputs": "label"},
+    R.JM_PROJECTION: {"alpha": 1.0, "beta": 1.0, "gamma": "γ", "jm_outputs": "projection"},
 }
 TAU_PRIOR = 4.0  # τ while the step budget is chosen (the KD literature's usual value)
 SELECTION_EVAL = {"noise_sigmas": [], "jacobian_cosine": False}  # selection reads validation accuracy only
@@ -348,20 +347,20 @@ def _distill_selection(lay: Layout, teacher: str) -> tuple[dict, dict]:
     (values, selection records)."""
     profile, config = lay.profile, run_config("distill", lay.profile)
     lr, sel_lr = _select(lay, "lr", lambda v, tag, n, seed: _student(
-        lay, tag, n, seed, ROWS["CE"], teacher, _budget(profile, n, config, 0), selection=True, lr=v),
+        lay, tag, n, seed, ROWS[R.CE], teacher, _budget(profile, n, config, 0), selection=True, lr=v),
         samples=profile.budget_check_samples)
     check_steps, sel_check = _select(lay, "check_steps", lambda v, tag, n, seed: _student(
-        lay, tag, n, seed, ROWS["CE"], teacher, v, selection=True, lr=lr), samples=profile.budget_check_samples)
-    kd = {**ROWS["CE+KD"], "temperature": TAU_PRIOR}
+        lay, tag, n, seed, ROWS[R.CE], teacher, v, selection=True, lr=lr), samples=profile.budget_check_samples)
+    kd = {**ROWS[R.CE_KD], "temperature": TAU_PRIOR}
     steps, sel_steps = _select(lay, "steps", lambda v, tag, n, seed: _student(lay, tag, n, seed, kd, teacher, v,
                                                                                selection=True, lr=lr))
     steps = _budget(profile, profile.selection_samples, config, steps)  # what the cells at that n take
-    tau, sel_tau = _select(lay, "tau", _placeholder(lay, {**ROWS["CE+KD"], "temperature": "τ"}, teacher,
+    tau, sel_tau = _select(lay, "tau", _placeholder(lay, {**ROWS[R.CE_KD], "temperature": "τ"}, teacher,
                                                     steps=steps, selection=True, lr=lr))
     chosen = {"lr": lr, "check_steps": check_steps, "steps": steps, "tau": tau}
     selection = {"lr": sel_lr, "check_steps": sel_check, "steps": sel_steps, "tau": sel_tau}
-    for name, objective in (("gamma", ROWS["CE+KD+JM"]), ("gamma_ce", ROWS["CE+JM"]),
-                            ("gamma_sq", ABLATIONS["CE+KD+JM sq"]), ("sigma", COMPUTE_ROWS["noisy KD M=1"])):
+    for name, objective in (("gamma", ROWS[R.CE_KD_JM]), ("gamma_ce", ROWS[R.CE_JM]),
+                            ("gamma_sq", ABLATIONS[R.JM_SQ]), ("sigma", COMPUTE_ROWS[R.NOISY_KD_1])):
         chosen[name], selection[name] = _select(lay, name, _placeholder(
             lay, {**objective, "temperature": tau}, teacher, steps=steps, selection=True, lr=lr))
     return chosen, selection
@@ -370,7 +369,7 @@ def _distill_selection(lay: Layout, teacher: str) -> tuple[dict, dict]:
 def _noisy_rows(profile: Profile) -> dict:
     """Noisy KD's rows: one draw, and M at JM's cost when that is more than one."""
     m = profile.noise_draws_equal
-    return {"noisy KD M=1": COMPUTE_ROWS["noisy KD M=1"], **({f"noisy KD M={m}": NOISY_KD} if m > 1 else {})}
+    return {R.NOISY_KD_1: COMPUTE_ROWS[R.NOISY_KD_1], **({R.noisy_kd(m): NOISY_KD} if m > 1 else {})}
 
 
 def _cell(lay, row, n, objective, teacher, steps, lr, tag=None) -> dict:
@@ -389,20 +388,20 @@ def _cells_at(lay: Layout, n: int, chosen: dict, teacher: str, cells: dict, say)
                "M": profile.noise_draws_equal}
     grid = {**ROWS, **_noisy_rows(profile), **(ABLATIONS if n in profile.ablation_samples else {})}
     for row, objective in grid.items():
-        cells[f"{row}|{n}"] = _cell(lay, row, n, {**_fill(objective, weights), "temperature": chosen["tau"]}, teacher,
+        cells[R.key(row, n)] = _cell(lay, row, n, {**_fill(objective, weights), "temperature": chosen["tau"]}, teacher,
                                     steps, chosen["lr"])
-        say(cells[f"{row}|{n}"])
+        say(cells[R.key(row, n)])
     # CE+KD trained for as long as CE+KD+JM took (the epochs' own seconds, mean over seeds)
-    ratio = cells[f"CE+KD+JM|{n}"]["loop_seconds"]["mean"] / cells[f"CE+KD|{n}"]["loop_seconds"]["mean"]
-    kd = {**ROWS["CE+KD"], "temperature": chosen["tau"]}
-    cell = _cell(lay, EQUAL_TIME_ROW, n, kd, teacher, max(round(steps * ratio), steps), chosen["lr"],
+    ratio = cells[R.key(R.CE_KD_JM, n)]["loop_seconds"]["mean"] / cells[R.key(R.CE_KD, n)]["loop_seconds"]["mean"]
+    kd = {**ROWS[R.CE_KD], "temperature": chosen["tau"]}
+    cell = _cell(lay, R.EQUAL_TIME, n, kd, teacher, max(round(steps * ratio), steps), chosen["lr"],
                  tag="CE_KD_equal_time")
-    cells[f"{EQUAL_TIME_ROW}|{n}"] = {**cell, "time_ratio": ratio}
+    cells[R.key(R.EQUAL_TIME, n)] = {**cell, "time_ratio": ratio}
     say(cell)
     if n == profile.budget_check_samples:
-        ce = cells[f"CE|{n}"]["objective"]  # the CE row's own settings, for twice its steps
-        cells[f"{DOUBLED_ROW}|{n}"] = _cell(lay, DOUBLED_ROW, n, ce, teacher, 2 * steps, chosen["lr"], tag="CE_doubled")
-        say(cells[f"{DOUBLED_ROW}|{n}"])
+        ce = cells[R.key(R.CE, n)]["objective"]  # the CE row's own settings, for twice its steps
+        cells[R.key(R.DOUBLED_STEPS, n)] = _cell(lay, R.DOUBLED_STEPS, n, ce, teacher, 2 * steps, chosen["lr"], tag="CE_doubled")
+        say(cells[R.key(R.DOUBLED_STEPS, n)])
 
 
 def distill_section(lay: Layout) -> dict:
@@ -419,8 +418,8 @@ def distill_section(lay: Layout) -> dict:
                                "max_chosen_steps": min(profile.max_chosen_steps, profile.max_steps)},
                "noise_draws_equal": profile.noise_draws_equal, "seeds": list(profile.seeds),
                "samples": list(profile.samples), "cells": cells, "complete": False, "student": config["model"]["name"],
-               "rows": {"paper": list(ROWS), "equal_compute": ["CE+KD", "CE+KD+JM", *_noisy_rows(profile), EQUAL_TIME_ROW],
-                        "ablations": list(ABLATIONS), "budget_check": ["CE", DOUBLED_ROW]},
+               "rows": {"paper": list(ROWS), "equal_compute": [R.CE_KD, R.CE_KD_JM, *_noisy_rows(profile), R.EQUAL_TIME],
+                        "ablations": list(ABLATIONS), "budget_check": [R.CE, R.DOUBLED_STEPS]},
                "budget_check_samples": profile.budget_check_samples}
 
     def say(cell):  # the JSON is rewritten after each cell, so the report can show what has run so far

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 
+from . import rows as R
 from ..atomic import write_json_atomic
 from .common import summarize_runs, with_provenance
 from .growth import epochs_tag as _epochs_tag
@@ -14,14 +15,13 @@ from .paper import Layout, _run_seconds, run_config
 
 SIGMA_TRAIN = 0.3
 ROBUST_ROWS = {
-    "CE": {"alpha": 1.0},
+    R.CE: {"alpha": 1.0},
     f"noise σ={SIGMA_TRAIN}": {"alpha": 1.0, "noise_sigma": SIGMA_TRAIN, "noise_draws": 1},
     # Prop. 2 (CE form): E CE(x+ξ) ≈ CE + σ²·½‖∇ log Sˢ_y‖², so λ = σ² is the equivalent weight.
     f"penalty λ=σ²={SIGMA_TRAIN ** 2:.2f}": {"alpha": 1.0, "penalty": SIGMA_TRAIN ** 2, "penalty_form": "ce"},
 }
 
 
-DOUBLED_EPOCHS = "CE (2× epochs)"
 
 
 def robustness_section(lay: Layout) -> dict:
@@ -47,13 +47,13 @@ def robustness_section(lay: Layout) -> dict:
                 out[row] = {"row": row, "training_set": training_set, "objective": ROBUST_ROWS[row], "epochs": epochs,
                             **summarize_runs(results), "runs": results}
             return out
-        grown_cells, checks, epochs, growth = _until_converged(lay, base, rows, ("CE",))
+        grown_cells, checks, epochs, growth = _until_converged(lay, base, rows, (R.CE,))
         left_behind += growth["seconds_left_behind"]
         for row, cell in grown_cells.items():
-            cells[f"{row}|{where}"] = cell
+            cells[R.key(row, where)] = cell
             print(f"  {row}|{where:<24} {epochs} epochs, clean {100 * cell['acc']['mean']:.1f}   "
                   f"[{time.time() - start:.0f} s]", flush=True)
-        cells[f"{DOUBLED_EPOCHS}|{where}"] = {**checks["CE"], "row": DOUBLED_EPOCHS, "training_set": training_set}
+        cells[R.key(R.DOUBLED_EPOCHS, where)] = {**checks[R.CE], "row": R.DOUBLED_EPOCHS, "training_set": training_set}
     summary = {"sigma_train": SIGMA_TRAIN, "seeds": list(profile.robust_seeds), "cells": cells, "base_epochs": base,
                "section_seconds": time.time() - start,
                "run_seconds": _run_seconds(cells, {"train_seconds": left_behind})}

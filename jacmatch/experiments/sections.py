@@ -7,6 +7,7 @@ import json
 import time
 from pathlib import Path
 
+from . import rows as R
 from ..atomic import write_json_atomic
 from ..errors import UsageError
 from .common import with_provenance
@@ -36,8 +37,8 @@ def pictures_section(lay: Layout) -> dict:
     runs, out = lay.runs, lay.out
     teacher, _ = load_model(_teacher_path(lay))
     n = lay.profile.pictures_samples
-    students = {"CE+KD": runs / "distill" / f"CE_KD_n{n}_s0" / "last.pt",
-                "CE+KD+JM": runs / "distill" / f"CE_KD_JM_n{n}_s0" / "last.pt"}
+    students = {R.CE_KD: runs / "distill" / f"CE_KD_n{n}_s0" / "last.pt",
+                R.CE_KD_JM: runs / "distill" / f"CE_KD_JM_n{n}_s0" / "last.pt"}
     for path in students.values():  # a run known by its record only (a fresh clone): trained again, as recorded
         record = lay.record_of(path.parent)
         if not path.is_file() and record.is_file():

@@ -7,6 +7,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from . import rows as R
 from ..atomic import write_json_atomic
 from .common import summarize_runs, with_provenance
 from .paper import (Layout, Profile, _committed_teacher, _fill, _placeholder, _run_seconds, _select, _train_teacher,
@@ -16,11 +17,10 @@ from .growth import until_converged as _until_converged
 
 
 TRANSFER_ROWS = {  # δ (AT) and δ_J (its Jacobians) chosen on validation, in that order
-    "CE (scratch)": {"alpha": 1.0},
-    "CE+AT": {"alpha": 1.0, "delta": "δ"},
-    "CE+AT+JM": {"alpha": 1.0, "delta": "δ", "delta_jacobian": "δ_J"},
+    R.CE_SCRATCH: {"alpha": 1.0},
+    R.CE_AT: {"alpha": 1.0, "delta": "δ"},
+    R.CE_AT_JM: {"alpha": 1.0, "delta": "δ", "delta_jacobian": "δ_J"},
 }
-ORACLE = "fine-tune teacher (oracle)"
 
 
 def _transfer_epochs(profile: Profile) -> int:
@@ -59,7 +59,7 @@ def transfer_section(lay: Layout) -> dict:
     weights = {"δ": delta, "δ_J": delta_j}
     cells, left_behind, base = {}, 0.0, _transfer_epochs(profile)
     for n in profile.transfer_samples:
-        def rows(epochs, only=(*TRANSFER_ROWS, ORACLE), n=n):
+        def rows(epochs, only=(*TRANSFER_ROWS, R.ORACLE), n=n):
             out = {}
             for row in only:
                 objective = TRANSFER_ROWS.get(row)
@@ -70,14 +70,14 @@ def transfer_section(lay: Layout) -> dict:
                             "runs": results}
             return out
         # the baselines of claim (d): CE from scratch and CE+AT
-        grown_cells, checks, epochs, growth = _until_converged(lay, base, rows, ("CE (scratch)", "CE+AT"))
+        grown_cells, checks, epochs, growth = _until_converged(lay, base, rows, (R.CE_SCRATCH, R.CE_AT))
         left_behind += growth["seconds_left_behind"]
         for row, cell in grown_cells.items():
-            cells[f"{row}|{n}"] = cell
+            cells[R.key(row, n)] = cell
             print(f"  {row:<28} n={n:<3} {epochs} epochs, test {100 * cell['acc']['mean']:.1f}   "
                   f"[{time.time() - start:.0f} s]", flush=True)
         for check in checks.values():
-            cells[f"{check['row']}|{n}"] = {**check, "samples_per_class": n}
+            cells[R.key(check['row'], n)] = {**check, "samples_per_class": n}
     summary = {"source_teacher": {"test": source["final"]["test"], "checkpoint": str(target),
                                   "train_seconds": source["train_seconds"]},
                "selection": {"delta": sel_at, "delta_jacobian": sel_jm},
