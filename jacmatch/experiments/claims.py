@@ -8,38 +8,45 @@ import re
 from . import rows as R
 from .common import converged
 from .report_distill import small_over_large
-from .report_text import evidence, holds, paired_by_n, verdict_of
+from .paper import transfer_classes
+from .report_text import cores, evidence, holds, paired_by_n, span, verdict_of
 
-__all__ = ["CLAIMS", "verdicts", "claim_label", "verdict_table"]
+__all__ = ["claims", "verdicts", "claim_label", "verdict_table"]
 
 
-CLAIMS = {  # claim: how this setting differs from the paper's
-    "(a) Jacobian matching is distillation on noisy inputs to second order, and a Jacobian penalty is "
-    "noise training (Propositions 1 and 2)": "small float64 MLPs and one input, against the closed forms; the paper "
-    "states the propositions without a numerical check",
-    "(b) Jacobian matching improves distillation, most with few samples": "Fashion-MNIST, a ResNet-20 teacher and a "
-    "small CNN student trained for a few hundred to a few thousand steps on 2 CPU cores (the paper: CIFAR-100, WRNs, "
-    "full training)",
-    "(c) Jacobian matching makes students more robust to noisy inputs": "test noise added to Fashion-MNIST images; "
-    "the paper measures it on CIFAR-100",
-    "(d) Jacobian matching helps transfer learning with attention transfer": "Fashion-MNIST classes 0–4 to 5–9 (the "
-    "paper: ImageNet to MIT Scenes with VGG/ResNet)",
-}
+def claims(sections: dict) -> dict[str, str]:
+    """Each claim and how this setting differs from the paper's, with the models, machine
+    and classes that the result files and configs name."""
+    t, d = sections.get("teacher") or {}, sections.get("distill") or {}
+    teacher, student = (f"a {t['model']} teacher" if t else "a teacher"), d.get("student", "a small CNN")
+    source, target = (span(c) for c in transfer_classes())
+    return {
+        "(a) Jacobian matching is distillation on noisy inputs to second order, and a Jacobian penalty is "
+        "noise training (Propositions 1 and 2)": "small float64 MLPs and one input, against the closed forms; the "
+        "paper states the propositions without a numerical check",
+        "(b) Jacobian matching improves distillation, most with few samples": f"Fashion-MNIST, {teacher} and "
+        f"a {student} student trained for a few hundred to a few thousand steps on {cores(d, t)} CPU cores (the paper: "
+        "CIFAR-100, WRNs, full training)",
+        "(c) Jacobian matching makes students more robust to noisy inputs": "test noise added to Fashion-MNIST images; "
+        "the paper measures it on CIFAR-100",
+        "(d) Jacobian matching helps transfer learning with attention transfer": f"Fashion-MNIST classes {source} to "
+        f"{target} (the paper: ImageNet to MIT Scenes with VGG/ResNet)",
+    }
 
 
 def verdicts(sections: dict) -> list[tuple[str, str, str, str]]:
     """(claim, verdict, numbers, how the setting differs) for each claim whose sections ran."""
     d, tr, v = sections.get("distill"), sections.get("transfer"), sections.get("verify")
     records = v.get("records", []) if isinstance(v, dict) else v or []
-    claims, out = list(CLAIMS.items()), []
+    claim, out = list(claims(sections).items()), []
     if records:
         full = [r["slope"] for r in records if r["activation"] != "relu" and r["form"] == "full" and r["slope"]]
         short = [r["slope"] for r in records if r["activation"] != "relu" and r["form"] == "short"
                  and r["proposition"].endswith("ce") and r["slope"]]
         ok = full and min(full) >= 3.5 and short and all(1.5 <= x <= 2.5 for x in short)
-        out.append((*claims[0][:1], "confirmed" if ok else "partly confirmed",
+        out.append((*claim[0][:1], "confirmed" if ok else "partly confirmed",
                     f"full forms' residuals fall like σ^{min(full):.2f}–σ^{max(full):.2f} on smooth networks (theory 4), "
-                    f"short cross-entropy forms like σ^{min(short):.2f}–σ^{max(short):.2f} (theory 2)", claims[0][1]))
+                    f"short cross-entropy forms like σ^{min(short):.2f}–σ^{max(short):.2f} (theory 2)", claim[0][1]))
     c = sections.get("converge")
     partial = c is not None and not c.get("complete", True)
     at = "at convergence" + ("; partial run, only the n listed" if partial else "")
@@ -50,7 +57,7 @@ def verdicts(sections: dict) -> list[tuple[str, str, str, str]]:
         pairs = paired_by_n(c, R.CE_KD, R.CE_KD_JM)
         out.append((f"(b) Jacobian matching improves distillation ({at})", so_far(verdict_of(pairs)),
                     f"{R.CE_KD_JM} − {R.CE_KD}, every student early-stopped inside its maximum, test points (seeds won): "
-                    + evidence(pairs), claims[1][1]))
+                    + evidence(pairs), claim[1][1]))
         shape = small_over_large(c)
         if shape is not None:
             mean, wins, seeds, small, large = shape
@@ -58,27 +65,27 @@ def verdicts(sections: dict) -> list[tuple[str, str, str, str]]:
                         so_far("confirmed" if holds(mean, wins, seeds) else "not confirmed"),
                         f"JM's gain at n ≤ 10 ({', '.join(map(str, small))}) minus its gain at n ≥ 100 "
                         f"({', '.join(map(str, large))}), paired by seed: {mean:+.1f} points ({wins}/{seeds})",
-                        claims[1][1]))
+                        claim[1][1]))
         noisy = paired_by_n(c, R.CE_KD, R.CE_KD_JM, lambda x: x["noisy_acc"]["0.3"])
         if noisy:
             out.append((f"(c) Jacobian matching makes students more robust to noisy inputs ({at})",
-                        so_far(verdict_of(noisy)), f"{R.CE_KD_JM} − {R.CE_KD} under test noise σ = 0.3, every student early-stopped, "
-                        "points (seeds won): " + evidence(noisy), claims[2][1]))
+                        so_far(verdict_of(noisy)), f"{R.CE_KD_JM} − {R.CE_KD} under test noise σ = 0.3, every "
+                        "student early-stopped, points (seeds won): " + evidence(noisy), claim[2][1]))
     if d is not None:
         pairs = paired_by_n(d, R.CE_KD, R.CE_KD_JM)
         view = f" ({_equal_budget(d)})" if c is not None else ""
-        label = f"(b) Jacobian matching improves distillation{view}" if c is not None else claims[1][0]
+        label = f"(b) Jacobian matching improves distillation{view}" if c is not None else claim[1][0]
         out.append((label, verdict_of(pairs), f"{R.CE_KD_JM} − {R.CE_KD}, test points (seeds won): " + evidence(pairs),
-                    claims[1][1]))
+                    claim[1][1]))
         noisy = paired_by_n(d, R.CE_KD, R.CE_KD_JM, lambda c: c["noisy_acc"]["0.3"])
-        out.append((claims[2][0] + view, verdict_of(noisy),
+        out.append((claim[2][0] + view, verdict_of(noisy),
                     f"{R.CE_KD_JM} − {R.CE_KD} under test noise σ = 0.3, points (seeds won): "
-                    + evidence(noisy), claims[2][1]))
+                    + evidence(noisy), claim[2][1]))
     if tr is not None:
         pairs = paired_by_n(tr, R.CE_AT, R.CE_AT_JM)
         at = paired_by_n(tr, R.CE_SCRATCH, R.CE_AT)
-        out.append((claims[3][0] + _transfer_view(tr), verdict_of(pairs), f"{R.CE_AT_JM} − {R.CE_AT}, test points (seeds won): "
-                    + evidence(pairs) + f"; {R.CE_AT} − CE: " + evidence(at), claims[3][1]))
+        out.append((claim[3][0] + _transfer_view(tr), verdict_of(pairs), f"{R.CE_AT_JM} − {R.CE_AT}, test points (seeds won): "
+                    + evidence(pairs) + f"; {R.CE_AT} − CE: " + evidence(at), claim[3][1]))
     return out
 
 

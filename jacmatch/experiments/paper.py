@@ -50,6 +50,8 @@ ABLATIONS = {  # at a few n: the form, and which Jacobians
 }
 TAU_PRIOR = 4.0  # τ while the step budget is chosen (the KD literature's usual value)
 SELECTION_EVAL = {"noise_sigmas": [], "jacobian_cosine": False}  # selection reads validation accuracy only
+#: What one invocation of a section may take: the distillation section's step budgets are planned for it.
+SECTION_MINUTES = 60
 PLACEHOLDERS = ("τ", "γ", "γ_ce", "γ_sq", "σ", "δ", "δ_J")
 
 
@@ -171,6 +173,11 @@ class Layout:
                            record=where)
 
 
+def transfer_classes(profile: Profile = FULL) -> tuple[list[int], list[int]]:
+    """The transfer section's classes: the source teacher's and the target task's (its configs)."""
+    return (run_config("transfer_teacher", profile)["data"]["classes"], run_config("transfer", profile)["data"]["classes"])
+
+
 def run_config(name: str, profile: Profile = FULL, **over) -> dict:
     """The config of a run of section config ``name`` under ``profile``, with ``over``."""
     values = merge_values(load_config(str(CONFIGS / f"{name}.yaml")), {"progress": False, "tensorboard": False})
@@ -219,7 +226,8 @@ def _check_committed_teacher(lay: Layout, record: dict) -> dict:
     check = {**again, "reproduced": again["test"] == record["test"] and again["val"]["acc"] == record["val"]["acc"],
              "checkpoint_sha256": hashlib.sha256(lay.teacher.read_bytes()).hexdigest(),
              "note": "the training predates provenance: this provenance is the check's, run on the committed checkpoint"}
-    summary = {**record, "check": check, "provenance": provenance(record["config"], data.data_sha256)}
+    summary = {**record, "num_train": len(data.train), "num_val": len(data.val), "check": check,
+               "provenance": provenance(record["config"], data.data_sha256)}
     write_json_atomic(lay.out / "teacher.json", summary)
     return summary
 
@@ -228,11 +236,13 @@ def teacher_section(lay: Layout) -> dict:
     out = lay.out
     if lay.profile.committed_teacher and (out / "teacher.json").is_file() and lay.teacher.is_file():
         record = load_json(out / "teacher.json")  # trained and committed: keep its record
-        return record if "provenance" in record else _check_committed_teacher(lay, record)
+        # (a record from before provenance, or before it named its data's size: checked again)
+        return record if "provenance" in record and "num_val" in record else _check_committed_teacher(lay, record)
     start = time.time()
     r, target = _train_teacher("teacher", "teacher", lay.teacher, lay)
     summary = {"model": r["config"]["model"]["name"], "parameters": r["student_parameters"],
-               "test": r["final"]["test"], "val": r["final"]["val"], "epochs": r["epochs"],
+               "num_train": r["num_train"], "num_val": r["num_val"], "test": r["final"]["test"],
+               "val": r["final"]["val"], "epochs": r["epochs"],
                "train_seconds": r["train_seconds"], "section_seconds": time.time() - start,
                "checkpoint": str(target), "config": r["config"]}
     write_json_atomic(out / "teacher.json", with_provenance(summary, r["config"], [r]))

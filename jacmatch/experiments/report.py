@@ -19,7 +19,8 @@ from .common import load_json
 from .figures import draw_report_figures
 from .report_distill import budget_findings, converge_text, distill_text, teacher_findings, teacher_text
 from .report_sections import check_one_data_set, robust_text, section_time, transfer_text, verify_text
-from .report_text import img, missing
+from .paper import SECTION_MINUTES
+from .report_text import cores, img, missing
 
 RESULTS = Path("results")
 SECTIONS = ("teacher", "distill", "robustness", "transfer", "verify", "converge")
@@ -36,6 +37,7 @@ def render_report(sections: dict, folder: str = "paper", gradients: bool = True)
     """REPORT.md's text and the findings, from the section JSONs; ``folder`` is where the
     plots are, relative to the report; ``gradients``: whether gradients.png exists."""
     t, d, r, tr, v, c = (sections.get(k) for k in SECTIONS)
+    n_cores = cores(d, r, tr, c, t)  # the machine the sections ran on, from their provenance
     distill_md, f_distill = distill_text(d, folder)
     converge_md, f_converge = converge_text(c, folder)
     if c is not None:  # JM's gains at an equal budget are the verdict "Claim (b), at an equal budget of …"
@@ -64,16 +66,17 @@ def render_report(sections: dict, folder: str = "paper", gradients: bool = True)
         if gradients else missing("jacmatch experiment pictures"),
         "## How this differs from the paper\n",
         "- Data: Fashion-MNIST (the paper: CIFAR-10/100 and MIT Scenes), because it installs from Debian and trains on "
-        "2 CPU cores; the CIFAR configs are in `jacmatch/configs/cifar/`.",
-        "- Architectures: a ResNet-20 teacher and a small 3-stage CNN student (the paper: WRNs and VGG/ResNet), sized "
-        "for a 2-core CPU.",
+        f"{n_cores} CPU cores; the CIFAR configs are in `jacmatch/configs/cifar/`.",
+        f"- Architectures: a {t['model'] if t else ''} teacher and a {d['student'] if d else ''} student (the paper: "
+        f"WRNs and VGG/ResNet), sized for a {n_cores}-core CPU.",
         "- Epochs: far fewer than the paper (" + (f"{t['epochs']} for the teacher" if t else "a few for the teacher")
         + (f", about {d['steps']} optimizer steps for every student). The step budget, τ and γ are chosen on the "
            f"validation split at n = {d['selection']['steps']['samples_per_class']} and used at every n; the step "
            f"budgets tried ({d['selection']['steps']['grid']}) stop where the distillation section still reruns "
-           "within 60 minutes (its time is below)." if d and "steps" in d else ", a few hundred steps for students)."),
+           f"within {SECTION_MINUTES} minutes (its time is below)." if d and "steps" in d
+           else ", a few hundred steps for students)."),
         "",
-        "## Section times (2-core CPU; training time summed over each section's runs)\n",
+        f"## Section times ({n_cores}-core CPU; training time summed over each section's runs)\n",
         "\n".join(f"- {k}: {v}" for k, v in times.items() if v is not None) or "*none yet*", "",
     ]
     return "\n".join(parts), findings

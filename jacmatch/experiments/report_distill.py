@@ -4,8 +4,9 @@
 from __future__ import annotations
 
 from . import rows as R
+from .common import CONVERGED_GAIN, converged
 from .figures import main_rows
-from .report_text import (check_gain, chosen_values, holds, img, missing, paired, paired_by_n, pm, reached_text,
+from .report_text import (check_gain, chosen_values, cores, holds, img, missing, paired, paired_by_n, pm, reached_text,
                           table)
 
 __all__ = ["teacher_text", "teacher_findings", "distill_rows", "distill_text", "converge_text", "small_over_large",
@@ -16,8 +17,9 @@ def teacher_text(t: dict | None) -> str:
     if t is None:
         return missing("jacmatch experiment teacher")
     noisy = ", ".join(f"σ={s}: {100 * a:.1f}%" for s, a in t["test"].get("noisy_acc", {}).items())
-    return (f"A {t['model']} ({t['parameters']:,} parameters) trained on the full training set "
-            f"(54,000 images; 6,000 held out for validation) for {t['epochs']} epochs: **test accuracy "
+    size = f" ({t['num_train']:,} images; {t['num_val']:,} held out for validation)" if "num_val" in t else ""
+    return (f"A {t['model']} ({t['parameters']:,} parameters) trained on the full training set{size} for "
+            f"{t['epochs']} epochs: **test accuracy "
             f"{100 * t['test']['acc']:.2f}%** (validation {100 * t['val']['acc']:.2f}%), trained in "
             f"{t['train_seconds'] / 60:.1f} min. Checkpoint: `{t['checkpoint']}`. Under Gaussian input noise "
             f"(trained without noise): {noisy}.{_teacher_check(t)}\n")
@@ -163,7 +165,7 @@ def _step_cap(d: dict) -> str:
         return ""
     capped = ", ".join(f"n={n}" for n, steps in d["budgets"].items() if steps == cap)
     return (f"; **validation chose {chosen} steps, capped at {cap}**: at {capped} the budget is bounded by the time "
-            "the section may take (2 cores), a natural bound, not a choice inside the grid")
+            f"the section may take ({cores(d)} cores), a natural bound, not a choice inside the grid")
 
 
 def _equal_compute(d: dict, rows: dict) -> list[str]:
@@ -183,7 +185,7 @@ def _equal_compute(d: dict, rows: dict) -> list[str]:
             + table(cells, group, ns, lambda c: pm(c["acc"]))
             + ["", "Test accuracy under Gaussian input noise σ = 0.3 (%):", ""]
             + table(cells, group, ns, lambda c: pm(c["noisy_acc"]["0.3"]) if "0.3" in c["noisy_acc"] else "—")
-            + ["", "Training seconds per student (the epochs' own time, mean over seeds; 2-core CPU):", ""]
+            + ["", f"Training seconds per student (the epochs' own time, mean over seeds; {cores(d)}-core CPU):", ""]
             + table(cells, group, ns, secs))
 
 
@@ -198,7 +200,8 @@ def _budget_check(d: dict) -> list[str]:
     if (pair := budget_pair(d)) is None:
         return []
     n, ce, doubled, diff = pair
-    verdict = "converged (under 1 point)" if abs(diff) < 1 else "**not converged** (1 point or more)"
+    verdict = (f"converged (it gains under {CONVERGED_GAIN:g} point)" if converged(diff) else
+               f"**not converged** (it gains {CONVERGED_GAIN:g} point or more)")
     val = (f" (validation: {pm(ce['val_acc'])}% and {pm(doubled['val_acc'])}%)"
            if "val_acc" in ce and "val_acc" in doubled else "")
     return ["", f"Is the budget enough? CE at n = {n}: {pm(ce['acc'])}% with {ce['steps']} steps, "
@@ -255,5 +258,5 @@ def budget_findings(d: dict | None, r: dict | None) -> list[str]:
     n, ce, doubled, diff = pair
     return [f"Step budgets: a CE student at n={n} reaches {pm(ce['acc'])}% with its budget of {ce['steps']} steps "
             f"and {pm(doubled['acc'])}% with twice as many ({diff:+.1f} points): "
-            + ("the students have converged at their budget" if abs(diff) < 1 else "the budget still limits them")
+            + ("the students have converged at their budget" if converged(diff) else "the budget still limits them")
             + f"; the same network trained on the full set for longer (section 3) reaches {pm(full['acc'])}%."]

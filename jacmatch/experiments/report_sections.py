@@ -6,7 +6,8 @@ from __future__ import annotations
 from . import rows as R
 from ..errors import UsageError
 from .figures import noise_sigmas
-from .report_text import check_flag, chosen_values, img, missing, paired, pm
+from .paper import SECTION_MINUTES, transfer_classes
+from .report_text import check_flag, chosen_values, img, missing, paired, pm, span
 
 __all__ = ["robust_text", "budget_checks", "transfer_text", "verify_text", "section_time", "check_one_data_set"]
 
@@ -72,8 +73,9 @@ def transfer_text(t: dict | None) -> tuple[str, list[str]]:
     ns = sorted({c["samples_per_class"] for c in t["cells"].values()})
     rows = list(dict.fromkeys(c["row"] for c in t["cells"].values()))
     chosen = chosen_values(t.get("selection", {}), (("delta", "δ (AT)"), ("delta_jacobian", "δ_J (AT Jacobians)")))
-    lines = [f"Source teacher (classes 0–4): test accuracy {100 * t['source_teacher']['test']['acc']:.2f}%. "
-             f"Target task: classes 5–9; {len(t['seeds'])} seeds; test accuracy (%), mean ± std."
+    source, target = (span(c) for c in transfer_classes())
+    lines = [f"Source teacher (classes {source}): test accuracy {100 * t['source_teacher']['test']['acc']:.2f}%. "
+             f"Target task: classes {target}; {len(t['seeds'])} seeds; test accuracy (%), mean ± std."
              + (f" Chosen on the validation split, in this order: {chosen}." if chosen else ""), "",
              "| row | " + " | ".join(f"n={n}" for n in ns) + " |", "|---|" + "---|" * len(ns)]
     for r in rows:
@@ -87,7 +89,7 @@ def transfer_text(t: dict | None) -> tuple[str, list[str]]:
         pairs = [(n, t["cells"].get(R.key(a, n)), t["cells"].get(R.key(b, n))) for n in ns]
         diffs = [f"n={n}: {paired(x['acc']['values'], y['acc']['values'])[1]}" for n, x, y in pairs if x and y]
         if diffs:
-            findings.append(f"Transfer (Fashion-MNIST classes 0–4 → 5–9), {what}: " + ", ".join(diffs)
+            findings.append(f"Transfer (Fashion-MNIST classes {source} → {target}), {what}: " + ", ".join(diffs)
                             + " points of test accuracy (paired by seed).")
     return "\n".join(lines) + "\n", findings
 
@@ -122,7 +124,7 @@ def section_time(name: str, j: dict | None) -> str | None:
         return None
     runs = j.get("train_seconds" if name == "teacher" else "run_seconds", j.get("section_seconds"))
     wall = j.get("section_seconds")
-    text = f"{runs / 60:.1f} min" + (" (over the 60-minute budget)" if runs > 3600 else "")
+    text = f"{runs / 60:.1f} min" + (f" (over the {SECTION_MINUTES}-minute budget)" if runs > 60 * SECTION_MINUTES else "")
     if wall is not None and name != "teacher" and wall >= 0.9 * runs:
         text += f"; its last invocation took {wall / 60:.1f} min of wall time"
     return text

@@ -6,8 +6,24 @@ from __future__ import annotations
 from . import rows as R
 from .common import CONVERGED_GAIN, converged
 
-__all__ = ["chosen_values", "pm", "img", "missing", "table", "check_gain", "check_flag", "reached_text", "paired",
-           "paired_by_n", "holds", "evidence", "verdict_of"]
+__all__ = ["cores", "span", "chosen_values", "pm", "img", "missing", "table", "check_gain", "check_flag",
+           "reached_text", "paired", "paired_by_n", "holds", "evidence", "verdict_of"]
+
+
+def cores(*sections: dict | None) -> int | None:
+    """The CPU cores of the machine the first of ``sections`` that names one ran on (its provenance)."""
+    for s in sections:
+        machine = ((s if isinstance(s, dict) else {}).get("provenance") or {}).get("machine") or {}
+        if machine.get("cpus"):
+            return int(machine["cpus"])
+    return None
+
+
+def span(classes: list[int]) -> str:
+    """Classes as a reader says them: ``0–4`` for a run, else ``0, 2, 7``."""
+    if len(classes) > 2 and list(classes) == list(range(classes[0], classes[0] + len(classes))):
+        return f"{classes[0]}–{classes[-1]}"
+    return ", ".join(map(str, classes))
 
 
 def chosen_values(sel: dict, labels: tuple[tuple[str, str], ...]) -> str:

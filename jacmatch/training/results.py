@@ -67,7 +67,7 @@ def run_results(cfg: RunConfig, data: DataSplits, model: nn.Module, teacher: nn.
                 seconds: float) -> dict:
     """results.json's common part: config, data, sizes, the last epoch's values, times, provenance."""
     final = history[-1] if history else {}
-    return {"config": config_to_dict(cfg), "dataset": data.name, "num_train": len(data.train),
+    return {"config": config_to_dict(cfg), "dataset": data.name, "num_train": len(data.train), "num_val": len(data.val),
             "num_classes": data.num_classes, "student_parameters": count_parameters(model),
             "teacher_parameters": count_parameters(teacher) if teacher is not None else None,
             "final": {"val": final.get("val"), "test": final.get("test"), "train": final.get("train")},
