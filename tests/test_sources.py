@@ -384,3 +384,26 @@ def test_every_form_trains_from_the_command_line(tmp_path, monkeypatch, capsys):
         assert json.loads((out / "results.json").read_text())["num_classes"] == 4
         assert main(["evaluate", "--checkpoint", str(out / "last.pt")] +
                     (["--dataset", form] if form.startswith("user_data") else [])) == 0, capsys.readouterr().err
+
+
+def test_a_new_kind_of_source_is_one_opener_and_one_line(monkeypatch):
+    """register_source names a new kind: --dataset PREFIX:ARG opens it, the config's checks
+    and the splitter take it as they take the built-in kinds, and its splits are Splits."""
+    from jacmatch.data import Split, create_dataset, register_source, sources
+    from jacmatch.data.sources import Opened, source_kind
+    from jacmatch.data.splits import ArraySplit
+    from jacmatch.training import config_from_dict
+    monkeypatch.setattr(sources, "_SOURCES", dict(sources._SOURCES))  # the registry as it was, after the test
+
+    def opener(arg, d, loading):
+        n = int(arg)
+        images = np.random.default_rng(0).random((n, 1, 4, 4)).astype(np.float32)
+        return Opened(ArraySplit(images, torch.arange(n) % 2), None, 2, f"toy-{n}")
+    register_source("toy", opener)
+    assert source_kind("toy:40") == ("toy", "40") and "toy" in sources.list_sources()
+    data = create_dataset("toy:40", val_size=4)
+    assert len(data.train) + len(data.val) + len(data.test) == 40 and data.num_classes == 2
+    assert all(isinstance(s, Split) for s in (data.train, data.val, data.test)) and data.data_sha256
+    config_from_dict({"data": {"name": "toy:40"}, "objective": {"beta": 0, "gamma": 0}}).check()
+    with pytest.raises(ValueError, match="lower-case word"):
+        register_source("Bad Prefix", opener)

@@ -28,7 +28,8 @@ from torch import Tensor
 from .._extras import require
 from ..errors import UsageError
 from .formats import DataError, read_cifar_batch, read_idx
-from .sources import Loading, SourceOptions, batch_by_batch, open_source, source_kind
+from .sources import SourceOptions, open_source, source_kind
+from .splits import Loading, Split, batch_by_batch
 
 __all__ = ["ImageSet", "DataSplits", "create_dataset", "load_data", "list_datasets", "register_dataset",
            "stratified_subset", "check_labels", "DEBIAN_FASHION_MNIST"]
@@ -59,6 +60,7 @@ class ImageSet:
 
     images: Tensor
     labels: Tensor
+    bad = None  # (the Split protocol) samples in memory are never unreadable
 
     def __len__(self) -> int:
         return self.labels.shape[0]
@@ -85,9 +87,9 @@ class ImageSet:
 @dataclass
 class DataSplits:
     name: str
-    train: Any  # a split (ImageSet in memory, or one of jacmatch.data.sources)
-    val: Any
-    test: Any
+    train: Split  # ImageSet in memory, or a split of a source (jacmatch.data.splits)
+    val: Split
+    test: Split
     num_classes: int
     mean: tuple[float, ...]
     std: tuple[float, ...]

@@ -11,6 +11,7 @@ from torch import Tensor
 
 from ..core.objective import TransferObjective
 from ..core.terms import TeacherTargets
+from ..data import Split
 from ..data.formats import DataError
 from ..errors import UsageError
 from .distributed import DistInfo
@@ -48,7 +49,7 @@ class TeacherCache:
         self.filled = torch.zeros(size, dtype=torch.bool)
         self.fill_seconds = 0.0
 
-    def fill(self, split, block: int, device: torch.device, info: DistInfo | None = None) -> None:
+    def fill(self, split: Split, block: int, device: torch.device, info: DistInfo | None = None) -> None:
         """Every sample of ``split`` (the training split the indices refer to), in blocks of
         ``block`` samples; this process computes blocks ``[r·K/W, (r+1)·K/W)`` of the K
         and receives the rest. A sample that cannot be read (``on_bad_sample=skip``)
@@ -57,7 +58,7 @@ class TeacherCache:
         self._fill(split, block, device, info or DistInfo())
         self.fill_seconds = time.time() - t_start
 
-    def _fill(self, split, block: int, device: torch.device, info: DistInfo) -> None:
+    def _fill(self, split: Split, block: int, device: torch.device, info: DistInfo) -> None:
         blocks = [list(range(s, min(s + block, self.size))) for s in range(0, self.size, block)]
         share = [(len(blocks) * r // info.world_size, len(blocks) * (r + 1) // info.world_size)
                  for r in range(info.world_size)]
@@ -91,7 +92,7 @@ class TeacherCache:
     def _targets(self, x: Tensor, y: Tensor) -> dict[tuple[str, str], Tensor]:
         return self.objective.cache_targets(x, y).tensors()
 
-    def _allocate(self, split, device: torch.device) -> None:
+    def _allocate(self, split: Split, device: torch.device) -> None:
         """The store's tensors, shaped from the first 8 samples' targets."""
         (index, x, y), = split.batches([list(range(min(8, self.size)))], keep=False)
         if not len(index):

@@ -143,7 +143,7 @@ def train_epoch(run: Run, epoch: int, stop: StopOnSignal) -> tuple[int, dict[str
         if not len(index):  # every sample of the batch was unreadable (on_bad_sample=skip)
             if info.enabled:  # the other processes' steps would wait for this one's gradients
                 raise DataError(f"every sample of a batch at epoch {epoch + 1}, step {step + 1} was unreadable "
-                                f"(the first: {getattr(run.data.train, 'bad', None) and run.data.train.bad.first}); "
+                                f"(the first: {run.data.train.bad and run.data.train.bad.first}); "
                                 "under DDP a process cannot skip a step: fix or remove the files")
             skipped += 1
             continue
@@ -234,7 +234,7 @@ def end_epoch(run: Run, epoch: int, steps: int, sums: dict, skipped: int, second
 def _count_bad_samples(run: Run, record: dict) -> None:
     """The samples skipped as unreadable (data.on_bad_sample=skip), found by any process:
     what one process would have read."""
-    bad = getattr(run.data.train, "bad", None)
+    bad = run.data.train.bad
     if bad is not None and run.info.enabled and run.cfg.data.on_bad_sample == "skip":
         found: list = [None] * run.info.world_size
         dist.all_gather_object(found, bad.found)

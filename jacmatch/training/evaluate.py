@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from ..core.metrics import jacobian_cosine, teacher_top1_gradient
-from ..data import ImageSet
+from ..data import Split
 
 __all__ = ["evaluate", "TeacherGradients", "teacher_key"]
 
@@ -20,7 +20,7 @@ def _batches(n: int, size: int):
 
 
 @torch.no_grad()
-def _accuracy(model: nn.Module, data: ImageSet, device, batch_size: int, sigma: float = 0.0,
+def _accuracy(model: nn.Module, data: Split, device, batch_size: int, sigma: float = 0.0,
               generator: torch.Generator | None = None) -> float:
     correct = 0
     for _, x, y in data.batches(list(_batches(len(data), batch_size))):  # read ahead by the source's workers
@@ -42,7 +42,7 @@ class TeacherGradients:
         self._key: tuple | None = None
         self._sides: list = []
 
-    def __call__(self, teacher: nn.Module, data: ImageSet, device, n: int, batch_size: int, key=None) -> list:
+    def __call__(self, teacher: nn.Module, data: Split, device, n: int, batch_size: int, key=None) -> list:
         full_key = None if key is None else (key, n, batch_size, str(device))
         if full_key is not None and full_key == self._key:
             return self._sides
@@ -52,7 +52,7 @@ class TeacherGradients:
         return sides
 
 
-def evaluate(model: nn.Module, data: ImageSet, device, *, batch_size: int = 500, noise_sigmas=(),
+def evaluate(model: nn.Module, data: Split, device, *, batch_size: int = 500, noise_sigmas=(),
              noise_seed: int = 0, teacher: nn.Module | None = None, cosine_samples: int = 1000,
              teacher_key=None, teacher_gradients: TeacherGradients | None = None) -> dict:
     """``acc``; ``noisy_acc`` {σ: accuracy on x + σ·N(0, I)} (σ in [0, 1] pixel units, the
