@@ -3,10 +3,18 @@
 from __future__ import annotations
 
 import importlib
+import re
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["import_callable"]
+__all__ = ["import_callable", "IMPORT_PATH", "is_import_path"]
+
+#: ``package.module:attr``, the form every import path takes (models, data sets, terms, estimators).
+IMPORT_PATH = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
+
+
+def is_import_path(name: str) -> bool:
+    return bool(IMPORT_PATH.match(name))
 
 
 def import_callable(spec: str, what: str, error: type[Exception] = ValueError) -> Callable:

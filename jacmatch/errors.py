@@ -8,8 +8,21 @@ so code that catches ``ValueError`` around jacmatch's calls keeps working.
 
 from __future__ import annotations
 
-__all__ = ["UsageError"]
+__all__ = ["UsageError", "check_range"]
 
 
 class UsageError(ValueError):
     """Something the user gave cannot be used; the message says what and what to do."""
+
+
+def check_range(key: str, value, low, high=float("inf"), *, low_open: bool = False, optional: bool = False) -> None:
+    """``low <= value <= high`` (``low < value`` when ``low_open``), finite: the one range check of
+    every setting, a UsageError naming ``key`` otherwise; None passes when ``optional``."""
+    if value is None and optional:
+        return
+    finite = isinstance(value, (int, float)) and not isinstance(value, bool) and value == value \
+        and abs(value) != float("inf")
+    if not finite or value > high or (value <= low if low_open else value < low):
+        bound = f"> {low}" if low_open else f">= {low}"
+        upper = f" and <= {high}" if high != float("inf") else ""
+        raise UsageError(f"{key} must be a finite number {bound}{upper}, got {value!r}")

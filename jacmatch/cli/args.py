@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import argparse
 
+from ..errors import UsageError
+from ..training.config import check_noise_sigmas
+
 
 def _sigma(text: str) -> float:
-    """A noise σ for argparse: a finite number >= 0."""
+    """A noise σ for argparse, by the rule of eval.noise_sigmas (check_noise_sigmas)."""
     value = float(text)
-    if not 0 <= value < float("inf"):
-        raise argparse.ArgumentTypeError(f"σ must be a finite number >= 0, got {text}")
+    try:
+        check_noise_sigmas([value])
+    except UsageError:
+        raise argparse.ArgumentTypeError(f"σ must be a finite number >= 0, got {text}") from None
     return value
 
 

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .._imports import import_callable, is_import_path
 from ..errors import UsageError
 from . import jacobian as J
 from .losses import JM_FORMS, jacobian_matching_loss
@@ -51,9 +52,19 @@ def list_estimators() -> list[str]:
 
 
 def create_estimator(name: str, **options) -> Estimator:
-    if name not in _ESTIMATORS:
-        raise UsageError(f"unknown Jacobian estimator {name!r}: use one of {list_estimators()}")
-    return _ESTIMATORS[name](**options)
+    """The estimator registered as ``name``, or named by import path
+    (``package.module:EstimatorClass``, an :class:`Estimator` subclass), as terms are."""
+    if name in _ESTIMATORS:
+        return _ESTIMATORS[name](**options)
+    if not is_import_path(name):
+        raise UsageError(f"unknown Jacobian estimator {name!r}: use one of {list_estimators()}, or an import path "
+                         "(package.module:EstimatorClass)")
+    cls = import_callable(name, "Jacobian estimator", UsageError)
+    if not (isinstance(cls, type) and issubclass(cls, Estimator)):
+        raise UsageError(f"Jacobian estimator {name!r} is not a jacmatch Estimator subclass")
+    if not cls.name:
+        cls.name = name
+    return cls(**options)
 
 
 class Estimator:
@@ -73,9 +84,7 @@ class Estimator:
                              + (" (the ce form weights exact rows by teacher probabilities)" if form == "ce" else ""))
         self.form, self.temperature, self.top_k = form, temperature, top_k
         self.num_projections, self.fd_step = num_projections, fd_step
-        if projection not in J.PROJECTIONS:
-            raise UsageError(f"unknown projection {projection!r}: use one of {J.PROJECTIONS}")
-        self.projection = projection
+        self.projection = projection  # (a choice ObjectiveConfig checks; output_projections refuses others)
 
     def rows_per_sample(self, num_classes: int) -> int:
         """How many Jacobian rows (or products) one sample costs: for memory estimates."""

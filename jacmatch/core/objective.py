@@ -14,22 +14,22 @@ sample and cache it when the student's inputs are fixed.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import cast
 
 import torch
 from torch import Tensor, nn
 
-from .._imports import import_callable
-from ..errors import UsageError
+from .._imports import import_callable, is_import_path
+from ..errors import UsageError, check_range
 from . import jacobian as J
 from .estimators import FD_STEP, PROJECTION, create_estimator, list_estimators
 from .fusion import fast_teacher
-from .terms import (AttentionJacobianLoss, AttentionTransferLoss, CrossEntropyLoss, FeatureTaps,
-                    JacobianMatchingLoss, JacobianPenalty, KDLoss, NoiseTrainingLoss, NoisyDistillationLoss, Step,
-                    TeacherTargets, Term, _Logits, teacher_targets)
+from .losses import JM_FORMS
+from .terms import BUILT_IN_TERMS, FeatureTaps, Step, TeacherTargets, Term, _Logits, teacher_targets
 
 __all__ = ["ObjectiveConfig", "TEACHER_OBJECTIVE", "DeadStudentWarning", "TransferObjective", "FeatureTaps",
            "JM_OUTPUTS", "build_terms", "rows_per_sample"]
@@ -82,13 +82,24 @@ class ObjectiveConfig:
     teacher_channels_last: bool = True  # that copy's weights channels-last (faster on CPU; jacmatch bench)
 
     def check(self) -> None:
-        for name in ("alpha", "beta", "gamma", "delta", "delta_jacobian", "penalty", "noise_sigma"):
-            value = getattr(self, name)
-            if not (value >= 0 and value < float("inf")):
-                raise UsageError(f"objective.{name} must be a finite number >= 0, got {value}")
-        if self.jm_outputs not in list_estimators():
-            raise UsageError(f"unknown objective.jm_outputs {self.jm_outputs!r}: use one of {list_estimators()}")
-        if self.jm_form not in ("normalized", "sq", "ce"):
+        """Every range and choice, in one line each. A config is checked once for its values:
+        checked again unchanged (the trainer, then the objective it builds), it returns at once."""
+        values = dataclasses.astuple(self)
+        if self.__dict__.get("_checked_values") == values:
+            return
+        self._check()
+        self.__dict__["_checked_values"] = values
+
+    def _check(self) -> None:
+        for name in (*BUILT_IN_TERMS, "noise_sigma"):  # the weights, and σ
+            check_range(f"objective.{name}", getattr(self, name), 0, 1e9)
+        check_range("objective.temperature", self.temperature, 0, 1e6, low_open=True)
+        check_range("objective.top_k", self.top_k, 1, 1e6)
+        check_range("objective.fd_step", self.fd_step, 0, 1, low_open=True)
+        if self.jm_outputs not in list_estimators() and not is_import_path(str(self.jm_outputs)):
+            raise UsageError(f"unknown objective.jm_outputs {self.jm_outputs!r}: use one of {list_estimators()}, "
+                             "or an estimator's import path (package.module:EstimatorClass)")
+        if self.jm_form not in JM_FORMS:
             raise UsageError(f"unknown objective.jm_form {self.jm_form!r}: use normalized, sq or ce")
         create_estimator(self.jm_outputs, form=self.jm_form)  # each estimator says which forms it takes
         if self.kd_form not in ("kl", "mse"):
@@ -97,8 +108,6 @@ class ObjectiveConfig:
             raise UsageError(f"unknown objective.projection {self.projection!r}: use one of {list(J.PROJECTIONS)}")
         if self.penalty_form not in ("ce", "sq"):
             raise UsageError(f"unknown objective.penalty_form {self.penalty_form!r}: use ce or sq")
-        if self.temperature <= 0:
-            raise UsageError(f"objective.temperature must be > 0, got {self.temperature}")
         if not 1 <= self.num_projections <= 4096:
             raise UsageError(f"objective.num_projections must be in [1, 4096], got {self.num_projections}")
         if not 1 <= self.noise_draws <= 1024 or (self.noise_antithetic and self.noise_draws % 2):
@@ -114,7 +123,8 @@ class ObjectiveConfig:
 
     @property
     def needs_teacher(self) -> bool:
-        return bool(self.beta or self.gamma or self.delta or self.delta_jacobian)
+        """Whether a term needs a teacher: what the terms themselves declare (``Term.needs_teacher``)."""
+        return any(t.needs_teacher for t in build_terms(self))
 
     @property
     def compares_outputs(self) -> bool:
@@ -141,25 +151,10 @@ TEACHER_OBJECTIVE = {"alpha": 1.0, "beta": 0.0, "gamma": 0.0}
 
 
 def build_terms(cfg: ObjectiveConfig) -> list[Term]:
-    """The terms that ``cfg``'s non-zero weights ask for, in the order ce, kd, jm, at,
-    at_jm, penalty. With ``noise_sigma`` > 0, CE and KD are taken on noisy inputs."""
-    cfg.check()
-    noise: dict[str, Any] = {"sigma": cfg.noise_sigma, "draws": cfg.noise_draws, "antithetic": cfg.noise_antithetic}
-    terms: list[Term] = []
-    if cfg.alpha:
-        terms.append(NoiseTrainingLoss(cfg.alpha, **noise) if cfg.noise_sigma else CrossEntropyLoss(cfg.alpha))
-    if cfg.beta:
-        kd: dict[str, Any] = {"temperature": cfg.temperature, "form": cfg.kd_form}
-        terms.append(NoisyDistillationLoss(cfg.beta, **noise, **kd) if cfg.noise_sigma else KDLoss(cfg.beta, **kd))
-    if cfg.gamma:
-        terms.append(JacobianMatchingLoss(cfg.gamma, cfg.jm_outputs, cfg.jm_form, cfg.temperature, cfg.top_k,
-                                          cfg.num_projections, cfg.fd_step, cfg.projection))
-    if cfg.delta:
-        terms.append(AttentionTransferLoss(cfg.delta, cfg.at_layers))
-    if cfg.delta_jacobian:
-        terms.append(AttentionJacobianLoss(cfg.delta_jacobian, cfg.at_layers))
-    if cfg.penalty:
-        terms.append(JacobianPenalty(cfg.penalty, cfg.penalty_form, cfg.num_projections, cfg.projection))
+    """The terms that ``cfg``'s non-zero weights ask for, in the order of their registration
+    (ce, kd, jm, at, at_jm, penalty: :data:`~jacmatch.core.terms.BUILT_IN_TERMS`), then the
+    user's. With ``noise_sigma`` > 0, CE and KD are taken on noisy inputs."""
+    terms = [build(cfg) for weight, build in BUILT_IN_TERMS.items() if getattr(cfg, weight)]
     terms += [_user_term(spec, options) for spec, options in cfg.terms.items()]
     if not terms:
         raise UsageError("every weight of the objective is 0: set alpha, beta, gamma, ... ")
@@ -180,8 +175,7 @@ def _user_term(spec: str, options: dict) -> Term:
 
 def rows_per_sample(terms: Sequence[Term], num_classes: int) -> int:
     """Jacobian rows (or products) one sample costs under ``terms``: for memory estimates."""
-    return max([t.estimator.rows_per_sample(num_classes) for t in terms
-                if isinstance(t, JacobianMatchingLoss)] or [0])
+    return max([t.rows_per_sample(num_classes) for t in terms] or [0])
 
 
 class TransferObjective(nn.Module):
@@ -205,6 +199,7 @@ class TransferObjective(nn.Module):
             raise UsageError("pass either config or terms, not both")
         if terms is None:
             config = config or ObjectiveConfig()
+            config.check()
             terms = build_terms(config)
             teacher_chunk = config.teacher_chunk
             teacher_fold_bn, teacher_channels_last = config.teacher_fold_bn, config.teacher_channels_last
@@ -214,7 +209,7 @@ class TransferObjective(nn.Module):
         if any(t.needs_teacher for t in terms) and teacher is None:
             raise UsageError(f"the terms {[t.key for t in terms if t.needs_teacher]} need a teacher: "
                              "pass teacher=... or drop them (β, γ, δ need a teacher)")
-        owner = [t.key for t in terms if isinstance(t, JacobianMatchingLoss) and t.estimator.owns_student_forward]
+        owner = [t.key for t in terms if t.owns_student_forward]
         if owner and any(t.needs_input_grad for t in terms):
             raise UsageError("jm_outputs=input_jvp takes the student's logits from a forward-mode pass, which has "
                              f"no input gradient for {[t.key for t in terms if t.needs_input_grad]}: use "
@@ -279,12 +274,13 @@ class TransferObjective(nn.Module):
 
     def _warn_if_dead(self, terms: Sequence[Term]) -> None:
         for t in terms:
-            if isinstance(t, JacobianMatchingLoss) and t.estimator.dead is not None and bool(t.estimator.dead):
+            found = t.dead_student()
+            if found is not None:
                 self._warned_dead = True
                 warnings.warn(DeadStudentWarning(
-                    f"the student's input Jacobian ({t.estimator.name}) is zero for every sample of a batch: the "
-                    "Jacobian term gives it no gradient (are all its ReLUs off?); lower the learning rate, or "
-                    "check the student's initialisation and inputs"), stacklevel=3)
+                    f"{found} is zero for every sample of a batch: the {t.key} term gives it no gradient (are all "
+                    "its ReLUs off?); lower the learning rate, or check the student's initialisation and inputs"),
+                    stacklevel=3)
                 return
 
     def reset_teacher(self) -> None:

@@ -37,7 +37,7 @@ from .outputs import logits_of
 
 __all__ = ["Term", "Step", "TeacherSide", "TeacherTargets", "CrossEntropyLoss", "KDLoss", "JacobianMatchingLoss",
            "AttentionTransferLoss", "AttentionJacobianLoss", "JacobianPenalty", "NoiseTrainingLoss",
-           "NoisyDistillationLoss", "FeatureTaps", "teacher_targets"]
+           "NoisyDistillationLoss", "FeatureTaps", "teacher_targets", "BUILT_IN_TERMS", "register_term"]
 
 
 class FeatureTaps(contextlib.AbstractContextManager):
@@ -176,14 +176,22 @@ class Term(nn.Module):
     needs_clean_forward = True     # the student's forward pass on the clean batch
     chunk_teacher = False          # the teacher's pass is heavy: take it in chunks
     compares_outputs = False       # teacher and student outputs are compared one to one (same class count)
+    owns_student_forward = False   # the term runs the student's forward pass itself (forward-mode JVPs)
     student_layers: tuple[str, ...] = ()
     teacher_layers: tuple[str, ...] = ()
 
     def __init__(self, weight: float = 1.0):
         super().__init__()
-        if not (weight >= 0 and weight < float("inf")):
-            raise UsageError(f"the weight of {type(self).__name__} must be a finite number >= 0, got {weight}")
-        self.weight = float(weight)
+        self.weight = float(weight)  # (its range is ObjectiveConfig's check)
+
+    def rows_per_sample(self, num_classes: int) -> int:
+        """Jacobian rows (or products) one sample costs this term: for memory estimates."""
+        return 0
+
+    def dead_student(self) -> str | None:
+        """After a step: what this term found of the student's input Jacobian, when it was zero
+        for every sample of the batch (the term then gives the student no gradient); else None."""
+        return None
 
     def teacher_needs_graph(self, full_jacobian: bool) -> bool:
         return False
@@ -266,6 +274,14 @@ class JacobianMatchingLoss(Term):
         self.estimator = create_estimator(estimator, form=form, temperature=temperature, top_k=top_k,
                                           num_projections=num_projections, fd_step=fd_step, projection=projection)
         self.needs_input_grad = self.estimator.student_input_grad
+        self.owns_student_forward = self.estimator.owns_student_forward
+
+    def rows_per_sample(self, num_classes):
+        return self.estimator.rows_per_sample(num_classes)
+
+    def dead_student(self):
+        dead = self.estimator.dead  # (reading the flag syncs a GPU)
+        return f"the student's input Jacobian ({self.estimator.name})" if dead is not None and bool(dead) else None
 
     def teacher_needs_graph(self, full_jacobian):
         return self.estimator.teacher_needs_graph(full_jacobian)
@@ -340,6 +356,9 @@ class AttentionJacobianLoss(AttentionTransferLoss):
     key = "at_jm"
     needs_input_grad = chunk_teacher = True
 
+    def rows_per_sample(self, num_classes):
+        return len(self.student_layers)
+
     def teacher_needs_graph(self, full_jacobian):
         return True
 
@@ -367,11 +386,10 @@ class JacobianPenalty(Term):
 
     def __init__(self, weight: float = 1.0, form: str = "ce", num_projections: int = 1, projection: str = PROJECTION):
         super().__init__(weight)
-        if form not in ("ce", "sq"):
-            raise UsageError(f"unknown penalty form {form!r}: use ce or sq")
-        if projection not in J.PROJECTIONS:
-            raise UsageError(f"unknown projection {projection!r}: use one of {J.PROJECTIONS}")
         self.form, self.num_projections, self.projection = form, num_projections, projection
+
+    def rows_per_sample(self, num_classes):
+        return 1 if self.form == "ce" else self.num_projections
 
     def value(self, inputs: Tensor, student_logits: Tensor, labels: Tensor,
                 generator: torch.Generator | None = None) -> Tensor:
@@ -392,8 +410,6 @@ class _Noise(Term):
 
     def __init__(self, weight: float = 1.0, sigma: float = 0.1, draws: int = 1, antithetic: bool = False):
         super().__init__(weight)
-        if not sigma > 0:
-            raise UsageError(f"noise sigma must be > 0, got {sigma}")
         self.sigma, self.draws, self.antithetic = sigma, draws, antithetic
 
     def extra_repr(self):
@@ -436,6 +452,61 @@ class NoisyDistillationLoss(_Noise):
         with torch.no_grad():
             teacher_logits = step.teacher(noisy)
         return kd_loss(logits, teacher_logits, self.temperature, self.form)
+
+
+# ---- the built-in terms by the ObjectiveConfig weight that turns each on ---------------------
+
+#: weight field -> the term an ObjectiveConfig with that weight > 0 builds, in the objective's order.
+BUILT_IN_TERMS: dict[str, Callable[[Any], Term]] = {}
+
+
+def register_term(weight: str) -> Callable:
+    """Register a built-in term: ``build(config)`` makes it from an ObjectiveConfig whose
+    ``weight`` field is not 0. A new built-in term is its class and this line beside it,
+    and its weight a field of ObjectiveConfig; the objective's properties (teacher needed,
+    outputs compared, memory, a dead student) follow from the term's own declarations."""
+    def add(build: Callable[[Any], Term]) -> Callable[[Any], Term]:
+        BUILT_IN_TERMS[weight] = build
+        return build
+    return add
+
+
+def _noise(cfg) -> dict[str, Any]:
+    return {"sigma": cfg.noise_sigma, "draws": cfg.noise_draws, "antithetic": cfg.noise_antithetic}
+
+
+@register_term("alpha")
+def _cross_entropy(cfg) -> Term:
+    """α: cross-entropy on labels, on noisy inputs when ``noise_sigma`` > 0 (Prop. 2's left side)."""
+    return NoiseTrainingLoss(cfg.alpha, **_noise(cfg)) if cfg.noise_sigma else CrossEntropyLoss(cfg.alpha)
+
+
+@register_term("beta")
+def _distillation(cfg) -> Term:
+    """β: activation matching, on noisy inputs when ``noise_sigma`` > 0 (Prop. 1's left side)."""
+    kd: dict[str, Any] = {"temperature": cfg.temperature, "form": cfg.kd_form}
+    return NoisyDistillationLoss(cfg.beta, **_noise(cfg), **kd) if cfg.noise_sigma else KDLoss(cfg.beta, **kd)
+
+
+@register_term("gamma")
+def _jacobian_matching(cfg) -> Term:
+    return JacobianMatchingLoss(cfg.gamma, cfg.jm_outputs, cfg.jm_form, cfg.temperature, cfg.top_k,
+                                cfg.num_projections, cfg.fd_step, cfg.projection)
+
+
+@register_term("delta")
+def _attention_transfer(cfg) -> Term:
+    return AttentionTransferLoss(cfg.delta, cfg.at_layers)
+
+
+@register_term("delta_jacobian")
+def _attention_jacobians(cfg) -> Term:
+    return AttentionJacobianLoss(cfg.delta_jacobian, cfg.at_layers)
+
+
+@register_term("penalty")
+def _penalty(cfg) -> Term:
+    return JacobianPenalty(cfg.penalty, cfg.penalty_form, cfg.num_projections, cfg.projection)
 
 
 def teacher_targets(teacher: Callable, terms: Sequence[Term], x: Tensor, y: Tensor | None, *,

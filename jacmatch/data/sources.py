@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from .._extras import require
-from .._imports import import_callable
+from .._imports import import_callable, is_import_path
 from .formats import DataError
 from .readers import IMAGE_SUFFIXES, HFDataset, ImageFolder, UserDataset, _array_splits
 from .splits import ArraySplit, BadSamples, Loading, SampleCache, SampleSplit, Split, batch_by_batch, to_chw
@@ -48,7 +48,6 @@ class SourceOptions:
 
 # ---- naming a source -------------------------------------------------------------------------
 
-_IMPORT_PATH = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
 
 
 def source_kind(name: str) -> tuple[str, str]:
@@ -59,7 +58,7 @@ def source_kind(name: str) -> tuple[str, str]:
     for prefix in _SOURCES:
         if name.startswith(prefix + ":"):
             return prefix, name[len(prefix) + 1:]
-    if _IMPORT_PATH.match(name) and not Path(name).exists():
+    if is_import_path(name) and not Path(name).exists():
         return "import", name
     path = Path(name).expanduser()
     if path.is_dir():
