@@ -124,7 +124,14 @@ def test_noisy_losses_antithetic_and_shapes():
     noisy = jm.gaussian_noise(x, 0.1, 4, antithetic=True, generator=gen)
     assert noisy.shape == (12, 6)
     torch.testing.assert_close((noisy[:6] - x.repeat(2, 1)), -(noisy[6:] - x.repeat(2, 1)))
-    assert jm.noisy_distillation_loss(student, teacher, x, 0.1, 4).requires_grad
-    assert jm.noise_training_loss(student, x, torch.tensor([0, 1, 2]), 0.1, 2).requires_grad
+    # each is its definition on the draws of the same generator: KD and CE on x + ξ
+    y = torch.tensor([0, 1, 2])
+    draws = jm.gaussian_noise(x, 0.1, 4, generator=torch.Generator().manual_seed(1))
+    kd = jm.noisy_distillation_loss(student, teacher, x, 0.1, 4, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(kd, jm.kd_loss(student(draws), teacher(draws).detach()))
+    assert kd.requires_grad
+    draws = jm.gaussian_noise(x, 0.1, 2, generator=torch.Generator().manual_seed(2))
+    ce = jm.noise_training_loss(student, x, y, 0.1, 2, generator=torch.Generator().manual_seed(2))
+    torch.testing.assert_close(ce, F.cross_entropy(student(draws), y.repeat(2)))
     with pytest.raises(ValueError, match="even"):
         jm.gaussian_noise(x, 0.1, 3, antithetic=True)

@@ -53,16 +53,50 @@ def test_cached_teacher_targets_give_the_same_step(outputs):
     torch.testing.assert_close(direct, via_cache)
 
 
-def test_ce_form_and_penalties_and_noise():
+def _rows(model, x, fn=lambda z: z):
+    """Every sample's Jacobian of ``fn(model(x))`` [B, K, D], one sample at a time (the slow reference)."""
+    return torch.stack([torch.autograd.functional.jacobian(lambda v: fn(model(v[None]))[0], xi).flatten(1)
+                        for xi in x])
+
+
+def test_ce_form_penalties_and_noise_equal_their_formulas_computed_by_hand():
+    """Each setting's total against docs/method.md's formula, with Jacobians taken one sample
+    at a time by torch.autograd.functional.jacobian."""
+    import torch.nn.functional as F
     student, teacher = pair()
+    student.eval(), teacher.eval()  # BatchNorm on its running statistics: a sample's rows do not see the batch
     x, y = batch()
-    for cfg in (jm.ObjectiveConfig(gamma=1, jm_form="ce", jm_outputs="all"),
-                jm.ObjectiveConfig(penalty=0.1, penalty_form="ce"),
-                jm.ObjectiveConfig(penalty=0.1, penalty_form="sq", num_projections=2),
-                jm.ObjectiveConfig(alpha=1, beta=1, noise_sigma=0.1, noise_draws=4, noise_antithetic=True)):
-        obj = jm.TransferObjective(student, teacher if cfg.needs_teacher else None, cfg)
-        _, total, terms = obj(x, y)
-        assert torch.isfinite(total) and total.requires_grad
+    ce, tau = F.cross_entropy(student(x), y), 8.0
+    kd = tau ** 2 * F.kl_div(F.log_softmax(student(x) / tau, 1), F.log_softmax(teacher(x) / tau, 1),
+                             reduction="batchmean", log_target=True)
+
+    def total(cfg, teacher_given=True, generator=None):
+        obj = jm.TransferObjective(student, teacher if teacher_given else None, cfg, generator=generator).eval()
+        return obj(x, y)[1]
+    # JM, ce form, every output: ½ Σ_i p_T,i ‖∇ log Sˢ_i − ∇ log Tˢ_i‖² with Sˢ = softmax(S/τ)
+    log_s = _rows(student, x, lambda z: F.log_softmax(z / tau, 1))
+    log_t = _rows(teacher, x, lambda z: F.log_softmax(z / tau, 1))
+    p_t = F.softmax(teacher(x) / tau, 1)
+    jm_ce = (0.5 * p_t * (log_s - log_t).pow(2).sum(2)).sum(1).mean()
+    torch.testing.assert_close(total(jm.ObjectiveConfig(gamma=1, jm_form="ce", jm_outputs="all")), ce + kd + jm_ce)
+    # penalty, ce form: ½‖∇ log softmax(S)_y‖²
+    grad_y = _rows(student, x, lambda z: F.log_softmax(z, 1))[torch.arange(len(y)), y]
+    penalty_ce = 0.5 * grad_y.pow(2).sum(1).mean()
+    torch.testing.assert_close(total(jm.ObjectiveConfig(beta=0, gamma=0, penalty=0.1, penalty_form="ce"), False),
+                               ce + 0.1 * penalty_ce)
+    # penalty, sq form, by k orthogonal projections (exact at P = k): ‖J_S‖²_F
+    frobenius = _rows(student, x).pow(2).sum((1, 2)).mean()
+    cfg = jm.ObjectiveConfig(beta=0, gamma=0, penalty=0.1, penalty_form="sq", num_projections=5, projection="orthogonal")
+    torch.testing.assert_close(total(cfg, False, torch.Generator().manual_seed(0)), ce + 0.1 * frobenius)
+    # noise: CE and KD on the same M antithetic draws x + ξ
+    cfg = jm.ObjectiveConfig(alpha=1, beta=1, gamma=0, noise_sigma=0.1, noise_draws=4, noise_antithetic=True)
+    got = total(cfg, True, torch.Generator().manual_seed(3))
+    noisy = jm.gaussian_noise(x, 0.1, 4, antithetic=True, generator=torch.Generator().manual_seed(3))
+    zs = student(noisy)
+    expected = F.cross_entropy(zs, y.repeat(4)) + tau ** 2 * F.kl_div(
+        F.log_softmax(zs / tau, 1), F.log_softmax(teacher(noisy) / tau, 1), reduction="batchmean", log_target=True)
+    torch.testing.assert_close(got, expected)
+    assert got.requires_grad
 
 
 def test_attention_transfer_with_jacobians():

@@ -16,6 +16,7 @@ import os
 import signal
 import sys
 import warnings
+from pathlib import Path
 
 from .. import __version__
 from .._extras import MissingExtra
@@ -162,12 +163,18 @@ def _run_training(args, kind: str) -> None:
 
 def _evaluate(args) -> None:
     from ..atomic import write_json_atomic
-    from ..training import evaluate, load_model
+    from ..training import evaluate, load_data, load_model
     from ..training.distributed import DistInfo, resolve_device
+    from ..training.run_folder import check_spared, data_reads
     from ..training.trainer import check_input_shape, check_teacher_for
     device = resolve_device(args.device, DistInfo())
     model, state = load_model(args.checkpoint, device, trust=args.model)
-    data = _recorded_data(state, args)
+    data_config = _recorded_config(state, args)
+    if args.json:  # before anything is written: never over what this command reads
+        check_spared([("--json", Path(args.json), False)],
+                     [("the checkpoint", Path(args.checkpoint))] + ([("the teacher", Path(args.teacher))]
+                                                                  if args.teacher else []) + data_reads(data_config.data))
+    data = load_data(data_config)
     outputs = check_input_shape(model, data, args.checkpoint, "the checkpoint's model")
     if outputs != data.num_classes:
         raise ConfigError(f"class-count mismatch: {args.checkpoint} has {outputs} outputs but {data.name} has "
@@ -184,13 +191,13 @@ def _evaluate(args) -> None:
         write_json_atomic(args.json, result)
 
 
-def _recorded_data(state: dict, args):
-    """The data a checkpoint was trained on, rebuilt from the config it records (every
-    source option included), the whole training pool; ``--dataset``/``--data-dir`` replace
-    the recorded ones. A data set built by an import path is imported only when
-    ``--dataset`` names that same path (as for models)."""
+def _recorded_config(state: dict, args):
+    """The config of the data a checkpoint was trained on, as it records it (every source
+    option included), the whole training pool; ``--dataset``/``--data-dir`` replace the
+    recorded ones. A data set built by an import path is imported only when ``--dataset``
+    names that same path (as for models)."""
     from ..data.sources import source_kind
-    from ..training import config_from_dict, load_data
+    from ..training import config_from_dict
     cfg = config_from_dict(json.loads(state["config"]))
     recorded = cfg.data.name
     if args.dataset:
@@ -203,7 +210,7 @@ def _recorded_data(state: dict, args):
         raise ConfigError(f"{args.checkpoint} was trained on the data set {recorded!r}, which evaluating would "
                           f"import and run: pass --dataset {recorded} to trust it")
     cfg.data.samples_per_class = None
-    return load_data(cfg)
+    return cfg
 
 
 def _check_model(args) -> int:

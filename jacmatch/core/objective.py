@@ -283,6 +283,12 @@ class TransferObjective(nn.Module):
                     stacklevel=3)
                 return
 
+    def _keep_teacher_frozen(self) -> None:
+        """The teacher runs in eval mode whatever its owner did since (``teacher.train()``
+        would move its BatchNorm statistics at every step)."""
+        if self.teacher is not None and self.teacher.training:
+            self.teacher.eval()
+
     def reset_teacher(self) -> None:
         """Drop the fast copy of the teacher (rebuilt from the teacher at the next step)."""
         self._fast = None
@@ -314,6 +320,7 @@ class TransferObjective(nn.Module):
         With ``full_jacobian`` (for a cache), random estimators keep every row of the
         teacher's Jacobian and draw nothing; each step contracts it with its draws.
         """
+        self._keep_teacher_frozen()
         teacher = self.fast_teacher(x)
         chunk = self.teacher_chunk
         terms = self.term_list
@@ -346,8 +353,11 @@ class TransferObjective(nn.Module):
 
     def _step(self, x: Tensor, y: Tensor, targets: TeacherTargets | None
               ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+        if not x.is_floating_point():
+            raise UsageError(f"the input batch is {x.dtype}: give float images in [0, 1] (uint8 pixels: x.float() / 255)")
         if not torch.isfinite(x).all():
             raise UsageError("the input batch contains NaN or Inf: check the data pipeline")
+        self._keep_teacher_frozen()
         if targets is None and self.needs_teacher_targets:
             targets = self.teacher_targets(x, y)
         elif targets is not None:  # teacher_targets(..., full_jacobian=True), e.g. from a cache

@@ -29,7 +29,7 @@ from .._extras import require
 from ..errors import UsageError
 from .formats import DataError, read_cifar_batch, read_idx
 from .sources import SourceOptions, open_source, source_kind
-from .splits import Loading, Split, batch_by_batch
+from .splits import Loading, Split, _as_float, batch_by_batch
 
 __all__ = ["ImageSet", "DataSplits", "create_dataset", "load_data", "list_datasets", "register_dataset",
            "stratified_subset", "check_labels", "DEBIAN_FASHION_MNIST"]
@@ -67,9 +67,7 @@ class ImageSet:
 
     def batch(self, index: Tensor | Sequence[int]) -> tuple[Tensor, Tensor]:
         """Float images in [0, 1] and labels for the given sample indices."""
-        x = self.images[index]
-        x = x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
-        return x, self.labels[index]
+        return _as_float(self.images[index], "the data set's images"), self.labels[index]
 
     def subset(self, index: Tensor) -> ImageSet:
         return ImageSet(self.images[index], self.labels[index])

@@ -14,6 +14,7 @@ from torch import Tensor
 
 from .._extras import require
 from .formats import DataError
+from .splits import pil_pixels
 
 __all__ = ["ImageFolder", "UserDataset", "HFDataset", "read_arrays", "IMAGE_SUFFIXES"]
 
@@ -83,6 +84,12 @@ class ImageFolder(torch.utils.data.Dataset):
     def __getitem__(self, i: int):
         from PIL import Image
         with Image.open(self.files[i]) as im:
+            if im.mode in ("I", "F") or im.mode.startswith("I;16"):  # 16-bit or float grey: not clipped to 8 bits
+                grey = pil_pixels(im, self.files[i])
+                if self.size is not None and grey.shape != tuple(self.size):
+                    resized = np.asarray(_resized(Image.fromarray(grey.astype(np.float32), "F"), self.size, self.resize))
+                    grey = resized if im.mode == "F" else resized.clip(0, 65535).round().astype(np.uint16)
+                return (grey if self.mode == "L" else np.repeat(grey[..., None], 3, axis=2)), int(self.labels[i])
             im = im.convert(self.mode)
             if self.size is not None and im.size != (self.size[1], self.size[0]):
                 im = _resized(im, self.size, self.resize)
@@ -154,6 +161,8 @@ class HFDataset(torch.utils.data.Dataset):
         self.labels = torch.as_tensor(np.asarray(dataset[label_column]))
         feature = dataset.features[label_column]
         self.num_classes = len(feature.names) if hasattr(feature, "names") else None
+        # an array column (Array2D/3D) comes back as nested lists: read in the type its feature declares
+        self.array_dtype = getattr(dataset.features[image_column], "dtype", None)
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -162,7 +171,13 @@ class HFDataset(torch.utils.data.Dataset):
         return f"{self.where} row {i}"
 
     def __getitem__(self, i: int):
-        return self.dataset[i][self.image_column], int(self.labels[i])
+        image = self.dataset[i][self.image_column]
+        if isinstance(image, list):
+            if self.array_dtype in (None, "string", "large_string"):
+                raise DataError(f"{self.describe(i)} is a list of values without a pixel type: store the images "
+                                "as an Image column, or as an Array2D/Array3D column of uint8, uint16 or float32")
+            image = np.asarray(image, dtype=self.array_dtype)
+        return image, int(self.labels[i])
 
 
 # ---- arrays on disk, memory-mapped ------------------------------------------------------------

@@ -21,7 +21,7 @@ from .._extras import require
 from .._imports import import_callable, is_import_path
 from .formats import DataError
 from .readers import IMAGE_SUFFIXES, HFDataset, ImageFolder, UserDataset, _array_splits
-from .splits import ArraySplit, BadSamples, Loading, SampleCache, SampleSplit, Split, batch_by_batch, to_chw
+from .splits import ArraySplit, BadSamples, Fit, Loading, SampleCache, SampleSplit, Split, batch_by_batch, to_chw
 
 __all__ = ["SampleSplit", "ArraySplit", "ImageFolder", "Loading", "SourceOptions", "open_source", "source_kind", "to_chw",
            "IMAGE_SUFFIXES", "SOURCE_FORMS", "register_source", "list_sources", "Opened", "Split", "BadSamples",
@@ -114,8 +114,9 @@ def _open_npz(arg: str, d, loading: Loading) -> Opened:
     files = sorted(path.glob("*.npy")) if path.is_dir() else [path]
     digest = _sha256_files(files, path if path.is_dir() else path.parent)
     k = int(max(int(train_y.max()), int(test_y.max()) if test_y is not None else 0)) + 1
-    return Opened(ArraySplit(train_x, train_y), ArraySplit(test_x, test_y) if test_x is not None else None,
-                  k, digest)
+    fit = Fit(d.channels, _size(d), d.resize)
+    return Opened(ArraySplit(train_x, train_y, where=f"{path} (train)", fit=fit),
+                  ArraySplit(test_x, test_y, where=f"{path} (test)", fit=fit) if test_x is not None else None, k, digest)
 
 
 def _open_folder(arg: str, d, loading: Loading) -> Opened:
@@ -161,9 +162,10 @@ def _open_hf(arg: str, d, loading: Loading) -> Opened:
     test = HFDataset(splits[test_name], d.image_column, d.label_column, f"{path} ({test_name})") if test_name else None
     files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
     k = train.num_classes or int(max(int(train.labels.max()), int(test.labels.max()) if test else 0)) + 1
-    shape = tuple(to_chw(train[0][0], train.describe(0)).shape)
-    return Opened(SampleSplit(train, shape=shape, loading=loading),
-                  SampleSplit(test, shape=shape, loading=loading) if test else None, k,
+    fit = Fit(d.channels, _size(d), d.resize)
+    shape = tuple(fit(to_chw(train[0][0], train.describe(0)), train.describe(0)).shape)
+    return Opened(SampleSplit(train, shape=shape, loading=loading, fit=fit),
+                  SampleSplit(test, shape=shape, loading=loading, fit=fit) if test else None, k,
                   _sha256_files(files, path.parent if path.is_file() else path))
 
 
@@ -177,8 +179,9 @@ def _open_import(spec: str, d, loading: Loading) -> Opened:
     train = UserDataset(train, f"{spec} (train)")
     test = UserDataset(test, f"{spec} (test)") if test is not None else None
     h = hashlib.sha256()
-    shape = tuple(to_chw(train[0][0], train.describe(0)).shape)
-    splits = [SampleSplit(part, shape=shape, loading=loading) for part in (train, test) if part is not None]
+    fit = Fit(d.channels, _size(d), d.resize)
+    shape = tuple(fit(to_chw(train[0][0], train.describe(0)), train.describe(0)).shape)
+    splits = [SampleSplit(part, shape=shape, loading=loading, fit=fit) for part in (train, test) if part is not None]
     for split in splits:  # the data hash streams every sample once
         for start in range(0, len(split), 256):
             x, y = split.batch(range(start, min(start + 256, len(split))))

@@ -27,7 +27,7 @@ from torch import Tensor
 
 from .formats import DataError
 
-__all__ = ["Split", "SampleSplit", "ArraySplit", "Loading", "SampleCache", "BadSamples", "to_chw", "batch_by_batch"]
+__all__ = ["Split", "SampleSplit", "ArraySplit", "Fit", "Loading", "SampleCache", "BadSamples", "to_chw", "batch_by_batch"]
 
 
 @runtime_checkable
@@ -108,11 +108,35 @@ class BadSamples:
 # ---- images as tensors ----------------------------------------------------------------------
 
 
+#: PIL modes whose values are not intensities (palette indices, other colour spaces): converted.
+_PIL_CONVERT = {"1": "L", "P": "RGB", "PA": "RGBA", "CMYK": "RGB", "YCbCr": "RGB", "LAB": "RGB", "HSV": "RGB",
+                "La": "LA", "RGBa": "RGBA", "RGBX": "RGB"}
+#: Integer pixel types and the value that stands for 1.
+PIXEL_RANGE = {torch.uint8: 255.0, torch.uint16: 65535.0}
+
+
+def pil_pixels(image: Any, where: str) -> np.ndarray:
+    """A PIL image's intensities as an array: palette and other colour modes converted (a
+    palette with transparency to RGBA), 16-bit grey kept as uint16 (32-bit "I" images, as
+    Pillow opens some 16-bit files, must hold values in 0..65535)."""
+    mode = image.mode
+    if mode in _PIL_CONVERT:
+        target = "RGBA" if mode == "P" and "transparency" in image.info else _PIL_CONVERT[mode]
+        return np.asarray(image.convert(target)).copy()
+    if mode == "I" or mode.startswith("I;16"):
+        a = np.asarray(image)
+        if a.size and (int(a.min()) < 0 or int(a.max()) > 65535):
+            raise DataError(f"{where} is a 32-bit integer image with values in [{int(a.min())}, {int(a.max())}]: "
+                            "give 8- or 16-bit images")
+        return a.astype(np.uint16)
+    return np.asarray(image).copy()
+
+
 def to_chw(image: Any, where: str) -> Tensor:
-    """An image as a [C, H, W] tensor (uint8, or float in [0, 1]): a PIL image, a tensor
-    [C, H, W] or [H, W], or an array [H, W], [H, W, C] or [C, H, W]."""
-    if hasattr(image, "mode") and hasattr(image, "size"):  # PIL, without importing it
-        image = np.asarray(image).copy()
+    """An image as a [C, H, W] tensor (uint8, uint16, or float in [0, 1]): a PIL image, a
+    tensor [C, H, W] or [H, W], or an array [H, W], [H, W, C] or [C, H, W]."""
+    if isinstance(getattr(image, "mode", None), str) and hasattr(image, "getbands"):  # PIL, without importing it
+        image = pil_pixels(image, where)
     if isinstance(image, np.ndarray):
         if image.ndim == 3 and image.shape[-1] in (1, 3, 4) and image.shape[0] not in (1, 3, 4):
             image = image.transpose(2, 0, 1)  # H, W, C -> C, H, W
@@ -124,13 +148,71 @@ def to_chw(image: Any, where: str) -> Tensor:
         image = image[None]
     if image.ndim != 3:
         raise DataError(f"{where} has shape {tuple(image.shape)}, not [C, H, W]")
-    if image.dtype == torch.bool or image.dtype.is_complex:
-        raise DataError(f"{where} has dtype {image.dtype}: give uint8 pixels or floats in [0, 1]")
+    if not (image.dtype in PIXEL_RANGE or image.dtype.is_floating_point):
+        raise DataError(f"{where} has pixels of type {image.dtype}: give uint8 or uint16 pixels, or floats in [0, 1]")
     return image
 
 
-def _as_float(x: Tensor) -> Tensor:
-    return x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
+@dataclass(frozen=True)
+class Fit:
+    """The data options every source applies to each decoded image [C, H, W]: ``channels``
+    (1: grey by the ITU-R 601 luma Pillow uses, 3: grey repeated; an alpha channel dropped)
+    and ``size`` (H, W), resized (``resize``) or resized on the short side and centre-cropped
+    (``center_crop``), bilinear with antialiasing, in floats in [0, 1]."""
+
+    channels: int | None = None
+    size: tuple[int, int] | None = None
+    how: str = "resize"
+
+    def __call__(self, x: Tensor, where: str) -> Tensor:
+        if self.channels is not None and x.shape[0] != self.channels:
+            x = self._channels(x, where)
+        if self.size is not None and tuple(x.shape[1:]) != tuple(self.size):
+            x = self._resized(x if x.is_floating_point() else x.float().div_(PIXEL_RANGE[x.dtype]))
+        return x
+
+    def _channels(self, x: Tensor, where: str) -> Tensor:
+        c = x.shape[0]
+        if c in (2, 4):  # grey or RGB with alpha: the colour channels
+            x, c = x[:c - 1], c - 1
+        if c == self.channels:
+            return x
+        if c == 1 and self.channels == 3:
+            return x.expand(3, *x.shape[1:]).clone()
+        if c == 3 and self.channels == 1:
+            if x.is_floating_point():
+                return (0.299 * x[0] + 0.587 * x[1] + 0.114 * x[2])[None]
+            wide = x.to(torch.int64)  # Pillow's integer luma, rounded: exact for grey pixels
+            return ((wide[0] * 299 + wide[1] * 587 + wide[2] * 114 + 500) // 1000).to(x.dtype)[None]
+        raise DataError(f"{where} has {x.shape[0]} channels: data.channels={self.channels} takes images of 1, 3 "
+                        "(or with alpha, 2 and 4) channels")
+
+    def _resized(self, x: Tensor) -> Tensor:
+        import torch.nn.functional as F
+        h, w = self.size
+        if self.how == "center_crop":
+            scale = max(h / x.shape[1], w / x.shape[2])
+            mid = (max(h, round(x.shape[1] * scale)), max(w, round(x.shape[2] * scale)))
+            x = F.interpolate(x[None], size=mid, mode="bilinear", antialias=True, align_corners=False)[0]
+            top, left = (mid[0] - h) // 2, (mid[1] - w) // 2
+            return x[:, top:top + h, left:left + w].clamp_(0, 1)
+        return F.interpolate(x[None], size=(h, w), mode="bilinear", antialias=True, align_corners=False)[0].clamp_(0, 1)
+
+
+def _as_float(x: Tensor, where: str) -> Tensor:
+    """Pixels as floats in [0, 1]: an integer type scaled by its range (uint8 by 255, uint16
+    by 65535), floats as they are, refused (one line, the range found) outside [0, 1]."""
+    if x.dtype in PIXEL_RANGE:
+        return x.float().div_(PIXEL_RANGE[x.dtype])
+    if not x.is_floating_point():
+        raise DataError(f"{where} has pixels of type {x.dtype}: give uint8 or uint16 pixels, or floats in [0, 1]")
+    x = x.float()
+    if x.numel():
+        lo, hi = float(x.min()), float(x.max())
+        if not (lo >= 0 and hi <= 1):  # (NaN fails too)
+            raise DataError(f"{where} has float pixels in [{lo:g}, {hi:g}], not in [0, 1]: scale them to [0, 1] "
+                            "(8-bit values / 255), or give them as uint8")
+    return x
 
 
 def batch_by_batch(split, index_batches) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
@@ -147,8 +229,8 @@ def batch_by_batch(split, index_batches) -> Iterator[tuple[Tensor, Tensor, Tenso
 class _Fetch(torch.utils.data.Dataset):
     """What a DataLoader worker runs: split index -> (index, image or None, label, error)."""
 
-    def __init__(self, source, index: Tensor, shape: tuple[int, ...]):
-        self.source, self.index, self.shape = source, index, shape
+    def __init__(self, source, index: Tensor, shape: tuple[int, ...], fit: Fit = Fit()):
+        self.source, self.index, self.shape, self.fit = source, index, shape, fit
 
     def __len__(self) -> int:
         return len(self.index)
@@ -157,7 +239,7 @@ class _Fetch(torch.utils.data.Dataset):
         j = int(self.index[i])
         label = int(self.source.labels[j])
         try:
-            x = to_chw(self.source[j][0], self.source.describe(j))
+            x = self.fit(to_chw(self.source[j][0], self.source.describe(j)), self.source.describe(j))
         except (OSError, ValueError, SyntaxError) as exc:  # PIL raises all three for damaged files
             return i, None, label, f"{self.source.describe(j)} cannot be read ({type(exc).__name__}: {exc})"
         if tuple(x.shape) != self.shape:
@@ -180,8 +262,9 @@ class SampleSplit:
     """A split of a map-style source, as an index view (``subset`` copies nothing)."""
 
     def __init__(self, source, index: Tensor | None = None, shape: tuple[int, ...] | None = None,
-                 loading: Loading | None = None, bad: BadSamples | None = None, cache: SampleCache | None = None):
-        self.source = source
+                 loading: Loading | None = None, bad: BadSamples | None = None, cache: SampleCache | None = None,
+                 fit: Fit = Fit()):
+        self.source, self.fit = source, fit
         self.index = torch.arange(len(source)) if index is None else index
         self.labels = source.labels[self.index]
         self.loading = loading or Loading()
@@ -193,19 +276,19 @@ class SampleSplit:
         if not len(self.index):
             raise DataError("the data set has no samples")
         j = int(self.index[0])
-        return tuple(to_chw(self.source[j][0], self.source.describe(j)).shape)
+        return tuple(self.fit(to_chw(self.source[j][0], self.source.describe(j)), self.source.describe(j)).shape)
 
     def __len__(self) -> int:
         return len(self.index)
 
     def subset(self, index) -> SampleSplit:
         return SampleSplit(self.source, self.index[torch.as_tensor(index, dtype=torch.long)], self.sample_shape,
-                           self.loading, self.bad, self.cache)
+                           self.loading, self.bad, self.cache, self.fit)
 
     def batch(self, index) -> tuple[Tensor, Tensor]:
-        fetch = _Fetch(self.source, self.index, self.sample_shape)
+        fetch = _Fetch(self.source, self.index, self.sample_shape, self.fit)
         _, raw, y, _ = self._checked(_collate([fetch[int(i)] for i in index]))
-        return _as_float(raw), y
+        return _as_float(raw, self.where), y
 
     def batches(self, index_batches: Sequence[Sequence[int]], keep: bool = True) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
         """The batches in the order given: from the cache where it holds every sample of a
@@ -217,16 +300,21 @@ class SampleSplit:
         cached = [cache.has(k) for k in keys]
         to_load = [b.tolist() for b, c in zip(wanted, cached) if not c]
         loaded = iter(torch.utils.data.DataLoader(
-            _Fetch(self.source, self.index, self.sample_shape), batch_sampler=to_load, num_workers=lo.workers,
+            _Fetch(self.source, self.index, self.sample_shape, self.fit), batch_sampler=to_load, num_workers=lo.workers,
             collate_fn=_collate, pin_memory=lo.pin_memory, prefetch_factor=lo.prefetch if lo.workers else None)) \
             if to_load else iter(())
         for b, k, hit in zip(wanted, keys, cached):
             if hit:
-                yield b, _as_float(torch.stack([cache.samples[j] for j in k])), self.labels[b]
+                yield b, _as_float(torch.stack([cache.samples[j] for j in k]), self.where), self.labels[b]
                 continue
             index, raw, y, _ = self._checked(next(loaded))
             cache.add(self.index[index].tolist(), raw)
-            yield index, _as_float(raw), y
+            yield index, _as_float(raw, self.where), y
+
+    @property
+    def where(self) -> str:
+        """The source, as an error names it."""
+        return getattr(self.source, "where", None) or str(getattr(self.source, "root", type(self.source).__name__))
 
     def _checked(self, item):
         bad = item[3]
@@ -243,21 +331,27 @@ class ArraySplit:
 
     bad = None  # an array has no unreadable sample
 
-    def __init__(self, images: np.ndarray, labels: Tensor, index: Tensor | None = None):
-        self.images, self.all_labels = images, labels
+    def __init__(self, images: np.ndarray, labels: Tensor, index: Tensor | None = None, where: str = "the arrays",
+                 fit: Fit = Fit()):
+        self.images, self.all_labels, self.where, self.fit = images, labels, where, fit
         self.index = torch.arange(len(labels)) if index is None else index
         self.labels = labels[self.index]
-        self.sample_shape = tuple(images.shape[1:])
+        first = torch.from_numpy(np.ascontiguousarray(images[:1]))
+        self.sample_shape = tuple(fit(first[0], where).shape) if len(images) else tuple(images.shape[1:])
 
     def __len__(self) -> int:
         return len(self.index)
 
     def subset(self, index) -> ArraySplit:
-        return ArraySplit(self.images, self.all_labels, self.index[torch.as_tensor(index, dtype=torch.long)])
+        return ArraySplit(self.images, self.all_labels, self.index[torch.as_tensor(index, dtype=torch.long)], self.where,
+                          self.fit)
 
     def batch(self, index) -> tuple[Tensor, Tensor]:
         rows = self.index[torch.as_tensor(index, dtype=torch.long)].numpy()
-        return _as_float(torch.from_numpy(np.ascontiguousarray(self.images[rows]))), self.all_labels[rows]
+        raw = torch.from_numpy(np.ascontiguousarray(self.images[rows]))
+        if self.fit != Fit():
+            raw = torch.stack([self.fit(x, self.where) for x in raw]) if len(raw) else raw
+        return _as_float(raw, self.where), self.all_labels[rows]
 
     def batches(self, index_batches, keep: bool = True) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
         """``(index, x, y)`` for each batch, read from the map as it is asked for."""

@@ -5,14 +5,17 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 from pathlib import Path
 
 from .._extras import require
 from ..atomic import write_atomic, write_json_atomic
+from ..errors import UsageError
 from .config import ConfigError, RunConfig, config_to_dict
 
-__all__ = ["RunExistsError", "RunLock", "RUN_FILES", "LOCK_FILE", "claim_folder", "open_outputs", "append_jsonl"]
+__all__ = ["RunExistsError", "RunLock", "RUN_FILES", "LOCK_FILE", "claim_folder", "open_outputs", "append_jsonl",
+           "run_reads", "data_reads", "check_spared"]
 
 
 class RunExistsError(ConfigError):
@@ -21,6 +24,8 @@ class RunExistsError(ConfigError):
 
 #: The files that make a run folder's record; a new run never writes over them unasked.
 RUN_FILES = ("last.pt", "best.pt", "config.yaml", "results.json", "metrics.jsonl", "history.jsonl", "indices.json")
+#: The folders a run writes in its folder (removed with the files by --overwrite).
+RUN_FOLDERS = ("tensorboard",)
 LOCK_FILE = ".jacmatch.lock"
 
 
@@ -65,10 +70,54 @@ def _lock_fd(fd: int) -> None:
     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
 
 
-def claim_folder(out: Path, resume: bool, overwrite: bool, config_file: str | None) -> RunLock:
+def run_reads(cfg: RunConfig, config_file: str | None = None) -> list[tuple[str, Path]]:
+    """What a run reads besides its own folder, each as (what, path): the teacher, its
+    weights, the checkpoint a fine-tune starts from, the config file, the data's files."""
+    return [(what, Path(path)) for what, path in (("the teacher", cfg.teacher), ("the teacher weights",
+            cfg.teacher_weights), ("init_from", cfg.init_from), ("the config", config_file)) if path] + data_reads(cfg.data)
+
+
+def data_reads(d) -> list[tuple[str, Path]]:
+    """The files or folders DataConfig ``d`` reads: a built-in set's data_dir, a source's path."""
+    from ..data.sources import source_kind
+    reads = [("the data folder", Path(d.data_dir))] if d.data_dir else []
+    kind, arg = source_kind(d.name)
+    if kind not in ("builtin", "import"):
+        reads.append(("the data", Path(arg).expanduser()))
+    return reads
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    """``path`` is ``folder`` or lies below it (both resolved: links followed)."""
+    path, folder = path.resolve(), folder.resolve()
+    return path == folder or folder in path.parents
+
+
+def check_spared(writes: list[tuple[str, Path, bool]], reads: list[tuple[str, Path]]) -> None:
+    """Refuse, before anything is written or removed, an output that would touch what the
+    command reads. ``writes``: (option, path, whether the path is a folder the command fills
+    and may empty); ``reads``: (what, path). An output file may not be a file read, nor lie in
+    a folder read (a data set); an output folder may hold nothing read, nor lie in a folder read."""
+    for option, out, folder in writes:
+        for what, read in reads:
+            if _inside(read, out) if folder else out.resolve() == read.resolve():
+                raise UsageError(f"{option} {out} would {'write over' if not folder else 'hold, and --overwrite delete,'}"
+                                 f" {what} {read}, which this command reads: choose another {option}")
+            if read.is_dir() and _inside(out, read):
+                raise UsageError(f"{option} {out} lies inside {what} {read}, which this command reads: its files "
+                                 f"would mix with the data; choose another {option} outside {read}")
+
+
+def claim_folder(out: Path, resume: bool, overwrite: bool, config_file: str | None,
+                 reads: list[tuple[str, Path]] = ()) -> RunLock:
     """Lock ``out`` and check what it holds: a run is continued only with ``resume``,
-    replaced only with ``overwrite``, and the user's own config file is never replaced."""
+    replaced only with ``overwrite``, and the user's own config file is never replaced;
+    ``out`` may neither hold nor lie inside anything the run ``reads`` (checked before
+    anything is written)."""
     mine = config_file is not None and Path(config_file).resolve() == (out / "config.yaml").resolve()
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file: give a folder for the run (it is created if missing)")
+    check_spared([("--out", out, True)], [(what, p) for what, p in reads if not (mine and what == "the config")])
 
     def check() -> list[str]:
         held = [name for name in RUN_FILES if (out / name).exists()]
@@ -87,6 +136,9 @@ def claim_folder(out: Path, resume: bool, overwrite: bool, config_file: str | No
         if overwrite and not resume:
             for name in held:
                 (out / name).unlink()
+            for name in RUN_FOLDERS:  # what the earlier run wrote besides its files (its TensorBoard events)
+                if (out / name).is_dir():
+                    shutil.rmtree(out / name)
     except BaseException:
         lock.release()
         raise

@@ -33,7 +33,7 @@ from .loading import (check_input_shape, check_teacher_for, init_from, load_data
                       model_from_config)
 from .results import best_point, evaluate_splits, no_better_for, run_results
 from .resume import ResumePoint, restore, run_inputs
-from .run_folder import RunExistsError, claim_folder, open_outputs
+from .run_folder import RunExistsError, claim_folder, open_outputs, run_reads
 from .schedule import epoch_batches, make_optimizer, make_scheduler
 from .step import NonFiniteError, StepPolicy, Stepper
 
@@ -55,7 +55,8 @@ def train(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, data
     and ``data_cache`` the caller's parsed data set, both shared by the runs of a sweep."""
     info = info or init_distributed(cfg.device)
     cfg.check()
-    lock = claim_folder(Path(cfg.out_dir), resume, overwrite, config_file) if info.is_main else None
+    lock = claim_folder(Path(cfg.out_dir), resume, overwrite, config_file, run_reads(cfg, config_file)) \
+        if info.is_main else None
     try:
         given = data is not None  # the caller's data: not named by the config, so no teacher key
         return _train(cfg, resume, data if given else load_data(cfg, data_cache), given, info,

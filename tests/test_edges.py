@@ -1,0 +1,221 @@
+"""Nothing silent at the edges: no command deletes or overwrites a file that it reads, or
+any file in a folder that holds one."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+from pathlib import Path
+
+import pytest
+
+from jacmatch.cli import main
+
+QUIET = ["--set", "progress=false", "--set", "eval.noise_sigmas=[]", "--set", "optim.epochs=1"]
+
+
+def digest(folder: Path) -> dict:
+    """Every file under ``folder`` by its SHA-256: what must not change."""
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture
+def run_folder(tmp_path, teacher):
+    """A copy of the session's teacher run: a folder whose last.pt is read as teacher or init_from."""
+    folder = tmp_path / "teacher_run"
+    shutil.copytree(Path(teacher).parent, folder)
+    return folder
+
+
+@pytest.mark.parametrize("reads", ["--teacher", "init_from"])
+@pytest.mark.parametrize("overwrite", [True, False])
+def test_out_and_overwrite_never_touch_the_checkpoint_the_run_reads(run_folder, teacher, capsys, reads, overwrite):
+    before = digest(run_folder)
+    read = ["--teacher", str(run_folder / "last.pt")] if reads == "--teacher" else \
+        ["--teacher", teacher, "--set", f"init_from={run_folder / 'last.pt'}"]
+    code = main(["distill", *read, "--dataset", "synthetic", "--samples-per-class", "2", "--model", "small_cnn_8",
+                 "--out", str(run_folder), *(["--overwrite"] if overwrite else []), *QUIET])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    assert "which this command reads" in err[0] or "already holds a run" in err[0], err
+    assert digest(run_folder) == before  # nothing removed, nothing written
+
+
+def test_evaluate_json_never_writes_over_the_checkpoint_or_the_teacher(run_folder, teacher, capsys):
+    before = digest(run_folder)
+    for target, extra in ((run_folder / "last.pt", []), (run_folder / "t.pt", ["--teacher", str(run_folder / "t.pt")])):
+        if extra:
+            shutil.copyfile(teacher, target)
+            before = digest(run_folder)
+        code = main(["evaluate", "--checkpoint", str(run_folder / "last.pt"), *extra, "--json", str(target),
+                     "--noise-sigmas"])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(err) == 1 and "which this command reads" in err[0], err
+        assert digest(run_folder) == before
+
+
+def _png_folder(root: Path) -> Path:
+    from PIL import Image
+    import numpy as np
+    rng = np.random.default_rng(0)
+    for split in ("train", "test"):
+        for c in ("a", "b"):
+            (root / split / c).mkdir(parents=True)
+            for i in range(4):
+                Image.fromarray(rng.integers(0, 255, (8, 8), dtype=np.uint8)).save(root / split / c / f"{i}.png")
+    return root
+
+
+def test_a_run_folder_inside_the_data_or_json_into_it_is_refused(tmp_path, teacher, capsys):
+    data = _png_folder(tmp_path / "images")
+    before = digest(data)
+    code = main(["train-teacher", "--dataset", str(data), "--model", "small_cnn_4", "--out", str(data / "train" / "a"),
+                 *QUIET])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "lies inside the data" in err[0], err
+    assert digest(data) == before
+    assert main(["train-teacher", "--dataset", str(data), "--model", "small_cnn_4", "--out", str(tmp_path / "r"),
+                 "--set", "data.workers=0", *QUIET]) == 0
+    capsys.readouterr()
+    code = main(["evaluate", "--checkpoint", str(tmp_path / "r" / "last.pt"), "--json", str(data / "test" / "r.json"),
+                 "--noise-sigmas"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and "lies inside the data" in err[0], err
+    assert digest(data) == before
+
+
+def test_out_naming_a_file_is_one_line(tmp_path, capsys):
+    target = tmp_path / "notes.txt"
+    target.write_text("mine")
+    code = main(["train-teacher", "--dataset", "synthetic", "--model", "small_cnn_4", "--out", str(target), *QUIET])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "is a file" in err[0], err
+    assert target.read_text() == "mine"
+
+
+def test_overwrite_removes_what_the_earlier_run_wrote_its_tensorboard_events_too(tmp_path):
+    out = tmp_path / "r"
+    args = ["train-teacher", "--dataset", "synthetic", "--model", "small_cnn_4", "--out", str(out),
+            "--set", "tensorboard=true", *QUIET]
+    assert main(args) == 0
+    first = sorted(p.name for p in (out / "tensorboard").iterdir())
+    assert main([*args, "--overwrite"]) == 0
+    second = sorted(p.name for p in (out / "tensorboard").iterdir())
+    assert len(first) == len(second) == 1 and first != second  # one run's events, not two
+
+
+@pytest.mark.parametrize("fold", [True, False])
+def test_the_objective_keeps_its_teacher_in_eval_mode_whatever_the_caller_does(fold):
+    import torch
+    from torch import nn
+
+    import jacmatch as jm
+    torch.manual_seed(0)
+    teacher = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(64, 3))
+    student = nn.Sequential(nn.Flatten(), nn.Linear(36, 3))
+    objective = jm.TransferObjective(student, teacher, jm.ObjectiveConfig(teacher_fold_bn=fold))
+    stats = teacher[1].running_mean.clone()
+    teacher.train()  # after the objective took it
+    objective(torch.rand(4, 1, 6, 6), torch.tensor([0, 1, 2, 0]))
+    assert not teacher.training and torch.equal(teacher[1].running_mean, stats)
+
+
+def test_integer_images_given_to_the_objective_are_one_line():
+    import torch
+    from torch import nn
+
+    import jacmatch as jm
+    from jacmatch.errors import UsageError
+    objective = jm.TransferObjective(nn.Sequential(nn.Flatten(), nn.Linear(4, 3)), None,
+                                     jm.ObjectiveConfig(beta=0, gamma=0))
+    with pytest.raises(UsageError, match=r"torch.uint8: give float images in \[0, 1\]"):
+        objective(torch.zeros(2, 1, 2, 2, dtype=torch.uint8), torch.tensor([0, 1]))
+
+
+# ---- pixels mean the same thing whatever the source ------------------------------------------
+
+
+def _ten_images():
+    import numpy as np
+    return np.random.default_rng(7).integers(0, 256, (10, 8, 8)).astype(np.uint8)
+
+
+def _forms(base):
+    """The same images as 8-bit, 16-bit, float and palette pixels (PIL images for files)."""
+    import numpy as np
+    from PIL import Image
+    def palette(b):  # index i stands for the grey (i, i, i)
+        im = Image.new("P", (8, 8))
+        im.putpalette([v for i in range(256) for v in (i, i, i)])
+        im.putdata(b.flatten().tolist())
+        return im
+    return {"8-bit": [Image.fromarray(b) for b in base],
+            "16-bit": [Image.fromarray(b.astype(np.uint16) * 257) for b in base],
+            "float": [Image.fromarray((b / 255.0).astype(np.float32), "F") for b in base],
+            "palette": [palette(b) for b in base]}
+
+
+def _read_all(name, tmp_path, channels=None, n=10):
+    """The ``n`` images of source ``name``, in their order, as the loop reads them."""
+    from jacmatch.data.sources import Loading, SourceOptions, open_source
+    opened = open_source(name, SourceOptions(channels=channels), Loading())
+    x, _ = opened.train.batch(list(range(n)))
+    return x
+
+
+@pytest.mark.parametrize("form", ["8-bit", "16-bit", "float", "palette"])
+def test_the_same_ten_images_give_the_same_tensors_in_every_source(tmp_path, form, monkeypatch):
+    """Folder, npz, a Dataset by import path and a Hugging Face folder, each in 8-bit, 16-bit,
+    float and palette forms: the same tensors in [0, 1] (float32 of the 8-bit values / 255)."""
+    import sys
+
+    import numpy as np
+    import torch
+    base = _ten_images()
+    expected = torch.from_numpy(base).float().div(255)[:, None]
+    images = _forms(base)[form]
+    grey = 1 if form == "palette" else None  # a palette decodes to RGB; grey asked for: the same values
+    # a folder: one class, files in name order (TIFF holds the float images)
+    folder = tmp_path / form.replace("-", "") / "a"
+    folder.mkdir(parents=True)
+    suffix = ".tif" if form == "float" else ".png"
+    for i, im in enumerate(images):
+        im.save(folder / f"{i:02d}{suffix}")
+    got = {"folder": _read_all(str(folder.parent), tmp_path, grey)}
+    # arrays: npz in the array's own type (the palette as the pixels its indices stand for)
+    arrays = np.stack([np.asarray(im.convert("L") if form == "palette" else im) for im in images])
+    np.savez(tmp_path / "a.npz", train_images=arrays[:, None], train_labels=np.zeros(10, dtype=np.int64))
+    got["npz"] = _read_all(f"npz:{tmp_path / 'a.npz'}", tmp_path)
+    # a Dataset returning the PIL images themselves
+    module = tmp_path / "ten_images.py"
+    module.write_text("DATA = []\n\ndef make():\n    return DATA\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import importlib
+    mod = importlib.import_module("ten_images")
+    mod.DATA[:] = [(im, 0) for im in images]
+    got["Dataset"] = _read_all("ten_images:make", tmp_path, grey)
+    sys.modules.pop("ten_images", None)
+    # Hugging Face: the images as arrays in a column
+    datasets = pytest.importorskip("datasets")
+    features = datasets.Features({"image": datasets.Array2D(shape=(8, 8), dtype=str(arrays.dtype)),
+                                  "label": datasets.Value("int64")})
+    hf = datasets.Dataset.from_dict({"image": [a.tolist() for a in arrays], "label": [0] * 10}, features=features)
+    hf.save_to_disk(str(tmp_path / "hf"))
+    got["Hugging Face"] = _read_all(f"hf:{tmp_path / 'hf'}", tmp_path)
+    for source, x in got.items():
+        assert x.dtype == torch.float32 and x.shape[1:] == (1, 8, 8), (source, x.shape)
+        torch.testing.assert_close(x, expected, rtol=0, atol=1e-6, msg=f"{source}, {form}")
+
+
+@pytest.mark.parametrize("bad, message", [("float255", r"float pixels in \[0, 255\], not in \[0, 1\]"),
+                                          ("int32", "pixels of type torch.int32")])
+def test_pixels_out_of_range_or_of_another_type_are_one_line(tmp_path, bad, message):
+    import numpy as np
+
+    from jacmatch.data.formats import DataError
+    images = np.zeros((4, 1, 4, 4), dtype=np.float64 if bad == "float255" else np.int32)
+    images[0, 0, 0, 0] = 255
+    np.savez(tmp_path / "a.npz", train_images=images, train_labels=np.zeros(4, dtype=np.int64))
+    with pytest.raises(DataError, match=message):
+        _read_all(f"npz:{tmp_path / 'a.npz'}", tmp_path, n=4)
