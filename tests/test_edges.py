@@ -197,7 +197,7 @@ def test_the_same_ten_images_give_the_same_tensors_in_every_source(tmp_path, for
     got["Dataset"] = _read_all("ten_images:make", tmp_path, grey)
     sys.modules.pop("ten_images", None)
     # Hugging Face: the images as arrays in a column
-    datasets = pytest.importorskip("datasets")
+    import datasets
     features = datasets.Features({"image": datasets.Array2D(shape=(8, 8), dtype=str(arrays.dtype)),
                                   "label": datasets.Value("int64")})
     hf = datasets.Dataset.from_dict({"image": [a.tolist() for a in arrays], "label": [0] * 10}, features=features)
@@ -219,3 +219,107 @@ def test_pixels_out_of_range_or_of_another_type_are_one_line(tmp_path, bad, mess
     np.savez(tmp_path / "a.npz", train_images=images, train_labels=np.zeros(4, dtype=np.int64))
     with pytest.raises(DataError, match=message):
         _read_all(f"npz:{tmp_path / 'a.npz'}", tmp_path, n=4)
+
+
+# ---- evaluation reads the data its checkpoint saw; names are not shadowed by folders ----------
+
+
+def test_evaluate_refuses_data_that_changed_since_training_unless_told(tmp_path, capsys):
+    import json
+    data = _png_folder(tmp_path / "images")
+    run = tmp_path / "r"
+    assert main(["train-teacher", "--dataset", str(data), "--model", "small_cnn_4", "--out", str(run),
+                 "--set", "data.workers=0", *QUIET]) == 0
+    capsys.readouterr()
+    assert main(["evaluate", "--checkpoint", str(run / "last.pt"), "--noise-sigmas"]) == 0  # the same data: fine
+    assert "data_sha256" in json.loads(capsys.readouterr().out)
+    shutil.copyfile(data / "train" / "a" / "0.png", data / "test" / "b" / "9.png")  # a training image in the test set
+    code = main(["evaluate", "--checkpoint", str(run / "last.pt"), "--noise-sigmas"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "has changed since" in err[0] and "--data-changed" in err[0], err
+    assert main(["evaluate", "--checkpoint", str(run / "last.pt"), "--noise-sigmas", "--data-changed",
+                 "--json", str(tmp_path / "e.json")]) == 0
+    recorded = json.loads((tmp_path / "e.json").read_text())
+    assert recorded["data_sha256"] != recorded["trained_on_data_sha256"]
+
+
+def test_a_built_in_name_that_is_also_a_folder_here_is_refused_with_both_spellings(tmp_path, capsys, monkeypatch):
+    _png_folder(tmp_path / "digits")
+    monkeypatch.chdir(tmp_path)
+    code = main(["train-teacher", "--dataset", "digits", "--model", "small_cnn_4", "--out", str(tmp_path / "r"),
+                 *QUIET])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "names both the built-in data set" in err[0], err
+    assert "--dataset ./digits" in err[0] and "--data-dir digits" in err[0]
+    assert main(["train-teacher", "--dataset", "./digits", "--model", "small_cnn_4", "--out", str(tmp_path / "r"),
+                 "--set", "data.workers=0", *QUIET]) == 0  # the folder, written as a path
+
+
+# ---- every wrong input is one line, exit 2 ---------------------------------------------------
+
+USER_DATASETS = '''
+import torch
+
+class DictsWithTargets(torch.utils.data.Dataset):
+    targets = [0, 1, 0, 1]
+    def __len__(self):
+        return 4
+    def __getitem__(self, i):
+        return {"image": torch.rand(1, 4, 4), "label": self.targets[i]}
+
+class Empty(torch.utils.data.Dataset):
+    def __len__(self):
+        return 0
+    def __getitem__(self, i):
+        raise IndexError(i)
+
+class Named(torch.utils.data.Dataset):
+    def __len__(self):
+        return 4
+    def __getitem__(self, i):
+        return torch.rand(1, 4, 4), ["cat", "dog"][i % 2]
+
+def dicts():
+    return DictsWithTargets()
+
+def empty():
+    return Empty()
+
+def named():
+    return Named()
+'''
+
+
+@pytest.mark.parametrize("case, message", [
+    ("edge_data:dicts", "is a dict, not an (image, label) pair"),
+    ("edge_data:empty", "is empty"),
+    ("edge_data:named", "not class indices"),
+    ("npz-empty-test", "test_labels is empty"),
+    ("npz-strings", "not class indices"),
+    ("hf-strings", "not class indices"),
+])
+def test_wrong_data_is_one_line_and_exit_2(tmp_path, capsys, monkeypatch, case, message):
+    import numpy as np
+    (tmp_path / "edge_data.py").write_text(USER_DATASETS)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    images = np.zeros((6, 1, 4, 4), dtype=np.uint8)
+    if case == "npz-empty-test":
+        np.savez(tmp_path / "d.npz", train_images=images, train_labels=np.arange(6) % 2,
+                 test_images=images[:0], test_labels=np.zeros(0, dtype=np.int64))
+        case = f"npz:{tmp_path / 'd.npz'}"
+    elif case == "npz-strings":
+        np.savez(tmp_path / "d.npz", train_images=images, train_labels=np.array(["cat", "dog"] * 3))
+        case = f"npz:{tmp_path / 'd.npz'}"
+    elif case == "hf-strings":
+        import datasets
+        datasets.Dataset.from_dict({"image": [np.zeros((4, 4), dtype=np.uint8).tolist()] * 6,
+                                    "label": ["cat", "dog"] * 3},
+                                   features=datasets.Features({"image": datasets.Array2D((4, 4), "uint8"),
+                                                               "label": datasets.Value("string")})
+                                   ).save_to_disk(str(tmp_path / "hf"))
+        case = f"hf:{tmp_path / 'hf'}"
+    capsys.readouterr()  # (the datasets library's progress while saving)
+    code = main(["train-teacher", "--dataset", case, "--model", "small_cnn_4", "--out", str(tmp_path / "r"),
+                 "--set", "data.workers=0", *QUIET])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and message in err[0], err

@@ -80,8 +80,10 @@ def _add_run_options(p, kind: str) -> None:
                    help="replace the run that --out holds (its checkpoint, config, metrics and results)")
     p.add_argument("--device", choices=["cpu", "cuda", "auto"], help="where to train (default: auto)")
     p.add_argument("--dataset", help="data set: a built-in name (fashion-mnist, mnist, cifar10, cifar100, digits, "
-                                     "synthetic), a folder of class subfolders (or imagefolder:PATH), npz:PATH, "
-                                     "hf:PATH or package.module:callable")
+                                     "synthetic) is always that data set; npz:PATH, hf:PATH, imagefolder:PATH and "
+                                     "package.module:callable are those sources; any other name is a path (a folder "
+                                     "of class subfolders, an .npz file). A built-in name that is also a path here is "
+                                     "refused: write ./NAME for the folder")
     p.add_argument("--data-dir", help="folder with a built-in data set's files (fashion-mnist, mnist, cifar10, cifar100)")
     p.add_argument("--image-size", type=_positive_int, help="resize the images of a folder or source to this side")
     p.add_argument("--channels", type=int, choices=[1, 3], help="1 (grey) or 3 (RGB) for the images of a source")
@@ -103,7 +105,7 @@ def _dataset_name(value: str) -> str:
     """``--dataset`` as recorded: a built-in or import path as given; a folder, .npz or
     Hugging Face folder as its absolute path with its kind (``imagefolder:/abs/path``), so
     that the run, its resume and ``evaluate`` read it from any working directory."""
-    from ..data.sources import source_kind
+    from ..data import dataset_kind as source_kind
     kind, arg = source_kind(value)
     if kind in ("builtin", "import"):
         return value
@@ -175,6 +177,13 @@ def _evaluate(args) -> None:
                      [("the checkpoint", Path(args.checkpoint))] + ([("the teacher", Path(args.teacher))]
                                                                   if args.teacher else []) + data_reads(data_config.data))
     data = load_data(data_config)
+    trained_on = (state.get("inputs") or {}).get("data_sha256")
+    changed = bool(trained_on) and trained_on != data.data_sha256 and not (args.dataset or args.data_dir)
+    if changed and not args.data_changed:
+        raise ConfigError(f"the data {data.name} has changed since {args.checkpoint} was trained (SHA-256 "
+                          f"{data.data_sha256[:12]}…, trained on {trained_on[:12]}…): its test set may now hold training "
+                          "images; restore the data, or pass --data-changed to evaluate on it as it is (the output "
+                          "records both hashes)")
     outputs = check_input_shape(model, data, args.checkpoint, "the checkpoint's model")
     if outputs != data.num_classes:
         raise ConfigError(f"class-count mismatch: {args.checkpoint} has {outputs} outputs but {data.name} has "
@@ -186,6 +195,9 @@ def _evaluate(args) -> None:
         if note:
             warnings.warn(note, DataMismatchWarning, stacklevel=1)
     result = evaluate(model, data.test, device, noise_sigmas=args.noise_sigmas, teacher=teacher)
+    result["data_sha256"] = data.data_sha256
+    if trained_on and trained_on != data.data_sha256:  # other data, named by --dataset or allowed by --data-changed
+        result["trained_on_data_sha256"] = trained_on
     print(json.dumps(result, indent=1))
     if args.json:
         write_json_atomic(args.json, result)
@@ -196,7 +208,7 @@ def _recorded_config(state: dict, args):
     option included), the whole training pool; ``--dataset``/``--data-dir`` replace the
     recorded ones. A data set built by an import path is imported only when ``--dataset``
     names that same path (as for models)."""
-    from ..data.sources import source_kind
+    from ..data import dataset_kind as source_kind
     from ..training import config_from_dict
     cfg = config_from_dict(json.loads(state["config"]))
     recorded = cfg.data.name
@@ -269,6 +281,8 @@ def add_training_commands(sub) -> None:
     p.add_argument("--device", default="auto", choices=["cpu", "cuda", "auto"], help="where to evaluate")
     p.add_argument("--noise-sigmas", type=_sigma, nargs="*", default=NOISE_SIGMAS,
                    help=f"σ of the Gaussian test noise, in [0, 1] pixel units (default {NOISE_SIGMAS})")
+    p.add_argument("--data-changed", action="store_true",
+                   help="evaluate although the data's files changed since training (the output records both hashes)")
     p.add_argument("--json", metavar="PATH", help="also write the result as JSON")
     p.set_defaults(run=_evaluate)
 

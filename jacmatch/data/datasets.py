@@ -31,7 +31,7 @@ from .formats import DataError, read_cifar_batch, read_idx
 from .sources import SourceOptions, open_source, source_kind
 from .splits import Loading, Split, _as_float, batch_by_batch
 
-__all__ = ["ImageSet", "DataSplits", "create_dataset", "load_data", "list_datasets", "register_dataset",
+__all__ = ["ImageSet", "DataSplits", "create_dataset", "load_data", "dataset_kind", "list_datasets", "register_dataset",
            "stratified_subset", "check_labels", "DEBIAN_FASHION_MNIST"]
 
 DEBIAN_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
@@ -268,6 +268,20 @@ def list_datasets() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def dataset_kind(name: str) -> tuple[str, str]:
+    """``(kind, argument)`` of a ``--dataset`` value, by one rule: a built-in or registered
+    name is that data set (``builtin``); a prefixed name (``imagefolder:``, ``npz:``, ``hf:``,
+    a registered source's) is that source; an import path is a Dataset; any other name is a
+    path. A built-in name that is also a path here is refused: it says how to write each."""
+    if name in _REGISTRY:
+        if Path(name).expanduser().exists():
+            raise DataError(f"{name!r} names both the built-in data set and {Path(name).resolve()} here: write "
+                            f"--dataset {name} --data-dir {name} for the built-in read from that folder, or "
+                            f"--dataset ./{name} for the folder as a data set of its own")
+        return "builtin", name
+    return source_kind(name)
+
+
 def stratified_subset(labels: Tensor, samples_per_class: int, seed: int) -> Tensor:
     """``samples_per_class`` indices of each class, reproducible from ``seed``, sorted."""
     g = torch.Generator().manual_seed(seed)
@@ -327,12 +341,12 @@ def create_dataset(name: str, *, data_dir: str | None = None, samples_per_class:
     each class with ``seed``. Mean and std for normalisation come from the training pool.
     ``cache``: the caller's dict that keeps a built-in data set's parsed files between calls.
     """
-    if name not in _REGISTRY:
-        if source_kind(name)[0] == "builtin":
-            raise DataError(f"unknown data set {name!r}: choose one of {list_datasets()}, or give a folder of "
-                            "class subfolders, npz:PATH, hf:PATH or package.module:callable")
+    if dataset_kind(name)[0] != "builtin":  # (a built-in name that is also a path here is refused)
         return _from_source(name, options or SourceOptions(), loading or Loading(), samples_per_class, val_size,
                             split_seed, seed, classes)
+    if name not in _REGISTRY:
+        raise DataError(f"unknown data set {name!r}: choose one of {list_datasets()}, or give a folder of "
+                        "class subfolders, npz:PATH, hf:PATH or package.module:callable")
     (train, test, num_classes, hflip), data_sha256 = _load_raw(name, data_dir, download, cache)
     for split, part in (("training", train), ("test", test)):
         check_labels(part.labels, num_classes, f"{name} {split}")

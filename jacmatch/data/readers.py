@@ -16,9 +16,26 @@ from .._extras import require
 from .formats import DataError
 from .splits import pil_pixels
 
-__all__ = ["ImageFolder", "UserDataset", "HFDataset", "read_arrays", "IMAGE_SUFFIXES"]
+__all__ = ["ImageFolder", "UserDataset", "HFDataset", "read_arrays", "class_indices", "IMAGE_SUFFIXES"]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
+
+
+def class_indices(values, where: str) -> Tensor:
+    """Labels as int64 class indices; strings, fractions and negative numbers refused in one line."""
+    try:
+        a = np.asarray(values)
+    except (TypeError, ValueError):
+        raise DataError(f"{where}: the labels are not numbers: give class indices 0..K-1") from None
+    if a.dtype.kind == "f" and a.size and np.isfinite(a).all() and (a == np.round(a)).all():
+        a = a.astype(np.int64)  # whole numbers stored as floats
+    if a.dtype.kind not in "iu" or a.ndim != 1:
+        shown = a.ravel()[:3].tolist() if a.size else []
+        raise DataError(f"{where}: the labels are {a.dtype} {shown}, not class indices: map them to 0..K-1 "
+                        "(e.g. a ClassLabel column, or np.unique(labels, return_inverse=True)[1])")
+    if a.size and int(a.min()) < 0:
+        raise DataError(f"{where}: a label is {int(a.min())}: class indices are 0..K-1")
+    return torch.from_numpy(a.astype(np.int64))
 
 
 class ImageFolder(torch.utils.data.Dataset):
@@ -123,12 +140,14 @@ class UserDataset(torch.utils.data.Dataset):
             raise DataError(f"{where} is a {type(dataset).__name__}, not a data set: return a map-style "
                             "torch.utils.data.Dataset of (image, label), or a (train, test) pair of them")
         self.dataset, self.where = dataset, where
+        if len(dataset) == 0:
+            raise DataError(f"{where} is empty: it has no (image, label) pairs")
+        self._label(0)  # the samples' structure, before any label is believed
         known = next((getattr(dataset, a) for a in ("targets", "labels") if hasattr(dataset, a)), None)
         labels = known if known is not None else [self._label(i) for i in range(len(dataset))]
-        try:
-            self.labels = torch.as_tensor(np.asarray(labels))
-        except (TypeError, ValueError):
-            raise DataError(f"{where}'s labels are not numbers: return (image, class index) pairs") from None
+        if isinstance(labels, Tensor):
+            labels = labels.numpy()
+        self.labels = class_indices(labels, where)
         if len(self.labels) != len(dataset):
             raise DataError(f"{where} has {len(dataset)} samples but {len(self.labels)} labels")
 
@@ -158,7 +177,9 @@ class HFDataset(torch.utils.data.Dataset):
                 raise DataError(f"{where} has no column {column!r} (its columns: {dataset.column_names}): set "
                                 f"data.{option}")
         self.dataset, self.image_column, self.where = dataset, image_column, where
-        self.labels = torch.as_tensor(np.asarray(dataset[label_column]))
+        if len(dataset) == 0:
+            raise DataError(f"{where} is empty")
+        self.labels = class_indices(dataset[label_column], f"{where} column {label_column!r}")
         feature = dataset.features[label_column]
         self.num_classes = len(feature.names) if hasattr(feature, "names") else None
         # an array column (Array2D/3D) comes back as nested lists: read in the type its feature declares
@@ -236,7 +257,10 @@ def _array_splits(path: Path) -> tuple[np.ndarray, Tensor, np.ndarray | None, Te
         y = np.asarray(arrays[key])
         if y.shape != (n,):
             raise DataError(f"{path}: {key} has shape {y.shape}, the images {n}")
-        return torch.from_numpy(y.copy())
+        if n == 0:
+            raise DataError(f"{path}: {key} is empty: give samples, or leave the test arrays out to draw a test "
+                            "set from the training samples")
+        return class_indices(y, f"{path}: {key}")
     train = images(arrays[names[0]], names[0])
     test = images(arrays[names[2]], names[2]) if names[2] in arrays else None
     return (train, labels(names[1], len(train)), test,
