@@ -323,3 +323,90 @@ def test_wrong_data_is_one_line_and_exit_2(tmp_path, capsys, monkeypatch, case, 
                  "--set", "data.workers=0", *QUIET])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and message in err[0], err
+
+
+# ---- splits agree with each other, when the data is loaded -----------------------------------
+
+
+def _pngs(folder: Path, n: int, size=8, mode="L"):
+    import numpy as np
+    from PIL import Image
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(len(str(folder)))
+    for i in range(n):
+        shape = (size, size) if mode == "L" else (size, size, 3)
+        Image.fromarray(rng.integers(0, 255, shape, dtype=np.uint8), mode).save(folder / f"{i}.png")
+
+
+@pytest.mark.parametrize("layout, message", [
+    ("test-3-channels", None),  # a folder decodes its test images as its training images: grey
+    ("test-extra-class", "has class folders ['c'] that"),
+    ("train-alone-one-class", "has 1 class: a classifier needs at least 2"),
+    ("train-beside-valid", None),
+    ("train-beside-other", "holds train/ beside ['other']"),
+])
+def test_folder_splits_agree_when_the_data_is_loaded(tmp_path, layout, message):
+    from jacmatch.data import create_dataset
+    from jacmatch.data.formats import DataError
+    from jacmatch.data.sources import Loading
+    root = tmp_path / "d"
+    for c in ("a", "b"):
+        _pngs(root / "train" / c, 6)
+    if layout == "test-3-channels":
+        for c in ("a", "b"):
+            _pngs(root / "test" / c, 2, mode="RGB")
+    elif layout == "test-extra-class":
+        for c in ("a", "b", "c"):
+            _pngs(root / "test" / c, 2)
+    elif layout == "train-alone-one-class":
+        shutil.rmtree(root / "train" / "b")
+    elif layout == "train-beside-valid":
+        for c in ("a", "b"):
+            _pngs(root / "valid" / c, 2)
+    elif layout == "train-beside-other":
+        _pngs(root / "other" / "a", 2)
+    load = lambda: create_dataset(str(root), val_size=0.5, samples_per_class=2, loading=Loading())  # noqa: E731
+    if message is None:  # ROOT/train beside ROOT/valid or ROOT/test: the splits, two classes named a and b
+        data = load()
+        assert data.num_classes == 2 and len(data.test) == 4
+        assert data.test.sample_shape == data.train.sample_shape == (1, 8, 8)
+        assert data.test.batch([0])[0].shape == (1, 1, 8, 8)
+        return
+    with pytest.raises(DataError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        load()
+
+
+@pytest.mark.parametrize("test_shape", [(1, 10, 10), (3, 8, 8)])
+def test_npz_test_images_of_another_size_or_channels_are_refused_when_loaded(tmp_path, test_shape):
+    import numpy as np
+
+    from jacmatch.data import create_dataset
+    from jacmatch.data.formats import DataError
+    np.savez(tmp_path / "d.npz", train_images=np.zeros((8, 1, 8, 8), np.uint8), train_labels=np.arange(8) % 2,
+             test_images=np.zeros((4, *test_shape), np.uint8), test_labels=np.arange(4) % 2)
+    shape = "x".join(map(str, test_shape))
+    with pytest.raises(DataError, match=f"the test images are {shape}, the training images 1x8x8"):
+        create_dataset(f"npz:{tmp_path / 'd.npz'}")
+
+
+def test_a_class_whose_only_image_falls_into_validation_is_named(tmp_path):
+    """Whatever the split's seed: where class c's one image is drawn for validation, the
+    load is refused naming the class (it trained with no sample of it before); elsewhere c
+    has its training sample."""
+    from jacmatch.data import create_dataset
+    from jacmatch.data.formats import DataError
+    from jacmatch.data.sources import Loading
+    root = tmp_path / "d"
+    for c, n in (("a", 6), ("b", 6), ("c", 1)):
+        _pngs(root / "train" / c, n)
+        _pngs(root / "test" / c, 2)
+    refused = 0
+    for seed in range(12):
+        try:
+            data = create_dataset(str(root), val_size=0.4, split_seed=seed, loading=Loading())
+        except DataError as exc:
+            assert "class 2 has no training sample once the validation split took its share (1 in all)" in str(exc)
+            refused += 1
+        else:
+            assert int((data.train.labels == 2).sum()) == 1
+    assert 0 < refused < 12

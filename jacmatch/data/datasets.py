@@ -282,11 +282,12 @@ def dataset_kind(name: str) -> tuple[str, str]:
     return source_kind(name)
 
 
-def stratified_subset(labels: Tensor, samples_per_class: int, seed: int) -> Tensor:
-    """``samples_per_class`` indices of each class, reproducible from ``seed``, sorted."""
+def stratified_subset(labels: Tensor, samples_per_class: int, seed: int, num_classes: int | None = None) -> Tensor:
+    """``samples_per_class`` indices of each class (of every class 0..num_classes-1 when
+    given, else of those present), reproducible from ``seed``, sorted."""
     g = torch.Generator().manual_seed(seed)
     chosen = []
-    for c in labels.unique().tolist():
+    for c in (range(num_classes) if num_classes is not None else labels.unique().tolist()):
         pool = (labels == c).nonzero().flatten()
         if samples_per_class > len(pool):
             raise DataError(f"samples_per_class={samples_per_class} but class {c} has only {len(pool)} "
@@ -305,8 +306,20 @@ def _split_off(n: int, size: float | int, seed: int, what: str) -> tuple[Tensor,
     return perm[n_off:].sort().values, perm[:n_off].sort().values
 
 
-def _validation_split(labels: Tensor, val_size: float | int, split_seed: int) -> tuple[Tensor, Tensor]:
-    return _split_off(len(labels), val_size, 10_000 + split_seed, "val_size")
+def _validation_split(labels: Tensor, val_size: float | int, split_seed: int, num_classes: int,
+                      name: str) -> tuple[Tensor, Tensor]:
+    """(training pool, validation indices); every class keeps a training sample, or one line says which."""
+    if num_classes < 2:
+        raise DataError(f"{name} has {num_classes} class: a classifier needs at least 2 (a folder data set has one "
+                        "subfolder per class; ROOT/train and ROOT/test hold the splits)")
+    pool, val = _split_off(len(labels), val_size, 10_000 + split_seed, "val_size")
+    left = torch.bincount(labels[pool], minlength=num_classes)
+    lost = (left == 0) & (torch.bincount(labels, minlength=num_classes) > 0)  # all of a class drawn for validation
+    if bool(lost.any()):
+        c = int(lost.nonzero()[0])
+        raise DataError(f"{name}: class {c} has no training sample once the validation split took its share "
+                        f"({int((labels == c).sum())} in all): add samples of it, or lower data.val_size")
+    return pool, val
 
 
 def streamed_statistics(split, index: Tensor, batch_size: int = 1024) -> tuple[tuple, tuple]:
@@ -361,7 +374,7 @@ def create_dataset(name: str, *, data_dir: str | None = None, samples_per_class:
             mask = remap[s.labels] >= 0
             return ImageSet(s.images[mask], remap[s.labels[mask]])
         train, test, num_classes = keep(train), keep(test), len(classes)
-    train_pool, val_idx = _validation_split(train.labels, val_size, split_seed)
+    train_pool, val_idx = _validation_split(train.labels, val_size, split_seed, num_classes, name)
     pool = train.images[train_pool]
     pool = pool.float() / 255.0 if pool.dtype == torch.uint8 else pool.float()
     mean = tuple(pool.mean(dim=(0, 2, 3)).tolist())
@@ -370,7 +383,7 @@ def create_dataset(name: str, *, data_dir: str | None = None, samples_per_class:
     if samples_per_class is not None:
         if samples_per_class < 1:
             raise UsageError(f"samples_per_class must be >= 1, got {samples_per_class}")
-        train_pool = train_pool[stratified_subset(train.labels[train_pool], samples_per_class, seed)]
+        train_pool = train_pool[stratified_subset(train.labels[train_pool], samples_per_class, seed, num_classes)]
     return DataSplits(name, train.subset(train_pool), train.subset(val_idx), test, num_classes, mean, std,
                       hflip, train_pool.tolist(), val_idx.tolist(), data_sha256)
 
@@ -389,7 +402,8 @@ def _from_source(name: str, d: Any, loading: Loading, samples_per_class, val_siz
     if test is None:  # one pool: the test set is drawn from it with split_seed, before validation
         kept, held_out = _split_off(len(train), d.test_size, 20_000 + split_seed, "test_size")
         train, test = train.subset(kept), train.subset(held_out)
-    train_pool, val_idx = _validation_split(train.labels, val_size, split_seed)
+    train_pool, val_idx = _validation_split(train.labels, val_size, split_seed, num_classes, name)
+    _check_same_samples(name, train, test)
     if d.mean is not None and d.std is not None:
         mean, std = tuple(float(v) for v in d.mean), tuple(float(v) for v in d.std)
         if len(mean) != train.sample_shape[0] or len(std) != train.sample_shape[0]:
@@ -397,9 +411,20 @@ def _from_source(name: str, d: Any, loading: Loading, samples_per_class, val_siz
     else:
         mean, std = streamed_statistics(train, train_pool)
     if samples_per_class is not None:
-        train_pool = train_pool[stratified_subset(train.labels[train_pool], samples_per_class, seed)]
+        train_pool = train_pool[stratified_subset(train.labels[train_pool], samples_per_class, seed, num_classes)]
     return DataSplits(name, train.subset(train_pool), train.subset(val_idx), test, num_classes, mean, std,
                       opened.hflip, train_pool.tolist(), val_idx.tolist(), opened.sha256)
+
+
+def _check_same_samples(name: str, train: Split, test: Split) -> None:
+    """The test split's images have the training images' shape (known from its first
+    sample when it is opened, not after every epoch has run)."""
+    if len(test) == 0:
+        raise DataError(f"{name}: the test split is empty")
+    if tuple(test.sample_shape) != tuple(train.sample_shape):
+        raise DataError(f"{name}: the test images are {'x'.join(map(str, test.sample_shape))}, the training images "
+                        f"{'x'.join(map(str, train.sample_shape))}: give both splits one size and channel count "
+                        "(data.image_size and data.channels apply to both)")
 
 
 def load_data(d: Any, *, seed: int = 0, pin_memory: bool = False, cache: dict | None = None) -> DataSplits:

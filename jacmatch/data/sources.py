@@ -27,6 +27,8 @@ __all__ = ["SampleSplit", "ArraySplit", "ImageFolder", "Loading", "SourceOptions
            "IMAGE_SUFFIXES", "SOURCE_FORMS", "register_source", "list_sources", "Opened", "Split", "BadSamples",
            "SampleCache", "batch_by_batch"]
 
+#: The names a folder data set's test split may have, beside ROOT/train (the first found is taken).
+TEST_FOLDERS = ("test", "val", "valid", "validation")
 SOURCE_FORMS = ("a built-in name", "a folder of class subfolders (or imagefolder:PATH)", "npz:PATH",
                 "hf:PATH", "package.module:callable")
 
@@ -123,18 +125,33 @@ def _open_folder(arg: str, d, loading: Loading) -> Opened:
     root, size = Path(arg).expanduser(), _size(d)
     if not root.is_dir():
         raise DataError(f"image folder {root} does not exist")
-    parts = {p.name: p for p in root.iterdir() if p.is_dir()}
-    test_dir = parts.get("test") or parts.get("val")
-    train_root = parts["train"] if "train" in parts and test_dir is not None else root
+    parts = {p.name: p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")}
+    test_dir = next((parts[n] for n in TEST_FOLDERS if n in parts), None)
+    if "train" in parts:  # ROOT/train (and ROOT/test): the splits; train alone: the test set drawn from it
+        others = sorted(set(parts) - {"train"} - ({test_dir.name} if test_dir else set()))
+        if others:
+            raise DataError(f"{root} holds train/ beside {others}: keep only train/ and one of "
+                            f"{'/, '.join(TEST_FOLDERS)}/ there, or give {root / 'train'} itself")
+        train_root = parts["train"]
+    elif test_dir is not None:
+        raise DataError(f"{root} has {test_dir.name}/ but no train/: put the training images in {root / 'train'}")
+    else:
+        train_root = root
     train = ImageFolder(train_root, None, size, d.channels, d.resize)
     channels = 1 if train.mode == "L" else 3  # the test images as the training images
-    test = ImageFolder(test_dir, train.classes, size, channels, d.resize) if train_root is not root else None
+    if test_dir is not None:
+        extra = sorted(p.name for p in test_dir.iterdir() if p.is_dir() and not p.name.startswith(".")
+                       and p.name not in train.classes)
+        if extra:
+            raise DataError(f"{test_dir} has class folders {extra} that {train_root} has not: the classes are the "
+                            "training set's; give each split the same class folders")
+    test = ImageFolder(test_dir, train.classes, size, channels, d.resize) if test_dir is not None else None
     h = hashlib.sha256()
     for part in (train, test) if test is not None else (train,):
         part.sha256(h)
     shape = tuple(to_chw(train[0][0], train.describe(0)).shape)
     return Opened(SampleSplit(train, shape=shape, loading=loading),
-                  SampleSplit(test, shape=shape, loading=loading) if test is not None else None,
+                  SampleSplit(test, loading=loading) if test is not None else None,
                   len(train.classes), h.hexdigest())
 
 
@@ -165,7 +182,7 @@ def _open_hf(arg: str, d, loading: Loading) -> Opened:
     fit = Fit(d.channels, _size(d), d.resize)
     shape = tuple(fit(to_chw(train[0][0], train.describe(0)), train.describe(0)).shape)
     return Opened(SampleSplit(train, shape=shape, loading=loading, fit=fit),
-                  SampleSplit(test, shape=shape, loading=loading, fit=fit) if test else None, k,
+                  SampleSplit(test, loading=loading, fit=fit) if test else None, k,
                   _sha256_files(files, path.parent if path.is_file() else path))
 
 
@@ -181,7 +198,8 @@ def _open_import(spec: str, d, loading: Loading) -> Opened:
     h = hashlib.sha256()
     fit = Fit(d.channels, _size(d), d.resize)
     shape = tuple(fit(to_chw(train[0][0], train.describe(0)), train.describe(0)).shape)
-    splits = [SampleSplit(part, shape=shape, loading=loading, fit=fit) for part in (train, test) if part is not None]
+    splits = [SampleSplit(part, shape=shape if part is train else None, loading=loading, fit=fit)
+              for part in (train, test) if part is not None]
     for split in splits:  # the data hash streams every sample once
         for start in range(0, len(split), 256):
             x, y = split.batch(range(start, min(start + 256, len(split))))
