@@ -410,3 +410,82 @@ def test_a_class_whose_only_image_falls_into_validation_is_named(tmp_path):
         else:
             assert int((data.train.labels == 2).sum()) == 1
     assert 0 < refused < 12
+
+
+# ---- bad samples are counted and named everywhere --------------------------------------------
+
+
+def _folder_with_a_truncated_png(root: Path) -> Path:
+    for c in ("a", "b"):
+        _pngs(root / "train" / c, 4)
+        _pngs(root / "test" / c, 2)
+    broken = root / "train" / "a" / "0.png"
+    data = broken.read_bytes()
+    broken.write_bytes(data[: len(data) // 2])  # its header reads; its pixels do not
+    return broken
+
+
+def test_statistics_are_taken_over_the_readable_samples_only(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from jacmatch.data import create_dataset
+    from jacmatch.data.sources import Loading
+    root = tmp_path / "d"
+    broken = _folder_with_a_truncated_png(root)
+    data = create_dataset(str(root), val_size=0, loading=Loading(on_bad_sample="skip"))
+    good = [np.asarray(Image.open(p), dtype=np.float64) / 255 for p in sorted((root / "train").rglob("*.png"))
+            if p != broken]
+    assert data.mean[0] == pytest.approx(float(np.mean(good)), abs=1e-6)  # (pixels are float32)
+    assert data.std[0] == pytest.approx(float(np.std(good, ddof=1)), abs=1e-6)
+
+
+def test_an_evaluation_batch_of_unreadable_samples_only_is_evaluated(tmp_path):
+    import torch
+
+    from jacmatch.data import create_dataset
+    from jacmatch.data.sources import Loading
+    from jacmatch.training import evaluate
+    root = tmp_path / "d"
+    _folder_with_a_truncated_png(root)
+    data = create_dataset(str(root), val_size=0, loading=Loading(on_bad_sample="skip"))
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 2))
+    bad = int((data.train.index == 0).nonzero()[0]) if hasattr(data.train, "index") else 0
+    result = evaluate(model, data.train.subset([bad]), "cpu", batch_size=1)  # the one sample: unreadable
+    assert result["acc"] == 0.0 and data.train.bad.count == 1
+
+
+def test_a_dangling_link_is_named_like_any_unreadable_file(tmp_path):
+    from jacmatch.data import create_dataset
+    from jacmatch.data.formats import DataError
+    root = tmp_path / "d"
+    for c in ("a", "b"):
+        _pngs(root / c, 3)
+    (root / "a" / "gone.png").symlink_to(tmp_path / "nowhere.png")
+    with pytest.raises(DataError, match="gone.png is not a readable image"):
+        create_dataset(str(root))
+
+
+def test_a_decompression_bomb_is_a_bad_file_not_a_traceback(tmp_path, monkeypatch):
+    from PIL import Image
+
+    from jacmatch.data import create_dataset
+    from jacmatch.data.formats import DataError
+    root = tmp_path / "d"
+    for c in ("a", "b"):
+        _pngs(root / c, 3)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10)  # an 8x8 image is then over twice the limit
+    with pytest.raises(DataError, match="is not a readable image.*DecompressionBombError"):
+        create_dataset(str(root))
+
+
+def test_the_lightning_data_module_says_what_it_skipped(tmp_path):
+    from jacmatch.integrations.lightning import JacmatchDataModule, SkippedSamplesWarning
+    root = tmp_path / "d"
+    _folder_with_a_truncated_png(root)
+    module = JacmatchDataModule({"name": str(root), "on_bad_sample": "skip", "val_size": 0, "workers": 0},
+                                batch_size=16)
+    module.setup()
+    with pytest.warns(SkippedSamplesWarning, match="skipped 1 unreadable sample"):
+        batches = list(module.train_dataloader())
+    assert sum(len(x) for x, _ in batches) == len(module.splits.train) - 1

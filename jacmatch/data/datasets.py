@@ -326,14 +326,18 @@ def streamed_statistics(split, index: Tensor, batch_size: int = 1024) -> tuple[t
     """Per-channel mean and std (unbiased, at least 1e-3) of ``split``'s samples ``index``,
     read batch by batch (float64 sums: memory does not grow with the data set)."""
     total = squares = None
+    read = 0  # the samples read: one skipped as unreadable (on_bad_sample=skip) counts for nothing
     batches = [index[start:start + batch_size] for start in range(0, len(index), batch_size)]
     for _, x, _ in split.batches(batches, keep=False):  # one pass: nothing kept for later epochs
+        if not len(x):
+            continue
         x = x.double()
         s, q = x.sum(dim=(0, 2, 3)), (x * x).sum(dim=(0, 2, 3))
         total, squares = (s, q) if total is None else (total + s, squares + q)
+        read += len(x)
     if total is None:
-        raise DataError("the training set is empty")
-    count = len(index) * math.prod(split.sample_shape[1:])
+        raise DataError("the training set is empty, or none of its samples can be read")
+    count = read * math.prod(split.sample_shape[1:])
     mean = total / count
     var = (squares - count * mean * mean) / max(count - 1, 1)
     return tuple(mean.tolist()), tuple(var.clamp_min(0).sqrt().clamp_min(1e-3).tolist())

@@ -57,7 +57,9 @@ class ImageFolder(torch.utils.data.Dataset):
             folder = root / name
             if not folder.is_dir():
                 raise DataError(f"{root} has no class folder {name!r}, which the training set has")
-            entries = sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
+            # (a link whose target is gone is listed too, and named when it cannot be read)
+            entries = sorted(p for p in folder.rglob("*") if (p.is_file() or p.is_symlink()) and not p.is_dir()
+                             and not p.name.startswith("."))
             others = [p for p in entries if p.suffix.lower() not in IMAGE_SUFFIXES]
             if others:
                 raise DataError(f"{others[0]} is not an image file ({others[0].suffix or 'no suffix'}): keep only "
@@ -82,7 +84,7 @@ class ImageFolder(torch.utils.data.Dataset):
                 with Image.open(path) as im:
                     sizes.setdefault(im.size, path)
                     modes.add(im.mode)
-            except (OSError, ValueError, SyntaxError) as exc:
+            except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
                 raise DataError(f"{path} is not a readable image ({type(exc).__name__}: {exc}): fix or remove it") \
                     from None
             if self.size is None and len(sizes) > 1:
@@ -91,6 +93,9 @@ class ImageFolder(torch.utils.data.Dataset):
                                 "data.image_size (e.g. --image-size 32) to resize them")
         if self.mode is None:
             self.mode = "L" if modes <= {"L", "1", "I;16", "I", "F"} else "RGB"
+        width, height = next(iter(sizes)) if self.size is None else (self.size[1], self.size[0])
+        #: (C, H, W) of every decoded sample, from the headers: no file is decoded to know it
+        self.sample_shape = (1 if self.mode == "L" else 3, height, width)
 
     def __len__(self) -> int:
         return len(self.files)
@@ -100,6 +105,12 @@ class ImageFolder(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int):
         from PIL import Image
+        try:
+            return self._decode(Image, i)
+        except Image.DecompressionBombError as exc:  # a bad sample like any file that cannot be read
+            raise OSError(f"decompression bomb: {exc}") from None
+
+    def _decode(self, Image, i: int):
         with Image.open(self.files[i]) as im:
             if im.mode in ("I", "F") or im.mode.startswith("I;16"):  # 16-bit or float grey: not clipped to 8 bits
                 grey = pil_pixels(im, self.files[i])

@@ -149,9 +149,8 @@ def _open_folder(arg: str, d, loading: Loading) -> Opened:
     h = hashlib.sha256()
     for part in (train, test) if test is not None else (train,):
         part.sha256(h)
-    shape = tuple(to_chw(train[0][0], train.describe(0)).shape)
-    return Opened(SampleSplit(train, shape=shape, loading=loading),
-                  SampleSplit(test, loading=loading) if test is not None else None,
+    return Opened(SampleSplit(train, shape=train.sample_shape, loading=loading),
+                  SampleSplit(test, shape=test.sample_shape, loading=loading) if test is not None else None,
                   len(train.classes), h.hexdigest())
 
 

@@ -31,6 +31,8 @@ splits, few-sample subsets and validation split, from a :class:`~jacmatch.traini
 
 from __future__ import annotations
 
+import warnings
+
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -45,7 +47,7 @@ from ..training.distributed import global_batchnorm
 
 pl = require("pytorch_lightning", "lightning")
 
-__all__ = ["DistillationModule", "JacmatchDataModule", "SplitDataset"]
+__all__ = ["DistillationModule", "JacmatchDataModule", "SplitDataset", "SkippedSamplesWarning"]
 
 TEACHER_PREFIX = "objective.teacher."
 
@@ -158,12 +160,23 @@ class SplitDataset(torch.utils.data.Dataset):
         return len(self.split)
 
     def __getitem__(self, i: int) -> tuple[Tensor, Tensor]:
-        x, y = self.split.batch(torch.tensor([i]))
-        return x[0], y[0]
+        items = self.__getitems__([i])
+        if not items:
+            raise IndexError(f"sample {i} cannot be read (data.on_bad_sample=skip): {self.split.bad.first}")
+        return items[0]
 
     def __getitems__(self, indices: list[int]) -> list[tuple[Tensor, Tensor]]:
         x, y = self.split.batch(torch.tensor(indices))
+        if len(x) < len(indices):  # said, not dropped without a word
+            warnings.warn(SkippedSamplesWarning(
+                f"skipped {len(indices) - len(x)} unreadable sample(s) of a batch of {len(indices)} "
+                f"(data.on_bad_sample=skip; {self.split.bad.count} found so far); the first: {self.split.bad.first}"),
+                stacklevel=2)
         return list(zip(x, y))
+
+
+class SkippedSamplesWarning(UserWarning):
+    """A batch lost samples that cannot be read (data.on_bad_sample=skip)."""
 
 
 class JacmatchDataModule(pl.LightningDataModule):

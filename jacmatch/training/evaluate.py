@@ -24,6 +24,8 @@ def _accuracy(model: nn.Module, data: Split, device, batch_size: int, sigma: flo
               generator: torch.Generator | None = None) -> float:
     correct = 0
     for _, x, y in data.batches(list(_batches(len(data), batch_size))):  # read ahead by the source's workers
+        if not len(x):  # every sample of the batch unreadable (on_bad_sample=skip)
+            continue
         if sigma > 0:
             x = x + sigma * torch.randn(x.shape, generator=generator)
         correct += int((model(x.to(device)).argmax(1).cpu() == y).sum())
