@@ -489,3 +489,39 @@ def test_the_lightning_data_module_says_what_it_skipped(tmp_path):
     with pytest.warns(SkippedSamplesWarning, match="skipped 1 unreadable sample"):
         batches = list(module.train_dataloader())
     assert sum(len(x) for x, _ in batches) == len(module.splits.train) - 1
+
+
+# ---- options apply to every source ------------------------------------------------------------
+
+
+def test_channels_and_image_size_apply_to_arrays_datasets_and_hugging_face(tmp_path, monkeypatch):
+    """--channels and --image-size, which config.yaml records, change what npz, a Dataset by
+    import path and a Hugging Face folder give: RGBA to RGB, grey to RGB, 8x8 to 4x4; and
+    Hugging Face images of mixed sizes train once --image-size is set, as its error says."""
+    import datasets
+    import numpy as np
+    from PIL import Image
+
+    from jacmatch.data.sources import Loading, SourceOptions, open_source
+    rng = np.random.default_rng(1)
+    np.savez(tmp_path / "g.npz", train_images=rng.integers(0, 255, (6, 1, 8, 8), dtype=np.uint8),
+             train_labels=np.arange(6) % 2)
+    (tmp_path / "rgba_data.py").write_text(
+        "import numpy as np\nfrom PIL import Image\n\ndef make():\n"
+        "    rng = np.random.default_rng(2)\n"
+        "    return [(Image.fromarray(rng.integers(0, 255, (8, 8, 4), dtype=np.uint8), 'RGBA'), i % 2)"
+        " for i in range(6)]\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    sizes = [(8, 8), (10, 6), (8, 8), (12, 12), (8, 8), (6, 10)]
+    datasets.Dataset.from_dict({"image": [Image.fromarray(rng.integers(0, 255, s, dtype=np.uint8)) for s in sizes],
+                                "label": [i % 2 for i in range(6)]},
+                               features=datasets.Features({"image": datasets.Image(), "label": datasets.Value("int64")})
+                               ).save_to_disk(str(tmp_path / "hf"))
+    for name, options, shape in ((f"npz:{tmp_path / 'g.npz'}", {"channels": 3, "image_size": 4}, (3, 4, 4)),
+                                 ("rgba_data:make", {"channels": 3}, (3, 8, 8)),
+                                 ("rgba_data:make", {"channels": 1, "image_size": [4, 6]}, (1, 4, 6)),
+                                 (f"hf:{tmp_path / 'hf'}", {"image_size": 8}, (1, 8, 8))):
+        opened = open_source(name, SourceOptions(**options), Loading())
+        x, _ = opened.train.batch(list(range(6)))
+        assert opened.train.sample_shape == shape and x.shape == (6, *shape), (name, options, x.shape)
+        assert 0 <= float(x.min()) and float(x.max()) <= 1

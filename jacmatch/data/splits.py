@@ -167,8 +167,10 @@ class Fit:
     def __call__(self, x: Tensor, where: str) -> Tensor:
         if self.channels is not None and x.shape[0] != self.channels:
             x = self._channels(x, where)
-        if self.size is not None and tuple(x.shape[1:]) != tuple(self.size):
-            x = self._resized(x if x.is_floating_point() else x.float().div_(PIXEL_RANGE[x.dtype]))
+        if self.size is not None:  # every sample float in [0, 1], resized or not: one type in a batch
+            x = x if x.is_floating_point() else x.float().div_(PIXEL_RANGE[x.dtype])
+            if tuple(x.shape[1:]) != tuple(self.size):
+                x = self._resized(x)
         return x
 
     def _channels(self, x: Tensor, where: str) -> Tensor:
