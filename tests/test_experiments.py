@@ -369,3 +369,20 @@ def test_a_findings_label_names_the_claims_view_and_part():
     assert _claim_label("(b) Jacobian matching improves distillation (at convergence)") == "(b), at convergence"
     assert _claim_label("(b) … most with few samples (at convergence)") == "(b) … most with few samples, at convergence"
     assert _claim_label("(d) attention transfer plus Jacobians helps transfer") == "(d)"
+
+
+def test_every_committed_section_round_trips_through_its_typed_record():
+    """Section.from_json(name, d).to_json() is d, key order included; cells are found by row
+    and by where they were measured, and their summaries are typed."""
+    from jacmatch.experiments import rows as R
+    from jacmatch.experiments.records import Section, Summary
+    for name in ("teacher", "distill", "converge", "robustness", "transfer", "verify"):
+        d = json.loads((ROOT / "results" / "paper" / f"{name}.json").read_text())
+        if isinstance(d, dict):
+            assert json.dumps(Section.from_json(name, d).to_json()) == json.dumps(d), name
+    converge = Section.from_json("converge", json.loads((ROOT / "results" / "paper" / "converge.json").read_text()))
+    cell = converge.cell(R.CE_KD_JM, 10)
+    assert isinstance(cell.acc, Summary) and cell.acc.n == len(cell.acc.values) == 5
+    assert cell.noisy_acc("0.3").mean < cell.acc.mean and converge.cell(R.twice_patience(R.CE), 10) is not None
+    robustness = Section.from_json("robustness", json.loads((ROOT / "results" / "paper" / "robustness.json").read_text()))
+    assert robustness.cell(R.CE, "full") is not None and R.DOUBLED_EPOCHS in robustness.rows()

@@ -66,7 +66,7 @@ def verdicts(sections: dict) -> list[tuple[str, str, str, str]]:
                         f"JM's gain at n ≤ 10 ({', '.join(map(str, small))}) minus its gain at n ≥ 100 "
                         f"({', '.join(map(str, large))}), paired by seed: {mean:+.1f} points ({wins}/{seeds})",
                         claim[1][1]))
-        noisy = paired_by_n(c, R.CE_KD, R.CE_KD_JM, lambda x: x["noisy_acc"]["0.3"])
+        noisy = paired_by_n(c, R.CE_KD, R.CE_KD_JM, lambda x: x.noisy_acc("0.3"))
         if noisy:
             out.append((f"(c) Jacobian matching makes students more robust to noisy inputs ({at})",
                         so_far(verdict_of(noisy)), f"{R.CE_KD_JM} − {R.CE_KD} under test noise σ = 0.3, every "
@@ -77,7 +77,7 @@ def verdicts(sections: dict) -> list[tuple[str, str, str, str]]:
         label = f"(b) Jacobian matching improves distillation{view}" if c is not None else claim[1][0]
         out.append((label, verdict_of(pairs), f"{R.CE_KD_JM} − {R.CE_KD}, test points (seeds won): " + evidence(pairs),
                     claim[1][1]))
-        noisy = paired_by_n(d, R.CE_KD, R.CE_KD_JM, lambda c: c["noisy_acc"]["0.3"])
+        noisy = paired_by_n(d, R.CE_KD, R.CE_KD_JM, lambda c: c.noisy_acc("0.3"))
         out.append((claim[2][0] + view, verdict_of(noisy),
                     f"{R.CE_KD_JM} − {R.CE_KD} under test noise σ = 0.3, points (seeds won): "
                     + evidence(noisy), claim[2][1]))

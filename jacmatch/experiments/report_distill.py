@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from . import rows as R
 from .common import CONVERGED_GAIN, converged
+from .records import Section
 from .figures import main_rows
 from .report_text import (check_gain, chosen_values, cores, holds, img, missing, paired, paired_by_n, pm, reached_text,
                           table)
@@ -123,14 +124,16 @@ def converge_text(c: dict | None, folder: str) -> tuple[str, list[str]]:
 def small_over_large(c: dict) -> tuple[float, int, int, list, list] | None:
     """Is JM's gain over CE+KD larger at n ≤ 10 than at n ≥ 100? Per seed: the mean gain
     over the small n minus that over the large n; (mean, seeds where positive, seeds, small, large)."""
-    small = [n for n in c["samples"] if n <= 10 and R.key(R.CE_KD_JM, n) in c["cells"]]
-    large = [n for n in c["samples"] if n >= 100 and R.key(R.CE_KD_JM, n) in c["cells"]]
+    record = Section.from_json("converge", c)
+    small = [n for n in c["samples"] if n <= 10 and record.cell(R.CE_KD_JM, n)]
+    large = [n for n in c["samples"] if n >= 100 and record.cell(R.CE_KD_JM, n)]
     if not small or not large:
         return None
 
     def gain(n):
-        kd, jm = c["cells"][R.key(R.CE_KD, n)]["acc"]["values"], c["cells"][R.key(R.CE_KD_JM, n)]["acc"]["values"]
-        return [b - a for a, b in zip(kd, jm)]
+        kd, jm = record.cell(R.CE_KD, n), record.cell(R.CE_KD_JM, n)
+        assert kd is not None and jm is not None
+        return [b - a for a, b in zip(kd.acc.values, jm.acc.values)]
     seeds = len(gain(small[0]))
     per_seed = [sum(gain(n)[s] for n in small) / len(small) - sum(gain(n)[s] for n in large) / len(large)
                 for s in range(seeds)]

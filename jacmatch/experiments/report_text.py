@@ -3,8 +3,11 @@ choices made on validation, and paired differences over seeds."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from . import rows as R
 from .common import CONVERGED_GAIN, converged
+from .records import Cell, Section, Summary
 
 __all__ = ["cores", "span", "chosen_values", "pm", "img", "missing", "table", "check_gain", "check_flag",
            "reached_text", "paired", "paired_by_n", "holds", "evidence", "verdict_of"]
@@ -95,13 +98,17 @@ def paired(a: list[float], b: list[float]) -> tuple[float, str]:
     return mean, f"{100 * mean:+.1f} ({sum(x > 0 for x in diff)}/{len(diff)} seeds)"
 
 
-def paired_by_n(section: dict, a: str, b: str, metric=lambda c: c["acc"]) -> list[tuple]:
-    """(n, mean of b − a in points, seeds where b wins, seeds) for every n where both ran."""
-    out = []
-    for n in sorted({c["samples_per_class"] for c in section["cells"].values()}):
-        x, y = section["cells"].get(R.key(a, n)), section["cells"].get(R.key(b, n))
+def paired_by_n(section: dict, a: str, b: str, metric: Callable[[Cell], Summary | None] = lambda c: c.acc
+                ) -> list[tuple]:
+    """(n, mean of b − a in points, seeds where b wins, seeds) for every n where both ran
+    (``metric``: which summary of a cell, its test accuracy by default)."""
+    record, out = Section.from_json("", section), []
+    for n in sorted(at for at in record.at() if isinstance(at, int)):
+        x, y = record.cell(a, n), record.cell(b, n)
         if x and y:
-            diff = [q - p for p, q in zip(metric(x)["values"], metric(y)["values"])]
+            mx, my = metric(x), metric(y)
+            assert mx is not None and my is not None, f"{a} or {b} at n={n} lacks the compared quantity"
+            diff = [q - p for p, q in zip(mx.values, my.values)]
             out.append((n, 100 * sum(diff) / len(diff), sum(v > 0 for v in diff), len(diff)))
     return out
 
