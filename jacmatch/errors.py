@@ -8,11 +8,22 @@ so code that catches ``ValueError`` around jacmatch's calls keeps working.
 
 from __future__ import annotations
 
-__all__ = ["UsageError", "check_range"]
+__all__ = ["UsageError", "check_range", "check_once"]
 
 
 class UsageError(ValueError):
     """Something the user gave cannot be used; the message says what and what to do."""
+
+
+def check_once(config, check) -> None:
+    """Run ``check()`` on the dataclass ``config`` unless it passed with the values it has
+    now: a config is checked once, and again only after it changed."""
+    import dataclasses
+    values = dataclasses.astuple(config)
+    if config.__dict__.get("_checked_values") == values:
+        return
+    check()
+    config.__dict__["_checked_values"] = values
 
 
 def check_range(key: str, value, low, high=float("inf"), *, low_open: bool = False, optional: bool = False) -> None:

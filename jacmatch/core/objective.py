@@ -14,7 +14,6 @@ sample and cache it when the student's inputs are fixed.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -24,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from .._imports import import_callable, is_import_path
-from ..errors import UsageError, check_range
+from ..errors import UsageError, check_once, check_range
 from . import jacobian as J
 from .estimators import FD_STEP, PROJECTION, create_estimator, list_estimators
 from .fusion import fast_teacher
@@ -84,11 +83,7 @@ class ObjectiveConfig:
     def check(self) -> None:
         """Every range and choice, in one line each. A config is checked once for its values:
         checked again unchanged (the trainer, then the objective it builds), it returns at once."""
-        values = dataclasses.astuple(self)
-        if self.__dict__.get("_checked_values") == values:
-            return
-        self._check()
-        self.__dict__["_checked_values"] = values
+        check_once(self, self._check)
 
     def _check(self) -> None:
         for name in (*BUILT_IN_TERMS, "noise_sigma"):  # the weights, and σ

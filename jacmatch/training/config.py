@@ -14,7 +14,7 @@ from typing import Any
 import yaml
 
 from ..core.objective import ObjectiveConfig
-from ..errors import UsageError, check_range
+from ..errors import UsageError, check_once, check_range
 
 __all__ = ["RunConfig", "DataConfig", "ModelConfig", "OptimConfig", "EvalConfig", "ConfigError",
            "load_config", "apply_overrides", "config_to_dict", "config_from_dict", "merge_values", "resolve"]
@@ -133,11 +133,7 @@ class RunConfig:
     def check(self) -> None:
         """Every setting, in one line each, before any work. A config is checked once for
         its values: checked again unchanged (the CLI resolves it, then trains), it returns at once."""
-        values = dataclasses.astuple(self)
-        if self.__dict__.get("_checked_values") == values:
-            return
-        self._check()
-        self.__dict__["_checked_values"] = values
+        check_once(self, self._check)
 
     def _check(self) -> None:
         o = self.optim
