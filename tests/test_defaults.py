@@ -110,3 +110,17 @@ def test_the_walk_would_see_a_wrong_default(tmp_path, monkeypatch, name):
     monkeypatch.setattr(sys.modules[__name__], "ROOT", tmp_path / "jacmatch")
     with pytest.raises(AssertionError, match="ObjectiveConfig"):
         test_every_public_default_equals_its_config_default()
+
+
+def test_evaluations_defaults_are_eval_configs():
+    """jacmatch.training.evaluate's defaults are EvalConfig's (the evaluation a run does)."""
+    config, checked = EvalConfig(), []
+    tree = ast.parse((ROOT / "training" / "evaluate.py").read_text())
+    fn = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "evaluate")
+    for arg, default in zip(fn.args.kwonlyargs, fn.args.kw_defaults):
+        if default is not None and hasattr(config, arg.arg):
+            value = ast.literal_eval(default)
+            assert (list(value) if isinstance(value, tuple) else value) == getattr(config, arg.arg), arg.arg
+            checked.append(arg.arg)
+    assert {"batch_size", "cosine_samples", "noise_seed", "fidelity", "interpolations", "interpolation_seed"} <= \
+        set(checked)

@@ -93,6 +93,9 @@ class EvalConfig:
     noise_seed: int = 0           # seeds the test noise (the same for every model)
     jacobian_cosine: bool = True  # mean teacher/student cosine on (a part of) the test set
     cosine_samples: int = 1000    # test samples for the Jacobian cosine
+    fidelity: bool = True         # beside a teacher: top-1 agreement and KL(teacher ‖ student), clean, noisy, interpolated
+    interpolations: int = 1000    # fidelity's points between pairs of test images (fixed by interpolation_seed)
+    interpolation_seed: int = 0   # seeds those pairs and mixing weights (the same for every model)
     batch_size: int = 500         # evaluation batch
     keep_best: bool = False       # keep the weights of the best validation accuracy (best.pt); test those at the end
     patience: int = 0             # with keep_best: stop after this many evaluations without a better one (0: never)
@@ -219,6 +222,8 @@ def _check_ranges(cfg: RunConfig) -> None:
             ("data.val_size", d.val_size, 0, 1e9, False, False),
             ("data.crop_padding", d.crop_padding, 0, 64, False, False),
             ("eval.cosine_samples", e.cosine_samples, 0, 1e9, False, False),
+            ("eval.interpolations", e.interpolations, 0, 1e9, False, False),
+            ("eval.interpolation_seed", e.interpolation_seed, 0, 2**63 - 1, False, False),
             ("eval.batch_size", e.batch_size, 1, MAX_BATCH_SIZE, False, False),
             ("eval.every", e.every, 1, MAX_EPOCHS, False, False),
             ("eval.patience", e.patience, 0, MAX_EPOCHS, False, False),

@@ -1,4 +1,6 @@
-"""Evaluation: clean accuracy, accuracy under Gaussian input noise, Jacobian cosine."""
+"""Evaluation: clean accuracy, accuracy under Gaussian input noise, and beside a teacher
+its fidelity (top-1 agreement and KL on clean, noisy and interpolated test points) and the
+Jacobian cosine."""
 
 from __future__ import annotations
 
@@ -8,7 +10,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..core.metrics import jacobian_cosine, teacher_top1_gradient
+from ..core.metrics import (interpolation_pairs, jacobian_cosine, teacher_student_kl, teacher_top1_gradient,
+                            top1_agreement)
 from ..data import Split
 
 __all__ = ["evaluate", "TeacherGradients", "teacher_key"]
@@ -43,6 +46,17 @@ class TeacherGradients:
     def __init__(self):
         self._key: tuple | None = None
         self._sides: list = []
+        self._logits: dict = {}  # the teacher's logits on the points fidelity is measured at, by (key, points)
+
+    def logits(self, key, points: tuple, compute) -> list:
+        """The teacher's logits on ``points`` (clean, a noise σ, interpolations): kept for
+        ``key``, as its gradients are; ``compute()`` when not known."""
+        if key is None:
+            return compute()
+        if (key, points) not in self._logits:
+            self._logits = {k: v for k, v in self._logits.items() if k[0] == key}  # one teacher and data at a time
+            self._logits[(key, points)] = compute()
+        return self._logits[(key, points)]
 
     def __call__(self, teacher: nn.Module, data: Split, device, n: int, batch_size: int, key=None) -> list:
         full_key = None if key is None else (key, n, batch_size, str(device))
@@ -54,22 +68,32 @@ class TeacherGradients:
         return sides
 
 
-def evaluate(model: nn.Module, data: Split, device, *, batch_size: int = 500, noise_sigmas=(),
+def evaluate(model: nn.Module, data: Split, device, *, batch_size: int = 500, noise_sigmas=(0.1, 0.3),
              noise_seed: int = 0, teacher: nn.Module | None = None, cosine_samples: int = 1000,
-             teacher_key=None, teacher_gradients: TeacherGradients | None = None) -> dict:
+             teacher_key=None, teacher_gradients: TeacherGradients | None = None, fidelity: bool = True,
+             interpolations: int = 1000, interpolation_seed: int = 0) -> dict:
     """``acc``; ``noisy_acc`` {σ: accuracy on x + σ·N(0, I)} (σ in [0, 1] pixel units, the
-    same noise for every model: seeded per σ); ``jacobian_cosine``: the mean cosine between
-    the teacher's and the model's input-gradients of the teacher's top-1 output.
+    same noise for every model: seeded per σ). With a ``teacher``: ``fidelity``, the top-1
+    agreement with the teacher and the mean KL(teacher ‖ student) at τ = 1, on the clean test
+    points, under each noise σ (the same draws as ``noisy_acc``) and on ``interpolations``
+    fixed points between pairs of test images (:func:`interpolation_pairs` of
+    ``interpolation_seed``); ``jacobian_cosine``: the mean cosine between the teacher's and
+    the model's input-gradients of the teacher's top-1 output, on ``cosine_samples``.
 
     ``teacher_key`` (hashable) names the teacher's weights and ``data``: calls that pass the
     same ``teacher_gradients`` and key reuse the teacher's side. None: always recompute."""
     was_training = model.training
     model.eval()
+    noise = [(str(s), s, noise_seed + 7919 * i) for i, s in enumerate(noise_sigmas) if s > 0]
     try:
         out = {"acc": _accuracy(model, data, device, batch_size)}
-        out["noisy_acc"] = {str(s): _accuracy(model, data, device, batch_size, s,
-                                              torch.Generator().manual_seed(noise_seed + 7919 * i))
-                            for i, s in enumerate(noise_sigmas) if s > 0}
+        out["noisy_acc"] = {name: _accuracy(model, data, device, batch_size, s, torch.Generator().manual_seed(seed))
+                            for name, s, seed in noise}
+        if teacher is not None and teacher is not model and fidelity:
+            memo = teacher_gradients or TeacherGradients()
+            out["fidelity"] = _fidelity(model, teacher, data, device, batch_size, noise, interpolations,
+                                        interpolation_seed, lambda points, compute: memo.logits(teacher_key, points,
+                                                                                                 compute))
         if teacher is not None and teacher is not model and cosine_samples > 0:
             n = min(cosine_samples, len(data))
             sides = (teacher_gradients or TeacherGradients())(teacher, data, device, n, batch_size, teacher_key)
@@ -78,6 +102,45 @@ def evaluate(model: nn.Module, data: Split, device, *, batch_size: int = 500, no
             out["jacobian_cosine"] = float(torch.cat(cosines).mean())
     finally:
         model.train(was_training)
+    return out
+
+
+@torch.no_grad()
+def _fidelity(model: nn.Module, teacher: nn.Module, data: Split, device, batch_size: int, noise: list,
+              interpolations: int, seed: int, teacher_logits) -> dict:
+    """Agreement and KL of ``model`` with ``teacher`` on the clean points, each noise σ (the
+    draws of the accuracies under noise) and the interpolations."""
+    teacher.eval()
+
+    def measure(points: tuple, inputs) -> dict:
+        xs = list(inputs())  # the batches, each as its model sees it
+        zt = teacher_logits(points, lambda: [teacher(x.to(device)).cpu() for x in xs])
+        zs = [model(x.to(device)).cpu() for x in xs]
+        if not xs:
+            return {"agreement": float("nan"), "kl": float("nan"), "points": 0}
+        zs_all, zt_all = torch.cat(zs), torch.cat(zt)
+        return {"agreement": float(top1_agreement(zs_all, zt_all).mean()),
+                "kl": float(teacher_student_kl(zs_all, zt_all).mean()), "points": len(zs_all)}
+
+    def test_points(sigma: float = 0.0, seed: int = 0):
+        g = torch.Generator().manual_seed(seed)
+        for _, x, _ in data.batches(list(_batches(len(data), batch_size))):
+            if len(x):
+                yield x + sigma * torch.randn(x.shape, generator=g) if sigma > 0 else x
+
+    def between(count: int):
+        i, j, lam = interpolation_pairs(len(data), count, seed)
+        for part in _batches(count, batch_size):
+            (xi, _), (xj, _) = data.batch(i[part]), data.batch(j[part])
+            if len(xi) == len(xj) == len(part):  # (a pair with an unreadable sample is left out)
+                w = lam[part].view(-1, *([1] * (xi.dim() - 1)))
+                yield w * xi + (1 - w) * xj
+    out = {"clean": measure(("clean",), test_points),
+           "noisy": {name: measure(("noisy", name, seed), lambda s=s, seed=seed: test_points(s, seed))
+                     for name, s, seed in noise}}
+    count = min(interpolations, len(data)) if len(data) > 1 else 0
+    if count:
+        out["interpolated"] = measure(("interpolated", count, seed), lambda: between(count))
     return out
 
 

@@ -21,17 +21,18 @@ __all__ = ["evaluate_splits", "best_index", "no_better_for", "best_point", "run_
 def evaluate_splits(model: nn.Module, data: DataSplits, cfg: RunConfig, device="cpu", *, teacher=None,
                     teacher_key=None, teacher_gradients=None, test: bool = True) -> dict:
     """A run's evaluation, as its config says: {"val": accuracy, "test": accuracy, under
-    noise, and the Jacobian cosine with ``teacher`` when the config asks for it}; without
+    noise, and beside ``teacher`` its fidelity and the Jacobian cosine when the config asks}; without
     ``test``, validation only (a run's evaluations before its last)."""
     e = cfg.eval
-    val = {"val": evaluate(model, data.val, device, batch_size=e.batch_size)}
+    val = {"val": evaluate(model, data.val, device, batch_size=e.batch_size, noise_sigmas=())}
     if not test:
         return val
     return {**val,
             "test": evaluate(model, data.test, device, batch_size=e.batch_size,
-                             noise_sigmas=e.noise_sigmas, noise_seed=e.noise_seed,
-                             teacher=teacher if e.jacobian_cosine else None, cosine_samples=e.cosine_samples,
-                             teacher_key=teacher_key, teacher_gradients=teacher_gradients)}
+                             noise_sigmas=e.noise_sigmas, noise_seed=e.noise_seed, teacher=teacher,
+                             cosine_samples=e.cosine_samples if e.jacobian_cosine else 0, teacher_key=teacher_key,
+                             teacher_gradients=teacher_gradients, fidelity=e.fidelity,
+                             interpolations=e.interpolations, interpolation_seed=e.interpolation_seed)}
 
 
 def best_index(history: list[dict], min_delta: float = 0.0) -> int | None:
