@@ -81,3 +81,19 @@ def test_every_distillation_run_records_fidelity(tmp_path, teacher):
     fidelity = test["fidelity"]
     assert set(fidelity) == {"clean", "noisy", "interpolated"} and set(fidelity["noisy"]) == {"0.1"}
     assert 0 <= fidelity["clean"]["agreement"] <= 1 and fidelity["clean"]["kl"] >= 0
+
+
+def test_jacmatch_evaluate_with_a_teacher_prints_fidelity(tmp_path, teacher, capsys):
+    import json
+
+    from jacmatch.cli import main
+    assert main(["distill", "--teacher", teacher, "--dataset", "synthetic", "--samples-per-class", "4", "--model",
+                 "small_cnn_4", "--out", str(tmp_path / "s"), "--set", "optim.epochs=1", "--set", "progress=false"]) == 0
+    capsys.readouterr()
+    assert main(["evaluate", "--checkpoint", str(tmp_path / "s" / "last.pt"), "--teacher", teacher,
+                 "--noise-sigmas", "0.1", "--json", str(tmp_path / "e.json")]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed == json.loads((tmp_path / "e.json").read_text())
+    fidelity = printed["fidelity"]
+    for where in (fidelity["clean"], fidelity["noisy"]["0.1"], fidelity["interpolated"]):
+        assert 0 <= where["agreement"] <= 1 and where["kl"] >= 0 and where["points"] > 0

@@ -212,8 +212,9 @@ def test_the_number_of_processes_does_not_change_the_run(tmp_path, teacher, fash
     a batch of one, whose channels-last convolution rounds otherwise. Also: a non-finite
     step on one process is skipped (or an fp16 overflow lowers the scale) on every
     process, as one process with the global batch does; early stopping stops at the same
-    best point; random draws, noise and augmentation (cache off), and a BatchNorm student
-    with ddp.sync_batchnorm, train the same weights."""
+    best point; random draws, noise and augmentation (cache off), mixup and CutMix (their
+    pairs drawn from the global batch), and a BatchNorm student with ddp.sync_batchnorm,
+    train the same weights."""
     poison = {"epoch": 2, "sample": 5}
     def cases(root):
         return {
@@ -229,6 +230,8 @@ def test_the_number_of_processes_does_not_change_the_run(tmp_path, teacher, fash
                 root / "pna", teacher, batch_sensitive=False, **{
                     "objective.jm_outputs": "projection", "objective.num_projections": 2,
                     "objective.noise_sigma": 0.1, "data.augment": True, "data.crop_padding": 1}),
+            "mixup+cutmix+augment": _ddp_case(root / "mix", teacher, batch_sensitive=False, **{
+                "data.mixup": 0.4, "data.cutmix": 1.0, "data.augment": True, "data.crop_padding": 1}),
             "nonfinite-skip": _ddp_case(root / "skip", teacher, poison=poison, nonfinite="skip"),
             "fp16-overflow": _ddp_case(root / "fp16", teacher, poison=poison, amp="fp16"),
             "early-stop": _ddp_case(root / "early", teacher, **{

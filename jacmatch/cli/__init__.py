@@ -26,7 +26,7 @@ from ..training import ConfigError, resolve
 from ..training.config import EvalConfig
 from ..training.provenance import git_commit
 from ..training.trainer import Preempted
-from .args import _non_negative_int, _positive_int, _shape, _sigma
+from .args import _non_negative_float, _non_negative_int, _positive_int, _shape, _sigma
 from .experiments import add_experiment_commands, add_measurement_commands
 
 EXIT_USAGE = 2
@@ -87,6 +87,9 @@ def _add_run_options(p, kind: str) -> None:
     p.add_argument("--data-dir", help="folder with a built-in data set's files (fashion-mnist, mnist, cifar10, cifar100)")
     p.add_argument("--image-size", type=_positive_int, help="resize the images of a folder or source to this side")
     p.add_argument("--channels", type=int, choices=[1, 3], help="1 (grey) or 3 (RGB) for the images of a source")
+    p.add_argument("--mixup", type=_non_negative_float, metavar="ALPHA",
+                   help="mixup with Beta(α, α) weights (data.mixup; the teacher sees the mixed view)")
+    p.add_argument("--cutmix", type=_non_negative_float, metavar="ALPHA", help="CutMix with Beta(α, α) (data.cutmix)")
     p.add_argument("--label-column", help="hf:PATH: the column holding the labels (default label)")
     p.add_argument("--model", metavar="SPEC",
                    help="model: a built-in name (jacmatch.models.list_models()), package.module:callable, "
@@ -122,7 +125,7 @@ def _overrides(args) -> list:
                       ("teacher", "teacher"), ("teacher_model", "teacher_model.name"),
                       ("teacher_weights", "teacher_weights"), ("samples_per_class", "data.samples_per_class"),
                       ("image_size", "data.image_size"), ("channels", "data.channels"),
-                      ("label_column", "data.label_column")):
+                      ("label_column", "data.label_column"), ("mixup", "data.mixup"), ("cutmix", "data.cutmix")):
         value = getattr(args, flag, None)
         if value is not None:
             sets.append((key, value))

@@ -47,3 +47,10 @@ def _shape(text: str) -> tuple[int, ...]:
     if len(shape) != 3 or min(shape) < 1 or max(shape) > 4096:
         raise argparse.ArgumentTypeError(f"write C x H x W, e.g. 3x32x32, got {text!r}")
     return shape
+
+
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value

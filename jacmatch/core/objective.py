@@ -339,7 +339,8 @@ class TransferObjective(nn.Module):
 
     def forward(self, x: Tensor, y: Tensor, targets: TeacherTargets | None = None, *,
                 grad_scale: float | None = None) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
-        """One step: ``(student_logits, total, terms)``. ``targets``: the teacher's side from
+        """One step: ``(student_logits, total, terms)``. ``y``: class indices [B], or soft labels
+        [B, K] (mixup, CutMix: cross-entropy takes them). ``targets``: the teacher's side from
         :meth:`teacher_targets` (a cache); ``grad_scale``: under fp16 with a GradScaler, its
         current scale, which the student's input gradients are taken with (then divided by;
         see :func:`~jacmatch.core.jacobian.scaled_gradients`)."""
@@ -350,6 +351,9 @@ class TransferObjective(nn.Module):
               ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
         if not x.is_floating_point():
             raise UsageError(f"the input batch is {x.dtype}: give float images in [0, 1] (uint8 pixels: x.float() / 255)")
+        y_soft = None
+        if y.dim() == 2:  # soft labels (mixup, CutMix): cross-entropy takes them; a term that indexes a class, the top one
+            y_soft, y = y, y.argmax(1)
         if not torch.isfinite(x).all():
             raise UsageError("the input batch contains NaN or Inf: check the data pipeline")
         self._keep_teacher_frozen()
@@ -382,7 +386,7 @@ class TransferObjective(nn.Module):
                              "both must have as many classes as the data set")
         teacher = self.fast_teacher(x) if self.teacher is not None else None
         step = Step(x, y, xs, logits, self._student_fn, teacher, targets,
-                    taps.features if isinstance(taps, FeatureTaps) else {}, tangent, self.generator)
+                    taps.features if isinstance(taps, FeatureTaps) else {}, tangent, self.generator, y_soft)
         terms = {t.key: t.from_step(step) for t in all_terms}
         self._steps += 1
         if not self._warned_dead and self._steps % DEAD_CHECK_EVERY == 1:  # (reading the flag syncs a GPU)

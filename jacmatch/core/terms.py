@@ -140,6 +140,7 @@ class Step:
     features: dict[str, Tensor]
     tangent: Tensor | None = None
     generator: torch.Generator | None = None
+    y_soft: Tensor | None = None  # soft labels [B, K] (mixup, CutMix): cross-entropy takes them; ``y`` is their top class
     _noisy: dict = field(default_factory=dict)
 
     def noisy(self, sigma: float, draws: int, antithetic: bool) -> tuple[Tensor, Tensor]:
@@ -237,7 +238,7 @@ class CrossEntropyLoss(Term):
         return F.cross_entropy(logits, labels)
 
     def from_step(self, step):
-        return self.value(step.logits, step.y)
+        return self.value(step.logits, step.y_soft if step.y_soft is not None else step.y)
 
 
 class KDLoss(Term):
@@ -428,7 +429,8 @@ class NoiseTrainingLoss(_Noise):
 
     def from_step(self, step):
         _, logits = step.noisy(self.sigma, self.draws, self.antithetic)
-        return F.cross_entropy(logits, step.y.repeat(self.draws))
+        labels = step.y_soft if step.y_soft is not None else step.y
+        return F.cross_entropy(logits, labels.repeat(self.draws, *([1] * (labels.dim() - 1))))
 
 
 class NoisyDistillationLoss(_Noise):

@@ -44,6 +44,8 @@ class DataConfig:
     classes: list | None = None            # keep only these classes (transfer tasks)
     augment: bool = False                  # random crop (padding 2 or 4) and flips where valid
     crop_padding: int = 2                  # padding of the random crop, in pixels
+    mixup: float = 0.0                     # mixup's Beta(α, α) α (0: off): each sample mixed with a partner
+    cutmix: float = 0.0                    # CutMix's α (0: off); with mixup too, each sample takes one of them
     download: bool = False                 # fetch missing files (checksummed) when online
     image_size: Any = None                 # H (= W) or [H, W]: resize every image of a source (needed when sizes differ)
     resize: str = "resize"                 # resize | center_crop (short side to image_size, then the centre)
@@ -221,6 +223,8 @@ def _check_ranges(cfg: RunConfig) -> None:
             ("data.samples_per_class", d.samples_per_class, 1, 1e9, False, True),
             ("data.val_size", d.val_size, 0, 1e9, False, False),
             ("data.crop_padding", d.crop_padding, 0, 64, False, False),
+            ("data.mixup", d.mixup, 0, 1e3, False, False),
+            ("data.cutmix", d.cutmix, 0, 1e3, False, False),
             ("eval.cosine_samples", e.cosine_samples, 0, 1e9, False, False),
             ("eval.interpolations", e.interpolations, 0, 1e9, False, False),
             ("eval.interpolation_seed", e.interpolation_seed, 0, 2**63 - 1, False, False),

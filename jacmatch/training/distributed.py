@@ -14,7 +14,8 @@ from torch import nn
 from ..errors import UsageError
 
 __all__ = ["DistInfo", "init_distributed", "resolve_device", "GlobalBatchNorm", "global_batchnorm",
-           "average_gradients", "broadcast_parameters", "agree_on_step", "any_process", "mean_across_processes"]
+           "average_gradients", "broadcast_parameters", "agree_on_step", "any_process", "mean_across_processes",
+           "gather_interleaved"]
 
 
 @dataclass(frozen=True)
@@ -166,6 +167,14 @@ def any_process(flag: bool, info: DistInfo, device) -> bool:
     t = torch.tensor([1.0 if flag else 0.0], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item() > 0)
+
+
+def gather_interleaved(t: torch.Tensor) -> torch.Tensor:
+    """Every process's share of the global batch, in the global batch's order: position g
+    is process g mod W's sample g div W, as DistributedSampler deals them (equal shares)."""
+    parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, t.contiguous())
+    return torch.stack(parts, dim=1).reshape(-1, *t.shape[1:])
 
 
 def mean_across_processes(values: dict, device) -> dict:

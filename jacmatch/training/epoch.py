@@ -24,11 +24,12 @@ from torch import nn
 
 from ..core.draws import ShardedGenerator
 from ..data import DataSplits, random_crop_flip
+from ..data.augment import mix
 from ..data.formats import DataError
 from .cache import TeacherCache
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import RunConfig
-from .distributed import DistInfo, any_process, mean_across_processes
+from .distributed import DistInfo, any_process, gather_interleaved, mean_across_processes
 from .evaluate import TeacherGradients
 from .progress import log_epoch, progress
 from .results import best_index, evaluate_splits, no_better_for, run_state
@@ -171,6 +172,9 @@ def train_step(run: Run, index: torch.Tensor, x: torch.Tensor, y: torch.Tensor, 
     d = run.cfg.data
     if d.augment:
         x = random_crop_flip(x, d.crop_padding, run.data.hflip, draws(run.aug_gen, run.info))
+    if d.mixup or d.cutmix:  # the teacher sees the mixed view too: the objective takes x as it is
+        x, y = mix(x, y, run.data.num_classes, d.mixup, d.cutmix, draws(run.aug_gen, run.info),
+                   gather_interleaved if run.info.enabled else None)
     x, y = x.to(run.device, non_blocking=True), y.to(run.device, non_blocking=True)
     targets = run.cache(index, x, y) if run.cache is not None else None
     return run.stepper(x, y, targets, len(index), where)

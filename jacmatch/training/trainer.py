@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -39,6 +40,10 @@ from .step import NonFiniteError, StepPolicy, Stepper
 
 __all__ = ["train", "load_model", "load_data", "evaluate_splits", "epoch_batches", "check_input_shape",
            "check_teacher_for", "model_from_config", "NonFiniteError", "RunExistsError", "Preempted"]
+
+class CacheOffWarning(UserWarning):
+    """The teacher cache cannot serve a run whose inputs change every step."""
+
 
 #: Memory estimate above which a run is refused before it starts (bytes).
 MAX_STEP_BYTES = 16 << 30
@@ -130,7 +135,11 @@ def _setup(cfg: RunConfig, resume: bool, data: DataSplits, given: bool, info: Di
         (index, x, _), = data.train.batches([list(range(min(8, len(data.train))))], keep=False)
         if len(index):
             objective.prepare(x.to(device))
-    fixed_inputs = cfg.teacher_cache and objective.needs_teacher_targets and not cfg.data.augment
+    moving = [k for k in ("augment", "mixup", "cutmix") if getattr(cfg.data, k)]  # inputs that change every epoch
+    fixed_inputs = cfg.teacher_cache and objective.needs_teacher_targets and not moving
+    if cfg.teacher_cache and objective.needs_teacher_targets and moving and info.is_main:
+        warnings.warn(CacheOffWarning(f"the teacher cache is off: data.{', data.'.join(moving)} changes the inputs "
+                                      "every step, so the teacher runs at every step"), stacklevel=2)
     stepper = Stepper(objective, optimizer, torch.amp.GradScaler(device.type) if cfg.amp == "fp16" else None,
                       StepPolicy.of(cfg), info, device, [p for p in model.parameters() if p.requires_grad],
                       average=model if global_bn else None, student_name=cfg.model.name)
