@@ -16,9 +16,9 @@ from .core.losses import (attention_map, attention_transfer_loss, gaussian_noise
 from .core.metrics import jacobian_cosine
 from .core.objective import TEACHER_OBJECTIVE, ObjectiveConfig, TransferObjective, build_terms
 from .core.outputs import logits_of
-from .core.terms import (AttentionJacobianLoss, AttentionTransferLoss, CrossEntropyLoss, FeatureTaps,
-                         JacobianMatchingLoss, JacobianPenalty, KDLoss, NoiseTrainingLoss, NoisyDistillationLoss,
-                         Term)
+from .core.builtin_terms import (AttentionJacobianLoss, AttentionTransferLoss, CrossEntropyLoss, JacobianMatchingLoss,
+                                 JacobianPenalty, KDLoss, NoiseTrainingLoss, NoisyDistillationLoss)
+from .core.terms import FeatureTaps, Term
 from .errors import UsageError
 
 __version__ = "0.2.0"

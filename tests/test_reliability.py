@@ -112,7 +112,7 @@ def test_sigkill_at_random_moments_always_leaves_a_loadable_checkpoint(tmp_path,
 
 
 def _nan_at_epoch(monkeypatch, epoch_to_break: int):
-    import jacmatch.core.terms as objective_mod
+    import jacmatch.core.builtin_terms as objective_mod
     real = objective_mod.kd_loss
     calls = {"n": 0}
 
@@ -135,7 +135,7 @@ def test_injected_nan_stops_with_term_and_step_and_keeps_last_checkpoint(tmp_pat
 
 def _nan_at_calls(monkeypatch, calls_to_break):
     """KD turns NaN at these calls (1-based; one call per step)."""
-    import jacmatch.core.terms as objective_mod
+    import jacmatch.core.builtin_terms as objective_mod
     real = objective_mod.kd_loss
     calls = {"n": 0}
 

@@ -28,6 +28,7 @@ from . import jacobian as J
 from .estimators import FD_STEP, PROJECTION, create_estimator, list_estimators
 from .fusion import fast_teacher
 from .losses import JM_FORMS
+from . import builtin_terms  # noqa: F401  (registers the built-in terms)
 from .terms import BUILT_IN_TERMS, FeatureTaps, Step, TeacherTargets, Term, _Logits, teacher_targets
 
 __all__ = ["ObjectiveConfig", "TEACHER_OBJECTIVE", "DeadStudentWarning", "TransferObjective", "FeatureTaps",

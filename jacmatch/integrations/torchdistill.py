@@ -44,7 +44,7 @@ from ..core import jacobian as J
 from ..core.estimators import FD_STEP, PROJECTION, create_estimator
 from ..core.losses import kd_loss
 from ..core.outputs import logits_of
-from ..core.terms import JacobianPenalty
+from ..core.builtin_terms import JacobianPenalty
 from ..errors import UsageError
 
 require("torchdistill", "torchdistill")
