@@ -525,3 +525,17 @@ def test_channels_and_image_size_apply_to_arrays_datasets_and_hugging_face(tmp_p
         x, _ = opened.train.batch(list(range(6)))
         assert opened.train.sample_shape == shape and x.shape == (6, *shape), (name, options, x.shape)
         assert 0 <= float(x.min()) and float(x.max()) <= 1
+
+
+def test_measurement_commands_never_write_over_what_they_read(tmp_path, capsys):
+    """estimators reads the committed teacher; check-model --dataset reads the data."""
+    from jacmatch.experiments.estimators import TEACHER
+    root = Path(__file__).resolve().parent.parent
+    teacher = root / TEACHER
+    before = hashlib.sha256(teacher.read_bytes()).hexdigest()
+    assert main(["estimators", "--json", str(teacher)]) == 2
+    assert "which this command reads" in capsys.readouterr().err
+    assert hashlib.sha256(teacher.read_bytes()).hexdigest() == before
+    data = _png_folder(tmp_path / "images")
+    assert main(["check-model", "small_cnn_4", "--dataset", str(data), "--json", str(data / "train" / "a" / "r.json")]) == 2
+    assert "lies inside the data" in capsys.readouterr().err and not (data / "train" / "a" / "r.json").exists()

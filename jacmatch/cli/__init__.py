@@ -233,8 +233,12 @@ def _check_model(args) -> int:
     shape, num_classes = args.input_shape, args.num_classes
     if args.dataset:  # the shape and class count of the data the model will train on
         from ..training import load_data
-        data = load_data(resolve(None, [("data.name", _dataset_name(args.dataset)), ("data.val_size", 0)],
-                                 {"objective": dict(TEACHER_OBJECTIVE)}))  # the data only: no teacher
+        from ..training.run_folder import check_spared, data_reads
+        cfg = resolve(None, [("data.name", _dataset_name(args.dataset)), ("data.val_size", 0)],
+                      {"objective": dict(TEACHER_OBJECTIVE)})  # the data only: no teacher
+        if args.json:
+            check_spared([("--json", Path(args.json), False)], data_reads(cfg.data))
+        data = load_data(cfg)
         shape, num_classes = tuple(data.train.sample_shape), data.num_classes
     options = {"output": args.output} if args.output is not None else {}
     result = check_model(args.spec, shape, num_classes, fix=args.fix, **options)

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from .args import _non_negative_int, _positive_float, _positive_int
 
@@ -21,9 +22,17 @@ def _demo(a):
     main(a.dataset, a.out, a.seeds, a.device)
 
 
+def _spare(a, *reads: tuple[str, Path]) -> None:
+    """--json and --plot never write over a file the command reads (before anything is written)."""
+    from ..training.run_folder import check_spared
+    check_spared([(f"--{k}", Path(getattr(a, k)), False) for k in ("json", "plot") if getattr(a, k, None)], list(reads))
+
+
 def _bench(a):
     if a.only == "data":
+        from ..experiments.bench_data import TEACHER
         from ..experiments.bench_data import main as data_main
+        _spare(a, ("the committed teacher", TEACHER))
         data_main(a.json, quick=a.quick)
         return
     from ..experiments.bench import Plan, main
@@ -31,7 +40,8 @@ def _bench(a):
 
 
 def _estimators(a):
-    from ..experiments.estimators import main
+    from ..experiments.estimators import TEACHER, main
+    _spare(a, ("the committed teacher", TEACHER))
     main(a.json, a.samples, a.draws, a.seed)
 
 
