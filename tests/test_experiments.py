@@ -196,7 +196,8 @@ def test_bench_plans():
                                                   ("wrn_40_2_wrn_16_2", "wrn_16_2"),
                                                   ("few_sample_cifar100", "wrn_16_1")])
 def test_cifar_configs_run_on_cifar_format_files(tmp_path, config, teacher_model):
-    data = write_cifar_dir(tmp_path / "cifar", num_classes=100, per_file=40)
+    # four samples of each of ten classes: a validation split leaves each a training sample (else refused)
+    data = write_cifar_dir(tmp_path / "cifar", num_classes=100, per_file=40, per_class=4)
     small = ["--set", f"data.data_dir={data}", "--set", "optim.epochs=1", "--set", "optim.batch_size=16",
              "--set", "progress=false", "--set", "tensorboard=false", "--set", "eval.cosine_samples=8",
              "--set", "optim.min_steps_per_epoch=1"]

@@ -282,12 +282,12 @@ def dataset_kind(name: str) -> tuple[str, str]:
     return source_kind(name)
 
 
-def stratified_subset(labels: Tensor, samples_per_class: int, seed: int, num_classes: int | None = None) -> Tensor:
-    """``samples_per_class`` indices of each class (of every class 0..num_classes-1 when
-    given, else of those present), reproducible from ``seed``, sorted."""
+def stratified_subset(labels: Tensor, samples_per_class: int, seed: int) -> Tensor:
+    """``samples_per_class`` indices of each class present, reproducible from ``seed``, sorted
+    (a class that the validation split left without a sample is refused before: _validation_split)."""
     g = torch.Generator().manual_seed(seed)
     chosen = []
-    for c in (range(num_classes) if num_classes is not None else labels.unique().tolist()):
+    for c in labels.unique().tolist():
         pool = (labels == c).nonzero().flatten()
         if samples_per_class > len(pool):
             raise DataError(f"samples_per_class={samples_per_class} but class {c} has only {len(pool)} "
@@ -387,7 +387,7 @@ def create_dataset(name: str, *, data_dir: str | None = None, samples_per_class:
     if samples_per_class is not None:
         if samples_per_class < 1:
             raise UsageError(f"samples_per_class must be >= 1, got {samples_per_class}")
-        train_pool = train_pool[stratified_subset(train.labels[train_pool], samples_per_class, seed, num_classes)]
+        train_pool = train_pool[stratified_subset(train.labels[train_pool], samples_per_class, seed)]
     return DataSplits(name, train.subset(train_pool), train.subset(val_idx), test, num_classes, mean, std,
                       hflip, train_pool.tolist(), val_idx.tolist(), data_sha256)
 
@@ -415,7 +415,7 @@ def _from_source(name: str, d: Any, loading: Loading, samples_per_class, val_siz
     else:
         mean, std = streamed_statistics(train, train_pool)
     if samples_per_class is not None:
-        train_pool = train_pool[stratified_subset(train.labels[train_pool], samples_per_class, seed, num_classes)]
+        train_pool = train_pool[stratified_subset(train.labels[train_pool], samples_per_class, seed)]
     return DataSplits(name, train.subset(train_pool), train.subset(val_idx), test, num_classes, mean, std,
                       opened.hflip, train_pool.tolist(), val_idx.tolist(), opened.sha256)
 
