@@ -97,3 +97,14 @@ def test_jacmatch_evaluate_with_a_teacher_prints_fidelity(tmp_path, teacher, cap
     fidelity = printed["fidelity"]
     for where in (fidelity["clean"], fidelity["noisy"]["0.1"], fidelity["interpolated"]):
         assert 0 <= where["agreement"] <= 1 and where["kl"] >= 0 and where["points"] > 0
+
+
+@torch.no_grad()
+def test_a_teacher_of_other_classes_has_no_fidelity():
+    """A transfer's source teacher (1000 ImageNet outputs beside a 3-class student): its
+    outputs are other classes, so agreement and KL do not apply; the accuracies are measured."""
+    student = nn.Sequential(nn.Flatten(), nn.Linear(16, 3))
+    source = nn.Sequential(nn.Flatten(), nn.Linear(16, 7))
+    data = ImageSet(torch.rand(10, 1, 4, 4), torch.randint(0, 3, (10,)))
+    out = evaluate(student, data, "cpu", teacher=source, cosine_samples=0)
+    assert "fidelity" not in out and "acc" in out

@@ -89,7 +89,7 @@ def evaluate(model: nn.Module, data: Split, device, *, batch_size: int = 500, no
         out = {"acc": _accuracy(model, data, device, batch_size)}
         out["noisy_acc"] = {name: _accuracy(model, data, device, batch_size, s, torch.Generator().manual_seed(seed))
                             for name, s, seed in noise}
-        if teacher is not None and teacher is not model and fidelity:
+        if teacher is not None and teacher is not model and fidelity and _same_outputs(model, teacher, data, device):
             memo = teacher_gradients or TeacherGradients()
             out["fidelity"] = _fidelity(model, teacher, data, device, batch_size, noise, interpolations,
                                         interpolation_seed, lambda points, compute: memo.logits(teacher_key, points,
@@ -103,6 +103,15 @@ def evaluate(model: nn.Module, data: Split, device, *, batch_size: int = 500, no
     finally:
         model.train(was_training)
     return out
+
+
+@torch.no_grad()
+def _same_outputs(model: nn.Module, teacher: nn.Module, data: Split, device) -> bool:
+    """Whether student and teacher have one output per class of the same classes' count:
+    fidelity compares outputs one to one, so a teacher of other classes (a transfer's
+    source teacher) has none."""
+    x = next((x for _, x, _ in data.batches([[0]], keep=False) if len(x)), None) if len(data) else None
+    return x is not None and model(x.to(device)).shape[-1] == teacher.eval()(x.to(device)).shape[-1]
 
 
 @torch.no_grad()
