@@ -89,11 +89,12 @@ def evaluate(model: nn.Module, data: Split, device, *, batch_size: int = 500, no
         out = {"acc": _accuracy(model, data, device, batch_size)}
         out["noisy_acc"] = {name: _accuracy(model, data, device, batch_size, s, torch.Generator().manual_seed(seed))
                             for name, s, seed in noise}
-        if teacher is not None and teacher is not model and fidelity and _same_outputs(model, teacher, data, device):
+        if teacher is not None and teacher is not model and fidelity:
             memo = teacher_gradients or TeacherGradients()
-            out["fidelity"] = _fidelity(model, teacher, data, device, batch_size, noise, interpolations,
-                                        interpolation_seed, lambda points, compute: memo.logits(teacher_key, points,
-                                                                                                 compute))
+            measured = _fidelity(model, teacher, data, device, batch_size, noise, interpolations, interpolation_seed,
+                                 lambda points, compute: memo.logits(teacher_key, points, compute))
+            if measured is not None:  # (None: a teacher of other classes, whose outputs compare to none)
+                out["fidelity"] = measured
         if teacher is not None and teacher is not model and cosine_samples > 0:
             n = min(cosine_samples, len(data))
             sides = (teacher_gradients or TeacherGradients())(teacher, data, device, n, batch_size, teacher_key)
@@ -106,28 +107,23 @@ def evaluate(model: nn.Module, data: Split, device, *, batch_size: int = 500, no
 
 
 @torch.no_grad()
-def _same_outputs(model: nn.Module, teacher: nn.Module, data: Split, device) -> bool:
-    """Whether student and teacher have one output per class of the same classes' count:
-    fidelity compares outputs one to one, so a teacher of other classes (a transfer's
-    source teacher) has none."""
-    x = next((x for _, x, _ in data.batches([[0]], keep=False) if len(x)), None) if len(data) else None
-    return x is not None and model(x.to(device)).shape[-1] == teacher.eval()(x.to(device)).shape[-1]
-
-
-@torch.no_grad()
 def _fidelity(model: nn.Module, teacher: nn.Module, data: Split, device, batch_size: int, noise: list,
-              interpolations: int, seed: int, teacher_logits) -> dict:
+              interpolations: int, seed: int, teacher_logits) -> dict | None:
     """Agreement and KL of ``model`` with ``teacher`` on the clean points, each noise σ (the
-    draws of the accuracies under noise) and the interpolations."""
+    draws of the accuracies under noise) and the interpolations; None when the two have
+    different numbers of outputs: fidelity compares outputs one to one, so a teacher of
+    other classes (a transfer's source teacher) has none."""
     teacher.eval()
 
-    def measure(points: tuple, inputs) -> dict:
+    def measure(points: tuple, inputs) -> dict | None:
         xs = list(inputs())  # the batches, each as its model sees it
         zt = teacher_logits(points, lambda: [teacher(x.to(device)).cpu() for x in xs])
         zs = [model(x.to(device)).cpu() for x in xs]
         if not xs:
             return {"agreement": float("nan"), "kl": float("nan"), "points": 0}
         zs_all, zt_all = torch.cat(zs), torch.cat(zt)
+        if zs_all.shape[1] != zt_all.shape[1]:
+            return None
         return {"agreement": float(top1_agreement(zs_all, zt_all).mean()),
                 "kl": float(teacher_student_kl(zs_all, zt_all).mean()), "points": len(zs_all)}
 
@@ -144,9 +140,11 @@ def _fidelity(model: nn.Module, teacher: nn.Module, data: Split, device, batch_s
             if len(xi) == len(xj) == len(part):  # (a pair with an unreadable sample is left out)
                 w = lam[part].view(-1, *([1] * (xi.dim() - 1)))
                 yield w * xi + (1 - w) * xj
-    out = {"clean": measure(("clean",), test_points),
-           "noisy": {name: measure(("noisy", name, seed), lambda s=s, seed=seed: test_points(s, seed))
-                     for name, s, seed in noise}}
+    clean = measure(("clean",), test_points)
+    if clean is None:
+        return None
+    out = {"clean": clean, "noisy": {name: measure(("noisy", name, seed), lambda s=s, seed=seed: test_points(s, seed))
+                                     for name, s, seed in noise}}
     count = min(interpolations, len(data)) if len(data) > 1 else 0
     if count:
         out["interpolated"] = measure(("interpolated", count, seed), lambda: between(count))
