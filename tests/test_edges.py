@@ -342,6 +342,7 @@ def _pngs(folder: Path, n: int, size=8, mode="L"):
     ("test-3-channels", None),  # a folder decodes its test images as its training images: grey
     ("test-extra-class", "has class folders ['c'] that"),
     ("train-alone-one-class", "has 1 class: a classifier needs at least 2"),
+    ("train-alone", None),  # ROOT/train alone: its class folders are the classes, the test set drawn from them
     ("train-beside-valid", None),
     ("train-beside-other", "holds train/ beside ['other']"),
 ])
@@ -358,6 +359,9 @@ def test_folder_splits_agree_when_the_data_is_loaded(tmp_path, layout, message):
     elif layout == "test-extra-class":
         for c in ("a", "b", "c"):
             _pngs(root / "test" / c, 2)
+    elif layout == "train-alone":  # more images: its test set comes out of them too
+        for c in ("a", "b"):
+            _pngs(root / "train" / c / "more", 6)
     elif layout == "train-alone-one-class":
         shutil.rmtree(root / "train" / "b")
     elif layout == "train-beside-valid":
@@ -368,7 +372,7 @@ def test_folder_splits_agree_when_the_data_is_loaded(tmp_path, layout, message):
     load = lambda: create_dataset(str(root), val_size=0.5, samples_per_class=2, loading=Loading())  # noqa: E731
     if message is None:  # ROOT/train beside ROOT/valid or ROOT/test: the splits, two classes named a and b
         data = load()
-        assert data.num_classes == 2 and len(data.test) == 4
+        assert data.num_classes == 2 and len(data.test) == (4 if layout != "train-alone" else 5)
         assert data.test.sample_shape == data.train.sample_shape == (1, 8, 8)
         assert data.test.batch([0])[0].shape == (1, 1, 8, 8)
         return
