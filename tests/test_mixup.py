@@ -78,3 +78,14 @@ def test_mixup_and_cutmix_train_from_the_command_line_and_the_api(tmp_path, teac
               "optim": {"epochs": 1}}
     with pytest.warns(jm.training.trainer.CacheOffWarning):
         assert train(config_from_dict(values))["final"]["test"]["acc"] >= 0
+
+
+def test_mixup_with_skipped_samples_under_ddp_is_refused_before_training(tmp_path, teacher):
+    """Under DDP the partners come from every process's share; a skipped unreadable sample
+    would misalign the shares, so the combination is one line before any work."""
+    from jacmatch.training import config_from_dict, train
+    from jacmatch.training.distributed import DistInfo
+    values = {"out_dir": str(tmp_path / "r"), "teacher": teacher, "progress": False, "model": {"name": "small_cnn_4"},
+              "data": {"name": "synthetic", "samples_per_class": 4, "mixup": 0.2, "on_bad_sample": "skip"}}
+    with pytest.raises(jm.UsageError, match="mixup and CutMix pair samples across the processes"):
+        train(config_from_dict(values), info=DistInfo(rank=1, world_size=2))  # (rank 1: no run folder claimed)

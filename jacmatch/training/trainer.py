@@ -103,6 +103,10 @@ def _train(cfg: RunConfig, resume: bool, data: DataSplits, given: bool, info: Di
 def _setup(cfg: RunConfig, resume: bool, data: DataSplits, given: bool, info: DistInfo,
            teacher_gradients: TeacherGradients, config_file: str | None) -> Run:
     """Data, models, optimiser and objective, restored from ``last.pt`` when resuming."""
+    if info.enabled and (cfg.data.mixup or cfg.data.cutmix) and cfg.data.on_bad_sample == "skip":
+        raise ConfigError("under DDP, mixup and CutMix pair samples across the processes' shares, which a skipped "
+                          "sample would misalign: set data.on_bad_sample=stop (and fix or remove unreadable files), "
+                          "or train in one process")
     device = resolve_device(cfg.device, info)
     out = Path(cfg.out_dir)
     if resume and not (out / "last.pt").exists():  # every rank (rank 0 checked it under the lock)
