@@ -108,8 +108,8 @@ def _dataset_name(value: str) -> str:
     """``--dataset`` as recorded: a built-in or import path as given; a folder, .npz or
     Hugging Face folder as its absolute path with its kind (``imagefolder:/abs/path``), so
     that the run, its resume and ``evaluate`` read it from any working directory."""
-    from ..data import dataset_kind as source_kind
-    kind, arg = source_kind(value)
+    from ..data import dataset_kind
+    kind, arg = dataset_kind(value)
     if kind in ("builtin", "import"):
         return value
     return f"{kind}:{os.path.abspath(os.path.expanduser(arg))}"
@@ -211,7 +211,7 @@ def _recorded_config(state: dict, args):
     option included), the whole training pool; ``--dataset``/``--data-dir`` replace the
     recorded ones. A data set built by an import path is imported only when ``--dataset``
     names that same path (as for models)."""
-    from ..data import dataset_kind as source_kind
+    from ..data import dataset_kind
     from ..training import config_from_dict
     cfg = config_from_dict(json.loads(state["config"]))
     recorded = cfg.data.name
@@ -221,7 +221,7 @@ def _recorded_config(state: dict, args):
             cfg.data.data_dir = None
     if args.data_dir:
         cfg.data.data_dir = args.data_dir
-    if source_kind(cfg.data.name)[0] == "import" and cfg.data.name == recorded and args.dataset != recorded:
+    if dataset_kind(cfg.data.name)[0] == "import" and cfg.data.name == recorded and args.dataset != recorded:
         raise ConfigError(f"{args.checkpoint} was trained on the data set {recorded!r}, which evaluating would "
                           f"import and run: pass --dataset {recorded} to trust it")
     cfg.data.samples_per_class = None

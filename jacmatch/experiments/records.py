@@ -35,10 +35,6 @@ class Summary:
         return {"mean": self.mean, "std": self.std, "ci95": self.ci95, "n": self.n, "values": list(self.values)}
 
 
-#: The fields of a cell that are summaries over seeds (a dict of them for noisy_acc).
-SUMMARIES = ("acc", "val_acc", "jacobian_cosine", "best_step", "best_seconds")
-
-
 @dataclass
 class Cell:
     """One row measured at one place (samples per class, or a training set)."""

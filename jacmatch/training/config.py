@@ -177,8 +177,8 @@ def check_noise_sigmas(sigmas) -> None:
 
 def _check_data(d: DataConfig) -> None:
     """The data set's name, the folder only the built-in file formats read, the source options."""
-    from ..data import dataset_kind as source_kind
-    kind, _ = source_kind(d.name)
+    from ..data import dataset_kind
+    kind, _ = dataset_kind(d.name)
     if d.data_dir is not None and (kind != "builtin" or d.name in ("digits", "synthetic")):
         what = d.name if kind == "builtin" else f"the {kind} data set {d.name!r}"
         raise ConfigError(f"--data-dir (data.data_dir={d.data_dir!r}) is read only by {', '.join(READS_DATA_DIR)}, not "

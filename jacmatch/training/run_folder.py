@@ -79,9 +79,9 @@ def run_reads(cfg: RunConfig, config_file: str | None = None) -> list[tuple[str,
 
 def data_reads(d) -> list[tuple[str, Path]]:
     """The files or folders DataConfig ``d`` reads: a built-in set's data_dir, a source's path."""
-    from ..data import dataset_kind as source_kind
+    from ..data import dataset_kind
     reads = [("the data folder", Path(d.data_dir))] if d.data_dir else []
-    kind, arg = source_kind(d.name)
+    kind, arg = dataset_kind(d.name)
     if kind not in ("builtin", "import"):
         reads.append(("the data", Path(arg).expanduser()))
     return reads
