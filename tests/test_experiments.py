@@ -66,7 +66,19 @@ def test_every_experiment_section_and_the_report_quick(tmp_path):
     # time-to-accuracy, and verdicts shaped like the claim.
     converge = json.loads((out / "converge.json").read_text())
     assert set(converge["cells"]) == {f"{r}|{n}" for n in (1, 5) for r in
-                                      ("CE", "CE+KD", "CE+JM", "CE+KD+JM", "CE (2× patience)", "CE+KD (2× patience)")}
+                                      ("CE", "CE+KD", "CE+JM", "CE+KD+JM", "FM", "FM+JM", "CE (2× patience)",
+                                       "CE+KD (2× patience)", "FM (2× patience)")}
+    fm = converge["fm"]  # FM's own values, chosen on validation, and its views: crops, flips and mixup
+    for name, sel in fm["selection"].items():
+        assert sel["chosen"] == fm["chosen"][name] == max(sel["grid"], key=lambda v: sel["val_acc"][str(v)]), name
+    for row in ("FM", "FM+JM"):
+        cell = converge["cells"][f"{row}|5"]
+        assert cell["data"] == {"augment": True, "mixup": fm["chosen"]["mixup"]} and cell["lr"] == fm["chosen"]["fm_lr"]
+        assert cell["objective"]["alpha"] == 0 and cell["objective"]["temperature"] == fm["chosen"]["fm_tau"]
+    assert converge["cells"]["FM+JM|5"]["objective"]["gamma"] == distill["selection"]["gamma"]["chosen"]
+    kept = sorted(p.name for p in (out / "runs" / "converge").glob("*.pt"))  # the tested students' weights, no others
+    assert kept == sorted(f"{re.sub('[^A-Za-z0-9]+', '_', c['row'])}_n{n}_s0_max{c['max_steps']}_p{c['patience']}.pt"
+                          for n in (1, 5) for c in (converge["cells"][f"{r}|{n}"] for r in converge["rows"])), kept
     for cell in converge["cells"].values():  # inside its maximum, or grown as far as the rule lets it
         assert max(cell["best_step"]["values"]) < cell["max_steps"] if cell["inside"] else \
             len(cell["grown_from"]) == converge["rule"]["growths"]
@@ -297,10 +309,10 @@ def test_a_converged_cell_grows_its_maximum_and_trains_again_only_the_seeds_that
 
     from jacmatch.experiments import converge, paper
     lay = paper.Layout(profile=dataclasses.replace(paper.QUICK, seeds=(0, 1), converge_steps=100, converge_growths=2))
-    trained = []
+    trained, kept = [], []
 
-    def student(lay, tag, n, seed, objective, teacher, max_steps, patience, lr):
-        trained.append((seed, max_steps))
+    def student(lay, tag, n, seed, objective, teacher, max_steps, patience, lr, data=None, keep=False):
+        (kept if keep else trained).append((seed, max_steps))
         settled = seed == 0 or max_steps == 200
         acc = 0.5 + 0.1 * seed + (0.05 if max_steps == 200 else 0.0)
         return {"best": {"inside": settled, "stopped_early": settled, "step": 60, "loop_seconds": 1.0, "val_acc": acc},
@@ -309,6 +321,7 @@ def test_a_converged_cell_grows_its_maximum_and_trains_again_only_the_seeds_that
     monkeypatch.setattr(converge, "_converge_student", student)
     cell = converge._converged_cell(lay, "CE", 5, {"alpha": 1.0}, None, 0.01, 2)
     assert trained == [(0, 100), (1, 100), (1, 200)]
+    assert kept == [(0, 100), (1, 200)]  # each seed's tested run keeps its weights, not the one that bound
     assert cell["max_steps"] == 200 and cell["grown_from"] == [100] and cell["inside"]
     assert cell["acc"]["values"] == [0.5, 0.65]
 def test_a_committed_teacher_is_re_evaluated_and_gains_provenance(tmp_path):

@@ -12,7 +12,7 @@ from ..atomic import write_json_atomic
 from ..training import TeacherGradients, config_from_dict, train
 from ..training.config import config_to_dict
 
-__all__ = ["CONVERGED_GAIN", "converged", "run_or_load", "write_record", "load_json", "summarize", "summarize_runs",
+__all__ = ["CONVERGED_GAIN", "converged", "run_or_load", "write_record", "keep_weights", "same_outcome", "load_json", "summarize", "summarize_runs",
            "with_provenance", "data_hashes"]
 
 
@@ -26,13 +26,15 @@ def converged(val_gain: float) -> bool:
 
 
 def run_or_load(values: dict, teacher_gradients: TeacherGradients | None = None, data_cache: dict | None = None,
-                record: Path | None = None) -> dict:
+                record: Path | None = None, keep: Path | None = None) -> dict:
     """Train the run described by ``values`` (a config dict), unless its folder already
     holds finished results for the same config; resume it when it holds a checkpoint.
     ``record``: where the finished run's record lives (its results and per-epoch metrics, a
     small JSON that is committed): a run whose folder is gone (another machine, a fresh
     clone) is that record, and nothing is trained. ``teacher_gradients`` and
-    ``data_cache``: shared by the runs of a sweep (see :func:`train`)."""
+    ``data_cache``: shared by the runs of a sweep (see :func:`train`). ``keep``: where the
+    run's weights are kept beside its record (:func:`keep_weights`); a record without them is
+    trained again, and kept as it was when the run reproduces it (:func:`same_outcome`)."""
     cfg = config_from_dict(values)
     cfg.check()
     out = Path(cfg.out_dir)
@@ -43,19 +45,51 @@ def run_or_load(values: dict, teacher_gradients: TeacherGradients | None = None,
             raise UsageError(f"{out} holds results of another config: remove it or choose another folder")
         if record is not None and not record.is_file():
             write_record(record, results, out)
+        if keep is not None and not keep.is_file():
+            keep_weights(out, keep)
         return {**results, "history": _history(out)}
+    kept = None
     if record is not None and record.is_file():
         kept = json.loads(record.read_text())
         if not _same_config(kept, cfg, where=False):
             raise UsageError(f"{record} records a run of another config: remove it (and commit that) to train "
                              "this one")
-        return kept
+        if keep is None or keep.is_file():
+            return kept
     # A folder without a checkpoint holds a run cut before its first epoch ended: start it again.
     cut = (out / "last.pt").is_file()
     results = train(cfg, resume=cut, overwrite=not cut, teacher_gradients=teacher_gradients, data_cache=data_cache)
-    if record is not None:
+    if kept is not None and same_outcome(kept, results):
+        results = kept  # trained again for its weights: the record (its seconds too) stands
+    elif record is not None:
+        if kept is not None:
+            print(f"  {record}: trained again for its weights, the run differs from its record; the record is "
+                  "replaced", flush=True)
         write_record(record, results, out)
-    return {**results, "history": _history(out)}
+    if keep is not None:
+        keep_weights(out, keep)
+    return results if results is kept else {**results, "history": _history(out)}
+
+
+def same_outcome(record: dict, results: dict) -> bool:
+    """Whether a run trained again reproduces its record: the same best step, validation
+    and test accuracy (to the last bit: training is deterministic for a config and seed)."""
+    def outcome(r):
+        return (r["final"]["test"]["acc"], r["final"]["val"]["acc"], (r.get("best") or {}).get("step"), r["epochs"])
+    return outcome(record) == outcome(results)
+
+
+def keep_weights(out: Path, keep: Path) -> None:
+    """The weights a run was tested with (best.pt when it kept its best, else last.pt) as a
+    small checkpoint at ``keep``: the model, its architecture, config and inputs, without
+    the optimiser, schedule, history and RNG state. ``jacmatch evaluate --checkpoint``
+    reads it."""
+    from ..training import load_checkpoint, save_checkpoint
+    source = out / "best.pt" if (out / "best.pt").is_file() else out / "last.pt"
+    state = load_checkpoint(source)
+    slim = {k: state[k] for k in ("model", "arch", "config", "epoch", "inputs") if k in state}
+    keep.parent.mkdir(parents=True, exist_ok=True)
+    save_checkpoint(keep, slim)
 
 
 def _history(out: Path) -> list[dict]:

@@ -1,6 +1,8 @@
 """``jacmatch experiment converge``: every distilled student trained as long as it needs
 (early-stopped inside a maximum that grows while it binds), the baselines' budget check,
-and time-to-accuracy."""
+and time-to-accuracy; beside the paper's rows, function matching (Beyer et al. 2022) with
+and without the Jacobian term. Each cell's students keep their tested weights beside their
+records, so that any metric of them is computed again without training (``fidelity``)."""
 
 from __future__ import annotations
 
@@ -11,25 +13,38 @@ from . import rows as R
 from ..atomic import write_json_atomic
 from ..errors import UsageError
 from .common import load_json, summarize, summarize_runs, with_provenance
-from .paper import FULL, ROWS, Layout, _fill, _run_seconds, _teacher_path, epochs_for_steps, run_config
+from .paper import FULL, ROWS, Layout, _fill, _run_seconds, _select, _teacher_path, epochs_for_steps, run_config
 
 
-CONVERGE_ROWS = (R.CE, R.CE_KD, R.CE_JM, R.CE_KD_JM)
-CHECKED_ROWS = (R.CE, R.CE_KD)  # trained again with twice the patience and maximum: the budget check
+CONVERGE_ROWS = (R.CE, R.CE_KD, R.CE_JM, R.CE_KD_JM, R.FM, R.FM_JM)
+CHECKED_ROWS = (R.CE, R.CE_KD, R.FM)  # trained again with twice the patience and maximum: the budget check
+FM_ROWS = {R.FM: ROWS[R.KD], R.FM_JM: ROWS[R.KD_JM]}  # KD alone (γ: the distillation section's), on FM's views
+#: FM's values, chosen on validation in this order, each with those chosen before it (the
+#: profile's grids of these names; τ and lr start from the distillation section's choice)
+FM_SELECTION = ("mixup", "fm_tau", "fm_lr")
+FM_EVAL = {"noise_sigmas": [], "jacobian_cosine": False, "fidelity": False}  # FM's selection reads validation only
 REACH = 0.99  # time-to-accuracy: steps and seconds to 99% of a row's own best validation accuracy
 
 
-def _converge_student(lay, tag, n, seed, objective, teacher, max_steps, patience, lr) -> dict:
+def fm_data(mixup: float) -> dict:
+    """Function matching's views: random crops and flips, mixed up with Beta(α, α); the
+    teacher sees the student's view (the trainer's consistent teaching)."""
+    return {"augment": True, "mixup": mixup}
+
+
+def _converge_student(lay, tag, n, seed, objective, teacher, max_steps, patience, lr, data=None, evaluation=None,
+                      keep=False) -> dict:
     """A student trained up to ``max_steps`` at a constant learning rate, evaluated on
     validation every ``converge_every`` epochs, stopped after ``patience`` evaluations
-    without a better accuracy, and tested with its best weights."""
-    values = run_config("distill", lay.profile, seed=seed, teacher=teacher, data={"samples_per_class": n},
+    without a better accuracy, and tested with its best weights (``keep``: kept beside its
+    record). ``data`` and ``evaluation``: settings over the config's."""
+    values = run_config("distill", lay.profile, seed=seed, teacher=teacher, data={"samples_per_class": n, **(data or {})},
                         objective=objective, optim={"lr": lr, "schedule": "constant"},
                         eval={"every": lay.profile.converge_every, "keep_best": True, "patience": patience,
-                              "min_delta": lay.profile.converge_min_delta},
+                              "min_delta": lay.profile.converge_min_delta, **(evaluation or {})},
                         out_dir=str(lay.runs / "converge" / f"{tag}_n{n}_s{seed}_max{max_steps}_p{patience}"))
     values["optim"]["epochs"] = epochs_for_steps(n, values, max_steps)
-    return lay.train(values)
+    return lay.train(values, keep=keep)
 
 
 def _curve(run: dict) -> list[tuple[int, float, float]]:
@@ -55,26 +70,31 @@ def _settled(run: dict) -> bool:
     return run["best"]["inside"] and run["best"]["stopped_early"]
 
 
-def _converged_cell(lay, row, n, objective, teacher, lr, patience, check=False) -> dict:
+def _converged_cell(lay, row, n, objective, teacher, lr, patience, check=False, data=None) -> dict:
     """One row at n over the seeds, its maximum doubled while a seed's best point lies at it
-    (or a seed did not stop); only those seeds train again."""
+    (or a seed did not stop); only those seeds train again. The students keep their
+    weights, except the budget check's (``check``)."""
     profile = lay.profile
     tag = re.sub(r"[^A-Za-z0-9]+", "_", row).strip("_")
     max_steps, grown, by_seed = profile.converge_steps * (2 if check else 1), [], {}
+
+    def student(seed, steps, keep=False):
+        return _converge_student(lay, tag, n, seed, objective, teacher, steps, patience, lr, data=data, keep=keep)
     while True:
-        by_seed = {s: by_seed[s] if s in by_seed and _settled(by_seed[s])
-                   else _converge_student(lay, tag, n, s, objective, teacher, max_steps, patience, lr)
+        by_seed = {s: by_seed[s] if s in by_seed and _settled(by_seed[s][1]) else (max_steps, student(s, max_steps))
                    for s in profile.seeds}
-        runs = list(by_seed.values())
+        runs = [run for _, run in by_seed.values()]
         inside = all(_settled(r) for r in runs)
         if inside or len(grown) == profile.converge_growths:
             break
         grown.append(max_steps)
         max_steps *= 2
+    if not check:  # the tested students keep their weights (a finished run's are copied, a record's trained again)
+        runs = [student(s, steps, keep=True) for s, (steps, _) in by_seed.items()]
     curves = [_curve(r) for r in runs]
     own = [_reach(c, REACH * r["best"]["val_acc"]) for c, r in zip(curves, runs)]
-    return {"row": row, "samples_per_class": n, "objective": objective, "max_steps": max_steps, "patience": patience,
-            "grown_from": grown, "inside": inside, **summarize_runs(runs),
+    return {"row": row, "samples_per_class": n, "objective": objective, **({"data": data} if data else {}), "lr": lr,
+            "max_steps": max_steps, "patience": patience, "grown_from": grown, "inside": inside, **summarize_runs(runs),
             "best_step": summarize([r["best"]["step"] for r in runs]),
             "best_seconds": summarize([r["best"]["loop_seconds"] for r in runs]),
             "to_own_99": {"steps": _summary([o[0] for o in own if o]), "seconds": _summary([o[1] for o in own if o])},
@@ -93,19 +113,59 @@ def _to_target(cell: dict, target: float) -> dict:
             "steps": _summary([r[0] for r in reached]), "seconds": _summary([r[1] for r in reached])}
 
 
+def _fm_student(lay, n, seed, values: dict, teacher) -> dict:
+    """A student of FM with ``values`` (mixup, fm_tau, fm_lr) for FM's selection, trained
+    as the cells' are: early-stopped, its maximum doubled while it binds. Runs of the same
+    values share their folder, whichever grid tried them."""
+    profile = lay.profile
+    tag = f"select_FM_mixup{values['mixup']}_tau{values['fm_tau']}_lr{values['fm_lr']}"
+    max_steps = profile.converge_steps
+    for _ in range(profile.converge_growths + 1):
+        run = _converge_student(lay, tag, n, seed, {**FM_ROWS[R.FM], "temperature": values["fm_tau"]}, teacher,
+                                max_steps, profile.converge_patience, values["fm_lr"], data=fm_data(values["mixup"]),
+                                evaluation=FM_EVAL)
+        if _settled(run):
+            break
+        max_steps *= 2
+    return run
+
+
+def fm_selection(lay: Layout, teacher: str, chosen: dict) -> tuple[dict, dict]:
+    """FM's mixup α, τ and learning rate (:data:`FM_SELECTION`), each chosen on validation at
+    the profile's selection n and seeds with the values chosen before it, inside its grid
+    (which grows past a winning edge). Returns (values, selection records)."""
+    values = {"mixup": lay.profile.grids["mixup"][0], "fm_tau": chosen["tau"], "fm_lr": chosen["lr"]}
+    selection = {}
+    for name in FM_SELECTION:
+        values[name], selection[name] = _select(
+            lay, name, lambda value, tag, n, seed, name=name: _fm_student(lay, n, seed, {**values, name: value}, teacher))
+    return values, selection
+
+
+def _recipes(chosen: dict, fm: dict) -> dict:
+    """Each row's (objective, learning rate, data settings): the paper's rows with the
+    distillation section's choices, FM's with its own."""
+    weights = {"γ": chosen["gamma"], "γ_ce": chosen["gamma_ce"]}
+    out = {row: ({**_fill(ROWS[row], weights), "temperature": chosen["tau"]}, chosen["lr"], None)
+           for row in CONVERGE_ROWS if row in ROWS}
+    out.update({row: ({**_fill(FM_ROWS[row], weights), "temperature": fm["fm_tau"]}, fm["fm_lr"], fm_data(fm["mixup"]))
+                for row in FM_ROWS})
+    return out
+
+
 def converge_section(lay: Layout) -> dict:
     """Every student trained as long as it needs: the paper's four rows at every n, with the
-    learning rate, τ and γ that the distillation section chose on validation, early-stopped
-    inside a maximum that grows while it binds; CE and CE+KD again with twice the patience
-    and maximum (the budget check, on validation accuracy); time-to-accuracy from each
-    run's validation curve."""
+    learning rate, τ and γ that the distillation section chose on validation, and FM and
+    FM+JM with FM's mixup α, τ and learning rate chosen on validation; each early-stopped
+    inside a maximum that grows while it binds; CE, CE+KD and FM again with twice the
+    patience and maximum (the budget check, on validation accuracy); time-to-accuracy from
+    each run's validation curve."""
     d = load_json(lay.out / "distill.json")
     if not d or "selection" not in d:
         raise UsageError(f"{lay.out / 'distill.json'} is missing: run `jacmatch experiment distill"
                          f"{'' if lay.profile is FULL else ' --' + lay.profile.name}` first (its choices are used)")
     profile, teacher, start = lay.profile, _teacher_path(lay), time.time()
     chosen = {k: d["selection"][k]["chosen"] for k in ("lr", "tau", "gamma", "gamma_ce")}
-    weights = {"γ": chosen["gamma"], "γ_ce": chosen["gamma_ce"]}
     cells: dict = {}
     summary = {"teacher": teacher, "chosen": chosen, "rows": list(CONVERGE_ROWS), "checked_rows": list(CHECKED_ROWS),
                "samples": list(profile.samples), "seeds": list(profile.seeds), "cells": cells, "complete": False,
@@ -113,14 +173,18 @@ def converge_section(lay: Layout) -> dict:
                         "eval_every_epochs": profile.converge_every, "min_delta": profile.converge_min_delta,
                         "growths": profile.converge_growths, "schedule": "constant", "reach": REACH}}
     config = run_config("distill", profile)
+    fm, fm_records = fm_selection(lay, teacher, chosen)
+    summary["fm"] = {"chosen": fm, "selection": fm_records}
+    recipes = _recipes(chosen, fm)
     for n in profile.samples:
         for row in CONVERGE_ROWS:
-            objective = {**_fill(ROWS[row], weights), "temperature": chosen["tau"]}
-            cells[R.key(row, n)] = _converged_cell(lay, row, n, objective, teacher, chosen["lr"],
-                                                  profile.converge_patience)
+            objective, lr, data = recipes[row]
+            cells[R.key(row, n)] = _converged_cell(lay, row, n, objective, teacher, lr, profile.converge_patience,
+                                                   data=data)
         for row in CHECKED_ROWS:
-            cell = _converged_cell(lay, row, n, cells[R.key(row, n)]["objective"], teacher, chosen["lr"],
-                                   2 * profile.converge_patience, check=True)
+            objective, lr, data = recipes[row]
+            cell = _converged_cell(lay, row, n, objective, teacher, lr, 2 * profile.converge_patience, check=True,
+                                   data=data)
             cells[R.key(R.twice_patience(row), n)] = {**cell, "row": R.twice_patience(row),
                                                  "val_gain": 100 * (cell["val_acc"]["mean"]
                                                                     - cells[R.key(row, n)]["val_acc"]["mean"])}
@@ -128,7 +192,7 @@ def converge_section(lay: Layout) -> dict:
         for row in CONVERGE_ROWS:
             cells[R.key(row, n)]["to_kd"] = _to_target(cells[R.key(row, n)], kd)
         summary["section_seconds"] = time.time() - start
-        summary["run_seconds"] = _run_seconds(cells)
+        summary["run_seconds"] = _run_seconds(cells, *fm_records.values())
         print(f"  n={n}: " + ", ".join(f"{r} {100 * cells[R.key(r, n)]['acc']['mean']:.1f}" for r in CONVERGE_ROWS)
               + f"   [{time.time() - start:.0f} s]", flush=True)
         write_json_atomic(lay.out / "converge.json", with_provenance(summary, config))

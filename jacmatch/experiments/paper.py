@@ -95,7 +95,8 @@ FULL = Profile(
     selection_samples=10, selection_seeds=(0, 1),
     grids={"lr": (0.003, 0.01, 0.03), "check_steps": (1600, 3200, 6400), "steps": (200, 400), "tau": (2.0, 4.0, 8.0),
            "gamma": (0.1, 1.0, 10.0, 100.0), "gamma_ce": (0.1, 1.0, 10.0, 100.0), "gamma_sq": (0.01, 0.1, 1.0),
-           "sigma": (0.03, 0.1, 0.3), "delta": (0.1, 1.0, 10.0), "delta_jacobian": (0.1, 1.0, 10.0)},
+           "sigma": (0.03, 0.1, 0.3), "delta": (0.1, 1.0, 10.0), "delta_jacobian": (0.1, 1.0, 10.0),
+           "mixup": (0.1, 0.3, 1.0), "fm_tau": (8.0, 16.0, 32.0), "fm_lr": (0.003, 0.01, 0.03)},
     robust_seeds=(0, 1, 2), robust_subsets=(None, 100), transfer_samples=(5, 10, 50), pictures_samples=10,
     # A student takes at least 40 passes over its data, at most 1600 steps: what n = 500 needs at
     # the learning rate chosen on validation there; the report's budget check (CE at twice the
@@ -112,7 +113,8 @@ QUICK = Profile(  # a smoke run of every section: digits, tiny grids, one seed
     name="quick", runs="quick", samples=(1, 5), seeds=(0,), ablation_samples=(5,),
     selection_samples=5, selection_seeds=(0,),
     grids={"lr": (0.01, 0.03), "check_steps": (800,), "steps": (400,), "tau": (2.0, 4.0), "gamma": (0.1, 1.0),
-           "gamma_ce": (1.0,), "gamma_sq": (0.1,), "sigma": (0.1,), "delta": (1.0,), "delta_jacobian": (1.0,)},
+           "gamma_ce": (1.0,), "gamma_sq": (0.1,), "sigma": (0.1,), "delta": (1.0,), "delta_jacobian": (1.0,),
+           "mixup": (0.3,), "fm_tau": (4.0,), "fm_lr": (0.03,)},
     robust_seeds=(0,), robust_subsets=(None, 10), transfer_samples=(5,), pictures_samples=5,
     models={"teacher": "small_cnn_16", "student": "small_cnn_4"},
     overrides={"data": {"name": "digits", "augment": False}, "eval": {"every": 1},
@@ -164,13 +166,19 @@ class Layout:
         relative = run.relative_to(self.runs)
         return self.records / relative.parent / f"{relative.name}.json"
 
-    def train(self, values: dict, record: bool = True) -> dict:
+    def weights_of(self, run: Path) -> Path:
+        """Where the weights of the run in folder ``run`` are kept, beside its record
+        (``results/paper/runs/converge/CE_n5_s0_max3200_p10.pt``)."""
+        return self.record_of(run).with_suffix(".pt")
+
+    def train(self, values: dict, record: bool = True, keep: bool = False) -> dict:
         """A run of this layout, reused when finished, in its folder under runs/ or as its
         record under results/<profile>/runs/ (``record``: a student's; a teacher's run
-        needs its checkpoint). The teacher's gradients are shared."""
+        needs its checkpoint); ``keep``: its tested weights kept beside its record too. The
+        teacher's gradients are shared."""
         where = self.record_of(Path(values["out_dir"])) if record else None
         return run_or_load(values, teacher_gradients=self.teacher_gradients, data_cache=self.data_cache,
-                           record=where)
+                           record=where, keep=self.weights_of(Path(values["out_dir"])) if keep else None)
 
 
 def transfer_classes(profile: Profile = FULL) -> tuple[list[int], list[int]]:

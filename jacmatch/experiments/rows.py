@@ -21,6 +21,10 @@ DOUBLED_STEPS = "CE (2× steps)"  # section 2's budget check
 JM_SQ = "CE+KD+JM sq"
 JM_LABEL = "CE+KD+JM label"
 JM_PROJECTION = "CE+KD+JM projection"
+# Function matching (Beyer et al. 2022): KD alone, the teacher on the student's own crops,
+# flips and mixup, trained long; and the same with the Jacobian term
+FM = "FM"
+FM_JM = "FM+JM"
 
 # Transfer (section 4)
 CE_SCRATCH = "CE (scratch)"
