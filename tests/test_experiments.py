@@ -104,6 +104,18 @@ def test_every_experiment_section_and_the_report_quick(tmp_path):
     shutil.rmtree(tmp_path / "runs")
     jacmatch("experiment", "distill", "--quick", cwd=tmp_path)
     assert not (tmp_path / "runs").exists()
+    # Fidelity from the kept weights alone: every converged row at every n, the same as beside the runs, and each
+    # student's test accuracy measured again equal to its record's (the weights are the tested ones).
+    fidelity = json.loads((out / "fidelity.json").read_text())
+    (out / "fidelity.json").unlink()
+    jacmatch("experiment", "fidelity", "--quick", cwd=tmp_path)
+    assert not (tmp_path / "runs").exists()
+    again = json.loads((out / "fidelity.json").read_text())
+    assert again["cells"] == fidelity["cells"] and set(again["cells"]) == {f"{r}|{n}" for r in converge["rows"]
+                                                                         for n in (1, 5)}
+    for cell in again["cells"].values():
+        assert cell["acc_vs_record"] == 0 and set(cell["agreement"]["noisy"]) == {"0.1", "0.2", "0.3", "0.5", "0.7"}
+        assert 0 <= cell["agreement"]["interpolated"]["mean"] <= 1 and cell["kl"]["clean"]["mean"] >= 0
     again = json.loads((out / "distill.json").read_text())
     assert again["cells"] == distill["cells"] and again["selection"] == distill["selection"]
     assert distill["run_seconds"] == pytest.approx(

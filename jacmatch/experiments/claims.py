@@ -7,7 +7,8 @@ import re
 
 from . import rows as R
 from .common import converged
-from .report_distill import small_over_large
+from .report_distill import equal_time_pairs, small_over_large
+from .report_fidelity import FIDELITY_SIGMA, fidelity_pairs
 from .paper import transfer_classes
 from .report_text import cores, evidence, holds, paired_by_n, span, verdict_of
 
@@ -31,6 +32,12 @@ def claims(sections: dict) -> dict[str, str]:
         "the paper measures it on CIFAR-100",
         "(d) Jacobian matching helps transfer learning with attention transfer": f"Fashion-MNIST classes {source} to "
         f"{target} (the paper: ImageNet to MIT Scenes with VGG/ResNet)",
+        "(e) Jacobian matching makes the student a more faithful copy of its teacher around the data": "top-1 agreement "
+        "with the teacher (Stanton et al. 2021) under test noise and between test points, from the converged "
+        "students' kept weights; the paper derives it (Proposition 1) but does not measure it",
+        "(f) Jacobian matching against function matching": "not a claim of the paper, which predates function "
+        "matching (Beyer et al. 2022): KD alone on consistent crops, flips and mixup, trained as long as it needs, "
+        "its values chosen on validation like every row's",
     }
 
 
@@ -71,6 +78,7 @@ def verdicts(sections: dict) -> list[tuple[str, str, str, str]]:
             out.append((f"(c) Jacobian matching makes students more robust to noisy inputs ({at})",
                         so_far(verdict_of(noisy)), f"{R.CE_KD_JM} − {R.CE_KD} under test noise σ = 0.3, every "
                         "student early-stopped, points (seeds won): " + evidence(noisy), claim[2][1]))
+    out += _fidelity_verdicts(sections, claim, so_far)
     if d is not None:
         pairs = paired_by_n(d, R.CE_KD, R.CE_KD_JM)
         view = f" ({_equal_budget(d)})" if c is not None else ""
@@ -86,6 +94,31 @@ def verdicts(sections: dict) -> list[tuple[str, str, str, str]]:
         at = paired_by_n(tr, R.CE_SCRATCH, R.CE_AT)
         out.append((claim[3][0] + _transfer_view(tr), verdict_of(pairs), f"{R.CE_AT_JM} − {R.CE_AT}, test points (seeds won): "
                     + evidence(pairs) + f"; {R.CE_AT} − CE: " + evidence(at), claim[3][1]))
+    return out
+
+
+def _fidelity_verdicts(sections: dict, claim: list, so_far) -> list[tuple[str, str, str, str]]:
+    """Claim (e), on the fidelity section: JM's student agrees more with its teacher under
+    test noise and between test points, with CE+KD and with function matching; and (f),
+    Jacobian matching against function matching, at convergence and at equal training time."""
+    f, c, out = sections.get("fidelity"), sections.get("converge"), []
+    (e, e_diff), (fm, fm_diff) = claim[4], claim[5]
+    if f is not None:
+        for a, b, label in ((R.CE_KD, R.CE_KD_JM, e), (R.FM, R.FM_JM, "(e) … with function matching too")):
+            noisy = fidelity_pairs(f, a, b, "agreement", FIDELITY_SIGMA)
+            between = fidelity_pairs(f, a, b, "agreement", "interpolated")
+            if noisy and between:
+                out.append((f"{label} (at convergence)", so_far(verdict_of(noisy + between)),
+                            f"{b} − {a}, agreement with the teacher under test noise σ = {FIDELITY_SIGMA}, points (seeds "
+                            f"won): {evidence(noisy)}; between test points: {evidence(between)}", e_diff))
+    if c is not None:
+        for b, label in ((R.CE_KD_JM, f"{fm}: {R.CE_KD_JM} beats {R.FM}"), (R.FM_JM, f"(f) … {R.FM_JM} beats {R.FM}")):
+            for view, pairs, what in (("at convergence", paired_by_n(c, R.FM, b), "test points"),
+                                      ("at equal training time", equal_time_pairs(c, R.FM, b),
+                                       "validation points at the time the quicker row took to its best")):
+                if pairs:
+                    out.append((f"{label} ({view})", so_far(verdict_of(pairs)),
+                                f"{b} − {R.FM}, {what} (seeds won): {evidence(pairs)}", fm_diff))
     return out
 
 

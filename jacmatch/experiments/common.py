@@ -12,8 +12,8 @@ from ..atomic import write_json_atomic
 from ..training import TeacherGradients, config_from_dict, train
 from ..training.config import config_to_dict
 
-__all__ = ["CONVERGED_GAIN", "converged", "run_or_load", "write_record", "keep_weights", "same_outcome", "load_json", "summarize", "summarize_runs",
-           "with_provenance", "data_hashes"]
+__all__ = ["CONVERGED_GAIN", "converged", "run_or_load", "write_record", "keep_weights", "same_outcome", "load_json",
+           "summarize", "summarize_runs", "with_provenance", "data_hashes"]
 
 
 # points of validation accuracy: a baseline that gains less at twice its budget has converged

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 import time
+from pathlib import Path
 
 from . import rows as R
 from ..atomic import write_json_atomic
@@ -42,9 +43,13 @@ def _converge_student(lay, tag, n, seed, objective, teacher, max_steps, patience
                         objective=objective, optim={"lr": lr, "schedule": "constant"},
                         eval={"every": lay.profile.converge_every, "keep_best": True, "patience": patience,
                               "min_delta": lay.profile.converge_min_delta, **(evaluation or {})},
-                        out_dir=str(lay.runs / "converge" / f"{tag}_n{n}_s{seed}_max{max_steps}_p{patience}"))
+                        out_dir=str(_run_dir(lay, tag, n, seed, max_steps, patience)))
     values["optim"]["epochs"] = epochs_for_steps(n, values, max_steps)
     return lay.train(values, keep=keep)
+
+
+def _run_dir(lay, tag, n, seed, max_steps, patience) -> Path:
+    return lay.runs / "converge" / f"{tag}_n{n}_s{seed}_max{max_steps}_p{patience}"
 
 
 def _curve(run: dict) -> list[tuple[int, float, float]]:
@@ -98,7 +103,9 @@ def _converged_cell(lay, row, n, objective, teacher, lr, patience, check=False, 
             "best_step": summarize([r["best"]["step"] for r in runs]),
             "best_seconds": summarize([r["best"]["loop_seconds"] for r in runs]),
             "to_own_99": {"steps": _summary([o[0] for o in own if o]), "seconds": _summary([o[1] for o in own if o])},
-            "curves": curves}
+            "curves": curves, **({} if check else {"weights": [
+                lay.weights_of(_run_dir(lay, tag, n, s, steps, patience)).relative_to(lay.out).as_posix()
+                for s, (steps, _) in by_seed.items()]})}
 
 
 def _summary(values: list) -> dict | None:

@@ -10,7 +10,7 @@ from . import rows as R
 from .._extras import require
 from ..atomic import save_figure
 
-__all__ = ["draw_report_figures", "plot_distill", "plot_student_noise", "plot_robust", "noise_curve"]
+__all__ = ["draw_report_figures", "plot_fidelity_noise", "plot_distill", "plot_student_noise", "plot_robust", "noise_curve"]
 
 
 def _pyplot():
@@ -21,13 +21,15 @@ def _pyplot():
 
 
 def draw_report_figures(sections: dict, folder: Path) -> None:
-    """distill.png, distill_noise.png, converge_curves.png and robustness.png in ``folder``, for
-    the sections run."""
-    d, r, c = sections.get("distill"), sections.get("robustness"), sections.get("converge")
+    """distill.png, distill_noise.png, converge_curves.png, fidelity_noise.png and
+    robustness.png in ``folder``, for the sections run."""
+    d, r, c, f = (sections.get(k) for k in ("distill", "robustness", "converge", "fidelity"))
     if d is not None:
         plot_distill(d, main_rows(d), folder / "distill.png")
     if c is not None and c["cells"]:
         plot_converge_curves(c, folder / "converge_curves.png")
+    if f is not None and f["cells"]:
+        plot_fidelity_noise(f, folder / "fidelity_noise.png")
     if r is not None:
         if d is not None and any(R.key(R.CE_KD_JM, n) in d["cells"] for n in d["samples"]):
             plot_student_noise(d, folder / "distill_noise.png")
@@ -56,6 +58,31 @@ def plot_converge_curves(c: dict, path: Path) -> None:
         ax.set_xlabel("training seconds (2-core CPU)")
         ax.set_ylabel("validation accuracy (%)")
         ax.set_title(f"n = {n} samples per class, every seed")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    save_figure(fig, path, dpi=110)
+    plt.close(fig)
+
+
+def plot_fidelity_noise(f: dict, path: Path) -> None:
+    """Top-1 agreement with the teacher against test noise σ (0: the clean test points) for
+    every converged row, at n = 10 and n = 100: mean and std over seeds."""
+    plt = _pyplot()
+    ns = curve_samples(f)
+    fig, axes = plt.subplots(1, len(ns), figsize=(6 * len(ns), 4), squeeze=False)
+    for ax, n in zip(axes[0], ns):
+        for i, row in enumerate(f["rows"]):
+            cell = f["cells"].get(R.key(row, n))
+            if cell is None:
+                continue
+            a = cell["agreement"]
+            sigmas = sorted(a["noisy"], key=float)
+            points = [a["clean"]] + [a["noisy"][s] for s in sigmas]
+            ax.errorbar([0.0] + [float(s) for s in sigmas], [100 * p["mean"] for p in points],
+                        yerr=[100 * p["std"] for p in points], color=f"C{i}", marker="o", ms=3, capsize=2, label=row)
+        ax.set_xlabel("test noise σ (pixels in [0, 1])")
+        ax.set_ylabel("top-1 agreement with the teacher (%)")
+        ax.set_title(f"n = {n} samples per class, mean ± std over seeds")
         ax.legend(fontsize=8)
     fig.tight_layout()
     save_figure(fig, path, dpi=110)

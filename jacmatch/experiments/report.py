@@ -18,12 +18,13 @@ from .claims import claim_label, verdict_table, verdicts
 from .common import load_json
 from .figures import draw_report_figures
 from .report_distill import budget_findings, converge_text, distill_text, teacher_findings, teacher_text
+from .report_fidelity import fidelity_text
 from .report_sections import check_one_data_set, robust_text, section_time, transfer_text, verify_text
 from .paper import SECTION_MINUTES
 from .report_text import cores, img, missing
 
 RESULTS = Path("results")
-SECTIONS = ("teacher", "distill", "robustness", "transfer", "verify", "converge")
+SECTIONS = ("teacher", "distill", "robustness", "transfer", "verify", "converge", "fidelity")
 
 
 def load_sections(folder: Path) -> dict:
@@ -36,7 +37,7 @@ def load_sections(folder: Path) -> dict:
 def render_report(sections: dict, folder: str = "paper", gradients: bool = True) -> tuple[str, list[str]]:
     """REPORT.md's text and the findings, from the section JSONs; ``folder`` is where the
     plots are, relative to the report; ``gradients``: whether gradients.png exists."""
-    t, d, r, tr, v, c = (sections.get(k) for k in SECTIONS)
+    t, d, r, tr, v, c, f = (sections.get(k) for k in SECTIONS)
     n_cores = cores(d, r, tr, c, t)  # the machine the sections ran on, from their provenance
     distill_md, f_distill = distill_text(d, folder)
     converge_md, f_converge = converge_text(c, folder)
@@ -58,6 +59,7 @@ def render_report(sections: dict, folder: str = "paper", gradients: bool = True)
         "## 1. Teacher\n", teacher_text(t),
         "## 2. Distillation with few samples\n", distill_md,
         "## 2b. Distillation at convergence\n", converge_md,
+        "## 2c. Fidelity: how well the converged students agree with their teacher\n", fidelity_text(f, folder),
         "## 3. Robustness to noisy inputs\n", robust_md,
         "## 4. Transfer\n", transfer_md,
         "## 5. Propositions and pictures\n", verify_md,

@@ -11,7 +11,7 @@ from .report_text import (check_gain, chosen_values, cores, holds, img, missing,
                           table)
 
 __all__ = ["teacher_text", "teacher_findings", "distill_rows", "distill_text", "converge_text", "small_over_large",
-           "budget_pair", "budget_findings"]
+           "budget_pair", "budget_findings", "equal_time_pairs", "at_time", "EQUAL_TIME_PAIRS"]
 
 
 def teacher_text(t: dict | None) -> str:
@@ -101,14 +101,15 @@ def converge_text(c: dict | None, folder: str) -> tuple[str, list[str]]:
              f"stops after {rule['patience']} evaluations without a validation accuracy better by more than "
              f"{100 * rule.get('min_delta', 0):g} point; its best weights "
              "are tested. A maximum where a seed's best point lies (or that stops no seed) is doubled, up to "
-             f"{rule['growths']} times. Test accuracy (%), mean ± std over {len(c['seeds'])} seeds:\n"]
+             f"{rule['growths']} times." + _fm_text(c) + f" Test accuracy (%), mean ± std over {len(c['seeds'])} "
+             "seeds:\n"]
     lines += table(cells, rows, ns, lambda x: pm(x["acc"]))
     lines += ["", "Where the best validation accuracy was: mean step (of the maximum); ✓ when every seed's best point "
               "lies strictly inside its maximum and the run stopped early:", ""]
     lines += table(cells, rows, ns, lambda x: f"{x['best_step']['mean']:.0f} of {x['max_steps']} "
                     + ("✓" if x["inside"] else "**✗ binds**"))
-    lines += ["", "Budget check: CE and CE+KD again with twice the patience and maximum; the change in validation "
-              "accuracy (points); a student that has converged gains under 0.5:", ""]
+    lines += ["", f"Budget check: {_and(c['checked_rows'])} again with twice the patience and maximum; the change in "
+              "validation accuracy (points); a student that has converged gains under 0.5:", ""]
     lines += ["| row | " + " | ".join(f"n={n}" for n in ns) + " |", "|---|" + "---|" * len(ns)]
     for row in c["checked_rows"]:
         lines.append(f"| {row} | " + " | ".join(check_gain(cells.get(R.key(R.twice_patience(row), n))) for n in ns) + " |")
@@ -117,8 +118,64 @@ def converge_text(c: dict | None, folder: str) -> tuple[str, list[str]]:
     lines += table(cells, rows, ns, lambda x: reached_text(x["to_own_99"], None))
     lines += ["", "… and to reach CE+KD's converged validation accuracy at that n (seeds that reach it):", ""]
     lines += table(cells, rows, ns, lambda x: reached_text(x["to_kd"], x["to_kd"]) if "to_kd" in x else "—")
+    if R.FM in rows:
+        lines += ["", "At equal training time: per seed, both rows' validation accuracy at the time the quicker of the "
+                  "two took to reach its best point; the difference in points (seeds won):", ""]
+        lines += ["| difference | " + " | ".join(f"n={n}" for n in ns) + " |", "|---|" + "---|" * len(ns)]
+        for a, b in EQUAL_TIME_PAIRS:
+            found = {n: (m, w, k) for n, m, w, k in equal_time_pairs(c, a, b)}
+            lines.append(f"| {b} − {a} | " + " | ".join(f"{found[n][0]:+.1f} ({found[n][1]}/{found[n][2]})"
+                                                        if n in found else "—" for n in ns) + " |")
     lines += ["", f"![validation accuracy against training time]({img(folder, 'converge_curves')})"]
     return "\n".join(lines) + "\n", _converge_findings(c)
+
+
+def at_time(curve: list, seconds: float) -> float:
+    """The best validation accuracy a run had reached within ``seconds`` of training (0
+    before its first evaluation)."""
+    return max((acc for _, sec, acc in curve if sec <= seconds + 1e-9), default=0.0)
+
+
+def _best_time(curve: list) -> float:
+    """The training seconds at which a run first reached its best validation accuracy."""
+    best = max(acc for _, _, acc in curve)
+    return next(sec for _, sec, acc in curve if acc == best)
+
+
+def equal_time_pairs(c: dict, a: str, b: str) -> list[tuple]:
+    """(n, mean of b − a in points, seeds where b wins, seeds): per seed, both rows'
+    validation accuracy at the time the quicker of the two took to its best point (the
+    best either had reached by then), at every n where both ran."""
+    out = []
+    for n in c["samples"]:
+        x, y = c["cells"].get(R.key(a, n)), c["cells"].get(R.key(b, n))
+        if x and y:
+            diff = []
+            for cx, cy in zip(x["curves"], y["curves"]):
+                t = min(_best_time(cx), _best_time(cy))
+                diff.append(at_time(cy, t) - at_time(cx, t))
+            out.append((n, 100 * sum(diff) / len(diff), sum(v > 0 for v in diff), len(diff)))
+    return out
+
+
+#: The equal-time comparisons of the converged view: (a, b) for b − a
+EQUAL_TIME_PAIRS = ((R.FM, R.CE_KD_JM), (R.FM, R.FM_JM), (R.CE_KD, R.CE_KD_JM))
+
+
+def _and(names: list[str]) -> str:
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+
+
+def _fm_text(c: dict) -> str:
+    """How FM and FM+JM were trained and their values chosen (none before they ran)."""
+    fm = c.get("fm")
+    if not fm:
+        return ""
+    return (f" {R.FM} is function matching (Beyer et al. 2022): KD alone, the teacher on the student's own view (random "
+            f"crops, flips and mixup), trained as long as it needs like every row; {R.FM_JM} adds the Jacobian term "
+            f"(γ = {c['chosen']['gamma']:g}). Their values, chosen on validation in this order with the same early "
+            "stopping: " + chosen_values(fm["selection"], (("mixup", "mixup α"), ("fm_tau", "τ"),
+                                                            ("fm_lr", "learning rate"))) + ".")
 
 
 def small_over_large(c: dict) -> tuple[float, int, int, list, list] | None:
@@ -146,10 +203,10 @@ def _converge_findings(c: dict) -> list[str]:
         return []
     binding = [k for k, x in c["cells"].items() if not x["inside"]]
     checks = [(k, x["val_gain"]) for k, x in c["cells"].items() if "val_gain" in x]
+    gains = ", ".join(f"{k.split('|')[0].split(' (')[0]} n={k.split('|')[1]}: {g:+.1f}" for k, g in checks)
     return ["Budgets at convergence: " + ("every best point lies inside its maximum" if not binding else
-            f"**the maximum still binds for {', '.join(binding)}**") + "; with twice the patience, CE and CE+KD "
-            "change validation accuracy by " + ", ".join(f"{k.split('|')[0].split(' (')[0]} n={k.split('|')[1]}: "
-                                                         f"{g:+.1f}" for k, g in checks) + " points."]
+            f"**the maximum still binds for {', '.join(binding)}**") + f"; with twice the patience, "
+            f"{_and(c['checked_rows'])} change validation accuracy by {gains} points."]
 
 
 def _budget_at_check(d: dict) -> str:

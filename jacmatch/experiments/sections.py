@@ -12,6 +12,7 @@ from ..atomic import write_json_atomic
 from ..errors import UsageError
 from .common import with_provenance
 from .converge import converge_section
+from .fidelity import fidelity_section
 from .figures import plot_gradients
 from .paper import FULL, QUICK, Layout, _teacher_path, distill_section, run_config, teacher_section
 from .robustness import robustness_section
@@ -61,7 +62,7 @@ def pictures_section(lay: Layout) -> dict:
 
 
 SECTIONS = {"teacher": teacher_section, "distill": distill_section, "converge": converge_section,
-            "robustness": robustness_section,
+            "fidelity": fidelity_section, "robustness": robustness_section,
             "transfer": transfer_section, "verify": verify_section, "pictures": pictures_section}
 
 

@@ -1,0 +1,59 @@
+"""The report's fidelity section (2c): how well each converged student agrees with its
+teacher (clean, under test noise, between test points), and its paired differences."""
+
+from __future__ import annotations
+
+from .records import Section
+from .report_text import img, missing, pm, table
+
+__all__ = ["fidelity_text", "fidelity_pairs", "FIDELITY_SIGMA"]
+
+FIDELITY_SIGMA = "0.3"  # the test noise of the verdicts (the claims' σ elsewhere in the report)
+
+
+def fidelity_pairs(f: dict, a: str, b: str, measure: str, where: str) -> list[tuple]:
+    """(n, mean of b − a in points, seeds where b wins, seeds) of a fidelity ``measure``
+    (agreement) ``where`` ("clean", "interpolated", or a noise σ), paired by seed, at every n
+    where both rows ran."""
+    record, out = Section.from_json("fidelity", f), []
+    for n in sorted(at for at in record.at() if isinstance(at, int)):
+        x, y = record.cell(a, n), record.cell(b, n)
+        if x and y:
+            vx, vy = (_values(c.fields[measure], where) for c in (x, y))
+            diff = [q - p for p, q in zip(vx, vy)]
+            out.append((n, 100 * sum(diff) / len(diff), sum(v > 0 for v in diff), len(diff)))
+    return out
+
+
+def _values(m: dict, where: str) -> list[float]:
+    return (m[where] if where in ("clean", "interpolated") else m["noisy"][where])["values"]
+
+
+def fidelity_text(f: dict | None, folder: str) -> str:
+    """Section 2c: top-1 agreement with the teacher and KL(teacher ‖ student) of every
+    converged row at every n, and the agreement-against-noise plot."""
+    if f is None:
+        return missing("jacmatch experiment fidelity")
+    cells, ns, rows = f["cells"], f["samples"], f["rows"]
+    done = "" if f.get("complete", True) else \
+        f"**Partial: {len(cells)} cells so far**; `jacmatch experiment fidelity` computes the rest. "
+    sigmas = sorted({s for c in cells.values() for s in c["agreement"]["noisy"]}, key=float)
+    lines = [done + "Fidelity (Stanton et al. 2021) of the converged students of section 2b, computed from their "
+             "kept weights (`results/paper/runs/converge/*.pt`; `jacmatch experiment fidelity` trains nothing): the "
+             "top-1 agreement with the teacher, and the mean KL(teacher ‖ student) at τ = 1, mean ± std over seeds. "
+             "Each student's test accuracy, measured again from its weights, differs from its record by at most "
+             f"{100 * max((c['acc_vs_record'] for c in cells.values()), default=0):.2f} points.\n",
+             "Agreement (%) on the clean test points:", ""]
+    lines += table(cells, rows, ns, lambda x: pm(x["agreement"]["clean"]))
+    if FIDELITY_SIGMA in sigmas:
+        lines += ["", f"Agreement (%) under test noise σ = {FIDELITY_SIGMA} (the noise of the accuracies under noise):", ""]
+        lines += table(cells, rows, ns, lambda x: pm(x["agreement"]["noisy"][FIDELITY_SIGMA]))
+    if any("interpolated" in c["agreement"] for c in cells.values()):
+        lines += ["", "Agreement (%) between test points (fixed pairs and mixing weights, the same for every student):",
+                  ""]
+        lines += table(cells, rows, ns, lambda x: pm(x["agreement"]["interpolated"]) if "interpolated" in x["agreement"]
+                       else "—")
+    lines += ["", "KL(teacher ‖ student) on the clean test points (nats):", ""]
+    lines += table(cells, rows, ns, lambda x: pm(x["kl"]["clean"], scale=1.0, digits=3))
+    lines += ["", f"![agreement with the teacher against test noise]({img(folder, 'fidelity_noise')})"]
+    return "\n".join(lines) + "\n"
