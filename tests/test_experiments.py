@@ -331,9 +331,11 @@ def test_a_converged_cell_grows_its_maximum_and_trains_again_only_the_seeds_that
                 "final": {"test": {"acc": acc}, "val": {"acc": acc}}, "train_seconds": 2.0, "student_parameters": 10,
                 "history": [{"steps": 60, "epoch_seconds": 1.0, "val": {"acc": acc}}]}
     monkeypatch.setattr(converge, "_converge_student", student)
-    cell = converge._converged_cell(lay, "CE", 5, {"alpha": 1.0}, None, 0.01, 2)
+    cell = converge._converged_cell(lay, "CE", 5, {"alpha": 1.0}, None, 0.01, 2, 0.25)
     assert trained == [(0, 100), (1, 100), (1, 200)]
     assert kept == [(0, 100), (1, 200)]  # each seed's tested run keeps its weights, not the one that bound
+    # times are steps times the row's measured step cost: the machine's other load does not enter them
+    assert cell["best_seconds"]["values"] == [15.0, 15.0] and cell["curves"][0] == [(60, 15.0, 0.5)]
     assert cell["max_steps"] == 200 and cell["grown_from"] == [100] and cell["inside"]
     assert cell["acc"]["values"] == [0.5, 0.65]
 def test_a_committed_teacher_is_re_evaluated_and_gains_provenance(tmp_path):

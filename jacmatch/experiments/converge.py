@@ -52,14 +52,44 @@ def _run_dir(lay, tag, n, seed, max_steps, patience) -> Path:
     return lay.runs / "converge" / f"{tag}_n{n}_s{seed}_max{max_steps}_p{patience}"
 
 
-def _curve(run: dict) -> list[tuple[int, float, float]]:
-    """(steps, training seconds, validation accuracy) after each evaluated epoch."""
-    steps = seconds = 0.0
+def _curve(run: dict, step_seconds: float) -> list[tuple[int, float, float]]:
+    """(steps, training seconds, validation accuracy) after each evaluated epoch; the
+    seconds are the steps times the row's measured step cost (:func:`step_costs`)."""
+    steps = 0
     out = []
     for h in run["history"]:
-        steps, seconds = steps + h["steps"], seconds + h.get("epoch_seconds", 0.0)
+        steps += h["steps"]
         if "val" in h:
-            out.append((int(steps), seconds, h["val"]["acc"]))
+            out.append((steps, steps * step_seconds, h["val"]["acc"]))
+    return out
+
+
+STEP_COST_EPOCHS = 4  # a step's cost: the fastest of these epochs after the first (which fills the teacher cache)
+
+
+def step_costs(lay, recipes: dict, teacher: str) -> dict[str, dict[str, float]]:
+    """{row: {n: seconds per training step}}: each row's step at each n, measured back to
+    back in this process over a few epochs without evaluation. The converged view's times
+    (time-to-accuracy, equal time, the curves) are steps times these, so that they do not
+    depend on what else the machine ran while each cell trained; a run's own measured
+    seconds stay in its record."""
+    import tempfile
+
+    from ..training import config_from_dict, train
+    from .common import _history
+    out: dict[str, dict[str, float]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for n in lay.profile.samples:
+            for row in CONVERGE_ROWS:
+                objective, lr, data = recipes[row]
+                folder = Path(tmp) / f"{re.sub(r'[^A-Za-z0-9]+', '_', row)}_n{n}"
+                values = run_config("distill", lay.profile, seed=0, teacher=teacher, objective=objective,
+                                    data={"samples_per_class": n, **(data or {})},
+                                    optim={"lr": lr, "schedule": "constant", "epochs": STEP_COST_EPOCHS},
+                                    eval={"every": 10**5, **FM_EVAL, "interpolations": 0}, out_dir=str(folder))
+                train(config_from_dict(values), teacher_gradients=lay.teacher_gradients, data_cache=lay.data_cache)
+                epochs = _history(folder)[1:] or _history(folder)
+                out.setdefault(row, {})[str(n)] = min(h["epoch_seconds"] / h["steps"] for h in epochs)
     return out
 
 
@@ -75,7 +105,7 @@ def _settled(run: dict) -> bool:
     return run["best"]["inside"] and run["best"]["stopped_early"]
 
 
-def _converged_cell(lay, row, n, objective, teacher, lr, patience, check=False, data=None) -> dict:
+def _converged_cell(lay, row, n, objective, teacher, lr, patience, step_seconds, check=False, data=None) -> dict:
     """One row at n over the seeds, its maximum doubled while a seed's best point lies at it
     (or a seed did not stop); only those seeds train again. The students keep their
     weights, except the budget check's (``check``)."""
@@ -96,12 +126,12 @@ def _converged_cell(lay, row, n, objective, teacher, lr, patience, check=False, 
         max_steps *= 2
     if not check:  # the tested students keep their weights (a finished run's are copied, a record's trained again)
         runs = [student(s, steps, keep=True) for s, (steps, _) in by_seed.items()]
-    curves = [_curve(r) for r in runs]
+    curves = [_curve(r, step_seconds) for r in runs]
     own = [_reach(c, REACH * r["best"]["val_acc"]) for c, r in zip(curves, runs)]
     return {"row": row, "samples_per_class": n, "objective": objective, **({"data": data} if data else {}), "lr": lr,
             "max_steps": max_steps, "patience": patience, "grown_from": grown, "inside": inside, **summarize_runs(runs),
             "best_step": summarize([r["best"]["step"] for r in runs]),
-            "best_seconds": summarize([r["best"]["loop_seconds"] for r in runs]),
+            "best_seconds": summarize([r["best"]["step"] * step_seconds for r in runs]), "step_seconds": step_seconds,
             "to_own_99": {"steps": _summary([o[0] for o in own if o]), "seconds": _summary([o[1] for o in own if o])},
             "curves": curves, **({} if check else {"weights": [
                 lay.weights_of(_run_dir(lay, tag, n, s, steps, patience)).relative_to(lay.out).as_posix()
@@ -183,15 +213,18 @@ def converge_section(lay: Layout) -> dict:
     fm, fm_records = fm_selection(lay, teacher, chosen)
     summary["fm"] = {"chosen": fm, "selection": fm_records}
     recipes = _recipes(chosen, fm)
+    costs = summary["step_seconds"] = step_costs(lay, recipes, teacher)
+    print("  seconds per step: " + "; ".join(f"{row} " + ", ".join(f"n={n}: {1000 * v:.1f} ms" for n, v in by_n.items())
+                                            for row, by_n in costs.items()), flush=True)
     for n in profile.samples:
         for row in CONVERGE_ROWS:
             objective, lr, data = recipes[row]
             cells[R.key(row, n)] = _converged_cell(lay, row, n, objective, teacher, lr, profile.converge_patience,
-                                                   data=data)
+                                                   costs[row][str(n)], data=data)
         for row in CHECKED_ROWS:
             objective, lr, data = recipes[row]
-            cell = _converged_cell(lay, row, n, objective, teacher, lr, 2 * profile.converge_patience, check=True,
-                                   data=data)
+            cell = _converged_cell(lay, row, n, objective, teacher, lr, 2 * profile.converge_patience,
+                                   costs[row][str(n)], check=True, data=data)
             cells[R.key(R.twice_patience(row), n)] = {**cell, "row": R.twice_patience(row),
                                                  "val_gain": 100 * (cell["val_acc"]["mean"]
                                                                     - cells[R.key(row, n)]["val_acc"]["mean"])}

@@ -55,7 +55,8 @@ def plot_converge_curves(c: dict, path: Path) -> None:
             for j, curve in enumerate(cell["curves"] if cell else []):
                 ax.plot([sec for _, sec, _ in curve], [100 * acc for _, _, acc in curve], color=f"C{i}", alpha=0.6,
                         lw=1, label=row if j == 0 else None)
-        ax.set_xlabel("training seconds (2-core CPU)")
+        ax.set_xlabel("training seconds (steps × measured step cost)" if "step_seconds" in c else
+                      "training seconds (2-core CPU)")
         ax.set_ylabel("validation accuracy (%)")
         ax.set_title(f"n = {n} samples per class, every seed")
         ax.legend(fontsize=8)

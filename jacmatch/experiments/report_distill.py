@@ -113,8 +113,13 @@ def converge_text(c: dict | None, folder: str) -> tuple[str, list[str]]:
     lines += ["| row | " + " | ".join(f"n={n}" for n in ns) + " |", "|---|" + "---|" * len(ns)]
     for row in c["checked_rows"]:
         lines.append(f"| {row} | " + " | ".join(check_gain(cells.get(R.key(R.twice_patience(row), n))) for n in ns) + " |")
+    cost = (" Training seconds are steps times the row's step cost at that n, measured back to back in one process "
+            "(without evaluation), so that what else the machine ran while a cell trained does not enter them: "
+            + "; ".join(f"{row} " + ", ".join(f"{1000 * v:.1f}" for v in by_n.values()) + " ms"
+                        for row, by_n in c["step_seconds"].items()) + f" at n = {', '.join(map(str, ns))}."
+            if "step_seconds" in c else "")
     lines += ["", f"Time to accuracy: training seconds (and steps) to reach {100 * rule['reach']:.0f}% of the row's own "
-              "best validation accuracy, mean over seeds:", ""]
+              "best validation accuracy, mean over seeds" + ("." + cost if cost else ":"), ""]
     lines += table(cells, rows, ns, lambda x: reached_text(x["to_own_99"], None))
     lines += ["", "… and to reach CE+KD's converged validation accuracy at that n (seeds that reach it):", ""]
     lines += table(cells, rows, ns, lambda x: reached_text(x["to_kd"], x["to_kd"]) if "to_kd" in x else "—")
