@@ -116,6 +116,12 @@ def test_every_experiment_section_and_the_report_quick(tmp_path):
     for cell in again["cells"].values():
         assert cell["acc_vs_record"] == 0 and set(cell["agreement"]["noisy"]) == {"0.1", "0.2", "0.3", "0.5", "0.7"}
         assert 0 <= cell["agreement"]["interpolated"]["mean"] <= 1 and cell["kl"]["clean"]["mean"] >= 0
+    kept = again["cells"]["CE+KD+JM|5"]  # a kept student is a checkpoint the CLI evaluates beside its teacher
+    jacmatch("evaluate", "--checkpoint", str(out / kept["weights"][0]), "--teacher", str(out / "teacher.pt"), "--json",
+             "kept.json", cwd=tmp_path)
+    evaluated = json.loads((tmp_path / "kept.json").read_text())
+    assert evaluated["acc"] == pytest.approx(kept["acc"]["mean"], abs=1e-3)
+    assert evaluated["fidelity"]["clean"]["agreement"] == pytest.approx(kept["agreement"]["clean"]["mean"], abs=1e-3)
     again = json.loads((out / "distill.json").read_text())
     assert again["cells"] == distill["cells"] and again["selection"] == distill["selection"]
     assert distill["run_seconds"] == pytest.approx(
