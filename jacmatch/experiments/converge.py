@@ -216,11 +216,18 @@ def converge_section(lay: Layout) -> dict:
     costs = summary["step_seconds"] = step_costs(lay, recipes, teacher)
     print("  seconds per step: " + "; ".join(f"{row} " + ", ".join(f"n={n}: {1000 * v:.1f} ms" for n, v in by_n.items())
                                             for row, by_n in costs.items()), flush=True)
+    def save(cell: dict) -> None:  # after each cell: a partial run's file holds every cell run so far
+        summary["section_seconds"] = time.time() - start
+        summary["run_seconds"] = _run_seconds(cells, *fm_records.values())
+        print(f"  {cell['row']:<22} n={cell['samples_per_class']:<4} test {100 * cell['acc']['mean']:.1f} ± "
+              f"{100 * cell['acc']['std']:.1f}   [{time.time() - start:.0f} s]", flush=True)
+        write_json_atomic(lay.out / "converge.json", with_provenance(summary, config))
     for n in profile.samples:
         for row in CONVERGE_ROWS:
             objective, lr, data = recipes[row]
             cells[R.key(row, n)] = _converged_cell(lay, row, n, objective, teacher, lr, profile.converge_patience,
                                                    costs[row][str(n)], data=data)
+            save(cells[R.key(row, n)])
         for row in CHECKED_ROWS:
             objective, lr, data = recipes[row]
             cell = _converged_cell(lay, row, n, objective, teacher, lr, 2 * profile.converge_patience,
@@ -228,13 +235,10 @@ def converge_section(lay: Layout) -> dict:
             cells[R.key(R.twice_patience(row), n)] = {**cell, "row": R.twice_patience(row),
                                                  "val_gain": 100 * (cell["val_acc"]["mean"]
                                                                     - cells[R.key(row, n)]["val_acc"]["mean"])}
+            save(cells[R.key(R.twice_patience(row), n)])
         kd = cells[R.key(R.CE_KD, n)]["val_acc"]["mean"]
         for row in CONVERGE_ROWS:
             cells[R.key(row, n)]["to_kd"] = _to_target(cells[R.key(row, n)], kd)
-        summary["section_seconds"] = time.time() - start
-        summary["run_seconds"] = _run_seconds(cells, *fm_records.values())
-        print(f"  n={n}: " + ", ".join(f"{r} {100 * cells[R.key(r, n)]['acc']['mean']:.1f}" for r in CONVERGE_ROWS)
-              + f"   [{time.time() - start:.0f} s]", flush=True)
         write_json_atomic(lay.out / "converge.json", with_provenance(summary, config))
     summary["complete"] = True
     write_json_atomic(lay.out / "converge.json", with_provenance(summary, config))
