@@ -87,6 +87,8 @@ def fidelity_section(lay: Layout) -> dict:
                            "acc": summarize([r["acc"] for r in results]),
                            "acc_vs_record": max(abs(r["acc"] - a) for r, a in zip(results, recorded)),
                            "data_sha256": [cache["data"].data_sha256]}
+        summary["students"] = sum(len(c["weights"]) for c in cells.values())
+        summary["weights_bytes"] = sum((lay.out / w).stat().st_size for c in cells.values() for w in c["weights"])
         summary["section_seconds"] = time.time() - start
         write_json_atomic(lay.out / "fidelity.json", with_provenance(summary, config))
     summary["complete"] = True

@@ -38,8 +38,10 @@ def fidelity_text(f: dict | None, folder: str) -> str:
     done = "" if f.get("complete", True) else \
         f"**Partial: {len(cells)} cells so far**; `jacmatch experiment fidelity` computes the rest. "
     sigmas = sorted({s for c in cells.values() for s in c["agreement"]["noisy"]}, key=float)
+    kept = f", {f['students']} students, {f['weights_bytes'] / 2**20:.1f} MiB in all" if "weights_bytes" in f else ""
     lines = [done + "Fidelity (Stanton et al. 2021) of the converged students of section 2b, computed from their "
-             "kept weights (`results/paper/runs/converge/*.pt`; `jacmatch experiment fidelity` trains nothing): the "
+             f"kept weights (`results/{folder}/runs/converge/*.pt`{kept}; `jacmatch experiment fidelity` trains "
+             "nothing): the "
              "top-1 agreement with the teacher, and the mean KL(teacher ‖ student) at τ = 1, mean ± std over seeds. "
              "Each student's test accuracy, measured again from its weights, differs from its record by at most "
              f"{100 * max((c['acc_vs_record'] for c in cells.values()), default=0):.2f} points.\n",
