@@ -43,51 +43,48 @@ def curve_samples(c: dict) -> list[int]:
     return wanted or sorted({ran[0], ran[-1]}) if ran else []
 
 
-def plot_converge_curves(c: dict, path: Path) -> None:
-    """Validation accuracy against training seconds for every row, at n = 10 and n = 100:
-    each seed's curve (early stopping ends it), one colour per row."""
+def _panels_by_n(section: dict, path: Path, draw, xlabel: str, ylabel: str, title: str) -> None:
+    """One panel per n of :func:`curve_samples`, ``draw(ax, i, row, cell)`` for every row
+    that ran there (one colour per row), saved at ``path``."""
     plt = _pyplot()
-    ns = curve_samples(c)
+    ns = curve_samples(section)
     fig, axes = plt.subplots(1, len(ns), figsize=(6 * len(ns), 4), squeeze=False)
     for ax, n in zip(axes[0], ns):
-        for i, row in enumerate(c["rows"]):
-            cell = c["cells"].get(R.key(row, n))
-            for j, curve in enumerate(cell["curves"] if cell else []):
-                ax.plot([sec for _, sec, _ in curve], [100 * acc for _, _, acc in curve], color=f"C{i}", alpha=0.6,
-                        lw=1, label=row if j == 0 else None)
-        ax.set_xlabel("training seconds (steps × measured step cost)" if "step_seconds" in c else
-                      "training seconds (2-core CPU)")
-        ax.set_ylabel("validation accuracy (%)")
-        ax.set_title(f"n = {n} samples per class, every seed")
+        for i, row in enumerate(section["rows"]):
+            cell = section["cells"].get(R.key(row, n))
+            if cell is not None:
+                draw(ax, i, row, cell)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.set_title(f"n = {n} samples per class, {title}")
         ax.legend(fontsize=8)
     fig.tight_layout()
     save_figure(fig, path, dpi=110)
     plt.close(fig)
+
+
+def plot_converge_curves(c: dict, path: Path) -> None:
+    """Validation accuracy against training seconds for every row, at n = 10 and n = 100:
+    each seed's curve (early stopping ends it), one colour per row."""
+    def draw(ax, i, row, cell):
+        for j, curve in enumerate(cell["curves"]):
+            ax.plot([sec for _, sec, _ in curve], [100 * acc for _, _, acc in curve], color=f"C{i}", alpha=0.6,
+                    lw=1, label=row if j == 0 else None)
+    _panels_by_n(c, path, draw, "training seconds (steps × measured step cost)" if "step_seconds" in c else
+                 "training seconds (2-core CPU)", "validation accuracy (%)", "every seed")
 
 
 def plot_fidelity_noise(f: dict, path: Path) -> None:
     """Top-1 agreement with the teacher against test noise σ (0: the clean test points) for
     every converged row, at n = 10 and n = 100: mean and std over seeds."""
-    plt = _pyplot()
-    ns = curve_samples(f)
-    fig, axes = plt.subplots(1, len(ns), figsize=(6 * len(ns), 4), squeeze=False)
-    for ax, n in zip(axes[0], ns):
-        for i, row in enumerate(f["rows"]):
-            cell = f["cells"].get(R.key(row, n))
-            if cell is None:
-                continue
-            a = cell["agreement"]
-            sigmas = sorted(a["noisy"], key=float)
-            points = [a["clean"]] + [a["noisy"][s] for s in sigmas]
-            ax.errorbar([0.0] + [float(s) for s in sigmas], [100 * p["mean"] for p in points],
-                        yerr=[100 * p["std"] for p in points], color=f"C{i}", marker="o", ms=3, capsize=2, label=row)
-        ax.set_xlabel("test noise σ (pixels in [0, 1])")
-        ax.set_ylabel("top-1 agreement with the teacher (%)")
-        ax.set_title(f"n = {n} samples per class, mean ± std over seeds")
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    save_figure(fig, path, dpi=110)
-    plt.close(fig)
+    def draw(ax, i, row, cell):
+        a = cell["agreement"]
+        sigmas = sorted(a["noisy"], key=float)
+        points = [a["clean"]] + [a["noisy"][s] for s in sigmas]
+        ax.errorbar([0.0] + [float(s) for s in sigmas], [100 * p["mean"] for p in points],
+                    yerr=[100 * p["std"] for p in points], color=f"C{i}", marker="o", ms=3, capsize=2, label=row)
+    _panels_by_n(f, path, draw, "test noise σ (pixels in [0, 1])", "top-1 agreement with the teacher (%)",
+                 "mean ± std over seeds")
 
 
 def main_rows(d: dict) -> list[str]:
