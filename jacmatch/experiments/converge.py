@@ -216,6 +216,7 @@ def converge_section(lay: Layout) -> dict:
     costs = summary["step_seconds"] = step_costs(lay, recipes, teacher)
     print("  seconds per step: " + "; ".join(f"{row} " + ", ".join(f"n={n}: {1000 * v:.1f} ms" for n, v in by_n.items())
                                             for row, by_n in costs.items()), flush=True)
+
     def save(cell: dict) -> None:  # after each cell: a partial run's file holds every cell run so far
         summary["section_seconds"] = time.time() - start
         summary["run_seconds"] = _run_seconds(cells, *fm_records.values())
