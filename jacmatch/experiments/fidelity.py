@@ -91,7 +91,7 @@ def fidelity_section(lay: Layout) -> dict:
         summary["weights_bytes"] = sum((lay.out / w).stat().st_size for c in cells.values() for w in c["weights"])
         summary["section_seconds"] = time.time() - start
         write_json_atomic(lay.out / "fidelity.json", with_provenance(summary, config))
-    summary["complete"] = True
+    summary["complete"] = c.get("complete", True)  # every converged student so far: partial while converge is
     summary["section_seconds"] = time.time() - start
     write_json_atomic(lay.out / "fidelity.json", with_provenance(summary, config))
     return summary

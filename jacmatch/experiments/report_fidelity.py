@@ -36,7 +36,8 @@ def fidelity_text(f: dict | None, folder: str) -> str:
         return missing("jacmatch experiment fidelity")
     cells, ns, rows = f["cells"], f["samples"], f["rows"]
     done = "" if f.get("complete", True) else \
-        f"**Partial: {len(cells)} cells so far**; `jacmatch experiment fidelity` computes the rest. "
+        f"**Partial: {len(cells)} cells so far**, those of the converged section's partial run; `jacmatch experiment " \
+        "converge` then `jacmatch experiment fidelity` compute the rest. "
     sigmas = sorted({s for c in cells.values() for s in c["agreement"]["noisy"]}, key=float)
     kept = f", {f['students']} students, {f['weights_bytes'] / 2**20:.1f} MiB in all" if "weights_bytes" in f else ""
     lines = [done + "Fidelity (Stanton et al. 2021) of the converged students of section 2b, computed from their "
