@@ -8,7 +8,7 @@ import re
 from . import rows as R
 from .common import converged
 from .report_distill import equal_time_pairs, small_over_large
-from .report_fidelity import FIDELITY_SIGMA, fidelity_pairs
+from .report_fidelity import FIDELITY_SIGMA, agreement_at
 from .paper import transfer_classes
 from .report_text import cores, evidence, holds, paired_by_n, span, verdict_of
 
@@ -105,8 +105,8 @@ def _fidelity_verdicts(sections: dict, claim: list, so_far) -> list[tuple[str, s
     (e, e_diff), (fm, fm_diff) = claim[4], claim[5]
     if f is not None:
         for a, b, label in ((R.CE_KD, R.CE_KD_JM, e), (R.FM, R.FM_JM, "(e) … with function matching too")):
-            noisy = fidelity_pairs(f, a, b, "agreement", FIDELITY_SIGMA)
-            between = fidelity_pairs(f, a, b, "agreement", "interpolated")
+            noisy = paired_by_n(f, a, b, agreement_at(FIDELITY_SIGMA))
+            between = paired_by_n(f, a, b, agreement_at("interpolated"))
             if noisy and between:
                 out.append((f"{label} (at convergence)", so_far(verdict_of(noisy + between)),
                             f"{b} − {a}, agreement with the teacher under test noise σ = {FIDELITY_SIGMA}, points (seeds "

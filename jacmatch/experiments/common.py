@@ -12,8 +12,8 @@ from ..atomic import write_json_atomic
 from ..training import TeacherGradients, config_from_dict, train
 from ..training.config import config_to_dict
 
-__all__ = ["CONVERGED_GAIN", "converged", "run_or_load", "write_record", "keep_weights", "same_outcome", "load_json",
-           "summarize", "summarize_runs", "with_provenance", "data_hashes"]
+__all__ = ["CONVERGED_GAIN", "converged", "run_or_load", "write_record", "keep_weights", "same_outcome", "run_history",
+           "load_json", "summarize", "summarize_runs", "with_provenance", "data_hashes"]
 
 
 # points of validation accuracy: a baseline that gains less at twice its budget has converged
@@ -47,7 +47,7 @@ def run_or_load(values: dict, teacher_gradients: TeacherGradients | None = None,
             write_record(record, results, out)
         if keep is not None and not keep.is_file():
             keep_weights(out, keep)
-        return {**results, "history": _history(out)}
+        return {**results, "history": run_history(out)}
     kept = None
     if record is not None and record.is_file():
         kept = json.loads(record.read_text())
@@ -68,7 +68,7 @@ def run_or_load(values: dict, teacher_gradients: TeacherGradients | None = None,
         write_record(record, results, out)
     if keep is not None:
         keep_weights(out, keep)
-    return results if results is kept else {**results, "history": _history(out)}
+    return results if results is kept else {**results, "history": run_history(out)}
 
 
 def same_outcome(record: dict, results: dict) -> bool:
@@ -92,7 +92,7 @@ def keep_weights(out: Path, keep: Path) -> None:
     save_checkpoint(keep, slim)
 
 
-def _history(out: Path) -> list[dict]:
+def run_history(out: Path) -> list[dict]:
     """A run folder's per-epoch metrics (metrics.jsonl)."""
     metrics = out / "metrics.jsonl"
     return [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.is_file() else []
@@ -111,7 +111,7 @@ def write_record(path: Path, results: dict, out: Path) -> None:
     """A finished run's record: its results (config, seed, metrics, provenance) and the
     metrics of every epoch (``history``: validation accuracy, steps and seconds, for
     time-to-accuracy), without its checkpoint."""
-    write_json_atomic(path, {**results, "history": _history(out)})
+    write_json_atomic(path, {**results, "history": run_history(out)})
 
 
 def load_json(path: str | Path) -> dict | list | None:

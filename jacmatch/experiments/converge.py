@@ -76,7 +76,7 @@ def step_costs(lay, recipes: dict, teacher: str) -> dict[str, dict[str, float]]:
     import tempfile
 
     from ..training import config_from_dict, train
-    from .common import _history
+    from .common import run_history
     out: dict[str, dict[str, float]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for n in lay.profile.samples:
@@ -88,7 +88,8 @@ def step_costs(lay, recipes: dict, teacher: str) -> dict[str, dict[str, float]]:
                                     optim={"lr": lr, "schedule": "constant", "epochs": STEP_COST_EPOCHS},
                                     eval={"every": 10**5, **FM_EVAL, "interpolations": 0}, out_dir=str(folder))
                 train(config_from_dict(values), teacher_gradients=lay.teacher_gradients, data_cache=lay.data_cache)
-                epochs = _history(folder)[1:] or _history(folder)
+                history = run_history(folder)
+                epochs = history[1:] or history
                 out.setdefault(row, {})[str(n)] = min(h["epoch_seconds"] / h["steps"] for h in epochs)
     return out
 

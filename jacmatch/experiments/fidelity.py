@@ -19,9 +19,7 @@ from .common import load_json, summarize, with_provenance
 from .converge import CONVERGE_ROWS
 from .paper import FULL, Layout, run_config
 
-__all__ = ["fidelity_section", "FIDELITY_AT"]
-
-FIDELITY_AT = ("clean", "noisy", "interpolated")  # where fidelity is measured (the evaluation's names)
+__all__ = ["fidelity_section"]
 
 
 def _student_fidelity(lay: Layout, path, teacher, key, cache: dict) -> dict:
@@ -71,7 +69,7 @@ def fidelity_section(lay: Layout) -> dict:
     cache: dict = {}
     cells: dict = {}
     summary = {"teacher": c["teacher"], "rows": list(CONVERGE_ROWS), "samples": c["samples"], "seeds": c["seeds"],
-               "measured_at": list(FIDELITY_AT), "cells": cells, "complete": False}
+               "cells": cells, "complete": False}
     for cell_key, cell in c["cells"].items():
         row, _ = R.split_key(cell_key)
         if row not in CONVERGE_ROWS or "weights" not in cell:

@@ -3,30 +3,21 @@ teacher (clean, under test noise, between test points), and its paired differenc
 
 from __future__ import annotations
 
-from .records import Section
+from .records import Cell, Summary
 from .report_text import img, missing, pm, table
 
-__all__ = ["fidelity_text", "fidelity_pairs", "FIDELITY_SIGMA"]
+__all__ = ["fidelity_text", "agreement_at", "FIDELITY_SIGMA"]
 
 FIDELITY_SIGMA = "0.3"  # the test noise of the verdicts (the claims' σ elsewhere in the report)
 
 
-def fidelity_pairs(f: dict, a: str, b: str, measure: str, where: str) -> list[tuple]:
-    """(n, mean of b − a in points, seeds where b wins, seeds) of a fidelity ``measure``
-    (agreement) ``where`` ("clean", "interpolated", or a noise σ), paired by seed, at every n
-    where both rows ran."""
-    record, out = Section.from_json("fidelity", f), []
-    for n in sorted(at for at in record.at() if isinstance(at, int)):
-        x, y = record.cell(a, n), record.cell(b, n)
-        if x and y:
-            vx, vy = (_values(c.fields[measure], where) for c in (x, y))
-            diff = [q - p for p, q in zip(vx, vy)]
-            out.append((n, 100 * sum(diff) / len(diff), sum(v > 0 for v in diff), len(diff)))
-    return out
-
-
-def _values(m: dict, where: str) -> list[float]:
-    return (m[where] if where in ("clean", "interpolated") else m["noisy"][where])["values"]
+def agreement_at(where: str):
+    """The metric of :func:`~.report_text.paired_by_n` that reads a fidelity cell's top-1
+    agreement ``where`` ("clean", "interpolated", or a noise σ such as "0.3")."""
+    def metric(cell: Cell) -> Summary:
+        agreement = cell.fields["agreement"]
+        return Summary.from_json(agreement[where] if where in ("clean", "interpolated") else agreement["noisy"][where])
+    return metric
 
 
 def fidelity_text(f: dict | None, folder: str) -> str:
