@@ -87,6 +87,12 @@ def test_every_experiment_section_and_the_report_quick(tmp_path):
     assert "to_kd" in converge["cells"]["CE+KD+JM|5"] and (out / "converge_curves.png").is_file()
     assert "## 2b. Distillation at convergence" in report and "| (b) Jacobian matching improves distillation (at " \
         "convergence) |" in report and "(at an equal budget of 400 steps, 800 at n=5)" in report
+    # Resumed, the section trains no student again; its step costs are the fastest of both invocations' measurements.
+    jacmatch("experiment", "converge", "--quick", cwd=tmp_path)
+    resumed = json.loads((out / "converge.json").read_text())
+    assert {k: c["acc"] for k, c in resumed["cells"].items()} == {k: c["acc"] for k, c in converge["cells"].items()}
+    assert resumed["step_cost_measurements"] == 2 and all(
+        v <= converge["step_seconds"][row][n] for row, by_n in resumed["step_seconds"].items() for n, v in by_n.items())
     # Robustness and transfer: their baselines at twice their epochs, the difference shown.
     robust, transfer = (json.loads((out / f"{k}.json").read_text()) for k in ("robustness", "transfer"))
     assert {"CE (2× epochs)|full", "CE (2× epochs)|10"} <= set(robust["cells"])
@@ -344,6 +350,19 @@ def test_a_converged_cell_grows_its_maximum_and_trains_again_only_the_seeds_that
     assert cell["best_seconds"]["values"] == [15.0, 15.0] and cell["curves"][0] == [(60, 15.0, 0.5)]
     assert cell["max_steps"] == 200 and cell["grown_from"] == [100] and cell["inside"]
     assert cell["acc"]["values"] == [0.5, 0.65]
+
+
+def test_a_resumed_section_keeps_the_fastest_step_cost_of_its_invocations():
+    """Load on the machine only slows a step: per row and n the smaller measurement is kept,
+    and counted; another recipe's or another layout's costs are not mixed in."""
+    from jacmatch.experiments.converge import kept_costs
+    now = {"CE": {"1": 0.004, "5": 0.010}, "FM": {"1": 0.013, "5": 0.020}}
+    before = {"step_seconds": {"CE": {"1": 0.005, "5": 0.009}, "FM": {"1": 0.011, "5": 0.030}},
+              "step_cost_measurements": 2}
+    assert kept_costs(now, before, True) == ({"CE": {"1": 0.004, "5": 0.009}, "FM": {"1": 0.011, "5": 0.020}}, 3)
+    assert kept_costs(now, before, False) == (now, 1)  # other recipes: this invocation's alone
+    assert kept_costs(now, {"step_seconds": {"CE": {"1": 0.001}}}, True) == (now, 1)  # other rows or n
+    assert kept_costs(now, None, True) == (now, 1)
 def test_a_committed_teacher_is_re_evaluated_and_gains_provenance(tmp_path):
     """A teacher.json from before provenance: `experiment teacher` re-evaluates the committed
     checkpoint, says whether every accuracy came out the same, and adds the provenance keys."""

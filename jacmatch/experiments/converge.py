@@ -72,7 +72,8 @@ def step_costs(lay, recipes: dict, teacher: str) -> dict[str, dict[str, float]]:
     back in this process over a few epochs without evaluation. The converged view's times
     (time-to-accuracy, equal time, the curves) are steps times these, so that they do not
     depend on what else the machine ran while each cell trained; a run's own measured
-    seconds stay in its record."""
+    seconds stay in its record. A resumed section keeps the fastest of its invocations'
+    measurements (:func:`kept_costs`)."""
     import tempfile
 
     from ..training import config_from_dict, train
@@ -92,6 +93,18 @@ def step_costs(lay, recipes: dict, teacher: str) -> dict[str, dict[str, float]]:
                 epochs = history[1:] or history
                 out.setdefault(row, {})[str(n)] = min(h["epoch_seconds"] / h["steps"] for h in epochs)
     return out
+
+
+def kept_costs(measured: dict, previous: dict | None, same_recipes: bool) -> tuple[dict, int]:
+    """The step costs a resumed section uses: per row and n, the smallest of this
+    invocation's measurement and those kept in the previous ``converge.json`` of the same
+    recipes (another process on the machine can only slow a step, so the fastest measurement
+    is the closest to the step's own cost), and how many measurements that is."""
+    old = (previous or {}).get("step_seconds")
+    if not same_recipes or not old or {r: set(v) for r, v in old.items()} != {r: set(v) for r, v in measured.items()}:
+        return measured, 1
+    return ({row: {n: min(v, old[row][n]) for n, v in by_n.items()} for row, by_n in measured.items()},
+            previous.get("step_cost_measurements", 1) + 1)
 
 
 def _reach(curve: list[tuple], target: float) -> tuple[int, float] | None:
@@ -214,7 +227,11 @@ def converge_section(lay: Layout) -> dict:
     fm, fm_records = fm_selection(lay, teacher, chosen)
     summary["fm"] = {"chosen": fm, "selection": fm_records}
     recipes = _recipes(chosen, fm)
-    costs = summary["step_seconds"] = step_costs(lay, recipes, teacher)
+    previous = load_json(lay.out / "converge.json")
+    same = bool(previous) and previous.get("teacher") == teacher and previous.get("chosen") == chosen \
+        and (previous.get("fm") or {}).get("chosen") == fm
+    costs, summary["step_cost_measurements"] = kept_costs(step_costs(lay, recipes, teacher), previous, same)
+    summary["step_seconds"] = costs
     print("  seconds per step: " + "; ".join(f"{row} " + ", ".join(f"n={n}: {1000 * v:.1f} ms" for n, v in by_n.items())
                                             for row, by_n in costs.items()), flush=True)
 

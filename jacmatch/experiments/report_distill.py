@@ -114,7 +114,9 @@ def converge_text(c: dict | None, folder: str) -> tuple[str, list[str]]:
     for row in c["checked_rows"]:
         lines.append(f"| {row} | " + " | ".join(check_gain(cells.get(R.key(R.twice_patience(row), n))) for n in ns) + " |")
     cost = (" Training seconds are steps times the row's step cost at that n, measured back to back in one process "
-            "(without evaluation), so that what else the machine ran while a cell trained does not enter them: "
+            "(without evaluation)" + (f", the fastest of {c['step_cost_measurements']} such measurements (one per invocation "
+            "of the section)" if c.get("step_cost_measurements", 1) > 1 else "")
+            + ", so that what else the machine ran while a cell trained does not enter them: "
             + "; ".join(f"{row} " + ", ".join(f"{1000 * v:.1f}" for v in by_n.values()) + " ms"
                         for row, by_n in c["step_seconds"].items()) + f" at n = {', '.join(map(str, ns))}."
             if "step_seconds" in c else "")
