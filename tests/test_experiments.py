@@ -354,15 +354,16 @@ def test_a_converged_cell_grows_its_maximum_and_trains_again_only_the_seeds_that
 
 def test_a_resumed_section_keeps_the_fastest_step_cost_of_its_invocations():
     """Load on the machine only slows a step: per row and n the smaller measurement is kept,
-    and counted; another recipe's or another layout's costs are not mixed in."""
+    and counted; another layout's costs are not mixed in."""
     from jacmatch.experiments.converge import kept_costs
     now = {"CE": {"1": 0.004, "5": 0.010}, "FM": {"1": 0.013, "5": 0.020}}
     before = {"step_seconds": {"CE": {"1": 0.005, "5": 0.009}, "FM": {"1": 0.011, "5": 0.030}},
               "step_cost_measurements": 2}
-    assert kept_costs(now, before, True) == ({"CE": {"1": 0.004, "5": 0.009}, "FM": {"1": 0.011, "5": 0.020}}, 3)
-    assert kept_costs(now, before, False) == (now, 1)  # other recipes: this invocation's alone
-    assert kept_costs(now, {"step_seconds": {"CE": {"1": 0.001}}}, True) == (now, 1)  # other rows or n
-    assert kept_costs(now, None, True) == (now, 1)
+    assert kept_costs(now, before) == ({"CE": {"1": 0.004, "5": 0.009}, "FM": {"1": 0.011, "5": 0.020}}, 3)
+    assert kept_costs(now, {"step_seconds": {"CE": {"1": 0.001}}}) == (now, 1)  # other rows or n
+    assert kept_costs(now, None) == (now, 1)  # no previous run, or one of other recipes
+
+
 def test_a_committed_teacher_is_re_evaluated_and_gains_provenance(tmp_path):
     """A teacher.json from before provenance: `experiment teacher` re-evaluates the committed
     checkpoint, says whether every accuracy came out the same, and adds the provenance keys."""

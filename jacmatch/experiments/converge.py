@@ -95,13 +95,13 @@ def step_costs(lay, recipes: dict, teacher: str) -> dict[str, dict[str, float]]:
     return out
 
 
-def kept_costs(measured: dict, previous: dict | None, same_recipes: bool) -> tuple[dict, int]:
+def kept_costs(measured: dict, previous: dict | None) -> tuple[dict, int]:
     """The step costs a resumed section uses: per row and n, the smallest of this
-    invocation's measurement and those kept in the previous ``converge.json`` of the same
-    recipes (another process on the machine can only slow a step, so the fastest measurement
-    is the closest to the step's own cost), and how many measurements that is."""
+    invocation's measurement and those kept in ``previous``, the ``converge.json`` of the
+    same recipes (another process on the machine can only slow a step, so the fastest
+    measurement is the closest to the step's own cost), and how many measurements that is."""
     old = (previous or {}).get("step_seconds")
-    if not same_recipes or not old or {r: set(v) for r, v in old.items()} != {r: set(v) for r, v in measured.items()}:
+    if not old or {r: set(v) for r, v in old.items()} != {r: set(v) for r, v in measured.items()}:
         return measured, 1
     return ({row: {n: min(v, old[row][n]) for n, v in by_n.items()} for row, by_n in measured.items()},
             previous.get("step_cost_measurements", 1) + 1)
@@ -228,9 +228,8 @@ def converge_section(lay: Layout) -> dict:
     summary["fm"] = {"chosen": fm, "selection": fm_records}
     recipes = _recipes(chosen, fm)
     previous = load_json(lay.out / "converge.json")
-    same = bool(previous) and previous.get("teacher") == teacher and previous.get("chosen") == chosen \
-        and (previous.get("fm") or {}).get("chosen") == fm
-    costs, summary["step_cost_measurements"] = kept_costs(step_costs(lay, recipes, teacher), previous, same)
+    same = previous and (previous["teacher"], previous["chosen"], previous.get("fm", {}).get("chosen")) == (teacher, chosen, fm)
+    costs, summary["step_cost_measurements"] = kept_costs(step_costs(lay, recipes, teacher), previous if same else None)
     summary["step_seconds"] = costs
     print("  seconds per step: " + "; ".join(f"{row} " + ", ".join(f"n={n}: {1000 * v:.1f} ms" for n, v in by_n.items())
                                             for row, by_n in costs.items()), flush=True)
