@@ -24,6 +24,7 @@ def jacmatch(*args, cwd):
 
 @pytest.mark.slow
 def test_every_experiment_section_and_the_report_quick(tmp_path):
+    from jacmatch.experiments.converge import PATIENCE_OF
     jacmatch("experiment", "all", "--quick", cwd=tmp_path)
     out = tmp_path / "results" / "quick"
     for name in ("teacher", "distill", "robustness", "transfer", "verify"):
@@ -84,6 +85,15 @@ def test_every_experiment_section_and_the_report_quick(tmp_path):
             len(cell["grown_from"]) == converge["rule"]["growths"]
         assert cell["max_steps"] == cell["grown_from"][0] * 2 ** len(cell["grown_from"]) if cell["grown_from"] else True
     assert {"val_gain"} <= set(converge["cells"]["CE (2× patience)|1"])
+    for key, cell in converge["cells"].items():  # a baseline's patience grew only while its check gained
+        row, n = key.split("|")
+        if row in converge["checked_rows"]:
+            check = converge["cells"][f"{row} (2× patience)|{n}"]
+            assert check["patience"] == 2 * cell["patience"] == 2 * converge["rule"]["patience"] * 2 ** len(
+                cell["patience_grown_from"])
+            assert check["val_gain"] < 0.5 or len(cell["patience_grown_from"]) == converge["rule"]["patience_growths"]
+        elif "val_gain" not in cell:  # a Jacobian row: its baseline's patience
+            assert cell["patience"] == converge["cells"][f"{PATIENCE_OF[row]}|{n}"]["patience"]
     assert "to_kd" in converge["cells"]["CE+KD+JM|5"] and (out / "converge_curves.png").is_file()
     assert "## 2b. Distillation at convergence" in report and "| (b) Jacobian matching improves distillation (at " \
         "convergence) |" in report and "(at an equal budget of 400 steps, 800 at n=5)" in report
@@ -343,13 +353,48 @@ def test_a_converged_cell_grows_its_maximum_and_trains_again_only_the_seeds_that
                 "final": {"test": {"acc": acc}, "val": {"acc": acc}}, "train_seconds": 2.0, "student_parameters": 10,
                 "history": [{"steps": 60, "epoch_seconds": 1.0, "val": {"acc": acc}}]}
     monkeypatch.setattr(converge, "_converge_student", student)
-    cell = converge._converged_cell(lay, "CE", 5, {"alpha": 1.0}, None, 0.01, 2, 0.25)
+    cell = converge._converged_cell(lay, "CE", 5, ({"alpha": 1.0}, 0.01, None), None, 2, 100, 0.25)
     assert trained == [(0, 100), (1, 100), (1, 200)]
     assert kept == [(0, 100), (1, 200)]  # each seed's tested run keeps its weights, not the one that bound
     # times are steps times the row's measured step cost: the machine's other load does not enter them
     assert cell["best_seconds"]["values"] == [15.0, 15.0] and cell["curves"][0] == [(60, 15.0, 0.5)]
     assert cell["max_steps"] == 200 and cell["grown_from"] == [100] and cell["inside"]
     assert cell["acc"]["values"] == [0.5, 0.65]
+
+
+def test_a_baseline_whose_budget_check_gains_trains_with_twice_the_patience(monkeypatch):
+    """FM gains 3 points of validation accuracy at twice its patience, then 0.2 more at four
+    times: its check's students become its own (their weights kept, no others), and the check
+    shown is the last, at four times; CE's first check gains 0.2: nothing grows."""
+    import dataclasses
+
+    from jacmatch.experiments import converge, paper
+    lay = paper.Layout(profile=dataclasses.replace(paper.QUICK, seeds=(0,), converge_steps=100, converge_patience=2,
+                                                   converge_patience_growths=2))
+    acc = {"FM": {2: .80, 4: .83, 8: .832}, "CE": {2: .70, 4: .702}}
+    trained, kept = [], []
+
+    def student(lay, tag, n, seed, objective, teacher, max_steps, patience, lr, data=None, keep=False):
+        (kept if keep else trained).append((tag, max_steps, patience))
+        a = acc[tag][patience]
+        return {"best": {"inside": True, "stopped_early": True, "step": 60, "loop_seconds": 1.0, "val_acc": a},
+                "final": {"test": {"acc": a}, "val": {"acc": a}}, "train_seconds": 2.0, "student_parameters": 10,
+                "history": [{"steps": 60, "epoch_seconds": 1.0, "val": {"acc": a}}]}
+    monkeypatch.setattr(converge, "_converge_student", student)
+    cell, check = converge.patient_cell(lay, "FM", 5, ({"alpha": 0.0}, 0.01, None), None, 0.25)
+    assert cell["patience"] == 4 and cell["max_steps"] == 200 and cell["acc"]["values"] == [.83]
+    assert cell["patience_grown_from"] == [{"patience": 2, "val_gain": pytest.approx(3.0)}]
+    assert check["row"] == "FM (2× patience)" and check["patience"] == 8 and check["max_steps"] == 400
+    assert check["val_gain"] == pytest.approx(0.2) and "weights" not in check
+    assert kept == [("FM", 200, 4)] and cell["weights"] == ["runs/converge/FM_n5_s0_max200_p4.pt"]
+    kept.clear()
+    cell, check = converge.patient_cell(lay, "CE", 5, ({"alpha": 1.0}, 0.01, None), None, 0.25)
+    assert cell["patience"] == 2 and cell["patience_grown_from"] == [] and check["patience"] == 4
+    assert kept == [("CE", 100, 2)]
+    # at most converge_patience_growths times: the last check's gain is shown, however large
+    lay = paper.Layout(profile=dataclasses.replace(lay.profile, converge_patience_growths=0))
+    cell, check = converge.patient_cell(lay, "FM", 5, ({"alpha": 0.0}, 0.01, None), None, 0.25)
+    assert cell["patience"] == 2 and check["val_gain"] == pytest.approx(3.0)
 
 
 def test_a_resumed_section_keeps_the_fastest_step_cost_of_its_invocations():

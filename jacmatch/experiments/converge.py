@@ -1,6 +1,6 @@
 """``jacmatch experiment converge``: every distilled student trained as long as it needs
-(early-stopped inside a maximum that grows while it binds), the baselines' budget check,
-and time-to-accuracy; beside the paper's rows, function matching (Beyer et al. 2022) with
+(early-stopped inside a maximum that grows while it binds, with the patience that its
+baseline's budget check asks for), and time-to-accuracy; beside the paper's rows, function matching (Beyer et al. 2022) with
 and without the Jacobian term. Each cell's students keep their tested weights beside their
 records, so that any metric of them is computed again without training (``fidelity``)."""
 
@@ -13,12 +13,16 @@ from pathlib import Path
 from . import rows as R
 from ..atomic import write_json_atomic
 from ..errors import UsageError
-from .common import load_json, summarize, summarize_runs, with_provenance
+from .common import converged, load_json, summarize, summarize_runs, with_provenance
 from .paper import FULL, ROWS, Layout, _fill, _run_seconds, _select, _teacher_path, epochs_for_steps, run_config
 
 
 CONVERGE_ROWS = (R.CE, R.CE_KD, R.CE_JM, R.CE_KD_JM, R.FM, R.FM_JM)
-CHECKED_ROWS = (R.CE, R.CE_KD, R.FM)  # trained again with twice the patience and maximum: the budget check
+#: Each row trains with the patience that its baseline needs: the baselines are trained again
+#: with twice their patience and maximum (the budget check), and grow it while that gains
+#: (:func:`patient_cell`); a Jacobian row takes its baseline's, so that the pair stays equal
+PATIENCE_OF = {R.CE: R.CE, R.CE_KD: R.CE_KD, R.FM: R.FM, R.CE_JM: R.CE, R.CE_KD_JM: R.CE_KD, R.FM_JM: R.FM}
+CHECKED_ROWS = tuple(dict.fromkeys(PATIENCE_OF.values()))
 FM_ROWS = {R.FM: ROWS[R.KD], R.FM_JM: ROWS[R.KD_JM]}  # KD alone (γ: the distillation section's), on FM's views
 #: FM's values, chosen on validation in this order, each with those chosen before it (the
 #: profile's grids of these names; τ and lr start from the distillation section's choice)
@@ -119,13 +123,14 @@ def _settled(run: dict) -> bool:
     return run["best"]["inside"] and run["best"]["stopped_early"]
 
 
-def _converged_cell(lay, row, n, objective, teacher, lr, patience, step_seconds, check=False, data=None) -> dict:
-    """One row at n over the seeds, its maximum doubled while a seed's best point lies at it
-    (or a seed did not stop); only those seeds train again. The students keep their
-    weights, except the budget check's (``check``)."""
-    profile = lay.profile
+def _converged_cell(lay, row, n, recipe, teacher, patience, first_max, step_seconds, keep=True) -> dict:
+    """One row at n over the seeds with ``recipe`` (objective, learning rate, data settings),
+    stopped after ``patience`` evaluations without a better one, inside a maximum that starts
+    at ``first_max`` steps and doubles while a seed's best point lies at it (or a seed did not
+    stop); only those seeds train again. ``keep``: the tested students keep their weights."""
+    profile, (objective, lr, data) = lay.profile, recipe
     tag = re.sub(r"[^A-Za-z0-9]+", "_", row).strip("_")
-    max_steps, grown, by_seed = profile.converge_steps * (2 if check else 1), [], {}
+    max_steps, grown, by_seed = first_max, [], {}
 
     def student(seed, steps, keep=False):
         return _converge_student(lay, tag, n, seed, objective, teacher, steps, patience, lr, data=data, keep=keep)
@@ -138,7 +143,7 @@ def _converged_cell(lay, row, n, objective, teacher, lr, patience, step_seconds,
             break
         grown.append(max_steps)
         max_steps *= 2
-    if not check:  # the tested students keep their weights (a finished run's are copied, a record's trained again)
+    if keep:  # the tested students keep their weights (a finished run's are copied, a record's trained again)
         runs = [student(s, steps, keep=True) for s, (steps, _) in by_seed.items()]
     curves = [_curve(r, step_seconds) for r in runs]
     own = [_reach(c, REACH * r["best"]["val_acc"]) for c, r in zip(curves, runs)]
@@ -147,9 +152,30 @@ def _converged_cell(lay, row, n, objective, teacher, lr, patience, step_seconds,
             "best_step": summarize([r["best"]["step"] for r in runs]),
             "best_seconds": summarize([r["best"]["step"] * step_seconds for r in runs]), "step_seconds": step_seconds,
             "to_own_99": {"steps": _summary([o[0] for o in own if o]), "seconds": _summary([o[1] for o in own if o])},
-            "curves": curves, **({} if check else {"weights": [
+            "curves": curves, **({"weights": [
                 lay.weights_of(_run_dir(lay, tag, n, s, steps, patience)).relative_to(lay.out).as_posix()
-                for s, (steps, _) in by_seed.items()]})}
+                for s, (steps, _) in by_seed.items()]} if keep else {})}
+
+
+def patient_cell(lay, row, n, recipe, teacher, step_seconds) -> tuple[dict, dict]:
+    """A checked row at n with the patience it needs: trained again with twice its patience
+    and maximum (the budget check), and while that gains ``CONVERGED_GAIN`` or more of
+    validation accuracy (at most ``converge_patience_growths`` times), the check's students
+    become the row's own and are checked at twice theirs. Returns (cell, check): the cell with
+    its kept weights and the patience it grew from (with the gains that grew it), the last
+    check with its ``val_gain`` over the cell (points)."""
+    profile = lay.profile
+    patience, first, grown = profile.converge_patience, profile.converge_steps, []
+    while True:
+        cell = _converged_cell(lay, row, n, recipe, teacher, patience, first, step_seconds, keep=False)
+        check = _converged_cell(lay, row, n, recipe, teacher, 2 * patience, 2 * first, step_seconds, keep=False)
+        gain = 100 * (check["val_acc"]["mean"] - cell["val_acc"]["mean"])
+        if converged(gain) or len(grown) == profile.converge_patience_growths:
+            break
+        grown.append({"patience": patience, "val_gain": gain})
+        patience, first = 2 * patience, 2 * first
+    cell = _converged_cell(lay, row, n, recipe, teacher, patience, first, step_seconds)  # its students' weights kept
+    return {**cell, "patience_grown_from": grown}, {**check, "row": R.twice_patience(row), "val_gain": gain}
 
 
 def _summary(values: list) -> dict | None:
@@ -209,8 +235,9 @@ def converge_section(lay: Layout) -> dict:
     learning rate, τ and γ that the distillation section chose on validation, and FM and
     FM+JM with FM's mixup α, τ and learning rate chosen on validation; each early-stopped
     inside a maximum that grows while it binds; CE, CE+KD and FM again with twice the
-    patience and maximum (the budget check, on validation accuracy); time-to-accuracy from
-    each run's validation curve."""
+    patience and maximum (the budget check, on validation accuracy), their patience doubled
+    while that gains, each Jacobian row with its baseline's; time-to-accuracy from each
+    run's validation curve."""
     d = load_json(lay.out / "distill.json")
     if not d or "selection" not in d:
         raise UsageError(f"{lay.out / 'distill.json'} is missing: run `jacmatch experiment distill"
@@ -222,7 +249,8 @@ def converge_section(lay: Layout) -> dict:
                "samples": list(profile.samples), "seeds": list(profile.seeds), "cells": cells, "complete": False,
                "rule": {"first_max_steps": profile.converge_steps, "patience": profile.converge_patience,
                         "eval_every_epochs": profile.converge_every, "min_delta": profile.converge_min_delta,
-                        "growths": profile.converge_growths, "schedule": "constant", "reach": REACH}}
+                        "growths": profile.converge_growths,
+                        "patience_growths": profile.converge_patience_growths, "schedule": "constant", "reach": REACH}}
     config = run_config("distill", profile)
     fm, fm_records = fm_selection(lay, teacher, chosen)
     summary["fm"] = {"chosen": fm, "selection": fm_records}
@@ -241,19 +269,17 @@ def converge_section(lay: Layout) -> dict:
               f"{100 * cell['acc']['std']:.1f}   [{time.time() - start:.0f} s]", flush=True)
         write_json_atomic(lay.out / "converge.json", with_provenance(summary, config))
     for n in profile.samples:
-        for row in CONVERGE_ROWS:
-            objective, lr, data = recipes[row]
-            cells[R.key(row, n)] = _converged_cell(lay, row, n, objective, teacher, lr, profile.converge_patience,
-                                                   costs[row][str(n)], data=data)
+        for row in CHECKED_ROWS:  # the baselines first: their patience is their rows'
+            cell, check = patient_cell(lay, row, n, recipes[row], teacher, costs[row][str(n)])
+            for c in (cell, check):
+                cells[R.key(c["row"], n)] = c
+                save(c)
+        for row in (r for r in CONVERGE_ROWS if r not in CHECKED_ROWS):
+            patience = cells[R.key(PATIENCE_OF[row], n)]["patience"]
+            cells[R.key(row, n)] = _converged_cell(lay, row, n, recipes[row], teacher, patience,
+                                                   profile.converge_steps * patience // profile.converge_patience,
+                                                   costs[row][str(n)])
             save(cells[R.key(row, n)])
-        for row in CHECKED_ROWS:
-            objective, lr, data = recipes[row]
-            cell = _converged_cell(lay, row, n, objective, teacher, lr, 2 * profile.converge_patience,
-                                   costs[row][str(n)], check=True, data=data)
-            cells[R.key(R.twice_patience(row), n)] = {**cell, "row": R.twice_patience(row),
-                                                 "val_gain": 100 * (cell["val_acc"]["mean"]
-                                                                    - cells[R.key(row, n)]["val_acc"]["mean"])}
-            save(cells[R.key(R.twice_patience(row), n)])
         kd = cells[R.key(R.CE_KD, n)]["val_acc"]["mean"]
         for row in CONVERGE_ROWS:
             cells[R.key(row, n)]["to_kd"] = _to_target(cells[R.key(row, n)], kd)

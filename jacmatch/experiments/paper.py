@@ -87,6 +87,8 @@ class Profile:
     converge_every: int = 2  # ... one evaluation every this many epochs (6,000 validation images each)
     converge_min_delta: float = 0.001  # ... better: by more than 0.1 point (6 of 6,000 validation images)
     converge_growths: int = 2  # ... and how often a maximum that binds is doubled
+    converge_patience_growths: int = 2  # ... how often a baseline's patience (and first maximum) is doubled while
+    # its budget check gains (a Jacobian row takes its baseline's)
     budget_growths: int = 2  # how often sections 3 and 4 double their epochs while a baseline still gains at twice them
 
 
@@ -120,8 +122,8 @@ QUICK = Profile(  # a smoke run of every section: digits, tiny grids, one seed
     overrides={"data": {"name": "digits", "augment": False}, "eval": {"every": 1},
                "optim": {"epochs": 2, "min_steps_per_epoch": 2, "batch_size": 64}},
     budget_epochs=False, committed_teacher=False, verify={"num_sigmas": 5, "num_draws": 100_000},
-    budget_check_samples=5, converge_steps=12, converge_patience=2, converge_growths=1, converge_every=1,
-    budget_growths=1)
+    budget_check_samples=5, converge_steps=12, converge_patience=2, converge_growths=1, converge_patience_growths=1,
+    converge_every=1, budget_growths=1)
 
 PROFILES = {p.name: p for p in (FULL, QUICK)}
 

@@ -98,7 +98,7 @@ def converge_text(c: dict | None, folder: str) -> tuple[str, list[str]]:
              f"γ = {chosen['gamma']:g}, γ for CE+JM = {chosen['gamma_ce']:g}: section 2's choices on validation) up "
              f"to a maximum of {rule['first_max_steps']} steps, is evaluated on validation every "
              f"{rule['eval_every_epochs']} epochs, and "
-             f"stops after {rule['patience']} evaluations without a validation accuracy better by more than "
+             f"stops after {rule['patience']} evaluations (more where its baseline's check asks, below) without a validation accuracy better by more than "
              f"{100 * rule.get('min_delta', 0):g} point; its best weights "
              "are tested. A maximum where a seed's best point lies (or that stops no seed) is doubled, up to "
              f"{rule['growths']} times." + _fm_text(c) + f" Test accuracy (%), mean ± std over {len(c['seeds'])} "
@@ -113,6 +113,7 @@ def converge_text(c: dict | None, folder: str) -> tuple[str, list[str]]:
     lines += ["| row | " + " | ".join(f"n={n}" for n in ns) + " |", "|---|" + "---|" * len(ns)]
     for row in c["checked_rows"]:
         lines.append(f"| {row} | " + " | ".join(check_gain(cells.get(R.key(R.twice_patience(row), n))) for n in ns) + " |")
+    lines += _patience_grown(c)
     cost = (" Training seconds are steps times the row's step cost at that n, measured back to back in one process "
             "(without evaluation)" + (f", the fastest of {c['step_cost_measurements']} such measurements (one per invocation "
             "of the section)" if c.get("step_cost_measurements", 1) > 1 else "")
@@ -135,6 +136,24 @@ def converge_text(c: dict | None, folder: str) -> tuple[str, list[str]]:
                                                         if n in found else "—" for n in ns) + " |")
     lines += ["", f"![validation accuracy against training time]({img(folder, 'converge_curves')})"]
     return "\n".join(lines) + "\n", _converge_findings(c)
+
+
+def _patience_grown(c: dict) -> list[str]:
+    """Where a baseline's check gained, the patience it (and its Jacobian row) trained with."""
+    rule = c["rule"]
+    if "patience_growths" not in rule:
+        return []
+    grown = [(row, n, cell) for row in c["checked_rows"] for n in c["samples"]
+             if (cell := c["cells"].get(R.key(row, n))) and cell.get("patience_grown_from")]
+    text = ("A baseline whose check gains 0.5 point or more is trained again with twice the patience and first "
+            f"maximum (at most {rule['patience_growths']} times): the check's students become its own, checked in turn "
+            "at twice theirs (the table shows the last check), and its Jacobian row takes the same patience. ")
+    if not grown:
+        return ["", text + "No baseline's patience grew."]
+    return ["", text + "Grown: " + "; ".join(
+        f"{row} at n={n}: patience {cell['patience']} (" + ", ".join(
+            f"{g['val_gain']:+.1f} at patience {g['patience']}" for g in cell["patience_grown_from"]) + ")"
+        for row, n, cell in grown) + "."]
 
 
 def at_time(curve: list, seconds: float) -> float:
