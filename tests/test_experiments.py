@@ -129,6 +129,17 @@ def test_every_experiment_section_and_the_report_quick(tmp_path):
     again = json.loads((out / "fidelity.json").read_text())
     assert again["cells"] == fidelity["cells"] and set(again["cells"]) == {f"{r}|{n}" for r in converge["rows"]
                                                                          for n in (1, 5)}
+    # Run again, it reads each student back while its weights are the same file, and evaluates a changed one again.
+    assert again["evaluated"] == again["students"] == len(again["students_by_weights"]) == 2 * len(converge["rows"])
+    jacmatch("experiment", "fidelity", "--quick", cwd=tmp_path)
+    assert json.loads((out / "fidelity.json").read_text())["evaluated"] == 0
+    changed = out / again["cells"]["CE|1"]["weights"][0]
+    shutil.copyfile(changed, tmp_path / "kept.pt")
+    shutil.copyfile(out / again["cells"]["CE|5"]["weights"][0], changed)
+    jacmatch("experiment", "fidelity", "--quick", cwd=tmp_path)
+    reread = json.loads((out / "fidelity.json").read_text())
+    assert reread["evaluated"] == 1 and reread["cells"]["CE|1"]["agreement"] == again["cells"]["CE|5"]["agreement"]
+    shutil.copyfile(tmp_path / "kept.pt", changed)
     for cell in again["cells"].values():
         assert cell["acc_vs_record"] == 0 and set(cell["agreement"]["noisy"]) == {"0.1", "0.2", "0.3", "0.5", "0.7"}
         assert 0 <= cell["agreement"]["interpolated"]["mean"] <= 1 and cell["kl"]["clean"]["mean"] >= 0

@@ -5,7 +5,9 @@ weights that the converged section kept beside its records. Nothing is trained: 
 clone computes the table from the committed weights.
 
 Each student's test accuracy is measured again beside its fidelity and compared with its
-record: the weights are the ones that were tested."""
+record: the weights are the ones that were tested. A student evaluated before, beside the
+same teacher, is read back from ``fidelity.json`` while its weights file's SHA-256 is the
+same, so a section that grows adds only its new students."""
 
 from __future__ import annotations
 
@@ -40,9 +42,11 @@ def _student_fidelity(lay: Layout, path, teacher, key, cache: dict) -> dict:
         raise UsageError(f"{path} was trained on data {str(trained_on)[:12]}…, this machine has {data.data_sha256[:12]}…: "
                          "restore the data the section was run on")
     e = cfg.eval
-    return evaluate(model, data.test, "cpu", batch_size=e.batch_size, noise_sigmas=e.noise_sigmas, noise_seed=e.noise_seed,
-                    teacher=teacher, cosine_samples=0, teacher_key=key, teacher_gradients=lay.teacher_gradients,
-                    interpolations=e.interpolations, interpolation_seed=e.interpolation_seed)
+    result = evaluate(model, data.test, "cpu", batch_size=e.batch_size, noise_sigmas=e.noise_sigmas,
+                      noise_seed=e.noise_seed, teacher=teacher, cosine_samples=0, teacher_key=key,
+                      teacher_gradients=lay.teacher_gradients, interpolations=e.interpolations,
+                      interpolation_seed=e.interpolation_seed)
+    return {"acc": result["acc"], "fidelity": result["fidelity"], "data_sha256": data.data_sha256}
 
 
 def _summaries(results: list[dict], measure: str) -> dict:
@@ -58,6 +62,7 @@ def _summaries(results: list[dict], measure: str) -> dict:
 def fidelity_section(lay: Layout) -> dict:
     """Fidelity of every converged row at every n, over its seeds, from the kept weights."""
     from ..training import load_model
+    from ..training.provenance import file_sha256
     c = load_json(lay.out / "converge.json")
     flag = "" if lay.profile is FULL else " --" + lay.profile.name
     if not c or not any("weights" in cell for cell in c["cells"].values()):
@@ -68,8 +73,21 @@ def fidelity_section(lay: Layout) -> dict:
     key = ("fidelity", c["teacher"])  # one teacher, one test set: its outputs are computed once
     cache: dict = {}
     cells: dict = {}
-    summary = {"teacher": c["teacher"], "rows": list(CONVERGE_ROWS), "samples": c["samples"], "seeds": c["seeds"],
-               "cells": cells, "complete": False}
+    teacher_sha = file_sha256(c["teacher"])
+    before = load_json(lay.out / "fidelity.json") or {}
+    known = before.get("students_by_weights", {}) if before.get("teacher_sha256") == teacher_sha else {}
+    students: dict = {}  # weights path -> its SHA-256 and evaluation
+
+    def student(w: str) -> dict:
+        sha = file_sha256(lay.out / w)
+        if known.get(w, {}).get("sha256") != sha:
+            known[w] = {"sha256": sha, **_student_fidelity(lay, lay.out / w, teacher, key, cache)}
+            summary["evaluated"] += 1
+        students[w] = known[w]
+        return known[w]
+    summary = {"teacher": c["teacher"], "teacher_sha256": teacher_sha, "rows": list(CONVERGE_ROWS),
+               "samples": c["samples"], "seeds": c["seeds"], "cells": cells, "complete": False, "evaluated": 0,
+               "students_by_weights": students}
     for cell_key, cell in c["cells"].items():
         row, _ = R.split_key(cell_key)
         if row not in CONVERGE_ROWS or "weights" not in cell:
@@ -78,14 +96,14 @@ def fidelity_section(lay: Layout) -> dict:
         if missing:
             raise UsageError(f"{lay.out / missing[0]} is missing: run `jacmatch experiment converge{flag}` to keep the "
                              "students' weights")
-        results = [_student_fidelity(lay, lay.out / w, teacher, key, cache) for w in cell["weights"]]
+        results = [student(w) for w in cell["weights"]]
         recorded = cell["acc"]["values"]
         cells[cell_key] = {"row": row, "samples_per_class": cell["samples_per_class"], "weights": cell["weights"],
                            "agreement": _summaries(results, "agreement"), "kl": _summaries(results, "kl"),
                            "acc": summarize([r["acc"] for r in results]),
                            "acc_vs_record": max(abs(r["acc"] - a) for r, a in zip(results, recorded)),
-                           "data_sha256": [cache["data"].data_sha256]}
-        summary["students"] = sum(len(c["weights"]) for c in cells.values())
+                           "data_sha256": sorted({r["data_sha256"] for r in results})}
+        summary["students"] = len(students)
         summary["weights_bytes"] = sum((lay.out / w).stat().st_size for c in cells.values() for w in c["weights"])
         summary["section_seconds"] = time.time() - start
         write_json_atomic(lay.out / "fidelity.json", with_provenance(summary, config))
