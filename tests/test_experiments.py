@@ -408,6 +408,26 @@ def test_a_baseline_whose_budget_check_gains_trains_with_twice_the_patience(monk
     assert cell["patience"] == 2 and check["val_gain"] == pytest.approx(3.0)
 
 
+def test_the_converged_findings_name_the_grown_patience_and_a_baseline_still_gaining():
+    """The findings give each check's gain with the patience it doubled where that grew, and
+    name a baseline that still gains at the largest patience the rule allows."""
+    from jacmatch.experiments.report_distill import _converge_findings
+
+    def cell(row, patience, val_gain=None):
+        acc = {"mean": .5, "std": 0, "ci95": 0, "n": 1, "values": [.5]}
+        return {"row": row, "samples_per_class": 1, "patience": patience, "inside": True, "acc": acc,
+                **({} if val_gain is None else {"val_gain": val_gain})}
+    c = {"rule": {"patience": 10}, "checked_rows": ["CE", "FM"],
+         "cells": {"CE|1": cell("CE", 10), "CE (2× patience)|1": cell("CE (2× patience)", 20, 0.1),
+                   "FM|1": cell("FM", 40), "FM (2× patience)|1": cell("FM (2× patience)", 80, 1.6),
+                   "CE+KD|1": cell("CE+KD", 10), "CE+KD+JM|1": cell("CE+KD+JM", 10)}}
+    text = _converge_findings(c)[0]
+    assert "CE n=1: +0.1, FM n=1 (from patience 40): +1.6 points" in text
+    assert text.endswith("**not converged at the largest patience the rule allows: FM n=1**.")
+    c["cells"]["FM (2× patience)|1"]["val_gain"] = 0.4
+    assert "not converged" not in _converge_findings(c)[0]
+
+
 def test_a_resumed_section_keeps_the_fastest_step_cost_of_its_invocations():
     """Load on the machine only slows a step: per row and n the smaller measurement is kept,
     and counted; another layout's costs are not mixed in."""

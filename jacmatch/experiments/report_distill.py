@@ -229,11 +229,19 @@ def _converge_findings(c: dict) -> list[str]:
     if not paired_by_n(c, R.CE_KD, R.CE_KD_JM):
         return []
     binding = [k for k, x in c["cells"].items() if not x["inside"]]
-    checks = [(k, x["val_gain"]) for k, x in c["cells"].items() if "val_gain" in x]
-    gains = ", ".join(f"{k.split('|')[0].split(' (')[0]} n={k.split('|')[1]}: {g:+.1f}" for k, g in checks)
+    checks = [(x["row"].split(" (")[0], x["samples_per_class"], x) for x in c["cells"].values() if "val_gain" in x]
+    rule_patience = c["rule"]["patience"]
+
+    def patience(row, n) -> str:  # where it grew: the patience the check doubled
+        p = c["cells"][R.key(row, n)]["patience"]
+        return f" (from patience {p})" if p != rule_patience else ""
+    gains = ", ".join(f"{row} n={n}{patience(row, n)}: {x['val_gain']:+.1f}" for row, n, x in checks)
+    unsettled = [f"{row} n={n}" for row, n, x in checks if not converged(x["val_gain"])]
     return ["Budgets at convergence: " + ("every best point lies inside its maximum" if not binding else
             f"**the maximum still binds for {', '.join(binding)}**") + f"; with twice the patience, "
-            f"{_and(c['checked_rows'])} change validation accuracy by {gains} points."]
+            f"{_and(c['checked_rows'])} change validation accuracy by {gains} points"
+            + (f"; **not converged at the largest patience the rule allows: {', '.join(unsettled)}**" if unsettled
+               else "") + "."]
 
 
 def _budget_at_check(d: dict) -> str:
