@@ -417,7 +417,7 @@ def test_the_converged_findings_name_the_grown_patience_and_a_baseline_still_gai
         acc = {"mean": .5, "std": 0, "ci95": 0, "n": 1, "values": [.5]}
         return {"row": row, "samples_per_class": 1, "patience": patience, "inside": True, "acc": acc,
                 **({} if val_gain is None else {"val_gain": val_gain})}
-    c = {"rule": {"patience": 10}, "checked_rows": ["CE", "FM"],
+    c = {"rule": {"patience": 10, "patience_growths": 2}, "checked_rows": ["CE", "FM"],
          "cells": {"CE|1": cell("CE", 10), "CE (2× patience)|1": cell("CE (2× patience)", 20, 0.1),
                    "FM|1": cell("FM", 40), "FM (2× patience)|1": cell("FM (2× patience)", 80, 1.6),
                    "CE+KD|1": cell("CE+KD", 10), "CE+KD+JM|1": cell("CE+KD+JM", 10)}}

@@ -237,11 +237,11 @@ def _converge_findings(c: dict) -> list[str]:
         return f" (from patience {p})" if p != rule_patience else ""
     gains = ", ".join(f"{row} n={n}{patience(row, n)}: {x['val_gain']:+.1f}" for row, n, x in checks)
     unsettled = [f"{row} n={n}" for row, n, x in checks if not converged(x["val_gain"])]
+    where = " at the largest patience the rule allows" if "patience_growths" in c["rule"] else ""
     return ["Budgets at convergence: " + ("every best point lies inside its maximum" if not binding else
             f"**the maximum still binds for {', '.join(binding)}**") + f"; with twice the patience, "
             f"{_and(c['checked_rows'])} change validation accuracy by {gains} points"
-            + (f"; **not converged at the largest patience the rule allows: {', '.join(unsettled)}**" if unsettled
-               else "") + "."]
+            + (f"; **not converged{where}: {', '.join(unsettled)}**" if unsettled else "") + "."]
 
 
 def _budget_at_check(d: dict) -> str:
