@@ -140,6 +140,18 @@ def test_every_experiment_section_and_the_report_quick(tmp_path):
     reread = json.loads((out / "fidelity.json").read_text())
     assert reread["evaluated"] == 1 and reread["cells"]["CE|1"]["agreement"] == again["cells"]["CE|5"]["agreement"]
     shutil.copyfile(tmp_path / "kept.pt", changed)
+    # A converge.json without a cell (a partial part): its students' evaluations are kept for when the cell is back.
+    saved = (out / "converge.json").read_text()
+    (out / "converge.json").write_text(json.dumps({**converge, "cells": {
+        k: c for k, c in json.loads(saved)["cells"].items() if k != "CE|5"}}))
+    jacmatch("experiment", "fidelity", "--quick", cwd=tmp_path)
+    partial = json.loads((out / "fidelity.json").read_text())
+    assert "CE|5" not in partial["cells"] and partial["students"] == again["students"] - 1
+    assert partial["evaluated"] == 1  # CE|1's weights, back as they were
+    assert again["cells"]["CE|5"]["weights"][0] in partial["students_by_weights"]
+    (out / "converge.json").write_text(saved)
+    jacmatch("experiment", "fidelity", "--quick", cwd=tmp_path)
+    assert json.loads((out / "fidelity.json").read_text())["evaluated"] == 0
     for cell in again["cells"].values():
         assert cell["acc_vs_record"] == 0 and set(cell["agreement"]["noisy"]) == {"0.1", "0.2", "0.3", "0.5", "0.7"}
         assert 0 <= cell["agreement"]["interpolated"]["mean"] <= 1 and cell["kl"]["clean"]["mean"] >= 0

@@ -75,19 +75,22 @@ def fidelity_section(lay: Layout) -> dict:
     cells: dict = {}
     teacher_sha = file_sha256(c["teacher"])
     before = load_json(lay.out / "fidelity.json") or {}
-    known = before.get("students_by_weights", {}) if before.get("teacher_sha256") == teacher_sha else {}
-    students: dict = {}  # weights path -> its SHA-256 and evaluation
+    # weights path -> its SHA-256 and evaluation: those of a partial converge.json's cells, and those kept before
+    # whose weights are still here (a later part's cells reuse them)
+    known = {w: v for w, v in (before.get("students_by_weights", {}) if before.get("teacher_sha256") == teacher_sha
+                               else {}).items() if (lay.out / w).is_file()}
+    students: set = set()
 
     def student(w: str) -> dict:
         sha = file_sha256(lay.out / w)
         if known.get(w, {}).get("sha256") != sha:
             known[w] = {"sha256": sha, **_student_fidelity(lay, lay.out / w, teacher, key, cache)}
             summary["evaluated"] += 1
-        students[w] = known[w]
+        students.add(w)
         return known[w]
     summary = {"teacher": c["teacher"], "teacher_sha256": teacher_sha, "rows": list(CONVERGE_ROWS),
                "samples": c["samples"], "seeds": c["seeds"], "cells": cells, "complete": False, "evaluated": 0,
-               "students_by_weights": students}
+               "students_by_weights": known}
     for cell_key, cell in c["cells"].items():
         row, _ = R.split_key(cell_key)
         if row not in CONVERGE_ROWS or "weights" not in cell:
