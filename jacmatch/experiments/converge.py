@@ -1,8 +1,9 @@
 """``jacmatch experiment converge``: every distilled student trained as long as it needs
 (early-stopped inside a maximum that grows while it binds, with the patience that its
 baseline's budget check asks for), and time-to-accuracy; beside the paper's rows, function
-matching (Beyer et al. 2022) with and without the Jacobian term. Each cell's students keep their tested weights beside their
-records, so that any metric of them is computed again without training (``fidelity``)."""
+matching (Beyer et al. 2022) with and without the Jacobian term. Each cell's students keep
+their tested weights beside their records, so that any metric of them is computed again
+without training (``fidelity``)."""
 
 from __future__ import annotations
 
