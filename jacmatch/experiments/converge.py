@@ -167,14 +167,14 @@ def patient_cell(lay, row, n, recipe, teacher, step_seconds) -> tuple[dict, dict
     check with its ``val_gain`` over the cell (points)."""
     profile = lay.profile
     patience, first, grown = profile.converge_patience, profile.converge_steps, []
+    cell = _converged_cell(lay, row, n, recipe, teacher, patience, first, step_seconds, keep=False)
     while True:
-        cell = _converged_cell(lay, row, n, recipe, teacher, patience, first, step_seconds, keep=False)
         check = _converged_cell(lay, row, n, recipe, teacher, 2 * patience, 2 * first, step_seconds, keep=False)
         gain = 100 * (check["val_acc"]["mean"] - cell["val_acc"]["mean"])
         if converged(gain) or len(grown) == profile.converge_patience_growths:
             break
         grown.append({"patience": patience, "val_gain": gain})
-        patience, first = 2 * patience, 2 * first
+        patience, first, cell = 2 * patience, 2 * first, check  # the check's students are the row's own
     cell = _converged_cell(lay, row, n, recipe, teacher, patience, first, step_seconds)  # its students' weights kept
     return {**cell, "patience_grown_from": grown}, {**check, "row": R.twice_patience(row), "val_gain": gain}
 

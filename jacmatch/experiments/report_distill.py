@@ -146,7 +146,7 @@ def _patience_grown(c: dict) -> list[str]:
         return []
     grown = [(row, n, cell) for row in c["checked_rows"] for n in c["samples"]
              if (cell := c["cells"].get(R.key(row, n))) and cell.get("patience_grown_from")]
-    text = ("A baseline whose check gains 0.5 point or more is trained again with twice the patience and first "
+    text = (f"A baseline whose check gains {CONVERGED_GAIN:g} point or more is trained again with twice the patience and first "
             f"maximum (at most {rule['patience_growths']} times): the check's students become its own, checked in turn "
             "at twice theirs (the table shows the last check), and its Jacobian row takes the same patience. ")
     if not grown:
