@@ -37,8 +37,12 @@ def draw_report_figures(sections: dict, folder: Path) -> None:
 
 
 def curve_samples(c: dict) -> list[int]:
-    """The n of the converged view's curves plot: 10 and 100 when they ran, else its smallest and largest."""
+    """The n of the converged view's plots: 10 and 100 when every row ran there, else the
+    smallest and largest such n (a partial run's last n, where only some rows ran, waits
+    until they all have; with none complete yet, the n where any ran)."""
     ran = sorted({cell["samples_per_class"] for cell in c["cells"].values()})
+    complete = [n for n in ran if all(R.key(row, n) in c["cells"] for row in c["rows"])]
+    ran = complete or ran
     wanted = [n for n in (10, 100) if n in ran]
     return wanted or sorted({ran[0], ran[-1]}) if ran else []
 
