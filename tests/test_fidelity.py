@@ -111,11 +111,12 @@ def test_a_teacher_of_other_classes_has_no_fidelity():
 
 
 def test_the_converged_plots_wait_for_every_row_at_an_n():
+    from jacmatch.experiments import rows as R
     from jacmatch.experiments.figures import curve_samples
 
     def section(ran: dict) -> dict:
-        return {"rows": ["CE", "FM"], "cells": {f"{row}|{n}": {"row": row, "samples_per_class": n}
-                                               for n, rows in ran.items() for row in rows}}
+        return {"rows": ["CE", "FM"], "cells": {R.key(row, n): {"row": row, "samples_per_class": n}
+                                                 for n, rows in ran.items() for row in rows}}
     assert curve_samples(section({1: ["CE", "FM"], 5: ["CE", "FM"], 10: ["CE"]})) == [1, 5]  # n=10 partial
     assert curve_samples(section({1: ["CE", "FM"], 10: ["CE", "FM"], 50: ["CE", "FM"]})) == [10]
     assert curve_samples(section({10: ["CE", "FM"], 100: ["CE", "FM"], 500: ["CE"]})) == [10, 100]
