@@ -321,6 +321,14 @@ def test_a_budget_check_flags_a_gain_as_not_converged_and_names_a_loss():
     assert "a baseline still gains" in _transfer_view({"cells": cells}) and _transfer_view({"cells": {"CE|5": {}}}) == ""
 
 
+def test_a_signed_difference_that_rounds_to_zero_has_no_sign():
+    """A gain of -0.04 points is printed 0.0, not -0.0; a real loss or gain keeps its sign."""
+    from jacmatch.experiments.report_text import evidence, signed
+    assert [signed(x) for x in (-0.04, 0.04, 0.0, -0.0, -0.05001, 1.26)] == ["0.0", "0.0", "0.0", "0.0", "-0.1", "+1.3"]
+    assert signed(-0.004, digits=2) == "0.00" and signed(-0.006, digits=2) == "-0.01"
+    assert evidence([(5, -0.01, 2, 5), (10, 2.0, 5, 5)]) == "n=5: 0.0 (2/5), n=10: +2.0 (5/5)"
+
+
 def test_report_regenerates_the_committed_report_byte_for_byte(tmp_path, monkeypatch):
     """REPORT.md, BENCHMARKS.md and the README's findings are what `jacmatch report` makes
     of the committed JSONs: nothing in them was typed by hand or left stale."""

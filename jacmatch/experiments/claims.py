@@ -10,7 +10,7 @@ from .common import converged
 from .report_distill import equal_time_pairs, small_over_large
 from .report_fidelity import FIDELITY_SIGMA, agreement_at
 from .paper import transfer_classes
-from .report_text import cores, evidence, holds, paired_by_n, span, verdict_of
+from .report_text import cores, evidence, holds, paired_by_n, signed, span, verdict_of
 
 __all__ = ["claims", "verdicts", "claim_label", "verdict_table"]
 
@@ -71,7 +71,7 @@ def verdicts(sections: dict) -> list[tuple[str, str, str, str]]:
             out.append((f"(b) … most with few samples ({at})",
                         so_far("confirmed" if holds(mean, wins, seeds) else "not confirmed"),
                         f"JM's gain at n ≤ 10 ({', '.join(map(str, small))}) minus its gain at n ≥ 100 "
-                        f"({', '.join(map(str, large))}), paired by seed: {mean:+.1f} points ({wins}/{seeds})",
+                        f"({', '.join(map(str, large))}), paired by seed: {signed(mean)} points ({wins}/{seeds})",
                         claim[1][1]))
         noisy = paired_by_n(c, R.CE_KD, R.CE_KD_JM, lambda x: x.noisy_acc("0.3"))
         if noisy:

@@ -8,7 +8,7 @@ from .common import CONVERGED_GAIN, converged
 from .records import Section
 from .figures import main_rows
 from .report_text import (check_gain, chosen_values, cores, holds, img, missing, paired, paired_by_n, pm, reached_text,
-                          table)
+                          signed, table)
 
 __all__ = ["teacher_text", "teacher_findings", "distill_rows", "distill_text", "converge_text", "small_over_large",
            "budget_pair", "budget_findings", "equal_time_pairs", "at_time", "EQUAL_TIME_PAIRS"]
@@ -133,7 +133,7 @@ def converge_text(c: dict | None, folder: str) -> tuple[str, list[str]]:
         lines += ["| difference | " + " | ".join(f"n={n}" for n in ns) + " |", "|---|" + "---|" * len(ns)]
         for a, b in EQUAL_TIME_PAIRS:
             found = {n: (m, w, k) for n, m, w, k in equal_time_pairs(c, a, b)}
-            lines.append(f"| {b} − {a} | " + " | ".join(f"{found[n][0]:+.1f} ({found[n][1]}/{found[n][2]})"
+            lines.append(f"| {b} − {a} | " + " | ".join(f"{signed(found[n][0])} ({found[n][1]}/{found[n][2]})"
                                                         if n in found else "—" for n in ns) + " |")
     lines += ["", f"![validation accuracy against training time]({img(folder, 'converge_curves')})"]
     return "\n".join(lines) + "\n", _converge_findings(c)
@@ -153,7 +153,7 @@ def _patience_grown(c: dict) -> list[str]:
         return ["", text + "No baseline's patience grew."]
     return ["", text + "Grown: " + "; ".join(
         f"{row} at n={n}: patience {cell['patience']} (" + ", ".join(
-            f"{g['val_gain']:+.1f} at patience {g['patience']}" for g in cell["patience_grown_from"]) + ")"
+            f"{signed(g['val_gain'])} at patience {g['patience']}" for g in cell["patience_grown_from"]) + ")"
         for row, n, cell in grown) + "."]
 
 
@@ -235,7 +235,7 @@ def _converge_findings(c: dict) -> list[str]:
     def patience(row, n) -> str:  # where it grew: the patience the check doubled
         p = c["cells"][R.key(row, n)]["patience"]
         return f" (from patience {p})" if p != rule_patience else ""
-    gains = ", ".join(f"{row} n={n}{patience(row, n)}: {x['val_gain']:+.1f}" for row, n, x in checks)
+    gains = ", ".join(f"{row} n={n}{patience(row, n)}: {signed(x['val_gain'])}" for row, n, x in checks)
     unsettled = [f"{row} n={n}" for row, n, x in checks if not converged(x["val_gain"])]
     where = " at the largest patience the rule allows" if "patience_growths" in c["rule"] else ""
     return ["Budgets at convergence: " + ("every best point lies inside its maximum" if not binding else
@@ -300,7 +300,7 @@ def _budget_check(d: dict) -> list[str]:
     val = (f" (validation: {pm(ce['val_acc'])}% and {pm(doubled['val_acc'])}%)"
            if "val_acc" in ce and "val_acc" in doubled else "")
     return ["", f"Is the budget enough? CE at n = {n}: {pm(ce['acc'])}% with {ce['steps']} steps, "
-            f"{pm(doubled['acc'])}% with {doubled['steps']} steps: {diff:+.1f} points, {verdict}{val}."]
+            f"{pm(doubled['acc'])}% with {doubled['steps']} steps: {signed(diff)} points, {verdict}{val}."]
 
 
 def _distill_findings(d: dict) -> list[str]:
@@ -320,7 +320,7 @@ def _distill_findings(d: dict) -> list[str]:
              for n in d["samples"] if R.key(R.CE_JM, n) in d["cells"] and R.key(R.CE, n) in d["cells"]]
     if alone:
         findings.append("Jacobian matching without KD (CE+JM against CE, γ chosen for CE+JM on validation): "
-                        + ", ".join(f"n={n}: {100 * m:+.1f}" for n, m in alone) + " points.")
+                        + ", ".join(f"n={n}: {signed(100 * m)}" for n, m in alone) + " points.")
     return findings + _compute_findings(d)
 
 
@@ -333,7 +333,7 @@ def _compute_findings(d: dict) -> list[str]:
     if not ns:
         return []
     worth = [n for n in ns if all(holds(*pairs[r][n]) for r in rivals)]
-    against = "; ".join(f"against {r}: " + ", ".join(f"n={n}: {pairs[r][n][0]:+.1f} ({pairs[r][n][1]}/{pairs[r][n][2]})"
+    against = "; ".join(f"against {r}: " + ", ".join(f"n={n}: {signed(pairs[r][n][0])} ({pairs[r][n][1]}/{pairs[r][n][2]})"
                                                       for n in ns) for r in rivals)
     where = (f"worth its cost at {', '.join(f'n={n}' for n in worth)}" if worth else "not worth its cost at any n")
     rest = [n for n in ns if n not in worth]
@@ -352,6 +352,6 @@ def budget_findings(d: dict | None, r: dict | None) -> list[str]:
         return []
     n, ce, doubled, diff = pair
     return [f"Step budgets: a CE student at n={n} reaches {pm(ce['acc'])}% with its budget of {ce['steps']} steps "
-            f"and {pm(doubled['acc'])}% with twice as many ({diff:+.1f} points): "
+            f"and {pm(doubled['acc'])}% with twice as many ({signed(diff)} points): "
             + ("the students have converged at their budget" if converged(diff) else "the budget still limits them")
             + f"; the same network trained on the full set for longer (section 3) reaches {pm(full['acc'])}%."]

@@ -7,7 +7,7 @@ from . import rows as R
 from ..errors import UsageError
 from .figures import noise_sigmas
 from .paper import SECTION_MINUTES, transfer_classes
-from .report_text import check_flag, chosen_values, img, missing, paired, pm, span
+from .report_text import check_flag, chosen_values, img, missing, paired, pm, signed, span
 
 __all__ = ["robust_text", "budget_checks", "transfer_text", "verify_text", "section_time", "check_one_data_set"]
 
@@ -54,14 +54,14 @@ def budget_checks(cells: list[dict], where: str, rows: list[dict] = ()) -> list[
              "means over seeds; a baseline that has converged gains under 0.5 of validation accuracy):", "",
              "| baseline | at | epochs | validation | test |", "|---|---|---|---|---|"]
     for c in cells:
-        lines.append(f"| {c['row']} | {c[where]} | {c['epochs']} | {c['val_gain']:+.1f}{check_flag(c['val_gain'])} "
-                     f"| {c['test_gain']:+.1f} |")
+        lines.append(f"| {c['row']} | {c[where]} | {c['epochs']} | {signed(c['val_gain'])}{check_flag(c['val_gain'])} "
+                     f"| {signed(c['test_gain'])} |")
     grown = {c[where]: c for c in rows if "grown_from" in c}  # the rows of one training set share their epochs
     if grown:
         lines += ["", "Every row of a training set trains for the epochs its baselines need: doubled while a "
                   "baseline gained 0.5 point of validation accuracy or more at twice them. " + "; ".join(
                       f"{at}: {c['epochs']} epochs" + (" (grown from " + ", ".join(
-                          f"{e}, where the baselines gained " + ", ".join(f"{r} {g:+.1f}" for r, g in gains.items())
+                          f"{e}, where the baselines gained " + ", ".join(f"{r} {signed(g)}" for r, g in gains.items())
                           for e, gains in zip(c["grown_from"], c["gains_grown_from"])) + ")" if c["grown_from"] else "")
                       for at, c in grown.items()) + "."]
     return lines

@@ -9,7 +9,7 @@ from . import rows as R
 from .common import CONVERGED_GAIN, converged
 from .records import Cell, Section, Summary
 
-__all__ = ["cores", "span", "chosen_values", "pm", "img", "missing", "table", "check_gain", "check_flag",
+__all__ = ["cores", "span", "chosen_values", "pm", "signed", "img", "missing", "table", "check_gain", "check_flag",
            "reached_text", "paired", "paired_by_n", "holds", "evidence", "verdict_of"]
 
 
@@ -52,6 +52,13 @@ def pm(s: dict, scale: float = 100.0, digits: int = 1) -> str:
     return f"{scale * s['mean']:.{digits}f} ± {scale * s['std']:.{digits}f}"
 
 
+def signed(x: float, digits: int = 1) -> str:
+    """A difference with its sign, ``+1.2`` or ``-0.3``; one that rounds to zero is ``0.0``,
+    whichever side of zero it fell on (never ``-0.0`` or ``+0.0``)."""
+    text = f"{x:+.{digits}f}"
+    return text[1:] if float(text) == 0 else text
+
+
 def img(folder: str, name: str) -> str:
     """A plot's link, relative to the report (written beside the results folder)."""
     return f"{folder}/{name}.png"
@@ -71,7 +78,7 @@ def table(cells: dict, rows: list[str], ns: list, value) -> list[str]:
 
 
 def check_gain(cell: dict | None) -> str:
-    return "—" if cell is None else f"{cell['val_gain']:+.1f}{check_flag(cell['val_gain'])}"
+    return "—" if cell is None else f"{signed(cell['val_gain'])}{check_flag(cell['val_gain'])}"
 
 
 def check_flag(val_gain: float) -> str:
@@ -95,7 +102,7 @@ def paired(a: list[float], b: list[float]) -> tuple[float, str]:
     """b minus a over seeds paired by index: the mean, and a text in points with the wins."""
     diff = [y - x for x, y in zip(a, b)]
     mean = sum(diff) / len(diff)
-    return mean, f"{100 * mean:+.1f} ({sum(x > 0 for x in diff)}/{len(diff)} seeds)"
+    return mean, f"{signed(100 * mean)} ({sum(x > 0 for x in diff)}/{len(diff)} seeds)"
 
 
 def paired_by_n(section: dict, a: str, b: str, metric: Callable[[Cell], Summary | None] = lambda c: c.acc
@@ -119,7 +126,7 @@ def holds(mean: float, wins: int, seeds: int) -> bool:
 
 
 def evidence(pairs: list[tuple]) -> str:
-    return ", ".join(f"n={n}: {m:+.1f} ({w}/{k})" for n, m, w, k in pairs)
+    return ", ".join(f"n={n}: {signed(m)} ({w}/{k})" for n, m, w, k in pairs)
 
 
 def verdict_of(pairs: list[tuple]) -> str:
