@@ -8,6 +8,7 @@ from pathlib import Path
 from .._extras import require
 from ..atomic import save_figure, write_atomic
 from .common import load_json
+from .report_text import signed
 
 __all__ = ["plot_scaling", "format_table", "format_data", "write_benchmarks"]
 
@@ -183,7 +184,7 @@ def format_data(results: dict) -> list[str]:
              f"{met(e['ratio'] <= e['target'])} |"]
     for kind in ("folder", "npz"):
         a, b = m["runs"][f"{kind}_{small}"], m["runs"][f"{kind}_{large}"]
-        lines.append(f"| peak memory, {kind}: {large} − {small} images | {m['growth_mib'][kind]:+.0f} MiB "
+        lines.append(f"| peak memory, {kind}: {large} − {small} images | {signed(m['growth_mib'][kind], digits=0)} MiB "
                      f"(run {b['peak_mib']:.0f} − {a['peak_mib']:.0f} MiB; largest worker {b['worker_peak_mib']:.0f} − "
                      f"{a['worker_peak_mib']:.0f} MiB) | ≤ {m['target_mib']} MiB | "
                      f"{met(m['growth_mib'][kind] <= m['target_mib'])} |")
