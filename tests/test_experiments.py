@@ -426,6 +426,17 @@ def test_a_baseline_whose_budget_check_gains_trains_with_twice_the_patience(monk
     lay = paper.Layout(profile=dataclasses.replace(lay.profile, converge_patience_growths=0))
     cell, check = converge.patient_cell(lay, "FM", 5, ({"alpha": 0.0}, 0.01, None), None, 0.25)
     assert cell["patience"] == 2 and check["val_gain"] == pytest.approx(3.0)
+    # a record trained again for its weights reads 0.1 point lower: the check's gain is over it
+    kept_acc = {("CE", 2): .699}
+    lay = paper.Layout(profile=dataclasses.replace(lay.profile, converge_patience_growths=2))
+
+    def student_again(lay, tag, n, seed, objective, teacher, max_steps, patience, lr, data=None, keep=False):
+        run = student(lay, tag, n, seed, objective, teacher, max_steps, patience, lr, data, keep)
+        a = kept_acc.get((tag, patience)) if keep else None
+        return {**run, "final": {"test": {"acc": a}, "val": {"acc": a}}, "best": {**run["best"], "val_acc": a}} if a else run
+    monkeypatch.setattr(converge, "_converge_student", student_again)
+    cell, check = converge.patient_cell(lay, "CE", 5, ({"alpha": 1.0}, 0.01, None), None, 0.25)
+    assert cell["val_acc"]["values"] == [.699] and check["val_gain"] == pytest.approx(0.3)
 
 
 def test_the_converged_findings_name_the_grown_patience_and_a_baseline_still_gaining():

@@ -164,7 +164,8 @@ def patient_cell(lay, row, n, recipe, teacher, step_seconds) -> tuple[dict, dict
     validation accuracy (at most ``converge_patience_growths`` times), the check's students
     become the row's own and are checked at twice theirs. Returns (cell, check): the cell with
     its kept weights and the patience it grew from (with the gains that grew it), the last
-    check with its ``val_gain`` over the cell (points)."""
+    check with its ``val_gain`` (points) over the cell as returned: a record trained again for
+    its weights on another host may differ from the one the rule read."""
     profile = lay.profile
     patience, first, grown = profile.converge_patience, profile.converge_steps, []
     cell = _converged_cell(lay, row, n, recipe, teacher, patience, first, step_seconds, keep=False)
@@ -176,6 +177,7 @@ def patient_cell(lay, row, n, recipe, teacher, step_seconds) -> tuple[dict, dict
         grown.append({"patience": patience, "val_gain": gain})
         patience, first, cell = 2 * patience, 2 * first, check  # the check's students are the row's own
     cell = _converged_cell(lay, row, n, recipe, teacher, patience, first, step_seconds)  # its students' weights kept
+    gain = 100 * (check["val_acc"]["mean"] - cell["val_acc"]["mean"])
     return {**cell, "patience_grown_from": grown}, {**check, "row": R.twice_patience(row), "val_gain": gain}
 
 
