@@ -135,6 +135,7 @@ def _overrides(args) -> list:
 def _run_training(args, kind: str) -> None:
     from ..training import train
     from ..training.config import find_config
+    from ..training.distributed import finish_distributed
     from ..training.trainer import NonFiniteError
     # distill trains with ObjectiveConfig's defaults (CE + KD τ = 8 + 10·JM); a teacher with CE only.
     base = {"objective": dict(TEACHER_OBJECTIVE)} if kind == "teacher" else {}
@@ -157,6 +158,7 @@ def _run_training(args, kind: str) -> None:
     except NonFiniteError as exc:
         print(f"jacmatch: error: {exc}", file=sys.stderr)
         raise SystemExit(EXIT_NONFINITE) from None
+    finish_distributed()
     if not main_process:
         return
     test = results["final"]["test"] or {}

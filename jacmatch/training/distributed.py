@@ -61,6 +61,13 @@ def init_distributed(device_name: str) -> DistInfo:
     return info
 
 
+def finish_distributed() -> None:
+    """Leave the process group at the end of a run that succeeded: a gloo group left to the
+    interpreter's exit can abort it (SIGABRT, "terminate called without an active exception")."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 class _AllReduceSum(torch.autograd.Function):
     """The sum over processes, differentiable any number of times: its backward is itself
     (every process's output depends on every process's input)."""

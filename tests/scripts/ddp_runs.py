@@ -19,6 +19,7 @@ from user_models import BatchSensitive  # noqa: E402
 
 from jacmatch.core.objective import TransferObjective  # noqa: E402
 from jacmatch.training import config_from_dict, epoch, train, trainer  # noqa: E402
+from jacmatch.training.distributed import finish_distributed  # noqa: E402
 
 
 state = {"case": {}, "poisoned": False}
@@ -53,3 +54,4 @@ if __name__ == "__main__":
     for case in cases.values():
         state["case"] = case
         train(config_from_dict(case["values"]))
+    finish_distributed()

@@ -16,6 +16,7 @@ from transformers import TrainingArguments, ViTConfig, ViTForImageClassification
 from jacmatch import ObjectiveConfig
 from jacmatch.integrations.transformers import DistillationTrainer
 from jacmatch.models import create_model
+from jacmatch.training.distributed import finish_distributed
 
 
 def data(n=32, k=4):
@@ -48,6 +49,7 @@ def main(prefix, batch, steps):
     trainer.train()
     rank = int(os.environ.get("RANK", "0"))
     torch.save({"student": trainer.model.state_dict(), "logs": trainer.state.log_history}, f"{prefix}.rank{rank}.pt")
+    finish_distributed()  # accelerate's gloo group, left to the interpreter's exit, can abort it
 
 
 if __name__ == "__main__":
