@@ -481,16 +481,18 @@ def test_a_better_validation_accuracy_must_beat_the_best_by_min_delta():
     assert _best_index(history[:3], 0.001) == 0 and _best_index([{}]) is None
 
 
-def test_a_run_that_succeeds_leaves_its_process_group(monkeypatch):
+def test_a_run_that_succeeds_leaves_its_process_group(tmp_path):
     """A gloo group left to the interpreter's exit can abort it (SIGABRT): finish_distributed
     leaves it, and is a no-op outside one."""
     import torch.distributed as dist
 
     from jacmatch.training.distributed import finish_distributed
     finish_distributed()  # no group: nothing to do
-    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
-    monkeypatch.setenv("MASTER_PORT", "29517")
-    dist.init_process_group("gloo", rank=0, world_size=1)
-    assert dist.is_initialized()
-    finish_distributed()
-    assert not dist.is_initialized()
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)  # no port
+    try:
+        assert dist.is_initialized()
+        finish_distributed()
+        assert not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()  # leave no group to the tests after a failure
