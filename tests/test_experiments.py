@@ -393,6 +393,41 @@ def test_a_converged_cell_grows_its_maximum_and_trains_again_only_the_seeds_that
     assert cell["acc"]["values"] == [0.5, 0.65]
 
 
+def test_a_run_with_a_larger_maximum_and_patience_continues_from_the_one_it_passes_through(tmp_path, teacher,
+                                                                                            capsys):
+    """converge's runs of one seed differ only in maximum and patience: a longer one continues
+    from the longest finished one it passes through and ends where a run trained from the
+    start ends; a run of another config, a larger patience, or one that ended off an
+    evaluation epoch is not continued from."""
+    from conftest import QUIET
+
+    from jacmatch.experiments.common import passes_through, run_or_load, same_outcome
+    from jacmatch.training import config_from_dict
+
+    def values(name, patience, epochs, every=1, gamma=1.0):
+        return {"out_dir": str(tmp_path / name), "teacher": teacher, "data": {"name": "synthetic", "samples_per_class": 6},
+                "model": {"name": "small_cnn_4"}, "objective": {"beta": 1.0, "gamma": gamma},
+                "optim": {"epochs": epochs, "batch_size": 8, "lr": 0.05, "schedule": "constant"},
+                "eval": {"every": every, "keep_best": True, "patience": patience, "min_delta": 0.5}, **QUIET}
+    short = run_or_load(values("p1", 1, 3))
+    assert short["epochs"] == 2  # stopped early: nothing beats the first evaluation by 0.5
+    run_or_load(values("p1_max1", 1, 1))  # finished, but shorter
+    donors = sorted(tmp_path.iterdir())
+    assert passes_through(config_from_dict(values("p3", 3, 6)), donors) == tmp_path / "p1"
+    assert passes_through(config_from_dict(values("p3", 3, 6, gamma=2.0)), donors) is None  # another objective
+    assert passes_through(config_from_dict(values("p0", 0, 2)), [tmp_path / "p1"]) is None  # a larger maximum
+    assert passes_through(config_from_dict(values("p3", 3, 6, every=3)), donors) is None  # 2 epochs: off every=3
+    capsys.readouterr()
+    grown = run_or_load(values("p3", 3, 6), donors=donors)
+    assert f"continues from {tmp_path / 'p1'} (epoch 2)" in capsys.readouterr().out
+    straight = run_or_load(values("straight", 3, 6))
+    assert grown["epochs"] == straight["epochs"] == 4 and same_outcome(straight, grown)
+    assert grown["final"] == straight["final"]
+    strip = lambda h: [{k: v for k, v in e.items() if "seconds" not in k and k != "config_changes"} for e in h]  # noqa: E731
+    assert strip(grown["history"]) == strip(straight["history"])
+    assert grown["history"][2]["config_changes"]["eval.patience"] == [1, 3]  # the resume is on the record
+
+
 def test_a_baseline_whose_budget_check_gains_trains_with_twice_the_patience(monkeypatch):
     """FM gains 3 points of validation accuracy at twice its patience, then 0.2 more at four
     times: its check's students become its own (their weights kept, no others), and the check

@@ -71,6 +71,33 @@ def test_resume_continues_exactly(tmp_path, teacher, monkeypatch):
     assert [r["train"] for r in a] == [r["train"] for r in b]
 
 
+def test_raising_the_maximum_and_patience_on_resume_ends_where_a_run_given_them_ends(tmp_path, teacher):
+    """A run stopped early (patience 1), resumed with patience 3 and twice the epochs, trains on
+    and ends bit for bit where a run given them from the start ends: early stopping reads the
+    history, and an epoch's draws do not depend on the maximum. Lower patience is refused."""
+    import shutil
+
+    from jacmatch.training.config import ConfigError
+
+    def values(out, patience, epochs):
+        v = student_values(out, teacher)
+        v["optim"].update(epochs=epochs, schedule="constant")
+        v["eval"].update(every=1, keep_best=True, patience=patience, min_delta=0.5)  # no epoch beats the first
+        return v
+    short = train(config_from_dict(values(tmp_path / "short", 1, 3)))
+    assert short["best"]["stopped_early"] and short["epochs"] == 2
+    shutil.copytree(tmp_path / "short", tmp_path / "grown")
+    grown = train(config_from_dict(values(tmp_path / "grown", 3, 6)), resume=True)
+    straight = train(config_from_dict(values(tmp_path / "straight", 3, 6)))
+    timeless = lambda r: {k: v for k, v in r["best"].items() if k != "loop_seconds"}  # noqa: E731
+    assert straight["epochs"] == grown["epochs"] == 4 and timeless(grown) == timeless(straight)
+    assert grown["final"] == straight["final"]
+    for name in ("last.pt", "best.pt"):
+        assert_same_weights(weights(tmp_path / "straight" / name), weights(tmp_path / "grown" / name))
+    with pytest.raises(ConfigError, match=r"eval.patience: 3 -> 2"):
+        train(config_from_dict(values(tmp_path / "grown", 2, 8)), resume=True)
+
+
 def test_same_seed_gives_bit_identical_runs(tmp_path, teacher):
     for name in ("a", "b"):
         train(config_from_dict(student_values(tmp_path / name, teacher)))

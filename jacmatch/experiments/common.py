@@ -5,15 +5,18 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
+from collections.abc import Iterable
 from pathlib import Path
 
 from ..errors import UsageError
 from ..atomic import write_json_atomic
 from ..training import TeacherGradients, config_from_dict, train
 from ..training.config import config_to_dict
+from ..training.resume import patience_at_least
 
-__all__ = ["CONVERGED_GAIN", "converged", "run_or_load", "write_record", "keep_weights", "same_outcome", "run_history",
-           "load_json", "summarize", "summarize_runs", "with_provenance", "data_hashes"]
+__all__ = ["CONVERGED_GAIN", "converged", "run_or_load", "passes_through", "write_record", "keep_weights",
+           "same_outcome", "run_history", "load_json", "summarize", "summarize_runs", "with_provenance", "data_hashes"]
 
 
 # points of validation accuracy: a baseline that gains less at twice its budget has converged
@@ -26,7 +29,7 @@ def converged(val_gain: float) -> bool:
 
 
 def run_or_load(values: dict, teacher_gradients: TeacherGradients | None = None, data_cache: dict | None = None,
-                record: Path | None = None, keep: Path | None = None) -> dict:
+                record: Path | None = None, keep: Path | None = None, donors: Iterable[Path] = ()) -> dict:
     """Train the run described by ``values`` (a config dict), unless its folder already
     holds finished results for the same config; resume it when it holds a checkpoint.
     ``record``: where the finished run's record lives (its results and per-epoch metrics, a
@@ -34,7 +37,10 @@ def run_or_load(values: dict, teacher_gradients: TeacherGradients | None = None,
     clone) is that record, and nothing is trained. ``teacher_gradients`` and
     ``data_cache``: shared by the runs of a sweep (see :func:`train`). ``keep``: where the
     run's weights are kept beside its record (:func:`keep_weights`); a record without them is
-    trained again, and kept as it was when the run reproduces it (:func:`same_outcome`)."""
+    trained again, and kept as it was when the run reproduces it (:func:`same_outcome`).
+    ``donors``: finished runs of the same config with a smaller maximum or patience; a new
+    run continues from the longest one it passes through (:func:`passes_through`) instead
+    of training those epochs again."""
     cfg = config_from_dict(values)
     cfg.check()
     out = Path(cfg.out_dir)
@@ -58,6 +64,14 @@ def run_or_load(values: dict, teacher_gradients: TeacherGradients | None = None,
             return kept
     # A folder without a checkpoint holds a run cut before its first epoch ended: start it again.
     cut = (out / "last.pt").is_file()
+    donor = None if cut else passes_through(cfg, donors)
+    if donor is not None:
+        print(f"  {out}: continues from {donor} (epoch {donor_epochs(donor)}), which it passes through", flush=True)
+        for name in ("last.pt", "best.pt", "metrics.jsonl", "history.jsonl"):
+            if (donor / name).is_file():
+                out.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(donor / name, out / name)
+        cut = True
     results = train(cfg, resume=cut, overwrite=not cut, teacher_gradients=teacher_gradients, data_cache=data_cache)
     if kept is not None and same_outcome(kept, results):
         results = kept  # trained again for its weights: the record (its seconds too) stands
@@ -69,6 +83,36 @@ def run_or_load(values: dict, teacher_gradients: TeacherGradients | None = None,
     if keep is not None:
         keep_weights(out, keep)
     return results if results is kept else {**results, "history": run_history(out)}
+
+
+def donor_epochs(run: Path) -> int:
+    return json.loads((run / "results.json").read_text())["epochs"]
+
+
+def passes_through(cfg, donors: Iterable[Path]) -> Path | None:
+    """The finished run among ``donors`` (folders) whose every epoch a run of ``cfg`` trains
+    too, step for step (an epoch's draws depend on the seed and epoch alone): the same config
+    but for its folder, a maximum and patience no larger (so ``cfg``'s run had not stopped
+    where it did), ended on an evaluation epoch (a run's last epoch is evaluated whatever
+    ``eval.every`` says). The one that trained longest; None when none does. A resume from
+    its checkpoint ends bit for bit where ``cfg``'s run would
+    (``test_raising_the_maximum_and_patience_on_resume_ends_where_a_run_given_them_ends``)."""
+    def loose(values: dict) -> dict:
+        return {**values, "out_dir": "", "optim": {**values["optim"], "epochs": 0},
+                "eval": {**values["eval"], "patience": 0}}
+    mine, found = config_to_dict(cfg), []
+    for run in donors:
+        if run.resolve() == Path(cfg.out_dir).resolve() or not (run / "results.json").is_file() \
+                or not (run / "last.pt").is_file():
+            continue
+        results = json.loads((run / "results.json").read_text())
+        theirs = config_to_dict(config_from_dict(results.get("config") or {}))
+        if loose(theirs) == loose(mine) and results["epochs"] <= cfg.optim.epochs \
+                and theirs["optim"]["epochs"] <= cfg.optim.epochs \
+                and patience_at_least(theirs["eval"]["patience"], cfg.eval.patience) \
+                and results["epochs"] % cfg.eval.every == 0:
+            found.append((results["epochs"], str(run), run))
+    return max(found)[2] if found else None
 
 
 def same_outcome(record: dict, results: dict) -> bool:

@@ -3,7 +3,8 @@
 baseline's budget check asks for), and time-to-accuracy; beside the paper's rows, function
 matching (Beyer et al. 2022) with and without the Jacobian term. Each cell's students keep
 their tested weights beside their records, so that any metric of them is computed again
-without training (``fidelity``)."""
+without training (``fidelity``). A run with a larger maximum or patience than a finished run
+of its seed continues from that run's checkpoint, which it passes through step for step."""
 
 from __future__ import annotations
 
@@ -50,7 +51,8 @@ def _converge_student(lay, tag, n, seed, objective, teacher, max_steps, patience
                               "min_delta": lay.profile.converge_min_delta, **(evaluation or {})},
                         out_dir=str(_run_dir(lay, tag, n, seed, max_steps, patience)))
     values["optim"]["epochs"] = epochs_for_steps(n, values, max_steps)
-    return lay.train(values, keep=keep)
+    shorter = _run_dir(lay, tag, n, seed, "*", "*")  # a larger maximum or patience passes through these
+    return lay.train(values, keep=keep, donors=sorted(shorter.parent.glob(shorter.name)))
 
 
 def _run_dir(lay, tag, n, seed, max_steps, patience) -> Path:

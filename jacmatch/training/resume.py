@@ -19,7 +19,7 @@ from .run_folder import append_jsonl, now
 from .schedule import lr_factor
 
 __all__ = ["RESUME_MAY_CHANGE", "RESUME_MAY_MOVE", "ResumePoint", "run_inputs", "check_same_inputs",
-           "resume_changes", "restore"]
+           "resume_changes", "patience_at_least", "restore"]
 
 
 @dataclass
@@ -37,8 +37,9 @@ class ResumePoint:
     changes: dict = field(default_factory=dict)
 
 
-#: Settings a resume may change: they cannot alter the epochs already trained.
-RESUME_MAY_CHANGE = ("optim.epochs", "progress", "eval.every", "device", "out_dir", "tensorboard")
+#: Settings a resume may change: they cannot alter the epochs already trained (the
+#: maximum and the patience only upwards: a run that would have stopped sooner is refused).
+RESUME_MAY_CHANGE = ("optim.epochs", "eval.patience", "progress", "eval.every", "device", "out_dir", "tensorboard")
 #: Paths that may move too, when the checkpoint records their contents (run_inputs).
 RESUME_MAY_MOVE = ("teacher", "teacher_weights", "data.data_dir")
 
@@ -90,12 +91,20 @@ def resume_changes(trained: dict, cfg: RunConfig, epochs_done: int, last: Path, 
     refused = {k: v for k, v in changes.items() if k not in allowed}
     if cfg.optim.epochs < epochs_done:
         refused["optim.epochs"] = [old.get("optim.epochs"), cfg.optim.epochs]
+    if "eval.patience" in changes and not patience_at_least(*changes["eval.patience"]):
+        refused["eval.patience"] = changes["eval.patience"]
     if refused:
         diff = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in refused.items())
         raise ConfigError(f"--resume would change what {last.parent} was trained with ({diff}); resume with its "
                           f"config.yaml, or start a new run in another --out (a resume may change only "
-                          f"{', '.join(allowed)}, and epochs only upwards)")
+                          f"{', '.join(allowed)}, and epochs and patience only upwards)")
     return changes
+
+
+def patience_at_least(old: int, new: int) -> bool:
+    """Whether patience ``new`` waits at least as long as ``old`` (0 waits for ever): a run
+    that had not stopped under ``old`` has not under ``new`` either."""
+    return new == 0 or (old != 0 and new >= old)
 
 
 def extend_schedule(trained_optim: dict, cfg: RunConfig, scheduler) -> dict:
