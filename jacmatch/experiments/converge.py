@@ -9,6 +9,7 @@ of its seed continues from that run's checkpoint, which it passes through step f
 from __future__ import annotations
 
 import re
+import shutil
 import time
 from pathlib import Path
 
@@ -52,7 +53,14 @@ def _converge_student(lay, tag, n, seed, objective, teacher, max_steps, patience
                         out_dir=str(_run_dir(lay, tag, n, seed, max_steps, patience)))
     values["optim"]["epochs"] = epochs_for_steps(n, values, max_steps)
     shorter = _run_dir(lay, tag, n, seed, "*", "*")  # a larger maximum or patience passes through these
-    return lay.train(values, keep=keep, donors=sorted(shorter.parent.glob(shorter.name)))
+    return lay.train(values, keep=keep, donors=[*sorted(shorter.parent.glob(shorter.name)),
+                                                *sorted((lay.out / CARRIED).glob(shorter.name))])
+
+
+#: Under results/<profile>/: finished runs committed for the next part of a section cut
+#: between machines to continue from (their checkpoints, metrics and results), deleted once
+#: the section is complete; runs/ is not committed.
+CARRIED = Path("carried") / "converge"
 
 
 def _run_dir(lay, tag, n, seed, max_steps, patience) -> Path:
@@ -290,5 +298,8 @@ def converge_section(lay: Layout) -> dict:
             cells[R.key(row, n)]["to_kd"] = _to_target(cells[R.key(row, n)], kd)
         write_json_atomic(lay.out / "converge.json", with_provenance(summary, config))
     summary["complete"] = True
+    if (lay.out / CARRIED).is_dir():  # every run they could continue has its record now
+        shutil.rmtree(lay.out / CARRIED)
+        print(f"  {lay.out / CARRIED}: removed (the section is complete)", flush=True)
     write_json_atomic(lay.out / "converge.json", with_provenance(summary, config))
     return summary
