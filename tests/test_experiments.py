@@ -98,7 +98,11 @@ def test_every_experiment_section_and_the_report_quick(tmp_path):
     assert "## 2b. Distillation at convergence" in report and "| (b) Jacobian matching improves distillation (at " \
         "convergence) |" in report and "(at an equal budget of 400 steps, 800 at n=5)" in report
     # Resumed, the section trains no student again; its step costs are the fastest of both invocations' measurements.
-    jacmatch("experiment", "converge", "--quick", cwd=tmp_path)
+    # A folder of runs carried for a next part is deleted once the section is complete.
+    (out / "carried" / "converge" / "CE_n1_s0_max12_p2").mkdir(parents=True)
+    assert "carried/converge: removed (the section is complete)" in jacmatch("experiment", "converge", "--quick",
+                                                                           cwd=tmp_path)
+    assert not (out / "carried" / "converge").exists()
     resumed = json.loads((out / "converge.json").read_text())
     assert {k: c["acc"] for k, c in resumed["cells"].items()} == {k: c["acc"] for k, c in converge["cells"].items()}
     assert resumed["step_cost_measurements"] == 2 and all(
