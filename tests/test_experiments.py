@@ -432,6 +432,32 @@ def test_a_run_with_a_larger_maximum_and_patience_continues_from_the_one_it_pass
     assert grown["history"][2]["config_changes"]["eval.patience"] == [1, 3]  # the resume is on the record
 
 
+def test_the_carried_folder_holds_the_longest_finished_run_of_each_seed_of_the_cell_in_progress(tmp_path):
+    from jacmatch.experiments import paper
+    from jacmatch.experiments.converge import CARRIED, carry
+    lay = paper.Layout(root=tmp_path, profile=paper.QUICK)
+
+    def run(name, epochs, finished=True):
+        folder = lay.runs / "converge" / name
+        folder.mkdir(parents=True)
+        (folder / "last.pt").write_text(name)
+        if finished:
+            (folder / "results.json").write_text(json.dumps({"epochs": epochs}))
+        return folder
+
+    def carried():
+        return sorted(p.name for p in (lay.out / CARRIED).iterdir())
+    for folder in (run("FM_JM_n5_s0_max12_p2", 4), run("FM_JM_n5_s1_max12_p2", 6), run("FM_JM_n5_s0_max24_p2", 9),
+                   run("FM_JM_n5_s0_max24_p4", 7), run("FM_JM_n5_s1_max24_p2", 2, finished=False)):
+        carry(lay, folder)
+    assert carried() == ["FM_JM_n5_s0_max24_p2", "FM_JM_n5_s1_max12_p2"]  # each seed's longest finished run
+    assert (lay.out / CARRIED / "FM_JM_n5_s0_max24_p2" / "last.pt").read_text() == "FM_JM_n5_s0_max24_p2"
+    carry(lay, run("FM_n5_s0_max12_p2", 3))  # another row: the cell before it is done
+    assert carried() == ["FM_n5_s0_max12_p2"]
+    carry(lay, run("FM_n10_s0_max12_p2", 3))  # another n
+    assert carried() == ["FM_n10_s0_max12_p2"]
+
+
 def test_a_baseline_whose_budget_check_gains_trains_with_twice_the_patience(monkeypatch):
     """FM gains 3 points of validation accuracy at twice its patience, then 0.2 more at four
     times: its check's students become its own (their weights kept, no others), and the check

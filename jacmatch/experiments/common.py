@@ -15,7 +15,7 @@ from ..training import TeacherGradients, config_from_dict, train
 from ..training.config import config_to_dict
 from ..training.resume import patience_at_least
 
-__all__ = ["CONVERGED_GAIN", "converged", "run_or_load", "passes_through", "write_record", "keep_weights",
+__all__ = ["CONVERGED_GAIN", "converged", "run_or_load", "passes_through", "epochs_trained", "write_record", "keep_weights",
            "same_outcome", "run_history", "load_json", "summarize", "summarize_runs", "with_provenance", "data_hashes"]
 
 
@@ -66,7 +66,7 @@ def run_or_load(values: dict, teacher_gradients: TeacherGradients | None = None,
     cut = (out / "last.pt").is_file()
     donor = None if cut else passes_through(cfg, donors)
     if donor is not None:
-        print(f"  {out}: continues from {donor} (epoch {donor_epochs(donor)}), which it passes through", flush=True)
+        print(f"  {out}: continues from {donor} (epoch {epochs_trained(donor)}), which it passes through", flush=True)
         for name in ("last.pt", "best.pt", "metrics.jsonl", "history.jsonl"):
             if (donor / name).is_file():
                 out.mkdir(parents=True, exist_ok=True)
@@ -85,7 +85,8 @@ def run_or_load(values: dict, teacher_gradients: TeacherGradients | None = None,
     return results if results is kept else {**results, "history": run_history(out)}
 
 
-def donor_epochs(run: Path) -> int:
+def epochs_trained(run: Path) -> int:
+    """The epochs a finished run's folder trained (its results.json)."""
     return json.loads((run / "results.json").read_text())["epochs"]
 
 
@@ -97,19 +98,15 @@ def passes_through(cfg, donors: Iterable[Path]) -> Path | None:
     ``eval.every`` says). The one that trained longest; None when none does. A resume from
     its checkpoint ends bit for bit where ``cfg``'s run would
     (``test_raising_the_maximum_and_patience_on_resume_ends_where_a_run_given_them_ends``)."""
-    def loose(values: dict) -> dict:
-        return {**values, "out_dir": "", "optim": {**values["optim"], "epochs": 0},
-                "eval": {**values["eval"], "patience": 0}}
-    mine, found = config_to_dict(cfg), []
+    found = []
     for run in donors:
         if run.resolve() == Path(cfg.out_dir).resolve() or not (run / "results.json").is_file() \
                 or not (run / "last.pt").is_file():
             continue
         results = json.loads((run / "results.json").read_text())
-        theirs = config_to_dict(config_from_dict(results.get("config") or {}))
-        if loose(theirs) == loose(mine) and results["epochs"] <= cfg.optim.epochs \
-                and theirs["optim"]["epochs"] <= cfg.optim.epochs \
-                and patience_at_least(theirs["eval"]["patience"], cfg.eval.patience) \
+        theirs = config_from_dict(results.get("config") or {})
+        if _same_config(results, cfg, where=False, but=("optim.epochs", "eval.patience")) \
+                and theirs.optim.epochs <= cfg.optim.epochs and patience_at_least(theirs.eval.patience, cfg.eval.patience) \
                 and results["epochs"] % cfg.eval.every == 0:
             found.append((results["epochs"], str(run), run))
     return max(found)[2] if found else None
@@ -142,12 +139,17 @@ def run_history(out: Path) -> list[dict]:
     return [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.is_file() else []
 
 
-def _same_config(results: dict, cfg, where: bool = True) -> bool:
-    """Whether ``results`` are of ``cfg`` (``where``: in the same folder too). Read back
-    through the dataclasses, so that settings added since take their defaults."""
+def _same_config(results: dict, cfg, where: bool = True, but: tuple[str, ...] = ()) -> bool:
+    """Whether ``results`` are of ``cfg`` (``where``: in the same folder too), ``but`` for
+    the settings named (``"optim.epochs"``). Read back through the dataclasses, so that
+    settings added since take their defaults."""
     mine, theirs = config_to_dict(cfg), config_to_dict(config_from_dict(results.get("config") or {}))
-    if not where:
-        mine, theirs = {**mine, "out_dir": ""}, {**theirs, "out_dir": ""}
+    for key in (*but, *(() if where else ("out_dir",))):
+        *parents, leaf = key.split(".")
+        for values in (mine, theirs):
+            for part in parents:
+                values = values[part]
+            values[leaf] = None
     return mine == theirs
 
 

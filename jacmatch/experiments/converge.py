@@ -16,7 +16,7 @@ from pathlib import Path
 from . import rows as R
 from ..atomic import write_json_atomic
 from ..errors import UsageError
-from .common import converged, load_json, summarize, summarize_runs, with_provenance
+from .common import converged, epochs_trained, load_json, summarize, summarize_runs, with_provenance
 from .paper import FULL, ROWS, Layout, _fill, _run_seconds, _select, _teacher_path, epochs_for_steps, run_config
 
 
@@ -53,14 +53,38 @@ def _converge_student(lay, tag, n, seed, objective, teacher, max_steps, patience
                         out_dir=str(_run_dir(lay, tag, n, seed, max_steps, patience)))
     values["optim"]["epochs"] = epochs_for_steps(n, values, max_steps)
     shorter = _run_dir(lay, tag, n, seed, "*", "*")  # a larger maximum or patience passes through these
-    return lay.train(values, keep=keep, donors=[*sorted(shorter.parent.glob(shorter.name)),
-                                                *sorted((lay.out / CARRIED).glob(shorter.name))])
+    results = lay.train(values, keep=keep, donors=[*sorted(shorter.parent.glob(shorter.name)),
+                                                   *sorted((lay.out / CARRIED).glob(shorter.name))])
+    carry(lay, Path(values["out_dir"]))
+    return results
 
 
-#: Under results/<profile>/: finished runs committed for the next part of a section cut
-#: between machines to continue from (their checkpoints, metrics and results), deleted once
-#: the section is complete; runs/ is not committed.
+#: Under results/<profile>/: the longest finished run of each seed of the cell in progress
+#: (its checkpoints, metrics and results), for a part that goes on on another machine to
+#: continue from (runs/ is not committed); deleted once the section is complete.
 CARRIED = Path("carried") / "converge"
+CARRIED_FILES = ("last.pt", "best.pt", "metrics.jsonl", "history.jsonl", "results.json")
+
+
+def carry(lay: Layout, run: Path) -> None:
+    """Copy the finished run in folder ``run`` to :data:`CARRIED` when it trained longer than
+    the carried run of its seed; the carried runs of other cells (row and n) are deleted, so
+    that the folder holds at most one run per seed."""
+    if not (run / "results.json").is_file():  # a record: nothing trained here
+        return
+    carried, seed_of = lay.out / CARRIED, lambda folder: folder.name.rsplit("_max", 1)[0]  # noqa: E731
+    cell_of = lambda folder: seed_of(folder).rsplit("_s", 1)[0]  # noqa: E731
+    for other in sorted(carried.iterdir()) if carried.is_dir() else ():
+        if cell_of(other) != cell_of(run):
+            shutil.rmtree(other)
+        elif seed_of(other) == seed_of(run):
+            if other.name == run.name or epochs_trained(other) >= epochs_trained(run):
+                return
+            shutil.rmtree(other)
+    (carried / run.name).mkdir(parents=True)
+    for name in CARRIED_FILES:
+        if (run / name).is_file():
+            shutil.copy2(run / name, carried / run.name / name)
 
 
 def _run_dir(lay, tag, n, seed, max_steps, patience) -> Path:
