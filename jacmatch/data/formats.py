@@ -66,8 +66,10 @@ def read_idx(path: str | Path) -> np.ndarray:
     return np.frombuffer(body, dtype=dtype).reshape(dims).astype(dtype.newbyteorder("="))
 
 
-class _NumpyOnlyUnpickler(pickle.Unpickler):
-    """Builds numpy arrays and plain containers only; any other global is refused."""
+class _NumpyOnlyUnpickler(pickle._Unpickler):  # type: ignore[name-defined]
+    """Builds numpy arrays and plain containers only; any other global is refused. The
+    pure-Python unpickler: its memo is a dict, where the C one allocates a table as long as
+    the largest memo index a (corrupt) file names (4 bytes: up to 32 GiB)."""
 
     ALLOWED = {
         ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
