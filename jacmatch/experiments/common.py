@@ -15,7 +15,8 @@ from ..training import TeacherGradients, config_from_dict, train
 from ..training.config import config_to_dict
 from ..training.resume import patience_at_least
 
-__all__ = ["CONVERGED_GAIN", "converged", "run_or_load", "passes_through", "epochs_trained", "write_record", "keep_weights",
+__all__ = ["CONVERGED_GAIN", "converged", "run_or_load", "passes_through", "epochs_trained", "RUN_STATE", "write_record",
+           "keep_weights",
            "same_outcome", "run_history", "load_json", "summarize", "summarize_runs", "with_provenance", "data_hashes"]
 
 
@@ -67,7 +68,7 @@ def run_or_load(values: dict, teacher_gradients: TeacherGradients | None = None,
     donor = None if cut else passes_through(cfg, donors)
     if donor is not None:
         print(f"  {out}: continues from {donor} (epoch {epochs_trained(donor)}), which it passes through", flush=True)
-        for name in ("last.pt", "best.pt", "metrics.jsonl", "history.jsonl"):
+        for name in RUN_STATE:
             if (donor / name).is_file():
                 out.mkdir(parents=True, exist_ok=True)
                 shutil.copy2(donor / name, out / name)
@@ -83,6 +84,10 @@ def run_or_load(values: dict, teacher_gradients: TeacherGradients | None = None,
     if keep is not None:
         keep_weights(out, keep)
     return results if results is kept else {**results, "history": run_history(out)}
+
+
+#: The files a run continues from: its checkpoints and what it has logged.
+RUN_STATE = ("last.pt", "best.pt", "metrics.jsonl", "history.jsonl")
 
 
 def epochs_trained(run: Path) -> int:

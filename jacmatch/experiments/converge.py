@@ -16,7 +16,7 @@ from pathlib import Path
 from . import rows as R
 from ..atomic import write_json_atomic
 from ..errors import UsageError
-from .common import converged, epochs_trained, load_json, summarize, summarize_runs, with_provenance
+from .common import RUN_STATE, converged, epochs_trained, load_json, summarize, summarize_runs, with_provenance
 from .paper import FULL, ROWS, Layout, _fill, _run_seconds, _select, _teacher_path, epochs_for_steps, run_config
 
 
@@ -63,7 +63,7 @@ def _converge_student(lay, tag, n, seed, objective, teacher, max_steps, patience
 #: (its checkpoints, metrics and results), for a part that goes on on another machine to
 #: continue from (runs/ is not committed); deleted once the section is complete.
 CARRIED = Path("carried") / "converge"
-CARRIED_FILES = ("last.pt", "best.pt", "metrics.jsonl", "history.jsonl", "results.json")
+CARRIED_FILES = (*RUN_STATE, "results.json")
 
 
 def carry(lay: Layout, run: Path) -> None:
