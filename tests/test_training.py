@@ -510,16 +510,31 @@ def test_a_better_validation_accuracy_must_beat_the_best_by_min_delta():
 
 def test_a_run_that_succeeds_leaves_its_process_group(tmp_path):
     """A gloo group left to the interpreter's exit can abort it (SIGABRT): finish_distributed
-    leaves it, and is a no-op outside one."""
-    import torch.distributed as dist
+    leaves it, and is a no-op outside one. A DDP module that would outlive the group (its
+    reducer, destroying the group with the GIL held, can hang the exit) is collected first
+    when only a reference cycle holds it, and named when its caller still does."""
+    import warnings
 
-    from jacmatch.training.distributed import finish_distributed
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    from jacmatch.training.distributed import LiveDDPWarning, finish_distributed
     finish_distributed()  # no group: nothing to do
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)  # no port
-    try:
-        assert dist.is_initialized()
-        finish_distributed()
-        assert not dist.is_initialized()
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()  # leave no group to the tests after a failure
+    for n, held in enumerate((False, True)):
+        dist.init_process_group("gloo", init_method=f"file://{tmp_path / f'store{n}'}", rank=0, world_size=1)  # no port
+        try:
+            assert dist.is_initialized()
+            ddp = DistributedDataParallel(torch.nn.Linear(2, 2))
+            ddp(torch.ones(1, 2)).sum().backward()  # a finished all-reduce
+            ddp.cycle = [ddp]  # only the garbage collector frees it
+            if not held:
+                del ddp
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                finish_distributed()
+            assert [w.category for w in caught] == ([LiveDDPWarning] if held else [])
+            assert not dist.is_initialized()
+        finally:
+            if dist.is_initialized():
+                dist.destroy_process_group()  # leave no group to the tests after a failure
+    del ddp

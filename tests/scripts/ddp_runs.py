@@ -12,6 +12,7 @@ CASES.json maps a run's name to ``{"values": config values, "batch_sensitive": b
 
 import json
 import sys
+import warnings
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests/: user_models
@@ -19,7 +20,9 @@ from user_models import BatchSensitive  # noqa: E402
 
 from jacmatch.core.objective import TransferObjective  # noqa: E402
 from jacmatch.training import config_from_dict, epoch, train, trainer  # noqa: E402
-from jacmatch.training.distributed import finish_distributed  # noqa: E402
+from jacmatch.training.distributed import LiveDDPWarning, finish_distributed  # noqa: E402
+
+warnings.simplefilter("error", LiveDDPWarning)  # a DDP module left to outlive the group can hang the exit
 
 
 state = {"case": {}, "poisoned": False}

@@ -9,6 +9,7 @@ Samples are taken in order; under torchrun accelerate deals process r the batche
 
 import os
 import sys
+import warnings
 
 import torch
 from transformers import TrainingArguments, ViTConfig, ViTForImageClassification
@@ -16,7 +17,9 @@ from transformers import TrainingArguments, ViTConfig, ViTForImageClassification
 from jacmatch import ObjectiveConfig
 from jacmatch.integrations.transformers import DistillationTrainer
 from jacmatch.models import create_model
-from jacmatch.training.distributed import finish_distributed
+from jacmatch.training.distributed import LiveDDPWarning, finish_distributed
+
+warnings.simplefilter("error", LiveDDPWarning)  # a DDP module left to outlive the group can hang the exit
 
 
 def data(n=32, k=4):
@@ -49,6 +52,7 @@ def main(prefix, batch, steps):
     trainer.train()
     rank = int(os.environ.get("RANK", "0"))
     torch.save({"student": trainer.model.state_dict(), "logs": trainer.state.log_history}, f"{prefix}.rank{rank}.pt")
+    del trainer  # and with it the DDP-wrapped student, whose reducer must not be the group's last holder
     finish_distributed()  # accelerate's gloo group, left to the interpreter's exit, can abort it
 
 
