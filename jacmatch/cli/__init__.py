@@ -109,10 +109,11 @@ def _dataset_name(value: str) -> str:
     Hugging Face folder as its absolute path with its kind (``imagefolder:/abs/path``), so
     that the run, its resume and ``evaluate`` read it from any working directory."""
     from ..data import dataset_kind
+    from ..data.formats import user_path
     kind, arg = dataset_kind(value)
     if kind in ("builtin", "import"):
         return value
-    return f"{kind}:{os.path.abspath(os.path.expanduser(arg))}"
+    return f"{kind}:{os.path.abspath(user_path(arg))}"
 
 
 def _overrides(args) -> list:

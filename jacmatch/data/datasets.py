@@ -27,7 +27,7 @@ from torch import Tensor
 
 from .._extras import require
 from ..errors import UsageError
-from .formats import DataError, read_cifar_batch, read_idx
+from .formats import DataError, read_cifar_batch, read_idx, user_path
 from .sources import SourceOptions, open_source, source_kind
 from .splits import Loading, Split, _as_float, batch_by_batch
 
@@ -141,7 +141,7 @@ def _load_idx_set(name: str, data_dir: str | None, download: bool):
     if name == "fashion-mnist" and not data_dir:
         candidates.append(Path(DEBIAN_FASHION_MNIST))
     if not data_dir:
-        candidates.append(Path(os.environ.get("JACMATCH_DATA", "~/.cache/jacmatch")).expanduser() / name)
+        candidates.append(user_path(os.environ.get("JACMATCH_DATA", "~/.cache/jacmatch")) / name)
     chosen = next((d for d in candidates if d.is_dir() and any(d.glob("train-images*"))), None)
     if chosen is None and download:
         chosen = candidates[0] if data_dir else candidates[-1]
@@ -274,7 +274,7 @@ def dataset_kind(name: str) -> tuple[str, str]:
     a registered source's) is that source; an import path is a Dataset; any other name is a
     path. A built-in name that is also a path here is refused: it says how to write each."""
     if name in _REGISTRY:
-        if Path(name).expanduser().exists():
+        if user_path(name).exists():
             raise DataError(f"{name!r} names both the built-in data set and {Path(name).resolve()} here: write "
                             f"--dataset {name} --data-dir {name} for the built-in read from that folder, or "
                             f"--dataset ./{name} for the folder as a data set of its own")

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from ..errors import UsageError
 
-__all__ = ["DataError", "read_idx", "read_cifar_batch", "MAX_FILE_BYTES"]
+__all__ = ["DataError", "read_idx", "read_cifar_batch", "MAX_FILE_BYTES", "user_path"]
 
 #: No data file this library reads is larger (CIFAR-100 train is 155 MB).
 MAX_FILE_BYTES = 1 << 30
@@ -26,6 +26,16 @@ _IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">
 
 class DataError(UsageError):
     """A data file that is missing, truncated, corrupt or not what was expected."""
+
+
+def user_path(arg: str | Path) -> Path:
+    """``arg`` as a path, a leading ``~`` or ``~user`` expanded; a ``~user`` with no home
+    folder here is a DataError (``Path.expanduser`` raises a RuntimeError)."""
+    try:
+        return Path(arg).expanduser()
+    except RuntimeError:
+        raise DataError(f"{arg}: {str(arg).split('/')[0]!r} names no user's home folder here: give the path "
+                        "in full (or ./ before a name that starts with ~)") from None
 
 
 def _read_bytes(path: Path) -> bytes:

@@ -19,7 +19,7 @@ from typing import Any
 
 from .._extras import require
 from .._imports import import_callable, is_import_path
-from .formats import DataError
+from .formats import DataError, user_path
 from .readers import IMAGE_SUFFIXES, HFDataset, ImageFolder, UserDataset, _array_splits
 from .splits import ArraySplit, BadSamples, Fit, Loading, SampleCache, SampleSplit, Split, batch_by_batch, to_chw
 
@@ -62,7 +62,7 @@ def source_kind(name: str) -> tuple[str, str]:
             return prefix, name[len(prefix) + 1:]
     if is_import_path(name) and not Path(name).exists():
         return "import", name
-    path = Path(name).expanduser()
+    path = user_path(name)
     if path.is_dir():
         return ("npz" if any(path.glob("*.npy")) and not any(p.is_dir() for p in path.iterdir()) else
                 "imagefolder"), name
@@ -109,7 +109,7 @@ def _size(d) -> tuple[int, int] | None:
 
 
 def _open_npz(arg: str, d, loading: Loading) -> Opened:
-    path = Path(arg).expanduser()
+    path = user_path(arg)
     if not path.exists():
         raise DataError(f"{path} does not exist: pass an .npz file or a folder of .npy files")
     train_x, train_y, test_x, test_y = _array_splits(path)
@@ -122,7 +122,7 @@ def _open_npz(arg: str, d, loading: Loading) -> Opened:
 
 
 def _open_folder(arg: str, d, loading: Loading) -> Opened:
-    root, size = Path(arg).expanduser(), _size(d)
+    root, size = user_path(arg), _size(d)
     if not root.is_dir():
         raise DataError(f"image folder {root} does not exist")
     parts = {p.name: p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")}
@@ -155,7 +155,7 @@ def _open_folder(arg: str, d, loading: Loading) -> Opened:
 
 
 def _open_hf(arg: str, d, loading: Loading) -> Opened:
-    path = Path(arg).expanduser()
+    path = user_path(arg)
     require("datasets", "hf")
     import datasets
     if not path.exists():

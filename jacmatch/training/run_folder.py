@@ -80,10 +80,11 @@ def run_reads(cfg: RunConfig, config_file: str | None = None) -> list[tuple[str,
 def data_reads(d) -> list[tuple[str, Path]]:
     """The files or folders DataConfig ``d`` reads: a built-in set's data_dir, a source's path."""
     from ..data import dataset_kind
+    from ..data.formats import user_path
     reads = [("the data folder", Path(d.data_dir))] if d.data_dir else []
     kind, arg = dataset_kind(d.name)
     if kind not in ("builtin", "import"):
-        reads.append(("the data", Path(arg).expanduser()))
+        reads.append(("the data", user_path(arg)))
     return reads
 
 
