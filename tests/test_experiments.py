@@ -380,8 +380,9 @@ def test_a_converged_cell_grows_its_maximum_and_trains_again_only_the_seeds_that
     lay = paper.Layout(profile=dataclasses.replace(paper.QUICK, seeds=(0, 1), converge_steps=100, converge_growths=2))
     trained, kept = [], []
 
-    def student(lay, tag, n, seed, objective, teacher, max_steps, patience, lr, data=None, keep=False):
-        (kept if keep else trained).append((seed, max_steps))
+    def student(lay, tag, n, seed, objective, teacher, max_steps, patience, lr, data=None, keep=True, need_weights=False):
+        assert keep  # every run keeps its weights as it finishes; the cell names its students' in the end
+        (kept if need_weights else trained).append((seed, max_steps))
         settled = seed == 0 or max_steps == 200
         acc = 0.5 + 0.1 * seed + (0.05 if max_steps == 200 else 0.0)
         return {"best": {"inside": settled, "stopped_early": settled, "step": 60, "loop_seconds": 1.0, "val_acc": acc},
@@ -432,6 +433,46 @@ def test_a_run_with_a_larger_maximum_and_patience_continues_from_the_one_it_pass
     assert grown["history"][2]["config_changes"]["eval.patience"] == [1, 3]  # the resume is on the record
 
 
+def test_a_run_keeps_its_weights_as_it_finishes_and_a_cut_part_does_not_train_them_again(tmp_path, teacher):
+    """A converge run keeps its tested weights beside its record as soon as it finishes, so a
+    part cut later in its cell leaves them committed, and the next machine (no run folder)
+    trains nothing; an older record without weights stands until its cell names its weights
+    (``need_weights``), and is trained again then."""
+    from conftest import QUIET
+
+    from jacmatch.experiments.common import run_or_load
+    values = {"out_dir": str(tmp_path / "runs" / "CE_n6_s0"), "teacher": teacher,
+              "data": {"name": "synthetic", "samples_per_class": 6}, "model": {"name": "small_cnn_4"},
+              "objective": {"beta": 1.0}, "optim": {"epochs": 2, "batch_size": 8, "lr": 0.05}, **QUIET}
+    record, weights, folder = tmp_path / "records" / "CE_n6_s0.json", tmp_path / "records" / "CE_n6_s0.pt", \
+        tmp_path / "runs" / "CE_n6_s0"
+    first = run_or_load(values, record=record, keep=weights, need_weights=False)
+    assert record.is_file() and weights.is_file()  # kept when it finished, not when the cell names it
+    shutil.rmtree(folder)  # the next part, on a fresh clone: records and weights only
+    again = run_or_load(values, record=record, keep=weights, need_weights=True)
+    assert not folder.exists() and again["final"] == first["final"]  # nothing trained
+    weights.unlink()  # a record from before weights were kept as runs finished
+    assert run_or_load(values, record=record, keep=weights, need_weights=False)["final"] == first["final"]
+    assert not folder.exists() and not weights.exists()  # it stands alone while its cell grows
+    run_or_load(values, record=record, keep=weights, need_weights=True)  # the cell names it: trained for them
+    assert folder.is_dir() and weights.is_file()
+
+
+def test_a_complete_section_removes_the_kept_weights_that_no_cell_names(tmp_path):
+    from jacmatch.experiments import paper
+    from jacmatch.experiments.converge import unnamed_weights
+    lay = paper.Layout(root=tmp_path, profile=paper.QUICK)
+    (lay.records / "converge").mkdir(parents=True)
+    for name in ("CE_n5_s0_max100_p2", "CE_n5_s0_max200_p2", "CE_n5_s0_max200_p4"):  # grown, named, a check's
+        (lay.records / "converge" / f"{name}.pt").write_bytes(b"w")
+        (lay.records / "converge" / f"{name}.json").write_text("{}")
+    cells = {"CE|5": {"weights": ["runs/converge/CE_n5_s0_max200_p2.pt"]}, "CE (2× patience)|5": {}}
+    gone = unnamed_weights(lay, cells)
+    assert [p.name for p in gone] == ["CE_n5_s0_max100_p2.pt", "CE_n5_s0_max200_p4.pt"]
+    assert sorted(p.name for p in (lay.records / "converge").iterdir()) == [
+        "CE_n5_s0_max100_p2.json", "CE_n5_s0_max200_p2.json", "CE_n5_s0_max200_p2.pt", "CE_n5_s0_max200_p4.json"]
+
+
 def test_the_carried_folder_holds_the_longest_finished_run_of_each_seed_of_the_cell_in_progress(tmp_path):
     from jacmatch.experiments import paper
     from jacmatch.experiments.converge import CARRIED, carry
@@ -470,8 +511,8 @@ def test_a_baseline_whose_budget_check_gains_trains_with_twice_the_patience(monk
     acc = {"FM": {2: .80, 4: .83, 8: .832}, "CE": {2: .70, 4: .702}}
     trained, kept = [], []
 
-    def student(lay, tag, n, seed, objective, teacher, max_steps, patience, lr, data=None, keep=False):
-        (kept if keep else trained).append((tag, max_steps, patience))
+    def student(lay, tag, n, seed, objective, teacher, max_steps, patience, lr, data=None, keep=True, need_weights=False):
+        (kept if need_weights else trained).append((tag, max_steps, patience))
         a = acc[tag][patience]
         return {"best": {"inside": True, "stopped_early": True, "step": 60, "loop_seconds": 1.0, "val_acc": a},
                 "final": {"test": {"acc": a}, "val": {"acc": a}}, "train_seconds": 2.0, "student_parameters": 10,
@@ -495,9 +536,10 @@ def test_a_baseline_whose_budget_check_gains_trains_with_twice_the_patience(monk
     kept_acc = {("CE", 2): .699}
     lay = paper.Layout(profile=dataclasses.replace(lay.profile, converge_patience_growths=2))
 
-    def student_again(lay, tag, n, seed, objective, teacher, max_steps, patience, lr, data=None, keep=False):
-        run = student(lay, tag, n, seed, objective, teacher, max_steps, patience, lr, data, keep)
-        a = kept_acc.get((tag, patience)) if keep else None
+    def student_again(lay, tag, n, seed, objective, teacher, max_steps, patience, lr, data=None, keep=True,
+                      need_weights=False):
+        run = student(lay, tag, n, seed, objective, teacher, max_steps, patience, lr, data, keep, need_weights)
+        a = kept_acc.get((tag, patience)) if need_weights else None
         return {**run, "final": {"test": {"acc": a}, "val": {"acc": a}}, "best": {**run["best"], "val_acc": a}} if a else run
     monkeypatch.setattr(converge, "_converge_student", student_again)
     cell, check = converge.patient_cell(lay, "CE", 5, ({"alpha": 1.0}, 0.01, None), None, 0.25)

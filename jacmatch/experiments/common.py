@@ -30,15 +30,17 @@ def converged(val_gain: float) -> bool:
 
 
 def run_or_load(values: dict, teacher_gradients: TeacherGradients | None = None, data_cache: dict | None = None,
-                record: Path | None = None, keep: Path | None = None, donors: Iterable[Path] = ()) -> dict:
+                record: Path | None = None, keep: Path | None = None, donors: Iterable[Path] = (),
+                need_weights: bool = True) -> dict:
     """Train the run described by ``values`` (a config dict), unless its folder already
     holds finished results for the same config; resume it when it holds a checkpoint.
     ``record``: where the finished run's record lives (its results and per-epoch metrics, a
     small JSON that is committed): a run whose folder is gone (another machine, a fresh
     clone) is that record, and nothing is trained. ``teacher_gradients`` and
     ``data_cache``: shared by the runs of a sweep (see :func:`train`). ``keep``: where the
-    run's weights are kept beside its record (:func:`keep_weights`); a record without them is
-    trained again, and kept as it was when the run reproduces it (:func:`same_outcome`).
+    run's weights are kept beside its record (:func:`keep_weights`) as soon as it finishes;
+    ``need_weights``: a record without them is trained again, and kept as it was when the run
+    reproduces it (:func:`same_outcome`); without it, the record stands alone.
     ``donors``: finished runs of the same config with a smaller maximum or patience; a new
     run continues from the longest one it passes through (:func:`passes_through`) instead
     of training those epochs again."""
@@ -61,7 +63,7 @@ def run_or_load(values: dict, teacher_gradients: TeacherGradients | None = None,
         if not _same_config(kept, cfg, where=False):
             raise UsageError(f"{record} records a run of another config: remove it (and commit that) to train "
                              "this one")
-        if keep is None or keep.is_file():
+        if keep is None or keep.is_file() or not need_weights:
             return kept
     # A folder without a checkpoint holds a run cut before its first epoch ended: start it again.
     cut = (out / "last.pt").is_file()

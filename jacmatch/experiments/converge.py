@@ -41,11 +41,13 @@ def fm_data(mixup: float) -> dict:
 
 
 def _converge_student(lay, tag, n, seed, objective, teacher, max_steps, patience, lr, data=None, evaluation=None,
-                      keep=False) -> dict:
+                      keep=True, need_weights=False) -> dict:
     """A student trained up to ``max_steps`` at a constant learning rate, evaluated on
     validation every ``converge_every`` epochs, stopped after ``patience`` evaluations
-    without a better accuracy, and tested with its best weights (``keep``: kept beside its
-    record). ``data`` and ``evaluation``: settings over the config's."""
+    without a better accuracy, and tested with its best weights. ``keep``: those weights are
+    kept beside its record as soon as the run finishes, so that a part cut later in the cell
+    leaves them committed; ``need_weights``: a record without them is trained again for them.
+    ``data`` and ``evaluation``: settings over the config's."""
     values = run_config("distill", lay.profile, seed=seed, teacher=teacher, data={"samples_per_class": n, **(data or {})},
                         objective=objective, optim={"lr": lr, "schedule": "constant"},
                         eval={"every": lay.profile.converge_every, "keep_best": True, "patience": patience,
@@ -53,7 +55,7 @@ def _converge_student(lay, tag, n, seed, objective, teacher, max_steps, patience
                         out_dir=str(_run_dir(lay, tag, n, seed, max_steps, patience)))
     values["optim"]["epochs"] = epochs_for_steps(n, values, max_steps)
     shorter = _run_dir(lay, tag, n, seed, "*", "*")  # a larger maximum or patience passes through these
-    results = lay.train(values, keep=keep, donors=[*sorted(shorter.parent.glob(shorter.name)),
+    results = lay.train(values, keep=keep, need_weights=need_weights, donors=[*sorted(shorter.parent.glob(shorter.name)),
                                                    *sorted((lay.out / CARRIED).glob(shorter.name))])
     carry(lay, Path(values["out_dir"]))
     return results
@@ -85,6 +87,29 @@ def carry(lay: Layout, run: Path) -> None:
     for name in CARRIED_FILES:
         if (run / name).is_file():
             shutil.copy2(run / name, carried / run.name / name)
+
+
+def _tidy(lay: Layout, cells: dict) -> None:
+    """What a complete section no longer needs: the carried runs (every run they could
+    continue has its record now) and the kept weights that no cell names."""
+    if (lay.out / CARRIED).is_dir():
+        shutil.rmtree(lay.out / CARRIED)
+        print(f"  {lay.out / CARRIED}: removed (the section is complete)", flush=True)
+    unnamed_weights(lay, cells)
+
+
+def unnamed_weights(lay: Layout, cells: dict) -> list[Path]:
+    """Delete the kept weights that no cell names, once the section is complete: each run
+    keeps its weights when it finishes (:func:`_converge_student`), and the runs that a grown
+    maximum or patience superseded, or a budget check's, are not the cells' students. Returns
+    the files deleted."""
+    named = {lay.out / w for cell in cells.values() for w in cell.get("weights", ())}
+    gone = [p for p in sorted((lay.records / "converge").glob("*.pt")) if p not in named]
+    for p in gone:
+        p.unlink()
+    if gone:
+        print(f"  {len(gone)} kept weights that no cell names removed from {lay.records / 'converge'}", flush=True)
+    return gone
 
 
 def _run_dir(lay, tag, n, seed, max_steps, patience) -> Path:
@@ -162,13 +187,15 @@ def _converged_cell(lay, row, n, recipe, teacher, patience, first_max, step_seco
     """One row at n over the seeds with ``recipe`` (objective, learning rate, data settings),
     stopped after ``patience`` evaluations without a better one, inside a maximum that starts
     at ``first_max`` steps and doubles while a seed's best point lies at it (or a seed did not
-    stop); only those seeds train again. ``keep``: the tested students keep their weights."""
+    stop); only those seeds train again. ``keep``: the tested students have their weights,
+    and the cell names them."""
     profile, (objective, lr, data) = lay.profile, recipe
     tag = re.sub(r"[^A-Za-z0-9]+", "_", row).strip("_")
     max_steps, grown, by_seed = first_max, [], {}
 
-    def student(seed, steps, keep=False):
-        return _converge_student(lay, tag, n, seed, objective, teacher, steps, patience, lr, data=data, keep=keep)
+    def student(seed, steps, need_weights=False):
+        return _converge_student(lay, tag, n, seed, objective, teacher, steps, patience, lr, data=data,
+                                 need_weights=need_weights)
     while True:
         by_seed = {s: by_seed[s] if s in by_seed and _settled(by_seed[s][1]) else (max_steps, student(s, max_steps))
                    for s in profile.seeds}
@@ -178,8 +205,8 @@ def _converged_cell(lay, row, n, recipe, teacher, patience, first_max, step_seco
             break
         grown.append(max_steps)
         max_steps *= 2
-    if keep:  # the tested students keep their weights (a finished run's are copied, a record's trained again)
-        runs = [student(s, steps, keep=True) for s, (steps, _) in by_seed.items()]
+    if keep:  # the tested students have their weights (kept when they finished; a record without them trains again)
+        runs = [student(s, steps, need_weights=True) for s, (steps, _) in by_seed.items()]
     curves = [_curve(r, step_seconds) for r in runs]
     own = [_reach(c, REACH * r["best"]["val_acc"]) for c, r in zip(curves, runs)]
     return {"row": row, "samples_per_class": n, "objective": objective, **({"data": data} if data else {}), "lr": lr,
@@ -237,7 +264,7 @@ def _fm_student(lay, n, seed, values: dict, teacher) -> dict:
     for _ in range(profile.converge_growths + 1):
         run = _converge_student(lay, tag, n, seed, {**FM_ROWS[R.FM], "temperature": values["fm_tau"]}, teacher,
                                 max_steps, profile.converge_patience, values["fm_lr"], data=fm_data(values["mixup"]),
-                                evaluation=FM_EVAL)
+                                evaluation=FM_EVAL, keep=False)
         if _settled(run):
             break
         max_steps *= 2
@@ -322,8 +349,6 @@ def converge_section(lay: Layout) -> dict:
             cells[R.key(row, n)]["to_kd"] = _to_target(cells[R.key(row, n)], kd)
         write_json_atomic(lay.out / "converge.json", with_provenance(summary, config))
     summary["complete"] = True
-    if (lay.out / CARRIED).is_dir():  # every run they could continue has its record now
-        shutil.rmtree(lay.out / CARRIED)
-        print(f"  {lay.out / CARRIED}: removed (the section is complete)", flush=True)
+    _tidy(lay, cells)
     write_json_atomic(lay.out / "converge.json", with_provenance(summary, config))
     return summary

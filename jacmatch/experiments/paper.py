@@ -173,16 +173,17 @@ class Layout:
         (``results/paper/runs/converge/CE_n5_s0_max3200_p10.pt``)."""
         return self.record_of(run).with_suffix(".pt")
 
-    def train(self, values: dict, record: bool = True, keep: bool = False, donors=()) -> dict:
+    def train(self, values: dict, record: bool = True, keep: bool = False, donors=(), need_weights: bool = True) -> dict:
         """A run of this layout, reused when finished, in its folder under runs/ or as its
         record under results/<profile>/runs/ (``record``: a student's; a teacher's run
         needs its checkpoint); ``keep``: its tested weights kept beside its record too;
-        ``donors``: run folders it may continue from (:func:`run_or_load`). The teacher's
-        gradients are shared."""
+        ``donors``: run folders it may continue from; ``need_weights``: a record kept without
+        its weights is trained again for them (:func:`run_or_load`). The teacher's gradients
+        are shared."""
         where = self.record_of(Path(values["out_dir"])) if record else None
         return run_or_load(values, teacher_gradients=self.teacher_gradients, data_cache=self.data_cache,
                            record=where, keep=self.weights_of(Path(values["out_dir"])) if keep else None,
-                           donors=donors)
+                           donors=donors, need_weights=need_weights)
 
 
 def transfer_classes(profile: Profile = FULL) -> tuple[list[int], list[int]]:
