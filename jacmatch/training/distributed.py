@@ -76,7 +76,7 @@ def finish_distributed() -> None:
     A DDP module's reducer holds the group too. Were it the group's last holder, its
     destructor, which keeps the GIL, would join gloo's worker threads while one of them waits
     for the GIL to free a finished collective's tensors: the process hangs at exit (seen in
-    about 1 run in 20 under load). The group's own destructor lets the GIL go. So DDP modules
+    about 1 run in 35 under load). The group's own destructor lets the GIL go. So DDP modules
     left in reference cycles are collected first, while the group is still registered, and a
     DDP module still referenced is named in a :class:`LiveDDPWarning`: drop it (``del``)
     before calling this."""
@@ -87,7 +87,7 @@ def finish_distributed() -> None:
     alive = sum(issubclass(type(o), nn.parallel.DistributedDataParallel) for o in gc.get_objects())
     if alive:
         warnings.warn(f"{alive} DistributedDataParallel module(s) still referenced when leaving the process group: "
-                      "its reducer will destroy the gloo group while holding the GIL, which can hang the process "
+                      "its reducer will destroy the group while holding the GIL, which can hang the process "
                       "at exit; drop them (del) before finish_distributed()", LiveDDPWarning, stacklevel=2)
     dist.destroy_process_group()
 
