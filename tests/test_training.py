@@ -527,8 +527,10 @@ def test_a_run_that_succeeds_leaves_its_process_group(tmp_path):
             ddp = DistributedDataParallel(torch.nn.Linear(2, 2))
             ddp(torch.ones(1, 2)).sum().backward()  # a finished all-reduce
             ddp.cycle = [ddp]  # only the garbage collector frees it
-            if not held:
-                del ddp
+            del ddp
+            # one still referenced: a bare instance, without the reducer that would destroy the
+            # group after it (the hazard itself, not to be run in the test process)
+            live = DistributedDataParallel.__new__(DistributedDataParallel) if held else None
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
                 finish_distributed()
@@ -537,4 +539,4 @@ def test_a_run_that_succeeds_leaves_its_process_group(tmp_path):
         finally:
             if dist.is_initialized():
                 dist.destroy_process_group()  # leave no group to the tests after a failure
-    del ddp
+    del live
