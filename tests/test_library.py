@@ -526,7 +526,7 @@ def test_distill_names_an_operation_without_a_double_backward_and_its_fix(tmp_pa
     exit 2, the module and the setting that fixes it (check-model's finding), no traceback."""
     sys.path.insert(0, str(TESTS))
     args = ["distill", "--teacher", teacher, "--dataset", "synthetic", "--samples-per-class", "2",
-            "--model", "user_models:se_net", "--out", str(tmp_path / "s"), "--set", "progress=false"]
+            "--model", "user_models:se_net", "--out", str(tmp_path / "s"), "--set", "progress=false", "--recipe", "paper"]
     assert cli_main(args) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "cannot take the Jacobian term's double backward" in err, err
@@ -552,7 +552,7 @@ def test_a_new_loss_is_one_file_and_one_line_of_config(tmp_path, teacher):
             jm.build_terms(jm.ObjectiveConfig(terms={spec: options}))
     args = ["distill", "--teacher", teacher, "--dataset", "synthetic", "--samples-per-class", "2", "--model",
             "small_cnn_4", "--out", str(tmp_path / "s"), "--set", "progress=false", "--set", "optim.epochs=1",
-            "--set", "objective.terms={user_terms:LogitNorm: {weight: 0.1}}"]
+            "--set", "objective.terms={user_terms:LogitNorm: {weight: 0.1}}", "--recipe", "paper"]
     assert cli_main(args) == 0
     metrics = json.loads((tmp_path / "s" / "metrics.jsonl").read_text().splitlines()[0])
     assert set(metrics["train"]) == {"ce", "kd", "jm", "logit_norm"}

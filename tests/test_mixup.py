@@ -67,7 +67,7 @@ def test_mixup_and_cutmix_train_from_the_command_line_and_the_api(tmp_path, teac
 
     from jacmatch.cli import main
     from jacmatch.training import config_from_dict, train
-    assert main(["distill", "--teacher", teacher, "--dataset", "synthetic", "--samples-per-class", "4",
+    assert main(["distill", "--teacher", teacher, "--dataset", "synthetic", "--samples-per-class", "4", "--recipe", "none",
                  "--model", "small_cnn_4", "--mixup", "0.2", "--cutmix", "1.0", "--out", str(tmp_path / "cli"),
                  "--set", "optim.epochs=1", "--set", "progress=false"]) == 0
     assert "the teacher cache is off: data.mixup, data.cutmix" in capsys.readouterr().err

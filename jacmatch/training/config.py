@@ -82,7 +82,8 @@ class OptimConfig:
     schedule: str = "cosine"     # cosine | step | constant
     milestones: list = field(default_factory=list)  # epochs, for step
     lr_decay: float = 0.1        # factor at each milestone (step schedule)
-    epochs: int = 10             # training epochs
+    epochs: int = 10             # training epochs (at most: optim.max_steps and eval.patience may end the run before)
+    max_steps: int = 0           # at most this many optimizer steps, in whole epochs (0: optim.epochs alone bounds the run)
     batch_size: int = 64         # global batch (shared by DDP processes)
     min_steps_per_epoch: int = 1  # few-sample sets: repeat the data so an epoch has this many steps
 
@@ -134,6 +135,9 @@ class RunConfig:
     progress: bool = True         # a progress bar on the terminal
     tensorboard: bool = False     # TensorBoard logs under out_dir/tensorboard (extra: jacmatch[tensorboard])
     checkpoint_every: int = 1     # write last.pt every N epochs (and after the last)
+    time_budget: float = 0.0      # minutes of training: the run stops at the end of the epoch that passes them (0: none)
+    recipe: str | None = None     # the recipe these settings start from (`jacmatch config --recipes`); auto records its choice
+    recipe_reason: str | None = None  # why the recipe was chosen (auto's rule and the training set's n)
 
     def check(self) -> None:
         """Every setting, in one line each, before any work. A config is checked once for
@@ -220,6 +224,8 @@ def _check_ranges(cfg: RunConfig) -> None:
             ("optim.weight_decay", o.weight_decay, 0, 1e3, False, False),
             ("optim.lr_decay", o.lr_decay, 0, 1, True, False),
             ("optim.min_steps_per_epoch", o.min_steps_per_epoch, 1, 1e7, False, False),
+            ("optim.max_steps", o.max_steps, 0, 1e12, False, False),
+            ("time_budget", cfg.time_budget, 0, 1e7, False, False),
             ("data.samples_per_class", d.samples_per_class, 1, 1e9, False, True),
             ("data.val_size", d.val_size, 0, 1e9, False, False),
             ("data.crop_padding", d.crop_padding, 0, 64, False, False),
@@ -445,11 +451,12 @@ def apply_overrides(values: dict, overrides: list) -> dict:
     return values
 
 
-def resolve(path: str | None, overrides: list, base: dict | None = None) -> RunConfig:
-    """Defaults ← ``base`` ← YAML file ← ``--set`` overrides; checked."""
+def resolve(path: str | None, overrides: list, base: dict | None = None, check: bool = True) -> RunConfig:
+    """Defaults ← ``base`` ← YAML file ← ``--set`` overrides; checked (unless ``check`` is False)."""
     values = merge_values(base or {}, load_config(path))
     cfg = config_from_dict(apply_overrides(values, overrides))
-    cfg.check()
+    if check:
+        cfg.check()
     return cfg
 
 

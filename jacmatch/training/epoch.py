@@ -101,6 +101,7 @@ class Run:
     writer: Any = None
     inputs: dict = field(default_factory=dict)  # the teacher's and the data's hashes (run_inputs)
     best_final: dict = field(default_factory=dict)  # eval.keep_best: the best weights' validation and test
+    epochs: int = 0  # the epochs the run trains at most (optim.epochs, fewer under optim.max_steps)
 
     @property
     def history(self) -> list:
@@ -138,7 +139,7 @@ def train_epoch(run: Run, epoch: int, stop: StopOnSignal) -> tuple[int, dict[str
         sums, skipped = json.loads(point.mid_epoch["sums"]), int(point.mid_epoch["skipped"])
         before += float(point.mid_epoch.get("seconds", 0.0))  # (older checkpoints lack it)
     todo = batches[point.first_step:]  # read ahead by the source's workers, in this order
-    bar = progress(run.data.train.batches(todo), len(todo), cfg.progress, info, epoch, cfg.optim.epochs)
+    bar = progress(run.data.train.batches(todo), len(todo), cfg.progress, info, epoch, run.epochs)
     counters = run.stepper.counters
     for step, (index, x, y) in enumerate(bar, start=point.first_step):
         if not len(index):  # every sample of the batch was unreadable (on_bad_sample=skip)
@@ -212,7 +213,11 @@ def end_epoch(run: Run, epoch: int, steps: int, sums: dict, skipped: int, second
         record["overflow_steps"], record["loss_scale"] = counters.overflow_steps, float(run.stepper.scaler.get_scale())
         counters.overflow_steps = 0
     _count_bad_samples(run, record)
-    last = epoch + 1 == cfg.optim.epochs
+    over = cfg.time_budget > 0 and any_process(
+        sum(h.get("epoch_seconds", 0.0) for h in run.history) + seconds >= 60 * cfg.time_budget, info, run.device)
+    if over:
+        record["time_budget"] = True
+    last = epoch + 1 == run.epochs or over
     if (epoch + 1) % cfg.eval.every == 0 or last:
         if info.is_main:
             t_eval = time.time()
@@ -228,8 +233,8 @@ def end_epoch(run: Run, epoch: int, steps: int, sums: dict, skipped: int, second
         log_epoch(run.out, run.history, run.writer, record)
         if cfg.eval.keep_best and "val" in record and best_index(run.history, cfg.eval.min_delta) == len(run.history) - 1:
             save_checkpoint(run.out / "best.pt", run.state(epoch + 1))
-        stop = no_better_for(cfg, run.history) >= cfg.eval.patience > 0
-        if (epoch + 1) % cfg.checkpoint_every == 0 or epoch + 1 == cfg.optim.epochs or stop:
+        stop = no_better_for(cfg, run.history) >= cfg.eval.patience > 0 or over
+        if (epoch + 1) % cfg.checkpoint_every == 0 or last or stop:
             save_checkpoint(run.last, run.state(epoch + 1))
     info.barrier()
     return any_process(stop, info, run.device)

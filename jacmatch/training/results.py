@@ -51,17 +51,20 @@ def no_better_for(cfg: RunConfig, history: list[dict]) -> int:
     return 0 if best is None else sum(1 for h in history[best + 1:] if "val" in h)
 
 
-def best_point(history: list[dict], cfg: RunConfig) -> dict:
+def best_point(history: list[dict], cfg: RunConfig, epochs: int | None = None) -> dict:
     """Where the best validation accuracy was: its epoch and step, whether the run stopped
-    early (patience), and whether that point lies strictly inside the run's maximum."""
+    early (patience or the time budget), and whether that point lies strictly inside the
+    run's maximum of ``epochs`` (default ``optim.epochs``; see ``planned_epochs``)."""
     best = best_index(history, cfg.eval.min_delta)
+    epochs = epochs or cfg.optim.epochs
     if best is None:
         return {}
     steps = list(itertools.accumulate(h["steps"] for h in history))
     seconds = list(itertools.accumulate(h.get("epoch_seconds", 0.0) for h in history))
     return {"epoch": history[best]["epoch"], "step": steps[best], "val_acc": history[best]["val"]["acc"],
-            "loop_seconds": seconds[best], "max_epochs": cfg.optim.epochs, "epochs_trained": len(history),
-            "stopped_early": len(history) < cfg.optim.epochs, "inside": history[best]["epoch"] < cfg.optim.epochs}
+            "loop_seconds": seconds[best], "max_epochs": epochs, "epochs_trained": len(history),
+            "stopped_early": history[-1]["epoch"] < epochs, "inside": history[best]["epoch"] < epochs,
+            **({"stopped_by": "time_budget"} if history[-1].get("time_budget") else {})}
 
 
 def run_results(cfg: RunConfig, data: DataSplits, model: nn.Module, teacher: nn.Module | None, history: list[dict],

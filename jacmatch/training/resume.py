@@ -39,7 +39,8 @@ class ResumePoint:
 
 #: Settings a resume may change: they cannot alter the epochs already trained (the
 #: maximum and the patience only upwards: a run that would have stopped sooner is refused).
-RESUME_MAY_CHANGE = ("optim.epochs", "eval.patience", "progress", "eval.every", "device", "out_dir", "tensorboard")
+RESUME_MAY_CHANGE = ("optim.epochs", "optim.max_steps", "eval.patience", "time_budget", "recipe_reason", "progress", "eval.every", "device",
+                     "out_dir", "tensorboard")
 #: Paths that may move too, when the checkpoint records their contents (run_inputs).
 RESUME_MAY_MOVE = ("teacher", "teacher_weights", "data.data_dir")
 
@@ -91,13 +92,15 @@ def resume_changes(trained: dict, cfg: RunConfig, epochs_done: int, last: Path, 
     refused = {k: v for k, v in changes.items() if k not in allowed}
     if cfg.optim.epochs < epochs_done:
         refused["optim.epochs"] = [old.get("optim.epochs"), cfg.optim.epochs]
+    if "optim.max_steps" in changes and not patience_at_least(*changes["optim.max_steps"]):  # 0: no maximum
+        refused["optim.max_steps"] = changes["optim.max_steps"]
     if "eval.patience" in changes and not patience_at_least(*changes["eval.patience"]):
         refused["eval.patience"] = changes["eval.patience"]
     if refused:
         diff = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in refused.items())
         raise ConfigError(f"--resume would change what {last.parent} was trained with ({diff}); resume with its "
                           f"config.yaml, or start a new run in another --out (a resume may change only "
-                          f"{', '.join(allowed)}, and epochs and patience only upwards)")
+                          f"{', '.join(allowed)}, and epochs, max_steps and patience only upwards)")
     return changes
 
 

@@ -10,7 +10,8 @@ from torch.utils.data import DistributedSampler
 from .config import OptimConfig
 from .distributed import DistInfo
 
-__all__ = ["lr_factor", "make_optimizer", "make_scheduler", "epoch_batches", "seed_of"]
+__all__ = ["lr_factor", "make_optimizer", "make_scheduler", "epoch_batches", "seed_of", "steps_per_epoch",
+           "planned_epochs"]
 
 
 def seed_of(*parts: int) -> int:
@@ -18,10 +19,26 @@ def seed_of(*parts: int) -> int:
     return int.from_bytes(str(parts).encode(), "little") % (2**61 - 1)
 
 
-def lr_factor(optim_cfg: OptimConfig):
-    """Learning-rate factor per epoch: cosine, step (milestones) or constant. A plain
+def steps_per_epoch(n: int, o: OptimConfig) -> int:
+    """Optimizer steps in an epoch over ``n`` training samples: whole passes over the data
+    (global batches) up to ``min_steps_per_epoch``; the same for any number of processes."""
+    per_pass = max(math.ceil(n / o.batch_size), 1)
+    return per_pass * max(math.ceil(o.min_steps_per_epoch / per_pass), 1)
+
+
+def planned_epochs(o: OptimConfig, n: int) -> int:
+    """The epochs a run over ``n`` training samples trains at most: ``o.epochs``, fewer when
+    ``o.max_steps`` ends it first (whole epochs, at least one)."""
+    if not o.max_steps:
+        return o.epochs
+    return min(o.epochs, max(o.max_steps // steps_per_epoch(n, o), 1))
+
+
+def lr_factor(optim_cfg: OptimConfig, epochs: int | None = None):
+    """Learning-rate factor per epoch: cosine, step (milestones) or constant, over ``epochs``
+    (default ``optim_cfg.epochs``: the epochs the run trains, :func:`planned_epochs`). A plain
     function, so the scheduler's state holds nothing but numbers."""
-    epochs, schedule, decay = optim_cfg.epochs, optim_cfg.schedule, optim_cfg.lr_decay
+    epochs, schedule, decay = epochs or optim_cfg.epochs, optim_cfg.schedule, optim_cfg.lr_decay
     milestones = tuple(optim_cfg.milestones)
 
     def factor(epoch: int) -> float:
@@ -45,7 +62,7 @@ def epoch_batches(n: int, o: OptimConfig, seed: int, info: DistInfo, epoch: int)
     is the union of the ranks' j-th batches (DistributedSampler interleaves ranks)."""
     local = max(o.batch_size // info.world_size, 1)
     per_pass = max(math.ceil(n / o.batch_size), 1)
-    passes = max(math.ceil(o.min_steps_per_epoch / per_pass), 1)
+    passes = steps_per_epoch(n, o) // per_pass
     sampler = DistributedSampler(range(n), num_replicas=info.world_size, rank=info.rank, shuffle=True,
                                  seed=seed, drop_last=False)
     batches = []
@@ -56,5 +73,6 @@ def epoch_batches(n: int, o: OptimConfig, seed: int, info: DistInfo, epoch: int)
     return batches
 
 
-def make_scheduler(optimizer: torch.optim.Optimizer, o: OptimConfig) -> torch.optim.lr_scheduler.LambdaLR:
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(o))
+def make_scheduler(optimizer: torch.optim.Optimizer, o: OptimConfig, epochs: int | None = None
+                   ) -> torch.optim.lr_scheduler.LambdaLR:
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(o, epochs))

@@ -32,10 +32,10 @@ from .epoch import Preempted, Run, StopOnSignal, draws, end_epoch, evaluate_best
 from .evaluate import TeacherGradients, teacher_key
 from .loading import (check_input_shape, check_teacher_for, init_from, load_data, load_model, load_teacher,
                       model_from_config)
-from .results import best_point, evaluate_splits, no_better_for, run_results
+from .results import best_index, best_point, evaluate_splits, no_better_for, run_results
 from .resume import ResumePoint, restore, run_inputs
 from .run_folder import RunExistsError, claim_folder, open_outputs, run_reads
-from .schedule import epoch_batches, make_optimizer, make_scheduler
+from .schedule import epoch_batches, make_optimizer, make_scheduler, planned_epochs
 from .step import NonFiniteError, StepPolicy, Stepper
 
 __all__ = ["train", "load_model", "load_data", "evaluate_splits", "epoch_batches", "check_input_shape",
@@ -43,6 +43,32 @@ __all__ = ["train", "load_model", "load_data", "evaluate_splits", "epoch_batches
 
 class CacheOffWarning(UserWarning):
     """The teacher cache cannot serve a run whose inputs change every step."""
+
+
+class StillImprovingWarning(UserWarning):
+    """A run ended at its maximum (epochs or steps) while validation was still improving."""
+
+
+def _say_how_it_ended(run) -> None:
+    """One line when an early-stopped run (eval.keep_best and eval.patience) ended at its
+    maximum, validation accuracy still improving (it had not run out of patience), and one
+    when the time budget ended a run."""
+    cfg, history = run.cfg, run.history
+    if not history:
+        return
+    if history[-1].get("time_budget"):
+        print(f"{run.out}: stopped at the time budget ({cfg.time_budget:g} min) after epoch {history[-1]['epoch']}"
+              + ("; its best weights are tested" if cfg.eval.keep_best else ""), flush=True)
+        return
+    if not (cfg.eval.keep_best and cfg.eval.patience > 0) or history[-1]["epoch"] < run.epochs:
+        return  # a run of fixed length, or stopped early (patience, a signal)
+    best = best_index(history, cfg.eval.min_delta)
+    if best is not None:
+        steps = sum(h["steps"] for h in history)
+        warnings.warn(StillImprovingWarning(
+            f"{run.out} ended at its maximum ({run.epochs} epochs, {steps} steps) while validation accuracy was still "
+            f"improving (best {history[best]['val']['acc']:.4f} at epoch {history[best]['epoch']}): raise optim.max_steps "
+            "(or optim.epochs) and --resume to train on"), stacklevel=3)
 
 
 #: Memory estimate above which a run is refused before it starts (bytes).
@@ -76,21 +102,26 @@ def _train(cfg: RunConfig, resume: bool, data: DataSplits, given: bool, info: Di
     run = _setup(cfg, resume, data, given, info, teacher_gradients, config_file)
     t_start = time.time()
     with StopOnSignal() as stop:
-        for epoch in range(run.point.start_epoch, cfg.optim.epochs):
-            if no_better_for(cfg, run.history) >= cfg.eval.patience > 0:  # (a resumed run that had stopped)
+        for epoch in range(run.point.start_epoch, run.epochs):
+            if no_better_for(cfg, run.history) >= cfg.eval.patience > 0 or (  # (a resumed run that had stopped)
+                    cfg.time_budget and sum(h.get("epoch_seconds", 0.0) for h in run.history) >= 60 * cfg.time_budget):
                 break
             steps, sums, skipped, seconds = train_epoch(run, epoch, stop)
             if end_epoch(run, epoch, steps, sums, skipped, seconds):
                 break
         if cfg.eval.keep_best:
             evaluate_best(run)
+    if run.info.is_main:
+        _say_how_it_ended(run)
     results = run_results(cfg, run.data, run.model, run.teacher, run.history, time.time() - t_start)
     results["inputs"] = run.inputs
     if run.cache is not None and run.info.is_main:  # the teacher targets this invocation trained on
         results["teacher_cache"] = {**run.cache.digest(), "fill_seconds": run.cache.fill_seconds}
     if cfg.eval.keep_best:
         results["final"] = {**run.best_final, "train": results["final"]["train"]}
-        results["best"] = best_point(run.history, cfg)
+        results["best"] = best_point(run.history, cfg, run.epochs)
+    if cfg.recipe:
+        results["recipe"] = {"name": cfg.recipe, "reason": cfg.recipe_reason}
     if run.info.is_main:
         write_json_atomic(run.out / "results.json", results)
         if run.writer is not None:
@@ -122,7 +153,8 @@ def _setup(cfg: RunConfig, resume: bool, data: DataSplits, given: bool, info: Di
     if cfg.init_from and not resume:
         init_from(model, cfg.init_from, device)
     optimizer = make_optimizer(cfg.optim, model.parameters())
-    scheduler = make_scheduler(optimizer, cfg.optim)
+    epochs = planned_epochs(cfg.optim, len(data.train))
+    scheduler = make_scheduler(optimizer, cfg.optim, epochs)
     inputs = run_inputs(cfg, data)
     point = restore(cfg, out / "last.pt", model, optimizer, scheduler, info, device, inputs) if resume \
         else ResumePoint()
@@ -151,7 +183,7 @@ def _setup(cfg: RunConfig, resume: bool, data: DataSplits, given: bool, info: Di
               objective=objective, cache=TeacherCache(objective, len(data.train)) if fixed_inputs else None,
               optimizer=optimizer, scheduler=scheduler, stepper=stepper, gen=gen, aug_gen=torch.Generator(),
               teacher_key=None if teacher is None or given else teacher_key(cfg),
-              teacher_gradients=teacher_gradients, inputs=inputs, point=point)
+              teacher_gradients=teacher_gradients, inputs=inputs, point=point, epochs=epochs)
     if info.is_main:
         run.writer = open_outputs(cfg, out, {"train": data.train_indices, "val": data.val_indices,
                                              "data_sha256": data.data_sha256}, resume, config_file)
