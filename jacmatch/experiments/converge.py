@@ -16,6 +16,7 @@ from pathlib import Path
 from . import rows as R
 from ..atomic import write_json_atomic
 from ..errors import UsageError
+from ..training.recipes import recipe_values
 from .common import RUN_STATE, converged, epochs_trained, load_json, summarize, summarize_runs, with_provenance
 from .paper import FULL, ROWS, Layout, _fill, _run_seconds, _select, _teacher_path, epochs_for_steps, run_config
 
@@ -283,14 +284,32 @@ def fm_selection(lay: Layout, teacher: str, chosen: dict) -> tuple[dict, dict]:
     return values, selection
 
 
+#: The rows that are the product's recipes (jacmatch.training.recipes): their terms and views
+#: come from the recipe, their values from this section's choices on validation
+RECIPE_OF = {R.CE_KD: "kd", R.CE_KD_JM: "paper", R.FM: "fm", R.FM_JM: "fm+jm"}
+
+
+def recipe_row(name: str, tau: float, gamma: float, lr: float, mixup: float) -> tuple[dict, float, dict | None]:
+    """A row of recipe ``name`` with the values chosen on validation: (objective, learning
+    rate, data settings). The objective holds the recipe's α, β and τ, and γ where it has the
+    Jacobian term; the data settings its views (crops and flips with mixup) where it has them."""
+    values = recipe_values(name)
+    objective = {k: v for k, v in values["objective"].items()
+                 if k in ("alpha", "beta", "temperature") or (k == "gamma" and v)}
+    objective = {**objective, "temperature": tau, **({"gamma": gamma} if "gamma" in objective else {})}
+    return objective, lr, fm_data(mixup) if values["data"]["augment"] else None
+
+
 def _recipes(chosen: dict, fm: dict) -> dict:
-    """Each row's (objective, learning rate, data settings): the paper's rows with the
-    distillation section's choices, FM's with its own."""
+    """Each row's (objective, learning rate, data settings): the recipes' rows with the
+    distillation section's choices (FM's with its own), CE and CE+JM (no recipe) from the
+    paper's rows."""
     weights = {"γ": chosen["gamma"], "γ_ce": chosen["gamma_ce"]}
     out = {row: ({**_fill(ROWS[row], weights), "temperature": chosen["tau"]}, chosen["lr"], None)
-           for row in CONVERGE_ROWS if row in ROWS}
-    out.update({row: ({**_fill(FM_ROWS[row], weights), "temperature": fm["fm_tau"]}, fm["fm_lr"], fm_data(fm["mixup"]))
-                for row in FM_ROWS})
+           for row in CONVERGE_ROWS if row not in RECIPE_OF}
+    for row, name in RECIPE_OF.items():
+        own = fm if row in FM_ROWS else {"fm_tau": chosen["tau"], "fm_lr": chosen["lr"], "mixup": 0.0}
+        out[row] = recipe_row(name, own["fm_tau"], chosen["gamma"], own["fm_lr"], own["mixup"])
     return out
 
 

@@ -102,6 +102,7 @@ class Run:
     inputs: dict = field(default_factory=dict)  # the teacher's and the data's hashes (run_inputs)
     best_final: dict = field(default_factory=dict)  # eval.keep_best: the best weights' validation and test
     epochs: int = 0  # the epochs the run trains at most (optim.epochs, fewer under optim.max_steps)
+    on_evaluation: Any = None  # called (steps so far, validation accuracy) after each evaluation (jacmatch tune)
 
     @property
     def history(self) -> list:
@@ -236,6 +237,8 @@ def end_epoch(run: Run, epoch: int, steps: int, sums: dict, skipped: int, second
         stop = no_better_for(cfg, run.history) >= cfg.eval.patience > 0 or over
         if (epoch + 1) % cfg.checkpoint_every == 0 or last or stop:
             save_checkpoint(run.last, run.state(epoch + 1))
+        if run.on_evaluation is not None and "val" in record:  # after the checkpoint: it may raise (a pruned trial)
+            run.on_evaluation(sum(h["steps"] for h in run.history), record["val"]["acc"])
     info.barrier()
     return any_process(stop, info, run.device)
 

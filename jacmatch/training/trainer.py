@@ -77,13 +77,15 @@ MAX_STEP_BYTES = 16 << 30
 
 def train(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, data: DataSplits | None = None,
           info: DistInfo | None = None, teacher_gradients: TeacherGradients | None = None,
-          config_file: str | None = None, data_cache: dict | None = None) -> dict:
+          config_file: str | None = None, data_cache: dict | None = None, on_evaluation=None) -> dict:
     """Train a teacher (no ``cfg.teacher``) or distil a student; returns the results dict
     also written to ``out_dir/results.json``. The run holds a lock on its folder; a folder
     that holds a run is continued only with ``resume`` and replaced only with
     ``overwrite``. ``config_file``: the user's config, never written over.
     ``teacher_gradients``: the caller's memo of the teacher's side of the Jacobian cosine,
-    and ``data_cache`` the caller's parsed data set, both shared by the runs of a sweep."""
+    and ``data_cache`` the caller's parsed data set, both shared by the runs of a sweep.
+    ``on_evaluation(steps, val_acc)``: called after each evaluation in the main process (a
+    tuner's pruner; what it raises ends the run, its checkpoint written)."""
     info = info or init_distributed(cfg.device)
     cfg.check()
     lock = claim_folder(Path(cfg.out_dir), resume, overwrite, config_file, run_reads(cfg, config_file)) \
@@ -91,15 +93,16 @@ def train(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, data
     try:
         given = data is not None  # the caller's data: not named by the config, so no teacher key
         return _train(cfg, resume, data if given else load_data(cfg, data_cache), given, info,
-                      teacher_gradients or TeacherGradients(), config_file)
+                      teacher_gradients or TeacherGradients(), config_file, on_evaluation)
     finally:
         if lock is not None:
             lock.release()
 
 
 def _train(cfg: RunConfig, resume: bool, data: DataSplits, given: bool, info: DistInfo,
-           teacher_gradients: TeacherGradients, config_file: str | None) -> dict:
+           teacher_gradients: TeacherGradients, config_file: str | None, on_evaluation=None) -> dict:
     run = _setup(cfg, resume, data, given, info, teacher_gradients, config_file)
+    run.on_evaluation = on_evaluation
     t_start = time.time()
     with StopOnSignal() as stop:
         for epoch in range(run.point.start_epoch, run.epochs):
