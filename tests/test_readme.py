@@ -3,6 +3,7 @@
 import re
 from pathlib import Path
 
+import pytest
 import torch
 
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -58,3 +59,16 @@ def test_transformers_snippet_distils_a_vit_with_its_default_attention(tmp_path,
     logs = scope["trainer"].state.log_history
     assert {"loss", "ce", "kd", "jm"} <= set(logs[0]) and logs[0]["jm"] > 0
     assert not any(p.requires_grad for p in scope["teacher"].parameters()) and not scope["teacher"].training
+
+
+@pytest.mark.slow
+def test_recipe_snippet_trains_a_few_sample_student_to_its_own_end(tmp_path, monkeypatch):
+    from jacmatch.cli import main
+    monkeypatch.chdir(tmp_path)
+    assert main(["train-teacher", "--dataset", "digits", "--model", "small_cnn_8", "--out", "t",
+                 "--set", "optim.epochs=30", "--set", "progress=false"]) == 0
+    scope: dict = {}
+    exec(compile(readme_snippets()["recipe"], str(README), "exec"), scope)
+    results = scope["results"]
+    assert results["recipe"]["name"] == "fm+jm" and results["best"]["stopped_early"]
+    assert results["final"]["test"]["acc"] > 0.8

@@ -212,3 +212,10 @@ def test_no_recipe_kills_a_student(tmp_path, digits_teacher, n):
         losses = [v for h in results["history"] for v in h["train"].values()]
         assert all(math.isfinite(v) for v in losses), name
         assert results["final"]["test"]["acc"] >= floor, (name, n, results["final"]["test"]["acc"])
+
+
+def test_the_readme_answers_which_recipe_from_the_result_file():
+    from jacmatch.experiments.report import recipe_table
+    table = recipe_table(CONVERGE)
+    assert "| 1 | `fm+jm` | 69.3 ± 3.6 |" in table and "| 500 | `paper` | 88.9 ± 0.6 |" in table
+    assert table in (ROOT / "README.md").read_text()

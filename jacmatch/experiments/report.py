@@ -95,6 +95,38 @@ def write_findings_into_readme(findings: list[str], readme: Path = Path("README.
         write_atomic(readme, lambda f: f.write(new))
 
 
+def recipe_table(converge: dict | None) -> str:
+    """The README's answer to "which recipe for my n": per samples per class of the converged
+    section, the recipe ``auto`` trains and its test accuracy, beside the best row there and the
+    paper's recipe (mean ± 95 % interval over the seeds, from converge.json)."""
+    from ..training.recipes import RECIPES, choose
+    if not converge or not converge.get("cells"):
+        return "*The converged section has not run yet.*"
+
+    def acc(row: str, n) -> str:
+        a = converge["cells"][f"{row}|{n}"]["acc"]
+        return f"{100 * a['mean']:.1f} ± {100 * a['ci95']:.1f}"
+    lines = ["| samples per class | `auto` trains | its test accuracy (%) | best row there (%) | paper's CE+KD+JM (%) |",
+             "|---|---|---|---|---|"]
+    rows = [r.row for r in RECIPES.values()]
+    for n in converge["samples"]:
+        name = choose(n)[0]
+        best = max(rows, key=lambda row: converge["cells"][f"{row}|{n}"]["acc"]["mean"])
+        lines.append(f"| {n} | `{name}` | {acc(RECIPES[name].row, n)} | {best}: {acc(best, n)} | {acc('CE+KD+JM', n)} |")
+    return "\n".join(lines)
+
+
+def write_block_into_readme(name: str, text: str, readme: Path = Path("README.md")) -> None:
+    """Replace the README's generated block ``name`` (between its markers) with ``text``."""
+    if not readme.is_file():
+        return
+    old = readme.read_text()
+    block = f"<!-- {name}:start (written by `jacmatch report`) -->\n{text}\n<!-- {name}:end -->"
+    new = re.sub(rf"<!-- {name}:start.*?<!-- {name}:end -->", lambda _: block, old, flags=re.S)
+    if new != old:
+        write_atomic(readme, lambda f: f.write(new))
+
+
 def main(results_dir: str | None = None) -> None:
     folder = Path(results_dir) if results_dir else RESULTS / "paper"
     folder.mkdir(parents=True, exist_ok=True)
@@ -104,5 +136,6 @@ def main(results_dir: str | None = None) -> None:
     write_atomic(folder.parent / "REPORT.md", lambda f: f.write(text))
     if folder == RESULTS / "paper":  # only the real experiments speak in the README
         write_findings_into_readme(findings)
+        write_block_into_readme("recipes", recipe_table(sections.get("converge")))
     write_benchmarks(RESULTS / "bench.json", Path("BENCHMARKS.md"))
     print(f"wrote {folder.parent / 'REPORT.md'}" + (" and BENCHMARKS.md" if (RESULTS / "bench.json").is_file() else ""))
