@@ -209,7 +209,8 @@ def test_no_recipe_kills_a_student(tmp_path, digits_teacher, n):
                      "small_cnn_4", "--samples-per-class", str(n), "--out", str(out), "--set", "progress=false",
                      "--set", "eval.noise_sigmas=[]", "--set", "eval.fidelity=false"]) == 0
         results = json.loads((out / "results.json").read_text())
-        losses = [v for h in results["history"] for v in h["train"].values()]
+        history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        losses = [v for h in history for v in h["train"].values()]
         assert all(math.isfinite(v) for v in losses), name
         assert results["final"]["test"]["acc"] >= floor, (name, n, results["final"]["test"]["acc"])
 
