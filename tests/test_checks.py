@@ -23,7 +23,7 @@ def test_a_one_epoch_distill_checks_each_config_once(tmp_path, teacher, monkeypa
         objective_check(self)
     monkeypatch.setattr(RunConfig, "_check", count_run)
     monkeypatch.setattr(ObjectiveConfig, "_check", count_objective)
-    assert main(["distill", "--teacher", teacher, "--dataset", "synthetic", "--samples-per-class", "4",
+    assert main(["distill", "--recipe", "none", "--teacher", teacher, "--dataset", "synthetic", "--samples-per-class", "4",
                  "--model", "small_cnn_4", "--out", str(tmp_path / "s"), "--set", "optim.epochs=1",
                  "--set", "progress=false", "--set", "eval.noise_sigmas=[]"]) == 0
     assert counts == {"run": 1, "objective": 1}

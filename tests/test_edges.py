@@ -34,7 +34,8 @@ def test_out_and_overwrite_never_touch_the_checkpoint_the_run_reads(run_folder, 
     before = digest(run_folder)
     read = ["--teacher", str(run_folder / "last.pt")] if reads == "--teacher" else \
         ["--teacher", teacher, "--set", f"init_from={run_folder / 'last.pt'}"]
-    code = main(["distill", *read, "--dataset", "synthetic", "--samples-per-class", "2", "--model", "small_cnn_8",
+    code = main(["distill", "--recipe", "none",
+        *read, "--dataset", "synthetic", "--samples-per-class", "2", "--model", "small_cnn_8",
                  "--out", str(run_folder), *(["--overwrite"] if overwrite else []), *QUIET])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1, err

@@ -87,7 +87,8 @@ def test_jacmatch_evaluate_with_a_teacher_prints_fidelity(tmp_path, teacher, cap
     import json
 
     from jacmatch.cli import main
-    assert main(["distill", "--teacher", teacher, "--dataset", "synthetic", "--samples-per-class", "4", "--model",
+    assert main(["distill", "--recipe", "none",
+        "--teacher", teacher, "--dataset", "synthetic", "--samples-per-class", "4", "--model",
                  "small_cnn_4", "--out", str(tmp_path / "s"), "--set", "optim.epochs=1", "--set", "progress=false"]) == 0
     capsys.readouterr()
     assert main(["evaluate", "--checkpoint", str(tmp_path / "s" / "last.pt"), "--teacher", teacher,

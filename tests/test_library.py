@@ -336,7 +336,8 @@ def test_distill_defaults_to_kd_and_jm_with_a_user_model_and_state_dict_teacher(
     torch.manual_seed(0)
     teacher = create_model("user_models:tiny_cnn", 10, 1, width=16)
     torch.save(teacher.net.state_dict(), tmp_path / "teacher_sd.pt")
-    cli = [sys.executable, "-m", "jacmatch", "distill", "--dataset", "digits", "--model", "user_models:tiny_cnn",
+    cli = [sys.executable, "-m", "jacmatch", "distill", "--recipe", "none",
+        "--dataset", "digits", "--model", "user_models:tiny_cnn",
            "--teacher-model", "user_models:tiny_cnn", "--set", "teacher_model.options.width=16",
            "--teacher-weights", str(tmp_path / "teacher_sd.pt"), "--samples-per-class", "2",
            "--set", "optim.epochs=1", "--set", "progress=false", "--out", str(tmp_path / "s")]

@@ -107,7 +107,7 @@ def other_teacher(tmp_path_factory) -> Path:
 def test_a_teacher_replaced_at_the_same_path_is_refused_on_resume(tmp_path, teacher, other_teacher):
     path = tmp_path / "teacher.pt"
     shutil.copyfile(teacher, path)
-    run = ["distill", "--teacher", path, "--dataset", "synthetic", *SMALL, "--samples-per-class", "4",
+    run = ["distill", "--recipe", "none", "--teacher", path, "--dataset", "synthetic", *SMALL, "--samples-per-class", "4",
            "--out", tmp_path / "s"]
     assert cli(*run, "--set", "optim.epochs=1") == 0
     from jacmatch.training.provenance import file_sha256
@@ -125,7 +125,7 @@ def test_a_relative_teacher_path_from_another_folder_is_checked_by_content(tmp_p
     here.mkdir(), there.mkdir()
     shutil.copyfile(teacher, here / "t.pt")
     shutil.copyfile(other_teacher, there / "t.pt")
-    run = ["distill", "--teacher", "t.pt", "--dataset", "synthetic", *SMALL, "--samples-per-class", "4",
+    run = ["distill", "--recipe", "none", "--teacher", "t.pt", "--dataset", "synthetic", *SMALL, "--samples-per-class", "4",
            "--out", tmp_path / "s"]
     with monkeypatch.context() as m:
         m.chdir(here)
@@ -371,7 +371,7 @@ def test_labels_out_of_range_negative_or_not_integers_are_refused(bad, match, tm
 
 @pytest.mark.slow
 def test_a_run_that_only_skips_exits_3(tmp_path, teacher):
-    r = jacmatch("distill", "--teacher", teacher, "--dataset", "synthetic", "--out", tmp_path / "o",
+    r = jacmatch("distill", "--recipe", "none", "--teacher", teacher, "--dataset", "synthetic", "--out", tmp_path / "o",
                  "--set", "objective.beta=1", "--set", "optim.lr=1000", "--set", "optim.momentum=0.99",
                  "--set", "nonfinite=skip", "--set", "optim.epochs=30", *SMALL[2:])
     assert r.returncode == 3, r.stderr[-2000:]

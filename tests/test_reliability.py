@@ -75,7 +75,7 @@ def test_sigkill_at_random_moments_always_leaves_a_loadable_checkpoint(tmp_path,
     written every epoch, epochs are tiny, so kills land inside writes too): whatever is
     on disk loads, and --resume finishes the run with the same weights as a straight run."""
     out = tmp_path / "killed"
-    args = [sys.executable, "-m", "jacmatch", "distill", "--teacher", teacher, "--dataset", "synthetic",
+    args = [sys.executable, "-m", "jacmatch", "distill", "--recipe", "none", "--teacher", teacher, "--dataset", "synthetic",
             "--model", "small_cnn_4", "--out", str(out), "--set", "objective.beta=1", "--set", "objective.gamma=1",
             "--set", "optim.epochs=40", "--set", "optim.batch_size=64", "--set", "eval.every=1000",
             "--set", "progress=false", "--set", "tensorboard=false", "--set", "data.samples_per_class=16"]
@@ -176,7 +176,8 @@ def test_skipping_has_a_bound(tmp_path, teacher, monkeypatch, limit, broken, mat
 
 @pytest.mark.slow
 def test_nonfinite_exits_nonzero_from_the_cli(tmp_path, teacher):
-    r = subprocess.run([sys.executable, "-m", "jacmatch", "distill", "--teacher", teacher, "--dataset", "synthetic",
+    r = subprocess.run([sys.executable, "-m", "jacmatch", "distill", "--recipe", "none",
+        "--teacher", teacher, "--dataset", "synthetic",
                         "--out", str(tmp_path / "o"), "--set", "objective.beta=1", "--set", "optim.lr=1000",
                         "--set", "optim.momentum=0.99",
                         "--set", "optim.epochs=3", "--set", "progress=false", "--set", "tensorboard=false"],
@@ -303,7 +304,7 @@ def test_atomic_files_get_the_usual_mode(tmp_path):
 
 def test_resume_with_a_changed_objective_is_refused_with_the_diff(tmp_path, teacher, capsys):
     from jacmatch.cli import main
-    run = ["distill", "--teacher", teacher, "--dataset", "synthetic", "--model", "small_cnn_4",
+    run = ["distill", "--recipe", "none", "--teacher", teacher, "--dataset", "synthetic", "--model", "small_cnn_4",
            "--samples-per-class", "4", "--set", "objective.beta=1", "--set", "objective.gamma=1",
            "--set", "optim.epochs=1", "--set", "progress=false", "--out", str(tmp_path / "s")]
     assert main(run) == 0
@@ -439,7 +440,8 @@ def test_sigterm_mid_epoch_then_resume_is_bit_identical(tmp_path, teacher, proce
     state) and exits 75; --resume then ends with the weights of a run never stopped."""
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"] \
         if processes > 1 else [sys.executable]
-    common = ["-m", "jacmatch", "distill", "--teacher", teacher, "--dataset", "synthetic", "--model", "small_cnn_4",
+    common = ["-m", "jacmatch", "distill", "--recipe", "none",
+        "--teacher", teacher, "--dataset", "synthetic", "--model", "small_cnn_4",
               "--samples-per-class", "8", "--set", "objective.jm_outputs=projection", "--set", "objective.noise_sigma=0.1",
               "--set", "data.augment=true", "--set", "optim.epochs=2", "--set", "optim.batch_size=8",
               "--set", "optim.min_steps_per_epoch=100", "--set", "progress=false", "--set", "eval.every=2"]

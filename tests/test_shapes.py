@@ -60,7 +60,7 @@ def test_every_model_on_every_shape_trains_a_step_or_is_refused_in_one_line(tmp_
 
 def test_cli_refuses_a_model_too_large_for_the_data_in_one_line(tmp_path, capsys):
     from jacmatch.cli import main
-    code = main(["distill", "--dataset", "digits", "--model", "lenet5", "--teacher-model", "small_cnn_4",
+    code = main(["distill", "--recipe", "none", "--dataset", "digits", "--model", "lenet5", "--teacher-model", "small_cnn_4",
                  "--teacher-weights", str(tmp_path / "never_read.pt"), "--out", str(tmp_path / "s"),
                  "--set", "progress=false"])
     err = capsys.readouterr().err.strip()

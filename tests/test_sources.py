@@ -127,7 +127,7 @@ def test_views_copy_nothing_and_read_only_what_a_batch_asks_for(tmp_path):
 def test_a_folder_from_any_working_directory_and_evaluate_without_data_options(folder, tmp_path, teacher):
     """The done-when of the issue: distil from a folder given relative to the working
     directory, then evaluate from another folder with no data option."""
-    r = jacmatch("distill", "--dataset", folder.name, "--teacher", teacher, "--samples-per-class", "5",
+    r = jacmatch("distill", "--recipe", "none", "--dataset", folder.name, "--teacher", teacher, "--samples-per-class", "5",
                  *SMALL, "--set", "optim.epochs=2", "--out", tmp_path / "s", cwd=folder.parent)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "evaluation" in r.stdout and "training" in r.stdout
@@ -138,7 +138,8 @@ def test_a_folder_from_any_working_directory_and_evaluate_without_data_options(f
 
 @pytest.mark.slow
 def test_a_dataset_by_import_path_trains_and_evaluates(tmp_path, teacher, monkeypatch):
-    r = jacmatch("distill", "--dataset", "user_data:make_dataset", "--teacher", teacher, "--samples-per-class", "5",
+    r = jacmatch("distill", "--recipe", "none",
+        "--dataset", "user_data:make_dataset", "--teacher", teacher, "--samples-per-class", "5",
                  *SMALL, "--set", "optim.epochs=2", "--out", tmp_path / "s", cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
     from jacmatch.cli import main
@@ -342,7 +343,7 @@ def test_the_scenes_transfer_config_runs_over_a_folder_of_jpegs(tmp_path):
                 PIL.fromarray(rng.integers(0, 255, (240 + 10 * i, 300, 3), dtype=np.uint8)).save(
                     tmp_path / "scenes" / split / c / f"{i}.jpg", quality=90)
     torch.save(torchvision.models.resnet34(num_classes=1000).state_dict(), tmp_path / "resnet34.pth")
-    r = jacmatch("distill", "--config", "transfer/scenes_resnet34_resnet18", "--dataset", tmp_path / "scenes",
+    r = jacmatch("distill", "--recipe", "none", "--config", "transfer/scenes_resnet34_resnet18", "--dataset", tmp_path / "scenes",
                  "--teacher-weights", tmp_path / "resnet34.pth", "--samples-per-class", "2", "--out", tmp_path / "s",
                  "--set", "optim.epochs=1", "--set", "optim.min_steps_per_epoch=1", "--set", "optim.batch_size=4",
                  "--set", "progress=false", "--set", "data.val_size=1", timeout=600)

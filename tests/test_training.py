@@ -356,7 +356,7 @@ def test_cli_errors_are_one_line_exit_2(tmp_path, args, message, capsys):
 
 @pytest.mark.slow  # starts a process (data-loading workers or the command line)
 def test_samples_per_class_too_large(tmp_path, teacher):
-    r = run_cli("distill", "--teacher", teacher, "--dataset", "synthetic", "--samples-per-class", "10000",
+    r = run_cli("distill", "--recipe", "none", "--teacher", teacher, "--dataset", "synthetic", "--samples-per-class", "10000",
                 "--set", "objective.beta=1", "--out", str(tmp_path / "o"))
     assert r.returncode == 2 and "samples_per_class=10000" in r.stderr
 
