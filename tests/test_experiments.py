@@ -279,7 +279,7 @@ def test_cifar_configs_run_on_cifar_format_files(tmp_path, config, teacher_model
     assert main(["train-teacher", "--config", cfg, "--model", teacher_model, "--out", str(tmp_path / "t"),
                  "--set", "objective.beta=0", "--set", "objective.gamma=0", "--set", "data.samples_per_class=null",
                  *small]) == 0
-    out = jacmatch("distill", "--recipe", "none", "--config", cfg, "--teacher", str(tmp_path / "t" / "last.pt"), "--out",
+    out = jacmatch("distill", "--config", cfg, "--teacher", str(tmp_path / "t" / "last.pt"), "--out",
                    str(tmp_path / "s"), "--set", "data.samples_per_class=1", "--set", "data.val_size=5", *small,
                    cwd=tmp_path)
     assert "test accuracy" in out

@@ -330,21 +330,21 @@ def run(args, cwd, env, timeout=600):
 
 
 @pytest.mark.slow
-def test_distill_defaults_to_kd_and_jm_with_a_user_model_and_state_dict_teacher(tmp_path):
+def test_distill_defaults_to_auto_with_a_user_model_and_state_dict_teacher(tmp_path):
     """From a folder outside the checkout: an import-path student, a teacher from a plain
-    state_dict, and no objective flags: the run logs ce, kd and jm."""
+    state_dict, and no objective flags: auto trains fm+jm at 2 samples per class (kd and jm)."""
     torch.manual_seed(0)
     teacher = create_model("user_models:tiny_cnn", 10, 1, width=16)
     torch.save(teacher.net.state_dict(), tmp_path / "teacher_sd.pt")
-    cli = [sys.executable, "-m", "jacmatch", "distill", "--recipe", "none",
-        "--dataset", "digits", "--model", "user_models:tiny_cnn",
+    cli = [sys.executable, "-m", "jacmatch", "distill", "--dataset", "digits", "--model", "user_models:tiny_cnn",
            "--teacher-model", "user_models:tiny_cnn", "--set", "teacher_model.options.width=16",
            "--teacher-weights", str(tmp_path / "teacher_sd.pt"), "--samples-per-class", "2",
            "--set", "optim.epochs=1", "--set", "progress=false", "--out", str(tmp_path / "s")]
     out = run(cli, tmp_path, _env(str(TESTS)))
-    assert "objective: 1·CE + 1·KD (τ = 8) + 10·JM (normalized, teacher_top1)" in out
+    assert "recipe: fm+jm (auto: n = 2 samples per class <= 50" in out
+    assert "objective: 0·CE + 1·KD (τ = 16) + 10·JM (normalized, teacher_top1)" in out
     metrics = json.loads((tmp_path / "s" / "metrics.jsonl").read_text().splitlines()[-1])
-    assert set(metrics["train"]) == {"ce", "kd", "jm"}
+    assert set(metrics["train"]) == {"kd", "jm"}
     mismatch = subprocess.run([*cli[:-1], str(tmp_path / "s2"), "--set", "teacher_model.num_classes=1000"],
                               cwd=tmp_path, env=_env(str(TESTS)), capture_output=True, text=True, timeout=300)
     assert mismatch.returncode == 2 and "Traceback" not in mismatch.stderr

@@ -201,7 +201,7 @@ def test_the_teacher_cache_works_over_a_folder(folder, tmp_path, teacher):
 
 @pytest.mark.slow
 def test_a_mid_epoch_resume_over_a_folder_is_bit_identical(folder, tmp_path, teacher):
-    common = ["distill", "--teacher", teacher, "--dataset", f"imagefolder:{folder}", *SMALL,
+    common = ["distill", "--recipe", "none", "--teacher", teacher, "--dataset", f"imagefolder:{folder}", *SMALL,
               "--samples-per-class", "8", "--set", "data.augment=true", "--set", "optim.epochs=2",
               "--set", "optim.batch_size=8", "--set", "optim.min_steps_per_epoch=75", "--set", "eval.every=2"]
     out = tmp_path / "cut"
@@ -343,7 +343,7 @@ def test_the_scenes_transfer_config_runs_over_a_folder_of_jpegs(tmp_path):
                 PIL.fromarray(rng.integers(0, 255, (240 + 10 * i, 300, 3), dtype=np.uint8)).save(
                     tmp_path / "scenes" / split / c / f"{i}.jpg", quality=90)
     torch.save(torchvision.models.resnet34(num_classes=1000).state_dict(), tmp_path / "resnet34.pth")
-    r = jacmatch("distill", "--recipe", "none", "--config", "transfer/scenes_resnet34_resnet18", "--dataset", tmp_path / "scenes",
+    r = jacmatch("distill", "--config", "transfer/scenes_resnet34_resnet18", "--dataset", tmp_path / "scenes",
                  "--teacher-weights", tmp_path / "resnet34.pth", "--samples-per-class", "2", "--out", tmp_path / "s",
                  "--set", "optim.epochs=1", "--set", "optim.min_steps_per_epoch=1", "--set", "optim.batch_size=4",
                  "--set", "progress=false", "--set", "data.val_size=1", timeout=600)

@@ -26,7 +26,7 @@ from ..training import ConfigError, resolve
 from ..training.config import EvalConfig
 from ..training.provenance import git_commit
 from ..training.trainer import Preempted
-from ..training.recipes import FEW_SAMPLES, list_recipes, resolve_recipe
+from ..training.recipes import FEW_SAMPLES, list_recipes, resolve_recipe, rule
 from .args import _non_negative_float, _non_negative_int, _positive_float, _positive_int, _shape, _sigma
 from .experiments import add_experiment_commands, add_measurement_commands
 
@@ -102,10 +102,8 @@ def _add_run_options(p, kind: str) -> None:
     if kind == "distill":
         p.add_argument("--recipe", choices=list_recipes(), metavar="NAME",
                        help=f"the settings a student starts from, under --config and --set: {', '.join(list_recipes())} "
-                            "(`jacmatch config --recipes`; default: the config file's recipe, else auto). "
-                            f"auto: fm+jm up to {FEW_SAMPLES} samples per class, paper above (the report's best "
-                            "student: FM+JM 69.3 %% against CE+KD+JM 50.9 %% at n = 1, 84.6 against 77.6 at n = 10; "
-                            "CE+KD+JM 88.9 against 86.8 at n = 500); none: jacmatch's defaults alone")
+                            "(`jacmatch config --recipes`; default: the config file's recipe, else auto). auto: "
+                            + rule().replace("%", "%%") + "; none: jacmatch's defaults alone")
         p.add_argument("--teacher", metavar="CKPT", help="teacher checkpoint (written by train-teacher)")
         p.add_argument("--teacher-model", metavar="SPEC",
                        help="the teacher's architecture, with --teacher-weights (same forms as --model)")
@@ -297,9 +295,9 @@ def _config(args) -> None:
         print("\n".join(packaged_configs()))
         return
     if args.recipes:
-        from ..training.recipes import RECIPES, choose, describe
+        from ..training.recipes import RECIPES, describe
         print("\n".join(describe(name) for name in RECIPES))
-        print(f"auto   the default: {choose(1)[0]} up to {FEW_SAMPLES} samples per class, {choose(FEW_SAMPLES + 1)[0]} above")
+        print(f"auto   the default: {rule()}")
         print("none   no recipe: the config file and --set over jacmatch's defaults (`jacmatch config --list`)")
         return
     rows = config_keys()
@@ -326,28 +324,7 @@ def add_training_commands(sub) -> None:
     _add_run_options(p, "distill")
     p.set_defaults(run=lambda a: _run_training(a, "distill"))
 
-    p = sub.add_parser(
-        "tune", help="choose a recipe's values (lr, τ, γ, mixup α) on your validation split with Optuna",
-        description="Trials of a recipe (default: the one auto chooses) with values drawn by Optuna's TPE sampler, "
-                    "each an ordinary run folder OUT/trials/NNNN, pruned by the median of the trials' validation "
-                    "accuracy at each evaluation. The study lives in OUT/study.db (SQLite) or --storage URL, which "
-                    "workers on several machines share (the same command on each). Run again after an interruption, "
-                    "the same command continues the study: a cut trial is failed after the heartbeat's grace period "
-                    "and retried from its folder's checkpoint. Writes OUT/best.yaml (`jacmatch distill --config "
-                    "OUT/best.yaml` trains it), OUT/best.pt (the best trial's student), OUT/trials.csv, "
-                    "OUT/history.png and OUT/tune.json.")
-    _add_run_options(p, "distill")
-    p.add_argument("--trials", type=_positive_int, default=24,
-                   help="complete or pruned trials the study holds when done (default 24)")
-    p.add_argument("--space", metavar="KEY=KIND:LOW:HIGH", action="append", default=[],
-                   help="search KEY over [LOW, HIGH], KIND log, float or int (e.g. optim.lr=log:0.001:0.03); over the "
-                        "recipe's own space (`jacmatch config --recipes`)")
-    p.add_argument("--storage", metavar="URL", help="the study's database: any URL Optuna takes (default: sqlite "
-                                                    "in OUT/study.db)")
-    p.add_argument("--study", default="jacmatch", help="the study's name in the database (default jacmatch)")
-    p.add_argument("--heartbeat", type=_positive_int, default=60, metavar="SECONDS",
-                   help="a worker's heartbeat: a trial silent for twice this is failed and retried (default 60)")
-    p.set_defaults(run=_tune)
+    _add_tune_command(sub)
 
     p = sub.add_parser("evaluate", help="clean and noisy accuracy of a checkpoint",
                        description="Test accuracy of a checkpoint, clean and under Gaussian input noise "
@@ -388,6 +365,31 @@ def add_training_commands(sub) -> None:
     group.add_argument("--recipes", action="store_true",
                        help="the recipes distill --recipe takes, one line each, with their numbers from the report")
     p.set_defaults(run=_config)
+
+
+def _add_tune_command(sub) -> None:
+    p = sub.add_parser(
+        "tune", help="choose a recipe's values (lr, τ, γ, mixup α) on your validation split with Optuna",
+        description="Trials of a recipe (default: the one auto chooses) with values drawn by Optuna's TPE sampler, "
+                    "each an ordinary run folder OUT/trials/NNNN, pruned by the median of the trials' validation "
+                    "accuracy at each evaluation. The study lives in OUT/study.db (SQLite) or --storage URL, which "
+                    "workers on several machines share (the same command on each). Run again after an interruption, "
+                    "the same command continues the study: a cut trial is failed after the heartbeat's grace period "
+                    "and retried from its folder's checkpoint. Writes OUT/best.yaml (`jacmatch distill --config "
+                    "OUT/best.yaml` trains it), OUT/best.pt (the best trial's student), OUT/trials.csv, "
+                    "OUT/history.png and OUT/tune.json.")
+    _add_run_options(p, "distill")
+    p.add_argument("--trials", type=_positive_int, default=24,
+                   help="complete or pruned trials the study holds when done (default 24)")
+    p.add_argument("--space", metavar="KEY=KIND:LOW:HIGH", action="append", default=[],
+                   help="search KEY over [LOW, HIGH], KIND log, float or int (e.g. optim.lr=log:0.001:0.03); over the "
+                        "recipe's own space (`jacmatch config --recipes`)")
+    p.add_argument("--storage", metavar="URL", help="the study's database: any URL Optuna takes (default: sqlite "
+                                                    "in OUT/study.db)")
+    p.add_argument("--study", default="jacmatch", help="the study's name in the database (default jacmatch)")
+    p.add_argument("--heartbeat", type=_positive_int, default=60, metavar="SECONDS",
+                   help="a worker's heartbeat: a trial silent for twice this is failed and retried (default 60)")
+    p.set_defaults(run=_tune)
 
 
 def build_parser() -> argparse.ArgumentParser:

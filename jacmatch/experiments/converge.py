@@ -308,8 +308,8 @@ def _recipes(chosen: dict, fm: dict) -> dict:
     out = {row: ({**_fill(ROWS[row], weights), "temperature": chosen["tau"]}, chosen["lr"], None)
            for row in CONVERGE_ROWS if row not in RECIPE_OF}
     for row, name in RECIPE_OF.items():
-        own = fm if row in FM_ROWS else {"fm_tau": chosen["tau"], "fm_lr": chosen["lr"], "mixup": 0.0}
-        out[row] = recipe_row(name, own["fm_tau"], chosen["gamma"], own["fm_lr"], own["mixup"])
+        tau, lr, mixup = (fm["fm_tau"], fm["fm_lr"], fm["mixup"]) if row in FM_ROWS else (chosen["tau"], chosen["lr"], 0.0)
+        out[row] = recipe_row(name, tau, chosen["gamma"], lr, mixup)
     return out
 
 

@@ -26,6 +26,7 @@ from ..atomic import write_json_atomic
 from ..errors import UsageError
 from ..training import TeacherGradients, load_checkpoint
 from ..training.config import load_config, merge_values
+from ..training.results import loop_seconds
 from .common import load_json, run_or_load, summarize, summarize_runs, with_provenance
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "paper"
@@ -220,7 +221,7 @@ def _committed_teacher(path: Path) -> dict:
     state = load_checkpoint(path)
     history = json.loads(state["history"])
     return {"config": json.loads(state["config"]), "final": {"test": history[-1]["test"]},
-            "train_seconds": sum(h.get("epoch_seconds", 0.0) for h in history)}
+            "train_seconds": loop_seconds(history)}
 
 
 def _check_committed_teacher(lay: Layout, record: dict) -> dict:
@@ -288,10 +289,9 @@ def epochs_for_steps(n: int, values: dict, steps: int) -> int:
     """Epochs that give a student of n samples per class (10 classes) about ``steps`` steps
     (minus less than one epoch): an epoch repeats whole passes over the data up to
     min_steps_per_epoch, so it has 20 steps up to n = 50, 24 at n = 100, 40 at n = 500."""
-    o = values["optim"]
-    per_pass = math.ceil(10 * n / o["batch_size"])
-    per_epoch = per_pass * max(math.ceil(o["min_steps_per_epoch"] / per_pass), 1)
-    return max(steps // per_epoch, 1)
+    from ..training import config_from_dict
+    from ..training.schedule import steps_per_epoch
+    return max(steps // steps_per_epoch(10 * n, config_from_dict({"optim": values["optim"]}).optim), 1)
 
 
 def _student(lay, tag, n, seed, objective, teacher, steps, selection=False, lr=None) -> dict:

@@ -157,6 +157,9 @@ class RunConfig:
         if self.amp not in ("none", "bf16", "fp16"):
             raise ConfigError(f"amp must be none, bf16 or fp16, got {self.amp!r}")
         check_noise_sigmas(self.eval.noise_sigmas)
+        from .recipes import RECIPES
+        if self.recipe is not None and self.recipe not in RECIPES:
+            raise ConfigError(f"recipe must be one of {', '.join(RECIPES)} (or none), got {self.recipe!r}")
         _check_ranges(self)
         _check_data(self.data)
         self.objective.check()
@@ -451,10 +454,17 @@ def apply_overrides(values: dict, overrides: list) -> dict:
     return values
 
 
-def resolve(path: str | None, overrides: list, base: dict | None = None, check: bool = True) -> RunConfig:
-    """Defaults ← ``base`` ← YAML file ← ``--set`` overrides; checked (unless ``check`` is False)."""
-    values = merge_values(base or {}, load_config(path))
-    cfg = config_from_dict(apply_overrides(values, overrides))
+def resolve(path: str | None, overrides: list, base: dict | None = None) -> RunConfig:
+    """Defaults ← ``base`` ← YAML file ← ``--set`` overrides; checked."""
+    return resolve_values(load_config(path), overrides, base)
+
+
+def resolve_values(file_values: dict, overrides: list, base: dict | None = None, check: bool = True) -> RunConfig:
+    """:func:`resolve` of a config file's values already read; checked unless ``check`` is False.
+    A file's ``recipe: none`` (a complete protocol of its own) is recorded as no recipe."""
+    if file_values.get("recipe") == "none":
+        file_values = {**file_values, "recipe": None}
+    cfg = config_from_dict(apply_overrides(merge_values(base or {}, file_values), overrides))
     if check:
         cfg.check()
     return cfg

@@ -32,7 +32,7 @@ from .config import RunConfig
 from .distributed import DistInfo, any_process, gather_interleaved, mean_across_processes
 from .evaluate import TeacherGradients
 from .progress import log_epoch, progress
-from .results import best_index, evaluate_splits, no_better_for, run_state
+from .results import best_index, evaluate_splits, no_better_for, past_budget, run_state
 from .resume import ResumePoint
 from .schedule import epoch_batches, seed_of
 from .step import Stepper
@@ -214,8 +214,7 @@ def end_epoch(run: Run, epoch: int, steps: int, sums: dict, skipped: int, second
         record["overflow_steps"], record["loss_scale"] = counters.overflow_steps, float(run.stepper.scaler.get_scale())
         counters.overflow_steps = 0
     _count_bad_samples(run, record)
-    over = cfg.time_budget > 0 and any_process(
-        sum(h.get("epoch_seconds", 0.0) for h in run.history) + seconds >= 60 * cfg.time_budget, info, run.device)
+    over = cfg.time_budget > 0 and any_process(past_budget(cfg, run.history, seconds), info, run.device)
     if over:
         record["time_budget"] = True
     last = epoch + 1 == run.epochs or over

@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 from ..errors import UsageError
 from .config import MAX_EPOCHS, RunConfig, config_from_dict, merge_values
 
-__all__ = ["Recipe", "RECIPES", "AUTO", "NONE", "FEW_SAMPLES", "recipe", "recipe_values", "choose", "list_recipes",
-           "describe", "check_recipe"]
+__all__ = ["Recipe", "RECIPES", "AUTO", "NONE", "FEW_SAMPLES", "recipe", "recipe_values", "choose", "rule",
+           "list_recipes", "describe", "check_recipe"]
 
 AUTO = "auto"  # chosen from the training set's samples per class
 NONE = "none"  # no recipe: the config file and --set over jacmatch's dataclass defaults
@@ -109,19 +109,29 @@ def check_recipe(name: str) -> None:
                          "(`jacmatch config --recipes`)")
 
 
+def _why(name: str) -> str:
+    """The report's evidence for auto's choice of ``name`` (the numbers from the recipes';
+    the step times' ratio is pinned against converge.json by the tests)."""
+    fm_jm, paper = RECIPES["fm+jm"].evidence, RECIPES["paper"].evidence
+    if name == "fm+jm":
+        return (f"FM+JM is the best student up to n = {FEW_SAMPLES} in the report ({fm_jm[1][0]} % against "
+                f"{paper[1][0]} % for CE+KD+JM at n = 1, {fm_jm[10][0]} % against {paper[10][0]} % at n = 10)")
+    return (f"CE+KD+JM ties the best student at n = 100 and leads at n = 500 in the report ({paper[500][0]} % against "
+            f"{fm_jm[500][0]} % for FM+JM), at a third of FM+JM's step time")
+
+
+def rule() -> str:
+    """auto's rule in one line, with its evidence."""
+    return f"fm+jm up to {FEW_SAMPLES} samples per class ({_why('fm+jm')}), paper above ({_why('paper')})"
+
+
 def choose(samples_per_class: float) -> tuple[str, str]:
     """auto's choice for a training set of ``samples_per_class`` (its mean over the classes):
     (recipe name, the reason in one line, with the report's numbers)."""
     n = samples_per_class
-    fm_jm, paper = RECIPES["fm+jm"].evidence, RECIPES["paper"].evidence
-    shown = f"{n:g}" if isinstance(n, int) or float(n).is_integer() else f"{n:.1f}"
-    if n <= FEW_SAMPLES:
-        return "fm+jm", (f"n = {shown} samples per class <= {FEW_SAMPLES}: FM+JM is the best student up to n = 50 in "
-                         f"the report ({fm_jm[1][0]} % against {paper[1][0]} % for CE+KD+JM at n = 1, "
-                         f"{fm_jm[10][0]} % against {paper[10][0]} % at n = 10)")
-    return "paper", (f"n = {shown} samples per class > {FEW_SAMPLES}: CE+KD+JM ties the best student at n = 100 and "
-                     f"leads at n = 500 in the report ({paper[500][0]} % against {fm_jm[500][0]} % for FM+JM), at a "
-                     "third of FM+JM's step time")
+    shown = f"{n:g}" if float(n).is_integer() else f"{n:.1f}"
+    name = "fm+jm" if n <= FEW_SAMPLES else "paper"
+    return name, f"n = {shown} samples per class {'<=' if name == 'fm+jm' else '>'} {FEW_SAMPLES}: {_why(name)}"
 
 
 def recipe_values(name: str) -> dict:
@@ -153,7 +163,8 @@ def describe(name: str) -> str:
     numbers = ", ".join(f"n={n}: {m} ± {ci}" for n, (m, ci) in r.evidence.items())
     views = "crops+flips, mixup α={:g}".format(v["data"]["mixup"]) if v["data"]["augment"] else "no augmentation"
     return (f"{name:<6} {r.summary}; τ={o['temperature']:g}" + (f", γ={o['gamma']:g}" if o.get("gamma") else "")
-            + f", {views}, Adam lr={v['optim']['lr']:g} constant, patience {v['eval']['patience']} evaluations, "
+            + f", {views}, {v['optim']['name']} lr={v['optim']['lr']:g} {v['optim']['schedule']}, patience "
+            f"{v['eval']['patience']} evaluations, "
             f"at most {v['optim']['max_steps']} steps. Report row {r.row}, test % (95 % interval): {numbers}")
 
 
@@ -172,7 +183,7 @@ def resolve_recipe(path: str | None, overrides: list, name: str | None = None,
     """A student's config: defaults ← recipe ← YAML file ← ``overrides``. The recipe is
     ``name``, else the file's ``recipe:``, else ``auto``, which reads the training set's
     samples per class (:func:`choose`) and records its choice and reason in the config."""
-    from .config import load_config, resolve
+    from .config import load_config, resolve_values
     file_values = load_config(path)
     name = name or file_values.get("recipe") or AUTO
     if not isinstance(name, str):
@@ -180,12 +191,12 @@ def resolve_recipe(path: str | None, overrides: list, name: str | None = None,
     check_recipe(name)
     extra: list = [("recipe", None if name == NONE else name)]
     if name == AUTO:
-        probe = resolve(path, [*overrides, ("recipe", None), ("recipe_reason", None)], recipe_values("paper"),
-                        check=False)  # the data it names (checked before they are read)
+        probe = resolve_values(file_values, [*overrides, ("recipe", None), ("recipe_reason", None)],
+                               recipe_values("paper"), check=False)  # the data it names (checked before they are read)
         if not probe.data.samples_per_class:
             probe.check()
         name, reason = choose(samples_per_class(probe, data_cache))
         extra = [("recipe", name), ("recipe_reason", f"auto: {reason}")]
     elif name != file_values.get("recipe"):
         extra.append(("recipe_reason", None))
-    return resolve(path, [*overrides, *extra], recipe_values(name))
+    return resolve_values(file_values, [*overrides, *extra], recipe_values(name))

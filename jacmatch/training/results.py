@@ -15,7 +15,8 @@ from .config import RunConfig, config_to_dict
 from .evaluate import evaluate
 from .provenance import provenance
 
-__all__ = ["evaluate_splits", "best_index", "no_better_for", "best_point", "run_results", "run_state"]
+__all__ = ["evaluate_splits", "best_index", "no_better_for", "best_point", "run_results", "run_state", "loop_seconds",
+           "past_budget"]
 
 
 def evaluate_splits(model: nn.Module, data: DataSplits, cfg: RunConfig, device="cpu", *, teacher=None,
@@ -51,6 +52,16 @@ def no_better_for(cfg: RunConfig, history: list[dict]) -> int:
     return 0 if best is None else sum(1 for h in history[best + 1:] if "val" in h)
 
 
+def loop_seconds(history: list[dict]) -> float:
+    """The epochs' own training time (steps, no evaluation), over every invocation."""
+    return sum(h.get("epoch_seconds", 0.0) for h in history)
+
+
+def past_budget(cfg: RunConfig, history: list[dict], seconds: float = 0.0) -> bool:
+    """Whether ``history``'s training time, and ``seconds`` more, reach ``cfg.time_budget`` (0: none)."""
+    return cfg.time_budget > 0 and loop_seconds(history) + seconds >= 60 * cfg.time_budget
+
+
 def best_point(history: list[dict], cfg: RunConfig, epochs: int | None = None) -> dict:
     """Where the best validation accuracy was: its epoch and step, whether the run stopped
     early (patience or the time budget), and whether that point lies strictly inside the
@@ -77,7 +88,7 @@ def run_results(cfg: RunConfig, data: DataSplits, model: nn.Module, teacher: nn.
             "final": {"val": final.get("val"), "test": final.get("test"), "train": final.get("train")},
             "epochs": len(history), "train_seconds": seconds, "torch": torch.__version__,
             # the epochs' own time (steps, no evaluation), over every invocation: what equal compute compares
-            "loop_seconds": sum(h.get("epoch_seconds", 0.0) for h in history),
+            "loop_seconds": loop_seconds(history),
             "eval_seconds": sum(h.get("eval_seconds", 0.0) for h in history),
             "provenance": provenance(config_to_dict(cfg), data.data_sha256,
                                      next(model.parameters(), torch.empty(0)).device)}

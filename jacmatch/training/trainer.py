@@ -32,7 +32,7 @@ from .epoch import Preempted, Run, StopOnSignal, draws, end_epoch, evaluate_best
 from .evaluate import TeacherGradients, teacher_key
 from .loading import (check_input_shape, check_teacher_for, init_from, load_data, load_model, load_teacher,
                       model_from_config)
-from .results import best_index, best_point, evaluate_splits, no_better_for, run_results
+from .results import best_point, evaluate_splits, no_better_for, past_budget, run_results
 from .resume import ResumePoint, restore, run_inputs
 from .run_folder import RunExistsError, claim_folder, open_outputs, run_reads
 from .schedule import epoch_batches, make_optimizer, make_scheduler, planned_epochs
@@ -54,21 +54,16 @@ def _say_how_it_ended(run) -> None:
     maximum, validation accuracy still improving (it had not run out of patience), and one
     when the time budget ended a run."""
     cfg, history = run.cfg, run.history
-    if not history:
-        return
-    if history[-1].get("time_budget"):
+    if history and history[-1].get("time_budget"):
         print(f"{run.out}: stopped at the time budget ({cfg.time_budget:g} min) after epoch {history[-1]['epoch']}"
               + ("; its best weights are tested" if cfg.eval.keep_best else ""), flush=True)
         return
-    if not (cfg.eval.keep_best and cfg.eval.patience > 0) or history[-1]["epoch"] < run.epochs:
-        return  # a run of fixed length, or stopped early (patience, a signal)
-    best = best_index(history, cfg.eval.min_delta)
-    if best is not None:
-        steps = sum(h["steps"] for h in history)
+    point = best_point(history, cfg, run.epochs)
+    if point and cfg.eval.keep_best and cfg.eval.patience > 0 and not point["stopped_early"]:
         warnings.warn(StillImprovingWarning(
-            f"{run.out} ended at its maximum ({run.epochs} epochs, {steps} steps) while validation accuracy was still "
-            f"improving (best {history[best]['val']['acc']:.4f} at epoch {history[best]['epoch']}): raise optim.max_steps "
-            "(or optim.epochs) and --resume to train on"), stacklevel=3)
+            f"{run.out} ended at its maximum ({run.epochs} epochs, {sum(h['steps'] for h in history)} steps) while "
+            f"validation accuracy was still improving (best {point['val_acc']:.4f} at epoch {point['epoch']}): raise "
+            "optim.max_steps (or optim.epochs) and --resume to train on"), stacklevel=3)
 
 
 #: Memory estimate above which a run is refused before it starts (bytes).
@@ -106,8 +101,8 @@ def _train(cfg: RunConfig, resume: bool, data: DataSplits, given: bool, info: Di
     t_start = time.time()
     with StopOnSignal() as stop:
         for epoch in range(run.point.start_epoch, run.epochs):
-            if no_better_for(cfg, run.history) >= cfg.eval.patience > 0 or (  # (a resumed run that had stopped)
-                    cfg.time_budget and sum(h.get("epoch_seconds", 0.0) for h in run.history) >= 60 * cfg.time_budget):
+            if no_better_for(cfg, run.history) >= cfg.eval.patience > 0 or past_budget(cfg, run.history):
+                # (a resumed run that had stopped)
                 break
             steps, sums, skipped, seconds = train_epoch(run, epoch, stop)
             if end_epoch(run, epoch, steps, sums, skipped, seconds):

@@ -25,7 +25,7 @@ import yaml
 
 from .._extras import require
 from ..errors import UsageError
-from .config import config_from_dict, config_to_dict, merge_values
+from .config import apply_overrides, config_from_dict, config_to_dict
 from .recipes import RECIPES
 
 __all__ = ["parse_space", "space_of", "tune"]
@@ -72,17 +72,6 @@ def _suggest(trial, space: dict) -> dict:
     return values
 
 
-def _nested(flat: dict) -> dict:
-    out: dict = {}
-    for key, value in flat.items():
-        node = out
-        *parents, leaf = key.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
-    return out
-
-
 def _storage(optuna, url: str, heartbeat: int):
     """Optuna's database storage with heartbeats: a trial whose worker died is failed after
     the grace period and enqueued again (its retry resumes the trial's folder)."""
@@ -94,6 +83,55 @@ def _storage(optuna, url: str, heartbeat: int):
     return RDBStorage(url, heartbeat_interval=heartbeat, grace_period=2 * heartbeat, **callback)
 
 
+def _open_study(optuna, root: Path, storage: str | None, study_name: str, heartbeat: int, seed: int):
+    """The study in its database, created by the first worker (the workers of one folder one at a time)."""
+    import fcntl
+    import warnings
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # retry_history: stable since 3.0
+    url = storage or f"sqlite:///{(root / 'study.db').resolve()}"
+    with open(root / ".study.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return optuna.create_study(
+            study_name=study_name, storage=_storage(optuna, url, heartbeat), load_if_exists=True, direction="maximize",
+            # each worker its own draws (the same seed would propose the same values to workers starting together)
+            sampler=optuna.samplers.TPESampler(seed=seed * 1_000_003 + os.getpid()),
+            pruner=optuna.pruners.MedianPruner(n_startup_trials=4, n_warmup_steps=0))
+
+
+def _run_trial(trial, study, root: Path, values0: dict, space: dict, data_cache: dict | None) -> float:
+    """One trial: a run folder trained with the trial's values (a retry resumes the folder of
+    the trial it retries), reported at each evaluation for the pruner; its best validation accuracy."""
+    import optuna
+    from optuna.storages import RetryFailedTrialCallback
+    from optuna.trial import TrialState
+
+    from .trainer import Preempted, train
+    frozen = next(t for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)) if t.number == trial.number)
+    first = (RetryFailedTrialCallback.retry_history(frozen) or [trial.number])[0]
+    folder = root / "trials" / f"{first:04d}"
+    chosen = _suggest(trial, space)
+    cfg = config_from_dict(apply_overrides(values0, [*chosen.items(), ("out_dir", str(folder)), ("progress", False)]))
+    cfg.check()
+    trial.set_user_attr("folder", str(folder))
+    resume = (folder / "last.pt").is_file()
+    print(f"trial {trial.number}: " + ", ".join(f"{k}={v:.4g}" for k, v in chosen.items())
+          + (f" (resumes trial {first}'s folder)" if resume else ""), flush=True)
+
+    def on_evaluation(steps: int, val_acc: float) -> None:
+        trial.report(val_acc, steps)
+        if trial.should_prune():
+            raise optuna.TrialPruned(f"validation {val_acc:.4f} at step {steps}: below the median")
+    try:
+        results = train(cfg, resume=resume, overwrite=not resume, data_cache=data_cache, on_evaluation=on_evaluation)
+    except Preempted as exc:  # the trial stays running without a heartbeat: Optuna retries it, and
+        print(f"trial {trial.number}: {exc}", flush=True)  # its retry resumes this folder
+        os._exit(EXIT_PREEMPTED)
+    trial.set_user_attr("test_acc", (results["final"].get("test") or {}).get("acc"))
+    trial.set_user_attr("seconds", results["train_seconds"])
+    return (results.get("best") or {}).get("val_acc", (results["final"].get("val") or {}).get("acc", 0.0))
+
+
 def tune(base, recipe_name: str, out: str, trials: int = 24, space: dict | None = None, storage: str | None = None,
          study_name: str = "jacmatch", minutes: float = 0.0, heartbeat: int = 60, seed: int = 0,
          data_cache: dict | None = None) -> dict:
@@ -102,61 +140,16 @@ def tune(base, recipe_name: str, out: str, trials: int = 24, space: dict | None 
     pass); then write ``best.yaml``, ``best.pt``, ``trials.csv`` and ``history.png`` in
     ``out``. Returns the summary written to ``out/tune.json``."""
     optuna = require("optuna", "tune")
-    from optuna.storages import RetryFailedTrialCallback
     from optuna.study import MaxTrialsCallback
     from optuna.trial import TrialState
-
-    from .trainer import Preempted, train
     root = Path(out)
     (root / "trials").mkdir(parents=True, exist_ok=True)
-    url = storage or f"sqlite:///{(root / 'study.db').resolve()}"
     space = space if space is not None else space_of(recipe_name, {})
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    import warnings
-    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # retry_history: stable since 3.0
-    import fcntl
-    with open(root / ".study.lock", "w") as lock:  # the workers of this folder create the database one at a time
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        study = optuna.create_study(
-            study_name=study_name, storage=_storage(optuna, url, heartbeat), load_if_exists=True, direction="maximize",
-            # each worker its own draws (the same seed would propose the same values to workers starting together)
-            sampler=optuna.samplers.TPESampler(seed=seed * 1_000_003 + os.getpid()),
-            pruner=optuna.pruners.MedianPruner(n_startup_trials=4, n_warmup_steps=0))
-    values0 = config_to_dict(base)
-    counted = (TrialState.COMPLETE, TrialState.PRUNED)
-
-    def objective(trial) -> float:
-        frozen = next(t for t in study.get_trials(deepcopy=False) if t.number == trial.number)
-        first = (RetryFailedTrialCallback.retry_history(frozen) or [trial.number])[0]  # a retry: the cut trial's folder
-        folder = root / "trials" / f"{first:04d}"
-        chosen = _suggest(trial, space)
-        values = merge_values(values0, merge_values(_nested(chosen), {"out_dir": str(folder), "progress": False}))
-        cfg = config_from_dict(values)
-        cfg.check()
-        trial.set_user_attr("folder", str(folder))
-        resume = (folder / "last.pt").is_file()
-        print(f"trial {trial.number}: " + ", ".join(f"{k}={v:.4g}" for k, v in chosen.items())
-              + (f" (resumes trial {first}'s folder)" if resume else ""), flush=True)
-
-        def on_evaluation(steps: int, val_acc: float) -> None:
-            trial.report(val_acc, steps)
-            if trial.should_prune():
-                raise optuna.TrialPruned(f"validation {val_acc:.4f} at step {steps}: below the median")
-        try:
-            results = train(cfg, resume=resume, overwrite=not resume, data_cache=data_cache,
-                            on_evaluation=on_evaluation)
-        except Preempted as exc:  # the trial stays running without a heartbeat: Optuna retries it, and
-            print(f"trial {trial.number}: {exc}", flush=True)  # its retry resumes this folder
-            os._exit(EXIT_PREEMPTED)
-        best = results.get("best") or {}
-        trial.set_user_attr("test_acc", (results["final"].get("test") or {}).get("acc"))
-        trial.set_user_attr("seconds", results["train_seconds"])
-        return best.get("val_acc", (results["final"].get("val") or {}).get("acc", 0.0))
-
-    start = time.time()
-    done = sum(t.state in counted for t in study.get_trials(deepcopy=False))
-    if done < trials:
-        study.optimize(objective, callbacks=[MaxTrialsCallback(trials, states=counted)],
+    study = _open_study(optuna, root, storage, study_name, heartbeat, seed)
+    values0, counted, start = config_to_dict(base), (TrialState.COMPLETE, TrialState.PRUNED), time.time()
+    if len(study.get_trials(deepcopy=False, states=counted)) < trials:
+        study.optimize(lambda trial: _run_trial(trial, study, root, values0, space, data_cache),
+                       callbacks=[MaxTrialsCallback(trials, states=counted)],
                        timeout=60 * minutes if minutes else None, gc_after_trial=True)
     return write_outputs(study, root, recipe_name, space, trials, time.time() - start)
 
