@@ -202,7 +202,7 @@ def test_the_teacher_cache_works_over_a_folder(folder, tmp_path, teacher):
 @pytest.mark.slow
 def test_a_mid_epoch_resume_over_a_folder_is_bit_identical(folder, tmp_path, teacher):
     common = ["distill", "--recipe", "none", "--teacher", teacher, "--dataset", f"imagefolder:{folder}", *SMALL,
-              "--samples-per-class", "8", "--set", "data.augment=true", "--set", "optim.epochs=2",
+              "--samples-per-class", "8", "--set", "data.augment=true", "--set", "optim.epochs=4",
               "--set", "optim.batch_size=8", "--set", "optim.min_steps_per_epoch=75", "--set", "eval.every=2"]
     out = tmp_path / "cut"
     process = subprocess.Popen([sys.executable, "-m", "jacmatch", *map(str, common), "--out", str(out)], env=ENV,

@@ -58,14 +58,13 @@ def test_two_workers_share_one_study_and_run_no_trial_twice(tmp_path, teacher):
 @pytest.mark.slow
 def test_a_killed_worker_s_study_completes_when_the_command_runs_again(tmp_path, teacher):
     out = tmp_path / "study"
-    cmd = _tune(teacher, out, 2, "--set", "optim.max_steps=0", "--set", "optim.epochs=15",
+    cmd = _tune(teacher, out, 2, "--set", "optim.max_steps=0", "--set", "optim.epochs=40",
                 "--set", "checkpoint_every=1")
     worker = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 300
     while not (out / "trials" / "0000" / "last.pt").is_file() and time.time() < deadline:
-        time.sleep(0.2)
-    time.sleep(1.0)
-    os.kill(worker.pid, signal.SIGKILL)
+        time.sleep(0.05)
+    os.kill(worker.pid, signal.SIGKILL)  # the trial's first epoch written, 39 to go
     worker.communicate()
     assert not (out / "trials" / "0000" / "results.json").is_file()  # cut mid-trial
     time.sleep(3)  # past the grace period (twice the heartbeat): Optuna fails the trial and enqueues it again

@@ -157,9 +157,6 @@ class RunConfig:
         if self.amp not in ("none", "bf16", "fp16"):
             raise ConfigError(f"amp must be none, bf16 or fp16, got {self.amp!r}")
         check_noise_sigmas(self.eval.noise_sigmas)
-        from .recipes import RECIPES
-        if self.recipe is not None and self.recipe not in RECIPES:
-            raise ConfigError(f"recipe must be one of {', '.join(RECIPES)} (or none), got {self.recipe!r}")
         _check_ranges(self)
         _check_data(self.data)
         self.objective.check()
