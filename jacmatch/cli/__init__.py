@@ -270,14 +270,14 @@ def _recorded_config(state: dict, args):
 
 def _check_model(args) -> int:
     from ..training.compat import check_model, describe
+    from ..training.run_folder import check_spared, data_reads
     shape, num_classes = args.input_shape, args.num_classes
-    if args.dataset:  # the shape and class count of the data the model will train on
+    cfg = resolve(None, [("data.name", _dataset_name(args.dataset)), ("data.val_size", 0)],
+                  {"objective": dict(TEACHER_OBJECTIVE)}) if args.dataset else None  # the data only: no teacher
+    if args.json:  # before anything is read or written
+        check_spared([("--json", Path(args.json), False)], data_reads(cfg.data) if cfg else [])
+    if cfg:  # the shape and class count of the data the model will train on
         from ..training import load_data
-        from ..training.run_folder import check_spared, data_reads
-        cfg = resolve(None, [("data.name", _dataset_name(args.dataset)), ("data.val_size", 0)],
-                      {"objective": dict(TEACHER_OBJECTIVE)})  # the data only: no teacher
-        if args.json:
-            check_spared([("--json", Path(args.json), False)], data_reads(cfg.data))
         data = load_data(cfg)
         shape, num_classes = tuple(data.train.sample_shape), data.num_classes
     options = {"output": args.output} if args.output is not None else {}

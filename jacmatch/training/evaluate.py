@@ -119,8 +119,8 @@ def _fidelity(model: nn.Module, teacher: nn.Module, data: Split, device, batch_s
         xs = list(inputs())  # the batches, each as its model sees it
         zt = teacher_logits(points, lambda: [teacher(x.to(device)).cpu() for x in xs])
         zs = [model(x.to(device)).cpu() for x in xs]
-        if not xs:
-            return {"agreement": float("nan"), "kl": float("nan"), "points": 0}
+        if not xs:  # no readable point: nothing measured (null, not NaN)
+            return {"agreement": None, "kl": None, "points": 0}
         zs_all, zt_all = torch.cat(zs), torch.cat(zt)
         if zs_all.shape[1] != zt_all.shape[1]:
             return None
@@ -136,9 +136,14 @@ def _fidelity(model: nn.Module, teacher: nn.Module, data: Split, device, batch_s
     def between(count: int):
         i, j, lam = interpolation_pairs(len(data), count, seed)
         for part in _batches(count, batch_size):
-            (xi, _), (xj, _) = data.batch(i[part]), data.batch(j[part])
-            if len(xi) == len(xj) == len(part):  # (a pair with an unreadable sample is left out)
-                w = lam[part].view(-1, *([1] * (xi.dim() - 1)))
+            read = {}  # the pairs' readable samples by index (an unreadable one is absent)
+            for index, x, _ in data.batches([torch.unique(torch.cat([i[part], j[part]])).tolist()]):
+                read.update(zip(index.tolist(), x))
+            kept = [k for k, (a, b) in enumerate(zip(i[part].tolist(), j[part].tolist())) if a in read and b in read]
+            if kept:  # a pair with an unreadable sample is left out, and only that pair
+                xi = torch.stack([read[int(i[part][k])] for k in kept])
+                xj = torch.stack([read[int(j[part][k])] for k in kept])
+                w = lam[part][kept].view(-1, *([1] * (xi.dim() - 1)))
                 yield w * xi + (1 - w) * xj
     clean = measure(("clean",), test_points)
     if clean is None:

@@ -72,14 +72,22 @@ def log_epoch(out: Path, history: list[dict], writer, record: dict) -> None:
     write_atomic(out / "metrics.jsonl", lambda f: f.write("".join(json.dumps(r) + "\n" for r in history)))
     if writer is not None:
         step = record["epoch"]
-        for k, v in record["train"].items():
-            writer.add_scalar(f"train/{k}", v, step)
-        writer.add_scalar("train/lr", record["lr"], step)
+        scalars = {"train/lr": record["lr"], **_scalars("train", record["train"])}
         for split in ("val", "test"):
-            for k, v in record.get(split, {}).items():
-                if isinstance(v, dict):
-                    for s, a in v.items():
-                        writer.add_scalar(f"{split}/{k}@{s}", a, step)
-                else:
-                    writer.add_scalar(f"{split}/{k}", v, step)
+            scalars.update(_scalars(split, record.get(split, {})))
+        for tag, v in scalars.items():
+            writer.add_scalar(tag, v, step)
         writer.flush()
+
+
+def _scalars(prefix: str, values: dict) -> dict:
+    """The numbers in a nested record, by TensorBoard tag: ``{"fidelity": {"noisy": {"0.1":
+    {"kl": x}}}}`` under ``test`` is ``test/fidelity/noisy/0.1/kl``; what is not a number (a
+    flag, a string) is left out."""
+    out = {}
+    for k, v in values.items():
+        if isinstance(v, dict):
+            out.update(_scalars(f"{prefix}/{k}", v))
+        elif isinstance(v, (int, float)) and not isinstance(v, bool):
+            out[f"{prefix}/{k}"] = v
+    return out

@@ -94,12 +94,27 @@ def _inside(path: Path, folder: Path) -> bool:
     return path == folder or folder in path.parents
 
 
+def _run_owning(path: Path) -> Path | None:
+    """The run folder that owns ``path`` (one of its RUN_FILES, its lock, or a file under one of
+    its RUN_FOLDERS), or None; a folder holds a run when it holds its lock or any of its files."""
+    path = path.resolve()
+    for folder, name in ((path.parent, path.name), *((p.parent, p.name) for p in path.parents if p.name in RUN_FOLDERS)):
+        if name in (*RUN_FILES, LOCK_FILE, *RUN_FOLDERS) and \
+                any((folder / f).exists() for f in (*RUN_FILES, LOCK_FILE)):
+            return folder
+    return None
+
+
 def check_spared(writes: list[tuple[str, Path, bool]], reads: list[tuple[str, Path]]) -> None:
     """Refuse, before anything is written or removed, an output that would touch what the
     command reads. ``writes``: (option, path, whether the path is a folder the command fills
     and may empty); ``reads``: (what, path). An output file may not be a file read, nor lie in
     a folder read (a data set); an output folder may hold nothing read, nor lie in a folder read."""
     for option, out, folder in writes:
+        owner = None if folder else _run_owning(out)
+        if owner is not None:
+            raise UsageError(f"{option} {out} would write over a file of the run in {owner}, which keeps its own "
+                             f"record there: write to a new file (for example {owner / 'evaluation.json'})")
         for what, read in reads:
             if _inside(read, out) if folder else out.resolve() == read.resolve():
                 raise UsageError(f"{option} {out} would {'write over' if not folder else 'hold, and --overwrite delete,'}"
