@@ -120,3 +120,20 @@ def test_a_run_with_an_unreadable_test_image_finishes(tmp_path):
                  *TINY, *skip, "--out", str(tmp_path / "s")]) == 0
     fidelity = json.loads((tmp_path / "s" / "results.json").read_text())["final"]["test"]["fidelity"]
     assert 0 < fidelity["interpolated"]["points"] < 18 and math.isfinite(fidelity["interpolated"]["kl"])
+
+
+# ---- 4. a teacher of another class count: no fidelity or cosine, and the reason recorded --------
+
+
+def test_a_teacher_of_another_class_count_is_not_compared_and_the_record_says_why(tmp_path, digits_teacher, capsys):
+    penalty_only = ["--set", "objective.beta=0", "--set", "objective.gamma=0", "--set", "objective.penalty=0.1"]
+    assert main(["train-teacher", "--dataset", "synthetic", *TINY, "--out", str(tmp_path / "t4")]) == 0
+    for teacher, dataset, k_teacher, k_model in ((digits_teacher, "synthetic", 10, 4),
+                                                 (tmp_path / "t4" / "last.pt", "digits", 4, 10)):
+        out = tmp_path / f"s_{dataset}"
+        assert main(["distill", "--recipe", "none", "--teacher", str(teacher), "--dataset", dataset, *TINY,
+                     *penalty_only, "--out", str(out)]) == 0  # it failed after training: "index out of range"
+        test = json.loads((out / "results.json").read_text())["final"]["test"]
+        assert "jacobian_cosine" not in test and "fidelity" not in test  # (the other way, a meaningless cosine)
+        assert test["teacher_not_compared"].startswith(f"the teacher has {k_teacher} outputs and the model {k_model}")
+        assert "no fidelity or Jacobian cosine: the teacher has" in capsys.readouterr().out

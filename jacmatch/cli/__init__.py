@@ -179,6 +179,8 @@ def _run_training(args, kind: str) -> None:
     print(f"{cfg.out_dir}: test accuracy {test.get('acc', float('nan')):.4f}"
           + "".join(f", σ={s}: {a:.4f}" for s, a in test.get("noisy_acc", {}).items())
           + (f", Jacobian cosine {test['jacobian_cosine']:.3f}" if "jacobian_cosine" in test else "")
+          + (f"; no fidelity or Jacobian cosine: {test['teacher_not_compared']}" if "teacher_not_compared" in test
+             else "")
           + f" (training {results['loop_seconds']:.1f} s, evaluation {results['eval_seconds']:.1f} s)")
 
 
