@@ -137,3 +137,47 @@ def test_a_teacher_of_another_class_count_is_not_compared_and_the_record_says_wh
         assert "jacobian_cosine" not in test and "fidelity" not in test  # (the other way, a meaningless cosine)
         assert test["teacher_not_compared"].startswith(f"the teacher has {k_teacher} outputs and the model {k_model}")
         assert "no fidelity or Jacobian cosine: the teacher has" in capsys.readouterr().out
+
+
+# ---- 5 and 19. result files: a cut or retyped one is one line naming it; a section never degrades
+
+
+@pytest.mark.parametrize("text", ['{"cells": {"CE@1": {"ro', "[1, 2]", "", "\udcff"])
+def test_a_cut_or_retyped_result_file_is_one_line_that_names_it(tmp_path, monkeypatch, capsys, text):
+    folder = tmp_path / "results"
+    folder.mkdir()
+    (folder / "distill.json").write_bytes(text.encode("utf-8", "surrogateescape"))
+    monkeypatch.chdir(tmp_path)
+    assert main(["report", "--results", str(folder)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"{folder / 'distill.json'}" in err[0] and "restore it" in err[0], err
+
+
+def test_a_cut_run_record_is_one_line_that_names_it_and_is_not_trained_over(tmp_path):
+    from jacmatch.errors import UsageError
+    from jacmatch.experiments.common import run_or_load
+    record = tmp_path / "CE_n5_s0.json"
+    record.write_text('{"config": {"seed": 0, "da')
+    with pytest.raises(UsageError, match=f"{record} is not a readable JSON result file"):
+        run_or_load({"out_dir": str(tmp_path / "run"), "objective": {"beta": 0.0, "gamma": 0.0}}, record=record)
+    assert record.read_text() == '{"config": {"seed": 0, "da'
+
+
+def test_a_section_file_is_never_replaced_by_fewer_cells(tmp_path):
+    from jacmatch.experiments.common import write_section
+    path = tmp_path / "distill.json"
+    complete = {"cells": {f"c{i}": i for i in range(20)}, "complete": True}
+    write_section(path, complete)
+    for partial in ({"cells": {"c0": 0}, "complete": False}, {"cells": {f"c{i}": i for i in range(19)}, "complete": False}):
+        write_section(path, partial)  # a rerun that trains nothing, cut after some cells
+        assert json.loads(path.read_text()) == complete
+    path.write_text(json.dumps({"cells": {"c0": 0, "c1": 1}, "complete": False}))
+    write_section(path, {"cells": {"c0": 0}, "complete": False})
+    assert len(json.loads(path.read_text())["cells"]) == 2
+    write_section(path, {"cells": {"c0": 0, "c1": 1, "c2": 2}, "complete": False})  # a run going further: written
+    assert len(json.loads(path.read_text())["cells"]) == 3
+    write_section(path, {"cells": {"c0": 0}, "complete": True})  # a finished run of another profile stands
+    assert json.loads(path.read_text()) == {"cells": {"c0": 0}, "complete": True}
+    path.write_text('{"cells": {"c0"')  # a cut file: what the run has replaces it
+    write_section(path, {"cells": {"c0": 0}, "complete": False})
+    assert json.loads(path.read_text())["cells"] == {"c0": 0}

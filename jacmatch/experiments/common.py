@@ -16,8 +16,8 @@ from ..training.config import config_to_dict
 from ..training.resume import patience_at_least
 
 __all__ = ["CONVERGED_GAIN", "converged", "run_or_load", "passes_through", "epochs_trained", "RUN_STATE", "write_record",
-           "keep_weights",
-           "same_outcome", "run_history", "load_json", "summarize", "summarize_runs", "with_provenance", "data_hashes"]
+           "keep_weights", "same_outcome", "run_history", "load_json", "read_json", "write_section", "summarize",
+           "summarize_runs", "with_provenance", "data_hashes"]
 
 
 # points of validation accuracy: a baseline that gains less at twice its budget has converged
@@ -49,7 +49,7 @@ def run_or_load(values: dict, teacher_gradients: TeacherGradients | None = None,
     out = Path(cfg.out_dir)
     done = out / "results.json"
     if done.is_file():
-        results = json.loads(done.read_text())
+        results = read_json(done)
         if not _same_config(results, cfg):
             raise UsageError(f"{out} holds results of another config: remove it or choose another folder")
         if record is not None and not record.is_file():
@@ -59,7 +59,7 @@ def run_or_load(values: dict, teacher_gradients: TeacherGradients | None = None,
         return {**results, "history": run_history(out)}
     kept = None
     if record is not None and record.is_file():
-        kept = json.loads(record.read_text())
+        kept = read_json(record)
         if not _same_config(kept, cfg, where=False):
             raise UsageError(f"{record} records a run of another config: remove it (and commit that) to train "
                              "this one")
@@ -94,7 +94,7 @@ RUN_STATE = ("last.pt", "best.pt", "metrics.jsonl", "history.jsonl")
 
 def epochs_trained(run: Path) -> int:
     """The epochs a finished run's folder trained (its results.json)."""
-    return json.loads((run / "results.json").read_text())["epochs"]
+    return read_json(run / "results.json")["epochs"]
 
 
 def passes_through(cfg, donors: Iterable[Path]) -> Path | None:
@@ -110,7 +110,7 @@ def passes_through(cfg, donors: Iterable[Path]) -> Path | None:
         if run.resolve() == Path(cfg.out_dir).resolve() or not (run / "results.json").is_file() \
                 or not (run / "last.pt").is_file():
             continue
-        results = json.loads((run / "results.json").read_text())
+        results = read_json(run / "results.json")
         theirs = config_from_dict(results.get("config") or {})
         if _same_config(results, cfg, where=False, but=("optim.epochs", "eval.patience")) \
                 and theirs.optim.epochs <= cfg.optim.epochs and patience_at_least(theirs.eval.patience, cfg.eval.patience) \
@@ -167,10 +167,39 @@ def write_record(path: Path, results: dict, out: Path) -> None:
     write_json_atomic(path, {**results, "history": run_history(out)})
 
 
-def load_json(path: str | Path) -> dict | list | None:
+def load_json(path: str | Path) -> dict | None:
     """A result file's contents, or None when it does not exist (not run yet)."""
     path = Path(path)
-    return json.loads(path.read_text()) if path.is_file() else None
+    return read_json(path) if path.is_file() else None
+
+
+def read_json(path: Path) -> dict:
+    """A result file or run record (a JSON object); one line naming the file when it is
+    unreadable, cut, or holds something else."""
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UsageError(f"{path} is not a readable JSON result file ({exc}): restore it (git checkout -- {path}) "
+                         "or remove it to run that part again") from None
+    if not isinstance(value, dict):
+        raise UsageError(f"{path} holds a JSON {type(value).__name__} where a result (a JSON object) belongs: "
+                         f"restore it (git checkout -- {path}) or remove it to run that part again")
+    return value
+
+
+def write_section(path: Path, summary: dict) -> None:
+    """A section's result file, rewritten as its cells finish: a partial summary never
+    replaces a complete file, or one that holds more cells (a rerun that trains nothing, cut or
+    failing part-way, leaves the file as it was)."""
+    if not summary.get("complete") and path.is_file():
+        try:
+            held = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            held = None  # a cut file: what this run has is more
+        if isinstance(held, dict) and (held.get("complete") or
+                                       len(held.get("cells") or {}) > len(summary.get("cells") or {})):
+            return
+    write_json_atomic(path, summary)
 
 
 def summarize(values: list[float]) -> dict:

@@ -14,10 +14,10 @@ import time
 from pathlib import Path
 
 from . import rows as R
-from ..atomic import write_json_atomic
 from ..errors import UsageError
 from ..training.recipes import recipe_values
-from .common import RUN_STATE, converged, epochs_trained, load_json, summarize, summarize_runs, with_provenance
+from .common import (RUN_STATE, converged, epochs_trained, load_json, summarize, summarize_runs, with_provenance,
+                     write_section)
 from .paper import FULL, ROWS, Layout, _fill, _run_seconds, _select, _teacher_path, epochs_for_steps, run_config
 
 
@@ -350,7 +350,7 @@ def converge_section(lay: Layout) -> dict:
         summary["run_seconds"] = _run_seconds(cells, *fm_records.values())
         print(f"  {cell['row']:<22} n={cell['samples_per_class']:<4} test {100 * cell['acc']['mean']:.1f} ± "
               f"{100 * cell['acc']['std']:.1f}   [{time.time() - start:.0f} s]", flush=True)
-        write_json_atomic(lay.out / "converge.json", with_provenance(summary, config))
+        write_section(lay.out / "converge.json", with_provenance(summary, config))
     for n in profile.samples:
         for row in CHECKED_ROWS:  # the baselines first: their patience is their rows'
             cell, check = patient_cell(lay, row, n, recipes[row], teacher, costs[row][str(n)])
@@ -366,8 +366,8 @@ def converge_section(lay: Layout) -> dict:
         kd = cells[R.key(R.CE_KD, n)]["val_acc"]["mean"]
         for row in CONVERGE_ROWS:
             cells[R.key(row, n)]["to_kd"] = _to_target(cells[R.key(row, n)], kd)
-        write_json_atomic(lay.out / "converge.json", with_provenance(summary, config))
+        write_section(lay.out / "converge.json", with_provenance(summary, config))
     summary["complete"] = True
     _tidy(lay, cells)
-    write_json_atomic(lay.out / "converge.json", with_provenance(summary, config))
+    write_section(lay.out / "converge.json", with_provenance(summary, config))
     return summary

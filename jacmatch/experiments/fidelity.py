@@ -15,9 +15,8 @@ import json
 import time
 
 from . import rows as R
-from ..atomic import write_json_atomic
 from ..errors import UsageError
-from .common import load_json, summarize, with_provenance
+from .common import load_json, summarize, with_provenance, write_section
 from .converge import CONVERGE_ROWS
 from .paper import FULL, Layout, run_config
 
@@ -109,8 +108,8 @@ def fidelity_section(lay: Layout) -> dict:
         summary["students"] = len(students)
         summary["weights_bytes"] = sum((lay.out / w).stat().st_size for c in cells.values() for w in c["weights"])
         summary["section_seconds"] = time.time() - start
-        write_json_atomic(lay.out / "fidelity.json", with_provenance(summary, config))
+        write_section(lay.out / "fidelity.json", with_provenance(summary, config))
     summary["complete"] = c.get("complete", True)  # every converged student so far: partial while converge is
     summary["section_seconds"] = time.time() - start
-    write_json_atomic(lay.out / "fidelity.json", with_provenance(summary, config))
+    write_section(lay.out / "fidelity.json", with_provenance(summary, config))
     return summary

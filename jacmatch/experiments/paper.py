@@ -27,7 +27,7 @@ from ..errors import UsageError
 from ..training import TeacherGradients, load_checkpoint
 from ..training.config import load_config, merge_values
 from ..training.results import loop_seconds
-from .common import load_json, run_or_load, summarize, summarize_runs, with_provenance
+from .common import load_json, run_or_load, summarize, summarize_runs, with_provenance, write_section
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "paper"
 
@@ -450,9 +450,9 @@ def distill_section(lay: Layout) -> dict:
               f"{100 * cell['acc']['std']:.1f}   [{time.time() - start:.0f} s]", flush=True)
         summary["section_seconds"] = time.time() - start
         summary["run_seconds"] = _run_seconds(cells, *summary["selection"].values())
-        write_json_atomic(out / "distill.json", with_provenance(summary, config))
+        write_section(out / "distill.json", with_provenance(summary, config))
     for n in profile.samples:  # n-major, smallest first: a partial run has every row at the smallest n
         _cells_at(lay, n, chosen, teacher, cells, say)
     summary["complete"] = True
-    write_json_atomic(out / "distill.json", with_provenance(summary, config))
+    write_section(out / "distill.json", with_provenance(summary, config))
     return summary

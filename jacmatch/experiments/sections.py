@@ -3,14 +3,13 @@ pictures' sections, and the command that runs one section or all of them."""
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
 from . import rows as R
 from ..atomic import write_json_atomic
 from ..errors import UsageError
-from .common import with_provenance
+from .common import read_json, with_provenance
 from .converge import converge_section
 from .fidelity import fidelity_section
 from .figures import plot_gradients
@@ -43,7 +42,7 @@ def pictures_section(lay: Layout) -> dict:
     for path in students.values():  # a run known by its record only (a fresh clone): trained again, as recorded
         record = lay.record_of(path.parent)
         if not path.is_file() and record.is_file():
-            lay.train(json.loads(record.read_text())["config"], record=False)
+            lay.train(read_json(record)["config"], record=False)
     missing = [str(p) for p in students.values() if not p.is_file()]
     if missing:
         raise UsageError(f"{missing} missing: run `jacmatch experiment distill` first")
