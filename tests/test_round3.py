@@ -181,3 +181,33 @@ def test_a_section_file_is_never_replaced_by_fewer_cells(tmp_path):
     path.write_text('{"cells": {"c0"')  # a cut file: what the run has replaces it
     write_section(path, {"cells": {"c0": 0}, "complete": False})
     assert json.loads(path.read_text())["cells"] == {"c0": 0}
+
+
+# ---- 6. a start that fails before its first checkpoint leaves the folder as it found it ----------
+
+
+@pytest.mark.parametrize("existed", [False, True])
+@pytest.mark.parametrize("fails", ["missing-extra", "first-epoch"])
+def test_a_failed_start_leaves_the_folder_as_it_was_and_the_same_command_runs(tmp_path, digits_teacher, monkeypatch,
+                                                                             capsys, existed, fails):
+    import sys
+
+    import jacmatch.training.trainer as trainer
+    out = tmp_path / "s"
+    if existed:
+        out.mkdir()
+        (out / "notes.txt").write_text("mine")
+    before = sorted(p.name for p in out.iterdir()) if existed else None
+    run = ["distill", "--recipe", "none", "--teacher", str(digits_teacher), "--dataset", "digits", *TINY,
+           "--set", "eval.noise_sigmas=[]", "--out", str(out)]
+    with monkeypatch.context() as m:
+        if fails == "missing-extra":
+            m.setitem(sys.modules, "tensorboard", None)  # import tensorboard: ImportError
+            code = main([*run, "--set", "tensorboard=true"])
+            assert code == 2 and "pip install 'jacmatch[tensorboard]'" in capsys.readouterr().err
+        else:
+            m.setattr(trainer, "train_epoch", lambda *a: (_ for _ in ()).throw(MemoryError("out of memory")))
+            with pytest.raises(MemoryError):
+                main(run)
+    assert (sorted(p.name for p in out.iterdir()) if out.exists() else None) == before
+    assert main(run) == 0  # it was refused: "already holds a run (config.yaml, ...)", and --resume had no last.pt

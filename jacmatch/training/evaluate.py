@@ -89,13 +89,13 @@ def evaluate(model: nn.Module, data: Split, device, *, batch_size: int = 500, no
         out = {"acc": _accuracy(model, data, device, batch_size)}
         out["noisy_acc"] = {name: _accuracy(model, data, device, batch_size, s, torch.Generator().manual_seed(seed))
                             for name, s, seed in noise}
-        differ = _outputs_differ(model, teacher, data, device) if teacher is not None and teacher is not model \
-            else None
+        memo = teacher_gradients or TeacherGradients()
+        differ = _outputs_differ(model, teacher, data, device, lambda points, compute: memo.logits(
+            teacher_key, points, compute)) if teacher is not None and teacher is not model else None
         if differ:
             out["teacher_not_compared"] = differ
             teacher = None
         if teacher is not None and teacher is not model and fidelity:
-            memo = teacher_gradients or TeacherGradients()
             measured = _fidelity(model, teacher, data, device, batch_size, noise, interpolations, interpolation_seed,
                                  lambda points, compute: memo.logits(teacher_key, points, compute))
             if measured is not None:  # (None: a teacher of other classes, whose outputs compare to none)
@@ -112,14 +112,18 @@ def evaluate(model: nn.Module, data: Split, device, *, batch_size: int = 500, no
 
 
 @torch.no_grad()
-def _outputs_differ(model: nn.Module, teacher: nn.Module, data: Split, device) -> str | None:
+def _outputs_differ(model: nn.Module, teacher: nn.Module, data: Split, device, teacher_logits) -> str | None:
     """Why ``model`` and ``teacher`` cannot be compared (they have different numbers of
     outputs: a transfer's source teacher, or a teacher of other classes), or None."""
-    for _, x, _ in data.batches([[0]] if len(data) else []):
-        ks, kt = model(x.to(device)).shape[-1], teacher(x.to(device)).shape[-1]
+    for _, x, _ in data.batches([[k] for k in range(min(len(data), 64))]):
+        if not len(x):  # (an unreadable sample)
+            continue
+        ks = model(x.to(device)).shape[-1]
+        kt = teacher_logits(("first",), lambda: teacher(x.to(device)).cpu()).shape[-1]
         if ks != kt:
             return (f"the teacher has {kt} outputs and the model {ks}: fidelity and the Jacobian cosine compare "
                     "outputs one to one, so neither is measured")
+        return None
     return None
 
 

@@ -15,7 +15,7 @@ from ..errors import UsageError
 from .config import ConfigError, RunConfig, config_to_dict
 
 __all__ = ["RunExistsError", "RunLock", "RUN_FILES", "LOCK_FILE", "claim_folder", "open_outputs", "append_jsonl",
-           "run_reads", "data_reads", "check_spared"]
+           "run_reads", "data_reads", "check_spared", "forget_start"]
 
 
 class RunExistsError(ConfigError):
@@ -111,10 +111,6 @@ def check_spared(writes: list[tuple[str, Path, bool]], reads: list[tuple[str, Pa
     and may empty); ``reads``: (what, path). An output file may not be a file read, nor lie in
     a folder read (a data set); an output folder may hold nothing read, nor lie in a folder read."""
     for option, out, folder in writes:
-        owner = None if folder else _run_owning(out)
-        if owner is not None:
-            raise UsageError(f"{option} {out} would write over a file of the run in {owner}, which keeps its own "
-                             f"record there: write to a new file (for example {owner / 'evaluation.json'})")
         for what, read in reads:
             if _inside(read, out) if folder else out.resolve() == read.resolve():
                 raise UsageError(f"{option} {out} would {'write over' if not folder else 'hold, and --overwrite delete,'}"
@@ -122,6 +118,10 @@ def check_spared(writes: list[tuple[str, Path, bool]], reads: list[tuple[str, Pa
             if read.is_dir() and _inside(out, read):
                 raise UsageError(f"{option} {out} lies inside {what} {read}, which this command reads: its files "
                                  f"would mix with the data; choose another {option} outside {read}")
+        owner = None if folder else _run_owning(out)
+        if owner is not None:
+            raise UsageError(f"{option} {out} would write over a file of the run in {owner}, which keeps its own "
+                             f"record there: write to a new file (for example {owner / 'evaluation.json'})")
 
 
 def claim_folder(out: Path, resume: bool, overwrite: bool, config_file: str | None,
@@ -159,6 +159,22 @@ def claim_folder(out: Path, resume: bool, overwrite: bool, config_file: str | No
         lock.release()
         raise
     return lock
+
+
+def forget_start(out: Path, found: list[str] | None, lock: RunLock) -> None:
+    """Undo a start that failed before its first checkpoint (a missing extra, a crash in the
+    first epoch): what it wrote in ``out`` is removed, so that the same command can run again;
+    ``found``: what ``out`` held before (None: it did not exist, and is removed)."""
+    if (out / "last.pt").exists() or not out.is_dir():
+        return  # a checkpoint: the run can be resumed, and its files are its own
+    for path in out.iterdir():
+        if path.name not in (found or ()) and path.name != LOCK_FILE:
+            shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+    if LOCK_FILE not in (found or ()):
+        lock.release()  # (the run ends here: its lock goes with what it made)
+        (out / LOCK_FILE).unlink(missing_ok=True)
+    if found is None and not any(out.iterdir()):
+        out.rmdir()
 
 
 def append_jsonl(path: Path, record: dict) -> None:

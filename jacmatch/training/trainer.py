@@ -15,6 +15,7 @@ Under DDP every process draws for the global batch and keeps its own samples
 from __future__ import annotations
 
 import math
+import os
 import time
 import warnings
 from pathlib import Path
@@ -34,7 +35,7 @@ from .loading import (check_input_shape, check_teacher_for, init_from, load_data
                       model_from_config)
 from .results import best_point, evaluate_splits, no_better_for, past_budget, run_results
 from .resume import ResumePoint, restore, run_inputs
-from .run_folder import RunExistsError, claim_folder, open_outputs, run_reads
+from .run_folder import RunExistsError, claim_folder, forget_start, open_outputs, run_reads
 from .schedule import epoch_batches, make_optimizer, make_scheduler, planned_epochs
 from .step import NonFiniteError, StepPolicy, Stepper
 
@@ -83,12 +84,17 @@ def train(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, data
     tuner's pruner; what it raises ends the run, its checkpoint written)."""
     info = info or init_distributed(cfg.device)
     cfg.check()
-    lock = claim_folder(Path(cfg.out_dir), resume, overwrite, config_file, run_reads(cfg, config_file)) \
-        if info.is_main else None
+    out = Path(cfg.out_dir)
+    found = sorted(os.listdir(out)) if out.is_dir() else None  # what a start that fails leaves as it was
+    lock = claim_folder(out, resume, overwrite, config_file, run_reads(cfg, config_file)) if info.is_main else None
     try:
         given = data is not None  # the caller's data: not named by the config, so no teacher key
         return _train(cfg, resume, data if given else load_data(cfg, data_cache), given, info,
                       teacher_gradients or TeacherGradients(), config_file, on_evaluation)
+    except BaseException:
+        if lock is not None and not resume:
+            forget_start(out, found, lock)
+        raise
     finally:
         if lock is not None:
             lock.release()
