@@ -211,3 +211,25 @@ def test_a_failed_start_leaves_the_folder_as_it_was_and_the_same_command_runs(tm
                 main(run)
     assert (sorted(p.name for p in out.iterdir()) if out.exists() else None) == before
     assert main(run) == 0  # it was refused: "already holds a run (config.yaml, ...)", and --resume had no last.pt
+
+
+# ---- 12. --resume starts from the run's own config, changes only what is given, and says so -----
+
+
+@pytest.mark.parametrize("recipe", ["none", "kd"])
+def test_resume_keeps_the_runs_own_config_and_says_what_changed(tmp_path, digits_teacher, capsys, recipe):
+    out = tmp_path / "s"
+    assert main(["distill", "--recipe", recipe, "--teacher", str(digits_teacher), "--dataset", "digits",
+                 "--model", "small_cnn_4", "--samples-per-class", "3", "--set", "optim.epochs=2", "--set",
+                 "progress=false", "--set", "eval.noise_sigmas=[]", "--set", "optim.max_steps=0", "--out", str(out)]) == 0
+    capsys.readouterr()
+    assert main(["distill", "--teacher", str(digits_teacher), "--out", str(out), "--resume"]) == 0
+    said = capsys.readouterr().out
+    assert f"resume: {out} from epoch 2, as it was configured" in said, said
+    assert json.loads((out / "results.json").read_text())["epochs"] == 2  # it trained on to the default 10
+    assert main(["distill", "--teacher", str(digits_teacher), "--out", str(out), "--resume",
+                 "--set", "optim.epochs=3"]) == 0
+    assert "changed: optim.epochs 2 -> 3" in capsys.readouterr().out
+    results = json.loads((out / "results.json").read_text())
+    assert results["epochs"] == 3 and results["config"]["model"]["name"] == "small_cnn_4"
+    assert results.get("recipe", {}).get("name") == (None if recipe == "none" else recipe)

@@ -149,6 +149,10 @@ def _run_training(args, kind: str) -> None:
     from ..training.trainer import NonFiniteError
     # a student from its recipe (auto: chosen from the training set); a teacher with CE only
     data_cache: dict = {}
+    if args.resume and not args.config:  # a resume starts from the run's own config; the options change it
+        from ..training.config import RunConfig
+        own = Path(args.out or RunConfig().out_dir) / "config.yaml"
+        args.config = str(own) if own.is_file() else None
     cfg = resolve_recipe(args.config, _overrides(args), args.recipe, data_cache) if kind == "distill" else \
         resolve(args.config, _overrides(args), {"objective": dict(TEACHER_OBJECTIVE)})
     if kind == "teacher" and (cfg.teacher or cfg.teacher_weights):

@@ -185,7 +185,8 @@ def resolve_recipe(path: str | None, overrides: list, name: str | None = None,
     samples per class (:func:`choose`) and records its choice and reason in the config."""
     from .config import load_config, resolve_values
     file_values = load_config(path)
-    name = name or file_values.get("recipe") or AUTO
+    if name is None:  # a file's `recipe: null` (a run's own config.yaml, trained without one) is none
+        name = (file_values["recipe"] or NONE) if "recipe" in file_values else AUTO
     if not isinstance(name, str):
         raise UsageError(f"recipe must be a recipe's name, got {name!r}: one of {', '.join(list_recipes())}")
     check_recipe(name)

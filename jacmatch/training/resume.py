@@ -146,6 +146,9 @@ def restore(cfg: RunConfig, last: Path, model: nn.Module, optimizer, scheduler, 
         event["schedule"] = extend_schedule(json.loads(state["config"])["optim"], cfg, scheduler)
     if info.is_main:
         append_jsonl(last.parent / "history.jsonl", event)
+        said = {k: v for k, v in changes.items() if k not in ("progress", "recipe_reason")}
+        print(f"resume: {last.parent} from epoch {state['epoch']}" + ("; changed: " + "; ".join(
+            f"{k} {a!r} -> {b!r}" for k, (a, b) in said.items()) if said else ", as it was configured"), flush=True)
     return ResumePoint(history=json.loads(state["history"]), start_epoch=state["epoch"], changes=changes,
                        first_step=state.get("step", 0), mid_epoch=state.get("mid_epoch"),  # stopped mid-epoch
                        rng=state["rng"])
