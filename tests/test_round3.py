@@ -233,3 +233,15 @@ def test_resume_keeps_the_runs_own_config_and_says_what_changed(tmp_path, digits
     results = json.loads((out / "results.json").read_text())
     assert results["epochs"] == 3 and results["config"]["model"]["name"] == "small_cnn_4"
     assert results.get("recipe", {}).get("name") == (None if recipe == "none" else recipe)
+
+
+# ---- 11. a mapping given to --set merges into its section, as a config file's does -------------
+
+
+def test_a_mapping_given_to_set_merges_like_a_config_file():
+    from jacmatch.training.config import resolve
+    teacher = {"objective": {"beta": 0.0, "gamma": 0.0}}
+    cfg = resolve(None, ["data.name=synthetic", "data={augment: true, val_size: 3}"], teacher)
+    assert (cfg.data.name, cfg.data.augment, cfg.data.val_size) == ("synthetic", True, 3)  # it trained on digits
+    cfg = resolve(None, [("data.name", "synthetic"), "data={augment: true}", "data.val_size=5"], teacher)
+    assert (cfg.data.name, cfg.data.augment, cfg.data.val_size) == ("synthetic", True, 5)

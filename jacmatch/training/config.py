@@ -428,7 +428,7 @@ def load_config(path: str | None) -> dict:
 def apply_overrides(values: dict, overrides: list) -> dict:
     """``section.key=value`` strings, values parsed as YAML (numbers, lists, true/false,
     null), or ``(key, value)`` pairs taken as they are (a command-line path stays the
-    string it was typed as)."""
+    string it was typed as). A mapping merges into the section it names, key by key."""
     values = dict(values)
     for item in overrides or []:
         if isinstance(item, tuple):
@@ -447,7 +447,8 @@ def apply_overrides(values: dict, overrides: list) -> dict:
             child = node.get(part)
             node[part] = dict(child) if isinstance(child, dict) else {}
             node = node[part]
-        node[parts[-1]] = value
+        held = node.get(parts[-1])  # a mapping merges into its section, as a config file's does
+        node[parts[-1]] = merge_values(held, value) if isinstance(value, dict) and isinstance(held, dict) else value
     return values
 
 
