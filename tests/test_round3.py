@@ -245,3 +245,45 @@ def test_a_mapping_given_to_set_merges_like_a_config_file():
     assert (cfg.data.name, cfg.data.augment, cfg.data.val_size) == ("synthetic", True, 3)  # it trained on digits
     cfg = resolve(None, [("data.name", "synthetic"), "data={augment: true}", "data.val_size=5"], teacher)
     assert (cfg.data.name, cfg.data.augment, cfg.data.val_size) == ("synthetic", True, 5)
+
+
+# ---- 10, 20, 21. the objective: its teacher options, soft labels' width, the student as teacher ---
+
+
+def _pair():
+    torch.manual_seed(0)
+    student, teacher = (nn.Sequential(nn.Flatten(), nn.Linear(16, 10)) for _ in range(2))
+    return student, teacher
+
+
+def test_the_objectives_teacher_options_apply_without_terms_and_a_clash_with_config_is_refused():
+    import jacmatch as jm
+    student, teacher = _pair()
+    o = jm.TransferObjective(student, teacher, teacher_chunk=0, teacher_fold_bn=False, teacher_channels_last=False)
+    assert (o.teacher_chunk, o._fast_options) == (0, {"fold": False, "channels_last": False})  # all three were 64, True
+    assert (o.config.teacher_chunk, o.config.teacher_fold_bn, o.config.teacher_channels_last) == (0, False, False)
+    same = jm.TransferObjective(student, teacher, jm.ObjectiveConfig(teacher_chunk=0), teacher_chunk=0)
+    assert same.teacher_chunk == 0
+    with pytest.raises(jm.UsageError, match=r"teacher_chunk=0 here but 64 in config: set each in one place"):
+        jm.TransferObjective(student, teacher, jm.ObjectiveConfig(), teacher_chunk=0)
+
+
+def test_soft_labels_of_the_wrong_width_and_labels_of_the_wrong_length_say_what_was_expected():
+    import jacmatch as jm
+    student, teacher = _pair()
+    o = jm.TransferObjective(student, teacher)
+    x = torch.rand(6, 1, 4, 4)
+    with pytest.raises(jm.UsageError, match=r"soft labels of 7 columns for a student of 10 outputs: give \[B, 10\]"):
+        o(x, torch.rand(6, 7))
+    with pytest.raises(jm.UsageError, match=r"labels of shape \(5,\) for a batch of 6 inputs"):
+        o(x, torch.zeros(5, dtype=torch.long))
+    o(x, torch.softmax(torch.rand(6, 10), 1))  # the right width trains
+
+
+def test_the_student_as_its_own_teacher_is_refused_at_construction():
+    import jacmatch as jm
+    student, _ = _pair()
+    for teacher in (student, nn.Sequential(*student)):  # itself, or a module sharing its parameters
+        with pytest.raises(jm.UsageError, match="the teacher is the student"):
+            jm.TransferObjective(student, teacher)
+    assert all(p.requires_grad for p in student.parameters())  # not frozen

@@ -182,23 +182,37 @@ class TransferObjective(nn.Module):
     each term's key (``ce``, ``kd``, ``jm``, ``at``, ``at_jm``, ``penalty``) to its
     unweighted value. Build it from an :class:`ObjectiveConfig` or from ``terms=[...]``.
     The student and the teacher are submodules (``.to(device)`` moves both); the teacher
-    stays frozen and in eval mode whatever ``.train()`` is called.
+    stays frozen and in eval mode whatever ``.train()`` is called. ``teacher_chunk``,
+    ``teacher_fold_bn`` and ``teacher_channels_last`` are ObjectiveConfig's fields: given here
+    they apply to the default config or to ``terms``; a config that says otherwise is refused.
     """
 
     def __init__(self, student: nn.Module, teacher: nn.Module | None = None,
                  config: ObjectiveConfig | None = None, *, terms: Sequence[Term] | None = None,
-                 generator: torch.Generator | None = None, teacher_chunk: int = 64,
+                 generator: torch.Generator | None = None, teacher_chunk: int | None = None,
                  student_output: str | int | None = None, teacher_output: str | int | None = None,
-                 teacher_fold_bn: bool = True, teacher_channels_last: bool = True):
+                 teacher_fold_bn: bool | None = None, teacher_channels_last: bool | None = None):
         super().__init__()
         if terms is not None and config is not None:
             raise UsageError("pass either config or terms, not both")
+        if teacher is not None and (teacher is student or {id(p) for p in teacher.parameters()}
+                                    & {id(p) for p in student.parameters()}):
+            raise UsageError("the teacher is the student (or shares its parameters): the objective freezes its "
+                             "teacher, so the student would not train; pass a trained teacher, or a copy "
+                             "(copy.deepcopy(student)) for self-distillation")
+        given = {k: v for k, v in (("teacher_chunk", teacher_chunk), ("teacher_fold_bn", teacher_fold_bn),
+                                   ("teacher_channels_last", teacher_channels_last)) if v is not None}
         if terms is None:
-            config = config or ObjectiveConfig()
+            clash = {k: (getattr(config, k), v) for k, v in given.items() if config and getattr(config, k) != v}
+            if clash:
+                raise UsageError("; ".join(f"{k}={v!r} here but {c!r} in config" for k, (c, v) in clash.items())
+                                 + ": set each in one place (ObjectiveConfig's field)")
+            config = config or ObjectiveConfig(**given)
             config.check()
             terms = build_terms(config)
-            teacher_chunk = config.teacher_chunk
-            teacher_fold_bn, teacher_channels_last = config.teacher_fold_bn, config.teacher_channels_last
+            given = {k: getattr(config, k) for k in ("teacher_chunk", "teacher_fold_bn", "teacher_channels_last")}
+        teacher_chunk = given.get("teacher_chunk", 64)
+        teacher_fold_bn, teacher_channels_last = given.get("teacher_fold_bn", True), given.get("teacher_channels_last", True)
         keys = [t.key for t in terms]
         if len(set(keys)) != len(keys) or not keys:
             raise UsageError(f"the terms' keys must be distinct and not empty, got {keys}")
@@ -352,6 +366,9 @@ class TransferObjective(nn.Module):
               ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
         if not x.is_floating_point():
             raise UsageError(f"the input batch is {x.dtype}: give float images in [0, 1] (uint8 pixels: x.float() / 255)")
+        if y.dim() not in (1, 2) or len(y) != len(x):
+            raise UsageError(f"labels of shape {tuple(y.shape)} for a batch of {len(x)} inputs: give class indices "
+                             "[B] or soft labels [B, K] (one column per class)")
         y_soft = None
         if y.dim() == 2:  # soft labels (mixup, CutMix): cross-entropy takes them; a term that indexes a class, the top one
             y_soft, y = y, y.argmax(1)
@@ -385,6 +402,9 @@ class TransferObjective(nn.Module):
             raise UsageError(f"the teacher has {targets.logits.shape[1]} outputs and the student "
                              f"{logits.shape[1]}: KD and Jacobian matching compare outputs one to one, so "
                              "both must have as many classes as the data set")
+        if y_soft is not None and logits is not None and y_soft.shape[1] != logits.shape[1]:
+            raise UsageError(f"soft labels of {y_soft.shape[1]} columns for a student of {logits.shape[1]} outputs: "
+                             f"give [B, {logits.shape[1]}] class probabilities, one column per class")
         teacher = self.fast_teacher(x) if self.teacher is not None else None
         step = Step(x, y, xs, logits, self._student_fn, teacher, targets,
                     taps.features if isinstance(taps, FeatureTaps) else {}, tangent, self.generator, y_soft)
