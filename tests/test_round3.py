@@ -287,3 +287,49 @@ def test_the_student_as_its_own_teacher_is_refused_at_construction():
         with pytest.raises(jm.UsageError, match="the teacher is the student"):
             jm.TransferObjective(student, teacher)
     assert all(p.requires_grad for p in student.parameters())  # not frozen
+
+
+# ---- 15. keep-best: an empty validation set, a deleted best.pt, patience without keep-best -------
+
+
+def test_keep_best_refuses_an_empty_validation_set_and_a_missing_best_checkpoint(tmp_path, digits_teacher, capsys):
+    run = ["distill", "--recipe", "kd", "--teacher", str(digits_teacher), "--dataset", "digits", "--model",
+           "small_cnn_4", "--samples-per-class", "3", "--set", "progress=false", "--set", "eval.noise_sigmas=[]",
+           "--set", "optim.max_steps=0", "--set", "eval.every=1"]
+    assert main([*run, "--set", "data.val_size=0", "--out", str(tmp_path / "empty")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "has no validation samples here (data.val_size=0)" in err[0], err
+    assert not (tmp_path / "empty").exists()  # (it early-stopped on 0.0 accuracy over no samples)
+    out = tmp_path / "s"
+    assert main([*run, "--set", "optim.epochs=2", "--out", str(out)]) == 0
+    (out / "best.pt").unlink()
+    capsys.readouterr()
+    assert main(["distill", "--teacher", str(digits_teacher), "--out", str(out), "--resume",
+                 "--set", "optim.epochs=3"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "best.pt is missing, but epoch" in err[0], err
+
+
+def test_patience_and_min_delta_without_keep_best_are_refused():
+    from jacmatch.training.config import ConfigError, resolve
+    teacher = {"objective": {"beta": 0.0, "gamma": 0.0}}
+    for setting in ("eval.patience=5", "eval.min_delta=0.01"):
+        with pytest.raises(ConfigError, match="which eval.keep_best=false does not keep"):
+            resolve(None, [setting], teacher)
+    assert resolve(None, [setting, "eval.keep_best=true"], teacher).eval.keep_best
+
+
+# ---- 18. a list changed in place is checked again -------------------------------------------------
+
+
+def test_a_config_list_changed_in_place_is_checked_again():
+    from jacmatch.training.config import ConfigError, resolve
+    cfg = resolve(None, [], {"objective": {"beta": 0.0, "gamma": 0.0}})
+    cfg.optim.milestones.append(-5)
+    with pytest.raises(ConfigError, match=r"'optim.milestones' must be a list of epochs \(integers >= 0\); element 0"):
+        cfg.check()
+    cfg.optim.milestones[0] = 5
+    cfg.check()
+    cfg.data.classes = "0,1"
+    with pytest.raises(ConfigError, match="'data.classes' must be a list"):
+        cfg.check()

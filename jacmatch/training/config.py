@@ -156,8 +156,21 @@ class RunConfig:
             raise ConfigError(f"nonfinite must be stop or skip, got {self.nonfinite!r}")
         if self.amp not in ("none", "bf16", "fp16"):
             raise ConfigError(f"amp must be none, bf16 or fp16, got {self.amp!r}")
+        for key, spec in _LIST_ELEMENTS.items():  # (again here: a list may have changed in place since it was built)
+            section, name = key.split(".")
+            value = getattr(getattr(self, section), name)
+            if value is None and key == "data.classes":  # (all classes)
+                continue
+            if not isinstance(value, list):
+                raise ConfigError(f"config key {key!r} must be a list, got {value!r}")
+            _check_elements(key, value, *spec)
         check_noise_sigmas(self.eval.noise_sigmas)
         _check_ranges(self)
+        e = self.eval
+        if not e.keep_best and (e.patience or e.min_delta):
+            raise ConfigError(f"eval.patience ({e.patience}) and eval.min_delta ({e.min_delta:g}) act on the best "
+                              "validation accuracy, which eval.keep_best=false does not keep: set eval.keep_best=true, "
+                              "or leave them at 0")
         _check_data(self.data)
         self.objective.check()
         if self.objective.needs_teacher and not (self.teacher or self.teacher_weights):

@@ -32,7 +32,7 @@ from .config import RunConfig
 from .distributed import DistInfo, any_process, gather_interleaved, mean_across_processes
 from .evaluate import TeacherGradients
 from .progress import log_epoch, progress
-from .results import best_index, evaluate_splits, no_better_for, past_budget, run_state
+from .results import best_index, check_best_kept, evaluate_splits, no_better_for, past_budget, run_state
 from .resume import ResumePoint
 from .schedule import epoch_batches, seed_of
 from .step import Stepper
@@ -261,6 +261,9 @@ def evaluate_best(run: Run) -> None:
         best = run.out / "best.pt"
         if best.is_file():
             run.model.load_state_dict(load_checkpoint(best, map_location=run.device)["model"])
+        else:
+            check_best_kept(run.out, run.cfg, run.history)  # (deleted while the run trained)
         run.best_final = evaluate_splits(run.model, run.data, run.cfg, run.device, teacher=run.teacher,
                                          teacher_key=run.teacher_key, teacher_gradients=run.teacher_gradients)
     run.info.barrier()
+

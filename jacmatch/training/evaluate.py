@@ -119,7 +119,7 @@ def _outputs_differ(model: nn.Module, teacher: nn.Module, data: Split, device, t
         if not len(x):  # (an unreadable sample)
             continue
         ks = model(x.to(device)).shape[-1]
-        kt = teacher_logits(("first",), lambda: teacher(x.to(device)).cpu()).shape[-1]
+        kt = teacher_logits(("first",), lambda x=x: teacher(x.to(device)).cpu()).shape[-1]
         if ks != kt:
             return (f"the teacher has {kt} outputs and the model {ks}: fidelity and the Jacobian cosine compare "
                     "outputs one to one, so neither is measured")

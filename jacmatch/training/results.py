@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import itertools
 import json
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from ..data import DataSplits
 from ..models import count_parameters
+from .checkpoint import CheckpointError
 from .config import RunConfig, config_to_dict
 from .evaluate import evaluate
 from .provenance import provenance
@@ -100,3 +102,13 @@ def run_state(cfg, model, optimizer, scheduler, history, epoch: int, **extra) ->
     return {"model": model.state_dict(), "arch": model.arch, "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(), "epoch": epoch, "history": json.dumps(history),
             "config": json.dumps(config_to_dict(cfg)), "rng": torch.get_rng_state(), **extra}
+
+
+def check_best_kept(out: Path, cfg: RunConfig, history: list[dict]) -> None:
+    """With keep_best, best.pt holds the best epoch's weights once an evaluation has run:
+    refused (one line) when it is missing, since the record would name an epoch whose weights
+    are not the ones tested."""
+    best = best_index(history, cfg.eval.min_delta) if cfg.eval.keep_best else None
+    if best is not None and not (out / "best.pt").is_file():
+        raise CheckpointError(f"{out / 'best.pt'} is missing, but epoch {history[best]['epoch']} was the best: "
+                              "restore it, or train again with --overwrite")

@@ -15,6 +15,7 @@ from .checkpoint import CheckpointError, load_checkpoint
 from .config import ConfigError, RunConfig, config_from_dict, config_to_dict
 from .distributed import DistInfo
 from .provenance import file_sha256
+from .results import check_best_kept
 from .run_folder import append_jsonl, now
 from .schedule import lr_factor
 
@@ -137,6 +138,7 @@ def restore(cfg: RunConfig, last: Path, model: nn.Module, optimizer, scheduler, 
         raise CheckpointError(f"{last} holds model {state.get('arch')}, the config asks for {model.arch}")
     changes = resume_changes(json.loads(state["config"]), cfg, state["epoch"], last, "inputs" in state)
     check_same_inputs(state.get("inputs"), inputs, last)
+    check_best_kept(last.parent, cfg, json.loads(state["history"]))
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])

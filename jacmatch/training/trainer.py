@@ -146,6 +146,10 @@ def _setup(cfg: RunConfig, resume: bool, data: DataSplits, given: bool, info: Di
     out = Path(cfg.out_dir)
     if resume and not (out / "last.pt").exists():  # every rank (rank 0 checked it under the lock)
         raise ConfigError(f"--resume: {out / 'last.pt'} does not exist (nothing to resume)")
+    if cfg.eval.keep_best and not len(data.val):
+        raise ConfigError(f"eval.keep_best chooses the weights by validation accuracy, but {data.name} has no "
+                          "validation samples here (data.val_size=0): give data.val_size > 0, or set "
+                          "eval.keep_best=false and eval.patience=0 (the last weights are tested)")
     batch = min(cfg.optim.batch_size, max(len(data.train), 1))
     cfg.objective.check_memory(math.prod(data.train.sample_shape), data.num_classes, batch, MAX_STEP_BYTES)
     torch.manual_seed(cfg.seed)
