@@ -333,3 +333,40 @@ def test_a_config_list_changed_in_place_is_checked_again():
     cfg.data.classes = "0,1"
     with pytest.raises(ConfigError, match="'data.classes' must be a list"):
         cfg.check()
+
+
+# ---- 9. the objective follows its teacher's weights -----------------------------------------------
+
+
+@pytest.mark.parametrize("change", ["load_state_dict", "ema_in_place", "new_tensor"])
+def test_the_objective_follows_a_teacher_whose_weights_changed(change):
+    import copy
+
+    import jacmatch as jm
+    torch.manual_seed(0)
+    student = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(64, 10))
+    teacher, other = copy.deepcopy(student), copy.deepcopy(student)
+    for net in (teacher, other):
+        with torch.no_grad():
+            for p in net.parameters():
+                p.add_(torch.randn_like(p))
+    x, y = torch.rand(8, 1, 6, 6), torch.randint(0, 10, (8,))
+    o = jm.TransferObjective(student, teacher, jm.ObjectiveConfig(beta=1, gamma=0))
+    before = o(x, y)[2]["kd"].detach()
+    with torch.no_grad():
+        if change == "load_state_dict":
+            teacher.load_state_dict(other.state_dict())
+        elif change == "ema_in_place":
+            for p, q in zip(teacher.parameters(), other.parameters()):
+                p.mul_(0.0).add_(q)
+            for b, c in zip(teacher.buffers(), other.buffers()):
+                b.copy_(c)
+        else:
+            teacher[0].weight = nn.Parameter(other[0].weight.clone())
+            teacher[4].weight = nn.Parameter(other[4].weight.clone())
+            teacher[0].bias.copy_(other[0].bias)
+            teacher[4].bias.copy_(other[4].bias)
+            teacher[1].load_state_dict(other[1].state_dict())
+    fresh = jm.TransferObjective(student, copy.deepcopy(other), jm.ObjectiveConfig(beta=1, gamma=0))(x, y)[2]["kd"].detach()
+    after = o(x, y)[2]["kd"].detach()
+    assert float(after) == pytest.approx(float(fresh), rel=1e-5) and float(after) != pytest.approx(float(before))

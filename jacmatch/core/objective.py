@@ -14,6 +14,7 @@ sample and cache it when the student's inputs are fixed.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -239,21 +240,31 @@ class TransferObjective(nn.Module):
         self._teacher_output = teacher_output
         self._fast_options = {"fold": teacher_fold_bn, "channels_last": teacher_channels_last}
         self._fast: _Logits | None = None
+        self._fast_versions: tuple = ()
 
     def fast_teacher(self, x: Tensor) -> _Logits:
         """The teacher as the objective runs it: a copy with BatchNorm folded and weights
         channels-last (``teacher_fold_bn``, ``teacher_channels_last``), built from the first
         batch and checked against the teacher on it (see :mod:`jacmatch.core.fusion`). The
-        user's teacher is not changed; after changing its weights, call :meth:`reset_teacher`."""
+        user's teacher is not changed; the copy follows it: a teacher whose weights or buffers
+        changed since (``load_state_dict``, an EMA update in place, new tensors) is copied again."""
         if self.teacher is None:
             raise UsageError("this objective has no teacher: pass teacher=... to take the teacher's side")
         device = next(iter(self.teacher.parameters()), x).device
-        if self._fast is None or next(iter(cast(nn.Module, self._fast.module).parameters()), x).device != device:
+        versions = self._teacher_versions()
+        if self._fast is None or versions != self._fast_versions or \
+                next(iter(cast(nn.Module, self._fast.module).parameters()), x).device != device:
             keep = [n for t in self.term_list for n in t.teacher_layers]
             module = fast_teacher(self.teacher, x[:8].detach(), keep=keep, output=self._teacher_output,
                                   **self._fast_options)
-            self._fast = _Logits(module, self._teacher_output)
+            self._fast, self._fast_versions = _Logits(module, self._teacher_output), versions
         return self._fast
+
+    def _teacher_versions(self) -> tuple:
+        """Which tensors the teacher holds and how often each was written in place (PyTorch's
+        version counters): what the fast copy was made from."""
+        teacher = cast(nn.Module, self.teacher)
+        return tuple((id(t), t._version) for t in itertools.chain(teacher.parameters(), teacher.buffers()))
 
     def prepare(self, x: Tensor) -> None:
         """Ready the objective for a run from an example batch ``x`` (a trainer passes the
