@@ -185,14 +185,15 @@ class TransferObjective(nn.Module):
     The student and the teacher are submodules (``.to(device)`` moves both); the teacher
     stays frozen and in eval mode whatever ``.train()`` is called. ``teacher_chunk``,
     ``teacher_fold_bn`` and ``teacher_channels_last`` are ObjectiveConfig's fields: given here
-    they apply to the default config or to ``terms``; a config that says otherwise is refused.
+    they apply to the default config or to ``terms``; a config that says otherwise than one
+    given is refused.
     """
 
     def __init__(self, student: nn.Module, teacher: nn.Module | None = None,
                  config: ObjectiveConfig | None = None, *, terms: Sequence[Term] | None = None,
-                 generator: torch.Generator | None = None, teacher_chunk: int | None = None,
+                 generator: torch.Generator | None = None, teacher_chunk: int = 64,
                  student_output: str | int | None = None, teacher_output: str | int | None = None,
-                 teacher_fold_bn: bool | None = None, teacher_channels_last: bool | None = None):
+                 teacher_fold_bn: bool = True, teacher_channels_last: bool = True):
         super().__init__()
         if terms is not None and config is not None:
             raise UsageError("pass either config or terms, not both")
@@ -201,19 +202,20 @@ class TransferObjective(nn.Module):
             raise UsageError("the teacher is the student (or shares its parameters): the objective freezes its "
                              "teacher, so the student would not train; pass a trained teacher, or a copy "
                              "(copy.deepcopy(student)) for self-distillation")
-        given = {k: v for k, v in (("teacher_chunk", teacher_chunk), ("teacher_fold_bn", teacher_fold_bn),
-                                   ("teacher_channels_last", teacher_channels_last)) if v is not None}
         if terms is None:
-            clash = {k: (getattr(config, k), v) for k, v in given.items() if config and getattr(config, k) != v}
+            given = {"teacher_chunk": teacher_chunk, "teacher_fold_bn": teacher_fold_bn,
+                     "teacher_channels_last": teacher_channels_last}
+            default = ObjectiveConfig()
+            clash = {k: (getattr(config, k), v) for k, v in given.items()
+                     if config and v != getattr(default, k) and getattr(config, k) != v}
             if clash:
                 raise UsageError("; ".join(f"{k}={v!r} here but {c!r} in config" for k, (c, v) in clash.items())
                                  + ": set each in one place (ObjectiveConfig's field)")
             config = config or ObjectiveConfig(**given)
             config.check()
             terms = build_terms(config)
-            given = {k: getattr(config, k) for k in ("teacher_chunk", "teacher_fold_bn", "teacher_channels_last")}
-        teacher_chunk = given.get("teacher_chunk", 64)
-        teacher_fold_bn, teacher_channels_last = given.get("teacher_fold_bn", True), given.get("teacher_channels_last", True)
+            teacher_chunk = config.teacher_chunk
+            teacher_fold_bn, teacher_channels_last = config.teacher_fold_bn, config.teacher_channels_last
         keys = [t.key for t in terms]
         if len(set(keys)) != len(keys) or not keys:
             raise UsageError(f"the terms' keys must be distinct and not empty, got {keys}")

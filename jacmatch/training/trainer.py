@@ -135,21 +135,26 @@ def _train(cfg: RunConfig, resume: bool, data: DataSplits, given: bool, info: Di
     return results
 
 
-def _setup(cfg: RunConfig, resume: bool, data: DataSplits, given: bool, info: DistInfo,
-           teacher_gradients: TeacherGradients, config_file: str | None) -> Run:
-    """Data, models, optimiser and objective, restored from ``last.pt`` when resuming."""
+def _check_run_on(cfg: RunConfig, data: DataSplits, info: DistInfo) -> None:
+    """What the config asks of the data and the processes, before any work."""
     if info.enabled and (cfg.data.mixup or cfg.data.cutmix) and cfg.data.on_bad_sample == "skip":
         raise ConfigError("under DDP, mixup and CutMix pair samples across the processes' shares, which a skipped "
                           "sample would misalign: set data.on_bad_sample=stop (and fix or remove unreadable files), "
                           "or train in one process")
-    device = resolve_device(cfg.device, info)
-    out = Path(cfg.out_dir)
-    if resume and not (out / "last.pt").exists():  # every rank (rank 0 checked it under the lock)
-        raise ConfigError(f"--resume: {out / 'last.pt'} does not exist (nothing to resume)")
     if cfg.eval.keep_best and not len(data.val):
         raise ConfigError(f"eval.keep_best chooses the weights by validation accuracy, but {data.name} has no "
                           "validation samples here (data.val_size=0): give data.val_size > 0, or set "
                           "eval.keep_best=false and eval.patience=0 (the last weights are tested)")
+
+
+def _setup(cfg: RunConfig, resume: bool, data: DataSplits, given: bool, info: DistInfo,
+           teacher_gradients: TeacherGradients, config_file: str | None) -> Run:
+    """Data, models, optimiser and objective, restored from ``last.pt`` when resuming."""
+    _check_run_on(cfg, data, info)
+    device = resolve_device(cfg.device, info)
+    out = Path(cfg.out_dir)
+    if resume and not (out / "last.pt").exists():  # every rank (rank 0 checked it under the lock)
+        raise ConfigError(f"--resume: {out / 'last.pt'} does not exist (nothing to resume)")
     batch = min(cfg.optim.batch_size, max(len(data.train), 1))
     cfg.objective.check_memory(math.prod(data.train.sample_shape), data.num_classes, batch, MAX_STEP_BYTES)
     torch.manual_seed(cfg.seed)
