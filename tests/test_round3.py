@@ -370,3 +370,25 @@ def test_the_objective_follows_a_teacher_whose_weights_changed(change):
     fresh = jm.TransferObjective(student, copy.deepcopy(other), jm.ObjectiveConfig(beta=1, gamma=0))(x, y)[2]["kd"].detach()
     after = o(x, y)[2]["kd"].detach()
     assert float(after) == pytest.approx(float(fresh), rel=1e-5) and float(after) != pytest.approx(float(before))
+
+
+# ---- 17. result files carry a checksum; an edited one, or a NaN, is refused -----------------------
+
+
+def test_an_edited_result_file_or_a_nan_in_one_is_refused_by_the_report(tmp_path, monkeypatch, capsys):
+    from jacmatch.experiments.common import RECORD_SUM, read_json, write_result
+    folder = tmp_path / "results"
+    folder.mkdir()
+    teacher = {"model": "resnet20", "test": {"acc": 0.91, "noisy_acc": {}}, "epochs": 3}
+    write_result(folder / "teacher.json", teacher)
+    assert read_json(folder / "teacher.json") == {**teacher, RECORD_SUM: read_json(folder / "teacher.json")[RECORD_SUM]}
+    monkeypatch.chdir(tmp_path)
+    for edited, message in (('"acc": 0.91', "fails its checksum: it was changed since jacmatch wrote it"),
+                            ('"acc": true', "fails its checksum"), ('"acc": NaN', "it holds NaN, which jacmatch never")):
+        text = (folder / "teacher.json").read_text()
+        path = folder / "teacher.json"
+        path.write_text(text.replace('"acc": 0.91', edited.replace("0.91", "0.99")))
+        assert main(["report", "--results", str(folder)]) == 2  # it printed "nan%" or "100.00%"
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and str(path) in err[0] and message in err[0], err
+        path.write_text(text)

@@ -3,6 +3,7 @@ and summaries with mean, spread and a 95% interval over seeds."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import shutil
@@ -16,7 +17,7 @@ from ..training.config import config_to_dict
 from ..training.resume import patience_at_least
 
 __all__ = ["CONVERGED_GAIN", "converged", "run_or_load", "passes_through", "epochs_trained", "RUN_STATE", "write_record",
-           "keep_weights", "same_outcome", "run_history", "load_json", "read_json", "write_section", "summarize",
+           "keep_weights", "same_outcome", "run_history", "load_json", "read_json", "write_result", "write_section", "summarize",
            "summarize_runs", "with_provenance", "data_hashes"]
 
 
@@ -164,7 +165,7 @@ def write_record(path: Path, results: dict, out: Path) -> None:
     """A finished run's record: its results (config, seed, metrics, provenance) and the
     metrics of every epoch (``history``: validation accuracy, steps and seconds, for
     time-to-accuracy), without its checkpoint."""
-    write_json_atomic(path, {**results, "history": run_history(out)})
+    write_result(path, {**results, "history": run_history(out)})
 
 
 def load_json(path: str | Path) -> dict | None:
@@ -173,17 +174,37 @@ def load_json(path: str | Path) -> dict | None:
     return read_json(path) if path.is_file() else None
 
 
+#: The key of a result file's checksum: the SHA-256 of the rest of its contents.
+RECORD_SUM = "record_sha256"
+
+
+def _record_digest(value: dict) -> str:
+    body = {k: v for k, v in value.items() if k != RECORD_SUM}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, allow_nan=False).encode()).hexdigest()
+
+
+def write_result(path: Path, value: dict) -> None:
+    """A result file or run record, with its checksum (:data:`RECORD_SUM`), atomically."""
+    write_json_atomic(path, {**value, RECORD_SUM: _record_digest(value)})
+
+
+def _no_constant(name: str):
+    raise ValueError(f"it holds {name}, which jacmatch never writes")
+
+
 def read_json(path: Path) -> dict:
     """A result file or run record (a JSON object); one line naming the file when it is
-    unreadable, cut, or holds something else."""
+    unreadable, cut, holds something else or a NaN, or fails its checksum (edited by hand:
+    a record written before checksums has none)."""
+    again = f"restore it (git checkout -- {path}) or remove it to run that part again"
     try:
-        value = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise UsageError(f"{path} is not a readable JSON result file ({exc}): restore it (git checkout -- {path}) "
-                         "or remove it to run that part again") from None
+        value = json.loads(path.read_text(), parse_constant=_no_constant)
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise UsageError(f"{path} is not a readable JSON result file ({exc}): {again}") from None
     if not isinstance(value, dict):
-        raise UsageError(f"{path} holds a JSON {type(value).__name__} where a result (a JSON object) belongs: "
-                         f"restore it (git checkout -- {path}) or remove it to run that part again")
+        raise UsageError(f"{path} holds a JSON {type(value).__name__} where a result (a JSON object) belongs: {again}")
+    if RECORD_SUM in value and value[RECORD_SUM] != _record_digest(value):
+        raise UsageError(f"{path} fails its checksum: it was changed since jacmatch wrote it; {again}")
     return value
 
 
@@ -199,7 +220,7 @@ def write_section(path: Path, summary: dict) -> None:
         if isinstance(held, dict) and (held.get("complete") or
                                        len(held.get("cells") or {}) > len(summary.get("cells") or {})):
             return
-    write_json_atomic(path, summary)
+    write_result(path, summary)
 
 
 def summarize(values: list[float]) -> dict:

@@ -22,12 +22,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import rows as R
-from ..atomic import write_json_atomic
 from ..errors import UsageError
 from ..training import TeacherGradients, load_checkpoint
 from ..training.config import load_config, merge_values
 from ..training.results import loop_seconds
-from .common import load_json, run_or_load, summarize, summarize_runs, with_provenance, write_section
+from .common import load_json, run_or_load, summarize, summarize_runs, with_provenance, write_result, write_section
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "paper"
 
@@ -242,7 +241,7 @@ def _check_committed_teacher(lay: Layout, record: dict) -> dict:
              "note": "the training predates provenance: this provenance is the check's, run on the committed checkpoint"}
     summary = {**record, "num_train": len(data.train), "num_val": len(data.val), "check": check,
                "provenance": provenance(record["config"], data.data_sha256)}
-    write_json_atomic(lay.out / "teacher.json", summary)
+    write_result(lay.out / "teacher.json", summary)
     return summary
 
 
@@ -259,7 +258,7 @@ def teacher_section(lay: Layout) -> dict:
                "val": r["final"]["val"], "epochs": r["epochs"],
                "train_seconds": r["train_seconds"], "section_seconds": time.time() - start,
                "checkpoint": str(target), "config": r["config"]}
-    write_json_atomic(out / "teacher.json", with_provenance(summary, r["config"], [r]))
+    write_result(out / "teacher.json", with_provenance(summary, r["config"], [r]))
     return summary
 
 

@@ -6,8 +6,7 @@ from __future__ import annotations
 import time
 
 from . import rows as R
-from ..atomic import write_json_atomic
-from .common import summarize_runs, with_provenance
+from .common import summarize_runs, with_provenance, write_result
 from .growth import epochs_tag as _epochs_tag
 from .growth import until_converged as _until_converged
 from .paper import Layout, _run_seconds, run_config
@@ -57,5 +56,5 @@ def robustness_section(lay: Layout) -> dict:
     summary = {"sigma_train": SIGMA_TRAIN, "seeds": list(profile.robust_seeds), "cells": cells, "base_epochs": base,
                "section_seconds": time.time() - start,
                "run_seconds": _run_seconds(cells, {"train_seconds": left_behind})}
-    write_json_atomic(out / "robustness.json", with_provenance(summary, run_config("robustness", profile)))
+    write_result(out / "robustness.json", with_provenance(summary, run_config("robustness", profile)))
     return summary

@@ -7,9 +7,8 @@ import time
 from pathlib import Path
 
 from . import rows as R
-from ..atomic import write_json_atomic
 from ..errors import UsageError
-from .common import read_json, with_provenance
+from .common import read_json, with_provenance, write_result
 from .converge import converge_section
 from .fidelity import fidelity_section
 from .figures import plot_gradients
@@ -23,7 +22,7 @@ def verify_section(lay: Layout) -> dict:
     start = time.time()
     records = verify_main(None, str(lay.out / "verify.png"), **lay.profile.verify)
     summary = {"records": records, "section_seconds": time.time() - start}
-    write_json_atomic(lay.out / "verify.json", with_provenance(summary))
+    write_result(lay.out / "verify.json", with_provenance(summary))
     return summary
 
 

@@ -8,8 +8,7 @@ import time
 from pathlib import Path
 
 from . import rows as R
-from ..atomic import write_json_atomic
-from .common import summarize_runs, with_provenance
+from .common import summarize_runs, with_provenance, write_result
 from .paper import (Layout, Profile, _committed_teacher, _fill, _placeholder, _run_seconds, _select, _train_teacher,
                     run_config)
 from .growth import epochs_tag as _epochs_tag
@@ -83,5 +82,5 @@ def transfer_section(lay: Layout) -> dict:
                "selection": {"delta": sel_at, "delta_jacobian": sel_jm},
                "seeds": list(profile.seeds), "cells": cells, "base_epochs": base, "section_seconds": time.time() - start,
                "run_seconds": _run_seconds(cells, source, sel_at, sel_jm, {"train_seconds": left_behind})}
-    write_json_atomic(out / "transfer.json", with_provenance(summary, run_config("transfer", profile)))
+    write_result(out / "transfer.json", with_provenance(summary, run_config("transfer", profile)))
     return summary
