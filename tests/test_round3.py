@@ -392,3 +392,21 @@ def test_an_edited_result_file_or_a_nan_in_one_is_refused_by_the_report(tmp_path
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and str(path) in err[0] and message in err[0], err
         path.write_text(text)
+
+
+# ---- 14. a finite divergence: warned, then stopped (or skipped) like a non-finite loss ------------
+
+
+def test_a_loss_grown_by_orders_of_magnitude_is_warned_then_handled_as_non_finite(tmp_path, capsys):
+    run = ["train-teacher", "--dataset", "digits", "--model", "small_cnn_4", "--set", "progress=false",
+           "--set", "optim.epochs=3", "--set", "optim.lr=1000", "--set", "eval.noise_sigmas=[]"]
+    with pytest.raises(SystemExit, match="3"):
+        main([*run, "--out", str(tmp_path / "stop")])  # it trained a dead student and exited 0
+    err = capsys.readouterr().err
+    assert "warning: the loss grew from 2.302 at the first step to" in err and "may be diverging" in err, err
+    assert "diverged loss (grown" in err, err
+    with pytest.raises(SystemExit, match="3"):
+        main([*run, "--set", "nonfinite=skip", "--set", "skip_limit=2", "--out", str(tmp_path / "skip")])
+    err = capsys.readouterr().err
+    assert "may be diverging" in err, err
+    assert "nonfinite=skip skipped 3 steps in a row (more than skip_limit=2); the last: diverged loss" in err, err

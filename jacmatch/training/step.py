@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -17,13 +18,23 @@ from torch import Tensor, nn
 
 from .distributed import DistInfo, agree_on_step, average_gradients
 
-__all__ = ["NonFiniteError", "StepPolicy", "StepCounters", "Stepper", "MAX_OVERFLOWS_IN_A_ROW"]
+__all__ = ["NonFiniteError", "DivergingWarning", "GROWTH_WARNED", "GROWTH_DIVERGED",
+           "StepPolicy", "StepCounters", "Stepper", "MAX_OVERFLOWS_IN_A_ROW"]
 
 #: fp16 steps that overflow one after another before the run is taken to diverge (the scale
 #: has then been halved this many times: 2^16 becomes 2^-34).
 MAX_OVERFLOWS_IN_A_ROW = 50
 
 _AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+#: A loss this many times its first step's (at least 1) warns that the run may be diverging; one
+#: GROWTH_DIVERGED times larger is a divergence, handled as a non-finite step (``nonfinite``).
+GROWTH_WARNED, GROWTH_DIVERGED = 1e3, 1e6
+
+
+class DivergingWarning(UserWarning):
+    """The loss grew by orders of magnitude: the run may be diverging."""
 
 
 class NonFiniteError(RuntimeError):
@@ -55,6 +66,8 @@ class StepCounters:
     forward_overflows: int = 0  # of those, steps whose terms overflowed (no values for the epoch's means)
     overflows_in_a_row: int = 0  # past MAX_OVERFLOWS_IN_A_ROW, a non-finite step is not an overflow but a divergence
     last_skip: str = ""  # why the last step was skipped
+    first_total: float | None = None  # the loss of this invocation's first step (a divergence is measured from it)
+    growth_warned: bool = False
 
 
 class Stepper:
@@ -80,7 +93,7 @@ class Stepper:
         with torch.autocast(self.device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext():
             _, total, terms = self.objective(x, y, targets, grad_scale=float(scaler.get_scale()) if scaler else None)
         values = {k: float(v.detach()) for k, v in terms.items()}
-        bad = [k for k, v in values.items() if not math.isfinite(v)]
+        bad = [k for k, v in values.items() if not math.isfinite(v)] or self._diverged(float(total.detach()), where)
         if self.info.enabled:
             share, bad_elsewhere = agree_on_step(n, bool(bad), self.info, self.device)
             if bad_elsewhere and not bad:  # one process holding the global batch would see it: all skip or stop
@@ -116,7 +129,8 @@ class Stepper:
                     return values
                 bad = ["gradient"]
         if bad:
-            what = f"non-finite {', '.join(bad)} at {where} ({', '.join(f'{k}={values[k]}' for k in values)})"
+            what = (bad[0] if bad[0].startswith("diverged") else f"non-finite {', '.join(bad)}") \
+                + f" at {where} ({', '.join(f'{k}={values[k]}' for k in values)})"
             if self.policy.nonfinite == "skip":
                 optimizer.zero_grad(set_to_none=True)  # (a scaler has seen nothing of this step: it stays consistent)
                 counters.last_skip = what
@@ -126,6 +140,24 @@ class Stepper:
         (scaler.step(optimizer), scaler.update()) if scaler else optimizer.step()
         counters.overflows_in_a_row = 0
         return values
+
+    def _diverged(self, total: float, where: str) -> list[str]:
+        """A finite loss that grew by orders of magnitude since this invocation's first step:
+        a warning past :data:`GROWTH_WARNED`, and past :data:`GROWTH_DIVERGED` a divergence that
+        the ``nonfinite`` policy handles like a non-finite step (stop, or skip)."""
+        counters = self.counters
+        if counters.first_total is None:
+            counters.first_total = total
+        if not math.isfinite(total):
+            return []
+        growth = total / max(abs(counters.first_total), 1.0)
+        if growth > GROWTH_WARNED and not counters.growth_warned:
+            counters.growth_warned = True
+            warnings.warn(DivergingWarning(f"the loss grew from {counters.first_total:.4g} at the first step to "
+                                           f"{total:.4g} at {where}: the run may be diverging (lower the learning "
+                                           "rate or the terms' weights)"), stacklevel=3)
+        return [f"diverged loss (grown {growth:.2g}-fold, from {counters.first_total:.4g} to {total:.4g})"] \
+            if growth > GROWTH_DIVERGED else []
 
     def _backward(self, loss: Tensor, x: Tensor) -> None:
         """The step's backward pass; a failure the objective can explain (an operation of
