@@ -465,6 +465,9 @@ def test_sigterm_mid_epoch_then_resume_is_bit_identical(tmp_path, teacher, proce
     assert "LiveDDPWarning" not in resumed.stderr + straight.stderr  # the CLI leaves the group after its DDP module
     a, b = load_checkpoint(out / "last.pt")["model"], load_checkpoint(tmp_path / "straight" / "last.pt")["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
+    # the cut epoch's training means: every process's sums (only rank 0's partial sums were kept)
+    means = [json.loads((o / "metrics.jsonl").read_text().splitlines()[-1])["train"] for o in (out, tmp_path / "straight")]
+    assert means[0] == pytest.approx(means[1], rel=1e-9), means
 
 
 def test_a_signal_during_the_last_evaluation_stops_the_process_after_the_finished_run(tmp_path, teacher, monkeypatch):

@@ -410,3 +410,48 @@ def test_a_loss_grown_by_orders_of_magnitude_is_warned_then_handled_as_non_finit
     err = capsys.readouterr().err
     assert "may be diverging" in err, err
     assert "nonfinite=skip skipped 3 steps in a row (more than skip_limit=2); the last: diverged loss" in err, err
+
+
+# ---- 16. torchrun: the global batch, and what a resume keeps ------------------------------------
+
+
+def test_a_batch_that_does_not_divide_among_the_processes_is_refused(tmp_path, digits_teacher):
+    from jacmatch.training import config_from_dict, train
+    from jacmatch.training.config import ConfigError
+    from jacmatch.training.distributed import DistInfo
+    values = {"out_dir": str(tmp_path / "r"), "data": {"name": "digits"}, "model": {"name": "small_cnn_4"},
+              "objective": {"beta": 0.0, "gamma": 0.0}, "optim": {"batch_size": 5}, "progress": False}
+    with pytest.raises(ConfigError, match=r"optim.batch_size=5 does not divide among 2 processes \(each would take 2"):
+        train(config_from_dict(values), info=DistInfo(0, 2, 0))  # (refused before any process group is used)
+
+
+def test_the_unreadable_samples_found_before_a_stop_are_kept_by_the_resume(tmp_path, monkeypatch):
+    import os
+    import signal
+
+    from jacmatch.training import config_from_dict, epoch, train, trainer
+    from jacmatch.training.checkpoint import load_checkpoint
+    root = tmp_path / "d"
+    for c in ("a", "b"):
+        _pngs(root / "train" / c, 4)
+        _pngs(root / "test" / c, 2)
+    broken = root / "train" / "a" / "1.png"
+    broken.write_bytes(broken.read_bytes()[:60])
+    real, calls = epoch.train_step, {"n": 0}
+
+    def signal_at_the_last_step(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 4:  # the last of the first epoch's 4 steps: every sample read before the stop
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(*args, **kwargs)
+    monkeypatch.setattr(epoch, "train_step", signal_at_the_last_step)
+    values = {"out_dir": str(tmp_path / "r"), "data": {"name": str(root), "on_bad_sample": "skip", "val_size": 0,
+                                                      "workers": 0}, "model": {"name": "small_cnn_4"},
+              "objective": {"beta": 0.0, "gamma": 0.0}, "eval": {"noise_sigmas": []},
+              "optim": {"epochs": 1, "batch_size": 2, "min_steps_per_epoch": 4}, "progress": False}
+    with pytest.raises(trainer.Preempted, match="epoch 1, step 4 of 4"):
+        train(config_from_dict(values))
+    assert "1.png" in load_checkpoint(tmp_path / "r" / "last.pt")["bad_samples"]
+    train(config_from_dict(values), resume=True)
+    record = json.loads((tmp_path / "r" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert record["bad_samples"] == 1 and "1.png" in record["first_bad_sample"], record  # both were lost

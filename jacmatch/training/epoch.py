@@ -113,6 +113,9 @@ class Run:
         return self.out / "last.pt"
 
     def state(self, epoch: int, **extra) -> dict:
+        bad = self.data.train.bad  # the unreadable samples found so far: a resume counts on from them
+        if bad is not None and bad.found:
+            extra["bad_samples"] = json.dumps({str(k): v for k, v in bad.found.items()})
         return run_state(self.cfg, self.model, self.optimizer, self.scheduler, self.history, epoch,
                          inputs=self.inputs, **extra)
 
@@ -183,7 +186,10 @@ def train_step(run: Run, index: torch.Tensor, x: torch.Tensor, y: torch.Tensor, 
 
 
 def _stop_mid_epoch(run: Run, epoch: int, step: int, steps: int, sums: dict, skipped: int, seconds: float) -> None:
-    """A signal asked to stop: checkpoint this step (with the epoch's draws and seconds so far) and raise."""
+    """A signal asked to stop: checkpoint this step (with the epoch's draws and seconds so far,
+    and its sums of the terms over every process: each holds its share's) and raise."""
+    if run.info.enabled:
+        sums = mean_across_processes(sums, run.device)
     if run.info.is_main:
         save_checkpoint(run.last, run.state(epoch, step=step, mid_epoch={
             "gen": run.gen.get_state(), "aug": run.aug_gen.get_state(), "sums": json.dumps(sums),

@@ -36,6 +36,7 @@ class ResumePoint:
     mid_epoch: dict | None = None
     rng: torch.Tensor | None = None
     changes: dict = field(default_factory=dict)
+    bad_samples: dict = field(default_factory=dict)  # the unreadable training samples found before, by index
 
 
 #: Settings a resume may change: they cannot alter the epochs already trained (the
@@ -152,5 +153,6 @@ def restore(cfg: RunConfig, last: Path, model: nn.Module, optimizer, scheduler, 
         print(f"resume: {last.parent} from epoch {state['epoch']}" + ("; changed: " + "; ".join(
             f"{k} {a!r} -> {b!r}" for k, (a, b) in said.items()) if said else ", as it was configured"), flush=True)
     return ResumePoint(history=json.loads(state["history"]), start_epoch=state["epoch"], changes=changes,
+                       bad_samples={int(k): v for k, v in json.loads(state.get("bad_samples", "{}")).items()},
                        first_step=state.get("step", 0), mid_epoch=state.get("mid_epoch"),  # stopped mid-epoch
                        rng=state["rng"])

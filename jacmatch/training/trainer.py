@@ -141,6 +141,10 @@ def _check_run_on(cfg: RunConfig, data: DataSplits, info: DistInfo) -> None:
         raise ConfigError("under DDP, mixup and CutMix pair samples across the processes' shares, which a skipped "
                           "sample would misalign: set data.on_bad_sample=stop (and fix or remove unreadable files), "
                           "or train in one process")
+    if info.enabled and cfg.optim.batch_size % info.world_size:
+        raise ConfigError(f"optim.batch_size={cfg.optim.batch_size} does not divide among {info.world_size} processes "
+                          f"(each would take {cfg.optim.batch_size // info.world_size}, a smaller global batch): give "
+                          f"a multiple of {info.world_size}")
     if cfg.eval.keep_best and not len(data.val):
         raise ConfigError(f"eval.keep_best chooses the weights by validation accuracy, but {data.name} has no "
                           "validation samples here (data.val_size=0): give data.val_size > 0, or set "
@@ -171,6 +175,8 @@ def _setup(cfg: RunConfig, resume: bool, data: DataSplits, given: bool, info: Di
     inputs = run_inputs(cfg, data)
     point = restore(cfg, out / "last.pt", model, optimizer, scheduler, info, device, inputs) if resume \
         else ResumePoint()
+    if point.bad_samples and data.train.bad is not None:
+        data.train.bad.add(point.bad_samples)
     global_bn = info.enabled and cfg.ddp.sync_batchnorm  # trained without the DDP wrapper, gradients averaged
     if global_bn:
         global_batchnorm(model)
