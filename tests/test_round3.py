@@ -455,3 +455,21 @@ def test_the_unreadable_samples_found_before_a_stop_are_kept_by_the_resume(tmp_p
     train(config_from_dict(values), resume=True)
     record = json.loads((tmp_path / "r" / "metrics.jsonl").read_text().splitlines()[-1])
     assert record["bad_samples"] == 1 and "1.png" in record["first_bad_sample"], record  # both were lost
+
+
+def test_a_training_set_that_does_not_divide_among_the_processes_is_said(tmp_path):
+    from types import SimpleNamespace
+
+    from jacmatch.training import config_from_dict
+    from jacmatch.training.distributed import DistInfo
+    from jacmatch.training.trainer import PaddedShardsWarning, _check_run_on
+    cfg = config_from_dict({"objective": {"beta": 0.0, "gamma": 0.0}, "optim": {"batch_size": 4}})
+    odd = SimpleNamespace(train=range(9), val=range(3), name="synthetic")
+    with pytest.warns(PaddedShardsWarning, match="the 9 training samples do not divide among 2 processes: each epoch "
+                                                 "repeats 1 of them"):
+        _check_run_on(cfg, odd, DistInfo(0, 2, 0))
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _check_run_on(cfg, SimpleNamespace(train=range(10), val=range(3), name="synthetic"), DistInfo(0, 2, 0))
+        _check_run_on(cfg, odd, DistInfo(0, 1, 0))

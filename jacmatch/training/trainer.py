@@ -46,6 +46,10 @@ class CacheOffWarning(UserWarning):
     """The teacher cache cannot serve a run whose inputs change every step."""
 
 
+class PaddedShardsWarning(UserWarning):
+    """The training set does not divide among the processes: each epoch repeats a few samples."""
+
+
 class StillImprovingWarning(UserWarning):
     """A run ended at its maximum (epochs or steps) while validation was still improving."""
 
@@ -145,6 +149,13 @@ def _check_run_on(cfg: RunConfig, data: DataSplits, info: DistInfo) -> None:
         raise ConfigError(f"optim.batch_size={cfg.optim.batch_size} does not divide among {info.world_size} processes "
                           f"(each would take {cfg.optim.batch_size // info.world_size}, a smaller global batch): give "
                           f"a multiple of {info.world_size}")
+    extra = -len(data.train) % info.world_size
+    if info.enabled and extra and info.is_main:
+        warnings.warn(PaddedShardsWarning(
+            f"the {len(data.train)} training samples do not divide among {info.world_size} processes: each epoch "
+            f"repeats {extra} of them (DistributedSampler pads the shares), so this run differs slightly from one "
+            f"in a single process; a training set divisible by {info.world_size} trains as one process does"),
+            stacklevel=3)
     if cfg.eval.keep_best and not len(data.val):
         raise ConfigError(f"eval.keep_best chooses the weights by validation accuracy, but {data.name} has no "
                           "validation samples here (data.val_size=0): give data.val_size > 0, or set "
