@@ -473,3 +473,38 @@ def test_a_training_set_that_does_not_divide_among_the_processes_is_said(tmp_pat
         warnings.simplefilter("error")
         _check_run_on(cfg, SimpleNamespace(train=range(10), val=range(3), name="synthetic"), DistInfo(0, 2, 0))
         _check_run_on(cfg, odd, DistInfo(0, 1, 0))
+
+
+# ---- 13. Lightning's DataModule applies the views it is given (and a recipe's) -----------------
+
+
+@pytest.mark.slow
+def test_the_lightning_data_module_applies_augment_and_mixup_and_a_recipe_trains_with_them():
+    import pytorch_lightning as pl
+
+    from jacmatch.integrations.lightning import DistillationModule, JacmatchDataModule
+    from jacmatch.models import create_model
+    plain = {"name": "digits", "samples_per_class": 5, "workers": 0}
+    views = JacmatchDataModule(plain, recipe="fm+jm", batch_size=16)
+    assert (views.data_config.augment, views.data_config.crop_padding, views.data_config.mixup) == (True, 2, 1.0)
+    torch.manual_seed(0)
+    teacher = create_model("small_cnn_4", 10, 1)
+
+    def fit(data):
+        torch.manual_seed(1)
+        student = create_model("small_cnn_4", 10, 1)
+        seen = []
+        module = DistillationModule(student, teacher, recipe="fm+jm")
+        step = module.training_step
+        module.training_step = lambda batch, *rest: (seen.append(batch[1]), step(batch, *rest))[1]
+        pl.Trainer(accelerator="cpu", max_steps=3, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                   enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0).fit(module, datamodule=data)
+        return student, seen
+    without, labels_plain = fit(JacmatchDataModule(plain, batch_size=16))
+    mixed, labels_mixed = fit(views)
+    assert all(y.dim() == 1 for y in labels_plain) and all(y.shape == (len(y), 10) for y in labels_mixed)
+    assert all(torch.allclose(y.sum(1), torch.ones(len(y))) for y in labels_mixed)  # soft labels: the mixtures
+    assert any(not torch.equal(a, b) for a, b in zip(without.state_dict().values(), mixed.state_dict().values()))
+    from jacmatch.errors import UsageError
+    with pytest.raises(UsageError, match="recipe= sets the objective and the optimiser"):
+        DistillationModule(without, teacher, recipe="fm+jm", optimizer=lambda p: torch.optim.SGD(p, lr=0.1))

@@ -61,15 +61,28 @@ class DistillationModule(pl.LightningModule):
     :class:`~jacmatch.core.objective.ObjectiveConfig`, default CE + KD τ = 8 + 10·JM) or by
     ``terms``. ``optimizer``: a function of the student's parameters (default Adam, lr 1e-3);
     ``scheduler``: a function of the optimizer, or None. ``sync_batchnorm``: BatchNorm over
-    the global batch under DDP (see the module's docstring)."""
+    the global batch under DDP (see the module's docstring). ``recipe``: a recipe's objective
+    and optimiser instead (``"fm+jm"``: KD at τ = 16 with 10·JM, Adam at lr 0.01; its views
+    come from ``JacmatchDataModule(recipe=...)``)."""
 
     def __init__(self, student: nn.Module, teacher: nn.Module | None = None,
                  objective: ObjectiveConfig | None = None, *, terms: Sequence[Term] | None = None,
                  optimizer: Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer] = _adam,
                  scheduler: Callable[[torch.optim.Optimizer], Any] | None = None,
                  save_teacher: bool = False, sync_batchnorm: bool = False,
-                 student_output: str | int | None = None, teacher_output: str | int | None = None):
+                 student_output: str | int | None = None, teacher_output: str | int | None = None,
+                 recipe: str | None = None):
         super().__init__()
+        if recipe is not None:  # the recipe's objective and optimiser (its views: JacmatchDataModule(recipe=...))
+            from ..training.recipes import recipe as recipe_config
+            if objective is not None or terms is not None or optimizer is not _adam:
+                raise UsageError("recipe= sets the objective and the optimiser: pass it without objective=, "
+                                 "terms= or optimizer=")
+            chosen = recipe_config(recipe)
+            objective, lr = chosen.objective, chosen.optim.lr
+
+            def optimizer(parameters: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
+                return torch.optim.Adam(parameters, lr=lr)
         if teacher is None and terms is None:
             objective = objective or ObjectiveConfig()
             if objective.needs_teacher:
@@ -182,12 +195,25 @@ class SkippedSamplesWarning(UserWarning):
 class JacmatchDataModule(pl.LightningDataModule):
     """jacmatch's data seam for Lightning: ``data`` is a DataConfig (or its dict, e.g.
     ``{"name": "digits", "samples_per_class": 10}``), split as ``jacmatch distill`` splits
-    it (``seed`` draws the few-sample subset). Lightning adds a DistributedSampler under DDP."""
+    it (``seed`` draws the few-sample subset). Lightning adds a DistributedSampler under DDP.
+
+    ``recipe``: a recipe's data options (``fm+jm``: crops and flips, mixup α = 1) under the
+    ``data`` dict. The training batches are augmented as ``data`` says (``augment``: random
+    crops, and flips where they keep the classes; ``mixup``/``cutmix``: mixed images with
+    soft labels, which :class:`DistillationModule`'s objective takes), drawn from ``seed`` and
+    the process's rank. Under DDP each process mixes within its own share of the batch
+    (``jacmatch distill`` pairs samples across the global batch)."""
 
     def __init__(self, data: Any = None, *, batch_size: int = 64, eval_batch_size: int = 500, seed: int = 0,
-                 num_workers: int = 0):
+                 num_workers: int = 0, recipe: str | None = None):
         super().__init__()
-        from ..training.config import DataConfig, config_from_dict
+        from ..training.config import DataConfig, config_from_dict, merge_values
+        from ..training.recipes import recipe_values
+        if recipe is not None:
+            if isinstance(data, DataConfig):
+                raise UsageError("recipe= takes the data options as a dict (the recipe's go under them), not a "
+                                 "DataConfig")
+            data = merge_values(recipe_values(recipe).get("data", {}), data or {})
         if isinstance(data, dict) or data is None:
             data = config_from_dict({"data": data or {}}).data
         if not isinstance(data, DataConfig):
@@ -195,6 +221,24 @@ class JacmatchDataModule(pl.LightningDataModule):
         self.data_config, self.seed = data, seed
         self.batch_size, self.eval_batch_size, self.num_workers = batch_size, eval_batch_size, num_workers
         self.splits: Any = None
+        self._draws: torch.Generator | None = None
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """A training batch's views (``augment``, ``mixup``, ``cutmix``), on the CPU; other
+        batches as they are."""
+        from ..data import random_crop_flip
+        from ..data.augment import mix
+        d, trainer = self.data_config, getattr(self, "trainer", None)
+        if trainer is None or not trainer.training or not (d.augment or d.mixup or d.cutmix):
+            return batch
+        if self._draws is None:
+            self._draws = torch.Generator().manual_seed(self.seed * 1_000_003 + 7919 * trainer.global_rank + 3)
+        x, y = batch[0], batch[1]
+        if d.augment:
+            x = random_crop_flip(x, d.crop_padding, self.splits.hflip, self._draws)
+        if d.mixup or d.cutmix:
+            x, y = mix(x, y, self.splits.num_classes, d.mixup, d.cutmix, self._draws)
+        return (x, y, *batch[2:])
 
     def setup(self, stage: str | None = None) -> None:
         if self.splits is None:
