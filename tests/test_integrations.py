@@ -200,3 +200,24 @@ def test_hf_trainer_names_a_missing_batch_key(tmp_path):
     trainer = DistillationTrainer(model=SmallCNN(k=5), teacher=SmallCNN(k=5), args=_hf_args(tmp_path, 2))
     with pytest.raises(jm.UsageError, match=r"the batch has no \['pixel_values'\]"):
         trainer.compute_loss(trainer.model, {"image": torch.rand(2, 1, 6, 6), "labels": torch.tensor([0, 1])})
+
+
+@pytest.mark.slow
+def test_hf_trainer_takes_a_recipes_objective_and_views(tmp_path):
+    """recipe='fm+jm': the recipe's objective (KD at τ = 16, 10·JM, no CE) and its views: each
+    training batch reaches the objective cropped and mixed, with soft labels."""
+    from jacmatch.integrations.transformers import DistillationTrainer
+    torch.manual_seed(0)
+    x, y = torch.rand(8, 1, 6, 6), torch.arange(8) % 5
+    trainer = DistillationTrainer(model=SmallCNN(k=5), teacher=SmallCNN(k=5), recipe="fm+jm",
+                                  args=_hf_args(tmp_path, 8, max_steps=2), train_dataset=_InOrder(x, y))
+    objective = trainer.objective_for(trainer.model)
+    assert (objective.config.alpha, objective.config.temperature, objective.config.gamma) == (0.0, 16.0, 10.0)
+    seen, real = [], objective.forward
+    objective.forward = lambda xb, yb, *a, **k: (seen.append((xb, yb)), real(xb, yb, *a, **k))[1]
+    trainer.train()
+    assert len(seen) == 2 and all(yb.shape == (8, 5) and torch.allclose(yb.sum(1), torch.ones(8)) for _, yb in seen)
+    assert not any(torch.equal(xb.sort(0).values, x.sort(0).values) for xb, _ in seen)  # new views, not the batch
+    with pytest.raises(jm.UsageError, match="recipe= sets the objective"):
+        DistillationTrainer(model=SmallCNN(k=5), teacher=SmallCNN(k=5), recipe="fm+jm",
+                            objective=jm.ObjectiveConfig(), args=_hf_args(tmp_path, 8))

@@ -46,14 +46,31 @@ __all__ = ["DistillationTrainer"]
 class DistillationTrainer(transformers.Trainer):
     """A ``transformers.Trainer`` whose loss is jacmatch's objective: ``objective`` (an
     :class:`~jacmatch.core.objective.ObjectiveConfig`, default CE + KD τ = 8 + 10·JM) or
-    ``terms``, with ``teacher`` frozen. Other arguments are the Trainer's."""
+    ``terms``, with ``teacher`` frozen. Other arguments are the Trainer's.
+
+    ``recipe``: a recipe's objective and views instead (``"fm+jm"``: KD at τ = 16 with 10·JM;
+    random crops, flips where ``hflip`` says they keep the classes, and mixup α = 1 with soft
+    labels), applied to each training batch in ``compute_loss``, drawn from ``args.seed`` and
+    the process's rank. The optimiser stays ``TrainingArguments``' (the recipe trains with
+    Adam at lr 0.01, constant: ``learning_rate=0.01, lr_scheduler_type="constant"``)."""
 
     loss_is_scaled_for_ga = False  # the objective is a per-batch mean: the Trainer divides it for accumulation
 
     def __init__(self, *args: Any, teacher: nn.Module | None = None, objective: ObjectiveConfig | None = None,
                  terms: Sequence[Term] | None = None, input_key: str = "pixel_values", label_key: str = "labels",
-                 student_output: str | int | None = None, teacher_output: str | int | None = None, **kwargs: Any):
+                 student_output: str | int | None = None, teacher_output: str | int | None = None,
+                 recipe: str | None = None, hflip: bool = False, **kwargs: Any):
         super().__init__(*args, **kwargs)
+        self._views: dict = {}
+        if recipe is not None:
+            from ..training.recipes import recipe as recipe_config
+            if objective is not None or terms is not None:
+                raise UsageError("recipe= sets the objective: pass it without objective= or terms=")
+            chosen = recipe_config(recipe)
+            objective, d = chosen.objective, chosen.data
+            self._views = {"augment": d.augment, "crop_padding": d.crop_padding, "mixup": d.mixup,
+                           "cutmix": d.cutmix, "hflip": hflip}
+        self._draws: torch.Generator | None = None
         if teacher is None and terms is None and (objective or ObjectiveConfig()).needs_teacher:
             raise UsageError("DistillationTrainer without a teacher trains CE only: pass teacher=..., or "
                              "objective=ObjectiveConfig(beta=0, gamma=0)")
@@ -92,6 +109,7 @@ class DistillationTrainer(transformers.Trainer):
         x, y = inputs[self.input_key], inputs[self.label_key]
         objective = self.objective_for(model)
         if model.training:
+            x, y = self._with_views(x, y, objective)
             logits, total, terms = objective(x, y, grad_scale=self._grad_scale())
             for k, v in terms.items():
                 self._sums[k] = self._sums.get(k, 0.0) + float(v.detach())
@@ -101,6 +119,25 @@ class DistillationTrainer(transformers.Trainer):
                 logits = objective._student_fn(x)
             total = torch.nn.functional.cross_entropy(logits, y)
         return (total, {"logits": logits}) if return_outputs else total
+
+    def _with_views(self, x: Tensor, y: Tensor, objective: TransferObjective) -> tuple[Tensor, Tensor]:
+        """The recipe's views of a training batch (drawn on the CPU): crops and flips, then
+        mixup or CutMix with soft labels of the student's width."""
+        v = self._views
+        if not (v and (v["augment"] or v["mixup"] or v["cutmix"])):
+            return x, y
+        from ..data import random_crop_flip
+        from ..data.augment import mix
+        if self._draws is None:
+            self._draws = torch.Generator().manual_seed(self.args.seed * 1_000_003 + 7919 * self.args.process_index + 3)
+        xc, yc = x.cpu(), y.cpu()
+        if v["augment"]:
+            xc = random_crop_flip(xc, v["crop_padding"], v["hflip"], self._draws)
+        if v["mixup"] or v["cutmix"]:
+            with torch.no_grad():
+                classes = objective._student_fn(x[:1]).shape[1]
+            xc, yc = mix(xc, yc, classes, v["mixup"], v["cutmix"], self._draws)
+        return xc.to(x.device), yc.to(x.device)
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         if self._count and "loss" in logs:  # a training log: the terms' means since the last one, over processes
