@@ -508,3 +508,29 @@ def test_the_lightning_data_module_applies_augment_and_mixup_and_a_recipe_trains
     from jacmatch.errors import UsageError
     with pytest.raises(UsageError, match="recipe= sets the objective and the optimiser"):
         DistillationModule(without, teacher, recipe="fm+jm", optimizer=lambda p: torch.optim.SGD(p, lr=0.1))
+
+
+# ---- 7. a data set that draws a random view at each read: detected, or declared ----------------
+
+
+def test_a_data_set_of_random_views_is_refused_unless_declared_and_then_trains_uncached(tmp_path, monkeypatch,
+                                                                                        capsys, digits_teacher):
+    from jacmatch.data import load_data
+    from jacmatch.training.config import config_from_dict
+    monkeypatch.syspath_prepend(str(Path(__file__).parent))
+    spec = ["--dataset", "user_data:random_flips", "--model", "small_cnn_4", "--set", "progress=false",
+            "--set", "eval.noise_sigmas=[]", "--set", "optim.epochs=2", "--set", "data.workers=0"]
+    assert main(["train-teacher", *spec, "--out", str(tmp_path / "t")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "gives another image at each read of the same index" in err[0] \
+        and "data.random_views=true" in err[0], err  # the cache froze the first view; the teacher's targets drifted
+    declared = [*spec, "--set", "data.random_views=true"]
+    assert main(["train-teacher", *declared, "--out", str(tmp_path / "t")]) == 0
+    d = config_from_dict({"data": {"name": "user_data:random_flips", "random_views": True, "workers": 0}}).data
+    a, b = load_data(d), load_data(d)
+    assert a.data_sha256 == b.data_sha256  # the source, not its draws: a resume is not refused as "changed"
+    assert a.train.loading.cache_bytes == 0  # nothing decoded is kept
+    assert main(["train-teacher", *declared, "--set", "optim.epochs=3", "--out", str(tmp_path / "t"), "--resume"]) == 0
+    assert main(["distill", "--recipe", "kd", "--teacher", str(tmp_path / "t" / "last.pt"), *declared,
+                 "--set", "optim.max_steps=0", "--out", str(tmp_path / "s")]) == 0
+    assert "the teacher cache is off: data.random_views changes the inputs" in capsys.readouterr().err

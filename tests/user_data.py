@@ -33,3 +33,15 @@ def labels_out_of_range():
 
 def not_a_dataset():
     return 42
+
+
+class RandomFlips(Stripes):
+    """Stripes whose __getitem__ flips each image at random, as a user's augmentation does."""
+
+    def __getitem__(self, i):
+        x, y = super().__getitem__(i)
+        return (x.flip(-1) if torch.rand(()) < 0.5 else x), y
+
+
+def random_flips():
+    return RandomFlips(120, 0), Stripes(40, 1)

@@ -437,8 +437,9 @@ def load_data(d: Any, *, seed: int = 0, pin_memory: bool = False, cache: dict | 
     (workers, cache, what a bad sample does). ``cache``: the caller's, to keep a built-in
     data set's files parsed between runs."""
     workers = min(4, max(1, (os.cpu_count() or 2) // 2)) if d.workers == -1 else d.workers
+    random = getattr(d, "random_views", False)  # a new view at each read: nothing decoded is kept
     loading = Loading(workers=workers, pin_memory=pin_memory, on_bad_sample=d.on_bad_sample,
-                      cache_bytes=d.cache_mib << 20)
+                      cache_bytes=0 if random else d.cache_mib << 20)
     return create_dataset(d.name, data_dir=d.data_dir, samples_per_class=d.samples_per_class, val_size=d.val_size,
                           split_seed=d.split_seed, seed=seed, classes=d.classes, download=d.download,
                           options=d, loading=loading, cache=cache)

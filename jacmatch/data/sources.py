@@ -11,11 +11,14 @@ an :class:`Opened`. The config's checks and the command line take it as they are
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from .._extras import require
 from .._imports import import_callable, is_import_path
@@ -199,7 +202,12 @@ def _open_import(spec: str, d, loading: Loading) -> Opened:
     shape = tuple(fit(to_chw(train[0][0], train.describe(0)), train.describe(0)).shape)
     splits = [SampleSplit(part, shape=shape if part is train else None, loading=loading, fit=fit)
               for part in (train, test) if part is not None]
-    for split in splits:  # the data hash streams every sample once
+    random = getattr(d, "random_views", False)
+    if random:  # its contents differ at every read: the run keys on the source and its options
+        h.update(json.dumps([spec, d.options], sort_keys=True, default=str).encode())
+    else:
+        _check_same_views(splits[0], spec)
+    for split in [] if random else splits:  # the data hash streams every sample once
         for start in range(0, len(split), 256):
             x, y = split.batch(range(start, min(start + 256, len(split))))
             h.update(x.numpy().tobytes())
@@ -207,6 +215,18 @@ def _open_import(spec: str, d, loading: Loading) -> Opened:
     classes = getattr(train.dataset, "classes", None)
     k = len(classes) if classes is not None else int(max(int(s.labels.max()) for s in splits)) + 1
     return Opened(splits[0], splits[1] if test is not None else None, k, h.hexdigest())
+
+
+def _check_same_views(split, spec: str, samples: int = 4) -> None:
+    """A data set must give the same image at each read of an index, unless it is declared to
+    draw random views (data.random_views): its first samples are read twice and compared."""
+    index = range(min(samples, len(split)))
+    first, again = split.batch(index)[0], split.batch(index)[0]
+    if not torch.equal(first, again):
+        raise DataError(f"data set {spec!r} gives another image at each read of the same index (its first "
+                        f"{len(index)} samples differ between two reads): its __getitem__ draws random views. "
+                        "Declare it with data.random_views=true (the caches are then off, and a resume keys on the "
+                        "source), or make __getitem__ return the same image for an index")
 
 
 #: The sources by prefix: ``prefix:ARG`` opens ``opener(ARG, data_config, loading)``.

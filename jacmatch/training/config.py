@@ -59,6 +59,7 @@ class DataConfig:
     workers: int = -1                      # processes decoding a source's samples (-1: min(4, CPUs / 2); 0: none)
     cache_mib: int = 512                   # decoded samples of a source kept for the next epochs (MiB; 0: none)
     on_bad_sample: str = "stop"            # stop | skip: a sample that cannot be read stops the run, or is skipped and counted
+    random_views: bool = False             # the data set draws a new view at each read (random augmentation in __getitem__)
 
 
 @dataclass

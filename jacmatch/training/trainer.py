@@ -201,7 +201,7 @@ def _setup(cfg: RunConfig, resume: bool, data: DataSplits, given: bool, info: Di
         (index, x, _), = data.train.batches([list(range(min(8, len(data.train))))], keep=False)
         if len(index):
             objective.prepare(x.to(device))
-    moving = [k for k in ("augment", "mixup", "cutmix") if getattr(cfg.data, k)]  # inputs that change every epoch
+    moving = [k for k in ("augment", "mixup", "cutmix", "random_views") if getattr(cfg.data, k)]  # new inputs each epoch
     fixed_inputs = cfg.teacher_cache and objective.needs_teacher_targets and not moving
     if cfg.teacher_cache and objective.needs_teacher_targets and moving and info.is_main:
         warnings.warn(CacheOffWarning(f"the teacher cache is off: data.{', data.'.join(moving)} changes the inputs "
