@@ -537,3 +537,15 @@ def test_a_data_set_of_random_views_is_refused_unless_declared_and_then_trains_u
     assert main(["distill", "--recipe", "kd", "--teacher", str(tmp_path / "t" / "last.pt"), *declared,
                  "--set", "optim.max_steps=0", "--out", str(tmp_path / "s")]) == 0
     assert "the teacher cache is off: data.random_views changes the inputs" in capsys.readouterr().err
+
+
+# ---- the final evaluation says what it does (it ran for minutes without a word) ----------------
+
+
+def test_the_final_evaluation_is_announced_and_timed(tmp_path, digits_teacher, capsys):
+    assert main(["distill", "--recipe", "kd", "--teacher", str(digits_teacher), "--dataset", "digits", "--model",
+                 "small_cnn_4", "--samples-per-class", "2", "--set", "optim.max_steps=20", "--set", "progress=true",
+                 "--out", str(tmp_path / "s")]) == 0
+    err = capsys.readouterr().err
+    assert "final evaluation of the best weights: validation (" in err and "fidelity and the Jacobian cosine" in err
+    assert "final evaluation: done [" in err

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import signal
+import sys
 import threading
 import time
 import warnings
@@ -269,7 +270,16 @@ def evaluate_best(run: Run) -> None:
             run.model.load_state_dict(load_checkpoint(best, map_location=run.device)["model"])
         else:
             check_best_kept(run.out, run.cfg, run.history)  # (deleted while the run trained)
+        shown, t_eval = run.cfg.progress, time.time()
+        if shown:  # (minutes on a large test set with fidelity and the cosine: said, not silent)
+            e = run.cfg.eval
+            print(f"final evaluation of the best weights: validation ({len(run.data.val)}) and test "
+                  f"({len(run.data.test)}) accuracy" + (f", under noise σ = {e.noise_sigmas}" if e.noise_sigmas else "")
+                  + (", fidelity and the Jacobian cosine" if run.teacher is not None else "") + " ...",
+                  file=sys.stderr, flush=True)
         run.best_final = evaluate_splits(run.model, run.data, run.cfg, run.device, teacher=run.teacher,
                                          teacher_key=run.teacher_key, teacher_gradients=run.teacher_gradients)
+        if shown:
+            print(f"final evaluation: done [{time.time() - t_eval:.0f} s]", file=sys.stderr, flush=True)
     run.info.barrier()
 
