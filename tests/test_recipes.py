@@ -236,3 +236,18 @@ def test_a_shipped_protocol_is_trained_as_written_not_under_auto(name):
     assert (cfg.recipe, cfg.recipe_reason, cfg.optim.max_steps, cfg.eval.keep_best) == (None, None, 0, False)
     assert cfg.optim.epochs == written["optim"]["epochs"] and cfg.optim.name == written["optim"]["name"]
 
+
+
+def test_the_reports_product_table_sets_the_default_command_beside_the_best_row():
+    from jacmatch.experiments.report_sections import product_text
+    cells = {f"{row}|{n}": {"acc": {"mean": m, "ci95": 0.02}}
+             for n in (1, 10) for row, m in (("CE+KD", 0.5), ("CE+KD+JM", 0.55), ("FM", 0.6), ("FM+JM", 0.7))}
+
+    def record(n, acc):
+        return {"config": {"data": {"samples_per_class": n}}, "final": {"test": {"acc": acc}},
+                "recipe": {"name": "fm+jm"}, "loop_seconds": 120.0}
+    text = product_text([record(1, 0.69), record(1, 0.71), record(10, 0.60), record(10, 0.62)], {"cells": cells})
+    rows = [line for line in text.splitlines() if line.startswith("| 1 ") or line.startswith("| 10 ")]
+    assert rows[0] == "| 1 | fm+jm | 2 of 5 | 70.0 ± 12.7 | FM+JM: 70.0 ± 2.0 | yes | 2.0 |", rows
+    assert "| FM+JM: 70.0 ± 2.0 | **below it** |" in rows[1], rows
+    assert "Not run yet" in product_text([], {"cells": cells})

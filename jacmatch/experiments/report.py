@@ -19,7 +19,8 @@ from .common import load_json
 from .figures import draw_report_figures
 from .report_distill import budget_findings, converge_text, distill_text, teacher_findings, teacher_text
 from .report_fidelity import fidelity_text
-from .report_sections import check_one_data_set, robust_text, section_time, transfer_text, verify_text
+from .report_sections import (check_one_data_set, load_product, product_text, robust_text, section_time,
+                              transfer_text, verify_text)
 from .paper import SECTION_MINUTES
 from .report_text import cores, img, missing
 
@@ -60,6 +61,8 @@ def render_report(sections: dict, folder: str = "paper", gradients: bool = True)
         "## 2. Distillation with few samples\n", distill_md,
         "## 2b. Distillation at convergence\n", converge_md,
         "## 2c. Fidelity: how well the converged students agree with their teacher\n", fidelity_text(f, folder),
+        "## 2d. The product: what `jacmatch distill` trains by default\n",
+        product_text(sections.get("product") or [], c),
         "## 3. Robustness to noisy inputs\n", robust_md,
         "## 4. Transfer\n", transfer_md,
         "## 5. Propositions and pictures\n", verify_md,
@@ -130,7 +133,7 @@ def write_block_into_readme(name: str, text: str, readme: Path = Path("README.md
 def main(results_dir: str | None = None) -> None:
     folder = Path(results_dir) if results_dir else RESULTS / "paper"
     folder.mkdir(parents=True, exist_ok=True)
-    sections = load_sections(folder)
+    sections = {**load_sections(folder), "product": load_product(folder.parent / "product")}
     text, findings = render_report(sections, folder.name, (folder / "gradients.png").is_file())
     draw_report_figures(sections, folder)
     write_atomic(folder.parent / "REPORT.md", lambda f: f.write(text))

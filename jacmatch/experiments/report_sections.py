@@ -3,13 +3,17 @@ the sections' times, and the check that a section's runs read one data set."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from . import rows as R
 from ..errors import UsageError
+from .common import read_json, summarize
 from .figures import noise_sigmas
 from .paper import SECTION_MINUTES, transfer_classes
 from .report_text import check_flag, chosen_values, img, missing, paired, pm, signed, span
 
-__all__ = ["robust_text", "budget_checks", "transfer_text", "verify_text", "section_time", "check_one_data_set"]
+__all__ = ["robust_text", "budget_checks", "transfer_text", "verify_text", "section_time", "check_one_data_set",
+           "load_product", "product_text"]
 
 
 def robust_text(r: dict | None, d: dict | None, folder: str) -> tuple[str, list[str]]:
@@ -138,3 +142,45 @@ def check_one_data_set(sections: dict) -> None:
         if isinstance(hashes, list) and len(hashes) > 1:
             raise UsageError(f"{name}.json mixes runs on {len(hashes)} different data sets (data_sha256 "
                              f"{', '.join(h[:12] for h in hashes)}): rerun its runs on one copy of the data")
+
+
+#: What the product's records are: the command a user types, with its default recipe.
+PRODUCT_COMMAND = ("jacmatch distill --teacher results/teachers/fmnist_resnet20.pt --dataset fashion-mnist "
+                   "--samples-per-class N --seed S")
+
+
+def load_product(folder: Path) -> list[dict]:
+    """The default command's run records (``results/product/default_n<N>_s<S>.json``)."""
+    return [read_json(p) for p in sorted(folder.glob("default_n*_s*.json"))]
+
+
+def product_text(records: list[dict], c: dict | None) -> str:
+    """The product's default against the converged section: per n, the default command's test
+    accuracy over its seeds beside §2b's best recipe row there, and whether it lies within that
+    row's 95 % interval."""
+    from ..training.recipes import RECIPES
+    if not records:
+        return missing("bash results/product/run.sh")
+    by_n: dict[int, list[dict]] = {}
+    for r in records:
+        by_n.setdefault(int(r["config"]["data"]["samples_per_class"]), []).append(r)
+    lines = [f"Each run is the command a user types, `{PRODUCT_COMMAND}`, with its default recipe (`auto`), run by "
+             "`bash results/product/run.sh`; its records are in `results/product/`. Beside it, the best recipe row of "
+             "§2b at that n (mean ± 95 % interval over 5 seeds).\n",
+             "| n | `auto` chose | seeds | default command: test (%) | §2b's best row (%) | within its interval | "
+             "training (min, mean) |", "|---|---|---|---|---|---|---|"]
+    rows = [r.row for r in RECIPES.values()]
+    for n, runs in sorted(by_n.items()):
+        s = summarize([r["final"]["test"]["acc"] for r in runs])
+        chosen = sorted({r.get("recipe", {}).get("name", "none") for r in runs})
+        best, verdict = "—", "—"
+        if c and all(f"{row}|{n}" in c["cells"] for row in rows):
+            row = max(rows, key=lambda x: c["cells"][f"{x}|{n}"]["acc"]["mean"])
+            a = c["cells"][f"{row}|{n}"]["acc"]
+            best = f"{row}: {100 * a['mean']:.1f} ± {100 * a['ci95']:.1f}"
+            lo, hi = a["mean"] - a["ci95"], a["mean"] + a["ci95"]
+            verdict = "yes" if lo <= s["mean"] <= hi else ("above it" if s["mean"] > hi else "**below it**")
+        minutes = sum(r["loop_seconds"] if "loop_seconds" in r else r["train_seconds"] for r in runs) / len(runs) / 60
+        lines.append(f"| {n} | {', '.join(chosen)} | {len(runs)} of 5 | {100 * s['mean']:.1f} ± {100 * s['ci95']:.1f} "
+                     f"| {best} | {verdict} | {minutes:.1f} |")
+    return "\n".join(lines) + "\n"
