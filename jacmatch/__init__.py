@@ -18,7 +18,7 @@ from .core.objective import TEACHER_OBJECTIVE, ObjectiveConfig, TransferObjectiv
 from .core.outputs import logits_of
 from .core.builtin_terms import (AttentionJacobianLoss, AttentionTransferLoss, CrossEntropyLoss, JacobianMatchingLoss,
                                  JacobianPenalty, KDLoss, NoiseTrainingLoss, NoisyDistillationLoss)
-from .core.terms import FeatureTaps, Term
+from .core.terms import FeatureTaps, Term, list_terms
 from .errors import UsageError
 
 __version__ = "0.2.0"
@@ -32,5 +32,5 @@ __all__ = [
     "build_terms", "logits_of", "Term", "CrossEntropyLoss", "KDLoss", "JacobianMatchingLoss",
     "AttentionTransferLoss", "AttentionJacobianLoss", "JacobianPenalty", "NoiseTrainingLoss",
     "NoisyDistillationLoss", "Estimator", "create_estimator", "list_estimators", "register_estimator",
-    "UsageError",
+    "list_terms", "UsageError",
 ]

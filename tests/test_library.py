@@ -134,7 +134,7 @@ def test_the_terms_defaults_are_the_objective_configs():
 
 
 def test_a_user_estimator_is_one_class_and_its_registration():
-    from jacmatch.core.estimators import _ESTIMATORS, TeacherTop1Row
+    from jacmatch.core.estimators import ESTIMATORS, TeacherTop1Row
 
     @jm.register_estimator("second_choice")
     class SecondChoice(TeacherTop1Row):
@@ -156,7 +156,7 @@ def test_a_user_estimator_is_one_class_and_its_registration():
         cached = obj.teacher_targets(x, y, full_jacobian=True)
         torch.testing.assert_close(obj(x, y, cached)[2]["jm"], terms["jm"])
     finally:
-        _ESTIMATORS.pop("second_choice")
+        ESTIMATORS.remove("second_choice")
 
 
 def test_input_jvp_with_a_term_that_needs_input_gradients_is_refused():
@@ -431,7 +431,7 @@ def test_every_function_reads_in_one_screen():
 #: its own package). The maths at the bottom (the package's own __init__ is its face); data
 #: and models beside it; training above; integrations and experiments on top of training;
 #: the command line over everything.
-LAYERS = {"errors": 0, "atomic": 0, "_imports": 0, "_extras": 0, "core": 1, "data": 2, "models": 2,
+LAYERS = {"errors": 0, "atomic": 0, "_imports": 0, "_extras": 0, "registry": 0, "core": 1, "data": 2, "models": 2,
           "training": 3, "integrations": 4, "experiments": 4, "cli": 5, "__main__": 6}
 
 
@@ -557,3 +557,23 @@ def test_a_new_loss_is_one_file_and_one_line_of_config(tmp_path, teacher):
     assert cli_main(args) == 0
     metrics = json.loads((tmp_path / "s" / "metrics.jsonl").read_text().splitlines()[0])
     assert set(metrics["train"]) == {"ce", "kd", "jm", "logit_norm"}
+
+
+def test_the_five_registries_share_one_shape_and_one_error():
+    import jacmatch as jm
+    from jacmatch.core.estimators import ESTIMATORS
+    from jacmatch.core.terms import TERMS
+    from jacmatch.data.datasets import DATASETS
+    from jacmatch.data.sources import SOURCES
+    from jacmatch.models._registry import MODELS
+    from jacmatch.registry import Registry
+    for registry, known in ((MODELS, "small_cnn_4"), (DATASETS, "digits"), (SOURCES, "npz"),
+                            (ESTIMATORS, "projection"), (TERMS, "gamma")):
+        assert isinstance(registry, Registry) and known in registry.list() and registry.get(known) is not None
+        with pytest.raises(Exception, match=rf"unknown {registry.what} 'nope': known {registry.what}s are .*{known}"):
+            registry.get("nope")
+    assert jm.list_terms() == ["alpha", "beta", "gamma", "delta", "delta_jacobian", "penalty"]  # the objective's order
+    r = Registry("thing")
+    r.register("b", 2)
+    r.register("a")(1)
+    assert (r.list(), r.names(), r.find("c"), r.remove("b"), r.list()) == (["a", "b"], ["b", "a"], None, 2, ["a"])

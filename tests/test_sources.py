@@ -394,7 +394,7 @@ def test_a_new_kind_of_source_is_one_opener_and_one_line(monkeypatch):
     from jacmatch.data.sources import Opened, source_kind
     from jacmatch.data.splits import ArraySplit
     from jacmatch.training import config_from_dict
-    monkeypatch.setattr(sources, "_SOURCES", dict(sources._SOURCES))  # the registry as it was, after the test
+    monkeypatch.setattr(sources.SOURCES, "_entries", dict(sources.SOURCES._entries))  # as it was, after the test
 
     def opener(arg, d, loading):
         n = int(arg)

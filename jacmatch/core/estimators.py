@@ -23,12 +23,14 @@ from torch import Tensor
 
 from .._imports import import_callable, is_import_path
 from ..errors import UsageError
+from ..registry import Registry
 from . import jacobian as J
 from .losses import JM_FORMS, jacobian_matching_loss
 
-__all__ = ["Estimator", "register_estimator", "create_estimator", "list_estimators", "PROJECTION", "FD_STEP"]
+__all__ = ["Estimator", "ESTIMATORS", "register_estimator", "create_estimator", "list_estimators", "PROJECTION", "FD_STEP"]
 
-_ESTIMATORS: dict[str, type[Estimator]] = {}
+#: The registered Jacobian estimators, in registration order.
+ESTIMATORS: Registry[type[Estimator]] = Registry("Jacobian estimator")
 
 #: Output projections by default: the lowest variance measured (``jacmatch estimators``,
 #: BENCHMARKS.md): rademacher for one projection, orthogonal for several.
@@ -41,21 +43,20 @@ FD_STEP = 3e-4
 def register_estimator(name: str) -> Callable[[type[Estimator]], type[Estimator]]:
     def wrap(cls: type[Estimator]) -> type[Estimator]:
         cls.name = name
-        _ESTIMATORS[name] = cls
-        return cls
+        return ESTIMATORS.register(name, cls)
     return wrap
 
 
 def list_estimators() -> list[str]:
     """The registered names, in registration order."""
-    return list(_ESTIMATORS)
+    return ESTIMATORS.names()
 
 
 def create_estimator(name: str, **options) -> Estimator:
     """The estimator registered as ``name``, or named by import path
     (``package.module:EstimatorClass``, an :class:`Estimator` subclass), as terms are."""
-    if name in _ESTIMATORS:
-        return _ESTIMATORS[name](**options)
+    if name in ESTIMATORS:
+        return ESTIMATORS.get(name)(**options)
     if not is_import_path(name):
         raise UsageError(f"unknown Jacobian estimator {name!r}: use one of {list_estimators()}, or an import path "
                          "(package.module:EstimatorClass)")

@@ -30,7 +30,7 @@ from .estimators import FD_STEP, PROJECTION, create_estimator, list_estimators
 from .fusion import fast_teacher
 from .losses import JM_FORMS
 from . import builtin_terms  # noqa: F401  (registers the built-in terms)
-from .terms import BUILT_IN_TERMS, FeatureTaps, Step, TeacherTargets, Term, _Logits, teacher_targets
+from .terms import TERMS, FeatureTaps, Step, TeacherTargets, Term, _Logits, teacher_targets
 
 __all__ = ["ObjectiveConfig", "TEACHER_OBJECTIVE", "DeadStudentWarning", "TransferObjective", "FeatureTaps",
            "JM_OUTPUTS", "build_terms", "rows_per_sample"]
@@ -88,7 +88,7 @@ class ObjectiveConfig:
         check_once(self, self._check)
 
     def _check(self) -> None:
-        for name in (*BUILT_IN_TERMS, "noise_sigma"):  # the weights, and σ
+        for name in (*TERMS.names(), "noise_sigma"):  # the weights, and σ
             check_range(f"objective.{name}", getattr(self, name), 0, 1e9)
         check_range("objective.temperature", self.temperature, 0, 1e6, low_open=True)
         check_range("objective.top_k", self.top_k, 1, 1e6)
@@ -149,9 +149,9 @@ TEACHER_OBJECTIVE = {"alpha": 1.0, "beta": 0.0, "gamma": 0.0}
 
 def build_terms(cfg: ObjectiveConfig) -> list[Term]:
     """The terms that ``cfg``'s non-zero weights ask for, in the order of their registration
-    (ce, kd, jm, at, at_jm, penalty: :data:`~jacmatch.core.terms.BUILT_IN_TERMS`), then the
+    (ce, kd, jm, at, at_jm, penalty: :data:`~jacmatch.core.terms.TERMS`), then the
     user's. With ``noise_sigma`` > 0, CE and KD are taken on noisy inputs."""
-    terms = [build(cfg) for weight, build in BUILT_IN_TERMS.items() if getattr(cfg, weight)]
+    terms = [build(cfg) for weight, build in TERMS.items() if getattr(cfg, weight)]
     terms += [_user_term(spec, options) for spec, options in cfg.terms.items()]
     if not terms:
         raise UsageError("every weight of the objective is 0: set alpha, beta, gamma, ... ")

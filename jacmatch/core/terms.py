@@ -21,10 +21,11 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import UsageError
+from ..registry import Registry
 from .losses import gaussian_noise
 from .outputs import logits_of
 
-__all__ = ["Term", "Step", "TeacherSide", "TeacherTargets", "FeatureTaps", "teacher_targets", "BUILT_IN_TERMS",
+__all__ = ["Term", "Step", "TeacherSide", "TeacherTargets", "FeatureTaps", "teacher_targets", "TERMS", "list_terms",
            "register_term"]
 
 
@@ -258,7 +259,7 @@ class _Logits:
 # ---- the built-in terms by the ObjectiveConfig weight that turns each on ---------------------
 
 #: weight field -> the term an ObjectiveConfig with that weight > 0 builds, in the objective's order.
-BUILT_IN_TERMS: dict[str, Callable[[Any], Term]] = {}
+TERMS: Registry[Callable[[Any], Term]] = Registry("built-in term")
 
 
 def register_term(weight: str) -> Callable:
@@ -266,7 +267,10 @@ def register_term(weight: str) -> Callable:
     ``weight`` field is not 0. A new built-in term is its class and this line beside it,
     and its weight a field of ObjectiveConfig; the objective's properties (teacher needed,
     outputs compared, memory, a dead student) follow from the term's own declarations."""
-    def add(build: Callable[[Any], Term]) -> Callable[[Any], Term]:
-        BUILT_IN_TERMS[weight] = build
-        return build
-    return add
+    return TERMS.register(weight)
+
+
+def list_terms() -> list[str]:
+    """The built-in terms, by the ObjectiveConfig weight that turns each on, in the objective's
+    order (``alpha``: CE, ``beta``: KD, ``gamma``: JM, ...)."""
+    return TERMS.names()

@@ -27,11 +27,13 @@ from torch import Tensor
 
 from .._extras import require
 from ..errors import UsageError
+from ..registry import Registry
 from .formats import DataError, read_cifar_batch, read_idx, user_path
 from .sources import SourceOptions, open_source, source_kind
 from .splits import Loading, Split, _as_float, batch_by_batch
 
-__all__ = ["ImageSet", "DataSplits", "create_dataset", "load_data", "dataset_kind", "list_datasets", "register_dataset",
+__all__ = ["ImageSet", "DataSplits", "DATASETS", "create_dataset", "load_data", "dataset_kind", "list_datasets",
+           "register_dataset",
            "stratified_subset", "check_labels", "DEBIAN_FASHION_MNIST"]
 
 DEBIAN_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
@@ -215,14 +217,13 @@ def _load_synthetic(data_dir: str | None, download: bool, n_train: int = 600, n_
     return make(n_train), make(n_test), num_classes, False
 
 
-_REGISTRY: dict[str, Callable] = {
-    "fashion-mnist": lambda d, dl: _load_idx_set("fashion-mnist", d, dl),
-    "mnist": lambda d, dl: _load_idx_set("mnist", d, dl),
-    "cifar10": _load_cifar(10),
-    "cifar100": _load_cifar(100),
-    "digits": _load_digits,
-    "synthetic": _load_synthetic,
-}
+#: The built-in data sets: name -> loader ``(data_dir, download) -> (train, test, num_classes, hflip)``.
+DATASETS: Registry[Callable] = Registry("data set", DataError, "or give a folder of class subfolders, npz:PATH, "
+                                        "hf:PATH or package.module:callable")
+for _name, _loader in (("fashion-mnist", lambda d, dl: _load_idx_set("fashion-mnist", d, dl)),
+                       ("mnist", lambda d, dl: _load_idx_set("mnist", d, dl)), ("cifar10", _load_cifar(10)),
+                       ("cifar100", _load_cifar(100)), ("digits", _load_digits), ("synthetic", _load_synthetic)):
+    DATASETS.register(_name, _loader)
 
 
 def _load_raw(name: str, data_dir: str | None, download: bool, cache: dict | None):
@@ -232,7 +233,7 @@ def _load_raw(name: str, data_dir: str | None, download: bool, cache: dict | Non
     key = (name, data_dir, download)
     if cache is not None and key in cache:
         return cache[key]
-    raw = _REGISTRY[name](data_dir, download)
+    raw = DATASETS.get(name)(data_dir, download)
     h = hashlib.sha256()
     for t in (raw[0].images, raw[0].labels, raw[1].images, raw[1].labels):
         h.update(t.contiguous().numpy().tobytes())
@@ -261,11 +262,11 @@ def check_labels(labels: Tensor, num_classes: int, where: str) -> None:
 
 def register_dataset(name: str, loader: Callable) -> None:
     """Add a loader ``(data_dir, download) -> (train, test, num_classes, hflip)``."""
-    _REGISTRY[name] = loader
+    DATASETS.register(name, loader)
 
 
 def list_datasets() -> list[str]:
-    return sorted(_REGISTRY)
+    return DATASETS.list()
 
 
 def dataset_kind(name: str) -> tuple[str, str]:
@@ -273,7 +274,7 @@ def dataset_kind(name: str) -> tuple[str, str]:
     name is that data set (``builtin``); a prefixed name (``imagefolder:``, ``npz:``, ``hf:``,
     a registered source's) is that source; an import path is a Dataset; any other name is a
     path. A built-in name that is also a path here is refused: it says how to write each."""
-    if name in _REGISTRY:
+    if name in DATASETS:
         if user_path(name).exists():
             raise DataError(f"{name!r} names both the built-in data set and {Path(name).resolve()} here: write "
                             f"--dataset {name} --data-dir {name} for the built-in read from that folder, or "
@@ -361,9 +362,6 @@ def create_dataset(name: str, *, data_dir: str | None = None, samples_per_class:
     if dataset_kind(name)[0] != "builtin":  # (a built-in name that is also a path here is refused)
         return _from_source(name, options or SourceOptions(), loading or Loading(), samples_per_class, val_size,
                             split_seed, seed, classes)
-    if name not in _REGISTRY:
-        raise DataError(f"unknown data set {name!r}: choose one of {list_datasets()}, or give a folder of "
-                        "class subfolders, npz:PATH, hf:PATH or package.module:callable")
     (train, test, num_classes, hflip), data_sha256 = _load_raw(name, data_dir, download, cache)
     for split, part in (("training", train), ("test", test)):
         check_labels(part.labels, num_classes, f"{name} {split}")

@@ -22,6 +22,7 @@ import torch
 
 from .._extras import require
 from .._imports import import_callable, is_import_path
+from ..registry import Registry
 from .formats import DataError, user_path
 from .readers import IMAGE_SUFFIXES, HFDataset, ImageFolder, UserDataset, _array_splits
 from .splits import ArraySplit, BadSamples, Fit, Loading, SampleCache, SampleSplit, Split, batch_by_batch, to_chw
@@ -60,7 +61,7 @@ def source_kind(name: str) -> tuple[str, str]:
     source's prefix (``imagefolder``, ``npz``, ``hf``, and the user's). A name without a
     prefix is a path when one exists there (a folder of class subfolders, a folder of .npy
     files, an .npz file), else an import path or a built-in name."""
-    for prefix in _SOURCES:
+    for prefix in SOURCES.names():
         if name.startswith(prefix + ":"):
             return prefix, name[len(prefix) + 1:]
     if is_import_path(name) and not Path(name).exists():
@@ -99,7 +100,7 @@ class Opened:
 def open_source(name: str, d, loading: Loading) -> Opened:
     """The splits of a non-built-in data set ``name``, with the options of DataConfig ``d``."""
     kind, arg = source_kind(name)
-    opener = _SOURCES.get(kind)
+    opener = SOURCES.find(kind)
     if opener is None:
         raise DataError(f"unknown data set {name!r}: give {', '.join(SOURCE_FORMS)}")
     return opener(arg, d, loading)
@@ -230,8 +231,9 @@ def _check_same_views(split, spec: str, samples: int = 4) -> None:
 
 
 #: The sources by prefix: ``prefix:ARG`` opens ``opener(ARG, data_config, loading)``.
-_SOURCES: dict[str, Callable[[str, Any, Loading], Opened]] = {
-    "imagefolder": _open_folder, "npz": _open_npz, "hf": _open_hf, "import": _open_import}
+SOURCES: Registry[Callable[[str, Any, Loading], Opened]] = Registry("source", DataError)
+for _prefix, _opener in (("imagefolder", _open_folder), ("npz", _open_npz), ("hf", _open_hf), ("import", _open_import)):
+    SOURCES.register(_prefix, _opener)
 
 
 def register_source(prefix: str, opener: Callable[[str, Any, Loading], Opened]) -> None:
@@ -240,9 +242,9 @@ def register_source(prefix: str, opener: Callable[[str, Any, Loading], Opened]) 
     class count, the data hash)."""
     if not re.fullmatch(r"[a-z][a-z0-9_]*", prefix) or prefix == "builtin":
         raise ValueError(f"a source prefix is a lower-case word, not {prefix!r}")
-    _SOURCES[prefix] = opener
+    SOURCES.register(prefix, opener)
 
 
 def list_sources() -> list[str]:
     """The prefixes of the registered sources."""
-    return sorted(_SOURCES)
+    return SOURCES.list()

@@ -2,28 +2,27 @@
 
 from __future__ import annotations
 
-import fnmatch
 from collections.abc import Callable
 
 from torch import nn
 
-__all__ = ["register_model", "list_models", "model_factory"]
+from ..registry import Registry
 
-_MODELS: dict[str, Callable[..., nn.Module]] = {}
+__all__ = ["MODELS", "register_model", "list_models", "model_factory"]
+
+#: The registered models: name -> a class or factory ``(num_classes, in_channels, **options)``.
+MODELS: Registry[Callable[..., nn.Module]] = Registry("model")
 
 
 def register_model(name: str):
     """``@register_model("name")`` on a class or a factory ``(num_classes, in_channels, **options)``."""
-    def wrap(factory):
-        _MODELS[name] = factory
-        return factory
-    return wrap
+    return MODELS.register(name)
 
 
 def list_models(pattern: str = "*") -> list[str]:
-    return sorted(n for n in _MODELS if fnmatch.fnmatch(n, pattern))
+    return MODELS.list(pattern)
 
 
 def model_factory(name: str) -> Callable[..., nn.Module] | None:
     """The factory registered as ``name``, or None."""
-    return _MODELS.get(name)
+    return MODELS.find(name)
