@@ -109,7 +109,7 @@ def trainer_step(tmp_path_factory, teacher):
     import json
 
     from jacmatch.training import config_from_dict, load_data, load_model, train
-    from jacmatch.training.trainer import model_from_config
+    from jacmatch.training.loading import model_from_config
     out = tmp_path_factory.mktemp("reference")
     values = {"out_dir": str(out), "teacher": teacher, "data": {"name": "synthetic", "samples_per_class": 6},
               "model": {"name": "small_cnn_4"}, "teacher_cache": False,

@@ -360,12 +360,12 @@ def test_a_selection_grows_its_grid_until_the_choice_is_inside():
         def run(value, tag, n, seed):
             return {"final": {"val": {"acc": -abs(math.log10(value) - math.log10(peak))}}, "train_seconds": 1.0}
         return run
-    best, rec = paper._select(lay, "w", train(1000.0))
+    best, rec = paper.select_on_validation(lay, "w", train(1000.0))
     assert best == 1000.0 and rec["inside"] and rec["extended"] == [1000.0, 10000.0]
     assert rec["grid"] == [1.0, 10.0, 100.0, 1000.0, 10000.0] and rec["train_seconds"] == 10.0
-    best, rec = paper._select(lay, "w", train(1e-6))  # keeps winning at the low edge: 3 extensions, then stops
+    best, rec = paper.select_on_validation(lay, "w", train(1e-6))  # keeps winning at the low edge: 3 extensions, then stops
     assert best == 0.001 and not rec["inside"] and rec["extended"] == [0.1, 0.01, 0.001]
-    best, rec = paper._select(lay, "w", train(10.0))
+    best, rec = paper.select_on_validation(lay, "w", train(10.0))
     assert best == 10.0 and rec["inside"] and rec["extended"] == []
 
 
@@ -628,7 +628,7 @@ def test_noisy_kd_at_jm_cost_gets_its_own_row_when_it_needs_more_than_one_draw()
     assert list(paper._noisy_rows(paper.FULL)) == ["noisy KD M=1"]
     rows = paper._noisy_rows(dataclasses.replace(paper.FULL, noise_draws_equal=3))
     assert list(rows) == ["noisy KD M=1", "noisy KD M=3"]
-    filled = {r: paper._fill(o, {"σ": 0.1, "M": 3}) for r, o in rows.items()}
+    filled = {r: paper.fill_placeholders(o, {"σ": 0.1, "M": 3}) for r, o in rows.items()}
     assert filled["noisy KD M=1"]["noise_draws"] == 1 and filled["noisy KD M=3"]["noise_draws"] == 3
     assert filled["noisy KD M=3"]["noise_sigma"] == 0.1
 

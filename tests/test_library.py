@@ -431,7 +431,7 @@ def test_every_function_reads_in_one_screen():
 #: its own package). The maths at the bottom (the package's own __init__ is its face); data
 #: and models beside it; training above; integrations and experiments on top of training;
 #: the command line over everything.
-LAYERS = {"errors": 0, "atomic": 0, "_imports": 0, "_extras": 0, "registry": 0, "core": 1, "data": 2, "models": 2,
+LAYERS = {"errors": 0, "atomic": 0, "_imports": 0, "_extras": 0, "registry": 0.5, "core": 1, "data": 2, "models": 2,
           "training": 3, "integrations": 4, "experiments": 4, "cli": 5, "__main__": 6}
 
 
@@ -577,3 +577,67 @@ def test_the_five_registries_share_one_shape_and_one_error():
     r.register("b", 2)
     r.register("a")(1)
     assert (r.list(), r.names(), r.find("c"), r.remove("b"), r.list()) == (["a", "b"], ["b", "a"], None, 2, ["a"])
+
+
+def imported_names(root: Path) -> list[tuple[Path, int, str, str, Path]]:
+    """Every ``from M import name`` of the package under ``root`` whose M is one of its modules:
+    (file, line, M, name, M's file)."""
+    import ast
+    modules = {}
+    for path in root.rglob("*.py"):
+        parts = list(path.relative_to(root.parent).with_suffix("").parts)
+        modules[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    found = []
+    for name, path in modules.items():
+        here = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    up = here.split(".")[:len(here.split(".")) - node.level + 1]
+                    base = ".".join(up + ([node.module] if node.module else []))
+                if base in modules:
+                    found += [(path, node.lineno, base, a.name, modules[base]) for a in node.names
+                              if f"{base}.{a.name}" not in modules]  # (a submodule is not a name)
+    return found
+
+
+def defined_names(path: Path) -> set[str]:
+    """The names a module defines at its top level (functions, classes, assignments, also
+    under an if or a try), not those it imports."""
+    import ast
+    names: set[str] = set()
+    for node in ast.parse(path.read_text()).body:
+        for sub in ast.walk(node) if isinstance(node, (ast.If, ast.Try, ast.For)) else [node]:
+            if isinstance(sub, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                names.add(sub.name)
+            targets = sub.targets if isinstance(sub, ast.Assign) else [sub.target] if isinstance(
+                sub, (ast.AnnAssign, ast.For)) else []
+            names |= {n.id for t in targets for n in ast.walk(t) if isinstance(n, ast.Name)}
+    return names
+
+
+def import_scan(root: Path) -> list[str]:
+    """A private name imported from another module, and a name imported from a module that
+    does not define it (a re-export), other than from a package's face (its __init__)."""
+    problems = []
+    for path, line, base, name, source in imported_names(root):
+        where = f"{path.relative_to(root.parent)}:{line} imports {name} from {base}"
+        if name.startswith("_") and not name.startswith("__"):
+            problems.append(f"{where}: a private name")
+        elif source.name != "__init__.py" and name not in defined_names(source):
+            problems.append(f"{where}, which does not define it")
+    return problems
+
+
+def test_no_private_name_crosses_a_module_and_nothing_is_re_exported(tmp_path):
+    assert import_scan(ROOT / "jacmatch") == []
+    pkg = tmp_path / "jacmatch"  # the scan can fail: a private name and a re-export
+    (pkg / "core").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "core" / "__init__.py").write_text("")
+    (pkg / "core" / "a.py").write_text("_hidden = 1\n\ndef shown():\n    pass\n")
+    (pkg / "core" / "b.py").write_text("from .a import _hidden, shown\n")
+    (pkg / "core" / "c.py").write_text("from .b import shown\n")
+    assert sorted(import_scan(pkg)) == ["jacmatch/core/b.py:1 imports _hidden from jacmatch.core.a: a private name",
+                                "jacmatch/core/c.py:1 imports shown from jacmatch.core.b, which does not define it"]

@@ -21,7 +21,7 @@ from jacmatch.atomic import write_atomic
 from jacmatch.data import DataError, read_cifar_batch, read_idx
 from jacmatch.training import CheckpointError, config_from_dict, load_checkpoint, save_checkpoint, train
 from jacmatch.training.config import ConfigError, load_config
-from jacmatch.training.trainer import NonFiniteError
+from jacmatch.training.step import NonFiniteError
 
 # ---- checkpoints ----------------------------------------------------------------------
 
@@ -475,7 +475,7 @@ def test_a_signal_during_the_last_evaluation_stops_the_process_after_the_finishe
     run finishes and writes its results, then Preempted stops the sweep it belongs to."""
     import signal
 
-    from jacmatch.training import epoch, trainer
+    from jacmatch.training import epoch
     real = epoch.evaluate_splits
 
     def evaluate_then_signal(*args, **kwargs):
@@ -484,7 +484,7 @@ def test_a_signal_during_the_last_evaluation_stops_the_process_after_the_finishe
     monkeypatch.setattr(epoch, "evaluate_splits", evaluate_then_signal)
     values = {"out_dir": str(tmp_path / "r"), "teacher": teacher, "data": {"name": "synthetic", "samples_per_class": 4},
               "model": {"name": "small_cnn_4"}, "objective": {"beta": 1.0}, "optim": {"epochs": 1}, **QUIET}
-    with pytest.raises(trainer.Preempted, match="after the last epoch"):
+    with pytest.raises(epoch.Preempted, match="after the last epoch"):
         train(config_from_dict(values))
     assert json.loads((tmp_path / "r" / "results.json").read_text())["epochs"] == 1
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler before is back
@@ -497,7 +497,7 @@ def test_a_run_stopped_after_an_epochs_last_step_resumes_with_its_seconds_and_no
     them), and torch's 'scheduler before optimizer' warning, wrong here, is not shown."""
     import warnings
 
-    from jacmatch.training import epoch, trainer
+    from jacmatch.training import epoch
     real, calls = epoch.train_step, {"n": 0}
 
     def slow_step_then_signal(*args, **kwargs):
@@ -510,7 +510,7 @@ def test_a_run_stopped_after_an_epochs_last_step_resumes_with_its_seconds_and_no
     values = {"out_dir": str(tmp_path / "r"), "teacher": teacher, "data": {"name": "synthetic", "samples_per_class": 4},
               "model": {"name": "small_cnn_4"}, "objective": {"beta": 1.0},
               "optim": {"epochs": 2, "batch_size": 4, "min_steps_per_epoch": 4}, **QUIET}
-    with pytest.raises(trainer.Preempted, match="epoch 1, step 4 of 4"):
+    with pytest.raises(epoch.Preempted, match="epoch 1, step 4 of 4"):
         train(config_from_dict(values))
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # any warning fails the resume

@@ -432,7 +432,7 @@ def test_the_unreadable_samples_found_before_a_stop_are_kept_by_the_resume(tmp_p
     import os
     import signal
 
-    from jacmatch.training import config_from_dict, epoch, train, trainer
+    from jacmatch.training import config_from_dict, epoch, train
     from jacmatch.training.checkpoint import load_checkpoint
     root = tmp_path / "d"
     for c in ("a", "b"):
@@ -452,7 +452,7 @@ def test_the_unreadable_samples_found_before_a_stop_are_kept_by_the_resume(tmp_p
                                                       "workers": 0}, "model": {"name": "small_cnn_4"},
               "objective": {"beta": 0.0, "gamma": 0.0}, "eval": {"noise_sigmas": []},
               "optim": {"epochs": 1, "batch_size": 2, "min_steps_per_epoch": 4}, "progress": False}
-    with pytest.raises(trainer.Preempted, match="epoch 1, step 4 of 4"):
+    with pytest.raises(epoch.Preempted, match="epoch 1, step 4 of 4"):
         train(config_from_dict(values))
     assert "1.png" in load_checkpoint(tmp_path / "r" / "last.pt")["bad_samples"]
     train(config_from_dict(values), resume=True)

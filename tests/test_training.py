@@ -13,7 +13,7 @@ from conftest import QUIET, first_errors
 
 import jacmatch as jm
 from jacmatch.training import config_from_dict, load_checkpoint, train
-from jacmatch.training.trainer import RunExistsError
+from jacmatch.training.run_folder import RunExistsError
 
 
 def student_values(out, teacher, **objective):

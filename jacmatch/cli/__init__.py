@@ -25,9 +25,9 @@ from ..errors import UsageError
 from ..training import ConfigError, resolve
 from ..training.config import EvalConfig
 from ..training.provenance import git_commit
-from ..training.trainer import Preempted
+from ..training.epoch import Preempted
 from ..training.recipes import FEW_SAMPLES, list_recipes, resolve_recipe, rule
-from .args import _non_negative_float, _non_negative_int, _positive_float, _positive_int, _shape, _sigma
+from .args import non_negative_float, non_negative_int, positive_float, positive_int, shape_arg, sigma_arg
 from .experiments import add_experiment_commands, add_measurement_commands
 
 EXIT_USAGE = 2
@@ -86,17 +86,17 @@ def _add_run_options(p, kind: str) -> None:
                                      "of class subfolders, an .npz file). A built-in name that is also a path here is "
                                      "refused: write ./NAME for the folder")
     p.add_argument("--data-dir", help="folder with a built-in data set's files (fashion-mnist, mnist, cifar10, cifar100)")
-    p.add_argument("--image-size", type=_positive_int, help="resize the images of a folder or source to this side")
+    p.add_argument("--image-size", type=positive_int, help="resize the images of a folder or source to this side")
     p.add_argument("--channels", type=int, choices=[1, 3], help="1 (grey) or 3 (RGB) for the images of a source")
-    p.add_argument("--mixup", type=_non_negative_float, metavar="ALPHA",
+    p.add_argument("--mixup", type=non_negative_float, metavar="ALPHA",
                    help="mixup with Beta(α, α) weights (data.mixup; the teacher sees the mixed view)")
-    p.add_argument("--cutmix", type=_non_negative_float, metavar="ALPHA", help="CutMix with Beta(α, α) (data.cutmix)")
+    p.add_argument("--cutmix", type=non_negative_float, metavar="ALPHA", help="CutMix with Beta(α, α) (data.cutmix)")
     p.add_argument("--label-column", help="hf:PATH: the column holding the labels (default label)")
     p.add_argument("--model", metavar="SPEC",
                    help="model: a built-in name (jacmatch.models.list_models()), package.module:callable, "
                         "torchvision:NAME or timm:NAME")
-    p.add_argument("--seed", type=_non_negative_int, help="seeds the weights, data order and every draw (default 0)")
-    p.add_argument("--time-budget", type=_positive_float, metavar="MINUTES",
+    p.add_argument("--seed", type=non_negative_int, help="seeds the weights, data order and every draw (default 0)")
+    p.add_argument("--time-budget", type=positive_float, metavar="MINUTES",
                    help="stop training at the end of the epoch that passes this many minutes (time_budget); "
                         "with eval.keep_best the best weights are tested")
     if kind == "distill":
@@ -109,7 +109,7 @@ def _add_run_options(p, kind: str) -> None:
                        help="the teacher's architecture, with --teacher-weights (same forms as --model)")
         p.add_argument("--teacher-weights", metavar="FILE",
                        help="a plain state_dict file for --teacher-model (loaded with weights_only=True)")
-        p.add_argument("--samples-per-class", type=_positive_int, help="few-sample training set: n samples per class")
+        p.add_argument("--samples-per-class", type=positive_int, help="few-sample training set: n samples per class")
 
 
 def _dataset_name(value: str) -> str:
@@ -146,7 +146,7 @@ def _run_training(args, kind: str) -> None:
     from ..training import train
     from ..training.config import find_config
     from ..training.distributed import finish_distributed
-    from ..training.trainer import NonFiniteError
+    from ..training.step import NonFiniteError
     # a student from its recipe (auto: chosen from the training set); a teacher with CE only
     data_cache: dict = {}
     if args.resume and not args.config:  # a resume starts from the run's own config; the options change it
@@ -217,7 +217,7 @@ def _evaluate(args) -> None:
     from ..training import evaluate, load_data, load_model
     from ..training.distributed import DistInfo, resolve_device
     from ..training.run_folder import check_spared, data_reads
-    from ..training.trainer import check_input_shape, check_teacher_for
+    from ..training.loading import check_input_shape, check_teacher_for
     device = resolve_device(args.device, DistInfo())
     model, state = load_model(args.checkpoint, device, trust=args.model)
     data_config = _recorded_config(state, args)
@@ -342,7 +342,7 @@ def add_training_commands(sub) -> None:
     p.add_argument("--dataset", help="data set (default: the one the checkpoint was trained on)")
     p.add_argument("--data-dir", help="folder with the data set's files")
     p.add_argument("--device", default="auto", choices=["cpu", "cuda", "auto"], help="where to evaluate")
-    p.add_argument("--noise-sigmas", type=_sigma, nargs="*", default=NOISE_SIGMAS,
+    p.add_argument("--noise-sigmas", type=sigma_arg, nargs="*", default=NOISE_SIGMAS,
                    help=f"σ of the Gaussian test noise, in [0, 1] pixel units (default {NOISE_SIGMAS})")
     p.add_argument("--data-changed", action="store_true",
                    help="evaluate although the data's files changed since training (the output records both hashes)")
@@ -354,9 +354,9 @@ def add_training_commands(sub) -> None:
                                    "tiny batch. Names the first module whose backward has no derivative, and the "
                                    "fix where one exists. Exit 0: usable as a student; 1: not.")
     p.add_argument("spec", help="a built-in name, package.module:callable, torchvision:NAME or timm:NAME")
-    p.add_argument("--input-shape", type=_shape, default=(3, 32, 32), help="C x H x W of one input (default 3x32x32)")
+    p.add_argument("--input-shape", type=shape_arg, default=(3, 32, 32), help="C x H x W of one input (default 3x32x32)")
     p.add_argument("--dataset", help="take the input shape and class count from this data set (any --dataset form)")
-    p.add_argument("--num-classes", type=_positive_int, default=10, help="outputs of the model (default 10)")
+    p.add_argument("--num-classes", type=positive_int, default=10, help="outputs of the model (default 10)")
     p.add_argument("--output", help="which part of the model's output holds the logits (key or index)")
     p.add_argument("--fix", action="store_true",
                    help="also try replace_hard_activations (Hardsigmoid/Hardswish -> twice-differentiable)")
@@ -385,7 +385,7 @@ def _add_tune_command(sub) -> None:
                     "OUT/best.yaml` trains it), OUT/best.pt (the best trial's student), OUT/trials.csv, "
                     "OUT/history.png and OUT/tune.json.")
     _add_run_options(p, "distill")
-    p.add_argument("--trials", type=_positive_int, default=24,
+    p.add_argument("--trials", type=positive_int, default=24,
                    help="complete or pruned trials the study holds when done (default 24)")
     p.add_argument("--space", metavar="KEY=KIND:LOW:HIGH", action="append", default=[],
                    help="search KEY over [LOW, HIGH], KIND log, float or int (e.g. optim.lr=log:0.001:0.03); over the "
@@ -393,7 +393,7 @@ def _add_tune_command(sub) -> None:
     p.add_argument("--storage", metavar="URL", help="the study's database: any URL Optuna takes (default: sqlite "
                                                     "in OUT/study.db)")
     p.add_argument("--study", default="jacmatch", help="the study's name in the database (default jacmatch)")
-    p.add_argument("--heartbeat", type=_positive_int, default=60, metavar="SECONDS",
+    p.add_argument("--heartbeat", type=positive_int, default=60, metavar="SECONDS",
                    help="a worker's heartbeat: a trial silent for twice this is failed and retried (default 60)")
     p.set_defaults(run=_tune)
 

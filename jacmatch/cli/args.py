@@ -8,7 +8,7 @@ from ..errors import UsageError
 from ..training.config import check_noise_sigmas
 
 
-def _sigma(text: str) -> float:
+def sigma_arg(text: str) -> float:
     """A noise σ for argparse, by the rule of eval.noise_sigmas (check_noise_sigmas)."""
     value = float(text)
     try:
@@ -18,28 +18,28 @@ def _sigma(text: str) -> float:
     return value
 
 
-def _positive_int(text: str) -> int:
+def positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {text}")
     return value
 
 
-def _non_negative_int(text: str) -> int:
+def non_negative_int(text: str) -> int:
     value = int(text)
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
     return value
 
 
-def _positive_float(text: str) -> float:
+def positive_float(text: str) -> float:
     value = float(text)
     if not 0 < value < float("inf"):
         raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
     return value
 
 
-def _shape(text: str) -> tuple[int, ...]:
+def shape_arg(text: str) -> tuple[int, ...]:
     try:
         shape = tuple(int(v) for v in text.lower().split("x"))
     except ValueError:
@@ -49,7 +49,7 @@ def _shape(text: str) -> tuple[int, ...]:
     return shape
 
 
-def _non_negative_float(text: str) -> float:
+def non_negative_float(text: str) -> float:
     value = float(text)
     if not 0 <= value < float("inf"):
         raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")

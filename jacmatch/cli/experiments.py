@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .args import _non_negative_int, _positive_float, _positive_int
+from .args import non_negative_int, positive_float, positive_int
 
 __all__ = ["add_experiment_commands", "add_measurement_commands"]
 
@@ -72,7 +72,7 @@ def add_experiment_commands(sub) -> None:
                                    "over a sweep of σ, for smooth and ReLU networks.")
     p.add_argument("--quick", action="store_true", help="fewer σ and draws (under a minute)")
     _result_files(p, "the records", "a log-log PNG, one panel per proposition")
-    p.add_argument("--seed", type=_non_negative_int, default=0, help="seeds the networks and the draws")
+    p.add_argument("--seed", type=non_negative_int, default=0, help="seeds the networks and the draws")
     p.set_defaults(run=_verify)
 
     p = sub.add_parser("demo", help="the main job: teacher, students with CE / KD / KD+JM, table and plot",
@@ -80,7 +80,7 @@ def add_experiment_commands(sub) -> None:
                                    "samples per class over 3 seeds; print a table, write JSON and a PNG.")
     p.add_argument("--dataset", default="digits", help="digits (default, bundled) or fashion-mnist")
     p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
-    p.add_argument("--seeds", type=_positive_int, default=3, help="seeds per cell (default 3)")
+    p.add_argument("--seeds", type=positive_int, default=3, help="seeds per cell (default 3)")
     p.add_argument("--device", default="auto", choices=["cpu", "cuda", "auto"], help="where to train")
     p.set_defaults(run=_demo)
 
@@ -109,7 +109,7 @@ def add_experiment_commands(sub) -> None:
     p.add_argument("--json", metavar="PATH", help="also the records as JSON")
     p.add_argument("--only", metavar="SPEC", nargs="*",
                    help="check only these specs (with --json of an earlier table: update their rows)")
-    p.add_argument("--timeout", type=_positive_float, default=120.0, help="seconds per model before it is recorded as too slow")
+    p.add_argument("--timeout", type=positive_float, default=120.0, help="seconds per model before it is recorded as too slow")
     p.set_defaults(run=_compat)
 
 
@@ -133,7 +133,7 @@ def add_measurement_commands(sub) -> None:
                                    "kind's bias and variance against the exact Frobenius norm, and the finite "
                                    "difference's error against forward-mode J·u over a range of steps.")
     p.add_argument("--json", metavar="PATH", help="write the measurements as JSON")
-    p.add_argument("--samples", type=_positive_int, default=32, help="samples (default 32)")
-    p.add_argument("--draws", type=_positive_int, default=4000, help="draws per projection kind (default 4000)")
-    p.add_argument("--seed", type=_non_negative_int, default=0, help="seeds the student and the draws")
+    p.add_argument("--samples", type=positive_int, default=32, help="samples (default 32)")
+    p.add_argument("--draws", type=positive_int, default=4000, help="draws per projection kind (default 4000)")
+    p.add_argument("--seed", type=non_negative_int, default=0, help="seeds the student and the draws")
     p.set_defaults(run=_estimators)

@@ -26,7 +26,7 @@ from . import jacobian as J
 from .estimators import FD_STEP, PROJECTION, create_estimator
 from .losses import (attention_map, attention_transfer_loss, jacobian_matching_loss, jacobian_penalty, kd_loss,
                      noise_training_loss, noisy_distillation_loss)
-from .terms import Term, _split_layers, register_term, teacher_targets
+from .terms import Term, split_layers, register_term, teacher_targets
 
 __all__ = ["CrossEntropyLoss", "KDLoss", "JacobianMatchingLoss", "AttentionTransferLoss", "AttentionJacobianLoss",
            "JacobianPenalty", "NoiseTrainingLoss", "NoisyDistillationLoss"]
@@ -154,7 +154,7 @@ class AttentionTransferLoss(Term):
         super().__init__(weight)
         if not layers:
             raise UsageError("attention transfer needs layers, e.g. ['layer2:layer3'] (student:teacher)")
-        self.student_layers, self.teacher_layers = _split_layers(layers)
+        self.student_layers, self.teacher_layers = split_layers(layers)
 
     def value(self, student_features: Sequence[Tensor], teacher_features: Sequence[Tensor]) -> Tensor:
         return attention_transfer_loss(student_features, teacher_features)

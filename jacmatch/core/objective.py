@@ -30,7 +30,7 @@ from .estimators import FD_STEP, PROJECTION, create_estimator, list_estimators
 from .fusion import fast_teacher
 from .losses import JM_FORMS
 from . import builtin_terms  # noqa: F401  (registers the built-in terms)
-from .terms import TERMS, FeatureTaps, Step, TeacherTargets, Term, _Logits, teacher_targets
+from .terms import TERMS, FeatureTaps, Step, TeacherTargets, Term, OutputLogits, teacher_targets
 
 __all__ = ["ObjectiveConfig", "TEACHER_OBJECTIVE", "DeadStudentWarning", "TransferObjective", "FeatureTaps",
            "JM_OUTPUTS", "build_terms", "rows_per_sample"]
@@ -238,13 +238,13 @@ class TransferObjective(nn.Module):
             teacher.requires_grad_(False)
         self.generator = generator
         self.teacher_chunk = teacher_chunk
-        self._student_fn = _Logits(student, student_output)
+        self._student_fn = OutputLogits(student, student_output)
         self._teacher_output = teacher_output
         self._fast_options = {"fold": teacher_fold_bn, "channels_last": teacher_channels_last}
-        self._fast: _Logits | None = None
+        self._fast: OutputLogits | None = None
         self._fast_versions: tuple = ()
 
-    def fast_teacher(self, x: Tensor) -> _Logits:
+    def fast_teacher(self, x: Tensor) -> OutputLogits:
         """The teacher as the objective runs it: a copy with BatchNorm folded and weights
         channels-last (``teacher_fold_bn``, ``teacher_channels_last``), built from the first
         batch and checked against the teacher on it (see :mod:`jacmatch.core.fusion`). The
@@ -259,7 +259,7 @@ class TransferObjective(nn.Module):
             keep = [n for t in self.term_list for n in t.teacher_layers]
             module = fast_teacher(self.teacher, x[:8].detach(), keep=keep, output=self._teacher_output,
                                   **self._fast_options)
-            self._fast, self._fast_versions = _Logits(module, self._teacher_output), versions
+            self._fast, self._fast_versions = OutputLogits(module, self._teacher_output), versions
         return self._fast
 
     def _teacher_versions(self) -> tuple:

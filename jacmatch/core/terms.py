@@ -60,7 +60,7 @@ class FeatureTaps(contextlib.AbstractContextManager):
         return None
 
 
-def _split_layers(at_layers: Sequence[str]) -> tuple[tuple[str, ...], tuple[str, ...]]:
+def split_layers(at_layers: Sequence[str]) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """``["student_module:teacher_module", "same_name", ...]`` -> (student names, teacher names)."""
     pairs = [p.split(":", 1) if ":" in p else (p, p) for p in at_layers]
     return tuple(s for s, _ in pairs), tuple(t for _, t in pairs)
@@ -225,9 +225,9 @@ def teacher_targets(teacher: Callable, terms: Sequence[Term], x: Tensor, y: Tens
     needs_graph = any(t.teacher_needs_graph(full_jacobian) for t in terms)
     xt = x.detach().requires_grad_(needs_graph)
     layers = list(dict.fromkeys(n for t in terms for n in t.teacher_layers))
-    module = cast(nn.Module, teacher.module if isinstance(teacher, _Logits) else teacher)
+    module = cast(nn.Module, teacher.module if isinstance(teacher, OutputLogits) else teacher)
     taps = FeatureTaps(module, layers) if layers else contextlib.nullcontext()
-    fn = teacher if isinstance(teacher, _Logits) else _Logits(teacher)
+    fn = teacher if isinstance(teacher, OutputLogits) else OutputLogits(teacher)
     with torch.set_grad_enabled(needs_graph):
         owner, first = None, {}
         with taps:
@@ -246,7 +246,7 @@ def teacher_targets(teacher: Callable, terms: Sequence[Term], x: Tensor, y: Tens
     return TeacherTargets(logits.detach(), {k: v for k, v in taken.items() if v})
 
 
-class _Logits:
+class OutputLogits:
     """A model as a function of its inputs to its logits (see :func:`logits_of`)."""
 
     def __init__(self, module: Callable, output: str | int | None = None):

@@ -30,7 +30,7 @@ from ..errors import UsageError
 from ..registry import Registry
 from .formats import DataError, read_cifar_batch, read_idx, user_path
 from .sources import SourceOptions, open_source, source_kind
-from .splits import Loading, Split, _as_float, batch_by_batch
+from .splits import Loading, Split, as_float, batch_by_batch
 
 __all__ = ["ImageSet", "DataSplits", "DATASETS", "create_dataset", "load_data", "dataset_kind", "list_datasets",
            "register_dataset",
@@ -69,7 +69,7 @@ class ImageSet:
 
     def batch(self, index: Tensor | Sequence[int]) -> tuple[Tensor, Tensor]:
         """Float images in [0, 1] and labels for the given sample indices."""
-        return _as_float(self.images[index], "the data set's images"), self.labels[index]
+        return as_float(self.images[index], "the data set's images"), self.labels[index]
 
     def subset(self, index: Tensor) -> ImageSet:
         return ImageSet(self.images[index], self.labels[index])

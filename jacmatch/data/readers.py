@@ -245,7 +245,7 @@ def read_arrays(path: Path) -> dict[str, np.ndarray]:
         raise DataError(f"{path} is not a readable .npz file or folder of .npy files ({exc})") from None
 
 
-def _array_splits(path: Path) -> tuple[np.ndarray, Tensor, np.ndarray | None, Tensor | None]:
+def array_splits(path: Path) -> tuple[np.ndarray, Tensor, np.ndarray | None, Tensor | None]:
     arrays = read_arrays(path)
     names = next((n for n in _ARRAY_NAMES if n[0] in arrays and n[1] in arrays), None)
     if names is None and {"images", "labels"} <= set(arrays):

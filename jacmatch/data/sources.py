@@ -24,7 +24,7 @@ from .._extras import require
 from .._imports import import_callable, is_import_path
 from ..registry import Registry
 from .formats import DataError, user_path
-from .readers import IMAGE_SUFFIXES, HFDataset, ImageFolder, UserDataset, _array_splits
+from .readers import IMAGE_SUFFIXES, HFDataset, ImageFolder, UserDataset, array_splits
 from .splits import ArraySplit, BadSamples, Fit, Loading, SampleCache, SampleSplit, Split, batch_by_batch, to_chw
 
 __all__ = ["SampleSplit", "ArraySplit", "ImageFolder", "Loading", "SourceOptions", "open_source", "source_kind", "to_chw",
@@ -116,7 +116,7 @@ def _open_npz(arg: str, d, loading: Loading) -> Opened:
     path = user_path(arg)
     if not path.exists():
         raise DataError(f"{path} does not exist: pass an .npz file or a folder of .npy files")
-    train_x, train_y, test_x, test_y = _array_splits(path)
+    train_x, train_y, test_x, test_y = array_splits(path)
     files = sorted(path.glob("*.npy")) if path.is_dir() else [path]
     digest = _sha256_files(files, path if path.is_dir() else path.parent)
     k = int(max(int(train_y.max()), int(test_y.max()) if test_y is not None else 0)) + 1

@@ -201,7 +201,7 @@ class Fit:
         return F.interpolate(x[None], size=(h, w), mode="bilinear", antialias=True, align_corners=False)[0].clamp_(0, 1)
 
 
-def _as_float(x: Tensor, where: str) -> Tensor:
+def as_float(x: Tensor, where: str) -> Tensor:
     """Pixels as floats in [0, 1]: an integer type scaled by its range (uint8 by 255, uint16
     by 65535), floats as they are, refused (one line, the range found) outside [0, 1]."""
     if x.dtype in PIXEL_RANGE:
@@ -290,7 +290,7 @@ class SampleSplit:
     def batch(self, index) -> tuple[Tensor, Tensor]:
         fetch = _Fetch(self.source, self.index, self.sample_shape, self.fit)
         _, raw, y, _ = self._checked(_collate([fetch[int(i)] for i in index]))
-        return _as_float(raw, self.where), y
+        return as_float(raw, self.where), y
 
     def batches(self, index_batches: Sequence[Sequence[int]], keep: bool = True) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
         """The batches in the order given: from the cache where it holds every sample of a
@@ -307,11 +307,11 @@ class SampleSplit:
             if to_load else iter(())
         for b, k, hit in zip(wanted, keys, cached):
             if hit:
-                yield b, _as_float(torch.stack([cache.samples[j] for j in k]), self.where), self.labels[b]
+                yield b, as_float(torch.stack([cache.samples[j] for j in k]), self.where), self.labels[b]
                 continue
             index, raw, y, _ = self._checked(next(loaded))
             cache.add(self.index[index].tolist(), raw)
-            yield index, _as_float(raw, self.where), y
+            yield index, as_float(raw, self.where), y
 
     @property
     def where(self) -> str:
@@ -353,7 +353,7 @@ class ArraySplit:
         raw = torch.from_numpy(np.ascontiguousarray(self.images[rows]))
         if self.fit != Fit():
             raw = torch.stack([self.fit(x, self.where) for x in raw]) if len(raw) else raw
-        return _as_float(raw, self.where), self.all_labels[rows]
+        return as_float(raw, self.where), self.all_labels[rows]
 
     def batches(self, index_batches, keep: bool = True) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
         """``(index, x, y)`` for each batch, read from the map as it is asked for."""

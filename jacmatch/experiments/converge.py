@@ -18,7 +18,8 @@ from ..errors import UsageError
 from ..training.recipes import recipe_values
 from .common import (RUN_STATE, converged, epochs_trained, load_json, summarize, summarize_runs, with_provenance,
                      write_section)
-from .paper import FULL, ROWS, Layout, _fill, _run_seconds, _select, _teacher_path, epochs_for_steps, run_config
+from .paper import (FULL, ROWS, Layout, epochs_for_steps, fill_placeholders, run_config, select_on_validation, teacher_path,
+                    total_run_seconds)
 
 
 CONVERGE_ROWS = (R.CE, R.CE_KD, R.CE_JM, R.CE_KD_JM, R.FM, R.FM_JM)
@@ -279,7 +280,7 @@ def fm_selection(lay: Layout, teacher: str, chosen: dict) -> tuple[dict, dict]:
     values = {"mixup": lay.profile.grids["mixup"][0], "fm_tau": chosen["tau"], "fm_lr": chosen["lr"]}
     selection = {}
     for name in FM_SELECTION:
-        values[name], selection[name] = _select(
+        values[name], selection[name] = select_on_validation(
             lay, name, lambda value, tag, n, seed, name=name: _fm_student(lay, n, seed, {**values, name: value}, teacher))
     return values, selection
 
@@ -305,7 +306,7 @@ def _recipes(chosen: dict, fm: dict) -> dict:
     distillation section's choices (FM's with its own), CE and CE+JM (no recipe) from the
     paper's rows."""
     weights = {"γ": chosen["gamma"], "γ_ce": chosen["gamma_ce"]}
-    out = {row: ({**_fill(ROWS[row], weights), "temperature": chosen["tau"]}, chosen["lr"], None)
+    out = {row: ({**fill_placeholders(ROWS[row], weights), "temperature": chosen["tau"]}, chosen["lr"], None)
            for row in CONVERGE_ROWS if row not in RECIPE_OF}
     for row, name in RECIPE_OF.items():
         tau, lr, mixup = (fm["fm_tau"], fm["fm_lr"], fm["mixup"]) if row in FM_ROWS else (chosen["tau"], chosen["lr"], 0.0)
@@ -325,7 +326,7 @@ def converge_section(lay: Layout) -> dict:
     if not d or "selection" not in d:
         raise UsageError(f"{lay.out / 'distill.json'} is missing: run `jacmatch experiment distill"
                          f"{'' if lay.profile is FULL else ' --' + lay.profile.name}` first (its choices are used)")
-    profile, teacher, start = lay.profile, _teacher_path(lay), time.time()
+    profile, teacher, start = lay.profile, teacher_path(lay), time.time()
     chosen = {k: d["selection"][k]["chosen"] for k in ("lr", "tau", "gamma", "gamma_ce")}
     cells: dict = {}
     summary = {"teacher": teacher, "chosen": chosen, "rows": list(CONVERGE_ROWS), "checked_rows": list(CHECKED_ROWS),
@@ -347,7 +348,7 @@ def converge_section(lay: Layout) -> dict:
 
     def save(cell: dict) -> None:  # after each cell: a partial run's file holds every cell run so far
         summary["section_seconds"] = time.time() - start
-        summary["run_seconds"] = _run_seconds(cells, *fm_records.values())
+        summary["run_seconds"] = total_run_seconds(cells, *fm_records.values())
         print(f"  {cell['row']:<22} n={cell['samples_per_class']:<4} test {100 * cell['acc']['mean']:.1f} ± "
               f"{100 * cell['acc']['std']:.1f}   [{time.time() - start:.0f} s]", flush=True)
         write_section(lay.out / "converge.json", with_provenance(summary, config))

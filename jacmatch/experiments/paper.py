@@ -205,7 +205,7 @@ def run_config(name: str, profile: Profile = FULL, **over) -> dict:
 # ---- 1. teacher ---------------------------------------------------------------------------
 
 
-def _train_teacher(config: str, run: str, target: Path, lay: Layout) -> tuple[dict, Path]:
+def train_teacher(config: str, run: str, target: Path, lay: Layout) -> tuple[dict, Path]:
     """Train (or reuse) a teacher and copy its checkpoint where the students read it:
     under results/teachers/ (committed, so students rerun without retraining)."""
     r = lay.train(run_config(config, lay.profile, out_dir=str(lay.runs / run), seed=0), record=False)
@@ -214,7 +214,7 @@ def _train_teacher(config: str, run: str, target: Path, lay: Layout) -> tuple[di
     return r, target
 
 
-def _committed_teacher(path: Path) -> dict:
+def committed_teacher_record(path: Path) -> dict:
     """What a section needs of a committed teacher checkpoint, read back from it: its config,
     final test metrics and training time (the epochs' own seconds, evaluation left out)."""
     state = load_checkpoint(path)
@@ -252,7 +252,7 @@ def teacher_section(lay: Layout) -> dict:
         # (a record from before provenance, or before it named its data's size: checked again)
         return record if "provenance" in record and "num_val" in record else _check_committed_teacher(lay, record)
     start = time.time()
-    r, target = _train_teacher("teacher", "teacher", lay.teacher, lay)
+    r, target = train_teacher("teacher", "teacher", lay.teacher, lay)
     summary = {"model": r["config"]["model"]["name"], "parameters": r["student_parameters"],
                "num_train": r["num_train"], "num_val": r["num_val"], "test": r["final"]["test"],
                "val": r["final"]["val"], "epochs": r["epochs"],
@@ -262,21 +262,21 @@ def teacher_section(lay: Layout) -> dict:
     return summary
 
 
-def _teacher_path(lay: Layout) -> str:
+def teacher_path(lay: Layout) -> str:
     if not lay.teacher.is_file():
         raise UsageError(f"{lay.teacher} is missing: run `jacmatch experiment teacher"
                          f"{'' if lay.profile is FULL else ' --' + lay.profile.name}` first")
     return str(lay.teacher)
 
 
-def _run_seconds(cells: dict, *extra: dict) -> float:
+def total_run_seconds(cells: dict, *extra: dict) -> float:
     """The training time of a section's runs (cells, then selections or a teacher), summed:
     what a rerun from scratch costs (``section_seconds`` is only the last invocation's,
     which reuses finished runs)."""
     return sum(c["train_seconds"] for c in [*cells.values(), *extra])
 
 
-def _fill(objective: dict, values: dict) -> dict:
+def fill_placeholders(objective: dict, values: dict) -> dict:
     """``objective`` with its placeholders (τ, γ, …) replaced by their ``values``."""
     return {k: values.get(v, v) if isinstance(v, str) else v for k, v in objective.items()}
 
@@ -313,7 +313,7 @@ def _beyond(grid: list, low: bool) -> float:
     return type(b)(float(f"{value:.12g}"))  # 0.01, not 0.010000000000000002
 
 
-def _select(lay, name, train, samples=None) -> tuple[float, dict]:
+def select_on_validation(lay, name, train, samples=None) -> tuple[float, dict]:
     """The value in the profile's grid ``name`` with the best mean validation accuracy
     (never the test set) of students of ``samples`` per class (default: the profile's
     selection_samples); ``train(value, tag, n, seed)`` trains one run with that value.
@@ -342,10 +342,11 @@ def _select(lay, name, train, samples=None) -> tuple[float, dict]:
                   "seeds": list(seeds), "train_seconds": seconds}
 
 
-def _placeholder(lay, objective, teacher, student=_student, **kw):
-    """A ``train`` for :func:`_select` that puts the value in place of ``objective``'s
+def placeholder_trainer(lay, objective, teacher, student=_student, **kw):
+    """A ``train`` for :func:`select_on_validation` that puts the value in place of ``objective``'s
     placeholder (τ, γ, γ_sq, δ or δ_J)."""
-    return lambda value, tag, n, seed: student(lay, tag, n, seed, _fill(objective, dict.fromkeys(PLACEHOLDERS, value)),
+    return lambda value, tag, n, seed: student(lay, tag, n, seed,
+                                               fill_placeholders(objective, dict.fromkeys(PLACEHOLDERS, value)),
                                                teacher, **kw)
 
 
@@ -368,22 +369,22 @@ def _distill_selection(lay: Layout, teacher: str) -> tuple[dict, dict]:
     ablations), γ for CE+JM, γ for the sq form, and σ of noisy KD (one draw). Returns
     (values, selection records)."""
     profile, config = lay.profile, run_config("distill", lay.profile)
-    lr, sel_lr = _select(lay, "lr", lambda v, tag, n, seed: _student(
+    lr, sel_lr = select_on_validation(lay, "lr", lambda v, tag, n, seed: _student(
         lay, tag, n, seed, ROWS[R.CE], teacher, _budget(profile, n, config, 0), selection=True, lr=v),
         samples=profile.budget_check_samples)
-    check_steps, sel_check = _select(lay, "check_steps", lambda v, tag, n, seed: _student(
+    check_steps, sel_check = select_on_validation(lay, "check_steps", lambda v, tag, n, seed: _student(
         lay, tag, n, seed, ROWS[R.CE], teacher, v, selection=True, lr=lr), samples=profile.budget_check_samples)
     kd = {**ROWS[R.CE_KD], "temperature": TAU_PRIOR}
-    steps, sel_steps = _select(lay, "steps", lambda v, tag, n, seed: _student(lay, tag, n, seed, kd, teacher, v,
+    steps, sel_steps = select_on_validation(lay, "steps", lambda v, tag, n, seed: _student(lay, tag, n, seed, kd, teacher, v,
                                                                                selection=True, lr=lr))
     steps = _budget(profile, profile.selection_samples, config, steps)  # what the cells at that n take
-    tau, sel_tau = _select(lay, "tau", _placeholder(lay, {**ROWS[R.CE_KD], "temperature": "τ"}, teacher,
+    tau, sel_tau = select_on_validation(lay, "tau", placeholder_trainer(lay, {**ROWS[R.CE_KD], "temperature": "τ"}, teacher,
                                                     steps=steps, selection=True, lr=lr))
     chosen = {"lr": lr, "check_steps": check_steps, "steps": steps, "tau": tau}
     selection = {"lr": sel_lr, "check_steps": sel_check, "steps": sel_steps, "tau": sel_tau}
     for name, objective in (("gamma", ROWS[R.CE_KD_JM]), ("gamma_ce", ROWS[R.CE_JM]),
                             ("gamma_sq", ABLATIONS[R.JM_SQ]), ("sigma", COMPUTE_ROWS[R.NOISY_KD_1])):
-        chosen[name], selection[name] = _select(lay, name, _placeholder(
+        chosen[name], selection[name] = select_on_validation(lay, name, placeholder_trainer(
             lay, {**objective, "temperature": tau}, teacher, steps=steps, selection=True, lr=lr))
     return chosen, selection
 
@@ -410,8 +411,8 @@ def _cells_at(lay: Layout, n: int, chosen: dict, teacher: str, cells: dict, say)
                "M": profile.noise_draws_equal}
     grid = {**ROWS, **_noisy_rows(profile), **(ABLATIONS if n in profile.ablation_samples else {})}
     for row, objective in grid.items():
-        cells[R.key(row, n)] = _cell(lay, row, n, {**_fill(objective, weights), "temperature": chosen["tau"]}, teacher,
-                                    steps, chosen["lr"])
+        objective = {**fill_placeholders(objective, weights), "temperature": chosen["tau"]}
+        cells[R.key(row, n)] = _cell(lay, row, n, objective, teacher, steps, chosen["lr"])
         say(cells[R.key(row, n)])
     # CE+KD trained for as long as CE+KD+JM took (the epochs' own seconds, mean over seeds)
     ratio = cells[R.key(R.CE_KD_JM, n)]["loop_seconds"]["mean"] / cells[R.key(R.CE_KD, n)]["loop_seconds"]["mean"]
@@ -428,7 +429,7 @@ def _cells_at(lay: Layout, n: int, chosen: dict, teacher: str, cells: dict, say)
 
 def distill_section(lay: Layout) -> dict:
     out, profile = lay.out, lay.profile
-    teacher = _teacher_path(lay)
+    teacher = teacher_path(lay)
     start = time.time()
     chosen, selection = _distill_selection(lay, teacher)
     cells: dict = {}
@@ -448,7 +449,7 @@ def distill_section(lay: Layout) -> dict:
         print(f"  {cell['row']:<22} n={cell['samples_per_class']:<4} test {100 * cell['acc']['mean']:.1f} ± "
               f"{100 * cell['acc']['std']:.1f}   [{time.time() - start:.0f} s]", flush=True)
         summary["section_seconds"] = time.time() - start
-        summary["run_seconds"] = _run_seconds(cells, *summary["selection"].values())
+        summary["run_seconds"] = total_run_seconds(cells, *summary["selection"].values())
         write_section(out / "distill.json", with_provenance(summary, config))
     for n in profile.samples:  # n-major, smallest first: a partial run has every row at the smallest n
         _cells_at(lay, n, chosen, teacher, cells, say)

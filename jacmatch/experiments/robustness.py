@@ -9,7 +9,7 @@ from . import rows as R
 from .common import summarize_runs, with_provenance, write_result
 from .growth import epochs_tag as _epochs_tag
 from .growth import until_converged as _until_converged
-from .paper import Layout, _run_seconds, run_config
+from .paper import Layout, total_run_seconds, run_config
 
 
 SIGMA_TRAIN = 0.3
@@ -55,6 +55,6 @@ def robustness_section(lay: Layout) -> dict:
         cells[R.key(R.DOUBLED_EPOCHS, where)] = {**checks[R.CE], "row": R.DOUBLED_EPOCHS, "training_set": training_set}
     summary = {"sigma_train": SIGMA_TRAIN, "seeds": list(profile.robust_seeds), "cells": cells, "base_epochs": base,
                "section_seconds": time.time() - start,
-               "run_seconds": _run_seconds(cells, {"train_seconds": left_behind})}
+               "run_seconds": total_run_seconds(cells, {"train_seconds": left_behind})}
     write_result(out / "robustness.json", with_provenance(summary, run_config("robustness", profile)))
     return summary

@@ -12,7 +12,7 @@ from .common import read_json, with_provenance, write_result
 from .converge import converge_section
 from .fidelity import fidelity_section
 from .figures import plot_gradients
-from .paper import FULL, QUICK, Layout, _teacher_path, distill_section, run_config, teacher_section
+from .paper import FULL, QUICK, Layout, teacher_path, distill_section, run_config, teacher_section
 from .robustness import robustness_section
 from .transfer import transfer_section
 
@@ -34,7 +34,7 @@ def pictures_section(lay: Layout) -> dict:
     from ..data import create_dataset
     from ..training import load_model
     runs, out = lay.runs, lay.out
-    teacher, _ = load_model(_teacher_path(lay))
+    teacher, _ = load_model(teacher_path(lay))
     n = lay.profile.pictures_samples
     students = {R.CE_KD: runs / "distill" / f"CE_KD_n{n}_s0" / "last.pt",
                 R.CE_KD_JM: runs / "distill" / f"CE_KD_JM_n{n}_s0" / "last.pt"}

@@ -9,8 +9,8 @@ from pathlib import Path
 
 from . import rows as R
 from .common import summarize_runs, with_provenance, write_result
-from .paper import (Layout, Profile, _committed_teacher, _fill, _placeholder, _run_seconds, _select, _train_teacher,
-                    run_config)
+from .paper import (Layout, Profile, committed_teacher_record, fill_placeholders, placeholder_trainer, run_config,
+                    select_on_validation, total_run_seconds, train_teacher)
 from .growth import epochs_tag as _epochs_tag
 from .growth import until_converged as _until_converged
 
@@ -48,12 +48,12 @@ def transfer_section(lay: Layout) -> dict:
     out, profile = lay.out, lay.profile
     start = time.time()
     if lay.profile.committed_teacher and lay.source_teacher.is_file():  # committed: students rerun without it
-        source, target = _committed_teacher(lay.source_teacher), lay.source_teacher
+        source, target = committed_teacher_record(lay.source_teacher), lay.source_teacher
     else:
-        source, target = _train_teacher("transfer_teacher", "source_teacher", lay.source_teacher, lay)
-    delta, sel_at = _select(lay, "delta", _placeholder(lay, {"alpha": 1.0, "delta": "δ"}, str(target),
+        source, target = train_teacher("transfer_teacher", "source_teacher", lay.source_teacher, lay)
+    delta, sel_at = select_on_validation(lay, "delta", placeholder_trainer(lay, {"alpha": 1.0, "delta": "δ"}, str(target),
                                                        _transfer_student))
-    delta_j, sel_jm = _select(lay, "delta_jacobian", _placeholder(
+    delta_j, sel_jm = select_on_validation(lay, "delta_jacobian", placeholder_trainer(
         lay, {"alpha": 1.0, "delta": delta, "delta_jacobian": "δ_J"}, str(target), _transfer_student))
     weights = {"δ": delta, "δ_J": delta_j}
     cells, left_behind, base = {}, 0.0, _transfer_epochs(profile)
@@ -63,8 +63,9 @@ def transfer_section(lay: Layout) -> dict:
             for row in only:
                 objective = TRANSFER_ROWS.get(row)
                 results = [_fine_tune(lay, n, seed, source, target, epochs) if objective is None else
-                           _transfer_student(lay, row.split()[0].replace("+", "_"), n, seed, _fill(objective, weights),
-                                             str(target), epochs) for seed in profile.seeds]
+                           _transfer_student(lay, row.split()[0].replace("+", "_"), n, seed,
+                                             fill_placeholders(objective, weights), str(target), epochs)
+                           for seed in profile.seeds]
                 out[row] = {"row": row, "samples_per_class": n, "epochs": epochs, **summarize_runs(results),
                             "runs": results}
             return out
@@ -81,6 +82,6 @@ def transfer_section(lay: Layout) -> dict:
                                   "train_seconds": source["train_seconds"]},
                "selection": {"delta": sel_at, "delta_jacobian": sel_jm},
                "seeds": list(profile.seeds), "cells": cells, "base_epochs": base, "section_seconds": time.time() - start,
-               "run_seconds": _run_seconds(cells, source, sel_at, sel_jm, {"train_seconds": left_behind})}
+               "run_seconds": total_run_seconds(cells, source, sel_at, sel_jm, {"train_seconds": left_behind})}
     write_result(out / "transfer.json", with_provenance(summary, run_config("transfer", profile)))
     return summary

@@ -31,16 +31,15 @@ from .config import ConfigError, RunConfig
 from .distributed import DistInfo, broadcast_parameters, global_batchnorm, init_distributed, resolve_device
 from .epoch import Preempted, Run, StopOnSignal, draws, end_epoch, evaluate_best, train_epoch
 from .evaluate import TeacherGradients, teacher_key
-from .loading import (check_input_shape, check_teacher_for, init_from, load_data, load_model, load_teacher,
+from .loading import (check_input_shape, init_from, load_data, load_teacher,
                       model_from_config)
-from .results import best_point, evaluate_splits, no_better_for, past_budget, run_results
+from .results import best_point, no_better_for, past_budget, run_results
 from .resume import ResumePoint, restore, run_inputs
-from .run_folder import RunExistsError, claim_folder, forget_start, open_outputs, run_reads
-from .schedule import epoch_batches, make_optimizer, make_scheduler, planned_epochs
-from .step import NonFiniteError, StepPolicy, Stepper
+from .run_folder import claim_folder, forget_start, open_outputs, run_reads
+from .schedule import make_optimizer, make_scheduler, planned_epochs
+from .step import StepPolicy, Stepper
 
-__all__ = ["train", "load_model", "load_data", "evaluate_splits", "epoch_batches", "check_input_shape",
-           "check_teacher_for", "model_from_config", "NonFiniteError", "RunExistsError", "Preempted"]
+__all__ = ["train", "CacheOffWarning", "PaddedShardsWarning"]
 
 class CacheOffWarning(UserWarning):
     """The teacher cache cannot serve a run whose inputs change every step."""

@@ -106,7 +106,8 @@ def _run_trial(trial, study, root: Path, values0: dict, space: dict, data_cache:
     from optuna.storages import RetryFailedTrialCallback
     from optuna.trial import TrialState
 
-    from .trainer import Preempted, train
+    from .epoch import Preempted
+    from .trainer import train
     frozen = next(t for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)) if t.number == trial.number)
     first = (RetryFailedTrialCallback.retry_history(frozen) or [trial.number])[0]
     folder = root / "trials" / f"{first:04d}"
