@@ -92,7 +92,8 @@ def test_kd_loss_and_the_kd_term_compute_the_same_loss_by_default():
 
 
 def test_the_command_lines_defaults_are_the_configs():
-    from jacmatch.cli import NOISE_SIGMAS, build_parser
+    from jacmatch.cli import build_parser
+    from jacmatch.cli.inspect import NOISE_SIGMAS
     assert NOISE_SIGMAS == EvalConfig().noise_sigmas
     parser = build_parser()
     evaluate = parser.parse_args(["evaluate", "--checkpoint", "x.pt"])

@@ -32,7 +32,8 @@ from .formats import DataError, read_cifar_batch, read_idx, user_path
 from .sources import SourceOptions, open_source, source_kind
 from .splits import Loading, Split, as_float, batch_by_batch
 
-__all__ = ["ImageSet", "DataSplits", "DATASETS", "create_dataset", "load_data", "dataset_kind", "list_datasets",
+__all__ = ["ImageSet", "DataSplits", "DATASETS", "create_dataset", "load_data", "dataset_kind", "dataset_name",
+           "list_datasets",
            "register_dataset",
            "stratified_subset", "check_labels", "DEBIAN_FASHION_MNIST"]
 
@@ -281,6 +282,16 @@ def dataset_kind(name: str) -> tuple[str, str]:
                             f"--dataset ./{name} for the folder as a data set of its own")
         return "builtin", name
     return source_kind(name)
+
+
+def dataset_name(value: str) -> str:
+    """A data set's name as a run records it: a built-in or import path as given; a folder,
+    .npz or Hugging Face folder as its absolute path with its kind (``imagefolder:/abs/path``),
+    so that the run, its resume and ``evaluate`` read it from any working directory."""
+    kind, arg = dataset_kind(value)
+    if kind in ("builtin", "import"):
+        return value
+    return f"{kind}:{os.path.abspath(user_path(arg))}"
 
 
 def stratified_subset(labels: Tensor, samples_per_class: int, seed: int) -> Tensor:
