@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast lint verify bench gpu-check data clean vision-venv test-vision compat
+.PHONY: demo test test-fast lint docs verify bench gpu-check data clean vision-venv test-vision compat
 
 $(STAMP): pyproject.toml constraints.txt
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
@@ -26,6 +26,11 @@ test-fast: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check jacmatch tests
 	$(BIN)/mypy
+
+# The manual (docs/) as a site under site/, with the API reference from the docstrings; strict:
+# a broken link or docstring reference fails.
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet
 
 verify: $(STAMP)
 	$(BIN)/jacmatch verify --json results/verify.json --plot results/verify.png

@@ -334,17 +334,18 @@ def test_a_signed_difference_that_rounds_to_zero_has_no_sign():
 
 
 def test_report_regenerates_the_committed_report_byte_for_byte(tmp_path, monkeypatch):
-    """REPORT.md, BENCHMARKS.md and the README's findings are what `jacmatch report` makes
+    """REPORT.md, BENCHMARKS.md, the README's recipe table and the manual's findings are what `jacmatch report` makes
     of the committed JSONs: nothing in them was typed by hand or left stale."""
     import shutil
 
     from jacmatch.experiments import report
     shutil.copytree(ROOT / "results", tmp_path / "results")
-    for name in ("README.md", "BENCHMARKS.md"):
+    (tmp_path / "docs").mkdir()
+    for name in ("README.md", "BENCHMARKS.md", "docs/experiments.md"):
         shutil.copyfile(ROOT / name, tmp_path / name)
     monkeypatch.chdir(tmp_path)
     report.main()
-    for name in ("results/REPORT.md", "README.md", "BENCHMARKS.md"):
+    for name in ("results/REPORT.md", "README.md", "BENCHMARKS.md", "docs/experiments.md"):
         assert (tmp_path / name).read_text() == (ROOT / name).read_text(), f"{name} is stale: run `jacmatch report`"
 
 

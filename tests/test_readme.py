@@ -1,4 +1,5 @@
-"""The README's snippets, run exactly as written, on their own (they define their models)."""
+"""The snippets of the README and of the manual (docs/), run exactly as written, on their own
+(they define their models)."""
 
 import re
 from pathlib import Path
@@ -7,13 +8,15 @@ import pytest
 import torch
 
 README = Path(__file__).resolve().parents[1] / "README.md"
+DOCS = README.parent / "docs"
 
 
 def readme_snippets() -> dict[str, str]:
-    text = README.read_text()
+    """Every ``<!-- snippet: NAME -->`` block of the README and of the docs' pages, by name."""
+    text = "\n".join(p.read_text() for p in [README, *sorted(DOCS.glob("*.md"))])
     blocks = dict(re.findall(r"<!-- snippet: (\w+).*?-->\s*```python\n(.*?)```", text, re.S))
-    assert {"functional", "module", "lightning", "transformers", "torchdistill"} <= set(blocks), \
-        "README.md lost a snippet block"
+    assert {"recipe", "functional", "module", "lightning", "transformers", "torchdistill"} <= set(blocks), \
+        "the README or a page of docs/ lost a snippet block"
     return blocks
 
 

@@ -10,7 +10,7 @@ from jacmatch.data import ImageSet, register_dataset
 from jacmatch.models import create_model, list_models, smallest_input
 from jacmatch.training import ConfigError, config_from_dict, train
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+README = Path(__file__).resolve().parents[1] / "docs" / "cli.md"  # the manual's page on models
 SHAPES = {"digits": (1, 8, 8), "shape-1x28x28": (1, 28, 28), "shape-3x32x32": (3, 32, 32), "synthetic": (1, 8, 8)}
 
 

@@ -1,5 +1,5 @@
-"""``jacmatch report``: results/REPORT.md, its plots, BENCHMARKS.md and the README's
-findings, all generated from the JSON files the experiments wrote. No number is typed
+"""``jacmatch report``: results/REPORT.md, its plots, BENCHMARKS.md, the README's recipe table and the
+manual's findings (docs/experiments.md), all generated from the JSON files the experiments wrote. No number is typed
 by hand; a section whose JSON is missing says so and names the command that makes it.
 
 :func:`render_report` is pure (section JSONs in, markdown and findings out); the figures
@@ -87,15 +87,10 @@ def render_report(sections: dict, folder: str = "paper", gradients: bool = True)
     return "\n".join(parts), findings
 
 
-def write_findings_into_readme(findings: list[str], readme: Path = Path("README.md")) -> None:
-    if not readme.is_file():
-        return
-    text = readme.read_text()
-    block = "<!-- findings:start (written by `jacmatch report`) -->\n" + (
-        "\n".join(f"- {f}" for f in findings) or "- No experiment has been run yet.") + "\n<!-- findings:end -->"
-    new = re.sub(r"<!-- findings:start.*?<!-- findings:end -->", lambda _: block, text, flags=re.S)
-    if new != text:
-        write_atomic(readme, lambda f: f.write(new))
+def write_findings_into_readme(findings: list[str], readme: Path = Path("docs/experiments.md")) -> None:
+    """The findings' generated block of the manual's experiments page."""
+    write_block_into_readme("findings", "\n".join(f"- {f}" for f in findings) or "- No experiment has been run yet.",
+                            readme)
 
 
 def recipe_table(converge: dict | None) -> str:
@@ -137,7 +132,7 @@ def main(results_dir: str | None = None) -> None:
     text, findings = render_report(sections, folder.name, (folder / "gradients.png").is_file())
     draw_report_figures(sections, folder)
     write_atomic(folder.parent / "REPORT.md", lambda f: f.write(text))
-    if folder == RESULTS / "paper":  # only the real experiments speak in the README
+    if folder == RESULTS / "paper":  # only the real experiments speak in the README and the manual
         write_findings_into_readme(findings)
         write_block_into_readme("recipes", recipe_table(sections.get("converge")))
     write_benchmarks(RESULTS / "bench.json", Path("BENCHMARKS.md"))
