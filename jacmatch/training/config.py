@@ -135,6 +135,10 @@ class RunConfig:
     channels_last: bool = False   # the student's weights channels-last: faster small CNNs on CPU (jacmatch bench)
     progress: bool = True         # a progress bar on the terminal
     tensorboard: bool = False     # TensorBoard logs under out_dir/tensorboard (extra: jacmatch[tensorboard])
+    tracking: list = field(default_factory=list)  # mlflow, wandb: config, metrics, results and student there (extras)
+    tracking_uri: str | None = None  # MLflow's store (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here)
+    tracking_project: str = "jacmatch"  # the MLflow experiment, the W&B project
+    tracking_group: str | None = None  # a group of runs (jacmatch tune: its study); an MLflow tag, the W&B group
     checkpoint_every: int = 1     # write last.pt every N epochs (and after the last)
     time_budget: float = 0.0      # minutes of training: the run stops at the end of the epoch that passes them (0: none)
     recipe: str | None = None     # the recipe these settings start from (`jacmatch config --recipes`); auto records its choice
@@ -158,8 +162,9 @@ class RunConfig:
         if self.amp not in ("none", "bf16", "fp16"):
             raise ConfigError(f"amp must be none, bf16 or fp16, got {self.amp!r}")
         for key, spec in _LIST_ELEMENTS.items():  # (again here: a list may have changed in place since it was built)
-            section, name = key.split(".")
-            value = getattr(getattr(self, section), name)
+            value = self
+            for part in key.split("."):
+                value = getattr(value, part)
             if value is None and key == "data.classes":  # (all classes)
                 continue
             if not isinstance(value, list):
@@ -167,6 +172,9 @@ class RunConfig:
             _check_elements(key, value, *spec)
         check_noise_sigmas(self.eval.noise_sigmas)
         _check_ranges(self)
+        unknown = [t for t in self.tracking if t not in ("mlflow", "wandb")]
+        if unknown:
+            raise ConfigError(f"tracking takes mlflow and wandb, got {unknown}: e.g. --set 'tracking=[mlflow]'")
         e = self.eval
         if not e.keep_best and (e.patience or e.min_delta):
             raise ConfigError(f"eval.patience ({e.patience}) and eval.min_delta ({e.min_delta:g}) act on the best "
@@ -320,6 +328,7 @@ _LIST_ELEMENTS = {
     "optim.milestones": (int, "epochs (integers >= 0)", False),
     "eval.noise_sigmas": (float, "numbers", False),
     "objective.at_layers": (str, "'student_module:teacher_module' strings", False),
+    "tracking": (str, "trackers (mlflow, wandb)", True),
 }
 
 

@@ -99,7 +99,7 @@ class Run:
     teacher_gradients: TeacherGradients
     point: ResumePoint = field(default_factory=ResumePoint)  # where the run starts (a resume's point)
     fill_seconds: float = 0.0  # the teacher cache's fill, counted in the first epoch this process trains
-    writer: Any = None
+    loggers: list = field(default_factory=list)  # TensorBoard, MLflow, W&B (.tracking), in the main process
     inputs: dict = field(default_factory=dict)  # the teacher's and the data's hashes (run_inputs)
     best_final: dict = field(default_factory=dict)  # eval.keep_best: the best weights' validation and test
     epochs: int = 0  # the epochs the run trains at most (optim.epochs, fewer under optim.max_steps)
@@ -237,7 +237,7 @@ def end_epoch(run: Run, epoch: int, steps: int, sums: dict, skipped: int, second
     run.history.append(record)
     stop = False
     if info.is_main:
-        log_epoch(run.out, run.history, run.writer, record)
+        log_epoch(run.out, run.history, run.loggers, record)
         if cfg.eval.keep_best and "val" in record and best_index(run.history, cfg.eval.min_delta) == len(run.history) - 1:
             save_checkpoint(run.out / "best.pt", run.state(epoch + 1))
         stop = no_better_for(cfg, run.history) >= cfg.eval.patience > 0 or over

@@ -67,27 +67,9 @@ def progress(batches, n: int, shown: bool, info: DistInfo, epoch: int, epochs: i
     return tqdm(batches, desc=desc, leave=False, dynamic_ncols=True)
 
 
-def log_epoch(out: Path, history: list[dict], writer, record: dict) -> None:
-    """metrics.jsonl holds every epoch's record so far; TensorBoard gets this one's values."""
+def log_epoch(out: Path, history: list[dict], loggers: list, record: dict) -> None:
+    """metrics.jsonl holds every epoch's record so far; each logger (TensorBoard, MLflow,
+    W&B) gets this one's numbers."""
     write_atomic(out / "metrics.jsonl", lambda f: f.write("".join(json.dumps(r) + "\n" for r in history)))
-    if writer is not None:
-        step = record["epoch"]
-        scalars = {"train/lr": record["lr"], **_scalars("train", record["train"])}
-        for split in ("val", "test"):
-            scalars.update(_scalars(split, record.get(split, {})))
-        for tag, v in scalars.items():
-            writer.add_scalar(tag, v, step)
-        writer.flush()
-
-
-def _scalars(prefix: str, values: dict) -> dict:
-    """The numbers in a nested record, by TensorBoard tag: ``{"fidelity": {"noisy": {"0.1":
-    {"kl": x}}}}`` under ``test`` is ``test/fidelity/noisy/0.1/kl``; what is not a number (a
-    flag, a string) is left out."""
-    out = {}
-    for k, v in values.items():
-        if isinstance(v, dict):
-            out.update(_scalars(f"{prefix}/{k}", v))
-        elif isinstance(v, (int, float)) and not isinstance(v, bool):
-            out[f"{prefix}/{k}"] = v
-    return out
+    for logger in loggers:
+        logger.log(record)

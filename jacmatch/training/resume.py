@@ -42,7 +42,8 @@ class ResumePoint:
 #: Settings a resume may change: they cannot alter the epochs already trained (the
 #: maximum and the patience only upwards: a run that would have stopped sooner is refused).
 RESUME_MAY_CHANGE = ("optim.epochs", "optim.max_steps", "eval.patience", "time_budget", "recipe_reason", "progress",
-                     "eval.every", "device", "out_dir", "tensorboard")
+                     "eval.every", "device", "out_dir", "tensorboard", "tracking", "tracking_uri", "tracking_project",
+                     "tracking_group")
 #: Paths that may move too, when the checkpoint records their contents (run_inputs).
 RESUME_MAY_MOVE = ("teacher", "teacher_weights", "data.data_dir")
 

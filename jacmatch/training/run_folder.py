@@ -23,9 +23,10 @@ class RunExistsError(ConfigError):
 
 
 #: The files that make a run folder's record; a new run never writes over them unasked.
-RUN_FILES = ("last.pt", "best.pt", "config.yaml", "results.json", "metrics.jsonl", "history.jsonl", "indices.json")
+RUN_FILES = ("last.pt", "best.pt", "config.yaml", "results.json", "metrics.jsonl", "history.jsonl", "indices.json",
+             "tracking.json")
 #: The folders a run writes in its folder (removed with the files by --overwrite).
-RUN_FOLDERS = ("tensorboard",)
+RUN_FOLDERS = ("tensorboard", "wandb")
 LOCK_FILE = ".jacmatch.lock"
 
 
@@ -187,22 +188,23 @@ def now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S%z")
 
 
-def open_outputs(cfg: RunConfig, out: Path, indices: dict, resume: bool, config_file: str | None):
-    """The run folder's config, history, data indices (rank 0); returns the TensorBoard
-    writer when the config asks for one. A resume from the folder's own config.yaml leaves
-    that file as it is (the checkpoint and history.jsonl hold the resolved config and what
-    changed)."""
+def open_outputs(cfg: RunConfig, out: Path, indices: dict, resume: bool, config_file: str | None) -> list:
+    """The run folder's config, history, data indices (rank 0); returns the run's loggers
+    (TensorBoard, MLflow, W&B: :mod:`.tracking`) as the config asks. A resume from the
+    folder's own config.yaml leaves that file as it is (the checkpoint and history.jsonl hold
+    the resolved config and what changed). A missing extra is said before anything is written."""
+    from .tracking import open_loggers
+    for wanted, module, extra in ((cfg.tensorboard, "tensorboard", "tensorboard"),
+                                  ("mlflow" in cfg.tracking, "mlflow", "mlflow"), ("wandb" in cfg.tracking, "wandb", "wandb")):
+        if wanted:
+            require(module, extra)
     out.mkdir(parents=True, exist_ok=True)
     if config_file is None or Path(config_file).resolve() != (out / "config.yaml").resolve():
         write_atomic(out / "config.yaml", lambda f: f.write(_yaml(config_to_dict(cfg))))
     if not resume:
         append_jsonl(out / "history.jsonl", {"time": now(), "event": "start"})
     write_json_atomic(out / "indices.json", indices)
-    if not cfg.tensorboard:
-        return None
-    require("tensorboard", "tensorboard")
-    from torch.utils.tensorboard import SummaryWriter
-    return SummaryWriter(str(out / "tensorboard"))
+    return open_loggers(cfg, out, resume)
 
 
 def _yaml(values: dict) -> str:

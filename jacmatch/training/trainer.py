@@ -107,6 +107,17 @@ def _train(cfg: RunConfig, resume: bool, data: DataSplits, given: bool, info: Di
            teacher_gradients: TeacherGradients, config_file: str | None, on_evaluation=None) -> dict:
     run = _setup(cfg, resume, data, given, info, teacher_gradients, config_file)
     run.on_evaluation = on_evaluation
+    try:
+        return _fit(run)
+    except BaseException as exc:  # the tracked runs end failed (or killed by a signal: a resume continues them)
+        for logger in run.loggers:
+            logger.close(failed=not isinstance(exc, Preempted))
+        raise
+
+
+def _fit(run: Run) -> dict:
+    """The epochs, the final evaluation and the results (results.json, the loggers)."""
+    cfg = run.cfg
     t_start = time.time()
     with StopOnSignal() as stop:
         for epoch in range(run.point.start_epoch, run.epochs):
@@ -131,8 +142,8 @@ def _train(cfg: RunConfig, resume: bool, data: DataSplits, given: bool, info: Di
         results["recipe"] = {"name": cfg.recipe, "reason": cfg.recipe_reason}
     if run.info.is_main:
         write_json_atomic(run.out / "results.json", results)
-        if run.writer is not None:
-            run.writer.close()
+        for logger in run.loggers:
+            logger.finish(results, run.out)
     if stop.requested:  # a signal during the last evaluation: the run is complete, and the process stops
         raise Preempted(f"stopped by a signal after the last epoch; {run.out} holds the finished run")
     return results
@@ -214,7 +225,7 @@ def _setup(cfg: RunConfig, resume: bool, data: DataSplits, given: bool, info: Di
               teacher_key=None if teacher is None or given else teacher_key(cfg),
               teacher_gradients=teacher_gradients, inputs=inputs, point=point, epochs=epochs)
     if info.is_main:
-        run.writer = open_outputs(cfg, out, {"train": data.train_indices, "val": data.val_indices,
+        run.loggers = open_outputs(cfg, out, {"train": data.train_indices, "val": data.val_indices,
                                              "data_sha256": data.data_sha256}, resume, config_file)
     if run.cache is not None:  # the teacher's side of every sample, the same bits in every process
         run.cache.fill(data.train, cfg.objective.teacher_chunk or cfg.optim.batch_size, device, info)

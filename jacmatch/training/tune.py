@@ -112,7 +112,9 @@ def _run_trial(trial, study, root: Path, values0: dict, space: dict, data_cache:
     first = (RetryFailedTrialCallback.retry_history(frozen) or [trial.number])[0]
     folder = root / "trials" / f"{first:04d}"
     chosen = _suggest(trial, space)
-    cfg = config_from_dict(apply_overrides(values0, [*chosen.items(), ("out_dir", str(folder)), ("progress", False)]))
+    group = values0.get("tracking_group") or study.study_name  # a tracker shows the study's trials as one group
+    cfg = config_from_dict(apply_overrides(values0, [*chosen.items(), ("out_dir", str(folder)), ("progress", False),
+                                                     ("tracking_group", group)]))
     cfg.check()
     trial.set_user_attr("folder", str(folder))
     resume = (folder / "last.pt").is_file()
