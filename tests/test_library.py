@@ -342,7 +342,7 @@ def test_distill_defaults_to_auto_with_a_user_model_and_state_dict_teacher(tmp_p
            "--set", "optim.epochs=1", "--set", "progress=false", "--out", str(tmp_path / "s")]
     out = run(cli, tmp_path, _env(str(TESTS)))
     assert "recipe: fm+jm (auto: n = 2 samples per class <= 50" in out
-    assert "objective: 0·CE + 1·KD (τ = 16) + 10·JM (normalized, teacher_top1)" in out
+    assert "objective: 1·KD (τ = 16) + 10·JM (normalized, teacher_top1)" in out
     metrics = json.loads((tmp_path / "s" / "metrics.jsonl").read_text().splitlines()[-1])
     assert set(metrics["train"]) == {"kd", "jm"}
     mismatch = subprocess.run([*cli[:-1], str(tmp_path / "s2"), "--set", "teacher_model.num_classes=1000"],
@@ -641,3 +641,15 @@ def test_no_private_name_crosses_a_module_and_nothing_is_re_exported(tmp_path):
     (pkg / "core" / "c.py").write_text("from .b import shown\n")
     assert sorted(import_scan(pkg)) == ["jacmatch/core/b.py:1 imports _hidden from jacmatch.core.a: a private name",
                                 "jacmatch/core/c.py:1 imports shown from jacmatch.core.b, which does not define it"]
+
+
+def test_the_objective_line_is_written_from_every_term_in_effect():
+    from jacmatch.core.objective import describe_terms
+    cfg = jm.ObjectiveConfig(alpha=1, beta=0.5, gamma=2, penalty=0.1, noise_sigma=0.2, temperature=4,
+                             terms={"user_terms:LogitNorm": {"weight": 0.3}})
+    sys.path.insert(0, str(TESTS))
+    line = describe_terms(jm.build_terms(cfg))
+    assert line == ("1·CE on noise (σ = 0.2, 1 draws) + 0.5·KD on noise (σ = 0.2, 1 draws) + 2·JM (normalized, "
+                    "teacher_top1) + 0.1·penalty + 0.3·logit_norm"), line
+    student, teacher = pair()
+    assert jm.TransferObjective(student, teacher).describe() == "1·CE + 1·KD (τ = 8) + 10·JM (normalized, teacher_top1)"

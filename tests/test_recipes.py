@@ -250,4 +250,4 @@ def test_the_reports_product_table_sets_the_default_command_beside_the_best_row(
     rows = [line for line in text.splitlines() if line.startswith("| 1 ") or line.startswith("| 10 ")]
     assert rows[0] == "| 1 | fm+jm | 2 of 5 | 70.0 ± 12.7 | FM+JM: 70.0 ± 2.0 | yes | 2.0 |", rows
     assert "| FM+JM: 70.0 ± 2.0 | **below it** |" in rows[1], rows
-    assert "Not run yet" in product_text([], {"cells": cells})
+    assert "No runs of the default command here" in product_text([], {"cells": cells})

@@ -549,3 +549,9 @@ def test_the_final_evaluation_is_announced_and_timed(tmp_path, digits_teacher, c
     err = capsys.readouterr().err
     assert "final evaluation of the best weights: validation (" in err and "fidelity and the Jacobian cosine" in err
     assert "final evaluation: done [" in err
+
+
+def test_a_result_with_integer_keys_reads_back_through_its_checksum(tmp_path):
+    from jacmatch.experiments.common import read_json, write_result
+    write_result(tmp_path / "r.json", {"by_n": {1: 0.5, 10: 0.7, 5: 0.6}, "pair": (1, 2)})
+    assert read_json(tmp_path / "r.json")["by_n"] == {"1": 0.5, "10": 0.7, "5": 0.6}  # (it failed its own checksum)

@@ -7,19 +7,14 @@ import os
 import sys
 from pathlib import Path
 
-from ..core.objective import TEACHER_OBJECTIVE, ObjectiveConfig
+from ..core.objective import TEACHER_OBJECTIVE, ObjectiveConfig, build_terms, describe_terms
 from ..data import dataset_name
 from ..training import ConfigError, resolve
 from ..training.recipes import FEW_SAMPLES, list_recipes, resolve_recipe, rule
 from .args import non_negative_float, non_negative_int, positive_float, positive_int
 from .exits import EXIT_NONFINITE
 
-__all__ = ["add_run_commands", "add_run_options", "overrides", "objective_text"]
-
-
-def objective_text(o: dict) -> str:
-    return (f"{o['alpha']:g}·CE + {o['beta']:g}·KD (τ = {o['temperature']:g}) + {o['gamma']:g}·JM "
-            f"({o['jm_form']}, {o['jm_outputs']})")
+__all__ = ["add_run_commands", "add_run_options", "overrides"]
 
 
 def add_run_options(p, kind: str) -> None:
@@ -106,9 +101,7 @@ def _run_training(args, kind: str) -> None:
     if kind == "distill" and main_process:
         if cfg.recipe:
             print(f"recipe: {cfg.recipe}" + (f" ({cfg.recipe_reason})" if cfg.recipe_reason else ""), flush=True)
-        o = cfg.objective
-        print(f"objective: {objective_text(vars(o))}" + (f" + {o.delta:g}·AT" if o.delta else "")
-              + (f" + {o.penalty:g}·penalty" if o.penalty else ""), flush=True)
+        print(f"objective: {describe_terms(build_terms(cfg.objective))}", flush=True)
     if args.resume and args.overwrite:
         raise ConfigError("give --resume (continue the run in --out) or --overwrite (replace it), not both")
     config_file = str(find_config(args.config)) if args.config else None
@@ -144,6 +137,6 @@ def add_run_commands(sub) -> None:
                     f"The default, auto, trains function matching with the Jacobian term (fm+jm) up to {FEW_SAMPLES} "
                     f"samples per class and the paper's CE+KD+JM (paper) above, each early-stopped on validation "
                     f"inside a maximum and tested with its best weights. --recipe none keeps jacmatch's dataclass "
-                    f"defaults ({objective_text(vars(ObjectiveConfig()))}, SGD) under --config and --set.")
+                    f"defaults ({describe_terms(build_terms(ObjectiveConfig()))}, SGD) under --config and --set.")
     add_run_options(p, "distill")
     p.set_defaults(run=lambda a: _run_training(a, "distill"))

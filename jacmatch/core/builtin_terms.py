@@ -37,6 +37,9 @@ class CrossEntropyLoss(Term):
 
     key = "ce"
 
+    def describe(self):
+        return "CE"
+
     def value(self, logits: Tensor, labels: Tensor) -> Tensor:
         return F.cross_entropy(logits, labels)
 
@@ -68,6 +71,9 @@ class KDLoss(Term):
 
     def extra_repr(self):
         return f"weight={self.weight:g}, temperature={self.temperature:g}, form={self.form!r}"
+
+    def describe(self):
+        return f"KD (τ = {self.temperature:g}" + (f", {self.form}" if self.form != "kl" else "") + ")"
 
 
 @register_term("beta")
@@ -136,6 +142,9 @@ class JacobianMatchingLoss(Term):
     def extra_repr(self):
         e = self.estimator
         return f"weight={self.weight:g}, estimator={e.name!r}, form={e.form!r}"
+
+    def describe(self):
+        return f"JM ({self.estimator.form}, {self.estimator.name})"
 
 
 @register_term("gamma")
@@ -256,6 +265,9 @@ class _Noise(Term):
 
     def extra_repr(self):
         return f"weight={self.weight:g}, sigma={self.sigma:g}, draws={self.draws}"
+
+    def describe(self):
+        return f"{self.key.upper()} on noise (σ = {self.sigma:g}, {self.draws} draws)"
 
 
 class NoiseTrainingLoss(_Noise):

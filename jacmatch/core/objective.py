@@ -33,7 +33,7 @@ from . import builtin_terms  # noqa: F401  (registers the built-in terms)
 from .terms import TERMS, FeatureTaps, Step, TeacherTargets, Term, OutputLogits, teacher_targets
 
 __all__ = ["ObjectiveConfig", "TEACHER_OBJECTIVE", "DeadStudentWarning", "TransferObjective", "FeatureTaps",
-           "JM_OUTPUTS", "build_terms", "rows_per_sample"]
+           "JM_OUTPUTS", "build_terms", "describe_terms", "rows_per_sample"]
 
 
 class DeadStudentWarning(UserWarning):
@@ -168,6 +168,11 @@ def _user_term(spec: str, options: dict) -> Term:
         return cls(**options)
     except TypeError as exc:
         raise UsageError(f"objective term {spec!r} does not take {sorted(options)}: {exc}") from None
+
+
+def describe_terms(terms: Sequence[Term]) -> str:
+    """Terms in one line, each with its weight: what ``jacmatch distill`` prints."""
+    return " + ".join(f"{t.weight:g}·{t.describe()}" for t in terms)
 
 
 def rows_per_sample(terms: Sequence[Term], num_classes: int) -> int:
@@ -311,6 +316,10 @@ class TransferObjective(nn.Module):
         would move its BatchNorm statistics at every step)."""
         if self.teacher is not None and self.teacher.training:
             self.teacher.eval()
+
+    def describe(self) -> str:
+        """The objective in one line, from its terms: ``1·CE + 1·KD (τ = 8) + 10·JM (normalized, teacher_top1)``."""
+        return describe_terms(self.term_list)
 
     def reset_teacher(self) -> None:
         """Drop the fast copy of the teacher (rebuilt from the teacher at the next step)."""

@@ -217,6 +217,12 @@ class Term(nn.Module):
     def extra_repr(self) -> str:
         return f"weight={self.weight:g}"
 
+    def describe(self) -> str:
+        """The term in a line of the objective's summary, without its weight: its key and its
+        settings (a built-in term says it in the method's notation, ``KD (τ = 8)``)."""
+        settings = ", ".join(p for p in self.extra_repr().split(", ") if p and not p.startswith("weight="))
+        return self.key + (f" ({settings})" if settings else "")
+
 
 def teacher_targets(teacher: Callable, terms: Sequence[Term], x: Tensor, y: Tensor | None, *,
                     generator: torch.Generator | None = None, full_jacobian: bool = False) -> TeacherTargets:

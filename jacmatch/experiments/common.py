@@ -179,8 +179,10 @@ RECORD_SUM = "record_sha256"
 
 
 def _record_digest(value: dict) -> str:
-    body = {k: v for k, v in value.items() if k != RECORD_SUM}
-    return hashlib.sha256(json.dumps(body, sort_keys=True, allow_nan=False).encode()).hexdigest()
+    """The SHA-256 of ``value`` as JSON reads it back (integer keys become strings, tuples
+    lists), without its checksum, keys sorted."""
+    body = json.loads(json.dumps({k: v for k, v in value.items() if k != RECORD_SUM}, allow_nan=False))
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 
 def write_result(path: Path, value: dict) -> None:
