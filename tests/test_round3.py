@@ -555,3 +555,9 @@ def test_a_result_with_integer_keys_reads_back_through_its_checksum(tmp_path):
     from jacmatch.experiments.common import read_json, write_result
     write_result(tmp_path / "r.json", {"by_n": {1: 0.5, 10: 0.7, 5: 0.6}, "pair": (1, 2)})
     assert read_json(tmp_path / "r.json")["by_n"] == {"1": 0.5, "10": 0.7, "5": 0.6}  # (it failed its own checksum)
+
+
+def test_a_result_whose_keys_collide_as_strings_is_written_as_it_reads_back(tmp_path):
+    from jacmatch.experiments.common import read_json, write_result
+    write_result(tmp_path / "r.json", {"costs": {1: 0.5, "1": 0.7}})  # an int key beside its string: JSON has one
+    assert read_json(tmp_path / "r.json")["costs"] == {"1": 0.7}

@@ -186,7 +186,9 @@ def _record_digest(value: dict) -> str:
 
 
 def write_result(path: Path, value: dict) -> None:
-    """A result file or run record, with its checksum (:data:`RECORD_SUM`), atomically."""
+    """A result file or run record, with its checksum (:data:`RECORD_SUM`), atomically; written
+    as JSON reads it back (a mapping whose keys collide as strings keeps the last, as a reader would)."""
+    value = json.loads(json.dumps(value, allow_nan=False))
     write_json_atomic(path, {**value, RECORD_SUM: _record_digest(value)})
 
 
