@@ -534,7 +534,7 @@ def test_channels_and_image_size_apply_to_arrays_datasets_and_hugging_face(tmp_p
 
 def test_measurement_commands_never_write_over_what_they_read(tmp_path, capsys):
     """estimators reads the committed teacher; check-model --dataset reads the data."""
-    from jacmatch.experiments.estimators import TEACHER
+    from jacmatch.bench.estimators import TEACHER
     root = Path(__file__).resolve().parent.parent
     teacher = root / TEACHER
     before = hashlib.sha256(teacher.read_bytes()).hexdigest()

@@ -24,7 +24,7 @@ def jacmatch(*args, cwd):
 
 @pytest.mark.slow
 def test_every_experiment_section_and_the_report_quick(tmp_path):
-    from jacmatch.experiments.converge import PATIENCE_OF
+    from jacmatch.paper.converge import PATIENCE_OF
     jacmatch("experiment", "all", "--quick", cwd=tmp_path)
     out = tmp_path / "results" / "quick"
     for name in ("teacher", "distill", "robustness", "transfer", "verify"):
@@ -194,8 +194,8 @@ def _fake_rows(val_acc: dict, trained: list):
 def test_a_section_doubles_its_epochs_while_its_baseline_still_gains_at_twice_them():
     from dataclasses import replace
 
-    from jacmatch.experiments import growth as growth_rule
-    from jacmatch.experiments import paper
+    from jacmatch.paper import growth as growth_rule
+    from jacmatch.paper import protocol as paper
     lay = paper.Layout(profile=replace(paper.FULL, budget_growths=2))
     trained = []  # CE gains 3 points from 8 to 16 epochs, then 0.2 from 16 to 32: 16 epochs it is
     cells, checks, epochs, growth = growth_rule.until_converged(lay, 8, _fake_rows({8: .80, 16: .83, 32: .832}, trained),
@@ -218,7 +218,7 @@ def test_a_section_doubles_its_epochs_while_its_baseline_still_gains_at_twice_th
 def test_a_baseline_at_twice_its_epochs_is_the_run_its_row_grows_into():
     """The check's folder at twice the epochs is the row's own at them, so growing reuses it;
     the config's epochs keep the names the committed records have."""
-    from jacmatch.experiments.growth import epochs_tag as _epochs_tag
+    from jacmatch.paper.growth import epochs_tag as _epochs_tag
     assert _epochs_tag("CE_full_s0", 8, 8) == "CE_full_s0"
     assert _epochs_tag("CE_full_s0", 16, 8) == "CE_full_e16_s0"
     assert _epochs_tag("finetune_n5_s12", 32, 8) == "finetune_n5_e32_s12"
@@ -227,7 +227,7 @@ def test_a_baseline_at_twice_its_epochs_is_the_run_its_row_grows_into():
 def test_every_paper_student_takes_the_same_number_of_steps():
     """The distillation grid gives every n the same step budget (to within one epoch),
     counted by the trainer's own batching: larger n, longer epochs, fewer of them."""
-    from jacmatch.experiments import paper
+    from jacmatch.paper import protocol as paper
     from jacmatch.training import config_from_dict
     from jacmatch.training.config import merge_values
     from jacmatch.training.distributed import DistInfo
@@ -247,13 +247,13 @@ def test_bench_quick_writes_valid_json(tmp_path):
     ratios, seconds = b["shapes"]["mnist-like"]["ratios"], b["shapes"]["mnist-like"]["seconds"]
     assert ratios["jm_over_kd"] == pytest.approx(seconds["jm_step"] / seconds["kd_step"])
     assert ratios["proj_over_top1"] == pytest.approx(seconds["jm_proj_step"] / seconds["jm_step"])
-    from jacmatch.experiments.bench import DEFAULT_STEPS
+    from jacmatch.bench.speed import DEFAULT_STEPS
     assert set(seconds) == set(DEFAULT_STEPS) and ratios["library_over_handwritten"] > 0
     assert b["shapes"]["mnist-like"]["peak_bytes"].keys() == seconds.keys()
 
 
 def test_bench_plans():
-    from jacmatch.experiments.bench import DEFAULT_STEPS, Plan
+    from jacmatch.bench.speed import DEFAULT_STEPS, Plan
     assert Plan.choose().steps == DEFAULT_STEPS and not Plan.choose().scaling
     assert Plan.choose(only="kd,jm,jm_proj").steps == ("kd_step", "jm_step", "jm_proj_step")
     assert Plan.choose(only="teacher_forward,jm_step_cached").steps == ("teacher_forward", "jm_step_cached")
@@ -289,7 +289,7 @@ def test_cifar_configs_run_on_cifar_format_files(tmp_path, config, teacher_model
 
 
 def test_results_carry_provenance_and_the_report_refuses_mixed_data(tmp_path):
-    from jacmatch.experiments.report_sections import check_one_data_set
+    from jacmatch.report.sections import check_one_data_set
     from jacmatch.training import config_from_dict, train
     results = train(config_from_dict({"out_dir": str(tmp_path / "r"), "data": {"name": "synthetic"},
                                       "model": {"name": "small_cnn_4"}, "objective": {"beta": 0, "gamma": 0},
@@ -317,8 +317,8 @@ def test_a_budget_check_flags_a_gain_as_not_converged_and_names_a_loss():
     assert _check_flag(CONVERGED_GAIN - 0.01) == "" and _check_flag(-CONVERGED_GAIN + 0.01) == ""
     assert _check_flag(CONVERGED_GAIN) == " **not converged**" and _check_flag(3.0) == " **not converged**"
     assert _check_flag(-2.1) == " (lower when trained longer)"
-    from jacmatch.experiments.claims import _transfer_view
-    from jacmatch.experiments.claims import claim_label as _claim_label
+    from jacmatch.report.claims import _transfer_view
+    from jacmatch.report.claims import claim_label as _claim_label
     cells = {"CE+AT (2× epochs)|5": {"val_gain": -2.1}, "CE (scratch) (2× epochs)|5": {"val_gain": 0.2}, "CE|5": {}}
     assert _transfer_view({"cells": cells}) == " (at its baselines' convergence)"
     assert _claim_label("(d) x" + _transfer_view({"cells": cells})) == "(d), at its baselines' convergence"
@@ -339,7 +339,7 @@ def test_report_regenerates_the_committed_report_byte_for_byte(tmp_path, monkeyp
     of the committed JSONs: nothing in them was typed by hand or left stale."""
     import shutil
 
-    from jacmatch.experiments import report
+    from jacmatch.report import document as report
     shutil.copytree(ROOT / "results", tmp_path / "results")
     (tmp_path / "docs").mkdir()
     for name in ("README.md", "BENCHMARKS.md", "docs/experiments.md"):
@@ -354,7 +354,7 @@ def test_a_selection_grows_its_grid_until_the_choice_is_inside():
     """An edge that wins extends the grid at its own spacing; the record says where it ended."""
     import dataclasses
 
-    from jacmatch.experiments import paper
+    from jacmatch.paper import protocol as paper
     profile = dataclasses.replace(paper.QUICK, grids={"w": (1.0, 10.0, 100.0)}, selection_seeds=(0, 1))
     lay = paper.Layout(profile=profile)
 
@@ -378,7 +378,7 @@ def test_a_converged_cell_grows_its_maximum_and_trains_again_only_the_seeds_that
     test_training pins); the cell reports the grown maximum and seed 1's longer run."""
     import dataclasses
 
-    from jacmatch.experiments import converge, paper
+    from jacmatch.paper import converge, protocol as paper
     lay = paper.Layout(profile=dataclasses.replace(paper.QUICK, seeds=(0, 1), converge_steps=100, converge_growths=2))
     trained, kept = [], []
 
@@ -461,8 +461,8 @@ def test_a_run_keeps_its_weights_as_it_finishes_and_a_cut_part_does_not_train_th
 
 
 def test_a_complete_section_removes_the_kept_weights_that_no_cell_names(tmp_path):
-    from jacmatch.experiments import paper
-    from jacmatch.experiments.converge import unnamed_weights
+    from jacmatch.paper import protocol as paper
+    from jacmatch.paper.converge import unnamed_weights
     lay = paper.Layout(root=tmp_path, profile=paper.QUICK)
     (lay.records / "converge").mkdir(parents=True)
     for name in ("CE_n5_s0_max100_p2", "CE_n5_s0_max200_p2", "CE_n5_s0_max200_p4"):  # grown, named, a check's
@@ -476,8 +476,8 @@ def test_a_complete_section_removes_the_kept_weights_that_no_cell_names(tmp_path
 
 
 def test_the_carried_folder_holds_the_longest_finished_run_of_each_seed_of_the_cell_in_progress(tmp_path):
-    from jacmatch.experiments import paper
-    from jacmatch.experiments.converge import CARRIED, carry
+    from jacmatch.paper import protocol as paper
+    from jacmatch.paper.converge import CARRIED, carry
     lay = paper.Layout(root=tmp_path, profile=paper.QUICK)
 
     def run(name, epochs, finished=True):
@@ -507,7 +507,7 @@ def test_a_baseline_whose_budget_check_gains_trains_with_twice_the_patience(monk
     shown is the last, at four times; CE's first check gains 0.2: nothing grows."""
     import dataclasses
 
-    from jacmatch.experiments import converge, paper
+    from jacmatch.paper import converge, protocol as paper
     lay = paper.Layout(profile=dataclasses.replace(paper.QUICK, seeds=(0,), converge_steps=100, converge_patience=2,
                                                    converge_patience_growths=2))
     acc = {"FM": {2: .80, 4: .83, 8: .832}, "CE": {2: .70, 4: .702}}
@@ -551,7 +551,7 @@ def test_a_baseline_whose_budget_check_gains_trains_with_twice_the_patience(monk
 def test_the_converged_findings_name_the_grown_patience_and_a_baseline_still_gaining():
     """The findings give each check's gain with the patience it doubled where that grew, and
     name a baseline that still gains at the largest patience the rule allows."""
-    from jacmatch.experiments.report_distill import _converge_findings
+    from jacmatch.report.distill import _converge_findings
 
     def cell(row, patience, val_gain=None):
         acc = {"mean": .5, "std": 0, "ci95": 0, "n": 1, "values": [.5]}
@@ -571,7 +571,7 @@ def test_the_converged_findings_name_the_grown_patience_and_a_baseline_still_gai
 def test_a_resumed_section_keeps_the_fastest_step_cost_of_its_invocations():
     """Load on the machine only slows a step: per row and n the smaller measurement is kept,
     and counted; another layout's costs are not mixed in."""
-    from jacmatch.experiments.converge import kept_costs
+    from jacmatch.paper.converge import kept_costs
     now = {"CE": {"1": 0.004, "5": 0.010}, "FM": {"1": 0.013, "5": 0.020}}
     before = {"step_seconds": {"CE": {"1": 0.005, "5": 0.009}, "FM": {"1": 0.011, "5": 0.030}},
               "step_cost_measurements": 2}
@@ -586,7 +586,7 @@ def test_a_committed_teacher_is_re_evaluated_and_gains_provenance(tmp_path):
     import dataclasses
     import shutil
 
-    from jacmatch.experiments import paper
+    from jacmatch.paper import protocol as paper
     quick = paper.Layout(root=tmp_path, profile=paper.QUICK)
     record = paper.teacher_section(quick)  # a quick teacher, trained here
     lay = paper.Layout(root=tmp_path, profile=dataclasses.replace(paper.QUICK, committed_teacher=True))
@@ -607,8 +607,8 @@ def test_the_step_budget_rule_and_its_cap():
     """A student's budget: the chosen steps (capped), at least 40 passes, at most 1600 steps;
     at the n where the budget is checked, the budget chosen there on validation; the report
     says when the cap bound, and where the budget was chosen at the check."""
-    from jacmatch.experiments import paper
-    from jacmatch.experiments import report_distill as report
+    from jacmatch.paper import protocol as paper
+    from jacmatch.report import distill as report
     values, full = paper.run_config("distill"), paper.FULL
     assert [paper._budget(full, n, values, 800) for n in full.samples] == [400, 400, 400, 400, 400, 1600]
     assert [paper._budget(full, n, values, 200) for n in full.samples] == [200, 200, 200, 200, 320, 1600]
@@ -626,7 +626,7 @@ def test_the_step_budget_rule_and_its_cap():
 def test_noisy_kd_at_jm_cost_gets_its_own_row_when_it_needs_more_than_one_draw():
     import dataclasses
 
-    from jacmatch.experiments import paper
+    from jacmatch.paper import protocol as paper
     assert list(paper._noisy_rows(paper.FULL)) == ["noisy KD M=1"]
     rows = paper._noisy_rows(dataclasses.replace(paper.FULL, noise_draws_equal=3))
     assert list(rows) == ["noisy KD M=1", "noisy KD M=3"]
@@ -636,7 +636,7 @@ def test_noisy_kd_at_jm_cost_gets_its_own_row_when_it_needs_more_than_one_draw()
 
 
 def test_a_findings_label_names_the_claims_view_and_part():
-    from jacmatch.experiments.claims import claim_label as _claim_label
+    from jacmatch.report.claims import claim_label as _claim_label
     assert _claim_label("(b) Jacobian matching improves distillation (at convergence)") == "(b), at convergence"
     assert _claim_label("(b) … most with few samples (at convergence)") == "(b) … most with few samples, at convergence"
     assert _claim_label("(d) attention transfer plus Jacobians helps transfer") == "(d)"

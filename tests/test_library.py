@@ -429,10 +429,12 @@ def test_every_function_reads_in_one_screen():
 
 #: Layers of the package, bottom up: an import may point only to a lower layer (or within
 #: its own package). The maths at the bottom (the package's own __init__ is its face); data
-#: and models beside it; training above; integrations and experiments on top of training;
-#: the command line over everything.
+#: and models beside it; training above; the integrations and what the experiments share
+#: (experiments: runs, records, rows, figures, tools) on top of training; the paper's sections
+#: and the benchmarks side by side above them (neither imports the other); the report over
+#: both; the command line over everything.
 LAYERS = {"errors": 0, "atomic": 0, "_imports": 0, "_extras": 0, "registry": 0.5, "core": 1, "data": 2, "models": 2,
-          "training": 3, "integrations": 4, "experiments": 4, "cli": 5, "__main__": 6}
+          "training": 3, "integrations": 4, "experiments": 4, "paper": 5, "bench": 5, "report": 6, "cli": 7, "__main__": 8}
 
 
 def import_graph(root: Path) -> dict[str, set[str]]:
@@ -516,7 +518,13 @@ def test_the_import_check_finds_an_upward_arrow_and_a_cycle(tmp_path):
     (pkg / "core" / "c.py").write_text("from . import d\n")
     (pkg / "core" / "d.py").write_text("from .c import x\n")
     (pkg / "training" / "b.py").write_text("from ..core import a\n")
+    for floor in ("paper", "bench"):  # a sideways arrow between two floors of one layer
+        (pkg / floor).mkdir()
+        (pkg / floor / "__init__.py").write_text("")
+    (pkg / "paper" / "protocol.py").write_text("ROWS = 1\n")
+    (pkg / "bench" / "speed.py").write_text("from ..paper.protocol import ROWS\n")
     problems = import_problems(pkg)
+    assert "jacmatch.bench.speed imports jacmatch.paper.protocol, which is not below it" in problems
     assert "jacmatch.core.a imports jacmatch.training.b, which is not below it" in problems
     assert any(p.startswith("cycle: jacmatch.core.a -> jacmatch.training.b") for p in problems), problems
     assert any(p.startswith("cycle: jacmatch.core.c -> jacmatch.core.d") for p in problems), problems

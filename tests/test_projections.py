@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from jacmatch.core import jacobian as J
-from jacmatch.experiments.estimators import projection_variance
+from jacmatch.bench.estimators import projection_variance
 
 
 def gram(seed=0, k=10, d=40, rank=4):

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from jacmatch.cli import main
-from jacmatch.experiments.converge import CONVERGE_ROWS, RECIPE_OF, _recipes
+from jacmatch.paper.converge import CONVERGE_ROWS, RECIPE_OF, _recipes
 from jacmatch.training import config_from_dict, recipe, train
 from jacmatch.training.config import config_to_dict
 from jacmatch.training.recipes import FEW_SAMPLES, RECIPES, choose, resolve_recipe, rule
@@ -219,7 +219,7 @@ def test_no_recipe_kills_a_student(tmp_path, digits_teacher, n):
 
 
 def test_the_readme_answers_which_recipe_from_the_result_file():
-    from jacmatch.experiments.report import recipe_table
+    from jacmatch.report.document import recipe_table
     table = recipe_table(CONVERGE)
     assert "| 1 | `fm+jm` | 69.3 ± 3.6 |" in table and "| 500 | `paper` | 88.9 ± 0.6 |" in table
     assert table in (ROOT / "README.md").read_text()
@@ -239,7 +239,7 @@ def test_a_shipped_protocol_is_trained_as_written_not_under_auto(name):
 
 
 def test_the_reports_product_table_sets_the_default_command_beside_the_best_row():
-    from jacmatch.experiments.report_sections import product_text
+    from jacmatch.report.sections import product_text
     cells = {f"{row}|{n}": {"acc": {"mean": m, "ci95": 0.02}}
              for n in (1, 10) for row, m in (("CE+KD", 0.5), ("CE+KD+JM", 0.55), ("FM", 0.6), ("FM+JM", 0.7))}
 

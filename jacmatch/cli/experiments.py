@@ -30,28 +30,28 @@ def _spare(a, *reads: tuple[str, Path]) -> None:
 
 def _bench(a):
     if a.only == "data":
-        from ..experiments.bench_data import TEACHER
-        from ..experiments.bench_data import main as data_main
+        from ..bench.data import TEACHER
+        from ..bench.data import main as data_main
         _spare(a, ("the committed teacher", TEACHER))
         data_main(a.json, quick=a.quick)
         return
-    from ..experiments.bench import Plan, main
+    from ..bench.speed import Plan, main
     main(a.json, a.device, a.plot, a.profile, Plan.choose(a.only, a.full, a.shape, smoke=a.quick))
 
 
 def _estimators(a):
-    from ..experiments.estimators import TEACHER, main
+    from ..bench.estimators import TEACHER, main
     _spare(a, ("the committed teacher", TEACHER))
     main(a.json, a.samples, a.draws, a.seed)
 
 
 def _experiment(a):
-    from ..experiments.sections import main
+    from ..paper.sections import main
     main(a.section, a.quick, a.out)
 
 
 def _report(a):
-    from ..experiments.report import main
+    from ..report.document import main
     main(a.results)
 
 

@@ -3,8 +3,8 @@ teacher (clean, under test noise, between test points), and its paired differenc
 
 from __future__ import annotations
 
-from .records import Cell, Summary
-from .report_text import img, missing, pm, table
+from ..experiments.records import Cell, Summary
+from ..experiments.report_text import img, missing, pm, table
 
 __all__ = ["fidelity_text", "agreement_at", "FIDELITY_SIGMA"]
 

@@ -13,13 +13,13 @@ import shutil
 import time
 from pathlib import Path
 
-from . import rows as R
+from ..experiments import rows as R
 from ..errors import UsageError
 from ..training.recipes import recipe_values
-from .common import (RUN_STATE, converged, epochs_trained, load_json, summarize, summarize_runs, with_provenance,
-                     write_section)
-from .paper import (FULL, ROWS, Layout, epochs_for_steps, fill_placeholders, run_config, select_on_validation, teacher_path,
-                    total_run_seconds)
+from ..experiments.common import (RUN_STATE, converged, epochs_trained, load_json, summarize, summarize_runs, with_provenance,
+                                  write_section)
+from .protocol import (FULL, ROWS, Layout, epochs_for_steps, fill_placeholders, run_config, select_on_validation, teacher_path,
+                       total_run_seconds)
 
 
 CONVERGE_ROWS = (R.CE, R.CE_KD, R.CE_JM, R.CE_KD_JM, R.FM, R.FM_JM)
@@ -143,7 +143,7 @@ def step_costs(lay, recipes: dict, teacher: str) -> dict[str, dict[str, float]]:
     import tempfile
 
     from ..training import config_from_dict, train
-    from .common import run_history
+    from ..experiments.common import run_history
     out: dict[str, dict[str, float]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for n in lay.profile.samples:

@@ -7,10 +7,10 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from . import rows as R
-from .common import summarize_runs, with_provenance, write_result
-from .paper import (Layout, Profile, committed_teacher_record, fill_placeholders, placeholder_trainer, run_config,
-                    select_on_validation, total_run_seconds, train_teacher)
+from ..experiments import rows as R
+from ..experiments.common import summarize_runs, with_provenance, write_result
+from .protocol import (Layout, Profile, committed_teacher_record, fill_placeholders, placeholder_trainer, run_config,
+                       select_on_validation, total_run_seconds, train_teacher)
 from .growth import epochs_tag as _epochs_tag
 from .growth import until_converged as _until_converged
 

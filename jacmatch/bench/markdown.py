@@ -7,8 +7,8 @@ from pathlib import Path
 
 from .._extras import require
 from ..atomic import save_figure, write_atomic
-from .common import load_json
-from .report_text import signed
+from ..experiments.common import load_json
+from ..experiments.report_text import signed
 
 __all__ = ["plot_scaling", "format_table", "format_data", "write_benchmarks"]
 

@@ -6,19 +6,19 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from . import rows as R
+from ..experiments import rows as R
 from ..errors import UsageError
-from .common import read_json, with_provenance, write_result
+from ..experiments.common import read_json, with_provenance, write_result
 from .converge import converge_section
 from .fidelity import fidelity_section
-from .figures import plot_gradients
-from .paper import FULL, QUICK, Layout, teacher_path, distill_section, run_config, teacher_section
+from ..experiments.figures import plot_gradients
+from .protocol import FULL, QUICK, Layout, teacher_path, distill_section, run_config, teacher_section
 from .robustness import robustness_section
 from .transfer import transfer_section
 
 
 def verify_section(lay: Layout) -> dict:
-    from .verify import main as verify_main
+    from ..experiments.verify import main as verify_main
     start = time.time()
     records = verify_main(None, str(lay.out / "verify.png"), **lay.profile.verify)
     summary = {"records": records, "section_seconds": time.time() - start}

@@ -21,12 +21,12 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import rows as R
+from ..experiments import rows as R
 from ..errors import UsageError
 from ..training import TeacherGradients, load_checkpoint
 from ..training.config import load_config, merge_values
 from ..training.results import loop_seconds
-from .common import load_json, run_or_load, summarize, summarize_runs, with_provenance, write_result, write_section
+from ..experiments.common import load_json, run_or_load, summarize, summarize_runs, with_provenance, write_result, write_section
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "paper"
 

@@ -27,8 +27,8 @@ import torch
 
 from ..atomic import write_json_atomic
 from ..training import config_from_dict, train
-from .bench_report import format_data
-from .common import machine_record
+from .markdown import format_data
+from ..experiments.common import machine_record
 
 __all__ = ["run_data_bench", "main"]
 

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import re
 
-from . import rows as R
-from .common import converged
-from .report_distill import equal_time_pairs, small_over_large
-from .report_fidelity import FIDELITY_SIGMA, agreement_at
-from .paper import transfer_classes
-from .report_text import cores, evidence, holds, paired_by_n, signed, span, verdict_of
+from ..experiments import rows as R
+from ..experiments.common import converged
+from .distill import equal_time_pairs, small_over_large
+from .fidelity import FIDELITY_SIGMA, agreement_at
+from ..paper.protocol import transfer_classes
+from ..experiments.report_text import cores, evidence, holds, paired_by_n, signed, span, verdict_of
 
 __all__ = ["claims", "verdicts", "claim_label", "verdict_table"]
 

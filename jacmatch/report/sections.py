@@ -5,12 +5,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from . import rows as R
+from ..experiments import rows as R
 from ..errors import UsageError
-from .common import read_json, summarize
-from .figures import noise_sigmas
-from .paper import SECTION_MINUTES, transfer_classes
-from .report_text import check_flag, chosen_values, img, missing, paired, pm, signed, span
+from ..experiments.common import read_json, summarize
+from ..experiments.figures import noise_sigmas
+from ..paper.protocol import SECTION_MINUTES, transfer_classes
+from ..experiments.report_text import check_flag, chosen_values, img, missing, paired, pm, signed, span
 
 __all__ = ["robust_text", "budget_checks", "transfer_text", "verify_text", "section_time", "check_one_data_set",
            "load_product", "product_text"]

@@ -3,12 +3,12 @@
 
 from __future__ import annotations
 
-from . import rows as R
-from .common import CONVERGED_GAIN, converged
-from .records import Section
-from .figures import main_rows
-from .report_text import (check_gain, chosen_values, cores, holds, img, missing, paired, paired_by_n, pm, reached_text,
-                          signed, table)
+from ..experiments import rows as R
+from ..experiments.common import CONVERGED_GAIN, converged
+from ..experiments.records import Section
+from ..experiments.figures import main_rows
+from ..experiments.report_text import (check_gain, chosen_values, cores, holds, img, missing, paired, paired_by_n, pm,
+                                       reached_text, signed, table)
 
 __all__ = ["teacher_text", "teacher_findings", "distill_rows", "distill_text", "converge_text", "small_over_large",
            "budget_pair", "budget_findings", "equal_time_pairs", "at_time", "EQUAL_TIME_PAIRS"]

@@ -14,11 +14,11 @@ from __future__ import annotations
 import json
 import time
 
-from . import rows as R
+from ..experiments import rows as R
 from ..errors import UsageError
-from .common import load_json, summarize, with_provenance, write_section
+from ..experiments.common import load_json, summarize, with_provenance, write_section
 from .converge import CONVERGE_ROWS
-from .paper import FULL, Layout, run_config
+from .protocol import FULL, Layout, run_config
 
 __all__ = ["fidelity_section"]
 

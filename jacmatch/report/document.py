@@ -13,16 +13,15 @@ import re
 from pathlib import Path
 
 from ..atomic import write_atomic
-from .bench_report import write_benchmarks
+from ..bench.markdown import write_benchmarks
 from .claims import claim_label, verdict_table, verdicts
-from .common import load_json
-from .figures import draw_report_figures
-from .report_distill import budget_findings, converge_text, distill_text, teacher_findings, teacher_text
-from .report_fidelity import fidelity_text
-from .report_sections import (check_one_data_set, load_product, product_text, robust_text, section_time,
-                              transfer_text, verify_text)
-from .paper import SECTION_MINUTES
-from .report_text import cores, img, missing
+from ..experiments.common import load_json
+from ..experiments.figures import draw_report_figures
+from .distill import budget_findings, converge_text, distill_text, teacher_findings, teacher_text
+from .fidelity import fidelity_text
+from .sections import check_one_data_set, load_product, product_text, robust_text, section_time, transfer_text, verify_text
+from ..paper.protocol import SECTION_MINUTES
+from ..experiments.report_text import cores, img, missing
 
 RESULTS = Path("results")
 SECTIONS = ("teacher", "distill", "robustness", "transfer", "verify", "converge", "fidelity")

@@ -4,8 +4,8 @@ twice them (``common.converged``)."""
 
 from __future__ import annotations
 
-from . import rows as R
-from .common import converged, summarize_runs
+from ..experiments import rows as R
+from ..experiments.common import converged, summarize_runs
 
 __all__ = ["epochs_tag", "check_cell", "until_converged"]
 

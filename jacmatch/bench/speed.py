@@ -27,8 +27,8 @@ from ..core.losses import jacobian_matching_loss, kd_loss
 from ..core.objective import ObjectiveConfig, TransferObjective
 from ..errors import UsageError
 from ..models import create_model
-from .bench_report import format_table, plot_scaling
-from .common import machine_record
+from .markdown import format_table, plot_scaling
+from ..experiments.common import machine_record
 
 __all__ = ["main", "run_bench"]
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import time
 
-from . import rows as R
-from .common import summarize_runs, with_provenance, write_result
+from ..experiments import rows as R
+from ..experiments.common import summarize_runs, with_provenance, write_result
 from .growth import epochs_tag as _epochs_tag
 from .growth import until_converged as _until_converged
-from .paper import Layout, total_run_seconds, run_config
+from .protocol import Layout, total_run_seconds, run_config
 
 
 SIGMA_TRAIN = 0.3
