@@ -39,6 +39,7 @@ def test_mlflow_holds_the_config_every_epoch_the_results_and_the_student_and_a_r
     final = client.get_run(run_id)
     assert final.data.metrics["final/test/acc"] == pytest.approx(results["final"]["test"]["acc"])
     assert {a.path for a in client.list_artifacts(run_id)} >= {"results.json", "metrics.jsonl", "config.yaml", "last.pt"}
+    assert (tmp_path / "mlartifacts").is_dir()  # beside the local store, not in the working directory
     assert final.info.status == "FINISHED"
 
 

@@ -11,7 +11,8 @@ tracked run it started (its ids are kept in the run folder's ``tracking.json``),
 that fails is marked failed.
 
 - MLflow: to ``tracking_uri`` (else ``$MLFLOW_TRACKING_URI``, else a local SQLite store,
-  ``./mlflow.db``), in the experiment ``tracking_project``; ``tracking_group`` is a tag.
+  ``./mlflow.db``, its artifacts in ``mlartifacts/`` beside it), in the experiment
+  ``tracking_project``; ``tracking_group`` is a tag.
 - W&B: the project ``tracking_project`` and the group ``tracking_group``, under the run
   folder; ``WANDB_MODE=offline`` is honoured (``wandb sync`` uploads it later).
 """
@@ -117,7 +118,10 @@ class MLflowLogger:
             return
         project = cfg.tracking_project
         found = self.client.get_experiment_by_name(project)
-        experiment = found.experiment_id if found is not None else self.client.create_experiment(project)
+        store = uri.removeprefix("sqlite:///") if uri.startswith("sqlite:///") else None  # a local store: its
+        artifacts = (Path(store).resolve().parent / "mlartifacts").as_uri() if store else None  # files beside it
+        experiment = found.experiment_id if found is not None else self.client.create_experiment(
+            project, artifact_location=artifacts)
         tags = {"jacmatch.out_dir": str(out.resolve()), **({"jacmatch.group": cfg.tracking_group}
                                                            if cfg.tracking_group else {})}
         self.run_id = self.client.create_run(experiment, run_name=out.name, tags=tags).info.run_id
