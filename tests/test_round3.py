@@ -33,6 +33,16 @@ def _pngs(folder: Path, n: int, size: int = 8):
         Image.fromarray(rng.integers(0, 255, (size, size), dtype=np.uint8), "L").save(folder / f"{i}.png")
 
 
+def _folder_with_a_truncated_test_image(root: Path, broken: str) -> Path:
+    """train/ and test/ with 3 classes of 6 PNGs each; the test image ``broken`` cut to 60 bytes."""
+    for c in ("a", "b", "c"):
+        _pngs(root / "train" / c, 6)
+        _pngs(root / "test" / c, 6)
+    path = root / "test" / broken
+    path.write_bytes(path.read_bytes()[:60])
+    return root
+
+
 # ---- 1. TensorBoard gets every number of an epoch's record, the nested fidelity too ------------
 
 
@@ -80,12 +90,7 @@ def test_interpolated_fidelity_leaves_out_only_the_pairs_of_an_unreadable_sample
     from jacmatch.data import create_dataset
     from jacmatch.data.sources import Loading
     from jacmatch.training import evaluate
-    root = tmp_path / "d"
-    for c in ("a", "b", "c"):
-        _pngs(root / "train" / c, 6)
-        _pngs(root / "test" / c, 6)
-    broken = root / "test" / "b" / "2.png"
-    broken.write_bytes(broken.read_bytes()[:60])
+    root = _folder_with_a_truncated_test_image(tmp_path / "d", "b/2.png")
     data = create_dataset(str(root), val_size=0, loading=Loading(on_bad_sample="skip"))
     torch.manual_seed(0)
     student, teacher = (nn.Sequential(nn.Flatten(), nn.Linear(64, 3)) for _ in range(2))
@@ -108,12 +113,7 @@ def test_interpolated_fidelity_leaves_out_only_the_pairs_of_an_unreadable_sample
 
 
 def test_a_run_with_an_unreadable_test_image_finishes(tmp_path):
-    root = tmp_path / "d"
-    for c in ("a", "b", "c"):
-        _pngs(root / "train" / c, 6)
-        _pngs(root / "test" / c, 6)
-    broken = root / "test" / "a" / "0.png"
-    broken.write_bytes(broken.read_bytes()[:60])
+    root = _folder_with_a_truncated_test_image(tmp_path / "d", "a/0.png")
     skip = ["--set", "data.on_bad_sample=skip", "--set", "data.val_size=0", "--set", "data.workers=0"]
     assert main(["train-teacher", "--dataset", str(root), *TINY, *skip, "--out", str(tmp_path / "t")]) == 0
     assert main(["distill", "--recipe", "none", "--teacher", str(tmp_path / "t" / "last.pt"), "--dataset", str(root),
