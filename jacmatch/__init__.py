@@ -18,7 +18,7 @@ from .core.objective import TEACHER_OBJECTIVE, ObjectiveConfig, TransferObjectiv
 from .core.outputs import logits_of
 from .core.builtin_terms import (AttentionJacobianLoss, AttentionTransferLoss, CrossEntropyLoss, JacobianMatchingLoss,
                                  JacobianPenalty, KDLoss, NoiseTrainingLoss, NoisyDistillationLoss)
-from .core.terms import FeatureTaps, Term, list_terms
+from .core.terms import FeatureTaps, Needs, Term, list_terms
 from .errors import UsageError
 
 __version__ = "0.2.0"
@@ -29,7 +29,7 @@ __all__ = [
     "all_outputs", "math_attention", "jacobian_matching_loss", "jacobian_penalty", "kd_loss", "attention_map",
     "attention_transfer_loss", "noisy_distillation_loss", "noise_training_loss", "gaussian_noise",
     "normalize_per_sample", "ObjectiveConfig", "TEACHER_OBJECTIVE", "TransferObjective", "FeatureTaps", "jacobian_cosine",
-    "build_terms", "logits_of", "Term", "CrossEntropyLoss", "KDLoss", "JacobianMatchingLoss",
+    "build_terms", "logits_of", "Term", "Needs", "CrossEntropyLoss", "KDLoss", "JacobianMatchingLoss",
     "AttentionTransferLoss", "AttentionJacobianLoss", "JacobianPenalty", "NoiseTrainingLoss",
     "NoisyDistillationLoss", "Estimator", "create_estimator", "list_estimators", "register_estimator",
     "list_terms", "UsageError",

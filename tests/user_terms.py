@@ -3,7 +3,7 @@
 import torch
 from torch import Tensor
 
-from jacmatch import Term
+from jacmatch import Needs, Term
 
 
 class LogitNorm(Term):
@@ -32,7 +32,7 @@ class InputGradientNorm(Term):
     dead-student warning), as the built-in Jacobian terms do."""
 
     key = "grad_norm"
-    needs_input_grad = True
+    needs = Needs(input_grad=True)
 
     def __init__(self, weight: float = 1.0, rows: int = 7):
         super().__init__(weight)

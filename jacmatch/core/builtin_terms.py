@@ -15,6 +15,7 @@ Called in a user's own loop with plain tensors, a term returns its weighted valu
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from typing import Any, cast
 
 import torch
@@ -26,7 +27,7 @@ from . import jacobian as J
 from .estimators import FD_STEP, PROJECTION, create_estimator
 from .losses import (attention_map, attention_transfer_loss, jacobian_matching_loss, jacobian_penalty, kd_loss,
                      noise_training_loss, noisy_distillation_loss)
-from .terms import Term, split_layers, register_term, teacher_targets
+from .terms import Needs, Term, register_term, split_layers, teacher_targets
 
 __all__ = ["CrossEntropyLoss", "KDLoss", "JacobianMatchingLoss", "AttentionTransferLoss", "AttentionJacobianLoss",
            "JacobianPenalty", "NoiseTrainingLoss", "NoisyDistillationLoss"]
@@ -57,7 +58,7 @@ class KDLoss(Term):
     """β · activation matching: τ²·KL(softmax(z_T/τ) ‖ softmax(z_S/τ)), or squared error on logits."""
 
     key = "kd"
-    needs_teacher = needs_teacher_targets = compares_outputs = True
+    needs = Needs(teacher=True, teacher_targets=True, compares_outputs=True)
 
     def __init__(self, weight: float = 1.0, temperature: float = 8.0, form: str = "kl"):
         super().__init__(weight)
@@ -88,7 +89,7 @@ class JacobianMatchingLoss(Term):
     ``label``, ``top_k``, ``all``, ``projection``, ``input_jvp``, ``input_fd``)."""
 
     key = "jm"
-    needs_teacher = needs_teacher_targets = chunk_teacher = compares_outputs = True
+    needs = Needs(teacher=True, teacher_targets=True, chunk_teacher=True, compares_outputs=True)
 
     def __init__(self, weight: float = 10.0, estimator: str = "teacher_top1", form: str = "normalized",
                  temperature: float = 8.0, top_k: int = 3, num_projections: int = 1, fd_step: float = FD_STEP,
@@ -96,8 +97,8 @@ class JacobianMatchingLoss(Term):
         super().__init__(weight)
         self.estimator = create_estimator(estimator, form=form, temperature=temperature, top_k=top_k,
                                           num_projections=num_projections, fd_step=fd_step, projection=projection)
-        self.needs_input_grad = self.estimator.student_input_grad
-        self.owns_student_forward = self.estimator.owns_student_forward
+        self.needs = replace(type(self).needs, input_grad=self.estimator.input_grad,
+                             own_student_forward=self.estimator.own_student_forward)
 
     def rows_per_sample(self, num_classes):
         return self.estimator.rows_per_sample(num_classes)
@@ -112,11 +113,11 @@ class JacobianMatchingLoss(Term):
     def teacher_forward(self, teacher, xt, generator, full_jacobian):
         return self.estimator.teacher_forward(teacher, xt, generator, full_jacobian)
 
-    def teacher_targets(self, side):
+    def teacher_side(self, side):
         return self.estimator.teacher_side(side.teacher, side.x, side.xt, side.logits, side.y,
                                            side.generator, side.full_jacobian)
 
-    def from_cache(self, targets, x, generator):
+    def contract(self, targets, x, generator):
         return self.estimator.contract(targets, x, generator)
 
     def student_forward(self, student, xs, targets):
@@ -129,7 +130,7 @@ class JacobianMatchingLoss(Term):
         teacher's side is taken here, without a graph to its parameters."""
         targets = teacher_targets(teacher, [self], inputs, labels, generator=generator).of(self)
         tangent = None
-        if not self.needs_input_grad:
+        if not self.needs.input_grad:
             if student is None:
                 raise UsageError(f"estimator {self.estimator.name!r} runs the student itself: pass student=")
             found = self.student_forward(student, inputs, targets)
@@ -157,23 +158,24 @@ class AttentionTransferLoss(Term):
     """δ · attention transfer: ``Σ_j ‖Q̂_S^j − Q̂_T^j‖₂`` at paired layers."""
 
     key = "at"
-    needs_teacher = needs_teacher_targets = True
+    needs = Needs(teacher=True, teacher_targets=True)
 
     def __init__(self, weight: float = 1.0, layers: Sequence[str] = ()):
         super().__init__(weight)
         if not layers:
             raise UsageError("attention transfer needs layers, e.g. ['layer2:layer3'] (student:teacher)")
-        self.student_layers, self.teacher_layers = split_layers(layers)
+        student_layers, teacher_layers = split_layers(layers)
+        self.needs = replace(type(self).needs, student_layers=student_layers, teacher_layers=teacher_layers)
 
     def value(self, student_features: Sequence[Tensor], teacher_features: Sequence[Tensor]) -> Tensor:
         return attention_transfer_loss(student_features, teacher_features)
 
-    def teacher_targets(self, side):
-        return {f"at{j}": side.features[n].detach() for j, n in enumerate(self.teacher_layers)}
+    def teacher_side(self, side):
+        return {f"at{j}": side.features[n].detach() for j, n in enumerate(self.needs.teacher_layers)}
 
     def from_step(self, step):
-        return self.value([step.features[n] for n in self.student_layers],
-                    [step.targets.of(self)[f"at{j}"] for j in range(len(self.student_layers))])
+        return self.value([step.features[n] for n in self.needs.student_layers],
+                    [step.targets.of(self)[f"at{j}"] for j in range(len(self.needs.student_layers))])
 
 
 @register_term("delta")
@@ -191,17 +193,17 @@ class AttentionJacobianLoss(AttentionTransferLoss):
     """δ_J · matching the input-gradients of the attention maps' largest entries (normalized)."""
 
     key = "at_jm"
-    needs_input_grad = chunk_teacher = True
+    needs = replace(AttentionTransferLoss.needs, input_grad=True, chunk_teacher=True)
 
     def rows_per_sample(self, num_classes):
-        return len(self.student_layers)
+        return len(self.needs.student_layers)
 
     def teacher_needs_graph(self, full_jacobian):
         return True
 
-    def teacher_targets(self, side):
+    def teacher_side(self, side):
         return {f"at_jac{j}": _attention_gradient(side.features[n], side.xt, False)
-                for j, n in enumerate(self.teacher_layers)}
+                for j, n in enumerate(self.needs.teacher_layers)}
 
     def value(self, inputs: Tensor, student_features: Sequence[Tensor],  # type: ignore[override]
                 teacher_gradients: Sequence[Tensor]) -> Tensor:
@@ -210,8 +212,8 @@ class AttentionJacobianLoss(AttentionTransferLoss):
                                 for f, t in zip(student_features, teacher_gradients)))
 
     def from_step(self, step):
-        return self.value(step.xs, [step.features[n] for n in self.student_layers],
-                    [step.targets.of(self)[f"at_jac{j}"] for j in range(len(self.student_layers))])
+        return self.value(step.xs, [step.features[n] for n in self.needs.student_layers],
+                    [step.targets.of(self)[f"at_jac{j}"] for j in range(len(self.needs.student_layers))])
 
 
 @register_term("delta_jacobian")
@@ -224,7 +226,7 @@ class JacobianPenalty(Term):
     ``‖J_S‖²_F`` by random output projections (sq)."""
 
     key = "penalty"
-    needs_input_grad = True
+    needs = Needs(input_grad=True)
 
     def __init__(self, weight: float = 1.0, form: str = "ce", num_projections: int = 1, projection: str = PROJECTION):
         super().__init__(weight)
@@ -257,7 +259,7 @@ def _noise(cfg) -> dict[str, Any]:
 
 
 class _Noise(Term):
-    needs_clean_forward = False
+    needs = Needs(clean_forward=False)
 
     def __init__(self, weight: float = 1.0, sigma: float = 0.1, draws: int = 1, antithetic: bool = False):
         super().__init__(weight)
@@ -290,7 +292,7 @@ class NoisyDistillationLoss(_Noise):
     """β · ``E_ξ KD(T(x+ξ), S(x+ξ))`` by Monte Carlo: distillation on noisy inputs (left side of Prop. 1)."""
 
     key = "kd"
-    needs_teacher = compares_outputs = True
+    needs = Needs(clean_forward=False, teacher=True, compares_outputs=True)
 
     def __init__(self, weight: float = 1.0, sigma: float = 0.1, draws: int = 1, antithetic: bool = False,
                  temperature: float = 8.0, form: str = "kl"):

@@ -74,9 +74,9 @@ class Estimator:
     name = ""
     forms: tuple[str, ...] = JM_FORMS
     #: the student's side is a reverse-mode input gradient (its inputs must require grad)
-    student_input_grad = True
+    input_grad = True
     #: the student's logits come from a forward pass of the estimator's own (forward-mode AD)
-    owns_student_forward = False
+    own_student_forward = False
 
     def __init__(self, form: str = "normalized", temperature: float = 8.0, top_k: int = 3,
                  num_projections: int = 1, fd_step: float = FD_STEP, projection: str = PROJECTION):
@@ -253,7 +253,7 @@ class _InputDirections(_Drawn):
     play the rows, so only the sq form applies."""
 
     forms = ("sq",)
-    student_input_grad = False
+    input_grad = False
 
     def draws(self, x, num_outputs, generator):
         return J.input_directions(x, self.num_projections, generator=generator)
@@ -269,7 +269,7 @@ class _InputDirections(_Drawn):
 class InputJVP(_InputDirections):
     """Forward-mode J·u for teacher and student: no input gradient, no double backward."""
 
-    owns_student_forward = True
+    own_student_forward = True
 
     def teacher_needs_graph(self, full_jacobian):
         return full_jacobian

@@ -121,13 +121,13 @@ class ObjectiveConfig:
     @property
     def needs_teacher(self) -> bool:
         """Whether a term needs a teacher: what the terms themselves declare (``Term.needs_teacher``)."""
-        return any(t.needs_teacher for t in build_terms(self))
+        return any(t.needs.teacher for t in build_terms(self))
 
     @property
     def compares_outputs(self) -> bool:
         """Whether a term compares teacher and student outputs one to one (KD, JM): what
         the terms themselves declare (``Term.compares_outputs``)."""
-        return any(t.compares_outputs for t in build_terms(self))
+        return any(t.needs.compares_outputs for t in build_terms(self))
 
     def check_memory(self, sample_numel: int, num_classes: int, batch: int, max_bytes: int) -> None:
         """Refuse (one line) settings whose step would need more than ``max_bytes``, before a run starts."""
@@ -224,13 +224,13 @@ class TransferObjective(nn.Module):
         keys = [t.key for t in terms]
         if len(set(keys)) != len(keys) or not keys:
             raise UsageError(f"the terms' keys must be distinct and not empty, got {keys}")
-        if any(t.needs_teacher for t in terms) and teacher is None:
-            raise UsageError(f"the terms {[t.key for t in terms if t.needs_teacher]} need a teacher: "
+        if any(t.needs.teacher for t in terms) and teacher is None:
+            raise UsageError(f"the terms {[t.key for t in terms if t.needs.teacher]} need a teacher: "
                              "pass teacher=... or drop them (β, γ, δ need a teacher)")
-        owner = [t.key for t in terms if t.owns_student_forward]
-        if owner and any(t.needs_input_grad for t in terms):
+        owner = [t.key for t in terms if t.needs.own_student_forward]
+        if owner and any(t.needs.input_grad for t in terms):
             raise UsageError("jm_outputs=input_jvp takes the student's logits from a forward-mode pass, which has "
-                             f"no input gradient for {[t.key for t in terms if t.needs_input_grad]}: use "
+                             f"no input gradient for {[t.key for t in terms if t.needs.input_grad]}: use "
                              "jm_outputs=projection or input_fd with those terms")
         self.config = config
         self._owns_student_forward = bool(owner)
@@ -261,7 +261,7 @@ class TransferObjective(nn.Module):
         versions = self._teacher_versions()
         if self._fast is None or versions != self._fast_versions or \
                 next(iter(cast(nn.Module, self._fast.module).parameters()), x).device != device:
-            keep = [n for t in self.term_list for n in t.teacher_layers]
+            keep = [n for t in self.term_list for n in t.needs.teacher_layers]
             module = fast_teacher(self.teacher, x[:8].detach(), keep=keep, output=self._teacher_output,
                                   **self._fast_options)
             self._fast, self._fast_versions = OutputLogits(module, self._teacher_output), versions
@@ -339,7 +339,7 @@ class TransferObjective(nn.Module):
     @property
     def needs_teacher_targets(self) -> bool:
         """Whether a step uses the teacher's pass on the clean batch (what a cache holds)."""
-        return any(t.needs_teacher_targets for t in self.term_list)
+        return any(t.needs.teacher_targets for t in self.term_list)
 
     # ---- the teacher's side: per-sample tensors, cacheable -----------------------------
 
@@ -356,7 +356,7 @@ class TransferObjective(nn.Module):
         teacher = self.fast_teacher(x)
         chunk = self.teacher_chunk
         terms = self.term_list
-        if chunk and x.shape[0] > chunk and any(t.chunk_teacher for t in terms):
+        if chunk and x.shape[0] > chunk and any(t.needs.chunk_teacher for t in terms):
             parts = [teacher_targets(teacher, terms, x[i:i + chunk], y[i:i + chunk],
                                      generator=self.generator, full_jacobian=full_jacobian)
                      for i in range(0, x.shape[0], chunk)]
@@ -401,11 +401,11 @@ class TransferObjective(nn.Module):
             targets = self.teacher_targets(x, y)
         elif targets is not None:  # teacher_targets(..., full_jacobian=True), e.g. from a cache
             # a random estimator contracts the full Jacobian with this step's draws
-            targets = TeacherTargets(targets.logits, {t.key: t.from_cache(targets.of(t), x, self.generator)
+            targets = TeacherTargets(targets.logits, {t.key: t.contract(targets.of(t), x, self.generator)
                                                       for t in self.term_list if targets.of(t)})
         all_terms = self.term_list
-        xs = x.detach().requires_grad_(any(t.needs_input_grad for t in all_terms))
-        layers = list(dict.fromkeys(n for t in all_terms for n in t.student_layers))
+        xs = x.detach().requires_grad_(any(t.needs.input_grad for t in all_terms))
+        layers = list(dict.fromkeys(n for t in all_terms for n in t.needs.student_layers))
         taps = FeatureTaps(self.student, layers) if layers else contextlib.nullcontext()
         logits: Tensor | None = None
         tangent: Tensor | None = None
@@ -417,10 +417,10 @@ class TransferObjective(nn.Module):
                                         for t in all_terms) if r is not None), None)
             if special is not None:
                 logits, tangent = special
-            elif any(t.needs_clean_forward for t in all_terms):
+            elif any(t.needs.clean_forward for t in all_terms):
                 logits = self._student_fn(xs)
         if logits is not None and targets is not None and targets.logits.shape[1] != logits.shape[1] \
-                and any(t.compares_outputs for t in all_terms):
+                and any(t.needs.compares_outputs for t in all_terms):
             raise UsageError(f"the teacher has {targets.logits.shape[1]} outputs and the student "
                              f"{logits.shape[1]}: KD and Jacobian matching compare outputs one to one, so "
                              "both must have as many classes as the data set")

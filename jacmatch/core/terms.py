@@ -25,7 +25,7 @@ from ..registry import Registry
 from .losses import gaussian_noise
 from .outputs import logits_of
 
-__all__ = ["Term", "Step", "TeacherSide", "TeacherTargets", "FeatureTaps", "teacher_targets", "TERMS", "list_terms",
+__all__ = ["Term", "Needs", "Step", "TeacherSide", "TeacherTargets", "FeatureTaps", "teacher_targets", "TERMS", "list_terms",
            "register_term"]
 
 
@@ -146,29 +146,38 @@ class Step:
         return next(iter(self._noisy.values()))[1][: self.x.shape[0]] if self._noisy else None
 
 
+@dataclass(frozen=True)
+class Needs:
+    """What a term asks of a step, declared once: on its class (``needs = Needs(teacher=True)``),
+    or on an instance when its settings decide (``dataclasses.replace(self.needs, ...)``). The
+    objective reads it to run only what its terms need."""
+
+    input_grad: bool = False           # the student's inputs require grad (a Jacobian of the student)
+    teacher: bool = False              # a teacher must be given
+    teacher_targets: bool = False      # the teacher's pass on the clean batch (cacheable)
+    clean_forward: bool = True         # the student's forward pass on the clean batch
+    chunk_teacher: bool = False        # the teacher's pass is heavy: take it in chunks
+    compares_outputs: bool = False     # teacher and student outputs compared one to one (same class count)
+    own_student_forward: bool = False  # the term runs the student's forward pass itself (forward-mode JVPs)
+    student_layers: tuple[str, ...] = ()  # the student's features the term reads (attention)
+    teacher_layers: tuple[str, ...] = ()
+
+
 class Term(nn.Module):
     """One weighted term ``weight · value``; ``key`` names it in the objective's terms.
 
     The defaults are ObjectiveConfig's: ``[CrossEntropyLoss(), KDLoss(), JacobianMatchingLoss()]``
     is CE + KD (τ = 8) + 10·JM, the objective that ``ObjectiveConfig()`` builds.
 
-    A new loss is one subclass in a file of one's own: a ``key``, the flags of what it needs
-    (``needs_input_grad``, ``needs_teacher``, ``needs_teacher_targets``, ...), ``value`` for
-    plain tensors and ``from_step`` for a :class:`Step` (its ``logits``, ``xs``, ``y``,
-    ``targets.logits``, ``targets.of(self)``, ``features``). ``objective.terms: {"my_file:MyLoss": {weight: 0.5}}``
+    A new loss is one subclass in a file of one's own: a ``key``, what it needs (one
+    :class:`Needs` declaration), ``from_step`` for a :class:`Step` (its ``logits``, ``xs``,
+    ``y``, ``targets.logits``, ``targets.of(self)``, ``features``), and ``value`` for plain
+    tensors, what a loop of one's own calls. ``objective.terms: {"my_file:MyLoss": {weight: 0.5}}``
     adds it to a run (tests/user_terms.py is one).
     """
 
     key = ""
-    needs_input_grad = False       # the student's inputs must require grad
-    needs_teacher = False          # a teacher must be given
-    needs_teacher_targets = False  # the teacher's pass on the clean batch (cacheable)
-    needs_clean_forward = True     # the student's forward pass on the clean batch
-    chunk_teacher = False          # the teacher's pass is heavy: take it in chunks
-    compares_outputs = False       # teacher and student outputs are compared one to one (same class count)
-    owns_student_forward = False   # the term runs the student's forward pass itself (forward-mode JVPs)
-    student_layers: tuple[str, ...] = ()
-    teacher_layers: tuple[str, ...] = ()
+    needs = Needs()
 
     def __init__(self, weight: float = 1.0):
         super().__init__()
@@ -190,11 +199,11 @@ class Term(nn.Module):
         """A teacher forward pass of the term's own, or None for the plain one."""
         return None
 
-    def teacher_targets(self, side: TeacherSide) -> dict[str, Tensor]:
+    def teacher_side(self, side: TeacherSide) -> dict[str, Tensor]:
         """This term's own tensors from the teacher's pass (see :class:`TeacherTargets`)."""
         return {}
 
-    def from_cache(self, targets: dict[str, Tensor], x: Tensor, generator) -> dict[str, Tensor]:
+    def contract(self, targets: dict[str, Tensor], x: Tensor, generator) -> dict[str, Tensor]:
         """This term's cached tensors, for this step (random estimators draw here)."""
         return targets
 
@@ -230,7 +239,7 @@ def teacher_targets(teacher: Callable, terms: Sequence[Term], x: Tensor, y: Tens
     the teacher's parameters, its logits and what each term takes from its pass."""
     needs_graph = any(t.teacher_needs_graph(full_jacobian) for t in terms)
     xt = x.detach().requires_grad_(needs_graph)
-    layers = list(dict.fromkeys(n for t in terms for n in t.teacher_layers))
+    layers = list(dict.fromkeys(n for t in terms for n in t.needs.teacher_layers))
     module = cast(nn.Module, teacher.module if isinstance(teacher, OutputLogits) else teacher)
     taps = FeatureTaps(module, layers) if layers else contextlib.nullcontext()
     fn = teacher if isinstance(teacher, OutputLogits) else OutputLogits(teacher)
@@ -246,7 +255,7 @@ def teacher_targets(teacher: Callable, terms: Sequence[Term], x: Tensor, y: Tens
                 logits = fn(xt)
         features = taps.features if isinstance(taps, FeatureTaps) else {}
         side = TeacherSide(fn, x, xt, logits, y, features, generator, full_jacobian)
-        taken = {t.key: t.teacher_targets(side) for t in terms}
+        taken = {t.key: t.teacher_side(side) for t in terms}
     if owner is not None:  # what that term took from its own pass
         taken[owner.key] = {**first, **taken[owner.key]}
     return TeacherTargets(logits.detach(), {k: v for k, v in taken.items() if v})

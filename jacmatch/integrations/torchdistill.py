@@ -112,7 +112,7 @@ class JacobianMatching(nn.Module):
         super().__init__()
         self.estimator = create_estimator(estimator, form=form, temperature=temperature, top_k=top_k,
                                           num_projections=num_projections, fd_step=FD_STEP, projection=projection)
-        if not self.estimator.student_input_grad:
+        if not self.estimator.input_grad:
             raise UsageError(f"estimator {estimator!r} runs the student itself, which torchdistill's forward "
                              "process does: use label, teacher_top1, top_k, all or projection")
         self.generator, self.module_path = _generator(seed), module_path
