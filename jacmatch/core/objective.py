@@ -120,7 +120,7 @@ class ObjectiveConfig:
 
     @property
     def needs_teacher(self) -> bool:
-        """Whether a term needs a teacher: what the terms themselves declare (``Term.needs_teacher``)."""
+        """Whether a term needs a teacher: what the terms themselves declare (``Term.needs.teacher``)."""
         return any(t.needs.teacher for t in build_terms(self))
 
     @property
