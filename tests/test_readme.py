@@ -75,3 +75,11 @@ def test_recipe_snippet_trains_a_few_sample_student_to_its_own_end(tmp_path, mon
     results = scope["results"]
     assert results["recipe"]["name"] == "fm+jm" and results["best"]["stopped_early"]
     assert results["final"]["test"]["acc"] > 0.8
+
+
+def test_every_file_the_readme_links_exists():
+    links = re.findall(r"\]\(([^)#]+)\)", README.read_text())
+    local = [link for link in links if not link.startswith("http")]
+    assert local and all((README.parent / link).exists() for link in local), \
+        [link for link in local if not (README.parent / link).exists()]
+    assert len(README.read_bytes()) <= 8 * 1024  # a front door, not the manual
