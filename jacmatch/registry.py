@@ -5,6 +5,7 @@ decorator), ``get`` with one error for an unknown name that lists the known ones
 
 from __future__ import annotations
 
+import builtins
 import fnmatch
 from collections.abc import Iterator
 from typing import Generic, TypeVar
@@ -55,7 +56,7 @@ class Registry(Generic[T]):
         """The names matching a glob ``pattern``, sorted."""
         return sorted(n for n in self._entries if fnmatch.fnmatch(n, pattern))
 
-    def names(self) -> list[str]:
+    def names(self) -> builtins.list[str]:  # (``list`` here is the method above)
         """Every name, in registration order."""
         return list(self._entries)
 

@@ -18,7 +18,7 @@ import itertools
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import cast
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -208,8 +208,8 @@ class TransferObjective(nn.Module):
                              "teacher, so the student would not train; pass a trained teacher, or a copy "
                              "(copy.deepcopy(student)) for self-distillation")
         if terms is None:
-            given = {"teacher_chunk": teacher_chunk, "teacher_fold_bn": teacher_fold_bn,
-                     "teacher_channels_last": teacher_channels_last}
+            given: dict[str, Any] = {"teacher_chunk": teacher_chunk, "teacher_fold_bn": teacher_fold_bn,
+                                     "teacher_channels_last": teacher_channels_last}
             default = ObjectiveConfig()
             clash = {k: (getattr(config, k), v) for k, v in given.items()
                      if config and v != getattr(default, k) and getattr(config, k) != v}
