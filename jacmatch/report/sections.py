@@ -181,6 +181,7 @@ def product_text(records: list[dict], c: dict | None) -> str:
             lo, hi = a["mean"] - a["ci95"], a["mean"] + a["ci95"]
             verdict = "yes" if lo <= s["mean"] <= hi else ("above it" if s["mean"] > hi else "**below it**")
         minutes = sum(r["loop_seconds"] if "loop_seconds" in r else r["train_seconds"] for r in runs) / len(runs) / 60
-        lines.append(f"| {n} | {', '.join(chosen)} | {len(runs)} of 5 | {100 * s['mean']:.1f} ± {100 * s['ci95']:.1f} "
+        spread = f"± {100 * s['ci95']:.1f}" if len(runs) > 1 else "(one seed: no interval yet)"
+        lines.append(f"| {n} | {', '.join(chosen)} | {len(runs)} of 5 | {100 * s['mean']:.1f} {spread} "
                      f"| {best} | {verdict} | {minutes:.1f} |")
     return "\n".join(lines) + "\n"
