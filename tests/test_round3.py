@@ -236,6 +236,8 @@ def test_resume_keeps_the_runs_own_config_and_says_what_changed(tmp_path, digits
     results = json.loads((out / "results.json").read_text())
     assert results["epochs"] == 3 and results["config"]["model"]["name"] == "small_cnn_4"
     assert results.get("recipe", {}).get("name") == (None if recipe == "none" else recipe)
+    assert main(["distill", "--teacher", str(digits_teacher), "--out", str(out), "--resume"]) == 0  # again, as it is
+    assert f"resume: {out} from epoch 3, as it was configured" in capsys.readouterr().out
 
 
 # ---- 11. a mapping given to --set merges into its section, as a config file's does -------------

@@ -86,7 +86,8 @@ def _run_training(args, kind: str) -> None:
     from ..training.step import NonFiniteError
     # a student from its recipe (auto: chosen from the training set); a teacher with CE only
     data_cache: dict = {}
-    if args.resume and not args.config:  # a resume starts from the run's own config; the options change it
+    implicit = args.resume and not args.config  # a resume starts from the run's own config; the options change it
+    if implicit:
         from ..training.config import RunConfig
         own = Path(args.out or RunConfig().out_dir) / "config.yaml"
         args.config = str(own) if own.is_file() else None
@@ -104,7 +105,8 @@ def _run_training(args, kind: str) -> None:
         print(f"objective: {describe_terms(build_terms(cfg.objective))}", flush=True)
     if args.resume and args.overwrite:
         raise ConfigError("give --resume (continue the run in --out) or --overwrite (replace it), not both")
-    config_file = str(find_config(args.config)) if args.config else None
+    # (read implicitly, the run's config.yaml is rewritten with what the run now trains with)
+    config_file = str(find_config(args.config)) if args.config and not implicit else None
     try:
         results = train(cfg, resume=args.resume, overwrite=args.overwrite, config_file=config_file,
                         data_cache=data_cache)
