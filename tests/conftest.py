@@ -4,10 +4,8 @@ import subprocess
 
 import pytest
 import torch
-from torch import nn
+from helpers import QUIET, REFERENCE_LR, SmallCNN, mlp, teacher_values
 
-#: Run settings that keep a test's output quiet: no progress bars, no TensorBoard files.
-QUIET = {"progress": False, "tensorboard": False}
 
 
 @pytest.fixture(autouse=True)
@@ -45,25 +43,8 @@ def _fast_tier_starts_no_process(request, monkeypatch):
     monkeypatch.setattr(multiprocessing.process.BaseProcess, "start", start)
 
 
-class SmallCNN(nn.Module):
-    """A tiny CNN with optional BatchNorm, for Jacobian tests."""
-
-    def __init__(self, in_ch=1, k=5, batchnorm=True):
-        super().__init__()
-        self.num_classes = k
-        self.conv = nn.Conv2d(in_ch, 4, 3, padding=1)
-        self.bn = nn.BatchNorm2d(4) if batchnorm else nn.Identity()
-        self.act = nn.Tanh()
-        self.head = nn.Linear(4 * 6 * 6, k)
-
-    def forward(self, x):
-        return self.head(self.act(self.bn(self.conv(x))).flatten(1))
 
 
-def mlp(d=6, k=4, h=8, act=nn.Tanh):
-    net = nn.Sequential(nn.Flatten(), nn.Linear(d, h), act(), nn.Linear(h, k))
-    net.num_classes = k
-    return net
 
 
 @pytest.fixture
@@ -76,17 +57,8 @@ def small_mlp():
     return mlp
 
 
-def first_errors(stderr: str) -> str:
-    """The workers' own error lines, before torchrun's summary of them (for assertion messages)."""
-    lines = [line for line in stderr.splitlines() if any(w in line for w in ("Error", "error", "terminate", "what()"))]
-    return "\n".join(lines[:15]) or stderr[-3000:]
 
 
-def teacher_values(out):
-    """A small teacher's run config on the synthetic data (seconds to train)."""
-    return {"out_dir": str(out), "data": {"name": "synthetic"}, "model": {"name": "small_cnn_8"},
-            "objective": {"beta": 0.0, "gamma": 0.0},  # a teacher: CE only
-            "optim": {"epochs": 2, "batch_size": 32, "lr": 0.1}, "eval": {"noise_sigmas": [0.1]}, **QUIET}
 
 
 @pytest.fixture(scope="session")
@@ -98,8 +70,6 @@ def teacher(tmp_path_factory):
     return str(out / "last.pt")
 
 
-#: The learning rate of the reference step (plain SGD).
-REFERENCE_LR = 0.1
 
 
 @pytest.fixture(scope="session")
@@ -129,12 +99,5 @@ def trainer_step(tmp_path_factory, teacher):
             "teacher": load_model(teacher)[0]}
 
 
-def same_weights(model: nn.Module, reference: dict, atol=1e-6):
-    state = model.state_dict()
-    worst = max((state[k].float() - v.float()).abs().max().item() for k, v in reference.items())
-    assert worst <= atol, f"weights differ by {worst}"
 
 
-def copy_model(model: nn.Module) -> nn.Module:
-    import copy
-    return copy.deepcopy(model)

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from jacmatch.data import DataError, create_dataset, random_crop_flip, read_cifar_batch, read_idx, stratified_subset
+from helpers import write_cifar_dir
 
 
 def write_idx(path, array, gz=False):
@@ -28,18 +29,6 @@ def write_mnist_dir(root, n_train=60, n_test=20, gz=True):
     return root
 
 
-def write_cifar_dir(root, num_classes=10, per_file=20, per_class=1):
-    """CIFAR-format files of ``per_file`` random images each, ``per_class`` in a row of each class."""
-    rng = np.random.default_rng(1)
-    root.mkdir(parents=True, exist_ok=True)
-    key = b"labels" if num_classes == 10 else b"fine_labels"
-    files = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"] if num_classes == 10 else ["train", "test"]
-    for name in files:
-        obj = {b"data": rng.integers(0, 256, (per_file, 3072), dtype=np.uint8),
-               key: [int(i // per_class % num_classes) for i in range(per_file)]}
-        with open(root / name, "wb") as f:
-            pickle.dump(obj, f, protocol=2)
-    return root
 
 
 @pytest.mark.parametrize("gz", [True, False])

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_data import write_cifar_dir
+from helpers import write_cifar_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -406,7 +406,7 @@ def test_a_run_with_a_larger_maximum_and_patience_continues_from_the_one_it_pass
     from the longest finished one it passes through and ends where a run trained from the
     start ends; a run of another config, a larger patience, or one that ended off an
     evaluation epoch is not continued from."""
-    from conftest import QUIET
+    from helpers import QUIET
 
     from jacmatch.experiments.common import passes_through, run_or_load, same_outcome
     from jacmatch.training import config_from_dict
@@ -440,7 +440,7 @@ def test_a_run_keeps_its_weights_as_it_finishes_and_a_cut_part_does_not_train_th
     part cut later in its cell leaves them committed, and the next machine (no run folder)
     trains nothing; an older record without weights stands until its cell names its weights
     (``need_weights``), and is trained again then."""
-    from conftest import QUIET
+    from helpers import QUIET
 
     from jacmatch.experiments.common import run_or_load
     values = {"out_dir": str(tmp_path / "runs" / "CE_n6_s0"), "teacher": teacher,

@@ -14,7 +14,7 @@ import pytest
 import pytorch_lightning as pl
 import torch
 import transformers
-from conftest import REFERENCE_LR, SmallCNN, copy_model, first_errors, same_weights
+from helpers import REFERENCE_LR, SmallCNN, copy_model, first_errors, same_weights
 
 import jacmatch as jm
 

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import SmallCNN, mlp
+from helpers import SmallCNN, mlp
 from torch.autograd.functional import jacobian
 
 import jacmatch as jm

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import SmallCNN
-from test_objective import batch, pair
+from helpers import SmallCNN
+from helpers import batch, pair
 
 import jacmatch as jm
 from jacmatch.cli import main as cli_main

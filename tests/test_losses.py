@@ -3,7 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import mlp
+from helpers import mlp
 
 import jacmatch as jm
 

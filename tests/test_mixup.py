@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import SmallCNN
+from helpers import SmallCNN
 
 import jacmatch as jm
 from jacmatch.data.augment import mix

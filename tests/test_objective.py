@@ -2,20 +2,15 @@
 
 import pytest
 import torch
-from conftest import SmallCNN
+from helpers import SmallCNN
 
 import jacmatch as jm
 from jacmatch.core.objective import JM_OUTPUTS
+from helpers import batch, pair
 
 
-def pair():
-    torch.manual_seed(7)
-    return SmallCNN(k=5).double(), SmallCNN(k=5).double()
 
 
-def batch():
-    g = torch.Generator().manual_seed(8)
-    return torch.randn(6, 1, 6, 6, generator=g, dtype=torch.float64), torch.randint(0, 5, (6,), generator=g)
 
 
 @pytest.mark.parametrize("outputs", JM_OUTPUTS)

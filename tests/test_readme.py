@@ -2,22 +2,13 @@
 (they define their models)."""
 
 import re
-from pathlib import Path
 
 import pytest
 import torch
-
-README = Path(__file__).resolve().parents[1] / "README.md"
-DOCS = README.parent / "docs"
+from helpers import README, readme_snippets
 
 
-def readme_snippets() -> dict[str, str]:
-    """Every ``<!-- snippet: NAME -->`` block of the README and of the docs' pages, by name."""
-    text = "\n".join(p.read_text() for p in [README, *sorted(DOCS.glob("*.md"))])
-    blocks = dict(re.findall(r"<!-- snippet: (\w+).*?-->\s*```python\n(.*?)```", text, re.S))
-    assert {"recipe", "functional", "module", "lightning", "transformers", "torchdistill"} <= set(blocks), \
-        "the README or a page of docs/ lost a snippet block"
-    return blocks
+
 
 
 def test_functional_snippet_trains_the_student_and_never_the_teacher():

@@ -16,7 +16,7 @@ from jacmatch.training.config import config_to_dict
 from jacmatch.training.recipes import FEW_SAMPLES, RECIPES, choose, resolve_recipe, rule
 from jacmatch.training.schedule import planned_epochs, steps_per_epoch
 
-from conftest import QUIET
+from helpers import QUIET
 
 ROOT = Path(__file__).resolve().parents[1]
 CONVERGE = json.loads((ROOT / "results" / "paper" / "converge.json").read_text())

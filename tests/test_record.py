@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import QUIET
+from helpers import QUIET
 
 from jacmatch.data import DataError, create_dataset, register_dataset
 from jacmatch.data.datasets import ImageSet
@@ -96,7 +96,7 @@ def test_extending_by_several_epochs_follows_the_longer_plan(tmp_path):
 @pytest.fixture(scope="module")
 def other_teacher(tmp_path_factory) -> Path:
     """A teacher of the same architecture as the session's, with other weights."""
-    from conftest import teacher_values
+    from helpers import teacher_values
     values = teacher_values(tmp_path_factory.mktemp("other_teacher"))
     values["seed"] = 1
     train(config_from_dict(values))

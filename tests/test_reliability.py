@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import QUIET, first_errors
+from helpers import QUIET, first_errors
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 

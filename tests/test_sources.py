@@ -13,13 +13,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import QUIET
+from helpers import QUIET
 
 from jacmatch.data import DataError, create_dataset, register_dataset
 from jacmatch.data.datasets import ImageSet
 from jacmatch.training import config_from_dict, load_checkpoint, train
 
 from PIL import Image as PIL  # noqa: N812  (the test extra installs Pillow: jacmatch[images])
+from helpers import pixels, write_folder
 TESTS = Path(__file__).resolve().parent
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(TESTS)}
 SMALL = ["--model", "small_cnn_4", "--set", "progress=false", "--set", "tensorboard=false"]
@@ -37,24 +38,8 @@ def refused(r, *words) -> None:
         assert w in err, (w, err)
 
 
-def pixels(n: int, classes: int = 4, size: int = 8, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """uint8 images [N, H, W] with a learnable stripe per class, and their labels."""
-    rng = np.random.default_rng(seed)
-    y = np.arange(n) % classes
-    x = rng.integers(0, 120, (n, size, size), dtype=np.uint8)
-    x[np.arange(n), (2 * y) % size, :] = 250
-    return x, y
 
 
-def write_folder(root: Path, x: np.ndarray, y: np.ndarray, suffix: str = ".png") -> list[tuple[int, int]]:
-    """Class folders of images; returns (class, index) in the order the folder lists them."""
-    order = []
-    for c in sorted(set(y.tolist())):
-        (root / f"class_{c}").mkdir(parents=True, exist_ok=True)
-        for i in np.flatnonzero(y == c):
-            PIL.fromarray(x[i]).save(root / f"class_{c}" / f"{i:05d}{suffix}")
-            order.append((c, int(i)))
-    return order
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,7 @@
 
 import pytest
 import torch
-from conftest import REFERENCE_LR, copy_model, same_weights
+from helpers import REFERENCE_LR, copy_model, same_weights
 
 pytestmark = pytest.mark.vision
 
@@ -57,7 +57,7 @@ def test_a_yaml_without_the_forward_processes_is_named_in_one_line(trainer_step)
 
 
 def test_the_readme_snippet_trains_through_the_distillation_box(tmp_path, monkeypatch):
-    from test_readme import README, readme_snippets
+    from helpers import README, readme_snippets
     monkeypatch.chdir(tmp_path)
     scope: dict = {}
     exec(compile(readme_snippets()["torchdistill"], str(README), "exec"), scope)

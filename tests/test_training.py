@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import QUIET, first_errors
+from helpers import QUIET, first_errors
 
 import jacmatch as jm
 from jacmatch.training import config_from_dict, load_checkpoint, train
@@ -210,7 +210,7 @@ def _fashion_case(out, teacher, outputs) -> dict:
 
 
 def _folder_with_a_truncated_image(root: Path) -> Path:
-    from test_sources import pixels, write_folder
+    from helpers import pixels, write_folder
     write_folder(root, *pixels(40))
     data = (root / "class_2" / "00002.png").read_bytes()
     (root / "class_2" / "00002.png").write_bytes(data[: len(data) // 2])
