@@ -86,12 +86,6 @@ def render_report(sections: dict, folder: str = "paper", gradients: bool = True)
     return "\n".join(parts), findings
 
 
-def write_findings_into_readme(findings: list[str], readme: Path = Path("docs/experiments.md")) -> None:
-    """The findings' generated block of the manual's experiments page."""
-    write_block_into_readme("findings", "\n".join(f"- {f}" for f in findings) or "- No experiment has been run yet.",
-                            readme)
-
-
 def recipe_table(converge: dict | None) -> str:
     """The README's answer to "which recipe for my n": per samples per class of the converged
     section, the recipe ``auto`` trains and its test accuracy, beside the best row there and the
@@ -113,8 +107,9 @@ def recipe_table(converge: dict | None) -> str:
     return "\n".join(lines)
 
 
-def write_block_into_readme(name: str, text: str, readme: Path = Path("README.md")) -> None:
-    """Replace the README's generated block ``name`` (between its markers) with ``text``."""
+def write_block(name: str, text: str, readme: Path = Path("README.md")) -> None:
+    """Replace the generated block ``name`` (between its markers) of ``readme`` (the README, or a page of the
+    manual) with ``text``."""
     if not readme.is_file():
         return
     old = readme.read_text()
@@ -132,7 +127,8 @@ def main(results_dir: str | None = None) -> None:
     draw_report_figures(sections, folder)
     write_atomic(folder.parent / "REPORT.md", lambda f: f.write(text))
     if folder == RESULTS / "paper":  # only the real experiments speak in the README and the manual
-        write_findings_into_readme(findings)
-        write_block_into_readme("recipes", recipe_table(sections.get("converge")))
+        write_block("findings", "\n".join(f"- {f}" for f in findings) or "- No experiment has been run yet.",
+                    Path("docs/experiments.md"))
+        write_block("recipes", recipe_table(sections.get("converge")))
     write_benchmarks(RESULTS / "bench.json", Path("BENCHMARKS.md"))
     print(f"wrote {folder.parent / 'REPORT.md'}" + (" and BENCHMARKS.md" if (RESULTS / "bench.json").is_file() else ""))
