@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import helpers
 from helpers import SmallCNN
 from helpers import batch, pair
 
@@ -309,7 +310,7 @@ def test_missing_extra_names_what_to_install():
 
 
 def test_no_file_of_the_project_points_outside_it():
-    tracked = subprocess.run(["git", "grep", "-l", "shared" + "/", "--", "."], cwd=ROOT, capture_output=True, text=True)
+    tracked = helpers.run(["git", "grep", "-l", "shared" + "/", "--", "."], cwd=ROOT)
     assert tracked.stdout == "", tracked.stdout
 
 
@@ -323,10 +324,9 @@ def _env(extra_path: str | None = None) -> dict:
     return env
 
 
-def run(args, cwd, env, timeout=600):
-    r = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
-    return r.stdout
+def run(args, cwd, env, timeout=600) -> str:
+    """The process, which must succeed: its stdout."""
+    return helpers.run(args, cwd=cwd, env=env, timeout=timeout, check=True).stdout
 
 
 @pytest.mark.slow
@@ -345,8 +345,8 @@ def test_distill_defaults_to_auto_with_a_user_model_and_state_dict_teacher(tmp_p
     assert "objective: 1·KD (τ = 16) + 10·JM (normalized, teacher_top1)" in out
     metrics = json.loads((tmp_path / "s" / "metrics.jsonl").read_text().splitlines()[-1])
     assert set(metrics["train"]) == {"kd", "jm"}
-    mismatch = subprocess.run([*cli[:-1], str(tmp_path / "s2"), "--set", "teacher_model.num_classes=1000"],
-                              cwd=tmp_path, env=_env(str(TESTS)), capture_output=True, text=True, timeout=300)
+    mismatch = helpers.run([*cli[:-1], str(tmp_path / "s2"), "--set", "teacher_model.num_classes=1000"],
+                           cwd=tmp_path, env=_env(str(TESTS)))
     assert mismatch.returncode == 2 and "Traceback" not in mismatch.stderr
     assert "the teacher has 1000 outputs but digits has 10 classes" in mismatch.stderr.replace("\n", " ") or \
         "do not fit" in mismatch.stderr
@@ -553,6 +553,12 @@ def test_a_new_loss_is_one_file_and_one_line_of_config(tmp_path, teacher):
     logits, total, terms = jm.TransferObjective(student, t, cfg)(x, y)
     assert list(terms) == ["ce", "kd", "jm", "logit_norm"]
     assert torch.allclose(terms["logit_norm"], logits.pow(2).mean())
+    from user_terms import LogitNorm  # only from_step written: value, and the weighted call, are built on it
+    z = torch.randn(3, 5)
+    assert torch.equal(LogitNorm(0.5, power=3).value(logits=z), z.abs().pow(3).mean())
+    assert torch.equal(LogitNorm(0.5, power=3)(logits=z), 0.5 * z.abs().pow(3).mean())
+    with pytest.raises(jm.UsageError, match=re.escape("takes the step's fields by keyword")):
+        LogitNorm().value(z)
     assert torch.allclose(total, terms["ce"] + terms["kd"] + 10 * terms["jm"] + 0.1 * terms["logit_norm"])
     for spec, options, message in (("user_terms:not_a_term", {}, "is not a jacmatch.Term subclass"),
                                    ("user_terms:Missing", {}, "has no attribute 'Missing'"),

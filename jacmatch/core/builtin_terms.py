@@ -3,6 +3,8 @@ and, beside it, its registration: the ObjectiveConfig weight that turns it on an
 config builds it (:func:`~jacmatch.core.terms.register_term`). The registrations run in
 this file's order, which is the objective's: ce, kd, jm, at, at_jm, penalty.
 
+Each term computes its value in ``from_step``; its ``value``, for plain tensors, names its
+arguments and maps them onto a :class:`~jacmatch.core.terms.Step`, so a loss has one code path.
 Called in a user's own loop with plain tensors, a term returns its weighted value::
 
     kd = KDLoss(1.0, temperature=8.0)
@@ -25,9 +27,8 @@ from torch import Tensor
 from ..errors import UsageError
 from . import jacobian as J
 from .estimators import FD_STEP, PROJECTION, create_estimator
-from .losses import (attention_map, attention_transfer_loss, jacobian_matching_loss, jacobian_penalty, kd_loss,
-                     noise_training_loss, noisy_distillation_loss)
-from .terms import Needs, Term, register_term, split_layers, teacher_targets
+from .losses import attention_map, attention_transfer_loss, jacobian_matching_loss, jacobian_penalty, kd_loss
+from .terms import Needs, Step, TeacherTargets, Term, register_term, split_layers, teacher_targets
 
 __all__ = ["CrossEntropyLoss", "KDLoss", "JacobianMatchingLoss", "AttentionTransferLoss", "AttentionJacobianLoss",
            "JacobianPenalty", "NoiseTrainingLoss", "NoisyDistillationLoss"]
@@ -42,10 +43,10 @@ class CrossEntropyLoss(Term):
         return "CE"
 
     def value(self, logits: Tensor, labels: Tensor) -> Tensor:
-        return F.cross_entropy(logits, labels)
+        return self.from_step(Step.of(logits=logits, y=labels))
 
     def from_step(self, step):
-        return self.value(step.logits, step.y_soft if step.y_soft is not None else step.y)
+        return F.cross_entropy(step.logits, step.y_soft if step.y_soft is not None else step.y)
 
 
 @register_term("alpha")
@@ -65,10 +66,10 @@ class KDLoss(Term):
         self.temperature, self.form = temperature, form
 
     def value(self, student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
-        return kd_loss(student_logits, teacher_logits, self.temperature, self.form)
+        return self.from_step(Step.of(logits=student_logits, targets=TeacherTargets(teacher_logits)))
 
     def from_step(self, step):
-        return self.value(step.logits, step.targets.logits)
+        return kd_loss(step.logits, step.targets.logits, self.temperature, self.form)
 
     def extra_repr(self):
         return f"weight={self.weight:g}, temperature={self.temperature:g}, form={self.form!r}"
@@ -128,14 +129,15 @@ class JacobianMatchingLoss(Term):
                 generator: torch.Generator | None = None) -> Tensor:
         """``inputs`` require grad and ``student_logits`` were computed from them; the
         teacher's side is taken here, without a graph to its parameters."""
-        targets = teacher_targets(teacher, [self], inputs, labels, generator=generator).of(self)
+        targets = teacher_targets(teacher, [self], inputs, labels, generator=generator)
         tangent = None
         if not self.needs.input_grad:
             if student is None:
                 raise UsageError(f"estimator {self.estimator.name!r} runs the student itself: pass student=")
-            found = self.student_forward(student, inputs, targets)
+            found = self.student_forward(student, inputs, targets.of(self))
             tangent = found[1] if found is not None else None
-        return self.estimator.loss(student, inputs, student_logits, targets, tangent)
+        return self.from_step(Step.of(x=inputs, y=labels, logits=student_logits, student=student, teacher=teacher,
+                                      targets=targets, tangent=tangent, generator=generator))
 
     def from_step(self, step):
         return self.estimator.loss(step.student, step.xs, step.logits, step.targets.of(self), step.tangent)
@@ -168,14 +170,25 @@ class AttentionTransferLoss(Term):
         self.needs = replace(type(self).needs, student_layers=student_layers, teacher_layers=teacher_layers)
 
     def value(self, student_features: Sequence[Tensor], teacher_features: Sequence[Tensor]) -> Tensor:
-        return attention_transfer_loss(student_features, teacher_features)
+        return self.from_step(self._plain_step(student_features, teacher_features, "at"))
+
+    def _plain_step(self, student_features: Sequence[Tensor], teacher_tensors: Sequence[Tensor], name: str,
+                    x: Tensor | None = None) -> Step:
+        """A step holding, for each of the term's layers, the student's features and the
+        teacher's tensor of that layer (as its pass would have given them)."""
+        layers = self.needs.student_layers
+        if not len(student_features) == len(teacher_tensors) == len(layers):
+            raise UsageError(f"{type(self).__name__} was built for {len(layers)} layers {list(layers)}: pass as many "
+                             f"student and teacher tensors, got {len(student_features)} and {len(teacher_tensors)}")
+        targets = TeacherTargets(torch.empty(0), {self.key: {f"{name}{j}": t for j, t in enumerate(teacher_tensors)}})
+        return Step.of(x=x, features=dict(zip(layers, student_features)), targets=targets)
 
     def teacher_side(self, side):
         return {f"at{j}": side.features[n].detach() for j, n in enumerate(self.needs.teacher_layers)}
 
     def from_step(self, step):
-        return self.value([step.features[n] for n in self.needs.student_layers],
-                    [step.targets.of(self)[f"at{j}"] for j in range(len(self.needs.student_layers))])
+        return attention_transfer_loss([step.features[n] for n in self.needs.student_layers],
+                                       [step.targets.of(self)[f"at{j}"] for j in range(len(self.needs.student_layers))])
 
 
 @register_term("delta")
@@ -208,12 +221,13 @@ class AttentionJacobianLoss(AttentionTransferLoss):
     def value(self, inputs: Tensor, student_features: Sequence[Tensor],  # type: ignore[override]
                 teacher_gradients: Sequence[Tensor]) -> Tensor:
         # The same layers and weight as AttentionTransferLoss; its inputs are the maps' gradients.
-        return cast(Tensor, sum(jacobian_matching_loss(_attention_gradient(f, inputs, True), t, "normalized")
-                                for f, t in zip(student_features, teacher_gradients)))
+        return self.from_step(self._plain_step(student_features, teacher_gradients, "at_jac", inputs))
 
     def from_step(self, step):
-        return self.value(step.xs, [step.features[n] for n in self.needs.student_layers],
-                    [step.targets.of(self)[f"at_jac{j}"] for j in range(len(self.needs.student_layers))])
+        teacher = step.targets.of(self)
+        return cast(Tensor, sum(jacobian_matching_loss(_attention_gradient(step.features[n], step.xs, True),
+                                                       teacher[f"at_jac{j}"], "normalized")
+                                for j, n in enumerate(self.needs.student_layers)))
 
 
 @register_term("delta_jacobian")
@@ -237,16 +251,17 @@ class JacobianPenalty(Term):
 
     def value(self, inputs: Tensor, student_logits: Tensor, labels: Tensor,
                 generator: torch.Generator | None = None) -> Tensor:
-        if self.form == "ce":
-            log_p = F.log_softmax(student_logits, dim=1)
-            return jacobian_penalty(J.input_jacobian(log_p, inputs, labels, create_graph=True), "ce")
-        v = J.output_projections(inputs.shape[0], student_logits.shape[1], self.num_projections, generator=generator,
-                                 dtype=student_logits.dtype, device=student_logits.device, kind=self.projection)
-        rows = J.vector_jacobian_product(student_logits, inputs, v, create_graph=True)
-        return jacobian_penalty(rows, "sq", multiple_outputs=True) / self.num_projections
+        return self.from_step(Step.of(x=inputs, logits=student_logits, y=labels, generator=generator))
 
     def from_step(self, step):
-        return self.value(step.xs, step.logits, step.y, step.generator)
+        inputs, logits = step.xs, step.logits
+        if self.form == "ce":
+            log_p = F.log_softmax(logits, dim=1)
+            return jacobian_penalty(J.input_jacobian(log_p, inputs, step.y, create_graph=True), "ce")
+        v = J.output_projections(inputs.shape[0], logits.shape[1], self.num_projections, generator=step.generator,
+                                 dtype=logits.dtype, device=logits.device, kind=self.projection)
+        rows = J.vector_jacobian_product(logits, inputs, v, create_graph=True)
+        return jacobian_penalty(rows, "sq", multiple_outputs=True) / self.num_projections
 
 
 @register_term("penalty")
@@ -279,8 +294,7 @@ class NoiseTrainingLoss(_Noise):
 
     def value(self, student: Callable[[Tensor], Tensor], inputs: Tensor, labels: Tensor,
                 generator: torch.Generator | None = None) -> Tensor:
-        return noise_training_loss(student, inputs, labels, self.sigma, self.draws,
-                                   antithetic=self.antithetic, generator=generator)
+        return self.from_step(Step.of(x=inputs, y=labels, student=student, generator=generator))
 
     def from_step(self, step):
         _, logits = step.noisy(self.sigma, self.draws, self.antithetic)
@@ -301,8 +315,7 @@ class NoisyDistillationLoss(_Noise):
 
     def value(self, student: Callable[[Tensor], Tensor], teacher: Callable[[Tensor], Tensor], inputs: Tensor,
                 generator: torch.Generator | None = None) -> Tensor:
-        return noisy_distillation_loss(student, teacher, inputs, self.sigma, self.draws, temperature=self.temperature,
-                                       form=self.form, antithetic=self.antithetic, generator=generator)
+        return self.from_step(Step.of(x=inputs, student=student, teacher=teacher, generator=generator))
 
     def from_step(self, step):
         noisy, logits = step.noisy(self.sigma, self.draws, self.antithetic)

@@ -132,6 +132,17 @@ class Step:
     y_soft: Tensor | None = None  # soft labels [B, K] (mixup, CutMix): cross-entropy takes them; ``y`` is their top class
     _noisy: dict = field(default_factory=dict)
 
+    @classmethod
+    def of(cls, *, x: Tensor | None = None, y: Tensor | None = None, logits: Tensor | None = None,
+           student: Callable[[Tensor], Tensor] | None = None, teacher: Callable[[Tensor], Tensor] | None = None,
+           targets: TeacherTargets | None = None, features: dict[str, Tensor] | None = None,
+           tangent: Tensor | None = None, generator: torch.Generator | None = None,
+           y_soft: Tensor | None = None) -> Step:
+        """A step from plain tensors and modules, what a loop of one's own has: how a term's
+        :meth:`Term.value` reaches its :meth:`Term.from_step` (``x`` is also ``xs``)."""
+        return cls(cast(Tensor, x), y, cast(Tensor, x), logits, cast(Callable, student), teacher, targets,
+                   features or {}, tangent, generator, y_soft)
+
     def noisy(self, sigma: float, draws: int, antithetic: bool) -> tuple[Tensor, Tensor]:
         """``x + ξ`` for M draws and the student's logits there, drawn once per step and
         shared by the noise terms (noise training and noisy distillation see one draw)."""
@@ -170,10 +181,13 @@ class Term(nn.Module):
     is CE + KD (τ = 8) + 10·JM, the objective that ``ObjectiveConfig()`` builds.
 
     A new loss is one subclass in a file of one's own: a ``key``, what it needs (one
-    :class:`Needs` declaration), ``from_step`` for a :class:`Step` (its ``logits``, ``xs``,
-    ``y``, ``targets.logits``, ``targets.of(self)``, ``features``), and ``value`` for plain
-    tensors, what a loop of one's own calls. ``objective.terms: {"my_file:MyLoss": {weight: 0.5}}``
-    adds it to a run (tests/user_terms.py is one).
+    :class:`Needs` declaration) and ``from_step``, its value from a :class:`Step` (its
+    ``logits``, ``xs``, ``y``, ``targets.logits``, ``targets.of(self)``, ``features``): the one
+    method a term must write. ``value``, what a loop of one's own calls with plain tensors, is
+    built on it (by default ``value(logits=..., y=...)`` takes :meth:`Step.of`'s fields; a
+    built-in term names its arguments and maps them onto a step), so each loss has one code
+    path. ``objective.terms: {"my_file:MyLoss": {weight: 0.5}}`` adds it to a run
+    (tests/user_terms.py is one).
     """
 
     key = ""
@@ -216,12 +230,17 @@ class Term(nn.Module):
         return self.weight * self.value(*args, **kwargs)
 
     def value(self, *args: Any, **kwargs: Any) -> Tensor:
-        """The term's unweighted value from plain tensors and modules."""
-        raise NotImplementedError
+        """The term's unweighted value from plain tensors and modules: :meth:`from_step` on
+        :meth:`Step.of` with these fields (by keyword)."""
+        if args:
+            raise UsageError(f"{type(self).__name__}.value takes the step's fields by keyword "
+                             f"(value(logits=..., y=...), see Step.of), not {len(args)} positional arguments")
+        return self.from_step(Step.of(**kwargs))
 
     def from_step(self, step: Step) -> Tensor:
-        """The unweighted value from one step of :class:`~jacmatch.core.objective.TransferObjective`."""
-        raise NotImplementedError
+        """The unweighted value from one step of :class:`~jacmatch.core.objective.TransferObjective`:
+        the one method a term must write."""
+        raise NotImplementedError(f"{type(self).__name__} must define from_step(step)")
 
     def extra_repr(self) -> str:
         return f"weight={self.weight:g}"
