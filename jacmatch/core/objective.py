@@ -98,7 +98,12 @@ class ObjectiveConfig:
                              "or an estimator's import path (package.module:EstimatorClass)")
         if self.jm_form not in JM_FORMS:
             raise UsageError(f"unknown objective.jm_form {self.jm_form!r}: use normalized, sq or ce")
-        create_estimator(self.jm_outputs, form=self.jm_form)  # each estimator says which forms it takes
+        estimator = create_estimator(self.jm_outputs, form=self.jm_form)  # each estimator says which forms it takes
+        grads = [n for n in ("penalty", "delta_jacobian") if getattr(self, n)]
+        if self.gamma and estimator.own_student_forward and grads:
+            raise UsageError(f"objective.jm_outputs={self.jm_outputs} takes the student's logits from a forward-mode "
+                             f"pass, which has no input gradient for objective.{' and objective.'.join(grads)}: use "
+                             "jm_outputs=projection or input_fd with those terms")
         if self.kd_form not in ("kl", "mse"):
             raise UsageError(f"unknown objective.kd_form {self.kd_form!r}: use kl or mse")
         if self.projection not in J.PROJECTIONS:
@@ -227,11 +232,11 @@ class TransferObjective(nn.Module):
         if any(t.needs.teacher for t in terms) and teacher is None:
             raise UsageError(f"the terms {[t.key for t in terms if t.needs.teacher]} need a teacher: "
                              "pass teacher=... or drop them (β, γ, δ need a teacher)")
-        owner = [t.key for t in terms if t.needs.own_student_forward]
+        owner = [t for t in terms if t.needs.own_student_forward]
         if owner and any(t.needs.input_grad for t in terms):
-            raise UsageError("jm_outputs=input_jvp takes the student's logits from a forward-mode pass, which has "
-                             f"no input gradient for {[t.key for t in terms if t.needs.input_grad]}: use "
-                             "jm_outputs=projection or input_fd with those terms")
+            raise UsageError(f"{owner[0].describe()} runs the student's forward pass itself, which gives no input "
+                             f"gradient for the terms {[t.key for t in terms if t.needs.input_grad]}: drop them, "
+                             f"or choose a {owner[0].key} term that takes the student's input gradient")
         self.config = config
         self._owns_student_forward = bool(owner)
         self._warned_dead, self._steps = False, 0
@@ -279,26 +284,6 @@ class TransferObjective(nn.Module):
         copy is built and checked on it. Without a teacher there is nothing to prepare."""
         if self.teacher is not None and len(x):
             self.fast_teacher(x)
-
-    def explain_backward_failure(self, exc: RuntimeError, x: Tensor, student_name: str = "student"
-                                 ) -> UsageError | None:
-        """A step's backward failed with ``exc`` on the batch ``x``: when the cause is an
-        operation of the student with no double backward (which the Jacobian terms take),
-        the one-line error that names the module and the fix; None for any other failure."""
-        if "derivative for" not in str(exc):
-            return None
-        what = str(exc).strip().splitlines()[0]
-        student = self.student
-        if isinstance(student, nn.parallel.DistributedDataParallel):
-            student = student.module
-        was_training = student.training
-        module = J.first_failing_module(student.eval(), x[:2])
-        student.train(was_training)
-        fix = ("set model.replace_hard_activations=true" if "hardsigmoid" in what or "hardswish" in what else
-               "replace it by a twice-differentiable equivalent, or use this model as a teacher only")
-        return UsageError(f"the student {student_name!r} cannot take the Jacobian term's double backward"
-                          f"{f' at module {module}' if module else ''} ({what}): {fix}; "
-                          f"`jacmatch check-model {student_name} --fix` shows what works")
 
     def _warn_if_dead(self, terms: Sequence[Term]) -> None:
         for t in terms:
@@ -368,9 +353,6 @@ class TransferObjective(nn.Module):
         declares it (a random estimator keeps the teacher's full Jacobian and draws nothing;
         each step contracts it with its own draws)."""
         return self.teacher_targets(x, y, full_jacobian=True)
-
-    #: How to make :meth:`cache_targets` smaller, for a cache that would be too large.
-    cache_hint = "use an estimator that keeps one Jacobian row per sample (objective.jm_outputs=teacher_top1)"
 
     # ---- one step ------------------------------------------------------------------------
 

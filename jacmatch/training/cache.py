@@ -107,7 +107,8 @@ class TeacherCache:
         if have + need > self.max_bytes:
             raise UsageError(f"the teacher cache would need over {(have + need) >> 20} MiB for {self.size} samples "
                              f"(at most {self.max_bytes >> 20} MiB): set teacher_cache=false, or "
-                             f"{self.objective.cache_hint}")
+                             "use an estimator that keeps one Jacobian row per sample "
+                             "(objective.jm_outputs=teacher_top1)")
         self.store[name] = torch.zeros((self.size, *value.shape[1:]), dtype=value.dtype, device=value.device)
 
     def _store(self, index: Tensor, fresh: dict[tuple[str, str], Tensor]) -> None:

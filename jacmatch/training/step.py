@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from ..core import jacobian as J
+from ..errors import UsageError
 from .distributed import DistInfo, agree_on_step, average_gradients
 
 __all__ = ["NonFiniteError", "DivergingWarning", "GROWTH_WARNED", "GROWTH_DIVERGED",
@@ -31,6 +33,26 @@ _AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 #: A loss this many times its first step's (at least 1) warns that the run may be diverging; one
 #: GROWTH_DIVERGED times larger is a divergence, handled as a non-finite step (``nonfinite``).
 GROWTH_WARNED, GROWTH_DIVERGED = 1e3, 1e6
+
+
+def explain_backward_failure(student: nn.Module, exc: RuntimeError, x: Tensor, student_name: str = "student"
+                             ) -> UsageError | None:
+    """A step's backward failed with ``exc`` on the batch ``x``: when the cause is an operation
+    of the student with no double backward (which the Jacobian terms take), the one-line error
+    that names the module and the fix; None for any other failure."""
+    if "derivative for" not in str(exc):
+        return None
+    what = str(exc).strip().splitlines()[0]
+    if isinstance(student, nn.parallel.DistributedDataParallel):
+        student = student.module
+    was_training = student.training
+    module = J.first_failing_module(student.eval(), x[:2])
+    student.train(was_training)
+    fix = ("set model.replace_hard_activations=true" if "hardsigmoid" in what or "hardswish" in what else
+           "replace it by a twice-differentiable equivalent, or use this model as a teacher only")
+    return UsageError(f"the student {student_name!r} cannot take the Jacobian term's double backward"
+                      f"{f' at module {module}' if module else ''} ({what}): {fix}; "
+                      f"`jacmatch check-model {student_name} --fix` shows what works")
 
 
 class DivergingWarning(UserWarning):
@@ -165,7 +187,7 @@ class Stepper:
         try:
             loss.backward(inputs=self.trainable)
         except RuntimeError as exc:
-            explained = self.objective.explain_backward_failure(exc, x, self.student_name)
+            explained = explain_backward_failure(self.objective.student, exc, x, self.student_name)
             if explained is None:
                 raise
             raise explained from None
