@@ -26,7 +26,7 @@ the objective, and every term is logged (``train/ce``, ``train/kd``, ``train/jm`
 
 :class:`JacmatchDataModule` serves any data set jacmatch reads (a built-in name, a folder of
 class subfolders, ``npz:``, ``hf:``, ``package.module:callable``) with jacmatch's own
-splits, few-sample subsets and validation split, from a :class:`~jacmatch.training.config.DataConfig`.
+splits, few-sample subsets and validation split, from a :class:`~jacmatch.data.config.DataConfig`.
 """
 
 from __future__ import annotations
@@ -207,7 +207,8 @@ class JacmatchDataModule(pl.LightningDataModule):
     def __init__(self, data: Any = None, *, batch_size: int = 64, eval_batch_size: int = 500, seed: int = 0,
                  num_workers: int = 0, recipe: str | None = None):
         super().__init__()
-        from ..training.config import DataConfig, config_from_dict, merge_values
+        from ..data.config import DataConfig
+        from ..training.config import config_from_dict, merge_values
         from ..training.recipes import recipe_values
         if recipe is not None:
             if isinstance(data, DataConfig):

@@ -6,7 +6,6 @@ with every run and inside every checkpoint.
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -14,9 +13,10 @@ from typing import Any
 import yaml
 
 from ..core.objective import ObjectiveConfig
+from ..data.config import DataConfig
 from ..errors import UsageError, check_once, check_range
 
-__all__ = ["RunConfig", "DataConfig", "ModelConfig", "OptimConfig", "EvalConfig", "ConfigError",
+__all__ = ["RunConfig", "ModelConfig", "OptimConfig", "EvalConfig", "ConfigError",
            "load_config", "apply_overrides", "config_to_dict", "config_from_dict", "merge_values", "resolve"]
 
 #: Checked before any work starts (clear errors rather than out-of-memory crashes).
@@ -28,38 +28,6 @@ MAX_CONFIG_BYTES = 1 << 20
 
 #: A config file or setting that cannot be used: the one type of a user's error (its old name).
 ConfigError = UsageError
-
-
-#: The built-in data sets that read data.data_dir (the others refuse it).
-READS_DATA_DIR = ("fashion-mnist", "mnist", "cifar10", "cifar100")
-
-
-@dataclass
-class DataConfig:
-    name: str = "digits"          # built-in name, folder of class subfolders, npz:PATH, hf:PATH or module:callable
-    data_dir: str | None = None   # folder of a built-in data set's files (fashion-mnist, mnist, cifar10, cifar100)
-    samples_per_class: int | None = None   # n: few-sample training sets
-    val_size: float = 0.1                  # fraction (< 1) or count of the training set
-    split_seed: int = 0                    # the validation split does not move with the seed
-    classes: list | None = None            # keep only these classes (transfer tasks)
-    augment: bool = False                  # random crop (padding 2 or 4) and flips where valid
-    crop_padding: int = 2                  # padding of the random crop, in pixels
-    mixup: float = 0.0                     # mixup's Beta(α, α) α (0: off): each sample mixed with a partner
-    cutmix: float = 0.0                    # CutMix's α (0: off); with mixup too, each sample takes one of them
-    download: bool = False                 # fetch missing files (checksummed) when online
-    image_size: Any = None                 # H (= W) or [H, W]: resize every image of a source (needed when sizes differ)
-    resize: str = "resize"                 # resize | center_crop (short side to image_size, then the centre)
-    channels: int | None = None            # 1 (grey) or 3 (RGB) for an image source; default: the images' own
-    image_column: str = "image"            # hf:PATH: the column of the images
-    label_column: str = "label"            # hf:PATH: the column of the labels
-    test_size: float = 0.2                 # a source without a test split: this part of it is drawn as the test set
-    mean: list | None = None               # per-channel pixel mean (default: streamed over the training pool)
-    std: list | None = None                # per-channel pixel std (default: streamed over the training pool)
-    options: dict = field(default_factory=dict)  # keyword arguments of a package.module:callable data set
-    workers: int = -1                      # processes decoding a source's samples (-1: min(4, CPUs / 2); 0: none)
-    cache_mib: int = 512                   # decoded samples of a source kept for the next epochs (MiB; 0: none)
-    on_bad_sample: str = "stop"            # stop | skip: a sample that cannot be read stops the run, or is skipped and counted
-    random_views: bool = False             # the data set draws a new view at each read (random augmentation in __getitem__)
 
 
 @dataclass
@@ -180,7 +148,7 @@ class RunConfig:
             raise ConfigError(f"eval.patience ({e.patience}) and eval.min_delta ({e.min_delta:g}) act on the best "
                               "validation accuracy, which eval.keep_best=false does not keep: set eval.keep_best=true, "
                               "or leave them at 0")
-        _check_data(self.data)
+        self.data.check()
         self.objective.check()
         if self.objective.needs_teacher and not (self.teacher or self.teacher_weights):
             o = self.objective
@@ -201,42 +169,9 @@ def check_noise_sigmas(sigmas) -> None:
         raise ConfigError(f"eval.noise_sigmas must be finite numbers >= 0, got {sigmas}")
 
 
-def _check_data(d: DataConfig) -> None:
-    """The data set's name, the folder only the built-in file formats read, the source options."""
-    from ..data import dataset_kind
-    kind, _ = dataset_kind(d.name)
-    if d.data_dir is not None and (kind != "builtin" or d.name in ("digits", "synthetic")):
-        what = d.name if kind == "builtin" else f"the {kind} data set {d.name!r}"
-        raise ConfigError(f"--data-dir (data.data_dir={d.data_dir!r}) is read only by {', '.join(READS_DATA_DIR)}, not "
-                          f"by {what}: name the data set with --dataset (a folder goes there too: --dataset "
-                          f"{d.data_dir})")
-    size = d.image_size
-    sizes = size if isinstance(size, list) else [size]
-    if size is not None and (len(sizes) not in (1, 2) or not all(
-            isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 8192 for v in sizes)):
-        raise ConfigError(f"data.image_size must be a side in 1..8192 or [H, W], got {size!r}")
-    if d.channels not in (None, 1, 3):
-        raise ConfigError(f"data.channels must be 1 (grey) or 3 (RGB), got {d.channels!r}")
-    if d.resize not in ("resize", "center_crop"):
-        raise ConfigError(f"data.resize must be resize or center_crop, got {d.resize!r}")
-    if d.on_bad_sample not in ("stop", "skip"):
-        raise ConfigError(f"data.on_bad_sample must be stop or skip, got {d.on_bad_sample!r}")
-    if not (isinstance(d.workers, int) and -1 <= d.workers <= 256):
-        raise ConfigError(f"data.workers must be -1 (auto), 0 or a count up to 256, got {d.workers!r}")
-    if not (isinstance(d.cache_mib, int) and 0 <= d.cache_mib <= 1 << 20):
-        raise ConfigError(f"data.cache_mib must be a size in MiB, 0 to {1 << 20}, got {d.cache_mib!r}")
-    if not 0 < d.test_size < 1:
-        raise ConfigError(f"data.test_size must be a fraction in (0, 1), got {d.test_size!r}")
-    for key in ("mean", "std"):
-        values = getattr(d, key)
-        if values is not None and not all(isinstance(v, (int, float)) and not isinstance(v, bool) and
-                                          math.isfinite(v) for v in values):
-            raise ConfigError(f"data.{key} must be a list of finite numbers, one per channel, got {values!r}")
-
-
 def _check_ranges(cfg: RunConfig) -> None:
     """The run's numeric settings: finite and in range (the objective's are its own check's)."""
-    o, d, e = cfg.optim, cfg.data, cfg.eval
+    o, e = cfg.optim, cfg.eval
     for key, value, low, high, low_open, optional in (
             ("seed", cfg.seed, 0, 2**63 - 1, False, False),
             ("optim.batch_size", o.batch_size, 1, MAX_BATCH_SIZE, False, False),
@@ -248,11 +183,6 @@ def _check_ranges(cfg: RunConfig) -> None:
             ("optim.min_steps_per_epoch", o.min_steps_per_epoch, 1, 1e7, False, False),
             ("optim.max_steps", o.max_steps, 0, 1e12, False, False),
             ("time_budget", cfg.time_budget, 0, 1e7, False, False),
-            ("data.samples_per_class", d.samples_per_class, 1, 1e9, False, True),
-            ("data.val_size", d.val_size, 0, 1e9, False, False),
-            ("data.crop_padding", d.crop_padding, 0, 64, False, False),
-            ("data.mixup", d.mixup, 0, 1e3, False, False),
-            ("data.cutmix", d.cutmix, 0, 1e3, False, False),
             ("eval.cosine_samples", e.cosine_samples, 0, 1e9, False, False),
             ("eval.interpolations", e.interpolations, 0, 1e9, False, False),
             ("eval.interpolation_seed", e.interpolation_seed, 0, 2**63 - 1, False, False),
