@@ -1,9 +1,12 @@
 """What the tests share: small models, run settings, data writers, the README's snippets and
-the reading of a subprocess's errors. Test modules import from here, never from conftest or
-from one another."""
+the one runner of a child process (:func:`run`, :func:`jacmatch`) and the reading of its
+errors. Test modules import from here, never from conftest or from one another."""
 
+import os
 import pickle
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +43,25 @@ def first_errors(stderr: str) -> str:
     """The workers' own error lines, before torchrun's summary of them (for assertion messages)."""
     lines = [line for line in stderr.splitlines() if any(w in line for w in ("Error", "error", "terminate", "what()"))]
     return "\n".join(lines[:15]) or stderr[-3000:]
+
+
+#: A child process's environment: one thread each (the two cores are shared with the test runner).
+CHILD_ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def run(args, *, cwd=None, env=None, timeout=300, check=False, text=True) -> subprocess.CompletedProcess:
+    """Run a process to its end, its output captured (``env``: :data:`CHILD_ENV` unless given);
+    with ``check``, assert that it exited 0, showing its first error lines."""
+    r = subprocess.run([str(a) if isinstance(a, Path) else a for a in args], cwd=cwd,
+                       env=CHILD_ENV if env is None else env, capture_output=True, text=text, timeout=timeout)
+    if check:
+        assert r.returncode == 0, (r.stdout[-2000:] + first_errors(r.stderr)) if text else r.stderr[-3000:]
+    return r
+
+
+def jacmatch(*args, **kwargs) -> subprocess.CompletedProcess:
+    """``python -m jacmatch ARGS`` in a child process (keywords as :func:`run`)."""
+    return run([sys.executable, "-m", "jacmatch", *map(str, args)], **kwargs)
 
 
 def teacher_values(out):

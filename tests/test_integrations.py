@@ -6,7 +6,6 @@ one plain SGD step from the same weights gives the same weights (so the same gra
 and the same terms."""
 
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -14,7 +13,7 @@ import pytest
 import pytorch_lightning as pl
 import torch
 import transformers
-from helpers import REFERENCE_LR, SmallCNN, copy_model, first_errors, same_weights
+from helpers import REFERENCE_LR, SmallCNN, copy_model, run, same_weights
 
 import jacmatch as jm
 
@@ -77,9 +76,8 @@ def test_lightning_ddp_two_processes_give_the_weights_of_one(tmp_path):
     runs = {}
     for devices, batch in ((1, 16), (2, 8)):
         out = tmp_path / f"{devices}.pt"
-        r = subprocess.run([sys.executable, str(SCRIPTS / "lightning_fit.py"), str(out), str(devices), str(batch),
-                            "3"], cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=300)
-        assert r.returncode == 0, first_errors(r.stderr)
+        run([sys.executable, SCRIPTS / "lightning_fit.py", out, str(devices), str(batch), "3"], cwd=tmp_path,
+            env=ENV, check=True)
         runs[devices] = torch.load(out)
     one, two = runs[1]["student"], runs[2]["student"]
     worst = max((one[k].float() - two[k].float()).abs().max().item() for k in one)
@@ -159,20 +157,16 @@ def test_hf_trainer_first_step_equals_the_trainers(trainer_step, tmp_path):
 def test_hf_trainer_under_torchrun_two_processes_give_the_weights_of_one(tmp_path):
     """The objective is built around the model the Trainer hands compute_loss (DDP-wrapped
     under torchrun): both processes end with the weights of one process, to 1e-5."""
-    one = subprocess.run([sys.executable, str(SCRIPTS / "hf_train.py"), str(tmp_path / "one"), "16", "3"],
-                         cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=300)
-    assert one.returncode == 0, first_errors(one.stderr)
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                          str(SCRIPTS / "hf_train.py"), str(tmp_path / "two"), "8", "3"], cwd=tmp_path, env=ENV,
-                         capture_output=True, text=True, timeout=300)
-    assert two.returncode == 0, first_errors(two.stderr)
+    run([sys.executable, SCRIPTS / "hf_train.py", tmp_path / "one", "16", "3"], cwd=tmp_path, env=ENV, check=True)
+    run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", SCRIPTS / "hf_train.py",
+         tmp_path / "two", "8", "3"], cwd=tmp_path, env=ENV, check=True)
     reference = torch.load(tmp_path / "one.rank0.pt")
     for rank in (0, 1):
-        run = torch.load(tmp_path / f"two.rank{rank}.pt")
-        worst = max((run["student"][k] - v).abs().max().item() for k, v in reference["student"].items())
+        got = torch.load(tmp_path / f"two.rank{rank}.pt")
+        worst = max((got["student"][k] - v).abs().max().item() for k, v in reference["student"].items())
         assert worst <= 1e-5, (rank, worst)
         # the logged terms are the means over both processes' samples
-        assert run["logs"][0]["jm"] == pytest.approx(reference["logs"][0]["jm"], rel=1e-4)
+        assert got["logs"][0]["jm"] == pytest.approx(reference["logs"][0]["jm"], rel=1e-4)
 
 
 def test_hf_vit_with_its_default_attention_takes_a_kd_jm_step(tmp_path):

@@ -15,20 +15,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import QUIET
+from helpers import CHILD_ENV, QUIET, jacmatch, run
 
 from jacmatch.data import DataError, create_dataset, register_dataset
 from jacmatch.data.datasets import ImageSet
 from jacmatch.training import CheckpointError, config_from_dict, load_checkpoint, save_checkpoint, train
 from jacmatch.training.checkpoint import VersionWarning
 
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 SMALL = ["--model", "small_cnn_4", "--set", "progress=false", "--set", "tensorboard=false"]
 
-
-def jacmatch(*args, cwd=None, timeout=300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "jacmatch", *map(str, args)], cwd=cwd, env=ENV,
-                          capture_output=True, text=True, timeout=timeout)
 
 
 def cli(*args) -> int:
@@ -184,7 +179,7 @@ def test_a_second_run_on_a_folder_in_use_is_refused_with_the_holders_pid(tmp_pat
     args = [sys.executable, "-m", "jacmatch", "train-teacher", "--dataset", "synthetic", *SMALL,
             "--set", "optim.epochs=10000", "--set", "eval.every=10000", "--set", "data.samples_per_class=4",
             "--out", str(out)]
-    first = subprocess.Popen(args, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    first = subprocess.Popen(args, env=CHILD_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.time() + 60
         while not (out / "last.pt").is_file():  # written under the lock, once the run has trained an epoch
@@ -259,7 +254,7 @@ def test_kills_during_the_report_leave_every_file_whole(tmp_path):
     outcomes = []
     for attempt in range(4):
         proc = subprocess.Popen([sys.executable, "-m", "jacmatch", "report", "--results", str(folder)], cwd=tmp_path,
-                                env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                                env=CHILD_ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         time.sleep(rng.uniform(1.2, 3.2))
         kill = signal.SIGTERM if attempt % 2 == 0 else signal.SIGKILL
         proc.send_signal(kill)
@@ -313,9 +308,8 @@ def test_an_alias_bomb_is_refused_at_once_in_constant_memory(tmp_path):
     config = tmp_path / "bomb.yaml"
     config.write_text("\n".join(lines) + "\n")  # 9^9 "lol"s once expanded
     start = time.time()
-    r = subprocess.run(["/usr/bin/time", "-f", "%M", sys.executable, "-m", "jacmatch", "train-teacher", "--config",
-                        str(config), "--out", str(tmp_path / "r")], env=ENV, capture_output=True, text=True,
-                       timeout=120) if Path("/usr/bin/time").exists() else None
+    r = run(["/usr/bin/time", "-f", "%M", sys.executable, "-m", "jacmatch", "train-teacher", "--config", config,
+             "--out", tmp_path / "r"], timeout=120) if Path("/usr/bin/time").exists() else None
     if r is None:
         r = jacmatch("train-teacher", "--config", config, "--out", tmp_path / "r")
         peak_kib = 0
@@ -445,8 +439,8 @@ def test_any_path_the_os_accepts_works(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     assert cli("evaluate", "--checkpoint", out / "last.pt", "--noise-sigmas") == 0
     odd = os.fsencode(str(tmp_path)) + b"/not-utf8-\xff"  # bytes no encoding names: argv keeps them
-    done = subprocess.run([sys.executable, "-m", "jacmatch", "train-teacher", "--dataset", "synthetic", *SMALL,
-                           "--set", "optim.epochs=1", "--out", odd], env=ENV, capture_output=True, timeout=300)
+    done = run([sys.executable, "-m", "jacmatch", "train-teacher", "--dataset", "synthetic", *SMALL,
+                "--set", "optim.epochs=1", "--out", odd], text=False)
     assert done.returncode == 0 and os.path.isfile(odd + b"/last.pt"), done.stderr[-2000:]
     missing = tmp_path / "nowhere 😀" / "last.pt"
     from jacmatch.training import CheckpointError as Missing

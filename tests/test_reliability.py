@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import QUIET, first_errors
+from helpers import QUIET, first_errors, jacmatch, run
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -97,12 +97,11 @@ def test_sigkill_at_random_moments_always_leaves_a_loadable_checkpoint(tmp_path,
         state = load_checkpoint(last)  # whatever is on disk must load
         epochs_seen.append(state["epoch"])
     assert epochs_seen and epochs_seen == sorted(epochs_seen)
-    final = subprocess.run(args + (["--resume"] if (out / "last.pt").exists() else []), env=env,
-                           capture_output=True, text=True, timeout=300)
+    final = run(args + (["--resume"] if (out / "last.pt").exists() else []), env=env)
     assert final.returncode == 0, final.stderr[-2000:]
     straight = tmp_path / "straight"
     args[args.index(str(out))] = str(straight)
-    assert subprocess.run(args, env=env, capture_output=True, timeout=300).returncode == 0
+    run(args, env=env, check=True)
     a, b = load_checkpoint(out / "last.pt")["model"], load_checkpoint(straight / "last.pt")["model"]
     for k in a:
         assert torch.equal(a[k], b[k]), k
@@ -176,12 +175,10 @@ def test_skipping_has_a_bound(tmp_path, teacher, monkeypatch, limit, broken, mat
 
 @pytest.mark.slow
 def test_nonfinite_exits_nonzero_from_the_cli(tmp_path, teacher):
-    r = subprocess.run([sys.executable, "-m", "jacmatch", "distill", "--recipe", "none",
-        "--teacher", teacher, "--dataset", "synthetic",
-                        "--out", str(tmp_path / "o"), "--set", "objective.beta=1", "--set", "optim.lr=1000",
-                        "--set", "optim.momentum=0.99",
-                        "--set", "optim.epochs=3", "--set", "progress=false", "--set", "tensorboard=false"],
-                       capture_output=True, text=True, timeout=300)
+    r = jacmatch("distill", "--recipe", "none", "--teacher", teacher, "--dataset", "synthetic",
+                 "--out", tmp_path / "o", "--set", "objective.beta=1", "--set", "optim.lr=1000",
+                 "--set", "optim.momentum=0.99", "--set", "optim.epochs=3", "--set", "progress=false",
+                 "--set", "tensorboard=false", env=os.environ)
     assert r.returncode == 3, r.stderr
     assert ("non-finite" in r.stderr or "diverged loss" in r.stderr) and "Traceback" not in r.stderr
 
@@ -325,9 +322,8 @@ def test_resume_with_a_changed_objective_is_refused_with_the_diff(tmp_path, teac
 @pytest.mark.slow
 def test_progress_in_a_log_is_plain_lines(tmp_path):
     """stderr is a pipe here, as in a batch job's log: one line per epoch, no carriage return."""
-    r = subprocess.run([sys.executable, "-m", "jacmatch", "train-teacher", "--dataset", "synthetic", "--model",
-                        "small_cnn_4", "--set", "optim.epochs=2", "--set", "data.samples_per_class=8",
-                        "--out", str(tmp_path / "t")], capture_output=True, text=True, timeout=300)
+    r = jacmatch("train-teacher", "--dataset", "synthetic", "--model", "small_cnn_4", "--set", "optim.epochs=2",
+                 "--set", "data.samples_per_class=8", "--out", tmp_path / "t", env=os.environ)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "\r" not in r.stderr and "\r" not in r.stdout
     lines = [line for line in r.stderr.splitlines() if line.startswith("epoch ")]
@@ -456,11 +452,9 @@ def test_sigterm_mid_epoch_then_resume_is_bit_identical(tmp_path, teacher, proce
     assert 0 < state["step"] < 100 and state["epoch"] == 1, stderr[-2000:]  # stopped inside the last epoch
     if processes == 1:
         assert process.returncode == 75 and "--resume continues" in stderr, stderr[-2000:]
-    resumed = subprocess.run([*launcher, *common, "--out", str(out), "--resume"], env=env, capture_output=True,
-                             text=True, timeout=300)
+    resumed = run([*launcher, *common, "--out", str(out), "--resume"], env=env)
     assert resumed.returncode == 0, first_errors(resumed.stderr)
-    straight = subprocess.run([*launcher, *common, "--out", str(tmp_path / "straight")], env=env,
-                              capture_output=True, text=True, timeout=300)
+    straight = run([*launcher, *common, "--out", str(tmp_path / "straight")], env=env)
     assert straight.returncode == 0, first_errors(straight.stderr)
     assert "LiveDDPWarning" not in resumed.stderr + straight.stderr  # the CLI leaves the group after its DDP module
     a, b = load_checkpoint(out / "last.pt")["model"], load_checkpoint(tmp_path / "straight" / "last.pt")["model"]

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import helpers
 from helpers import QUIET
 
 from jacmatch.data import DataError, create_dataset, register_dataset
@@ -27,8 +28,8 @@ SMALL = ["--model", "small_cnn_4", "--set", "progress=false", "--set", "tensorbo
 
 
 def jacmatch(*args, cwd=None, timeout=300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "jacmatch", *map(str, args)], cwd=cwd, env=ENV,
-                          capture_output=True, text=True, timeout=timeout)
+    """``python -m jacmatch`` with tests/ on the path (its user data sets)."""
+    return helpers.jacmatch(*args, cwd=cwd, env=ENV, timeout=timeout)
 
 
 def refused(r, *words) -> None:

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from helpers import run
+
 from jacmatch.cli import main
 
 RUN = ["train-teacher", "--dataset", "digits", "--model", "small_cnn_4", "--set", "progress=false",
@@ -87,18 +89,14 @@ def test_tracking_names_are_checked_and_a_missing_extra_is_one_line(tmp_path, mo
 @pytest.mark.slow
 def test_under_torchrun_one_process_logs_one_run(tmp_path):
     """Two processes train; only the main one opens a tracked run (and writes tracking.json)."""
-    import os
-    import subprocess
     import sys
 
     from mlflow.tracking import MlflowClient
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
-                        "jacmatch", *RUN, "--set", "optim.epochs=2", "--set", "optim.batch_size=32",
-                        "--set", "tracking=[mlflow]", "--set", f"tracking_uri={uri}", "--out", str(tmp_path / "t")],
-                       cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
-                       timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
+    run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+         "jacmatch", *RUN, "--set", "optim.epochs=2", "--set", "optim.batch_size=32",
+         "--set", "tracking=[mlflow]", "--set", f"tracking_uri={uri}", "--out", tmp_path / "t"],
+        cwd=tmp_path, timeout=600, check=True)
     client = MlflowClient(uri)
     runs = client.search_runs([client.get_experiment_by_name("jacmatch").experiment_id])
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"

@@ -3,13 +3,12 @@
 import json
 import math
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import QUIET, first_errors
+from helpers import QUIET, jacmatch, run
 
 import jacmatch as jm
 from jacmatch.training import config_from_dict, load_checkpoint, train
@@ -275,9 +274,7 @@ def test_the_number_of_processes_does_not_change_the_run(tmp_path, teacher, fash
     for launcher, root in (([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"],
                             tmp_path / "two"), ([sys.executable], tmp_path / "one")):
         (tmp_path / f"{root.name}.json").write_text(json.dumps(cases(root)))
-        run = subprocess.run([*launcher, script, str(tmp_path / f"{root.name}.json")], capture_output=True,
-                             text=True, env=env, timeout=600)
-        assert run.returncode == 0, first_errors(run.stderr)
+        run([*launcher, script, tmp_path / f"{root.name}.json"], env=env, timeout=600, check=True)
     one, two = cases(tmp_path / "one"), cases(tmp_path / "two")
     gaps, terms = {}, {}  # each run's largest difference of weights, and of terms (relative), 1 to 2 processes
     for name in one:
@@ -329,8 +326,7 @@ def test_sharded_draws_are_the_single_process_draws_of_the_same_samples():
 
 
 def run_cli(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "jacmatch", *args], capture_output=True, text=True,
-                          timeout=300, cwd=cwd)
+    return jacmatch(*args, cwd=cwd, env=os.environ)
 
 
 @pytest.mark.parametrize("args,message", [

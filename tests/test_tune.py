@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from helpers import jacmatch, run
+
 from jacmatch.training.tune import parse_space, space_of
 from jacmatch.errors import UsageError
 
@@ -68,8 +70,7 @@ def test_a_killed_worker_s_study_completes_when_the_command_runs_again(tmp_path,
     worker.communicate()
     assert not (out / "trials" / "0000" / "results.json").is_file()  # cut mid-trial
     time.sleep(3)  # past the grace period (twice the heartbeat): Optuna fails the trial and enqueues it again
-    again = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    assert again.returncode == 0, again.stdout + again.stderr
+    again = run(cmd, env=os.environ, timeout=600, check=True)
     assert "resumes trial 0's folder" in again.stdout, again.stdout
     rows = _trials(out)
     states = sorted(r["state"] for r in rows)
@@ -80,9 +81,7 @@ def test_a_killed_worker_s_study_completes_when_the_command_runs_again(tmp_path,
 @pytest.mark.slow
 def test_best_yaml_trains_as_it_is(tmp_path, teacher):
     out = tmp_path / "study"
-    r = subprocess.run(_tune(teacher, out, 1, "--set", "optim.max_steps=40"), capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stdout + r.stderr
-    d = subprocess.run([sys.executable, "-m", "jacmatch", "distill", "--config", str(out / "best.yaml"), "--out",
-                        str(tmp_path / "again")], capture_output=True, text=True, timeout=600)
-    assert d.returncode == 0, d.stdout + d.stderr
+    run(_tune(teacher, out, 1, "--set", "optim.max_steps=40"), env=os.environ, timeout=600, check=True)
+    d = jacmatch("distill", "--config", out / "best.yaml", "--out", tmp_path / "again", env=os.environ, timeout=600,
+                 check=True)
     assert "recipe: fm+jm" in d.stdout
