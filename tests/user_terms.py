@@ -29,7 +29,7 @@ class InputGradientNorm(Term):
     dead-student warning), as the built-in Jacobian terms do."""
 
     key = "grad_norm"
-    needs = Needs(input_grad=True)
+    needs = Needs(input_grad=True, jacobian=True)
 
     def __init__(self, weight: float = 1.0, rows: int = 7):
         super().__init__(weight)

@@ -90,7 +90,7 @@ class JacobianMatchingLoss(Term):
     ``label``, ``top_k``, ``all``, ``projection``, ``input_jvp``, ``input_fd``)."""
 
     key = "jm"
-    needs = Needs(teacher=True, teacher_targets=True, chunk_teacher=True, compares_outputs=True)
+    needs = Needs(teacher=True, teacher_targets=True, chunk_teacher=True, compares_outputs=True, jacobian=True)
 
     def __init__(self, weight: float = 10.0, estimator: str = "teacher_top1", form: str = "normalized",
                  temperature: float = 8.0, top_k: int = 3, num_projections: int = 1, fd_step: float = FD_STEP,
@@ -206,7 +206,7 @@ class AttentionJacobianLoss(AttentionTransferLoss):
     """δ_J · matching the input-gradients of the attention maps' largest entries (normalized)."""
 
     key = "at_jm"
-    needs = replace(AttentionTransferLoss.needs, input_grad=True, chunk_teacher=True)
+    needs = replace(AttentionTransferLoss.needs, input_grad=True, chunk_teacher=True, jacobian=True)
 
     def rows_per_sample(self, num_classes):
         return len(self.needs.student_layers)
@@ -240,7 +240,7 @@ class JacobianPenalty(Term):
     ``‖J_S‖²_F`` by random output projections (sq)."""
 
     key = "penalty"
-    needs = Needs(input_grad=True)
+    needs = Needs(input_grad=True, jacobian=True)
 
     def __init__(self, weight: float = 1.0, form: str = "ce", num_projections: int = 1, projection: str = PROJECTION):
         super().__init__(weight)

@@ -9,6 +9,13 @@ and without parameter gradients (docs/method.md §3.2).
 What the teacher contributes to a batch is collected in a dict of per-sample tensors
 (:meth:`TransferObjective.teacher_targets`), so that a trainer can compute it once per
 sample and cache it when the student's inputs are fixed.
+
+The Jacobian terms (those that differentiate the student with respect to its inputs,
+``Term.needs.jacobian``) may be taken on part of the work, as unbiased estimates of their
+full value (:class:`JacobianSchedule`): on a random fraction ρ of each batch's samples
+(each sample drawn with probability ρ from the run's seeded, sharded draws, the sum over
+the drawn ones divided by ρB), and on every k-th step (multiplied by k). The other terms,
+and the teacher's forward pass, stay on the whole batch at every step.
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ from .._imports import import_callable, is_import_path
 from ..errors import UsageError, check_once, check_range
 from . import jacobian as J
 from .estimators import FD_STEP, PROJECTION, create_estimator, list_estimators
+from .draws import SelectedGenerator, ShardedGenerator, drawn_part, per_sample_draw
 from .fusion import fast_teacher
 from .losses import JM_FORMS
 from . import builtin_terms  # noqa: F401  (registers the built-in terms)
@@ -81,6 +89,8 @@ class ObjectiveConfig:
     teacher_chunk: int = 64       # teacher targets in chunks of this many samples (0: whole batch; jacmatch bench)
     teacher_fold_bn: bool = True  # the teacher runs as a copy with BatchNorm folded into its layers (faster)
     teacher_channels_last: bool = True  # that copy's weights channels-last (faster on CPU; jacmatch bench)
+    jacobian_fraction: float = 1.0  # ρ: the Jacobian terms on this random fraction of each batch (unbiased)
+    jacobian_every: int = 1       # k: the Jacobian terms on every k-th step, multiplied by k (unbiased)
 
     def check(self) -> None:
         """Every range and choice, in one line each. A config is checked once for its values:
@@ -114,6 +124,9 @@ class ObjectiveConfig:
             raise UsageError(f"objective.num_projections must be in [1, 4096], got {self.num_projections}")
         if not 1 <= self.noise_draws <= 1024 or (self.noise_antithetic and self.noise_draws % 2):
             raise UsageError(f"objective.noise_draws must be in [1, 1024] (even if antithetic), got {self.noise_draws}")
+        check_range("objective.jacobian_fraction", self.jacobian_fraction, 0, 1, low_open=True)
+        if not (isinstance(self.jacobian_every, int) and 1 <= self.jacobian_every <= 1_000_000):
+            raise UsageError(f"objective.jacobian_every must be a step count >= 1, got {self.jacobian_every!r}")
         if self.teacher_chunk < 0:
             raise UsageError(f"objective.teacher_chunk must be >= 0, got {self.teacher_chunk}")
         if (self.delta or self.delta_jacobian) and not self.at_layers:
@@ -175,14 +188,94 @@ def _user_term(spec: str, options: dict) -> Term:
         raise UsageError(f"objective term {spec!r} does not take {sorted(options)}: {exc}") from None
 
 
-def describe_terms(terms: Sequence[Term]) -> str:
-    """Terms in one line, each with its weight: what ``jacmatch distill`` prints."""
-    return " + ".join(f"{t.weight:g}·{t.describe()}" for t in terms)
+def describe_terms(terms: Sequence[Term], schedule: JacobianSchedule | None = None) -> str:
+    """Terms in one line, each with its weight (and the Jacobian terms' schedule, when they
+    have one): what ``jacmatch distill`` prints."""
+    said = schedule.describe() if schedule is not None and schedule.active else ""
+    return " + ".join(f"{t.weight:g}·{t.describe()}" + (f" {said}" if said and t.needs.jacobian else "")
+                      for t in terms)
+
+
+@dataclass(frozen=True)
+class JacobianSchedule:
+    """Which part of the work the Jacobian terms are taken on: a random ``fraction`` ρ of
+    each batch, and every ``every``-th step (k). Both keep the term's estimate unbiased:
+    the drawn samples' sum is divided by ρB (a sample is drawn with probability ρ), and
+    a step's value is multiplied by k. ρ = 1 and k = 1 is the term as it is."""
+
+    fraction: float = 1.0
+    every: int = 1
+
+    @property
+    def active(self) -> bool:
+        return self.fraction < 1 or self.every > 1
+
+    def takes(self, step: int) -> bool:
+        """Whether the Jacobian terms are taken at step ``step`` (counted from 0)."""
+        return step % self.every == 0
+
+    def describe(self) -> str:
+        parts = ([f"on ρ = {self.fraction:g} of each batch"] if self.fraction < 1 else []) + \
+            ([f"every {self.every} steps"] if self.every > 1 else [])
+        return ", ".join(parts)
+
+
+def _placed(first: TeacherTargets, at: Tensor, second: TeacherTargets, rest: Tensor, n: int) -> TeacherTargets:
+    """The targets of a batch of ``n`` samples from those of its samples ``at`` and ``rest``
+    (the tensors that ``second`` holds, each sample in its place)."""
+    ours, theirs = first.tensors(), second.tensors()
+    placed = {}
+    for key, value in theirs.items():
+        whole = value.new_empty((n, *value.shape[1:]))
+        whole[at], whole[rest] = ours[key], value
+        placed[key] = whole
+    return TeacherTargets.from_tensors(placed)
+
+
+@contextlib.contextmanager
+def _batchnorm_statistics_kept(model: nn.Module):
+    """A forward pass that leaves a BatchNorm model's running statistics as they were (a
+    second pass of the same step on part of the batch must not move them twice; a part of
+    no sample must not make them NaN). The pass is a drawn part of the batch
+    (:func:`~jacmatch.core.draws.drawn_part`): global BatchNorm counts its samples."""
+    names = ("running_mean", "running_var", "num_batches_tracked")
+    kept = [(m, {n: getattr(m, n) for n in names}) for m in model.modules()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training and m.track_running_stats
+            and m.running_mean is not None]
+    for m, buffers in kept:  # the pass moves copies; the graph may hold them, so they are swapped back, not copied
+        for n, b in buffers.items():
+            setattr(m, n, b.clone())
+    try:
+        with drawn_part():
+            yield
+    finally:
+        for m, buffers in kept:
+            for n, b in buffers.items():
+                setattr(m, n, b)
 
 
 def rows_per_sample(terms: Sequence[Term], num_classes: int) -> int:
     """Jacobian rows (or products) one sample costs under ``terms``: for memory estimates."""
     return max([t.rows_per_sample(num_classes) for t in terms] or [0])
+
+
+def _run_settings(config: ObjectiveConfig | None, has_terms: bool, given: dict[str, Any]
+                  ) -> tuple[ObjectiveConfig | None, dict[str, Any]]:
+    """(config, settings): the objective's run settings (``given``'s keys) from ``config``, or
+    from the keyword arguments ``given`` (with terms, or without a config); a config that says
+    otherwise than a value given is refused. Their ranges are checked either way."""
+    if has_terms:
+        ObjectiveConfig(**given).check()
+        return None, given
+    default = ObjectiveConfig()
+    clash = {k: (getattr(config, k), v) for k, v in given.items()
+             if config and v != getattr(default, k) and getattr(config, k) != v}
+    if clash:
+        raise UsageError("; ".join(f"{k}={v!r} here but {c!r} in config" for k, (c, v) in clash.items())
+                         + ": set each in one place (ObjectiveConfig's field)")
+    config = config or ObjectiveConfig(**given)
+    config.check()
+    return config, {k: getattr(config, k) for k in given}
 
 
 class TransferObjective(nn.Module):
@@ -194,7 +287,8 @@ class TransferObjective(nn.Module):
     unweighted value. Build it from an :class:`ObjectiveConfig` or from ``terms=[...]``.
     The student and the teacher are submodules (``.to(device)`` moves both); the teacher
     stays frozen and in eval mode whatever ``.train()`` is called. ``teacher_chunk``,
-    ``teacher_fold_bn`` and ``teacher_channels_last`` are ObjectiveConfig's fields: given here
+    ``teacher_fold_bn``, ``teacher_channels_last``, ``jacobian_fraction`` and ``jacobian_every``
+    are ObjectiveConfig's fields: given here
     they apply to the default config or to ``terms``; a config that says otherwise than one
     given is refused.
     """
@@ -203,7 +297,8 @@ class TransferObjective(nn.Module):
                  config: ObjectiveConfig | None = None, *, terms: Sequence[Term] | None = None,
                  generator: torch.Generator | None = None, teacher_chunk: int = 64,
                  student_output: str | int | None = None, teacher_output: str | int | None = None,
-                 teacher_fold_bn: bool = True, teacher_channels_last: bool = True):
+                 teacher_fold_bn: bool = True, teacher_channels_last: bool = True,
+                 jacobian_fraction: float = 1.0, jacobian_every: int = 1):
         super().__init__()
         if terms is not None and config is not None:
             raise UsageError("pass either config or terms, not both")
@@ -212,20 +307,11 @@ class TransferObjective(nn.Module):
             raise UsageError("the teacher is the student (or shares its parameters): the objective freezes its "
                              "teacher, so the student would not train; pass a trained teacher, or a copy "
                              "(copy.deepcopy(student)) for self-distillation")
-        if terms is None:
-            given: dict[str, Any] = {"teacher_chunk": teacher_chunk, "teacher_fold_bn": teacher_fold_bn,
-                                     "teacher_channels_last": teacher_channels_last}
-            default = ObjectiveConfig()
-            clash = {k: (getattr(config, k), v) for k, v in given.items()
-                     if config and v != getattr(default, k) and getattr(config, k) != v}
-            if clash:
-                raise UsageError("; ".join(f"{k}={v!r} here but {c!r} in config" for k, (c, v) in clash.items())
-                                 + ": set each in one place (ObjectiveConfig's field)")
-            config = config or ObjectiveConfig(**given)
-            config.check()
-            terms = build_terms(config)
-            teacher_chunk = config.teacher_chunk
-            teacher_fold_bn, teacher_channels_last = config.teacher_fold_bn, config.teacher_channels_last
+        given = {"teacher_chunk": teacher_chunk, "teacher_fold_bn": teacher_fold_bn,
+                 "teacher_channels_last": teacher_channels_last, "jacobian_fraction": jacobian_fraction,
+                 "jacobian_every": jacobian_every}
+        config, settings = _run_settings(config, terms is not None, given)
+        terms = build_terms(cast(ObjectiveConfig, config)) if terms is None else terms
         keys = [t.key for t in terms]
         if len(set(keys)) != len(keys) or not keys:
             raise UsageError(f"the terms' keys must be distinct and not empty, got {keys}")
@@ -238,6 +324,11 @@ class TransferObjective(nn.Module):
                              f"gradient for the terms {[t.key for t in terms if t.needs.input_grad]}: drop them, "
                              f"or choose a {owner[0].key} term that takes the student's input gradient")
         self.config = config
+        self.schedule = JacobianSchedule(settings["jacobian_fraction"], settings["jacobian_every"])
+        if self.schedule.active and not any(t.needs.jacobian for t in terms):
+            raise UsageError(f"jacobian_fraction={self.schedule.fraction:g} and jacobian_every={self.schedule.every} "
+                             f"schedule the Jacobian terms, and none of {keys} is one: leave them at 1, or add a "
+                             "Jacobian term")
         self._owns_student_forward = bool(owner)
         self._warned_dead, self._steps = False, 0
         self.terms = nn.ModuleList(terms)
@@ -247,10 +338,10 @@ class TransferObjective(nn.Module):
             teacher.eval()
             teacher.requires_grad_(False)
         self.generator = generator
-        self.teacher_chunk = teacher_chunk
+        self.teacher_chunk = settings["teacher_chunk"]
         self._student_fn = OutputLogits(student, student_output)
         self._teacher_output = teacher_output
-        self._fast_options = {"fold": teacher_fold_bn, "channels_last": teacher_channels_last}
+        self._fast_options = {"fold": settings["teacher_fold_bn"], "channels_last": settings["teacher_channels_last"]}
         self._fast: OutputLogits | None = None
         self._fast_versions: tuple = ()
 
@@ -304,7 +395,7 @@ class TransferObjective(nn.Module):
 
     def describe(self) -> str:
         """The objective in one line, from its terms: ``1·CE + 1·KD (τ = 8) + 10·JM (normalized, teacher_top1)``."""
-        return describe_terms(self.term_list)
+        return describe_terms(self.term_list, self.schedule)
 
     def reset_teacher(self) -> None:
         """Drop the fast copy of the teacher (rebuilt from the teacher at the next step)."""
@@ -328,7 +419,8 @@ class TransferObjective(nn.Module):
 
     # ---- the teacher's side: per-sample tensors, cacheable -----------------------------
 
-    def teacher_targets(self, x: Tensor, y: Tensor, *, full_jacobian: bool = False) -> TeacherTargets:
+    def teacher_targets(self, x: Tensor, y: Tensor, *, full_jacobian: bool = False,
+                        terms: Sequence[Term] | None = None, generator=None) -> TeacherTargets:
         """The teacher's side of a step, computed without a graph to its parameters.
 
         When a term's teacher pass is heavy (Jacobians), it is taken in chunks of
@@ -336,17 +428,19 @@ class TransferObjective(nn.Module):
         memory of the teacher's reverse pass scales with the chunk, not the batch.
         With ``full_jacobian`` (for a cache), random estimators keep every row of the
         teacher's Jacobian and draw nothing; each step contracts it with its draws.
+        ``terms``: only these terms' side (default: every term's); ``generator``: the draws'
+        (default: the objective's).
         """
         self._keep_teacher_frozen()
         teacher = self.fast_teacher(x)
         chunk = self.teacher_chunk
-        terms = self.term_list
+        terms = self.term_list if terms is None else list(terms)
         if chunk and x.shape[0] > chunk and any(t.needs.chunk_teacher for t in terms):
             parts = [teacher_targets(teacher, terms, x[i:i + chunk], y[i:i + chunk],
-                                     generator=self.generator, full_jacobian=full_jacobian)
+                                     generator=generator or self.generator, full_jacobian=full_jacobian)
                      for i in range(0, x.shape[0], chunk)]
             return TeacherTargets.cat(parts)
-        return teacher_targets(teacher, terms, x, y, generator=self.generator, full_jacobian=full_jacobian)
+        return teacher_targets(teacher, terms, x, y, generator=generator or self.generator, full_jacobian=full_jacobian)
 
     def cache_targets(self, x: Tensor, y: Tensor) -> TeacherTargets:
         """What a cache keeps for each sample: every term's teacher side as the term
@@ -357,16 +451,19 @@ class TransferObjective(nn.Module):
     # ---- one step ------------------------------------------------------------------------
 
     def forward(self, x: Tensor, y: Tensor, targets: TeacherTargets | None = None, *,
-                grad_scale: float | None = None) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+                grad_scale: float | None = None, step: int | None = None) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
         """One step: ``(student_logits, total, terms)``. ``y``: class indices [B], or soft labels
         [B, K] (mixup, CutMix: cross-entropy takes them). ``targets``: the teacher's side from
         :meth:`teacher_targets` (a cache); ``grad_scale``: under fp16 with a GradScaler, its
         current scale, which the student's input gradients are taken with (then divided by;
-        see :func:`~jacmatch.core.jacobian.scaled_gradients`)."""
+        see :func:`~jacmatch.core.jacobian.scaled_gradients`). ``step``: the run's step
+        number, from 0, which ``jacobian_every`` counts (a trainer passes it, so that a resumed
+        run takes the Jacobian terms at the steps of a straight one); by default the calls are
+        counted."""
         with J.scaled_gradients(grad_scale):
-            return self._step(x, y, targets)
+            return self._step(x, y, targets, self._steps if step is None else step)
 
-    def _step(self, x: Tensor, y: Tensor, targets: TeacherTargets | None
+    def _step(self, x: Tensor, y: Tensor, targets: TeacherTargets | None, step: int
               ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
         if not x.is_floating_point():
             raise UsageError(f"the input batch is {x.dtype}: give float images in [0, 1] (uint8 pixels: x.float() / 255)")
@@ -379,30 +476,103 @@ class TransferObjective(nn.Module):
         if not torch.isfinite(x).all():
             raise UsageError("the input batch contains NaN or Inf: check the data pipeline")
         self._keep_teacher_frozen()
-        if targets is None and self.needs_teacher_targets:
-            targets = self.teacher_targets(x, y)
-        elif targets is not None:  # teacher_targets(..., full_jacobian=True), e.g. from a cache
-            # a random estimator contracts the full Jacobian with this step's draws
-            targets = TeacherTargets(targets.logits, {t.key: t.contract(targets.of(t), x, self.generator)
-                                                      for t in self.term_list if targets.of(t)})
         all_terms = self.term_list
-        xs = x.detach().requires_grad_(any(t.needs.input_grad for t in all_terms))
-        layers = list(dict.fromkeys(n for t in all_terms for n in t.needs.student_layers))
+        schedule = self.schedule
+        if not schedule.active:
+            logits, values, noisy = self._pass(x, y, y_soft, targets, all_terms)
+        else:
+            jacobian = [t for t in all_terms if t.needs.jacobian]
+            others = [t for t in all_terms if not t.needs.jacobian]
+            taken = schedule.takes(step)
+            scale = float(schedule.every)
+            if not taken or schedule.fraction == 1:  # one pass: without the Jacobian terms, or with every term
+                logits, values, noisy = self._pass(x, y, y_soft, targets, all_terms if taken else others,
+                                                   need_logits=True)
+            else:
+                logits, values, noisy, part_scale = self._drawn_step(x, y, y_soft, targets, jacobian)
+                scale *= part_scale
+            for t in jacobian:  # an unbiased estimate of each term's full value; 0 where not taken
+                values[t.key] = values[t.key] * scale if t.key in values else x.new_zeros(())
+            values = {t.key: values[t.key] for t in all_terms}
+        self._steps += 1
+        if not self._warned_dead and self._steps % DEAD_CHECK_EVERY == 1:  # (reading the flag syncs a GPU)
+            self._warn_if_dead(all_terms)
+        total = cast(Tensor, sum(t.weight * values[t.key] for t in all_terms))
+        if logits is None:  # noise training alone: the first draw's logits stand for the batch
+            logits = noisy
+        if logits is None:
+            raise ValueError(f"no term of {[t.key for t in all_terms]} takes the student's logits")
+        return logits, total, values
+
+    def _drawn_step(self, x: Tensor, y: Tensor, y_soft: Tensor | None, targets: TeacherTargets | None,
+                    jacobian: list[Term]) -> tuple[Tensor | None, dict[str, Tensor], Tensor | None, float]:
+        """A step whose Jacobian terms are taken on the samples drawn with probability ρ: the
+        other terms on the whole batch, then the drawn samples' own pass. Returns (logits,
+        values, the first noisy draw's logits, |S| / (ρB), what the drawn mean is scaled by)."""
+        others = [t for t in self.term_list if not t.needs.jacobian]
+        all_terms = self.term_list
+        chosen = per_sample_draw(torch.rand, (len(x),), generator=self.generator, dtype=torch.float32,
+                                 device=self.generator.device if self.generator is not None else x.device)
+        drawn = chosen.to(x.device) < self.schedule.fraction
+        index, rest = drawn.nonzero().squeeze(1), (~drawn).nonzero().squeeze(1)
+        # the drawn samples' own draws (projections, directions) are those the whole batch gives them
+        part_generator = None if self.generator is None else SelectedGenerator(self.generator, index, len(x))
+        scale = len(index) / (self.schedule.fraction * len(x))
+        main, part = targets, None if targets is None else targets[index]
+        fresh = targets is None and len(index) > 0 and any(t.needs.teacher_targets for t in jacobian)
+        if fresh:  # one teacher pass over the batch: the drawn samples with the graph the Jacobian
+            # terms need, the others without (the frozen teacher treats each sample alone)
+            part = self.teacher_targets(x[index], y[index], terms=[t for t in all_terms if t.needs.teacher_targets],
+                                        generator=part_generator)
+            if any(t.needs.teacher_targets for t in others):
+                main = part if not len(rest) else _placed(
+                    part, index, self.teacher_targets(x[rest], y[rest], terms=others), rest, len(x))
+        logits, values, noisy = self._pass(x, y, y_soft, main, others, need_logits=True,
+                                           fresh=fresh and main is not None)
+        # the drawn samples' own pass: the Jacobian terms' mean over them. Processes that share a
+        # batch all take it, a process that drew no sample too (their collectives must match)
+        shared = isinstance(self.generator, ShardedGenerator) and self.generator.world_size > 1
+        if len(index) or shared:
+            with _batchnorm_statistics_kept(self.student):
+                _, drawn_values, _ = self._pass(x[index], y[index], None if y_soft is None else y_soft[index],
+                                                part, jacobian, fresh=fresh, generator=part_generator)
+            if not len(index):  # the mean over no sample: 0, its graph kept for the others' collectives
+                drawn_values = {k: 0 * torch.nan_to_num(v) for k, v in drawn_values.items()}
+            values.update(drawn_values)
+        return logits, values, noisy, scale
+
+    def _pass(self, x: Tensor, y: Tensor, y_soft: Tensor | None, targets: TeacherTargets | None,
+              terms: Sequence[Term], need_logits: bool = False, fresh: bool = False, generator=None
+              ) -> tuple[Tensor | None, dict[str, Tensor], Tensor | None]:
+        """``terms`` on the batch ``x``: one student pass (and the teacher's side, unless
+        ``targets`` holds it: from a cache, or ``fresh`` from this step's teacher pass), each
+        term's value (``generator``: the draws', default the objective's). Returns (logits,
+        values, the first noisy draw's logits)."""
+        generator = generator or self.generator
+        if targets is None and any(t.needs.teacher_targets for t in terms):
+            targets = self.teacher_targets(x, y, terms=terms, generator=generator)
+        elif targets is not None and not fresh:  # teacher_targets(..., full_jacobian=True), e.g. from a cache
+            # a random estimator contracts the full Jacobian with this step's draws
+            targets = TeacherTargets(targets.logits, {t.key: t.contract(targets.of(t), x, generator)
+                                                      for t in terms if targets.of(t)})
+        xs = x.detach().requires_grad_(any(t.needs.input_grad for t in terms))
+        layers = list(dict.fromkeys(n for t in terms for n in t.needs.student_layers))
         taps = FeatureTaps(self.student, layers) if layers else contextlib.nullcontext()
         logits: Tensor | None = None
         tangent: Tensor | None = None
         # A term that back-propagates through the student's input gradient needs every op of
         # the student twice differentiable: attention then runs on the math kernel.
-        kernel = J.math_attention() if xs.requires_grad or self._owns_student_forward else contextlib.nullcontext()
+        owns = any(t.needs.own_student_forward for t in terms)
+        kernel = J.math_attention() if xs.requires_grad or owns else contextlib.nullcontext()
         with taps, kernel:
             special = next((r for r in (t.student_forward(self._student_fn, xs, targets.of(t) if targets else {})
-                                        for t in all_terms) if r is not None), None)
+                                        for t in terms) if r is not None), None)
             if special is not None:
                 logits, tangent = special
-            elif any(t.needs.clean_forward for t in all_terms):
+            elif need_logits or any(t.needs.clean_forward for t in terms):
                 logits = self._student_fn(xs)
         if logits is not None and targets is not None and targets.logits.shape[1] != logits.shape[1] \
-                and any(t.needs.compares_outputs for t in all_terms):
+                and any(t.needs.compares_outputs for t in terms):
             raise UsageError(f"the teacher has {targets.logits.shape[1]} outputs and the student "
                              f"{logits.shape[1]}: KD and Jacobian matching compare outputs one to one, so "
                              "both must have as many classes as the data set")
@@ -411,14 +581,5 @@ class TransferObjective(nn.Module):
                              f"give [B, {logits.shape[1]}] class probabilities, one column per class")
         teacher = self.fast_teacher(x) if self.teacher is not None else None
         step = Step(x, y, xs, logits, self._student_fn, teacher, targets,
-                    taps.features if isinstance(taps, FeatureTaps) else {}, tangent, self.generator, y_soft)
-        terms = {t.key: t.from_step(step) for t in all_terms}
-        self._steps += 1
-        if not self._warned_dead and self._steps % DEAD_CHECK_EVERY == 1:  # (reading the flag syncs a GPU)
-            self._warn_if_dead(all_terms)
-        total = cast(Tensor, sum(t.weight * terms[t.key] for t in all_terms))
-        if logits is None:  # noise training alone: the first draw's logits stand for the batch
-            logits = step.noisy_logits()
-        if logits is None:
-            raise ValueError(f"no term of {[t.key for t in all_terms]} takes the student's logits")
-        return logits, total, terms
+                    taps.features if isinstance(taps, FeatureTaps) else {}, tangent, generator, y_soft)
+        return logits, {t.key: t.from_step(step) for t in terms}, step.noisy_logits()

@@ -164,6 +164,7 @@ class Needs:
     objective reads it to run only what its terms need."""
 
     input_grad: bool = False           # the student's inputs require grad (a Jacobian of the student)
+    jacobian: bool = False             # a Jacobian term: the objective's schedules (jacobian_fraction, _every) apply
     teacher: bool = False              # a teacher must be given
     teacher_targets: bool = False      # the teacher's pass on the clean batch (cacheable)
     clean_forward: bool = True         # the student's forward pass on the clean batch

@@ -123,7 +123,8 @@ class DistillationModule(pl.LightningModule):
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         x, y = batch[0], batch[1]
-        _, total, terms = self.objective(x, y, grad_scale=self._grad_scale())
+        # (the trainer's optimizer steps: what the Jacobian terms' schedule counts, across a resume too)
+        _, total, terms = self.objective(x, y, grad_scale=self._grad_scale(), step=self.global_step)
         batch_size = x.shape[0]
         self.log_dict({f"train/{k}": v.detach() for k, v in terms.items()}, on_step=True, on_epoch=True,
                       batch_size=batch_size, sync_dist=True)

@@ -110,7 +110,7 @@ class DistillationTrainer(transformers.Trainer):
         objective = self.objective_for(model)
         if model.training:
             x, y = self._with_views(x, y, objective)
-            logits, total, terms = objective(x, y, grad_scale=self._grad_scale())
+            logits, total, terms = objective(x, y, grad_scale=self._grad_scale(), step=self.state.global_step)
             for k, v in terms.items():
                 self._sums[k] = self._sums.get(k, 0.0) + float(v.detach())
             self._count += 1

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch import nn
+from ..core.draws import in_drawn_part
 from ..errors import UsageError
 
 __all__ = ["DistInfo", "init_distributed", "resolve_device", "GlobalBatchNorm", "global_batchnorm",
@@ -116,7 +117,8 @@ class GlobalBatchNorm(nn.BatchNorm2d):
     all-reduces the batch mean and variance through an all-reduce whose backward is itself:
     on CPU (gloo) and GPU alike, the statistics, the outputs and every derivative are those
     of one process holding the global batch (equal shares assumed, as
-    ``DistributedSampler`` deals them).
+    ``DistributedSampler`` deals them; in a pass over a drawn part of the batch, the Jacobian
+    terms' ``jacobian_fraction``, the shares are counted).
 
     Its collectives run inside the backward pass, which ``DistributedDataParallel``'s
     overlapping gradient all-reduces do not tolerate (gloo aborts): a model with it is
@@ -132,7 +134,11 @@ class GlobalBatchNorm(nn.BatchNorm2d):
         def all_reduce(t):
             return _AllReduceSum.apply(t, self.group)
         world = dist.get_world_size()
-        count = x.numel() // x.shape[1] * world
+        count = x.numel() // x.shape[1] * world  # equal shares, as DistributedSampler deals them
+        if in_drawn_part():  # a drawn part of the batch: each process's share is what it drew
+            total = torch.tensor([x.numel() // x.shape[1]], dtype=torch.float64, device=x.device)
+            dist.all_reduce(total, group=self.group)
+            count = max(int(total.item()), 1)  # (no process drew a sample: outputs of no sample)
         mean = all_reduce(x.sum(dim=(0, 2, 3))) / count
         centered = x - mean[None, :, None, None]
         var = all_reduce(centered.pow(2).sum(dim=(0, 2, 3))) / count

@@ -154,7 +154,7 @@ def train_epoch(run: Run, epoch: int, stop: StopOnSignal) -> tuple[int, dict[str
                                 "under DDP a process cannot skip a step: fix or remove the files")
             skipped += 1
             continue
-        values = train_step(run, index, x, y, f"epoch {epoch + 1}, step {step + 1}")
+        values = train_step(run, index, x, y, f"epoch {epoch + 1}, step {step + 1}", epoch * len(batches) + step)
         if values is None:
             skipped += 1
             counters.skipped_in_a_row += 1
@@ -172,9 +172,11 @@ def train_epoch(run: Run, epoch: int, stop: StopOnSignal) -> tuple[int, dict[str
     return len(batches), sums, skipped, before + time.time() - t_epoch
 
 
-def train_step(run: Run, index: torch.Tensor, x: torch.Tensor, y: torch.Tensor, where: str) -> dict[str, float] | None:
+def train_step(run: Run, index: torch.Tensor, x: torch.Tensor, y: torch.Tensor, where: str,
+               number: int) -> dict[str, float] | None:
     """The batch of training samples ``index`` made ready (augmented, on the device, the
-    teacher's side from the cache) and one step on it (:class:`~.step.Stepper`)."""
+    teacher's side from the cache) and one step on it (:class:`~.step.Stepper`); ``number``:
+    the run's step number from 0 (what the Jacobian terms' schedule counts)."""
     d = run.cfg.data
     if d.augment:
         x = random_crop_flip(x, d.crop_padding, run.data.hflip, draws(run.aug_gen, run.info))
@@ -183,7 +185,7 @@ def train_step(run: Run, index: torch.Tensor, x: torch.Tensor, y: torch.Tensor, 
                    gather_interleaved if run.info.enabled else None)
     x, y = x.to(run.device, non_blocking=True), y.to(run.device, non_blocking=True)
     targets = run.cache(index, x, y) if run.cache is not None else None
-    return run.stepper(x, y, targets, len(index), where)
+    return run.stepper(x, y, targets, len(index), where, number)
 
 
 def _stop_mid_epoch(run: Run, epoch: int, step: int, steps: int, sums: dict, skipped: int, seconds: float) -> None:

@@ -109,11 +109,13 @@ class Stepper:
         self.student_name = student_name
         self.counters = StepCounters()
 
-    def __call__(self, x: Tensor, y: Tensor, targets, n: int, where: str) -> dict[str, float] | None:
+    def __call__(self, x: Tensor, y: Tensor, targets, n: int, where: str, number: int | None = None
+                 ) -> dict[str, float] | None:
         scaler, optimizer, counters = self.scaler, self.optimizer, self.counters
         amp_dtype = _AMP_DTYPES.get(self.policy.amp)
         with torch.autocast(self.device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext():
-            _, total, terms = self.objective(x, y, targets, grad_scale=float(scaler.get_scale()) if scaler else None)
+            _, total, terms = self.objective(x, y, targets, grad_scale=float(scaler.get_scale()) if scaler else None,
+                                             step=number)
         values = {k: float(v.detach()) for k, v in terms.items()}
         bad = [k for k, v in values.items() if not math.isfinite(v)] or self._diverged(float(total.detach()), where)
         if self.info.enabled:

@@ -34,11 +34,11 @@ def load_teacher(cfg, data, device):
     return BatchSensitive(teacher).eval() if state["case"].get("batch_sensitive") else teacher
 
 
-def train_step(run, index, x, y, where):
+def train_step(run, index, x, y, where, number):
     poison = state["case"].get("poison")
     state["poisoned"] = bool(poison) and where.startswith(f"epoch {poison['epoch']},") \
         and poison["sample"] in index.tolist()
-    return _train_step(run, index, x, y, where)
+    return _train_step(run, index, x, y, where, number)
 
 
 def forward(self, x, y, targets=None, **kwargs):
