@@ -53,6 +53,7 @@ def format_table(results: dict) -> str:
 TARGETS = [  # (ratio, bound, where) from the performance issues
     ("jm_over_kd", 2.2, None), ("library_over_handwritten", 0.8, None), ("jm_over_kd_cached", 2.8, None),
     ("proj_over_top1", 1.15, None), ("jm_over_kd_memory", 2.5, None), ("exact_all_over_top1", 100.0, "cifar100-like"),
+    ("fm_jm_scheduled_over_fm", 1.4, None), ("jm_over_kd_cached_scheduled", 1.5, None),
 ]
 
 

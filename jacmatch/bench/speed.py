@@ -119,7 +119,9 @@ class Setup:
 
     def objective_step(self, cached: bool = False, channels_last: bool = False, **weights) -> Callable[[], None]:
         """One optimiser step of the library's objective (the teacher as it runs it: BatchNorm
-        folded, channels-last, unless ``weights`` say otherwise)."""
+        folded, channels-last, unless ``weights`` say otherwise). Under ``jacobian_every`` = k
+        a call takes k steps (one with the Jacobian terms, k − 1 without), and its ``calls``
+        attribute says so: the table holds the time of one step, their mean."""
         cfg = ObjectiveConfig(**{**OFF, **weights})  # the terms that ``weights`` turn on, no others
         student, opt = (self.student_cl, self.opt_cl) if channels_last else (self.student, self.opt)
         obj = TransferObjective(student, self.teacher if cfg.needs_teacher else None, cfg,
@@ -127,11 +129,16 @@ class Setup:
         targets = obj.teacher_targets(self.x, self.y, full_jacobian=True) if cached and cfg.needs_teacher else None
         params = list(student.parameters())
 
-        def step():
+        def one():
             opt.zero_grad(set_to_none=True)
             _, total, _ = obj(self.x, self.y, targets)
             total.backward(inputs=params)  # as the trainer does: no gradient for the input
             opt.step()
+
+        def step():
+            for _ in range(cfg.jacobian_every):
+                one()
+        step.calls = cfg.jacobian_every  # type: ignore[attr-defined]
         return step
 
     def handwritten_step(self) -> Callable[[], None]:
@@ -170,6 +177,11 @@ class Setup:
         return step
 
 
+#: The schedules the bench times: ρ (``fm_jm_scheduled_over_fm``, ``jm_over_kd_cached_scheduled``,
+#: the one recommended) and k (``*_every_*``).
+SCHEDULE_FRACTION, SCHEDULE_EVERY = 0.25, 4
+
+
 def _interleaved_medians(steps: dict, device, repeats: int, classes: int) -> dict[str, float]:
     """Median seconds per step, measured in rounds that visit every step once, so that
     slow drifts of the machine (frequency, neighbours) touch all steps alike and the
@@ -193,7 +205,7 @@ def _interleaved_medians(steps: dict, device, repeats: int, classes: int) -> dic
             if device.type == "cuda":
                 torch.cuda.synchronize()
             times[name].append(time.perf_counter() - t)
-    return {name: statistics.median(v) for name, v in times.items()}
+    return {name: statistics.median(v) / getattr(steps[name], "calls", 1) for name, v in times.items()}
 
 
 def _step_table(s: Setup | None) -> dict[str, Callable[[], Callable[[], None]]]:
@@ -201,6 +213,8 @@ def _step_table(s: Setup | None) -> dict[str, Callable[[], Callable[[], None]]]:
     only the keys are wanted)."""
     kd = {"alpha": 1.0, "beta": 1.0}
     jm = {**kd, "gamma": 1.0}
+    fm = {"alpha": 0.0, "beta": 1.0}  # function matching's step: KD alone, the teacher at every step (views change)
+    rho, every = {"jacobian_fraction": SCHEDULE_FRACTION}, {"jacobian_every": SCHEDULE_EVERY}
     unfolded = {"teacher_fold_bn": False, "teacher_channels_last": False}
     o = s.objective_step if s is not None else None
     return {
@@ -221,6 +235,12 @@ def _step_table(s: Setup | None) -> dict[str, Callable[[], Callable[[], None]]]:
         "jm_proj_step_cached": lambda: o(cached=True, **jm, jm_outputs="projection"),
         "noisy_kd_step_m1": lambda: o(**kd, noise_sigma=0.1, noise_draws=1),
         "noisy_kd_step_m4": lambda: o(**kd, noise_sigma=0.1, noise_draws=4),
+        "fm_step": lambda: o(**fm),
+        "fm_jm_step": lambda: o(**fm, gamma=1.0),
+        "fm_jm_rho_step": lambda: o(**fm, gamma=1.0, **rho),
+        "fm_jm_every_step": lambda: o(**fm, gamma=1.0, **every),
+        "jm_step_cached_rho": lambda: o(cached=True, **jm, **rho),
+        "jm_step_cached_every": lambda: o(cached=True, **jm, **every),
         # --full only: the slow ones, and comparisons that do not change between runs
         "jm_exact_all_step": lambda: o(**jm, jm_outputs="all"),
         "noisy_kd_step_m16": lambda: o(**kd, noise_sigma=0.1, noise_draws=16),
@@ -235,7 +255,8 @@ def _step_table(s: Setup | None) -> dict[str, Callable[[], Callable[[], None]]]:
 DEFAULT_STEPS = ("teacher_forward", "student_forward", "ce_step", "kd_step", "jm_step", "handwritten_step",
                  "kd_step_unfolded", "jm_step_unfolded", "jm_step_teacher_contiguous", "jm_proj_step",
                  "jm_fd_step", "jm_jvp_step", "kd_step_cached", "jm_step_cached", "jm_proj_step_cached",
-                 "noisy_kd_step_m1", "noisy_kd_step_m4")
+                 "noisy_kd_step_m1", "noisy_kd_step_m4", "fm_step", "fm_jm_step", "fm_jm_rho_step", "fm_jm_every_step",
+                 "jm_step_cached_rho", "jm_step_cached_every")
 
 
 @dataclass(frozen=True)
@@ -292,6 +313,12 @@ def _ratios(t: dict, mem: dict) -> dict:
         "teacher_forward_over_student_forward": r("teacher_forward", "student_forward"),
         "channels_last_over_contiguous_ce": r("ce_step_channels_last", "ce_step"),
         "channels_last_over_contiguous_jm_cached": r("jm_step_cached_channels_last", "jm_step_cached"),
+        # the Jacobian term's schedules (objective.jacobian_fraction ρ, jacobian_every k); "scheduled": ρ
+        "fm_jm_over_fm": r("fm_jm_step", "fm_step"),
+        "fm_jm_scheduled_over_fm": r("fm_jm_rho_step", "fm_step"),
+        "fm_jm_every_over_fm": r("fm_jm_every_step", "fm_step"),
+        "jm_over_kd_cached_scheduled": r("jm_step_cached_rho", "kd_step_cached"),
+        "jm_over_kd_cached_every": r("jm_step_cached_every", "kd_step_cached"),
     }
     if mem.get("jm_step") and mem.get("kd_step"):
         out["jm_over_kd_memory"] = mem["jm_step"] / mem["kd_step"]
