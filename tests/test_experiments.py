@@ -382,7 +382,8 @@ def test_a_converged_cell_grows_its_maximum_and_trains_again_only_the_seeds_that
     lay = paper.Layout(profile=dataclasses.replace(paper.QUICK, seeds=(0, 1), converge_steps=100, converge_growths=2))
     trained, kept = [], []
 
-    def student(lay, tag, n, seed, objective, teacher, max_steps, patience, lr, data=None, keep=True, need_weights=False):
+    def student(lay, tag, n, seed, objective, teacher, max_steps, patience, lr, data=None, keep=True, need_weights=False,
+                section="converge"):
         assert keep  # every run keeps its weights as it finishes; the cell names its students' in the end
         (kept if need_weights else trained).append((seed, max_steps))
         settled = seed == 0 or max_steps == 200
@@ -390,8 +391,8 @@ def test_a_converged_cell_grows_its_maximum_and_trains_again_only_the_seeds_that
         return {"best": {"inside": settled, "stopped_early": settled, "step": 60, "loop_seconds": 1.0, "val_acc": acc},
                 "final": {"test": {"acc": acc}, "val": {"acc": acc}}, "train_seconds": 2.0, "student_parameters": 10,
                 "history": [{"steps": 60, "epoch_seconds": 1.0, "val": {"acc": acc}}]}
-    monkeypatch.setattr(converge, "_converge_student", student)
-    cell = converge._converged_cell(lay, "CE", 5, ({"alpha": 1.0}, 0.01, None), None, 2, 100, 0.25)
+    monkeypatch.setattr(converge, "converge_student", student)
+    cell = converge.converged_cell(lay, "CE", 5, ({"alpha": 1.0}, 0.01, None), None, 2, 100, 0.25)
     assert trained == [(0, 100), (1, 100), (1, 200)]
     assert kept == [(0, 100), (1, 200)]  # each seed's tested run keeps its weights, not the one that bound
     # times are steps times the row's measured step cost: the machine's other load does not enter them
@@ -513,13 +514,14 @@ def test_a_baseline_whose_budget_check_gains_trains_with_twice_the_patience(monk
     acc = {"FM": {2: .80, 4: .83, 8: .832}, "CE": {2: .70, 4: .702}}
     trained, kept = [], []
 
-    def student(lay, tag, n, seed, objective, teacher, max_steps, patience, lr, data=None, keep=True, need_weights=False):
+    def student(lay, tag, n, seed, objective, teacher, max_steps, patience, lr, data=None, keep=True, need_weights=False,
+                section="converge"):
         (kept if need_weights else trained).append((tag, max_steps, patience))
         a = acc[tag][patience]
         return {"best": {"inside": True, "stopped_early": True, "step": 60, "loop_seconds": 1.0, "val_acc": a},
                 "final": {"test": {"acc": a}, "val": {"acc": a}}, "train_seconds": 2.0, "student_parameters": 10,
                 "history": [{"steps": 60, "epoch_seconds": 1.0, "val": {"acc": a}}]}
-    monkeypatch.setattr(converge, "_converge_student", student)
+    monkeypatch.setattr(converge, "converge_student", student)
     cell, check = converge.patient_cell(lay, "FM", 5, ({"alpha": 0.0}, 0.01, None), None, 0.25)
     assert cell["patience"] == 4 and cell["max_steps"] == 200 and cell["acc"]["values"] == [.83]
     assert cell["patience_grown_from"] == [{"patience": 2, "val_gain": pytest.approx(3.0)}]
@@ -539,11 +541,11 @@ def test_a_baseline_whose_budget_check_gains_trains_with_twice_the_patience(monk
     lay = paper.Layout(profile=dataclasses.replace(lay.profile, converge_patience_growths=2))
 
     def student_again(lay, tag, n, seed, objective, teacher, max_steps, patience, lr, data=None, keep=True,
-                      need_weights=False):
+                      need_weights=False, section="converge"):
         run = student(lay, tag, n, seed, objective, teacher, max_steps, patience, lr, data, keep, need_weights)
         a = kept_acc.get((tag, patience)) if need_weights else None
         return {**run, "final": {"test": {"acc": a}, "val": {"acc": a}}, "best": {**run["best"], "val_acc": a}} if a else run
-    monkeypatch.setattr(converge, "_converge_student", student_again)
+    monkeypatch.setattr(converge, "converge_student", student_again)
     cell, check = converge.patient_cell(lay, "CE", 5, ({"alpha": 1.0}, 0.01, None), None, 0.25)
     assert cell["val_acc"]["values"] == [.699] and check["val_gain"] == pytest.approx(0.3)
 

@@ -86,12 +86,13 @@ def add_experiment_commands(sub) -> None:
 
     p = sub.add_parser("experiment", help="run a section of the paper's experiments (Fashion-MNIST)",
                        description="Sections: teacher, distill, converge (distillation at convergence), "
+                                   "schedules (the Jacobian term on a fraction of each batch, against the full term), "
                                    "fidelity (the converged students' agreement with their teacher, from their kept "
                                    "weights), robustness, transfer, verify, pictures, or all. Finished runs are reused (from "
                                    "runs/ or their committed records) and interrupted ones resumed; each section "
                                    "writes results/paper/SECTION.json under --out.")
-    p.add_argument("section", choices=["teacher", "distill", "converge", "fidelity", "robustness", "transfer", "verify",
-                                       "pictures", "all"],
+    p.add_argument("section", choices=["teacher", "distill", "converge", "schedules", "fidelity", "robustness",
+                                       "transfer", "verify", "pictures", "all"],
                    help="which section to run")
     p.add_argument("--quick", action="store_true", help="a smoke run on digits with tiny grids")
     p.add_argument("--out", metavar="DIR", help="where runs/ and results/ are written (default: this folder)")

@@ -26,6 +26,10 @@ JM_PROJECTION = "CE+KD+JM projection"
 FM = "FM"
 FM_JM = "FM+JM"
 
+# The Jacobian term on a fraction ρ of each batch (objective.jacobian_fraction; the schedules section)
+FM_JM_SCHEDULED = "FM+JM (ρ)"
+CE_KD_JM_SCHEDULED = "CE+KD+JM (ρ)"
+
 # Transfer (section 4)
 CE_SCRATCH = "CE (scratch)"
 CE_AT = "CE+AT"

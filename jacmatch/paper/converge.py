@@ -42,8 +42,8 @@ def fm_data(mixup: float) -> dict:
     return {"augment": True, "mixup": mixup}
 
 
-def _converge_student(lay, tag, n, seed, objective, teacher, max_steps, patience, lr, data=None, evaluation=None,
-                      keep=True, need_weights=False) -> dict:
+def converge_student(lay, tag, n, seed, objective, teacher, max_steps, patience, lr, data=None, evaluation=None,
+                     keep=True, need_weights=False, section: str = "converge") -> dict:
     """A student trained up to ``max_steps`` at a constant learning rate, evaluated on
     validation every ``converge_every`` epochs, stopped after ``patience`` evaluations
     without a better accuracy, and tested with its best weights. ``keep``: those weights are
@@ -54,12 +54,13 @@ def _converge_student(lay, tag, n, seed, objective, teacher, max_steps, patience
                         objective=objective, optim={"lr": lr, "schedule": "constant"},
                         eval={"every": lay.profile.converge_every, "keep_best": True, "patience": patience,
                               "min_delta": lay.profile.converge_min_delta, **(evaluation or {})},
-                        out_dir=str(_run_dir(lay, tag, n, seed, max_steps, patience)))
+                        out_dir=str(_run_dir(lay, tag, n, seed, max_steps, patience, section)))
     values["optim"]["epochs"] = epochs_for_steps(n, values, max_steps)
-    shorter = _run_dir(lay, tag, n, seed, "*", "*")  # a larger maximum or patience passes through these
+    shorter = _run_dir(lay, tag, n, seed, "*", "*", section)  # a larger maximum or patience passes through these
+    carried = lay.out / CARRIED.parent / section
     results = lay.train(values, keep=keep, need_weights=need_weights, donors=[*sorted(shorter.parent.glob(shorter.name)),
-                                                   *sorted((lay.out / CARRIED).glob(shorter.name))])
-    carry(lay, Path(values["out_dir"]))
+                                                   *sorted(carried.glob(shorter.name))])
+    carry(lay, Path(values["out_dir"]), carried)
     return results
 
 
@@ -70,13 +71,14 @@ CARRIED = Path("carried") / "converge"
 CARRIED_FILES = (*RUN_STATE, "results.json")
 
 
-def carry(lay: Layout, run: Path) -> None:
-    """Copy the finished run in folder ``run`` to :data:`CARRIED` when it trained longer than
-    the carried run of its seed; the carried runs of other cells (row and n) are deleted, so
-    that the folder holds at most one run per seed."""
+def carry(lay: Layout, run: Path, carried: Path | None = None) -> None:
+    """Copy the finished run in folder ``run`` to ``carried`` (default :data:`CARRIED`) when it
+    trained longer than the carried run of its seed; the carried runs of other cells (row and
+    n) are deleted, so that the folder holds at most one run per seed."""
     if not (run / "results.json").is_file():  # a record: nothing trained here
         return
-    carried, seed_of = lay.out / CARRIED, lambda folder: folder.name.rsplit("_max", 1)[0]  # noqa: E731
+    carried = carried or lay.out / CARRIED
+    seed_of = lambda folder: folder.name.rsplit("_max", 1)[0]  # noqa: E731
     cell_of = lambda folder: seed_of(folder).rsplit("_s", 1)[0]  # noqa: E731
     for other in sorted(carried.iterdir()) if carried.is_dir() else ():
         if cell_of(other) != cell_of(run):
@@ -102,7 +104,7 @@ def _tidy(lay: Layout, cells: dict) -> None:
 
 def unnamed_weights(lay: Layout, cells: dict) -> list[Path]:
     """Delete the kept weights that no cell names, once the section is complete: each run
-    keeps its weights when it finishes (:func:`_converge_student`), and the runs that a grown
+    keeps its weights when it finishes (:func:`converge_student`), and the runs that a grown
     maximum or patience superseded, or a budget check's, are not the cells' students. Returns
     the files deleted."""
     named = {lay.out / w for cell in cells.values() for w in cell.get("weights", ())}
@@ -114,8 +116,8 @@ def unnamed_weights(lay: Layout, cells: dict) -> list[Path]:
     return gone
 
 
-def _run_dir(lay, tag, n, seed, max_steps, patience) -> Path:
-    return lay.runs / "converge" / f"{tag}_n{n}_s{seed}_max{max_steps}_p{patience}"
+def _run_dir(lay, tag, n, seed, max_steps, patience, section: str = "converge") -> Path:
+    return lay.runs / section / f"{tag}_n{n}_s{seed}_max{max_steps}_p{patience}"
 
 
 def _curve(run: dict, step_seconds: float) -> list[tuple[int, float, float]]:
@@ -133,22 +135,21 @@ def _curve(run: dict, step_seconds: float) -> list[tuple[int, float, float]]:
 STEP_COST_EPOCHS = 4  # a step's cost: the fastest of these epochs after the first (which fills the teacher cache)
 
 
-def step_costs(lay, recipes: dict, teacher: str) -> dict[str, dict[str, float]]:
-    """{row: {n: seconds per training step}}: each row's step at each n, measured back to
-    back in this process over a few epochs without evaluation. The converged view's times
-    (time-to-accuracy, equal time, the curves) are steps times these, so that they do not
-    depend on what else the machine ran while each cell trained; a run's own measured
-    seconds stay in its record. A resumed section keeps the fastest of its invocations'
-    measurements (:func:`kept_costs`)."""
+def step_costs(lay, recipes: dict, teacher: str, samples=None) -> dict[str, dict[str, float]]:
+    """{row: {n: seconds per training step}}: each row of ``recipes`` (its step) at each n
+    (default: the profile's samples), measured back to back in this process over a few
+    epochs without evaluation. The converged view's times (time-to-accuracy, equal time, the
+    curves) are steps times these, so that they do not depend on what else the machine ran
+    while each cell trained; a run's own measured seconds stay in its record. A resumed
+    section keeps the fastest of its invocations' measurements (:func:`kept_costs`)."""
     import tempfile
 
     from ..training import config_from_dict, train
     from ..experiments.common import run_history
     out: dict[str, dict[str, float]] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for n in lay.profile.samples:
-            for row in CONVERGE_ROWS:
-                objective, lr, data = recipes[row]
+        for n in samples or lay.profile.samples:
+            for row, (objective, lr, data) in recipes.items():
                 folder = Path(tmp) / f"{re.sub(r'[^A-Za-z0-9]+', '_', row)}_n{n}"
                 values = run_config("distill", lay.profile, seed=0, teacher=teacher, objective=objective,
                                     data={"samples_per_class": n, **(data or {})},
@@ -185,18 +186,19 @@ def _settled(run: dict) -> bool:
     return run["best"]["inside"] and run["best"]["stopped_early"]
 
 
-def _converged_cell(lay, row, n, recipe, teacher, patience, first_max, step_seconds, keep=True) -> dict:
+def converged_cell(lay, row, n, recipe, teacher, patience, first_max, step_seconds, keep=True, tag: str | None = None,
+                   section: str = "converge") -> dict:
     """One row at n over the seeds with ``recipe`` (objective, learning rate, data settings),
     stopped after ``patience`` evaluations without a better one, inside a maximum that starts
     at ``first_max`` steps and doubles while a seed's best point lies at it (or a seed did not
     stop); only those seeds train again. ``keep``: the tested students have their weights,
     and the cell names them."""
     profile, (objective, lr, data) = lay.profile, recipe
-    tag = re.sub(r"[^A-Za-z0-9]+", "_", row).strip("_")
+    tag = tag or re.sub(r"[^A-Za-z0-9]+", "_", row).strip("_")
     max_steps, grown, by_seed = first_max, [], {}
 
     def student(seed, steps, need_weights=False):
-        return _converge_student(lay, tag, n, seed, objective, teacher, steps, patience, lr, data=data,
+        return converge_student(lay, tag, n, seed, objective, teacher, steps, patience, lr, data=data, section=section,
                                  need_weights=need_weights)
     while True:
         by_seed = {s: by_seed[s] if s in by_seed and _settled(by_seed[s][1]) else (max_steps, student(s, max_steps))
@@ -217,7 +219,7 @@ def _converged_cell(lay, row, n, recipe, teacher, patience, first_max, step_seco
             "best_seconds": summarize([r["best"]["step"] * step_seconds for r in runs]), "step_seconds": step_seconds,
             "to_own_99": {"steps": _summary([o[0] for o in own if o]), "seconds": _summary([o[1] for o in own if o])},
             "curves": curves, **({"weights": [
-                lay.weights_of(_run_dir(lay, tag, n, s, steps, patience)).relative_to(lay.out).as_posix()
+                lay.weights_of(_run_dir(lay, tag, n, s, steps, patience, section)).relative_to(lay.out).as_posix()
                 for s, (steps, _) in by_seed.items()]} if keep else {})}
 
 
@@ -231,15 +233,15 @@ def patient_cell(lay, row, n, recipe, teacher, step_seconds) -> tuple[dict, dict
     its weights on another host may differ from the one the rule read."""
     profile = lay.profile
     patience, first, grown = profile.converge_patience, profile.converge_steps, []
-    cell = _converged_cell(lay, row, n, recipe, teacher, patience, first, step_seconds, keep=False)
+    cell = converged_cell(lay, row, n, recipe, teacher, patience, first, step_seconds, keep=False)
     while True:
-        check = _converged_cell(lay, row, n, recipe, teacher, 2 * patience, 2 * first, step_seconds, keep=False)
+        check = converged_cell(lay, row, n, recipe, teacher, 2 * patience, 2 * first, step_seconds, keep=False)
         gain = 100 * (check["val_acc"]["mean"] - cell["val_acc"]["mean"])
         if converged(gain) or len(grown) == profile.converge_patience_growths:
             break
         grown.append({"patience": patience, "val_gain": gain})
         patience, first, cell = 2 * patience, 2 * first, check  # the check's students are the row's own
-    cell = _converged_cell(lay, row, n, recipe, teacher, patience, first, step_seconds)  # its students' weights kept
+    cell = converged_cell(lay, row, n, recipe, teacher, patience, first, step_seconds)  # its students' weights kept
     gain = 100 * (check["val_acc"]["mean"] - cell["val_acc"]["mean"])
     return {**cell, "patience_grown_from": grown}, {**check, "row": R.twice_patience(row), "val_gain": gain}
 
@@ -249,7 +251,7 @@ def _summary(values: list) -> dict | None:
     return summarize(values) if values else None
 
 
-def _to_target(cell: dict, target: float) -> dict:
+def to_target(cell: dict, target: float) -> dict:
     """Steps and seconds of each seed's curve to ``target`` validation accuracy (seeds that reach it)."""
     reached = [r for r in (_reach(c, target) for c in cell["curves"]) if r]
     return {"target": target, "reached": len(reached), "seeds": len(cell["curves"]),
@@ -264,7 +266,7 @@ def _fm_student(lay, n, seed, values: dict, teacher) -> dict:
     tag = f"select_FM_mixup{values['mixup']}_tau{values['fm_tau']}_lr{values['fm_lr']}"
     max_steps = profile.converge_steps
     for _ in range(profile.converge_growths + 1):
-        run = _converge_student(lay, tag, n, seed, {**FM_ROWS[R.FM], "temperature": values["fm_tau"]}, teacher,
+        run = converge_student(lay, tag, n, seed, {**FM_ROWS[R.FM], "temperature": values["fm_tau"]}, teacher,
                                 max_steps, profile.converge_patience, values["fm_lr"], data=fm_data(values["mixup"]),
                                 evaluation=FM_EVAL, keep=False)
         if _settled(run):
@@ -341,7 +343,8 @@ def converge_section(lay: Layout) -> dict:
     recipes = _recipes(chosen, fm)
     previous = load_json(lay.out / "converge.json")
     same = previous and (previous["teacher"], previous["chosen"], previous.get("fm", {}).get("chosen")) == (teacher, chosen, fm)
-    costs, summary["step_cost_measurements"] = kept_costs(step_costs(lay, recipes, teacher), previous if same else None)
+    costs, summary["step_cost_measurements"] = kept_costs(
+        step_costs(lay, {row: recipes[row] for row in CONVERGE_ROWS}, teacher), previous if same else None)
     summary["step_seconds"] = costs
     print("  seconds per step: " + "; ".join(f"{row} " + ", ".join(f"n={n}: {1000 * v:.1f} ms" for n, v in by_n.items())
                                             for row, by_n in costs.items()), flush=True)
@@ -360,13 +363,13 @@ def converge_section(lay: Layout) -> dict:
                 save(c)
         for row in (r for r in CONVERGE_ROWS if r not in CHECKED_ROWS):
             patience = cells[R.key(PATIENCE_OF[row], n)]["patience"]
-            cells[R.key(row, n)] = _converged_cell(lay, row, n, recipes[row], teacher, patience,
+            cells[R.key(row, n)] = converged_cell(lay, row, n, recipes[row], teacher, patience,
                                                    profile.converge_steps * patience // profile.converge_patience,
                                                    costs[row][str(n)])
             save(cells[R.key(row, n)])
         kd = cells[R.key(R.CE_KD, n)]["val_acc"]["mean"]
         for row in CONVERGE_ROWS:
-            cells[R.key(row, n)]["to_kd"] = _to_target(cells[R.key(row, n)], kd)
+            cells[R.key(row, n)]["to_kd"] = to_target(cells[R.key(row, n)], kd)
         write_section(lay.out / "converge.json", with_provenance(summary, config))
     summary["complete"] = True
     _tidy(lay, cells)

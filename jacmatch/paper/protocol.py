@@ -90,6 +90,7 @@ class Profile:
     converge_patience_growths: int = 2  # ... how often a baseline's patience (and first maximum) is doubled while
     # its budget check gains (a Jacobian row takes its baseline's)
     budget_growths: int = 2  # how often sections 3 and 4 double their epochs while a baseline still gains at twice them
+    schedule_samples: tuple[int, ...] = (1, 10, 100)  # n of the schedules section's rows (the Jacobian term on ρ)
 
 
 FULL = Profile(
@@ -98,7 +99,8 @@ FULL = Profile(
     grids={"lr": (0.003, 0.01, 0.03), "check_steps": (1600, 3200, 6400), "steps": (200, 400), "tau": (2.0, 4.0, 8.0),
            "gamma": (0.1, 1.0, 10.0, 100.0), "gamma_ce": (0.1, 1.0, 10.0, 100.0), "gamma_sq": (0.01, 0.1, 1.0),
            "sigma": (0.03, 0.1, 0.3), "delta": (0.1, 1.0, 10.0), "delta_jacobian": (0.1, 1.0, 10.0),
-           "mixup": (0.1, 0.3, 1.0), "fm_tau": (8.0, 16.0, 32.0), "fm_lr": (0.003, 0.01, 0.03)},
+           "mixup": (0.1, 0.3, 1.0), "fm_tau": (8.0, 16.0, 32.0), "fm_lr": (0.003, 0.01, 0.03),
+           "jacobian_fraction": (0.125, 0.25, 0.5, 1.0)},
     robust_seeds=(0, 1, 2), robust_subsets=(None, 100), transfer_samples=(5, 10, 50), pictures_samples=10,
     # A student takes at least 40 passes over its data, at most 1600 steps: what n = 500 needs at
     # the learning rate chosen on validation there; the report's budget check (CE at twice the
@@ -116,14 +118,14 @@ QUICK = Profile(  # a smoke run of every section: digits, tiny grids, one seed
     selection_samples=5, selection_seeds=(0,),
     grids={"lr": (0.01, 0.03), "check_steps": (800,), "steps": (400,), "tau": (2.0, 4.0), "gamma": (0.1, 1.0),
            "gamma_ce": (1.0,), "gamma_sq": (0.1,), "sigma": (0.1,), "delta": (1.0,), "delta_jacobian": (1.0,),
-           "mixup": (0.3,), "fm_tau": (4.0,), "fm_lr": (0.03,)},
+           "mixup": (0.3,), "fm_tau": (4.0,), "fm_lr": (0.03,), "jacobian_fraction": (0.5, 1.0)},
     robust_seeds=(0,), robust_subsets=(None, 10), transfer_samples=(5,), pictures_samples=5,
     models={"teacher": "small_cnn_16", "student": "small_cnn_4"},
     overrides={"data": {"name": "digits", "augment": False}, "eval": {"every": 1},
                "optim": {"epochs": 2, "min_steps_per_epoch": 2, "batch_size": 64}},
     budget_epochs=False, committed_teacher=False, verify={"num_sigmas": 5, "num_draws": 100_000},
     budget_check_samples=5, converge_steps=12, converge_patience=2, converge_growths=1, converge_patience_growths=1,
-    converge_every=1, budget_growths=1)
+    converge_every=1, budget_growths=1, schedule_samples=(1, 5))
 
 PROFILES = {p.name: p for p in (FULL, QUICK)}
 

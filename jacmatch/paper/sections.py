@@ -14,6 +14,7 @@ from .fidelity import fidelity_section
 from ..experiments.figures import plot_gradients
 from .protocol import FULL, QUICK, Layout, teacher_path, distill_section, run_config, teacher_section
 from .robustness import robustness_section
+from .schedules import schedules_section
 from .transfer import transfer_section
 
 
@@ -60,7 +61,7 @@ def pictures_section(lay: Layout) -> dict:
 
 
 SECTIONS = {"teacher": teacher_section, "distill": distill_section, "converge": converge_section,
-            "fidelity": fidelity_section, "robustness": robustness_section,
+            "schedules": schedules_section, "fidelity": fidelity_section, "robustness": robustness_section,
             "transfer": transfer_section, "verify": verify_section, "pictures": pictures_section}
 
 

@@ -19,12 +19,13 @@ from ..experiments.common import load_json
 from ..experiments.figures import draw_report_figures
 from .distill import budget_findings, converge_text, distill_text, teacher_findings, teacher_text
 from .fidelity import fidelity_text
-from .sections import check_one_data_set, load_product, product_text, robust_text, section_time, transfer_text, verify_text
+from .sections import (check_one_data_set, load_product, product_text, robust_text, schedules_text, section_time,
+                       transfer_text, verify_text)
 from ..paper.protocol import SECTION_MINUTES
 from ..experiments.report_text import cores, img, missing
 
 RESULTS = Path("results")
-SECTIONS = ("teacher", "distill", "robustness", "transfer", "verify", "converge", "fidelity")
+SECTIONS = ("teacher", "distill", "robustness", "transfer", "verify", "converge", "fidelity", "schedules")
 
 
 def load_sections(folder: Path) -> dict:
@@ -37,7 +38,7 @@ def load_sections(folder: Path) -> dict:
 def render_report(sections: dict, folder: str = "paper", gradients: bool = True) -> tuple[str, list[str]]:
     """REPORT.md's text and the findings, from the section JSONs; ``folder`` is where the
     plots are, relative to the report; ``gradients``: whether gradients.png exists."""
-    t, d, r, tr, v, c, f = (sections.get(k) for k in SECTIONS)
+    t, d, r, tr, v, c, f, sched = (sections.get(k) for k in SECTIONS)
     n_cores = cores(d, r, tr, c, t)  # the machine the sections ran on, from their provenance
     distill_md, f_distill = distill_text(d, folder)
     converge_md, f_converge = converge_text(c, folder)
@@ -62,6 +63,7 @@ def render_report(sections: dict, folder: str = "paper", gradients: bool = True)
         "## 2c. Fidelity: how well the converged students agree with their teacher\n", fidelity_text(f, folder),
         "## 2d. The product: what `jacmatch distill` trains by default\n",
         product_text(sections.get("product") or [], c),
+        "## 2e. The Jacobian term on part of the batch\n", schedules_text(sched),
         "## 3. Robustness to noisy inputs\n", robust_md,
         "## 4. Transfer\n", transfer_md,
         "## 5. Propositions and pictures\n", verify_md,

@@ -13,7 +13,7 @@ from ..paper.protocol import SECTION_MINUTES, transfer_classes
 from ..experiments.report_text import check_flag, chosen_values, img, missing, paired, pm, signed, span
 
 __all__ = ["robust_text", "budget_checks", "transfer_text", "verify_text", "section_time", "check_one_data_set",
-           "load_product", "product_text"]
+           "load_product", "product_text", "schedules_text"]
 
 
 def robust_text(r: dict | None, d: dict | None, folder: str) -> tuple[str, list[str]]:
@@ -184,4 +184,52 @@ def product_text(records: list[dict], c: dict | None) -> str:
         spread = f"± {100 * s['ci95']:.1f}" if len(runs) > 1 else "(one seed: no interval yet)"
         lines.append(f"| {n} | {', '.join(chosen)} | {len(runs)} of 5 | {100 * s['mean']:.1f} {spread} "
                      f"| {best} | {verdict} | {minutes:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def _ci(s: dict, scale: float = 100.0) -> str:
+    return f"{scale * s['mean']:.1f} ± {scale * s['ci95']:.1f}"
+
+
+def schedules_text(s: dict | None) -> str:
+    """The Jacobian term on a fraction ρ of each batch against the full term (schedules.json):
+    the ρ validation chose, and per row and n the test accuracy and fidelity paired by seed,
+    the step's cost and the times, and the verdict."""
+    if s is None:
+        return missing("jacmatch experiment schedules")
+    sel = s["selection"]
+    scores = ", ".join(f"ρ = {v}: {100 * a:.1f}" for v, a in sel["val_acc"].items())
+    lines = [f"The Jacobian term taken on a random fraction ρ of each batch (`objective.jacobian_fraction`; each sample "
+             f"drawn with probability ρ, an unbiased estimate), its rows trained exactly as their full rows in §2b (the "
+             f"same values, views and patience) with {len(s['seeds'])} seeds. ρ = {s['fraction']:g} was chosen on "
+             f"validation for FM+JM at n = {sel['samples_per_class']} ({sel['rule']}; mean validation accuracy (%) "
+             f"{scores}{'' if sel['inside'] else '; at the low edge of its grid'}). Δ: the scheduled row minus the full "
+             "row, seed by seed (mean ± 95 % interval, points); times are steps times each row's step cost measured "
+             "in the section, back to back.\n",
+             "| row | n | test (%) | full row (%) | Δ test | within the full row's interval | Δ agreement | "
+             "step (ms): scheduled, full, FM | to own best (s): scheduled, full | to FM's accuracy (s): scheduled, full, "
+             "FM | ÷ FM's own time |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for key, c in s["comparisons"].items():
+        row, n = R.split_key(key)
+        full = s["rows"][row]
+        st, to = c["step_seconds"], c["to_target"]
+
+        def reached(name: str, to: dict = to) -> str:
+            t = to[f"{name} to {R.FM}"]
+            return "—" if not t["seconds"] else f"{t['seconds']['mean']:.0f} ({t['reached']}/{t['seeds']})"
+        d = c["acc_difference"]
+        lines.append(f"| {row} | {n} | {_ci(c['acc'])} | {_ci(c['full_acc'])} | {signed(100 * d['mean'])} ± "
+                     f"{100 * d['ci95']:.1f} | {'yes' if c['within_full_interval'] else '**no**'} | "
+                     f"{signed(100 * c['fidelity_difference']['agreement']['mean'])} | {1e3 * st[row]:.0f}, "
+                     f"{1e3 * st[full]:.0f}, {1e3 * st[R.FM]:.0f} | {c['best_seconds'][row]['mean']:.0f}, "
+                     f"{c['best_seconds'][full]['mean']:.0f} | {reached(row)}, {reached(full)}, {reached(R.FM)} | "
+                     + ("—" if c["time_to_fm_over_fm"] is None else f"{c['time_to_fm_over_fm']:.2f}") + " |")
+    if s.get("complete"):
+        for row, holds in s["verdict"].items():
+            lines.append(f"\n**{row}**: " + ("within the full row's 95 % interval at every n measured: the recipes may "
+                                              "take the schedule." if holds else
+                                              "outside the full row's 95 % interval at some n: the full term stays the "
+                                              "recipes' default; the Δ column is what the schedule costs."))
+    else:
+        lines.append("\n*The section is not complete: the verdict waits for every n.*")
     return "\n".join(lines) + "\n"
