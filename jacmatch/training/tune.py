@@ -7,7 +7,7 @@ so that workers on several machines share one study). Each trial is an ordinary 
 
 An interrupted worker (SIGTERM, Ctrl-C, a kill) leaves its trial running in the database
 without a heartbeat; after the grace period Optuna fails it and enqueues its values again
-(``RetryFailedTrialCallback``), and the retry resumes the cut trial's folder from its last
+(Optuna's retry callback), and the retry resumes the cut trial's folder from its last
 checkpoint. A failed trial is never counted: ``--trials N`` counts complete and pruned ones.
 """
 
@@ -72,11 +72,18 @@ def _suggest(trial, space: dict) -> dict:
     return values
 
 
+def _retry_callback():
+    """Optuna's callback that enqueues a stale trial again: RetryHeartbeatStaleTrialCallback
+    from Optuna 4.9 (which deprecates RetryFailedTrialCallback), the older name before."""
+    import optuna.storages as storages
+    return getattr(storages, "RetryHeartbeatStaleTrialCallback", None) or storages.RetryFailedTrialCallback
+
+
 def _storage(optuna, url: str, heartbeat: int):
     """Optuna's database storage with heartbeats: a trial whose worker died is failed after
     the grace period and enqueued again (its retry resumes the trial's folder)."""
-    from optuna.storages import RDBStorage, RetryFailedTrialCallback
-    retry = RetryFailedTrialCallback(max_retry=3)
+    from optuna.storages import RDBStorage
+    retry = _retry_callback()(max_retry=3)
     params = inspect.signature(RDBStorage.__init__).parameters
     callback = {"heartbeat_stale_trial_callback": retry} if "heartbeat_stale_trial_callback" in params \
         else {"failed_trial_callback": retry}
@@ -103,13 +110,12 @@ def _run_trial(trial, study, root: Path, values0: dict, space: dict, data_cache:
     """One trial: a run folder trained with the trial's values (a retry resumes the folder of
     the trial it retries), reported at each evaluation for the pruner; its best validation accuracy."""
     import optuna
-    from optuna.storages import RetryFailedTrialCallback
     from optuna.trial import TrialState
 
     from .epoch import Preempted
     from .trainer import train
     frozen = next(t for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)) if t.number == trial.number)
-    first = (RetryFailedTrialCallback.retry_history(frozen) or [trial.number])[0]
+    first = (_retry_callback().retry_history(frozen) or [trial.number])[0]
     folder = root / "trials" / f"{first:04d}"
     chosen = _suggest(trial, space)
     group = values0.get("tracking_group") or study.study_name  # a tracker shows the study's trials as one group
