@@ -15,8 +15,10 @@ $(STAMP): pyproject.toml constraints.txt
 demo: $(STAMP)
 	$(BIN)/jacmatch demo
 
+# One worker per core, each with one torch thread (the tests' models are small: a thread per
+# core does more than several threads on one test); each test goes where a worker is free.
 test: $(STAMP)
-	$(BIN)/python -m pytest -m "not vision"
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -m "not vision" -n auto --dist worksteal
 
 # The tier to run while working: no subprocesses, torchrun or training-heavy tests (seconds).
 test-fast: $(STAMP)

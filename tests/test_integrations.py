@@ -97,9 +97,9 @@ def test_lightning_mixed_precision_trains(precision, monkeypatch):
     scales = []
     real = jm.TransferObjective.forward
 
-    def spy(self, x, y, targets=None, *, grad_scale=None):
+    def spy(self, x, y, targets=None, *, grad_scale=None, **kwargs):
         scales.append(grad_scale)
-        return real(self, x, y, targets, grad_scale=grad_scale)
+        return real(self, x, y, targets, grad_scale=grad_scale, **kwargs)
     monkeypatch.setattr(jm.TransferObjective, "forward", spy)
     x, y = lightning_fit.data()
     student, teacher = lightning_fit.models()

@@ -186,36 +186,36 @@ def digits_teacher(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_the_default_trains_a_few_sample_student_to_its_own_end(tmp_path, digits_teacher, capsys):
+@pytest.mark.parametrize("seed", [0, 1, 2])  # (one test per seed: the workers of `make test` share them out)
+def test_the_default_trains_a_few_sample_student_to_its_own_end(tmp_path, digits_teacher, capsys, seed):
     """The issue's example: nothing but --samples-per-class 5 (today's default: 10 steps, 18 %)."""
-    for seed in (0, 1, 2):
-        out = tmp_path / f"s{seed}"
-        assert main(["distill", "--teacher", digits_teacher, "--dataset", "digits", "--model", "small_cnn_4",
-                     "--samples-per-class", "5", "--seed", str(seed), "--out", str(out), "--set", "progress=false"]) == 0
-        results = json.loads((out / "results.json").read_text())
-        assert results["recipe"]["name"] == "fm+jm" and "auto: n = 5" in results["recipe"]["reason"]
-        assert "recipe: fm+jm" in (out / "config.yaml").read_text()
-        assert results["best"]["stopped_early"], results["best"]
-        assert results["final"]["test"]["acc"] >= 0.88, (seed, results["final"]["test"]["acc"])
+    out = tmp_path / f"s{seed}"
+    assert main(["distill", "--teacher", digits_teacher, "--dataset", "digits", "--model", "small_cnn_4",
+                 "--samples-per-class", "5", "--seed", str(seed), "--out", str(out), "--set", "progress=false"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["recipe"]["name"] == "fm+jm" and "auto: n = 5" in results["recipe"]["reason"]
+    assert "recipe: fm+jm" in (out / "config.yaml").read_text()
+    assert results["best"]["stopped_early"], results["best"]
+    assert results["final"]["test"]["acc"] >= 0.88, (seed, results["final"]["test"]["acc"])
     assert "recipe: fm+jm (auto: n = 5 samples per class <= 50" in capsys.readouterr().out
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("name", list(RECIPES))
 @pytest.mark.parametrize("n", [1, 5])
-def test_no_recipe_kills_a_student(tmp_path, digits_teacher, n):
+def test_no_recipe_kills_a_student(tmp_path, digits_teacher, n, name):
     """Each recipe on digits, trained to its own end: finite losses, and a student well above
     chance (10 %) and above what CE on the same few samples reaches early (the floors)."""
     floor = {1: 0.35, 5: 0.6}[n]
-    for name in RECIPES:
-        out = tmp_path / name
-        assert main(["distill", "--recipe", name, "--teacher", digits_teacher, "--dataset", "digits", "--model",
-                     "small_cnn_4", "--samples-per-class", str(n), "--out", str(out), "--set", "progress=false",
-                     "--set", "eval.noise_sigmas=[]", "--set", "eval.fidelity=false"]) == 0
-        results = json.loads((out / "results.json").read_text())
-        history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-        losses = [v for h in history for v in h["train"].values()]
-        assert all(math.isfinite(v) for v in losses), name
-        assert results["final"]["test"]["acc"] >= floor, (name, n, results["final"]["test"]["acc"])
+    out = tmp_path / name
+    assert main(["distill", "--recipe", name, "--teacher", digits_teacher, "--dataset", "digits", "--model",
+                 "small_cnn_4", "--samples-per-class", str(n), "--out", str(out), "--set", "progress=false",
+                 "--set", "eval.noise_sigmas=[]", "--set", "eval.fidelity=false"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    losses = [v for h in history for v in h["train"].values()]
+    assert all(math.isfinite(v) for v in losses), name
+    assert results["final"]["test"]["acc"] >= floor, (name, n, results["final"]["test"]["acc"])
 
 
 def test_the_readme_answers_which_recipe_from_the_result_file():
