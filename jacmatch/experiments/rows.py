@@ -26,9 +26,9 @@ JM_PROJECTION = "CE+KD+JM projection"
 FM = "FM"
 FM_JM = "FM+JM"
 
-# The Jacobian term on a fraction ρ of each batch (objective.jacobian_fraction; the schedules section)
-FM_JM_SCHEDULED = "FM+JM (ρ)"
-CE_KD_JM_SCHEDULED = "CE+KD+JM (ρ)"
+# The Jacobian term on every k-th step, times k (objective.jacobian_every; the schedules section)
+FM_JM_SCHEDULED = "FM+JM (every k)"
+CE_KD_JM_SCHEDULED = "CE+KD+JM (every k)"
 
 # Transfer (section 4)
 CE_SCRATCH = "CE (scratch)"

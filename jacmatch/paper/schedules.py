@@ -1,10 +1,13 @@
-"""``jacmatch experiment schedules``: the Jacobian term on a fraction ρ of each batch
-(``objective.jacobian_fraction``), against the full term, in the converged view.
+"""``jacmatch experiment schedules``: the Jacobian term on every k-th step
+(``objective.jacobian_every``, times k), against the full term, in the converged view. Of
+the two schedules, k is the one whose step costs what the targets ask (``jacmatch bench``:
+on 2 CPU cores, FM+JM at k = 4 costs 1.3 FM steps, at ρ = 0.25 of each batch 1.9, since the
+split passes over small batches pay the per-operation overhead twice).
 
-ρ is chosen on validation at the profile's selection n and seeds, for FM+JM: the smallest ρ
+k is chosen on validation at the profile's selection n and seeds, for FM+JM: the largest k
 of the grid whose mean validation accuracy lies within ``CONVERGED_GAIN`` (the budget
-check's tolerance) of the grid's best, the grid growing past its low edge while that edge is
-chosen. With it, FM+JM (ρ) and CE+KD+JM (ρ) train at each of the profile's
+check's tolerance) of the grid's best, the grid growing past its high edge while that edge is
+chosen. With it, FM+JM (k) and CE+KD+JM (k) train at each of the profile's
 ``schedule_samples`` over the seeds exactly as their full rows did in the converged section
 (the same values, views, patience and first maximum, early-stopped inside a maximum that
 grows while it binds; the budget check is their baselines', as for every Jacobian row). The
@@ -36,15 +39,15 @@ TARGET_ROWS = (R.CE_KD, R.FM)
 SECTION = "schedules"
 
 
-def _recipe(cell: dict, fraction: float | None = None) -> tuple[dict, float, dict | None]:
-    """A converged cell's (objective, learning rate, data settings), with ρ when given."""
-    objective = {**cell["objective"], **({"jacobian_fraction": fraction} if fraction is not None else {})}
+def _recipe(cell: dict, every: int | None = None) -> tuple[dict, float, dict | None]:
+    """A converged cell's (objective, learning rate, data settings), with k when given."""
+    objective = {**cell["objective"], **({"jacobian_every": every} if every is not None else {})}
     return objective, cell["lr"], cell.get("data")
 
 
-def _tag(row: str, fraction: float) -> str:
-    """The runs' name of ``row`` at ρ (no dot in a folder name): ``FM_JM_rho0p25``."""
-    return row.replace("+", "_") + "_rho" + f"{fraction:g}".replace(".", "p")
+def _tag(row: str, every: int) -> str:
+    """The runs' name of ``row`` at k: ``FM_JM_every4``."""
+    return row.replace("+", "_") + f"_every{every}"
 
 
 def _first_max(lay: Layout, cell: dict) -> int:
@@ -52,16 +55,16 @@ def _first_max(lay: Layout, cell: dict) -> int:
     return lay.profile.converge_steps * cell["patience"] // lay.profile.converge_patience
 
 
-def choose_fraction(lay: Layout, cells: dict, teacher: str) -> tuple[float, dict]:
-    """ρ for FM+JM at the profile's selection n and seeds: each value of the grid trains
+def choose_every(lay: Layout, cells: dict, teacher: str) -> tuple[int, dict]:
+    """k for FM+JM at the profile's selection n and seeds: each value of the grid trains
     FM+JM with it as the converged cell at that n trained (its patience and first maximum,
-    validation only), and the smallest value within CONVERGED_GAIN points of the best mean
-    validation accuracy is chosen; while the grid's lowest value is chosen, the grid grows
-    below it (halving), at most MAX_EXTENSIONS times."""
+    validation only), and the largest value within CONVERGED_GAIN points of the best mean
+    validation accuracy is chosen (the cheapest that keeps it); while the grid's highest value
+    is chosen, the grid grows above it (doubling), at most MAX_EXTENSIONS times."""
     profile = lay.profile
     n, seeds = profile.selection_samples, profile.selection_seeds
     full = cells[R.key(R.FM_JM, n)]
-    grid, scores, seconds, extended = sorted(profile.grids["jacobian_fraction"]), {}, 0.0, []
+    grid, scores, seconds, extended = sorted(profile.grids["jacobian_every"]), {}, 0.0, []
     while True:
         for value in grid:
             if str(value) not in scores:
@@ -73,13 +76,13 @@ def choose_fraction(lay: Layout, cells: dict, teacher: str) -> tuple[float, dict
                 scores[str(value)] = sum(r["final"]["val"]["acc"] for r in runs) / len(runs)
                 seconds += sum(r["train_seconds"] for r in runs)
         best = max(scores[str(v)] for v in grid)
-        chosen = min(v for v in grid if 100 * (best - scores[str(v)]) < CONVERGED_GAIN)
-        if chosen != grid[0] or len(extended) == MAX_EXTENSIONS:
+        chosen = max(v for v in grid if 100 * (best - scores[str(v)]) < CONVERGED_GAIN)
+        if chosen != grid[-1] or len(extended) == MAX_EXTENSIONS:
             break
-        extended.append(grid[0] / 2)
-        grid = [grid[0] / 2, *grid]
+        extended.append(2 * grid[-1])
+        grid = [*grid, 2 * grid[-1]]
     return chosen, {"grid": grid, "val_acc": {str(v): scores[str(v)] for v in grid}, "chosen": chosen,
-                    "rule": f"the smallest ρ within {CONVERGED_GAIN} points of the best", "inside": chosen != grid[0],
+                    "rule": f"the largest k within {CONVERGED_GAIN} points of the best", "inside": chosen != grid[-1],
                     "extended": extended, "samples_per_class": n, "seeds": list(seeds), "train_seconds": seconds}
 
 
@@ -135,7 +138,7 @@ def compare(lay: Layout, cells: dict, row: str, n: int, costs: dict) -> dict:
 
 
 def schedules_section(lay: Layout) -> dict:
-    """ρ chosen on validation, the scheduled rows trained at each n, compared with the full rows."""
+    """k chosen on validation, the scheduled rows trained at each n, compared with the full rows."""
     c = load_json(lay.out / "converge.json")
     if not c or not c.get("complete"):
         raise UsageError(f"{lay.out / 'converge.json'} is missing or incomplete: run `jacmatch experiment converge"
@@ -145,14 +148,14 @@ def schedules_section(lay: Layout) -> dict:
     samples = [n for n in profile.schedule_samples if all(R.key(r, n) in c["cells"] for r in (*SCHEDULED.values(),
                                                                                                 *TARGET_ROWS))]
     cells = {k: v for k, v in c["cells"].items() if R.split_key(k)[0] in (*SCHEDULED.values(), *TARGET_ROWS)}
-    fraction, selection = choose_fraction(lay, c["cells"], teacher)
+    every, selection = choose_every(lay, c["cells"], teacher)
     summary: dict = {"teacher": teacher, "converge_chosen": c["chosen"], "fm": c["fm"]["chosen"],
-                     "fraction": fraction, "selection": selection, "samples": samples, "seeds": list(profile.seeds),
+                     "every": every, "selection": selection, "samples": samples, "seeds": list(profile.seeds),
                      "rows": SCHEDULED, "cells": {}, "comparisons": {}, "complete": False}
-    recipes = {row: _recipe(c["cells"][R.key(full, samples[0])], fraction) for row, full in SCHEDULED.items()}
+    recipes = {row: _recipe(c["cells"][R.key(full, samples[0])], every) for row, full in SCHEDULED.items()}
     recipes.update({row: _recipe(c["cells"][R.key(row, samples[0])]) for row in (*SCHEDULED.values(), *TARGET_ROWS)})
     previous = load_json(lay.out / "schedules.json")
-    same = previous and (previous["teacher"], previous["fraction"]) == (teacher, fraction)
+    same = previous and (previous["teacher"], previous.get("every")) == (teacher, every)
     costs, summary["step_cost_measurements"] = kept_costs(step_costs(lay, recipes, teacher, samples),
                                                           previous if same else None)
     summary["step_seconds"] = costs
@@ -160,14 +163,14 @@ def schedules_section(lay: Layout) -> dict:
     for n in samples:
         for row, full_row in SCHEDULED.items():
             full = c["cells"][R.key(full_row, n)]
-            cell = converged_cell(lay, row, n, _recipe(full, fraction), teacher, full["patience"], _first_max(lay, full),
-                                  costs[row][str(n)], tag=_tag(full_row, fraction),
+            cell = converged_cell(lay, row, n, _recipe(full, every), teacher, full["patience"], _first_max(lay, full),
+                                  costs[row][str(n)], tag=_tag(full_row, every),
                                   section=SECTION)
             cells[R.key(row, n)] = summary["cells"][R.key(row, n)] = cell
             summary["comparisons"][R.key(row, n)] = compare(lay, cells, row, n, costs)
             summary["section_seconds"] = time.time() - start
             summary["run_seconds"] = total_run_seconds(summary["cells"], selection)
-            print(f"  {row:<16} n={n:<4} test {100 * cell['acc']['mean']:.1f} ± {100 * cell['acc']['ci95']:.1f} "
+            print(f"  {row:<20} n={n:<4} test {100 * cell['acc']['mean']:.1f} ± {100 * cell['acc']['ci95']:.1f} "
                   f"(full {100 * full['acc']['mean']:.1f} ± {100 * full['acc']['ci95']:.1f})   "
                   f"[{time.time() - start:.0f} s]", flush=True)
             write_section(lay.out / "schedules.json", with_provenance(summary, config))
@@ -181,4 +184,4 @@ def schedules_section(lay: Layout) -> dict:
     return summary
 
 
-__all__ = ["SCHEDULED", "TARGET_ROWS", "SECTION", "choose_fraction", "compare", "schedules_section"]
+__all__ = ["SCHEDULED", "TARGET_ROWS", "SECTION", "choose_every", "compare", "schedules_section"]

@@ -63,7 +63,7 @@ def render_report(sections: dict, folder: str = "paper", gradients: bool = True)
         "## 2c. Fidelity: how well the converged students agree with their teacher\n", fidelity_text(f, folder),
         "## 2d. The product: what `jacmatch distill` trains by default\n",
         product_text(sections.get("product") or [], c),
-        "## 2e. The Jacobian term on part of the batch\n", schedules_text(sched),
+        "## 2e. The Jacobian term on some of the steps\n", schedules_text(sched),
         "## 3. Robustness to noisy inputs\n", robust_md,
         "## 4. Transfer\n", transfer_md,
         "## 5. Propositions and pictures\n", verify_md,

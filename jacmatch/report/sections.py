@@ -192,20 +192,20 @@ def _ci(s: dict, scale: float = 100.0) -> str:
 
 
 def schedules_text(s: dict | None) -> str:
-    """The Jacobian term on a fraction ρ of each batch against the full term (schedules.json):
-    the ρ validation chose, and per row and n the test accuracy and fidelity paired by seed,
-    the step's cost and the times, and the verdict."""
+    """The Jacobian term on every k-th step against the full term (schedules.json): the k
+    validation chose, and per row and n the test accuracy and fidelity paired by seed, the
+    step's cost and the times, and the verdict."""
     if s is None:
         return missing("jacmatch experiment schedules")
     sel = s["selection"]
-    scores = ", ".join(f"ρ = {v}: {100 * a:.1f}" for v, a in sel["val_acc"].items())
-    lines = [f"The Jacobian term taken on a random fraction ρ of each batch (`objective.jacobian_fraction`; each sample "
-             f"drawn with probability ρ, an unbiased estimate), its rows trained exactly as their full rows in §2b (the "
-             f"same values, views and patience) with {len(s['seeds'])} seeds. ρ = {s['fraction']:g} was chosen on "
-             f"validation for FM+JM at n = {sel['samples_per_class']} ({sel['rule']}; mean validation accuracy (%) "
-             f"{scores}{'' if sel['inside'] else '; at the low edge of its grid'}). Δ: the scheduled row minus the full "
-             "row, seed by seed (mean ± 95 % interval, points); times are steps times each row's step cost measured "
-             "in the section, back to back.\n",
+    scores = ", ".join(f"k = {v}: {100 * a:.1f}" for v, a in sel["val_acc"].items())
+    lines = [f"The Jacobian term taken on every k-th step, multiplied by k (`objective.jacobian_every`, an unbiased "
+             f"estimate), its rows trained exactly as their full rows in §2b (the same values, views and patience) with "
+             f"{len(s['seeds'])} seeds. k = {s['every']} was chosen on validation for FM+JM at n = "
+             f"{sel['samples_per_class']} ({sel['rule']}; mean validation accuracy (%) {scores}"
+             f"{'' if sel['inside'] else '; at the high edge of its grid'}). Δ: the scheduled row minus the full row, "
+             "seed by seed (mean ± 95 % interval, points); times are steps times each row's step cost measured in the "
+             "section, back to back.\n",
              "| row | n | test (%) | full row (%) | Δ test | within the full row's interval | Δ agreement | "
              "step (ms): scheduled, full, FM | to own best (s): scheduled, full | to FM's accuracy (s): scheduled, full, "
              "FM | ÷ FM's own time |", "|---|---|---|---|---|---|---|---|---|---|---|"]
