@@ -58,16 +58,20 @@ def _first_max(lay: Layout, cell: dict) -> int:
 def choose_every(lay: Layout, cells: dict, teacher: str) -> tuple[int, dict]:
     """k for FM+JM at the profile's selection n and seeds: each value of the grid trains
     FM+JM with it as the converged cell at that n trained (its patience and first maximum,
-    validation only), and the largest value within CONVERGED_GAIN points of the best mean
+    validation only; k = 1 is the converged cell itself, its seeds' validation accuracy read
+    from it), and the largest value within CONVERGED_GAIN points of the best mean
     validation accuracy is chosen (the cheapest that keeps it); while the grid's highest value
     is chosen, the grid grows above it (doubling), at most MAX_EXTENSIONS times."""
     profile = lay.profile
     n, seeds = profile.selection_samples, profile.selection_seeds
     full = cells[R.key(R.FM_JM, n)]
     grid, scores, seconds, extended = sorted(profile.grids["jacobian_every"]), {}, 0.0, []
+    full_val = dict(zip(profile.seeds, full["val_acc"]["values"]))
     while True:
         for value in grid:
-            if str(value) not in scores:
+            if value == 1 and all(seed in full_val for seed in seeds):  # k = 1 is the full row: its cell's seeds
+                scores[str(value)] = sum(full_val[seed] for seed in seeds) / len(seeds)
+            elif str(value) not in scores:
                 objective, lr, data = _recipe(full, value)
                 runs = [converge_student(lay, f"select_{_tag(R.FM_JM, value)}", n, seed, objective, teacher,
                                          _first_max(lay, full), full["patience"], lr, data=data, evaluation=FM_EVAL,
