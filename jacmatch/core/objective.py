@@ -533,22 +533,27 @@ class TransferObjective(nn.Module):
         # batch all take it, a process that drew no sample too (their collectives must match)
         shared = isinstance(self.generator, ShardedGenerator) and self.generator.world_size > 1
         if len(index) or shared:
-            with _batchnorm_statistics_kept(self.student):
+            # through the module a DDP wrapper holds: the wrapper's forward (its buffer broadcast, its reducer's
+            # preparation) runs once a step; the parameters' gradients reach its hooks in the one backward
+            inner = self.student.module if isinstance(self.student, nn.parallel.DistributedDataParallel) else self.student
+            with _batchnorm_statistics_kept(inner):
                 _, drawn_values, _ = self._pass(x[index], y[index], None if y_soft is None else y_soft[index],
-                                                part, jacobian, fresh=fresh, generator=part_generator)
+                                                part, jacobian, fresh=fresh, generator=part_generator,
+                                                student=OutputLogits(inner, self._student_fn.output))
             if not len(index):  # the mean over no sample: 0, its graph kept for the others' collectives
                 drawn_values = {k: 0 * torch.nan_to_num(v) for k, v in drawn_values.items()}
             values.update(drawn_values)
         return logits, values, noisy, scale
 
     def _pass(self, x: Tensor, y: Tensor, y_soft: Tensor | None, targets: TeacherTargets | None,
-              terms: Sequence[Term], need_logits: bool = False, fresh: bool = False, generator=None
-              ) -> tuple[Tensor | None, dict[str, Tensor], Tensor | None]:
+              terms: Sequence[Term], need_logits: bool = False, fresh: bool = False, generator=None,
+              student: OutputLogits | None = None) -> tuple[Tensor | None, dict[str, Tensor], Tensor | None]:
         """``terms`` on the batch ``x``: one student pass (and the teacher's side, unless
         ``targets`` holds it: from a cache, or ``fresh`` from this step's teacher pass), each
-        term's value (``generator``: the draws', default the objective's). Returns (logits,
-        values, the first noisy draw's logits)."""
+        term's value (``generator``: the draws', ``student``: the student as a function, each
+        default the objective's). Returns (logits, values, the first noisy draw's logits)."""
         generator = generator or self.generator
+        student_fn = student or self._student_fn
         if targets is None and any(t.needs.teacher_targets for t in terms):
             targets = self.teacher_targets(x, y, terms=terms, generator=generator)
         elif targets is not None and not fresh:  # teacher_targets(..., full_jacobian=True), e.g. from a cache
@@ -565,12 +570,12 @@ class TransferObjective(nn.Module):
         owns = any(t.needs.own_student_forward for t in terms)
         kernel = J.math_attention() if xs.requires_grad or owns else contextlib.nullcontext()
         with taps, kernel:
-            special = next((r for r in (t.student_forward(self._student_fn, xs, targets.of(t) if targets else {})
+            special = next((r for r in (t.student_forward(student_fn, xs, targets.of(t) if targets else {})
                                         for t in terms) if r is not None), None)
             if special is not None:
                 logits, tangent = special
             elif need_logits or any(t.needs.clean_forward for t in terms):
-                logits = self._student_fn(xs)
+                logits = student_fn(xs)
         if logits is not None and targets is not None and targets.logits.shape[1] != logits.shape[1] \
                 and any(t.needs.compares_outputs for t in terms):
             raise UsageError(f"the teacher has {targets.logits.shape[1]} outputs and the student "
@@ -580,6 +585,6 @@ class TransferObjective(nn.Module):
             raise UsageError(f"soft labels of {y_soft.shape[1]} columns for a student of {logits.shape[1]} outputs: "
                              f"give [B, {logits.shape[1]}] class probabilities, one column per class")
         teacher = self.fast_teacher(x) if self.teacher is not None else None
-        step = Step(x, y, xs, logits, self._student_fn, teacher, targets,
+        step = Step(x, y, xs, logits, student_fn, teacher, targets,
                     taps.features if isinstance(taps, FeatureTaps) else {}, tangent, generator, y_soft)
         return logits, {t.key: t.from_step(step) for t in terms}, step.noisy_logits()
