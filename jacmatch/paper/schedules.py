@@ -4,7 +4,8 @@ the two schedules, k is the one whose step costs what the targets ask (``jacmatc
 on 2 CPU cores, FM+JM at k = 4 costs 1.3 FM steps, at ρ = 0.25 of each batch 1.9, since the
 split passes over small batches pay the per-operation overhead twice).
 
-k is chosen on validation at the profile's selection n and seeds, for FM+JM: the largest k
+k is chosen on validation at the profile's selection n and seeds, for CE+KD+JM (whose
+patience does not wait on FM's convergence, and whose cached steps are the cheapest): the largest k
 of the grid whose mean validation accuracy lies within ``CONVERGED_GAIN`` (the budget
 check's tolerance) of the grid's best, the grid growing past its high edge while that edge is
 chosen. With it, FM+JM (k) and CE+KD+JM (k) train at each of the profile's
@@ -30,8 +31,11 @@ from ..experiments.common import CONVERGED_GAIN, load_json, read_json, summarize
 from .converge import CARRIED, FM_EVAL, converge_student, converged_cell, kept_costs, step_costs, to_target
 from .protocol import MAX_EXTENSIONS, Layout, run_config, total_run_seconds
 
-#: Each scheduled row and the full row it is measured against.
-SCHEDULED = {R.FM_JM_SCHEDULED: R.FM_JM, R.CE_KD_JM_SCHEDULED: R.CE_KD_JM}
+#: Each scheduled row and the full row it is measured against, in the order they train: CE+KD+JM's
+#: patience is CE+KD's, FM+JM's waits on FM's (whose budget check may grow it).
+SCHEDULED = {R.CE_KD_JM_SCHEDULED: R.CE_KD_JM, R.FM_JM_SCHEDULED: R.FM_JM}
+#: The row k is chosen on.
+SELECTED_ON = R.CE_KD_JM
 #: The rows whose converged validation accuracy the scheduled rows' times are taken to.
 TARGET_ROWS = (R.CE_KD, R.FM)
 #: Its runs' folder under runs/paper/ (and its records' under results/paper/runs/), apart from
@@ -56,15 +60,15 @@ def _first_max(lay: Layout, cell: dict) -> int:
 
 
 def choose_every(lay: Layout, cells: dict, teacher: str) -> tuple[int, dict]:
-    """k for FM+JM at the profile's selection n and seeds: each value of the grid trains
-    FM+JM with it as the converged cell at that n trained (its patience and first maximum,
+    """k for CE+KD+JM at the profile's selection n and seeds: each value of the grid trains
+    CE+KD+JM with it as the converged cell at that n trained (its patience and first maximum,
     validation only; k = 1 is the converged cell itself, its seeds' validation accuracy read
     from it), and the largest value within CONVERGED_GAIN points of the best mean
     validation accuracy is chosen (the cheapest that keeps it); while the grid's highest value
     is chosen, the grid grows above it (doubling), at most MAX_EXTENSIONS times."""
     profile = lay.profile
     n, seeds = profile.selection_samples, profile.selection_seeds
-    full = cells[R.key(R.FM_JM, n)]
+    full = cells[R.key(SELECTED_ON, n)]
     grid, scores, seconds, extended = sorted(profile.grids["jacobian_every"]), {}, 0.0, []
     full_val = dict(zip(profile.seeds, full["val_acc"]["values"]))
     while True:
@@ -73,7 +77,7 @@ def choose_every(lay: Layout, cells: dict, teacher: str) -> tuple[int, dict]:
                 scores[str(value)] = sum(full_val[seed] for seed in seeds) / len(seeds)
             elif str(value) not in scores:
                 objective, lr, data = _recipe(full, value)
-                runs = [converge_student(lay, f"select_{_tag(R.FM_JM, value)}", n, seed, objective, teacher,
+                runs = [converge_student(lay, f"select_{_tag(SELECTED_ON, value)}", n, seed, objective, teacher,
                                          _first_max(lay, full), full["patience"], lr, data=data, evaluation=FM_EVAL,
                                          keep=False, section=SECTION)
                         for seed in seeds]
@@ -87,6 +91,7 @@ def choose_every(lay: Layout, cells: dict, teacher: str) -> tuple[int, dict]:
         grid = [*grid, 2 * grid[-1]]
     return chosen, {"grid": grid, "val_acc": {str(v): scores[str(v)] for v in grid}, "chosen": chosen,
                     "rule": f"the largest k within {CONVERGED_GAIN} points of the best", "inside": chosen != grid[-1],
+                    "row": SELECTED_ON,
                     "extended": extended, "samples_per_class": n, "seeds": list(seeds), "train_seconds": seconds}
 
 
@@ -164,8 +169,8 @@ def schedules_section(lay: Layout) -> dict:
                                                           previous if same else None)
     summary["step_seconds"] = costs
     config = run_config("distill", profile)
-    for n in samples:
-        for row, full_row in SCHEDULED.items():
+    for row, full_row in SCHEDULED.items():
+        for n in samples:
             full = c["cells"][R.key(full_row, n)]
             cell = converged_cell(lay, row, n, _recipe(full, every), teacher, full["patience"], _first_max(lay, full),
                                   costs[row][str(n)], tag=_tag(full_row, every),
@@ -188,4 +193,4 @@ def schedules_section(lay: Layout) -> dict:
     return summary
 
 
-__all__ = ["SCHEDULED", "TARGET_ROWS", "SECTION", "choose_every", "compare", "schedules_section"]
+__all__ = ["SCHEDULED", "SELECTED_ON", "TARGET_ROWS", "SECTION", "choose_every", "compare", "schedules_section"]

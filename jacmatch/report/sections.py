@@ -201,7 +201,8 @@ def schedules_text(s: dict | None) -> str:
     scores = ", ".join(f"k = {v}: {100 * a:.1f}" for v, a in sel["val_acc"].items())
     lines = [f"The Jacobian term taken on every k-th step, multiplied by k (`objective.jacobian_every`, an unbiased "
              f"estimate), its rows trained exactly as their full rows in §2b (the same values, views and patience) with "
-             f"{len(s['seeds'])} seeds. k = {s['every']} was chosen on validation for FM+JM at n = "
+             f"{len(s['seeds'])} seeds. k = {s['every']} was chosen on validation for "
+             f"{s['selection'].get('row', 'FM+JM')} at n = "
              f"{sel['samples_per_class']} ({sel['rule']}; mean validation accuracy (%) {scores}"
              f"{'' if sel['inside'] else '; at the high edge of its grid'}). Δ: the scheduled row minus the full row, "
              "seed by seed (mean ± 95 % interval, points); times are steps times each row's step cost measured in the "
