@@ -226,7 +226,8 @@ def converged_cell(lay, row, n, recipe, teacher, patience, first_max, step_secon
 def patient_cell(lay, row, n, recipe, teacher, step_seconds) -> tuple[dict, dict]:
     """A checked row at n with the patience it needs: trained again with twice its patience
     and maximum (the budget check), and while that gains ``CONVERGED_GAIN`` or more of
-    validation accuracy (at most ``converge_patience_growths`` times), the check's students
+    validation accuracy (at most ``converge_patience_growths`` times, or the row's own cap in
+    ``converge_patience_growths_of``), the check's students
     become the row's own and are checked at twice theirs. Returns (cell, check): the cell with
     its kept weights and the patience it grew from (with the gains that grew it), the last
     check with its ``val_gain`` (points) over the cell as returned: a record trained again for
@@ -237,7 +238,8 @@ def patient_cell(lay, row, n, recipe, teacher, step_seconds) -> tuple[dict, dict
     while True:
         check = converged_cell(lay, row, n, recipe, teacher, 2 * patience, 2 * first, step_seconds, keep=False)
         gain = 100 * (check["val_acc"]["mean"] - cell["val_acc"]["mean"])
-        if converged(gain) or len(grown) == profile.converge_patience_growths:
+        if converged(gain) or len(grown) == profile.converge_patience_growths_of.get(row,
+                                                                                  profile.converge_patience_growths):
             break
         grown.append({"patience": patience, "val_gain": gain})
         patience, first, cell = 2 * patience, 2 * first, check  # the check's students are the row's own
@@ -336,7 +338,10 @@ def converge_section(lay: Layout) -> dict:
                "rule": {"first_max_steps": profile.converge_steps, "patience": profile.converge_patience,
                         "eval_every_epochs": profile.converge_every, "min_delta": profile.converge_min_delta,
                         "growths": profile.converge_growths,
-                        "patience_growths": profile.converge_patience_growths, "schedule": "constant", "reach": REACH}}
+                        "patience_growths": profile.converge_patience_growths,
+                        **({"patience_growths_of": profile.converge_patience_growths_of}
+                           if profile.converge_patience_growths_of else {}),
+                        "schedule": "constant", "reach": REACH}}
     config = run_config("distill", profile)
     fm, fm_records = fm_selection(lay, teacher, chosen)
     summary["fm"] = {"chosen": fm, "selection": fm_records}

@@ -147,7 +147,9 @@ def _patience_grown(c: dict) -> list[str]:
     grown = [(row, n, cell) for row in c["checked_rows"] for n in c["samples"]
              if (cell := c["cells"].get(R.key(row, n))) and cell.get("patience_grown_from")]
     text = (f"A baseline whose check gains {CONVERGED_GAIN:g} point or more is trained again with twice the patience and first "
-            f"maximum (at most {rule['patience_growths']} times): the check's students become its own, checked in turn "
+            f"maximum (at most {rule['patience_growths']} times"
+            + "".join(f", {row} at most {cap}" for row, cap in rule.get("patience_growths_of", {}).items())
+            + "): the check's students become its own, checked in turn "
             "at twice theirs (the table shows the last check), and its Jacobian row takes the same patience. ")
     if not grown:
         return ["", text + "No baseline's patience grew."]
