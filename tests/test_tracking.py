@@ -60,6 +60,31 @@ def test_a_failed_run_is_marked_failed_in_mlflow(tmp_path, monkeypatch):
     assert len(runs) == runs_before + 1 and runs[0].info.status == "FAILED"
 
 
+@pytest.mark.parametrize("where", ["the teacher cache", "the next tracker"])
+def test_a_start_that_fails_after_its_tracked_run_began_ends_it_failed(tmp_path, monkeypatch, where, teacher):
+    """The MLflow run is open before the teacher cache fills and before the next tracker starts:
+    a failure there ends it FAILED, not left RUNNING."""
+    from mlflow.tracking import MlflowClient
+
+    import jacmatch.training.cache as cache
+    import jacmatch.training.tracking as tracking
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    boom = lambda *a, **k: (_ for _ in ()).throw(MemoryError("out of memory"))  # noqa: E731
+    run = RUN
+    if where == "the teacher cache":  # a distillation whose inputs are fixed: the cache fills after the loggers open
+        monkeypatch.setattr(cache.TeacherCache, "fill", boom)
+        trackers = "[mlflow]"
+        run = ["distill", "--teacher", teacher, "--recipe", "paper", "--dataset", "synthetic", *RUN[3:]]
+    else:
+        monkeypatch.setattr(tracking.WandbLogger, "__init__", boom)
+        trackers = "[mlflow, wandb]"
+    with pytest.raises(MemoryError):
+        main([*run, "--set", f"tracking={trackers}", "--set", f"tracking_uri={uri}", "--out", str(tmp_path / "t")])
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("jacmatch").experiment_id])
+    assert [r.info.status for r in runs] == ["FAILED"], where
+
+
 @pytest.mark.slow  # (W&B runs its service, wandb-core, as a process)
 def test_wandb_offline_logs_under_the_run_folder_and_a_resume_keeps_its_id(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")

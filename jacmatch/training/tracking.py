@@ -198,9 +198,20 @@ def open_loggers(cfg: RunConfig, out: Path, resume: bool) -> list:
     path = out / TRACKING_FILE
     ids = json.loads(path.read_text()) if resume and path.is_file() else {}
     kinds = {"mlflow": MLflowLogger, "wandb": WandbLogger}
-    for name in cfg.tracking:
-        tracker = kinds[name](cfg, out, ids.get(name))
-        ids[name] = tracker.run_id
-        loggers.append(tracker)
-    write_json_atomic(path, ids)
+    try:
+        for name in cfg.tracking:
+            tracker = kinds[name](cfg, out, ids.get(name))
+            ids[name] = tracker.run_id
+            loggers.append(tracker)
+        write_json_atomic(path, ids)
+    except BaseException:  # a tracker that could not start: those started end failed, not left running
+        close_loggers(loggers, failed=True)
+        raise
     return loggers
+
+
+def close_loggers(loggers: list, failed: bool) -> None:
+    """End every logger of a run that stopped before its results (``failed``: an error, not a
+    signal's stop, which a resume continues)."""
+    for logger in loggers:
+        logger.close(failed=failed)

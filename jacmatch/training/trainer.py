@@ -30,6 +30,7 @@ from .cache import TeacherCache
 from .config import ConfigError, RunConfig
 from .distributed import DistInfo, broadcast_parameters, global_batchnorm, init_distributed, resolve_device
 from .epoch import Preempted, Run, StopOnSignal, draws, end_epoch, evaluate_best, train_epoch
+from .tracking import close_loggers
 from .evaluate import TeacherGradients, teacher_key
 from .loading import (check_input_shape, init_from, load_data, load_teacher,
                       model_from_config)
@@ -110,8 +111,7 @@ def _train(cfg: RunConfig, resume: bool, data: DataSplits, given: bool, info: Di
     try:
         return _fit(run)
     except BaseException as exc:  # the tracked runs end failed (or killed by a signal: a resume continues them)
-        for logger in run.loggers:
-            logger.close(failed=not isinstance(exc, Preempted))
+        close_loggers(run.loggers, failed=not isinstance(exc, Preempted))
         raise
 
 
@@ -228,6 +228,10 @@ def _setup(cfg: RunConfig, resume: bool, data: DataSplits, given: bool, info: Di
         run.loggers = open_outputs(cfg, out, {"train": data.train_indices, "val": data.val_indices,
                                              "data_sha256": data.data_sha256}, resume, config_file)
     if run.cache is not None:  # the teacher's side of every sample, the same bits in every process
-        run.cache.fill(data.train, cfg.objective.teacher_chunk or cfg.optim.batch_size, device, info)
+        try:
+            run.cache.fill(data.train, cfg.objective.teacher_chunk or cfg.optim.batch_size, device, info)
+        except BaseException as exc:  # (a start that fails after its tracked runs began ends them failed)
+            close_loggers(run.loggers, failed=not isinstance(exc, Preempted))
+            raise
         run.fill_seconds = run.cache.fill_seconds
     return run
