@@ -557,8 +557,9 @@ def test_a_new_loss_is_one_file_and_one_line_of_config(tmp_path, teacher):
     z = torch.randn(3, 5)
     assert torch.equal(LogitNorm(0.5, power=3).value(logits=z), z.abs().pow(3).mean())
     assert torch.equal(LogitNorm(0.5, power=3)(logits=z), 0.5 * z.abs().pow(3).mean())
-    with pytest.raises(jm.UsageError, match=re.escape("takes the step's fields by keyword")):
-        LogitNorm().value(z)
+    for bad in ((z,), ()):
+        with pytest.raises(jm.UsageError, match=re.escape("takes the step's fields by keyword (x, y, logits")):
+            LogitNorm().value(*bad, **({} if bad else {"logit": z}))
     assert torch.allclose(total, terms["ce"] + terms["kd"] + 10 * terms["jm"] + 0.1 * terms["logit_norm"])
     for spec, options, message in (("user_terms:not_a_term", {}, "is not a jacmatch.Term subclass"),
                                    ("user_terms:Missing", {}, "has no attribute 'Missing'"),

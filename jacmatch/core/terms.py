@@ -233,9 +233,11 @@ class Term(nn.Module):
     def value(self, *args: Any, **kwargs: Any) -> Tensor:
         """The term's unweighted value from plain tensors and modules: :meth:`from_step` on
         :meth:`Step.of` with these fields (by keyword)."""
-        if args:
-            raise UsageError(f"{type(self).__name__}.value takes the step's fields by keyword "
-                             f"(value(logits=..., y=...), see Step.of), not {len(args)} positional arguments")
+        fields = ("x", "y", "logits", "student", "teacher", "targets", "features", "tangent", "generator", "y_soft")
+        unknown = sorted(set(kwargs) - set(fields))
+        if args or unknown:
+            raise UsageError(f"{type(self).__name__}.value takes the step's fields by keyword ({', '.join(fields)}; "
+                             "see Step.of), not " + (f"{len(args)} positional arguments" if args else f"{unknown}"))
         return self.from_step(Step.of(**kwargs))
 
     def from_step(self, step: Step) -> Tensor:
