@@ -191,6 +191,10 @@ def _ci(s: dict, scale: float = 100.0) -> str:
     return f"{scale * s['mean']:.1f} ± {scale * s['ci95']:.1f}"
 
 
+def _seconds(x: float) -> str:
+    return f"{x:.1f}" if x < 10 else f"{x:.0f}"
+
+
 def schedules_text(s: dict | None) -> str:
     """The Jacobian term on every k-th step against the full term (schedules.json): the k
     validation chose, and per row and n the test accuracy and fidelity paired by seed, the
@@ -208,22 +212,24 @@ def schedules_text(s: dict | None) -> str:
              "seed by seed (mean ± 95 % interval, points); times are steps times each row's step cost measured in the "
              "section, back to back.\n",
              "| row | n | test (%) | full row (%) | Δ test | within the full row's interval | Δ agreement | "
-             "step (ms): scheduled, full, FM | to own best (s): scheduled, full | to FM's accuracy (s): scheduled, full, "
-             "FM | ÷ FM's own time |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "step (ms): scheduled, full | to own best (s): scheduled, full | to CE+KD's accuracy (s): scheduled, full, "
+             "CE+KD | to FM's accuracy (s): scheduled, full, FM | ÷ FM's own time |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for key, c in s["comparisons"].items():
         row, n = R.split_key(key)
         full = s["rows"][row]
         st, to = c["step_seconds"], c["to_target"]
 
-        def reached(name: str, to: dict = to) -> str:
-            t = to[f"{name} to {R.FM}"]
-            return "—" if not t["seconds"] else f"{t['seconds']['mean']:.0f} ({t['reached']}/{t['seeds']})"
+        def reached(names: tuple, target: str, to: dict = to) -> str:
+            return ", ".join("—" if not (t := to[f"{name} to {target}"])["seconds"] else
+                             f"{_seconds(t['seconds']['mean'])} ({t['reached']}/{t['seeds']})" for name in names)
         d = c["acc_difference"]
         lines.append(f"| {row} | {n} | {_ci(c['acc'])} | {_ci(c['full_acc'])} | {signed(100 * d['mean'])} ± "
                      f"{100 * d['ci95']:.1f} | {'yes' if c['within_full_interval'] else '**no**'} | "
-                     f"{signed(100 * c['fidelity_difference']['agreement']['mean'])} | {1e3 * st[row]:.0f}, "
-                     f"{1e3 * st[full]:.0f}, {1e3 * st[R.FM]:.0f} | {c['best_seconds'][row]['mean']:.0f}, "
-                     f"{c['best_seconds'][full]['mean']:.0f} | {reached(row)}, {reached(full)}, {reached(R.FM)} | "
+                     f"{signed(100 * c['fidelity_difference']['agreement']['mean'])} | {1e3 * st[row]:.1f}, "
+                     f"{1e3 * st[full]:.1f} | {_seconds(c['best_seconds'][row]['mean'])}, "
+                     f"{_seconds(c['best_seconds'][full]['mean'])} | {reached((row, full, R.CE_KD), R.CE_KD)} | "
+                     f"{reached((row, full, R.FM), R.FM)} | "
                      + ("—" if c["time_to_fm_over_fm"] is None else f"{c['time_to_fm_over_fm']:.2f}") + " |")
     if s.get("complete"):
         for row, holds in s["verdict"].items():
