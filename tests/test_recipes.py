@@ -73,6 +73,24 @@ def test_each_recipe_holds_the_values_the_converged_section_chose_and_its_number
                               for c in cells}, name
 
 
+def test_a_recipe_takes_a_schedule_only_where_its_scheduled_row_held_at_every_n():
+    """Report §2e: a recipe takes the Jacobian term's schedule when its row's scheduled twin lies
+    within the full row's 95 % interval at every n measured, with those numbers; else none."""
+    from jacmatch.experiments import rows as R
+    from jacmatch.experiments.common import read_json
+    s = read_json(ROOT / "results" / "paper" / "schedules.json")
+    for name, r in RECIPES.items():
+        twin = {R.FM_JM: R.FM_JM_SCHEDULED, R.CE_KD_JM: R.CE_KD_JM_SCHEDULED}.get(r.row)
+        measured = {int(R.split_key(k)[1]): c for k, c in s["comparisons"].items() if R.split_key(k)[0] == twin}
+        if r.schedule:
+            assert r.schedule == {"jacobian_every": s["every"]} == {"jacobian_every": r.values["objective"]["jacobian_every"]}
+            assert set(measured) == set(s["samples"]) and all(c["within_full_interval"] for c in measured.values()), name
+            assert r.schedule_evidence == {n: (round(100 * c["acc"]["mean"], 1), round(100 * c["acc"]["ci95"], 1))
+                                           for n, c in measured.items()}, name
+        else:
+            assert "jacobian_every" not in r.values["objective"] and not r.schedule_evidence, name
+
+
 def test_the_converged_rows_are_built_from_the_recipes():
     rows = _recipes(CONVERGE["chosen"], CONVERGE["fm"]["chosen"])
     for row in CONVERGE_ROWS:
