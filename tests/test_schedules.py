@@ -161,8 +161,10 @@ def test_a_batchnorm_students_statistics_move_once_per_step():
 
 def test_the_schedule_is_said_and_its_settings_checked():
     student, teacher = _pair()
-    line = jm.TransferObjective(student, teacher, jm.ObjectiveConfig(jacobian_fraction=0.25, jacobian_every=2)).describe()
+    cfg = jm.ObjectiveConfig(jacobian_fraction=0.25, jacobian_every=2)
+    line = jm.TransferObjective(student, teacher, cfg).describe()
     assert line == "1·CE + 1·KD (τ = 8) + 10·JM (normalized, teacher_top1) on ρ = 0.25 of each batch, every 2 steps"
+    assert cfg.describe() == line  # what `jacmatch distill` prints, from the config alone
     for settings, message in (({"jacobian_fraction": 0.0}, "objective.jacobian_fraction"),
                               ({"jacobian_fraction": 1.5}, "objective.jacobian_fraction"),
                               ({"jacobian_every": 0}, "objective.jacobian_every must be a step count"),

@@ -7,7 +7,7 @@ import os
 import sys
 from pathlib import Path
 
-from ..core.objective import TEACHER_OBJECTIVE, ObjectiveConfig, build_terms, describe_terms
+from ..core.objective import TEACHER_OBJECTIVE, ObjectiveConfig
 from ..data import dataset_name
 from ..training import ConfigError, resolve
 from ..training.recipes import FEW_SAMPLES, list_recipes, resolve_recipe, rule
@@ -102,7 +102,7 @@ def _run_training(args, kind: str) -> None:
     if kind == "distill" and main_process:
         if cfg.recipe:
             print(f"recipe: {cfg.recipe}" + (f" ({cfg.recipe_reason})" if cfg.recipe_reason else ""), flush=True)
-        print(f"objective: {describe_terms(build_terms(cfg.objective))}", flush=True)
+        print(f"objective: {cfg.objective.describe()}", flush=True)
     if args.resume and args.overwrite:
         raise ConfigError("give --resume (continue the run in --out) or --overwrite (replace it), not both")
     # (read implicitly, the run's config.yaml is rewritten with what the run now trains with)
@@ -139,6 +139,6 @@ def add_run_commands(sub) -> None:
                     f"The default, auto, trains function matching with the Jacobian term (fm+jm) up to {FEW_SAMPLES} "
                     f"samples per class and the paper's CE+KD+JM (paper) above, each early-stopped on validation "
                     f"inside a maximum and tested with its best weights. --recipe none keeps jacmatch's dataclass "
-                    f"defaults ({describe_terms(build_terms(ObjectiveConfig()))}, SGD) under --config and --set.")
+                    f"defaults ({ObjectiveConfig().describe()}, SGD) under --config and --set.")
     add_run_options(p, "distill")
     p.set_defaults(run=lambda a: _run_training(a, "distill"))

@@ -136,6 +136,11 @@ class ObjectiveConfig:
                 raise UsageError(f"objective.terms[{spec!r}] must be a mapping of the term's arguments, e.g. "
                                  f"{{weight: 0.5}}, got {options!r}")
 
+    def describe(self) -> str:
+        """The objective in one line, its terms with their weights and the Jacobian terms'
+        schedule: ``1·CE + 1·KD (τ = 16) + 10·JM (normalized, teacher_top1) every 4 steps``."""
+        return describe_terms(build_terms(self), JacobianSchedule(self.jacobian_fraction, self.jacobian_every))
+
     @property
     def needs_teacher(self) -> bool:
         """Whether a term needs a teacher: what the terms themselves declare (``Term.needs.teacher``)."""
