@@ -89,6 +89,11 @@ def test_a_recipe_takes_a_schedule_only_where_its_scheduled_row_held_at_every_n(
                                            for n, c in measured.items()}, name
         else:
             assert "jacobian_every" not in r.values["objective"] and not r.schedule_evidence, name
+    # the step time the README and the recipe's comment give for paper's schedule, from the same file
+    ratios = [c["step_seconds"][R.CE_KD_JM_SCHEDULED] / c["step_seconds"][R.CE_KD_JM] for k, c in s["comparisons"].items()
+              if R.split_key(k)[0] == R.CE_KD_JM_SCHEDULED]
+    said = f"{min(ratios):.2f}–{max(ratios):.2f} of the step time"
+    assert said in (ROOT / "README.md").read_text().replace("\n", " "), said
 
 
 def test_the_converged_rows_are_built_from_the_recipes():
