@@ -318,6 +318,16 @@ def _recipes(chosen: dict, fm: dict) -> dict:
     return out
 
 
+def _rule(profile) -> dict:
+    """How the section trains every student (converge.json's "rule")."""
+    return {"first_max_steps": profile.converge_steps, "patience": profile.converge_patience,
+            "eval_every_epochs": profile.converge_every, "min_delta": profile.converge_min_delta,
+            "growths": profile.converge_growths, "patience_growths": profile.converge_patience_growths,
+            **({"patience_growths_of": profile.converge_patience_growths_of}
+               if profile.converge_patience_growths_of else {}),
+            "schedule": "constant", "reach": REACH}
+
+
 def converge_section(lay: Layout) -> dict:
     """Every student trained as long as it needs: the paper's four rows at every n, with the
     learning rate, τ and γ that the distillation section chose on validation, and FM and
@@ -335,13 +345,7 @@ def converge_section(lay: Layout) -> dict:
     cells: dict = {}
     summary = {"teacher": teacher, "chosen": chosen, "rows": list(CONVERGE_ROWS), "checked_rows": list(CHECKED_ROWS),
                "samples": list(profile.samples), "seeds": list(profile.seeds), "cells": cells, "complete": False,
-               "rule": {"first_max_steps": profile.converge_steps, "patience": profile.converge_patience,
-                        "eval_every_epochs": profile.converge_every, "min_delta": profile.converge_min_delta,
-                        "growths": profile.converge_growths,
-                        "patience_growths": profile.converge_patience_growths,
-                        **({"patience_growths_of": profile.converge_patience_growths_of}
-                           if profile.converge_patience_growths_of else {}),
-                        "schedule": "constant", "reach": REACH}}
+               "rule": _rule(profile)}
     config = run_config("distill", profile)
     fm, fm_records = fm_selection(lay, teacher, chosen)
     summary["fm"] = {"chosen": fm, "selection": fm_records}

@@ -227,11 +227,17 @@ def _setup(cfg: RunConfig, resume: bool, data: DataSplits, given: bool, info: Di
     if info.is_main:
         run.loggers = open_outputs(cfg, out, {"train": data.train_indices, "val": data.val_indices,
                                              "data_sha256": data.data_sha256}, resume, config_file)
-    if run.cache is not None:  # the teacher's side of every sample, the same bits in every process
-        try:
-            run.cache.fill(data.train, cfg.objective.teacher_chunk or cfg.optim.batch_size, device, info)
-        except BaseException as exc:  # (a start that fails after its tracked runs began ends them failed)
-            close_loggers(run.loggers, failed=not isinstance(exc, Preempted))
-            raise
-        run.fill_seconds = run.cache.fill_seconds
+    if run.cache is not None:
+        _fill_cache(run)
     return run
+
+
+def _fill_cache(run: Run) -> None:
+    """The teacher's side of every training sample, the same bits in every process; a failure
+    here ends the run's tracked runs failed (they began with the run's outputs)."""
+    try:
+        run.cache.fill(run.data.train, run.cfg.objective.teacher_chunk or run.cfg.optim.batch_size, run.device, run.info)
+    except BaseException as exc:
+        close_loggers(run.loggers, failed=not isinstance(exc, Preempted))
+        raise
+    run.fill_seconds = run.cache.fill_seconds
