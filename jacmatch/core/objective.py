@@ -494,7 +494,7 @@ class TransferObjective(nn.Module):
                 logits, values, noisy = self._pass(x, y, y_soft, targets, all_terms if taken else others,
                                                    need_logits=True)
             else:
-                logits, values, noisy, part_scale = self._drawn_step(x, y, y_soft, targets, jacobian)
+                logits, values, noisy, part_scale = self._drawn_step(x, y, y_soft, targets, jacobian, others)
                 scale *= part_scale
             for t in jacobian:  # an unbiased estimate of each term's full value; 0 where not taken
                 values[t.key] = values[t.key] * scale if t.key in values else x.new_zeros(())
@@ -510,12 +510,11 @@ class TransferObjective(nn.Module):
         return logits, total, values
 
     def _drawn_step(self, x: Tensor, y: Tensor, y_soft: Tensor | None, targets: TeacherTargets | None,
-                    jacobian: list[Term]) -> tuple[Tensor | None, dict[str, Tensor], Tensor | None, float]:
+                    jacobian: list[Term], others: list[Term]
+                    ) -> tuple[Tensor | None, dict[str, Tensor], Tensor | None, float]:
         """A step whose Jacobian terms are taken on the samples drawn with probability ρ: the
         other terms on the whole batch, then the drawn samples' own pass. Returns (logits,
         values, the first noisy draw's logits, |S| / (ρB), what the drawn mean is scaled by)."""
-        others = [t for t in self.term_list if not t.needs.jacobian]
-        all_terms = self.term_list
         chosen = per_sample_draw(torch.rand, (len(x),), generator=self.generator, dtype=torch.float32,
                                  device=self.generator.device if self.generator is not None else x.device)
         drawn = chosen.to(x.device) < self.schedule.fraction
@@ -527,7 +526,7 @@ class TransferObjective(nn.Module):
         fresh = targets is None and len(index) > 0 and any(t.needs.teacher_targets for t in jacobian)
         if fresh:  # one teacher pass over the batch: the drawn samples with the graph the Jacobian
             # terms need, the others without (the frozen teacher treats each sample alone)
-            part = self.teacher_targets(x[index], y[index], terms=[t for t in all_terms if t.needs.teacher_targets],
+            part = self.teacher_targets(x[index], y[index], terms=[t for t in self.term_list if t.needs.teacher_targets],
                                         generator=part_generator)
             if any(t.needs.teacher_targets for t in others):
                 main = part if not len(rest) else _placed(

@@ -13,6 +13,7 @@ composes them: one student forward pass, one teacher pass (cacheable), every ter
 from __future__ import annotations
 
 import contextlib
+import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
@@ -233,7 +234,7 @@ class Term(nn.Module):
     def value(self, *args: Any, **kwargs: Any) -> Tensor:
         """The term's unweighted value from plain tensors and modules: :meth:`from_step` on
         :meth:`Step.of` with these fields (by keyword)."""
-        fields = ("x", "y", "logits", "student", "teacher", "targets", "features", "tangent", "generator", "y_soft")
+        fields = [n for n in inspect.signature(Step.of).parameters]  # (the fields Step.of takes: one list)
         unknown = sorted(set(kwargs) - set(fields))
         if args or unknown:
             raise UsageError(f"{type(self).__name__}.value takes the step's fields by keyword ({', '.join(fields)}; "
