@@ -100,6 +100,24 @@ def test_raising_the_maximum_and_patience_on_resume_ends_where_a_run_given_them_
         train(config_from_dict(values(tmp_path / "grown", 2, 8)), resume=True)
 
 
+def test_a_resumed_run_replays_its_evaluations_to_its_caller_before_training_on(tmp_path, teacher):
+    """on_evaluation sees a resumed run's whole curve: first the restored history's evaluations
+    (steps so far, validation accuracy), then the new ones, as a straight run reports them."""
+    def values(epochs):
+        v = student_values(tmp_path / "run", teacher)
+        v["optim"].update(epochs=epochs)
+        v["eval"].update(every=1)
+        return v
+    first, again, straight = [], [], []
+    train(config_from_dict(values(2)), on_evaluation=lambda *a: first.append(a))
+    train(config_from_dict(values(4)), resume=True, on_evaluation=lambda *a: again.append(a))
+    v = values(4)
+    v["out_dir"] = str(tmp_path / "straight")
+    train(config_from_dict(v), on_evaluation=lambda *a: straight.append(a))
+    assert len(first) == 2 and again[:2] == first and len(again) == 4
+    assert [s for s, _ in again] == [s for s, _ in straight] and sorted({s for s, _ in again}) == [s for s, _ in again]
+
+
 def test_same_seed_gives_bit_identical_runs(tmp_path, teacher):
     for name in ("a", "b"):
         train(config_from_dict(student_values(tmp_path / name, teacher)))

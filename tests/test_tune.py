@@ -76,6 +76,38 @@ def test_a_killed_worker_s_study_completes_when_the_command_runs_again(tmp_path,
     states = sorted(r["state"] for r in rows)
     assert states.count("COMPLETE") + states.count("PRUNED") == 2 and states.count("FAIL") == 1, rows
     assert (out / "trials" / "0000" / "results.json").is_file()
+    # the retry reported the cut trial's evaluations too: the pruner sees its whole curve
+    optuna = pytest.importorskip("optuna")
+    study = optuna.load_study(study_name="jacmatch", storage=f"sqlite:///{out / 'study.db'}")
+    retry = next(t for t in study.trials if t.state.name != "FAIL" and t.user_attrs["folder"].endswith("0000"))
+    with open(out / "trials" / "0000" / "metrics.jsonl") as f:
+        evaluations = [line for line in f if '"val"' in line]
+    assert len(retry.intermediate_values) == len(evaluations) == 20  # 40 epochs, the recipe evaluates every 2
+
+
+def test_a_trial_is_pruned_only_after_its_run_s_patience_in_evaluations(tmp_path, teacher):
+    """Against four finished trials that were better at every step, a trial is pruned at its
+    grace, the run's early-stopping patience in evaluations, and not before."""
+    import optuna
+
+    from jacmatch.training.config import config_from_dict
+    from jacmatch.training.tune import _run_trial, grace_of
+    values = {"out_dir": str(tmp_path / "unused"), "teacher": teacher, "recipe": "fm+jm",
+              "data": {"name": "synthetic", "samples_per_class": 4}, "model": {"name": "small_cnn_4"},
+              "optim": {"epochs": 12, "max_steps": 0, "batch_size": 8},
+              "eval": {"every": 1, "patience": 5, "keep_best": True, "noise_sigmas": [], "fidelity": False,
+                       "jacobian_cosine": False},
+              "progress": False, "tensorboard": False}
+    base = config_from_dict(values)
+    assert grace_of(base) == 5
+    study = optuna.create_study(direction="maximize", pruner=optuna.pruners.MedianPruner(n_startup_trials=4))
+    for _ in range(4):
+        study.add_trial(optuna.trial.create_trial(value=1.0, intermediate_values={s: 1.0 for s in range(1, 200)}))
+    study.optimize(lambda trial: _run_trial(trial, study, tmp_path, values, {"optim.lr": ("log", 1e-3, 1e-2)}, None),
+                   n_trials=1)
+    trial = study.trials[-1]
+    assert trial.state.name == "PRUNED" and len(trial.intermediate_values) == 5, trial
+    assert trial.user_attrs["seconds"] > 0
 
 
 @pytest.mark.slow

@@ -84,8 +84,9 @@ def train(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, data
     ``overwrite``. ``config_file``: the user's config, never written over.
     ``teacher_gradients``: the caller's memo of the teacher's side of the Jacobian cosine,
     and ``data_cache`` the caller's parsed data set, both shared by the runs of a sweep.
-    ``on_evaluation(steps, val_acc)``: called after each evaluation in the main process (a
-    tuner's pruner; what it raises ends the run, its checkpoint written)."""
+    ``on_evaluation(steps, val_acc)``: called after each evaluation in the main process, and on
+    resume first once for each evaluation the restored history holds (a tuner's pruner; what it
+    raises ends the run, its checkpoint written)."""
     info = info or init_distributed(cfg.device)
     cfg.check()
     out = Path(cfg.out_dir)
@@ -109,10 +110,24 @@ def _train(cfg: RunConfig, resume: bool, data: DataSplits, given: bool, info: Di
     run = _setup(cfg, resume, data, given, info, teacher_gradients, config_file)
     run.on_evaluation = on_evaluation
     try:
+        _replay_evaluations(run)
         return _fit(run)
     except BaseException as exc:  # the tracked runs end failed (or killed by a signal: a resume continues them)
         close_loggers(run.loggers, failed=not isinstance(exc, Preempted))
         raise
+
+
+def _replay_evaluations(run: Run) -> None:
+    """A resumed run's caller sees its whole curve: ``on_evaluation`` once for each evaluation
+    the restored history holds, before training goes on (a retried Optuna trial reports the
+    evaluations of the folder it resumes, so its pruner compares it step for step)."""
+    if run.on_evaluation is None or not run.info.is_main:
+        return
+    steps = 0
+    for record in run.history:
+        steps += record["steps"]
+        if "val" in record:
+            run.on_evaluation(steps, record["val"]["acc"])
 
 
 def _fit(run: Run) -> dict:
