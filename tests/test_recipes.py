@@ -12,8 +12,8 @@ import pytest
 from jacmatch.cli import main
 from jacmatch.paper.converge import CONVERGE_ROWS, RECIPE_OF, _recipes
 from jacmatch.training import config_from_dict, recipe, train
-from jacmatch.training.config import config_to_dict
-from jacmatch.training.recipes import FEW_SAMPLES, RECIPES, choose, resolve_recipe, rule
+from jacmatch.training.config import config_to_dict, merge_values
+from jacmatch.training.recipes import FEW_SAMPLES, PAPER_SCHEDULE, RECIPES, choose, recipe_values, resolve_recipe, rule
 from jacmatch.training.schedule import planned_epochs, steps_per_epoch
 
 from helpers import QUIET
@@ -266,11 +266,50 @@ def test_the_reports_product_table_sets_the_default_command_beside_the_best_row(
     cells = {f"{row}|{n}": {"acc": {"mean": m, "ci95": 0.02}}
              for n in (1, 10) for row, m in (("CE+KD", 0.5), ("CE+KD+JM", 0.55), ("FM", 0.6), ("FM+JM", 0.7))}
 
-    def record(n, acc):
-        return {"config": {"data": {"samples_per_class": n}}, "final": {"test": {"acc": acc}},
-                "recipe": {"name": "fm+jm"}, "loop_seconds": 120.0}
+    def record(n, acc, **objective):
+        config = merge_values(recipe_values("fm+jm"), {"data": {"samples_per_class": n}, "objective": objective})
+        return {"config": config, "final": {"test": {"acc": acc}}, "recipe": {"name": "fm+jm"}, "loop_seconds": 120.0}
     text = product_text([record(1, 0.69), record(1, 0.71), record(10, 0.60), record(10, 0.62)], {"cells": cells})
     rows = [line for line in text.splitlines() if line.startswith("| 1 ") or line.startswith("| 10 ")]
     assert rows[0] == "| 1 | fm+jm | 2 of 5 | 70.0 ± 12.7 | FM+JM: 70.0 ± 2.0 | yes | 2.0 |", rows
     assert "| FM+JM: 70.0 ± 2.0 | **below it** |" in rows[1], rows
+    assert "older than today's recipes" not in text
     assert "No runs of the default command here" in product_text([], {"cells": cells})
+    # a record trained before its recipe changed says so, with the settings that changed
+    gamma = recipe_values("fm+jm")["objective"]["gamma"]
+    stale = product_text([record(1, 0.69), record(1, 0.71, gamma=gamma + 1)], {"cells": cells})
+    assert f"- n = 1: recorded before the recipe changed (objective.gamma: {gamma + 1} -> {gamma})" in stale, stale
+
+
+def test_a_record_that_predates_a_setting_counts_as_its_default():
+    from jacmatch.report.sections import differs_from_recipe
+    config = recipe_values("paper")
+    del config["objective"]["jacobian_every"]  # a record written before the setting existed ran with 1
+    assert differs_from_recipe(config, "paper") == [f"objective.jacobian_every: 1 -> {PAPER_SCHEDULE['jacobian_every']}"]
+    assert differs_from_recipe(recipe_values("paper"), "paper") == []
+
+
+def test_changing_a_recipe_s_values_changes_no_recipe():
+    values = recipe_values("paper")
+    values["objective"]["gamma"] = -1.0
+    values["optim"]["lr"] = -1.0
+    assert recipe_values("paper")["objective"]["gamma"] == RECIPES["paper"].values["objective"]["gamma"] == 10.0
+    assert recipe("paper").optim.lr == 0.01
+
+
+def test_the_tune_section_sets_the_best_values_seeds_against_the_hand_grid_s_cell():
+    from jacmatch.report.sections import tune_text
+    summary = {"complete": 5, "pruned": 19, "failed": 0, "trial_seconds": 7200.0,
+               "best": {"val_acc": 0.86, "params": {"optim.lr": 0.004, "objective.gamma": 2.0}}}
+    converge = {"cells": {"FM+JM|10": {"acc": {"mean": 0.846, "ci95": 0.013}}},
+                "fm": {"selection": {"mixup": {"train_seconds": 3600.0, "samples_per_class": 10}}}}
+
+    def seed(s, acc):
+        return {"config": {"seed": s}, "final": {"test": {"acc": acc}}}
+    text = tune_text({"summary": summary, "seeds": [seed(0, 0.84), seed(1, 0.85)]}, converge)
+    assert "| 24 (5, 19, 0) | 86.0 | lr 0.004, gamma 2 | 2.00 | 1.00 (mixup at n = 10, 2 seeds each) |" in text, text
+    assert "| 2 of 5 | 84.5 ± 6.4 | 84.6 ± 1.3 | 83.3 | yes |" in text, text
+    low = tune_text({"summary": summary, "seeds": [seed(0, 0.82), seed(1, 0.83)]}, converge)
+    assert "| 83.3 | **no** |" in low
+    assert "has not run" in tune_text(None, converge)
+    assert "seeds have not run yet" in tune_text({"summary": summary, "seeds": []}, converge)

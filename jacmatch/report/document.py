@@ -19,8 +19,8 @@ from ..experiments.common import load_json
 from ..experiments.figures import draw_report_figures
 from .distill import budget_findings, converge_text, distill_text, teacher_findings, teacher_text
 from .fidelity import fidelity_text
-from .sections import (check_one_data_set, load_product, product_text, robust_text, schedules_text, section_time,
-                       transfer_text, verify_text)
+from .sections import (check_one_data_set, load_product, load_tune, product_text, robust_text, schedules_text,
+                       section_time, transfer_text, tune_text, verify_text)
 from ..paper.protocol import SECTION_MINUTES
 from ..experiments.report_text import cores, img, missing
 
@@ -63,6 +63,7 @@ def render_report(sections: dict, folder: str = "paper", gradients: bool = True)
         "## 2c. Fidelity: how well the converged students agree with their teacher\n", fidelity_text(f, folder),
         "## 2d. The product: what `jacmatch distill` trains by default\n",
         product_text(sections.get("product") or [], c),
+        "### Values chosen on the user's validation split: `jacmatch tune`\n", tune_text(sections.get("tune"), c),
         "## 2e. The Jacobian term on some of the steps\n", schedules_text(sched),
         "## 3. Robustness to noisy inputs\n", robust_md,
         "## 4. Transfer\n", transfer_md,
@@ -124,7 +125,8 @@ def write_block(name: str, text: str, readme: Path = Path("README.md")) -> None:
 def main(results_dir: str | None = None) -> None:
     folder = Path(results_dir) if results_dir else RESULTS / "paper"
     folder.mkdir(parents=True, exist_ok=True)
-    sections = {**load_sections(folder), "product": load_product(folder.parent / "product")}
+    sections = {**load_sections(folder), "product": load_product(folder.parent / "product"),
+                "tune": load_tune(folder.parent / "tune")}
     text, findings = render_report(sections, folder.name, (folder / "gradients.png").is_file())
     draw_report_figures(sections, folder)
     write_atomic(folder.parent / "REPORT.md", lambda f: f.write(text))

@@ -13,7 +13,7 @@ from ..paper.protocol import SECTION_MINUTES, transfer_classes
 from ..experiments.report_text import check_flag, chosen_values, img, missing, paired, pm, signed, span
 
 __all__ = ["robust_text", "budget_checks", "transfer_text", "verify_text", "section_time", "check_one_data_set",
-           "load_product", "product_text", "schedules_text"]
+           "load_product", "product_text", "schedules_text", "load_tune", "tune_text", "differs_from_recipe"]
 
 
 def robust_text(r: dict | None, d: dict | None, folder: str) -> tuple[str, list[str]]:
@@ -169,7 +169,7 @@ def product_text(records: list[dict], c: dict | None) -> str:
              "§2b at that n (mean ± 95 % interval over 5 seeds).\n",
              "| n | `auto` chose | seeds | default command: test (%) | §2b's best row (%) | within its interval | "
              "training (min, mean) |", "|---|---|---|---|---|---|---|"]
-    rows = [r.row for r in RECIPES.values()]
+    rows, notes = [r.row for r in RECIPES.values()], []
     for n, runs in sorted(by_n.items()):
         s = summarize([r["final"]["test"]["acc"] for r in runs])
         chosen = sorted({r.get("recipe", {}).get("name", "none") for r in runs})
@@ -184,6 +184,92 @@ def product_text(records: list[dict], c: dict | None) -> str:
         spread = f"± {100 * s['ci95']:.1f}" if len(runs) > 1 else "(one seed: no interval yet)"
         lines.append(f"| {n} | {', '.join(chosen)} | {len(runs)} of 5 | {100 * s['mean']:.1f} {spread} "
                      f"| {best} | {verdict} | {minutes:.1f} |")
+        stale = sorted({d for r in runs if r.get("recipe") for d in differs_from_recipe(r["config"], r["recipe"]["name"])})
+        if stale:
+            notes.append(f"- n = {n}: recorded before the recipe changed ({'; '.join(stale)}): "
+                         "`bash results/product/run.sh` trains it again.")
+    if notes:
+        lines += ["", "**Records older than today's recipes:**", *notes]
+    return "\n".join(lines) + "\n"
+
+
+def differs_from_recipe(config: dict, name: str) -> list[str]:
+    """The settings recipe ``name`` gives that a run's recorded ``config`` does not hold (``key:
+    recorded -> the recipe's``); a setting the record predates counts as the default it ran with."""
+    from ..training.config import RunConfig, config_to_dict
+    from ..training.recipes import recipe_values
+    defaults = config_to_dict(RunConfig())
+
+    def leaves(values: dict, prefix: str = ""):
+        for key, value in values.items():
+            if isinstance(value, dict):
+                yield from leaves(value, f"{prefix}{key}.")
+            else:
+                yield f"{prefix}{key}", value
+
+    def lookup(values: dict, key: str):
+        for part in key.split("."):
+            values = values[part] if isinstance(values, dict) and part in values else None
+        return values
+    return [f"{key}: {lookup(config, key) if lookup(config, key) is not None else lookup(defaults, key)} -> {value}"
+            for key, value in leaves(recipe_values(name))
+            if (lookup(config, key) if lookup(config, key) is not None else lookup(defaults, key)) != value]
+
+
+def load_tune(folder: Path) -> dict | None:
+    """The tune study's summary (``results/tune/tune.json``) and its best values' seeds
+    (``best_s<S>.json``); None where the study has not run."""
+    if not (folder / "tune.json").is_file():
+        return None
+    return {"summary": read_json(folder / "tune.json"),
+            "seeds": [read_json(p) for p in sorted(folder.glob("best_s*.json"))]}
+
+
+#: The study's command (results/tune/run.sh)
+TUNE_COMMAND = ("jacmatch tune --recipe fm+jm --teacher results/teachers/fmnist_resnet20.pt --dataset fashion-mnist "
+                "--samples-per-class 10 --trials 24")
+
+
+def tune_text(t: dict | None, c: dict | None) -> str:
+    """`jacmatch tune` on FM+JM at n = 10: the study (trials, the best values, its time against
+    the converged section's hand grids for FM's values) and the best values trained with 5
+    seeds against the hand grid's FM+JM cell (its mean minus its 95 % interval, the target)."""
+    if t is None:
+        return "*The tune study has not run: `bash results/tune/run.sh` runs it.*\n"
+    s = t["summary"]
+    best = s.get("best")
+    lines = [f"Run by `bash results/tune/run.sh` (`{TUNE_COMMAND}`, overrides in the script): Optuna's TPE sampler "
+             "and median pruner on the validation split, a trial pruned only after its run's early-stopping patience "
+             "in evaluations; the study is `results/tune/fmjm_n10.db`, its trials `results/tune/trials.csv`, its "
+             "history `results/tune/history.png`.\n",
+             "| trials (complete, pruned, failed) | best validation (%) | its values | study time (h) | "
+             "hand grids' time (h) |", "|---|---|---|---|---|"]
+    grids = (c or {}).get("fm", {}).get("selection", {})
+    grid_hours = sum(g["train_seconds"] for g in grids.values()) / 3600
+    values = ", ".join(f"{k.split('.')[-1]} {v:.3g}" for k, v in best["params"].items()) if best else "—"
+    lines.append(f"| {s['complete'] + s['pruned']} ({s['complete']}, {s['pruned']}, {s['failed']}) | "
+                 + (f"{100 * best['val_acc']:.1f}" if best else "—") + f" | {values} | "
+                 + (f"{s['trial_seconds'] / 3600:.2f}" if "trial_seconds" in s else "—") + " | "
+                 + (f"{grid_hours:.2f} ({', '.join(grids)} at n = "
+                    f"{next(iter(grids.values()))['samples_per_class']}, 2 seeds each)" if grids else "—") + " |")
+    lines.append("\nStudy time: the workers' time on its complete and pruned trials. The hand grids chose FM's values "
+                 "(§2b); FM+JM takes them with γ from the distillation section's grid, whose time is not counted.\n")
+    seeds = t["seeds"]
+    cell = (c or {}).get("cells", {}).get("FM+JM|10")
+    if not seeds:
+        lines.append("*The best values' seeds have not run yet.*")
+    else:
+        acc = summarize([r["final"]["test"]["acc"] for r in seeds])
+        lines.append(f"The best values trained with seeds {', '.join(str(r['config']['seed']) for r in seeds)} "
+                     "(`jacmatch distill --config results/tune/best.yaml --seed S`):\n")
+        lines += ["| seeds | test (%) | hand grid's FM+JM at n = 10 (%) | target: its mean minus its interval | "
+                  "reached |", "|---|---|---|---|---|"]
+        if cell:
+            target = cell["acc"]["mean"] - cell["acc"]["ci95"]
+            shown = _ci(acc) if len(seeds) > 1 else f"{100 * acc['mean']:.1f}"
+            lines.append(f"| {len(seeds)} of 5 | {shown} | "
+                         f"{_ci(cell['acc'])} | {100 * target:.1f} | "
+                         f"{'yes' if acc['mean'] >= target else '**no**'} |")
     return "\n".join(lines) + "\n"
 
 

@@ -5,6 +5,8 @@ with every run and inside every checkpoint.
 
 from __future__ import annotations
 
+import copy
+
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -422,10 +424,11 @@ def resolve_values(file_values: dict, overrides: list, base: dict | None = None,
 
 
 def merge_values(a: dict, b: dict) -> dict:
-    """``b`` over ``a``, recursively for nested mappings (neither is modified)."""
-    out = dict(a)
+    """``b`` over ``a``, recursively for nested mappings: a new mapping that shares nothing
+    mutable with either (a caller that changes it changes neither, e.g. a recipe's values)."""
+    out = copy.deepcopy(a)
     for k, v in b.items():
-        out[k] = merge_values(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        out[k] = merge_values(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else copy.deepcopy(v)
     return out
 
 
