@@ -40,7 +40,8 @@ def add_tune_command(sub) -> None:
         "tune", help="choose a recipe's values (lr, τ, γ, mixup α) on your validation split with Optuna",
         description="Trials of a recipe (default: the one auto chooses) with values drawn by Optuna's TPE sampler, "
                     "each an ordinary run folder OUT/trials/NNNN, pruned by the median of the trials' validation "
-                    "accuracy at each evaluation. The study lives in OUT/study.db (SQLite) or --storage URL, which "
+                    "accuracy at the same step, once a trial has had its run's early-stopping patience in evaluations "
+                    "(eval.patience; 10 without early stopping). The study lives in OUT/study.db (SQLite) or --storage URL, which "
                     "workers on several machines share (the same command on each). Run again after an interruption, "
                     "the same command continues the study: a cut trial is failed after the heartbeat's grace period "
                     "and retried from its folder's checkpoint. Writes OUT/best.yaml (`jacmatch distill --config "
