@@ -512,11 +512,12 @@ def test_a_baseline_whose_budget_check_gains_trains_with_twice_the_patience(monk
     lay = paper.Layout(profile=dataclasses.replace(paper.QUICK, seeds=(0,), converge_steps=100, converge_patience=2,
                                                    converge_patience_growths=2))
     acc = {"FM": {2: .80, 4: .83, 8: .832}, "CE": {2: .70, 4: .702}}
-    trained, kept = [], []
+    trained, kept, order = [], [], []
 
     def student(lay, tag, n, seed, objective, teacher, max_steps, patience, lr, data=None, keep=True, need_weights=False,
                 section="converge"):
         (kept if need_weights else trained).append((tag, max_steps, patience))
+        order.append((tag, max_steps, patience, need_weights))
         a = acc[tag][patience]
         return {"best": {"inside": True, "stopped_early": True, "step": 60, "loop_seconds": 1.0, "val_acc": a},
                 "final": {"test": {"acc": a}, "val": {"acc": a}}, "train_seconds": 2.0, "student_parameters": 10,
@@ -527,7 +528,9 @@ def test_a_baseline_whose_budget_check_gains_trains_with_twice_the_patience(monk
     assert cell["patience_grown_from"] == [{"patience": 2, "val_gain": pytest.approx(3.0)}]
     assert check["row"] == "FM (2× patience)" and check["patience"] == 8 and check["max_steps"] == 400
     assert check["val_gain"] == pytest.approx(0.2) and "weights" not in check
-    assert kept == [("FM", 200, 4)] and cell["weights"] == ["runs/converge/FM_n5_s0_max200_p4.pt"]
+    assert kept == [("FM", 200, 4), ("FM", 200, 4)] and cell["weights"] == ["runs/converge/FM_n5_s0_max200_p4.pt"]
+    # the grown cell's runs (with their weights) come before the new check, which continues from them
+    assert order.index(("FM", 200, 4, True)) < order.index(("FM", 400, 8, False))
     kept.clear()
     cell, check = converge.patient_cell(lay, "CE", 5, ({"alpha": 1.0}, 0.01, None), None, 0.25)
     assert cell["patience"] == 2 and cell["patience_grown_from"] == [] and check["patience"] == 4

@@ -236,6 +236,10 @@ def patient_cell(lay, row, n, recipe, teacher, step_seconds) -> tuple[dict, dict
     patience, first, grown = profile.converge_patience, profile.converge_steps, []
     cell = converged_cell(lay, row, n, recipe, teacher, patience, first, step_seconds, keep=False)
     while True:
+        if grown and not _recorded(lay, row, n, 2 * patience, 2 * first):
+            # a new check continues from the grown cell's runs (step for step the same): train
+            # them first, with their weights, which the cell needs if the check gains too little
+            converged_cell(lay, row, n, recipe, teacher, patience, first, step_seconds)
         check = converged_cell(lay, row, n, recipe, teacher, 2 * patience, 2 * first, step_seconds, keep=False)
         gain = 100 * (check["val_acc"]["mean"] - cell["val_acc"]["mean"])
         if converged(gain) or len(grown) == profile.converge_patience_growths_of.get(row,
@@ -246,6 +250,12 @@ def patient_cell(lay, row, n, recipe, teacher, step_seconds) -> tuple[dict, dict
     cell = converged_cell(lay, row, n, recipe, teacher, patience, first, step_seconds)  # its students' weights kept
     gain = 100 * (check["val_acc"]["mean"] - cell["val_acc"]["mean"])
     return {**cell, "patience_grown_from": grown}, {**check, "row": R.twice_patience(row), "val_gain": gain}
+
+
+def _recorded(lay, row: str, n, patience: int, first_max: int) -> bool:
+    """Whether every seed of ``row`` at n with ``patience`` has a record at its first maximum."""
+    tag = re.sub(r"[^A-Za-z0-9]+", "_", row).strip("_")
+    return all(lay.record_of(_run_dir(lay, tag, n, seed, first_max, patience)).is_file() for seed in lay.profile.seeds)
 
 
 def _summary(values: list) -> dict | None:
