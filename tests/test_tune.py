@@ -57,6 +57,60 @@ def test_two_workers_share_one_study_and_run_no_trial_twice(tmp_path, teacher):
     assert (out / "best.yaml").is_file() and (out / "best.pt").is_file() and (out / "history.png").is_file()
 
 
+@pytest.fixture
+def postgres_url():
+    """A PostgreSQL server of its own (Debian's postgresql: initdb, then pg_ctl start on a Unix
+    socket in a fresh folder, trust authentication), stopped and removed after the test; its
+    URL. Skipped where PostgreSQL is not installed, unless JACMATCH_REQUIRE_POSTGRES=1 (CI
+    installs it and sets that: there the test runs or fails)."""
+    import glob
+    import shutil
+    import tempfile
+    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
+    if not found:
+        if os.environ.get("JACMATCH_REQUIRE_POSTGRES") == "1":
+            pytest.fail("JACMATCH_REQUIRE_POSTGRES=1 but PostgreSQL is not installed: apt-get install postgresql")
+        pytest.skip("PostgreSQL is not installed (apt-get install postgresql; .ci/run installs it)")
+    bindir = Path(found[-1]).parent
+    folder = Path(tempfile.mkdtemp(prefix="jacmatch-pg-", dir="/tmp"))  # a short path: the socket's name has a limit
+    as_owner: list[str] = []
+    if os.geteuid() == 0:  # the server refuses to run as root: as Debian's postgres user, in a folder it owns
+        shutil.chown(folder, "postgres", "postgres")
+        as_owner = ["runuser", "-u", "postgres", "--"]
+    port = 20000 + os.getpid() % 20000
+    data = folder / "data"
+    run([*as_owner, str(bindir / "initdb"), "-D", str(data), "-A", "trust", "-U", "postgres", "--no-sync"],
+        timeout=120, check=True)
+    run([*as_owner, str(bindir / "pg_ctl"), "-D", str(data), "-l", str(folder / "server.log"), "-w", "-o",
+         f"-k {folder} -p {port} -c listen_addresses='' -c fsync=off", "start"], timeout=120, check=True)
+    try:
+        yield f"postgresql+psycopg2://postgres@/postgres?host={folder}&port={port}"
+    finally:
+        run([*as_owner, str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "-w", "stop"], timeout=120)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.mark.slow
+def test_two_workers_share_one_postgresql_study(tmp_path, teacher, postgres_url):
+    """Two workers, each its own output folder (as on two machines), one study in a real
+    PostgreSQL server: together they finish the trials, and no trial runs twice."""
+    import optuna
+    outs = [tmp_path / "a", tmp_path / "b"]
+    workers = [subprocess.Popen(_tune(teacher, out, 4, "--set", "optim.max_steps=60", "--storage", postgres_url,
+                                      "--study", "shared"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+               for out in outs]
+    logs = [w.communicate(timeout=600)[0] for w in workers]
+    assert [w.returncode for w in workers] == [0, 0], logs
+    study = optuna.load_study(study_name="shared", storage=postgres_url)
+    done = [t for t in study.trials if t.state.name in ("COMPLETE", "PRUNED")]
+    assert 4 <= len(done) <= 5 and len(study.trials) == len(done), study.trials
+    folders = [t.user_attrs["folder"] for t in study.trials]
+    assert len(set(folders)) == len(folders)
+    assert all(any(f.startswith(str(out)) for f in folders) for out in outs), folders  # both workers ran trials
+    for out in outs:
+        assert (out / "best.yaml").is_file() and (out / "trials.csv").is_file()
+
+
 @pytest.mark.slow
 def test_a_killed_worker_s_study_completes_when_the_command_runs_again(tmp_path, teacher):
     out = tmp_path / "study"

@@ -18,6 +18,7 @@ import csv
 import inspect
 import json
 import os
+import random
 import shutil
 import time
 from pathlib import Path
@@ -35,6 +36,7 @@ KINDS = ("log", "float", "int")
 EXIT_PREEMPTED = 75
 #: a trial's grace (evaluations before the pruner may stop it) when its run has no early stopping
 GRACE_WITHOUT_PATIENCE = 10
+CREATE_ATTEMPTS = 5  # creating the study, while other workers may be creating it too
 
 
 def parse_space(items: list[str]) -> dict:
@@ -102,11 +104,32 @@ def _open_study(optuna, root: Path, storage: str | None, study_name: str, heartb
     url = storage or f"sqlite:///{(root / 'study.db').resolve()}"
     with open(root / ".study.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        return optuna.create_study(
-            study_name=study_name, storage=_storage(optuna, url, heartbeat), load_if_exists=True, direction="maximize",
-            # each worker its own draws (the same seed would propose the same values to workers starting together)
-            sampler=optuna.samplers.TPESampler(seed=seed * 1_000_003 + os.getpid()),
-            pruner=optuna.pruners.MedianPruner(n_startup_trials=4, n_warmup_steps=0))
+        for attempt in range(CREATE_ATTEMPTS):
+            try:
+                return optuna.create_study(
+                    study_name=study_name, storage=_storage(optuna, url, heartbeat), load_if_exists=True,
+                    direction="maximize",
+                    # each worker its own draws (the same seed would propose the same values to workers starting together)
+                    sampler=optuna.samplers.TPESampler(seed=seed * 1_000_003 + os.getpid()),
+                    pruner=optuna.pruners.MedianPruner(n_startup_trials=4, n_warmup_steps=0))
+            except Exception as exc:  # workers on other machines creating the same tables or study at once
+                if attempt + 1 == CREATE_ATTEMPTS or not _lost_a_creation_race(exc):
+                    raise
+                time.sleep(0.5 + random.random())
+    raise AssertionError("unreachable")
+
+
+def _lost_a_creation_race(exc: Exception) -> bool:
+    """Whether creating the study failed because another worker created the same schema or
+    study at the same moment (the database's integrity or duplicate-object error), which the
+    next attempt finds there."""
+    try:
+        from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
+    except ImportError:
+        return False
+    text = str(exc).lower()
+    return isinstance(exc, (IntegrityError, ProgrammingError, OperationalError)) and any(
+        word in text for word in ("already exists", "duplicate", "unique"))
 
 
 def grace_of(cfg) -> int:
