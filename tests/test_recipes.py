@@ -13,13 +13,14 @@ from jacmatch.cli import main
 from jacmatch.paper.converge import CONVERGE_ROWS, RECIPE_OF, _recipes
 from jacmatch.training import config_from_dict, recipe, train
 from jacmatch.training.config import config_to_dict, merge_values
-from jacmatch.training.recipes import FEW_SAMPLES, PAPER_SCHEDULE, RECIPES, choose, recipe_values, resolve_recipe, rule
+from jacmatch.training.recipes import FEW_SAMPLES, RECIPES, SCHEDULE, choose, recipe_values, resolve_recipe, rule
 from jacmatch.training.schedule import planned_epochs, steps_per_epoch
 
 from helpers import QUIET
 
 ROOT = Path(__file__).resolve().parents[1]
 CONVERGE = json.loads((ROOT / "results" / "paper" / "converge.json").read_text())
+RECIPES_SOURCE = (ROOT / "jacmatch" / "training" / "recipes.py").read_text()
 RECORDS = ROOT / "results" / "paper" / "runs" / "converge"
 #: What a run sets for itself, not its recipe: where and on what it runs, and what its evaluation
 #: measures besides validation accuracy; the maximum is compared in steps.
@@ -35,25 +36,38 @@ def _flat(values: dict, prefix: str = "") -> dict:
     return out
 
 
-@pytest.mark.parametrize("name", ["fm", "fm+jm"])
+def _same_settings(name: str, paths: list, ignored: set) -> None:
+    """Every setting of recipe ``name`` is the run's in each record of ``paths`` (but where and on
+    what it ran, and ``ignored``), and the record's maximum lies inside the recipe's."""
+    mine = _flat(config_to_dict(recipe(name)))
+    for path in paths:
+        record = json.loads(path.read_text())
+        theirs = _flat(config_to_dict(config_from_dict(record["config"])))
+        differ = {k: (mine[k], theirs[k]) for k in mine if k not in OWN | ignored and mine[k] != theirs[k]}
+        assert differ == {}, (path.name, differ)
+        optim = config_from_dict(record["config"]).optim
+        steps = planned_epochs(optim, record["num_train"]) * steps_per_epoch(record["num_train"], optim)
+        assert steps <= recipe(name).optim.max_steps, path.name
+
+
+@pytest.mark.parametrize("name", ["fm", "fm+jm"])  # paper and kd: their cells' patience differs by n
 def test_the_recipe_is_the_config_of_the_report_row_field_by_field(name):
     """recipe("fm+jm") and the report's FM+JM students (every n, every seed): every setting the
-    same but where and on what each ran; the record's maximum lies inside the recipe's."""
-    row = RECIPES[name].row
+    same but where and on what each ran; the record's maximum lies inside the recipe's. A recipe
+    with the Jacobian term's schedule is §2e's scheduled row (FM+JM (every k), n = 1, 10, 100,
+    every seed) field by field, and §2b's full row in everything but the schedule."""
+    row, schedule = RECIPES[name].row, RECIPES[name].schedule
     records = sorted(RECORDS.glob(f"{row.replace('+', '_')}_n*_s*_max*_p*.json"))
     cells = {CONVERGE["cells"][f"{row}|{n}"]["weights"][s].rsplit("/", 1)[-1].replace(".pt", ".json")
              for n in CONVERGE["samples"] for s in range(5)}
     named = [r for r in records if r.name in cells]
     assert len(named) == 30, named
-    mine = _flat(config_to_dict(recipe(name)))
-    for path in named:
-        record = json.loads(path.read_text())
-        theirs = _flat(config_to_dict(config_from_dict(record["config"])))
-        differ = {k: (mine[k], theirs[k]) for k in mine if k not in OWN and mine[k] != theirs[k]}
-        assert differ == {}, (path.name, differ)
-        optim = config_from_dict(record["config"]).optim
-        steps = planned_epochs(optim, record["num_train"]) * steps_per_epoch(record["num_train"], optim)
-        assert steps <= recipe(name).optim.max_steps, path.name
+    _same_settings(name, named, {f"objective.{k}" for k in schedule})
+    if schedule:
+        every = schedule["jacobian_every"]
+        scheduled = sorted((RECORDS.parent / "schedules").glob(f"{row.replace('+', '_')}_every{every}_n*_s*_max*_p*.json"))
+        assert len(scheduled) == 15, scheduled
+        _same_settings(name, scheduled, set())
 
 
 def test_each_recipe_holds_the_values_the_converged_section_chose_and_its_numbers():
@@ -82,6 +96,9 @@ def test_a_recipe_takes_a_schedule_only_where_its_scheduled_row_held_at_every_n(
     for name, r in RECIPES.items():
         twin = {R.FM_JM: R.FM_JM_SCHEDULED, R.CE_KD_JM: R.CE_KD_JM_SCHEDULED}.get(r.row)
         measured = {int(R.split_key(k)[1]): c for k, c in s["comparisons"].items() if R.split_key(k)[0] == twin}
+        held = s["complete"] and set(measured) == set(s["samples"]) and all(c["within_full_interval"]
+                                                                             for c in measured.values())
+        assert bool(r.schedule) == bool(held) == s["verdict"].get(twin, False), name  # where it held, and only there
         if r.schedule:
             assert r.schedule == {"jacobian_every": s["every"]} == {"jacobian_every": r.values["objective"]["jacobian_every"]}
             assert set(measured) == set(s["samples"]) and all(c["within_full_interval"] for c in measured.values()), name
@@ -89,11 +106,13 @@ def test_a_recipe_takes_a_schedule_only_where_its_scheduled_row_held_at_every_n(
                                            for n, c in measured.items()}, name
         else:
             assert "jacobian_every" not in r.values["objective"] and not r.schedule_evidence, name
-    # the step time the README and the recipe's comment give for paper's schedule, from the same file
-    ratios = [c["step_seconds"][R.CE_KD_JM_SCHEDULED] / c["step_seconds"][R.CE_KD_JM] for k, c in s["comparisons"].items()
-              if R.split_key(k)[0] == R.CE_KD_JM_SCHEDULED]
-    said = f"{min(ratios):.2f}–{max(ratios):.2f} of the step time"
-    assert said in (ROOT / "README.md").read_text().replace("\n", " "), said
+    # the step times the README and the recipes' comment give for the schedules, from the same file
+    readme = (ROOT / "README.md").read_text().replace("\n", " ")
+    for scheduled, full in ((R.CE_KD_JM_SCHEDULED, R.CE_KD_JM), (R.FM_JM_SCHEDULED, R.FM_JM)):
+        ratios = [c["step_seconds"][scheduled] / c["step_seconds"][full] for k, c in s["comparisons"].items()
+                  if R.split_key(k)[0] == scheduled]
+        said = f"{min(ratios):.2f}–{max(ratios):.2f}"
+        assert said in readme and said.replace("–", "-") in RECIPES_SOURCE, said
 
 
 def test_the_converged_rows_are_built_from_the_recipes():
@@ -285,7 +304,7 @@ def test_a_record_that_predates_a_setting_counts_as_its_default():
     from jacmatch.report.sections import differs_from_recipe
     config = recipe_values("paper")
     del config["objective"]["jacobian_every"]  # a record written before the setting existed ran with 1
-    assert differs_from_recipe(config, "paper") == [f"objective.jacobian_every: 1 -> {PAPER_SCHEDULE['jacobian_every']}"]
+    assert differs_from_recipe(config, "paper") == [f"objective.jacobian_every: 1 -> {SCHEDULE['jacobian_every']}"]
     assert differs_from_recipe(recipe_values("paper"), "paper") == []
 
 
