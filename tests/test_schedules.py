@@ -173,3 +173,33 @@ def test_the_schedule_is_said_and_its_settings_checked():
             jm.TransferObjective(student, teacher, jm.ObjectiveConfig(**settings))
     with pytest.raises(jm.UsageError, match="jacobian_fraction"):
         jm.TransferObjective(student, teacher, terms=[jm.JacobianMatchingLoss(1.0)], jacobian_fraction=2.0)
+
+
+def test_the_report_states_the_verdict_and_the_time_to_fm_s_accuracy_or_that_no_seed_reached_it():
+    """§2e from a schedules.json: per row and n the comparison, the time to FM's accuracy over
+    FM's own (or which rows never reached it), and the verdict once complete."""
+    from jacmatch.experiments import rows as R
+    from jacmatch.report.sections import schedules_text
+
+    def acc(mean, ci=0.01):
+        return {"mean": mean, "ci95": ci}
+
+    def comparison(row, full, over_fm, reached):
+        to = {f"{name} to {target}": {"seconds": acc(10.0) if n else None, "reached": n, "seeds": 5}
+              for name, n in ((row, reached[0]), (full, reached[1]), (R.CE_KD, 5), (R.FM, 3)) for target in (R.CE_KD, R.FM)}
+        return {"acc": acc(0.8), "full_acc": acc(0.81), "acc_difference": acc(-0.01, 0.005), "within_full_interval": True,
+                "fidelity_difference": {"agreement": {"mean": -0.002}}, "step_seconds": {row: 0.01, full: 0.02},
+                "best_seconds": {row: acc(5.0), full: acc(9.0)}, "to_target": to, "time_to_fm_over_fm": over_fm}
+    s = {"selection": {"val_acc": {"1": 0.8, "4": 0.79}, "samples_per_class": 10, "rule": "the rule", "inside": True,
+                       "row": R.CE_KD_JM},
+         "every": 4, "seeds": [0, 1, 2, 3, 4], "rows": {R.FM_JM_SCHEDULED: R.FM_JM},
+         "comparisons": {f"{R.FM_JM_SCHEDULED}|1": comparison(R.FM_JM_SCHEDULED, R.FM_JM, 0.31, (5, 5)),
+                         f"{R.FM_JM_SCHEDULED}|100": comparison(R.FM_JM_SCHEDULED, R.FM_JM, None, (0, 0)),
+                         f"{R.FM_JM_SCHEDULED}|500": comparison(R.FM_JM_SCHEDULED, R.FM_JM, None, (0, 2))},
+         "complete": False, "verdict": {}}
+    text = schedules_text(s)
+    assert ("over FM's own time to it: n = 1: 0.31; n = 100: no seed reaches it, nor of the full row; "
+            "n = 500: no seed reaches it (2 of the full row's do).") in text, text
+    assert "the verdict waits for every n" in text
+    text = schedules_text({**s, "complete": True, "verdict": {R.FM_JM_SCHEDULED: True}})
+    assert f"**{R.FM_JM_SCHEDULED}**: within the full row's 95 % interval at every n measured" in text

@@ -317,6 +317,15 @@ def schedules_text(s: dict | None) -> str:
                      f"{_seconds(c['best_seconds'][full]['mean'])} | {reached((row, full, R.CE_KD), R.CE_KD)} | "
                      f"{reached((row, full, R.FM), R.FM)} | "
                      + ("—" if c["time_to_fm_over_fm"] is None else f"{c['time_to_fm_over_fm']:.2f}") + " |")
+    def over_fm(c: dict) -> str:
+        if c["time_to_fm_over_fm"] is not None:
+            return f"{c['time_to_fm_over_fm']:.2f}"
+        full = c["to_target"][f"{R.FM_JM} to {R.FM}"]["reached"]
+        return "no seed reaches it" + (", nor of the full row" if not full else f" ({full} of the full row's do)")
+    fm_rows = {R.split_key(k)[1]: c for k, c in s["comparisons"].items() if R.split_key(k)[0] == R.FM_JM_SCHEDULED}
+    if fm_rows:
+        lines.append("\nFM+JM (every k)'s time to FM's converged validation accuracy over FM's own time to it: "
+                     + "; ".join(f"n = {n}: {over_fm(c)}" for n, c in fm_rows.items()) + ".")
     if s.get("complete"):
         for row, holds in s["verdict"].items():
             lines.append(f"\n**{row}**: " + ("within the full row's 95 % interval at every n measured: the recipes may "
