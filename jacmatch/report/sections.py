@@ -207,13 +207,15 @@ def differs_from_recipe(config: dict, name: str) -> list[str]:
             else:
                 yield f"{prefix}{key}", value
 
-    def lookup(values: dict, key: str):
+    def lookup(values, key: str):
         for part in key.split("."):
             values = values[part] if isinstance(values, dict) and part in values else None
         return values
-    return [f"{key}: {lookup(config, key) if lookup(config, key) is not None else lookup(defaults, key)} -> {value}"
-            for key, value in leaves(recipe_values(name))
-            if (lookup(config, key) if lookup(config, key) is not None else lookup(defaults, key)) != value]
+
+    def recorded(key: str):
+        value = lookup(config, key)
+        return lookup(defaults, key) if value is None else value
+    return [f"{key}: {recorded(key)} -> {value}" for key, value in leaves(recipe_values(name)) if recorded(key) != value]
 
 
 def load_tune(folder: Path) -> dict | None:

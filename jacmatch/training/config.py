@@ -6,7 +6,6 @@ with every run and inside every checkpoint.
 from __future__ import annotations
 
 import copy
-
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
