@@ -489,17 +489,17 @@ def test_the_carried_folder_holds_the_longest_finished_run_of_each_seed_of_the_c
             (folder / "results.json").write_text(json.dumps({"epochs": epochs}))
         return folder
 
-    def carried():
-        return sorted(p.name for p in (lay.out / CARRIED).iterdir())
+    def carried(n=5):
+        return sorted(p.name for p in (lay.out / CARRIED / f"n{n}").iterdir())
     for folder in (run("FM_JM_n5_s0_max12_p2", 4), run("FM_JM_n5_s1_max12_p2", 6), run("FM_JM_n5_s0_max24_p2", 9),
                    run("FM_JM_n5_s0_max24_p4", 7), run("FM_JM_n5_s1_max24_p2", 2, finished=False)):
-        carry(lay, folder)
+        carry(lay, folder, lay.out / CARRIED / "n5")
     assert carried() == ["FM_JM_n5_s0_max24_p2", "FM_JM_n5_s1_max12_p2"]  # each seed's longest finished run
-    assert (lay.out / CARRIED / "FM_JM_n5_s0_max24_p2" / "last.pt").read_text() == "FM_JM_n5_s0_max24_p2"
-    carry(lay, run("FM_n5_s0_max12_p2", 3))  # another row: the cell before it is done
+    assert (lay.out / CARRIED / "n5" / "FM_JM_n5_s0_max24_p2" / "last.pt").read_text() == "FM_JM_n5_s0_max24_p2"
+    carry(lay, run("FM_n5_s0_max12_p2", 3), lay.out / CARRIED / "n5")  # another row: the cell before it is done
     assert carried() == ["FM_n5_s0_max12_p2"]
-    carry(lay, run("FM_n10_s0_max12_p2", 3))  # another n
-    assert carried() == ["FM_n10_s0_max12_p2"]
+    carry(lay, run("FM_n10_s0_max12_p2", 3), lay.out / CARRIED / "n10")  # another n: a part of its own, beside
+    assert carried(10) == ["FM_n10_s0_max12_p2"] and carried(5) == ["FM_n5_s0_max12_p2"]
 
 
 def test_a_baseline_whose_budget_check_gains_trains_with_twice_the_patience(monkeypatch):
@@ -671,3 +671,37 @@ def test_every_committed_section_round_trips_through_its_typed_record():
     assert cell.noisy_acc("0.3").mean < cell.acc.mean and converge.cell(R.twice_patience(R.CE), first) is not None
     robustness = Section.from_json("robustness", json.loads((ROOT / "results" / "paper" / "robustness.json").read_text()))
     assert robustness.cell(R.CE, "full") is not None and R.DOUBLED_EPOCHS in robustness.rows()
+
+
+def test_a_converge_part_trains_its_n_only_and_writes_no_section_file(tmp_path, monkeypatch):
+    """`jacmatch experiment converge --samples N`: the cells at those n only (a part beside
+    parts at other n), no converge.json (the section without --samples writes it from the
+    records); an n the section does not train, or --samples on another section, is refused."""
+    from jacmatch.errors import UsageError
+    from jacmatch.paper import converge, protocol as paper, sections
+    lay = paper.Layout(root=tmp_path, profile=paper.QUICK)
+    lay.out.mkdir(parents=True)
+    (lay.out / "distill.json").write_text(json.dumps({"selection": {k: {"chosen": 1.0}
+                                                                    for k in ("lr", "tau", "gamma", "gamma_ce")}}))
+    lay.teacher.parent.mkdir(parents=True, exist_ok=True)
+    lay.teacher.write_text("")
+    trained = []
+
+    def cell(lay, row, n, *args, **kwargs):
+        trained.append((row, n))
+        return {"row": row, "samples_per_class": n, "patience": 2, "acc": {"mean": 0.5, "std": 0.0},
+                "val_acc": {"mean": 0.5}, "curves": [], "train_seconds": 1.0}
+    monkeypatch.setattr(converge, "fm_selection", lambda lay, teacher, chosen: ({"mixup": 1.0, "fm_tau": 1.0,
+                                                                                  "fm_lr": 1.0}, {}))
+    monkeypatch.setattr(converge, "step_costs", lambda lay, recipes, teacher, samples=None:
+                        {row: {str(n): 0.01 for n in samples} for row in recipes})
+    monkeypatch.setattr(converge, "patient_cell", lambda lay, row, n, *a: (cell(lay, row, n), {**cell(lay, row, n),
+                                                                                              "row": f"{row} (2×)"}))
+    monkeypatch.setattr(converge, "converged_cell", cell)
+    converge.converge_section(lay, samples=[5])
+    assert trained and {n for _, n in trained} == {5}
+    assert not (lay.out / "converge.json").exists()
+    with pytest.raises(UsageError, match="--samples 7: the section trains at n = 1, 5"):
+        converge.converge_section(lay, samples=[7])
+    with pytest.raises(UsageError, match="--samples splits the converge section"):
+        sections.main("fidelity", quick=True, out=str(tmp_path), samples=[5])

@@ -47,7 +47,7 @@ def _estimators(a):
 
 def _experiment(a):
     from ..paper.sections import main
-    main(a.section, a.quick, a.out)
+    main(a.section, a.quick, a.out, a.samples)
 
 
 def _report(a):
@@ -96,6 +96,10 @@ def add_experiment_commands(sub) -> None:
                    help="which section to run")
     p.add_argument("--quick", action="store_true", help="a smoke run on digits with tiny grids")
     p.add_argument("--out", metavar="DIR", help="where runs/ and results/ are written (default: this folder)")
+    p.add_argument("--samples", metavar="N", type=positive_int, nargs="+",
+                   help="converge only: train the cells at these samples per class, a part beside parts at other n "
+                        "(one process each, e.g. one per core); writes records, not converge.json, which the section "
+                        "without --samples writes from them")
     p.set_defaults(run=_experiment)
 
     p = sub.add_parser("report", help="write results/REPORT.md, its plots and BENCHMARKS.md from the result JSONs",

@@ -57,16 +57,17 @@ def converge_student(lay, tag, n, seed, objective, teacher, max_steps, patience,
                         out_dir=str(_run_dir(lay, tag, n, seed, max_steps, patience, section)))
     values["optim"]["epochs"] = epochs_for_steps(n, values, max_steps)
     shorter = _run_dir(lay, tag, n, seed, "*", "*", section)  # a larger maximum or patience passes through these
-    carried = lay.out / CARRIED.parent / section
+    carried = lay.out / CARRIED.parent / section / f"n{n}"  # per n: parts at other n carry theirs beside it
     results = lay.train(values, keep=keep, need_weights=need_weights, donors=[*sorted(shorter.parent.glob(shorter.name)),
                                                    *sorted(carried.glob(shorter.name))])
     carry(lay, Path(values["out_dir"]), carried)
     return results
 
 
-#: Under results/<profile>/: the longest finished run of each seed of the cell in progress
-#: (its checkpoints, metrics and results), for a part that goes on on another machine to
-#: continue from (runs/ is not committed); deleted once the section is complete.
+#: Under results/<profile>/: the longest finished run of each seed of the cell in progress at
+#: each n (``carried/converge/n<N>/``: its checkpoints, metrics and results), for a part that goes
+#: on on another machine to continue from (runs/ is not committed); deleted once the section is
+#: complete.
 CARRIED = Path("carried") / "converge"
 CARRIED_FILES = (*RUN_STATE, "results.json")
 
@@ -338,19 +339,28 @@ def _rule(profile) -> dict:
             "schedule": "constant", "reach": REACH}
 
 
-def converge_section(lay: Layout) -> dict:
+def converge_section(lay: Layout, samples: list | None = None) -> dict:
     """Every student trained as long as it needs: the paper's four rows at every n, with the
     learning rate, τ and γ that the distillation section chose on validation, and FM and
     FM+JM with FM's mixup α, τ and learning rate chosen on validation; each early-stopped
     inside a maximum that grows while it binds; CE, CE+KD and FM again with twice the
     patience and maximum (the budget check, on validation accuracy), their patience doubled
     while that gains, each Jacobian row with its baseline's; time-to-accuracy from each
-    run's validation curve."""
+    run's validation curve.
+
+    ``samples``: a part that trains the cells at these n only (their records and carried runs),
+    beside parts at other n (one process each: the records are one file per run, the carried
+    runs one folder per n); it writes no converge.json, which the section without ``samples``
+    assembles from the records."""
     d = load_json(lay.out / "distill.json")
     if not d or "selection" not in d:
         raise UsageError(f"{lay.out / 'distill.json'} is missing: run `jacmatch experiment distill"
                          f"{'' if lay.profile is FULL else ' --' + lay.profile.name}` first (its choices are used)")
     profile, teacher, start = lay.profile, teacher_path(lay), time.time()
+    if samples is not None and not set(samples) <= set(profile.samples):
+        raise UsageError(f"--samples {' '.join(map(str, samples))}: the section trains at n = "
+                         f"{', '.join(map(str, profile.samples))}; choose among them")
+    ns = list(samples) if samples is not None else list(profile.samples)
     chosen = {k: d["selection"][k]["chosen"] for k in ("lr", "tau", "gamma", "gamma_ce")}
     cells: dict = {}
     summary = {"teacher": teacher, "chosen": chosen, "rows": list(CONVERGE_ROWS), "checked_rows": list(CHECKED_ROWS),
@@ -363,7 +373,7 @@ def converge_section(lay: Layout) -> dict:
     previous = load_json(lay.out / "converge.json")
     same = previous and (previous["teacher"], previous["chosen"], previous.get("fm", {}).get("chosen")) == (teacher, chosen, fm)
     costs, summary["step_cost_measurements"] = kept_costs(
-        step_costs(lay, {row: recipes[row] for row in CONVERGE_ROWS}, teacher), previous if same else None)
+        step_costs(lay, {row: recipes[row] for row in CONVERGE_ROWS}, teacher, ns), previous if same else None)
     summary["step_seconds"] = costs
     print("  seconds per step: " + "; ".join(f"{row} " + ", ".join(f"n={n}: {1000 * v:.1f} ms" for n, v in by_n.items())
                                             for row, by_n in costs.items()), flush=True)
@@ -373,8 +383,9 @@ def converge_section(lay: Layout) -> dict:
         summary["run_seconds"] = total_run_seconds(cells, *fm_records.values())
         print(f"  {cell['row']:<22} n={cell['samples_per_class']:<4} test {100 * cell['acc']['mean']:.1f} ± "
               f"{100 * cell['acc']['std']:.1f}   [{time.time() - start:.0f} s]", flush=True)
-        write_section(lay.out / "converge.json", with_provenance(summary, config))
-    for n in profile.samples:
+        if samples is None:
+            write_section(lay.out / "converge.json", with_provenance(summary, config))
+    for n in ns:
         for row in CHECKED_ROWS:  # the baselines first: their patience is their rows'
             cell, check = patient_cell(lay, row, n, recipes[row], teacher, costs[row][str(n)])
             for c in (cell, check):
@@ -389,7 +400,12 @@ def converge_section(lay: Layout) -> dict:
         kd = cells[R.key(R.CE_KD, n)]["val_acc"]["mean"]
         for row in CONVERGE_ROWS:
             cells[R.key(row, n)]["to_kd"] = to_target(cells[R.key(row, n)], kd)
-        write_section(lay.out / "converge.json", with_provenance(summary, config))
+        if samples is None:
+            write_section(lay.out / "converge.json", with_provenance(summary, config))
+    if samples is not None:
+        print(f"  the cells at n = {', '.join(map(str, ns))} are recorded; `jacmatch experiment converge` writes "
+              "converge.json from the records once every n has its part", flush=True)
+        return summary
     summary["complete"] = True
     _tidy(lay, cells)
     write_section(lay.out / "converge.json", with_provenance(summary, config))

@@ -65,16 +65,19 @@ SECTIONS = {"teacher": teacher_section, "distill": distill_section, "converge": 
             "transfer": transfer_section, "verify": verify_section, "pictures": pictures_section}
 
 
-def main(section: str, quick: bool = False, out: str | None = None) -> None:
-    """Run ``section`` (or ``all``), writing under ``out`` (default: the current folder)."""
+def main(section: str, quick: bool = False, out: str | None = None, samples: list | None = None) -> None:
+    """Run ``section`` (or ``all``), writing under ``out`` (default: the current folder);
+    ``samples``: converge's part at these n only (:func:`converge_section`)."""
     lay = Layout(Path(out) if out else Path("."), QUICK if quick else FULL)
     names = list(SECTIONS) if section == "all" else [section]
     if any(n not in SECTIONS for n in names):
         raise UsageError(f"unknown section {section!r}: choose one of {list(SECTIONS) + ['all']}")
+    if samples is not None and section != "converge":
+        raise UsageError(f"--samples splits the converge section into parts; {section!r} runs whole")
     timings = {}
     for name in names:
         start = time.time()
         print(f"== {name}", flush=True)
-        SECTIONS[name](lay)
+        SECTIONS[name](lay, samples) if samples is not None else SECTIONS[name](lay)
         timings[name] = time.time() - start
         print(f"== {name} done in {timings[name]:.0f} s")
