@@ -339,6 +339,35 @@ def _rule(profile) -> dict:
             "schedule": "constant", "reach": REACH}
 
 
+def _part(profile, samples: list | None) -> list:
+    """The n a part trains: ``samples`` (each one the section trains), or all of the section's."""
+    if samples is not None and not set(samples) <= set(profile.samples):
+        raise UsageError(f"--samples {' '.join(map(str, samples))}: the section trains at n = "
+                         f"{', '.join(map(str, profile.samples))}; choose among them")
+    return list(samples) if samples is not None else list(profile.samples)
+
+
+def _cells_at(lay, n, recipes: dict, teacher: str, costs: dict, cells: dict, save) -> None:
+    """Every row's cell at n into ``cells`` (``save`` after each): the checked baselines first,
+    with their budget checks (their patience is their rows'), then each Jacobian row with its
+    baseline's patience; then every row's time to CE+KD's converged validation accuracy."""
+    profile = lay.profile
+    for row in CHECKED_ROWS:
+        cell, check = patient_cell(lay, row, n, recipes[row], teacher, costs[row][str(n)])
+        for c in (cell, check):
+            cells[R.key(c["row"], n)] = c
+            save(c)
+    for row in (r for r in CONVERGE_ROWS if r not in CHECKED_ROWS):
+        patience = cells[R.key(PATIENCE_OF[row], n)]["patience"]
+        cells[R.key(row, n)] = converged_cell(lay, row, n, recipes[row], teacher, patience,
+                                               profile.converge_steps * patience // profile.converge_patience,
+                                               costs[row][str(n)])
+        save(cells[R.key(row, n)])
+    kd = cells[R.key(R.CE_KD, n)]["val_acc"]["mean"]
+    for row in CONVERGE_ROWS:
+        cells[R.key(row, n)]["to_kd"] = to_target(cells[R.key(row, n)], kd)
+
+
 def converge_section(lay: Layout, samples: list | None = None) -> dict:
     """Every student trained as long as it needs: the paper's four rows at every n, with the
     learning rate, τ and γ that the distillation section chose on validation, and FM and
@@ -357,10 +386,7 @@ def converge_section(lay: Layout, samples: list | None = None) -> dict:
         raise UsageError(f"{lay.out / 'distill.json'} is missing: run `jacmatch experiment distill"
                          f"{'' if lay.profile is FULL else ' --' + lay.profile.name}` first (its choices are used)")
     profile, teacher, start = lay.profile, teacher_path(lay), time.time()
-    if samples is not None and not set(samples) <= set(profile.samples):
-        raise UsageError(f"--samples {' '.join(map(str, samples))}: the section trains at n = "
-                         f"{', '.join(map(str, profile.samples))}; choose among them")
-    ns = list(samples) if samples is not None else list(profile.samples)
+    ns = _part(profile, samples)
     chosen = {k: d["selection"][k]["chosen"] for k in ("lr", "tau", "gamma", "gamma_ce")}
     cells: dict = {}
     summary = {"teacher": teacher, "chosen": chosen, "rows": list(CONVERGE_ROWS), "checked_rows": list(CHECKED_ROWS),
@@ -386,20 +412,7 @@ def converge_section(lay: Layout, samples: list | None = None) -> dict:
         if samples is None:
             write_section(lay.out / "converge.json", with_provenance(summary, config))
     for n in ns:
-        for row in CHECKED_ROWS:  # the baselines first: their patience is their rows'
-            cell, check = patient_cell(lay, row, n, recipes[row], teacher, costs[row][str(n)])
-            for c in (cell, check):
-                cells[R.key(c["row"], n)] = c
-                save(c)
-        for row in (r for r in CONVERGE_ROWS if r not in CHECKED_ROWS):
-            patience = cells[R.key(PATIENCE_OF[row], n)]["patience"]
-            cells[R.key(row, n)] = converged_cell(lay, row, n, recipes[row], teacher, patience,
-                                                   profile.converge_steps * patience // profile.converge_patience,
-                                                   costs[row][str(n)])
-            save(cells[R.key(row, n)])
-        kd = cells[R.key(R.CE_KD, n)]["val_acc"]["mean"]
-        for row in CONVERGE_ROWS:
-            cells[R.key(row, n)]["to_kd"] = to_target(cells[R.key(row, n)], kd)
+        _cells_at(lay, n, recipes, teacher, costs, cells, save)
         if samples is None:
             write_section(lay.out / "converge.json", with_provenance(summary, config))
     if samples is not None:
