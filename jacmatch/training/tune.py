@@ -242,7 +242,8 @@ def write_outputs(study, root: Path, recipe_name: str, space: dict, trials: int,
 
 
 def _plot(all_trials, path: Path) -> None:
-    """The optimisation history: each finished trial's validation accuracy and the best so far."""
+    """The optimisation history: each complete trial's validation accuracy and the best so far,
+    each pruned trial's last reported validation accuracy (where the pruner stopped it)."""
     from optuna.trial import TrialState
     try:
         import matplotlib
@@ -255,8 +256,11 @@ def _plot(all_trials, path: Path) -> None:
     for t in done:
         running = max(running, t.value)
         best.append(running)
+    pruned = [t for t in all_trials if t.state == TrialState.PRUNED and t.intermediate_values]
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot([t.number for t in done], [100 * t.value for t in done], "o", label="trial")
+    ax.plot([t.number for t in done], [100 * t.value for t in done], "o", label="complete")
+    ax.plot([t.number for t in pruned], [100 * t.intermediate_values[max(t.intermediate_values)] for t in pruned], "x",
+            label="pruned (last evaluation)")
     ax.plot([t.number for t in done], [100 * b for b in best], "-", label="best so far")
     ax.set_xlabel("trial")
     ax.set_ylabel("validation accuracy (%)")
