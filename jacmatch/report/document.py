@@ -63,7 +63,7 @@ def render_report(sections: dict, folder: str = "paper", gradients: bool = True)
         "## 2c. Fidelity: how well the converged students agree with their teacher\n", fidelity_text(f, folder),
         "## 2d. The product: what `jacmatch distill` trains by default\n",
         product_text(sections.get("product") or [], c),
-        "### Values chosen on the user's validation split: `jacmatch tune`\n", tune_text(sections.get("tune"), c),
+        "### Values chosen on the user's validation split: `jacmatch tune`\n", tune_text(sections.get("tune"), c, d),
         "## 2e. The Jacobian term on some of the steps\n", schedules_text(sched),
         "## 3. Robustness to noisy inputs\n", robust_md,
         "## 4. Transfer\n", transfer_md,

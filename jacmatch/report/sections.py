@@ -232,7 +232,7 @@ TUNE_COMMAND = ("jacmatch tune --recipe fm+jm --teacher results/teachers/fmnist_
                 "--samples-per-class 10 --trials 24")
 
 
-def tune_text(t: dict | None, c: dict | None) -> str:
+def tune_text(t: dict | None, c: dict | None, d: dict | None = None) -> str:
     """`jacmatch tune` on FM+JM at n = 10: the study (trials, the best values, its time against
     the converged section's hand grids for FM's values) and the best values trained with 5
     seeds against the hand grid's FM+JM cell (its mean minus its 95 % interval, the target)."""
@@ -254,8 +254,10 @@ def tune_text(t: dict | None, c: dict | None) -> str:
                  + (f"{s['trial_seconds'] / 3600:.2f}" if "trial_seconds" in s else "—") + " | "
                  + (f"{grid_hours:.2f} ({', '.join(grids)} at n = "
                     f"{next(iter(grids.values()))['samples_per_class']}, 2 seeds each)" if grids else "—") + " |")
+    gamma = ((d or {}).get("selection") or {}).get("gamma", {}).get("train_seconds")
     lines.append("\nStudy time: the workers' time on its complete and pruned trials. The hand grids chose FM's values "
-                 "(§2b); FM+JM takes them with γ from the distillation section's grid, whose time is not counted.\n")
+                 "(§2b); FM+JM takes them with γ from the distillation section's grid"
+                 + (f", which took {gamma / 3600:.2f} h more at its short budgets" if gamma else "") + ".\n")
     seeds = t["seeds"]
     cell = (c or {}).get("cells", {}).get("FM+JM|10")
     if not seeds:
