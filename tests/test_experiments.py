@@ -559,6 +559,12 @@ def test_a_baseline_whose_budget_check_gains_trains_with_twice_the_patience(monk
     monkeypatch.setattr(converge, "converge_student", student_again)
     cell, check = converge.patient_cell(lay, "CE", 5, ({"alpha": 1.0}, 0.01, None), None, 0.25)
     assert cell["val_acc"]["values"] == [.699] and check["val_gain"] == pytest.approx(0.3)
+    # FM's grown cell trained again for its weights reads 0.4 point higher than the record that
+    # grew it: the next check's gain (0.3) is over the runs it continues from, not the record (0.7)
+    acc["FM"], kept_acc[("FM", 4)] = {2: .80, 4: .826, 8: .833, 16: .84}, .830
+    lay = paper.Layout(profile=dataclasses.replace(lay.profile, converge_patience_growths_of={"FM": 2}))
+    cell, check = converge.patient_cell(lay, "FM", 5, ({"alpha": 0.0}, 0.01, None), None, 0.25)
+    assert cell["patience"] == 4 and cell["val_acc"]["values"] == [.830] and check["val_gain"] == pytest.approx(0.3)
 
 
 def test_the_converged_findings_name_the_grown_patience_and_a_baseline_still_gaining():

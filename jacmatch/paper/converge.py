@@ -239,8 +239,9 @@ def patient_cell(lay, row, n, recipe, teacher, step_seconds) -> tuple[dict, dict
     while True:
         if grown and not _recorded(lay, row, n, 2 * patience, 2 * first):
             # a new check continues from the grown cell's runs (step for step the same): train
-            # them first, with their weights, which the cell needs if the check gains too little
-            converged_cell(lay, row, n, recipe, teacher, patience, first, step_seconds)
+            # them first, with their weights, which the cell needs if the check gains too little;
+            # its gain is over them as trained (a record trained again on another host may differ)
+            cell = converged_cell(lay, row, n, recipe, teacher, patience, first, step_seconds)
         check = converged_cell(lay, row, n, recipe, teacher, 2 * patience, 2 * first, step_seconds, keep=False)
         gain = 100 * (check["val_acc"]["mean"] - cell["val_acc"]["mean"])
         if converged(gain) or len(grown) == profile.converge_patience_growths_of.get(row,
