@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast lint docs verify bench gpu-check data clean vision-venv test-vision compat
+.PHONY: demo test test-postgres test-fast lint docs verify bench gpu-check data clean vision-venv test-vision compat
 
 $(STAMP): pyproject.toml constraints.txt
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
@@ -18,11 +18,11 @@ demo: $(STAMP)
 # One worker per core, each with one torch thread (the tests' models are small: a thread per
 # core does more than several threads on one test); each test goes where a worker is free.
 test: $(STAMP)
-	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -m "not vision" -n auto --dist worksteal
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -m "not vision and not postgres" -n auto --dist worksteal
 
 # The tier to run while working: no subprocesses, torchrun or training-heavy tests (seconds).
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -m "not slow and not vision"
+	$(BIN)/python -m pytest -m "not slow and not vision and not postgres"
 
 # ruff on the package and tests, mypy on the maths (jacmatch/core); settings in pyproject.toml.
 lint: $(STAMP)
@@ -62,6 +62,11 @@ $(VISION)/.installed: pyproject.toml
 	touch $@
 
 vision-venv: $(VISION)/.installed
+
+# jacmatch tune's shared study on a real PostgreSQL server the test starts (needs Debian's
+# postgresql: apt-get install postgresql; .ci/run installs it).
+test-postgres: $(STAMP)
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -m postgres
 
 test-vision: $(VISION)/.installed
 	$(VISION)/bin/python -m pytest -m vision
