@@ -547,6 +547,12 @@ def test_a_baseline_whose_budget_check_gains_trains_with_twice_the_patience(monk
     cell, check = converge.patient_cell(lay, "CE", 5, ({"alpha": 1.0}, 0.01, None), None, 0.25)
     assert cell["patience"] == 2 and check["val_gain"] == pytest.approx(5.0)
     acc["CE"] = {2: .70, 4: .702}
+    # ... only at the n the profile names for it: elsewhere FM keeps the common cap
+    few = paper.Layout(profile=dataclasses.replace(lay.profile, converge_patience_growths_samples=(1,)))
+    cell, check = converge.patient_cell(few, "FM", 5, ({"alpha": 0.0}, 0.01, None), None, 0.25)
+    assert cell["patience"] == 2 and check["val_gain"] == pytest.approx(3.0)
+    cell, check = converge.patient_cell(few, "FM", 1, ({"alpha": 0.0}, 0.01, None), None, 0.25)
+    assert cell["patience"] == 4 and check["patience"] == 8
     # a record trained again for its weights reads 0.1 point lower: the check's gain is over it
     kept_acc = {("CE", 2): .699}
     lay = paper.Layout(profile=dataclasses.replace(lay.profile, converge_patience_growths=2))

@@ -228,7 +228,7 @@ def patient_cell(lay, row, n, recipe, teacher, step_seconds) -> tuple[dict, dict
     """A checked row at n with the patience it needs: trained again with twice its patience
     and maximum (the budget check), and while that gains ``CONVERGED_GAIN`` or more of
     validation accuracy (at most ``converge_patience_growths`` times, or the row's own cap in
-    ``converge_patience_growths_of``), the check's students
+    ``converge_patience_growths_of`` at the n of ``converge_patience_growths_samples``), the check's students
     become the row's own and are checked at twice theirs. Returns (cell, check): the cell with
     its kept weights and the patience it grew from (with the gains that grew it), the last
     check with its ``val_gain`` (points) over the cell as returned: a record trained again for
@@ -244,8 +244,7 @@ def patient_cell(lay, row, n, recipe, teacher, step_seconds) -> tuple[dict, dict
             cell = converged_cell(lay, row, n, recipe, teacher, patience, first, step_seconds)
         check = converged_cell(lay, row, n, recipe, teacher, 2 * patience, 2 * first, step_seconds, keep=False)
         gain = 100 * (check["val_acc"]["mean"] - cell["val_acc"]["mean"])
-        if converged(gain) or len(grown) == profile.converge_patience_growths_of.get(row,
-                                                                                  profile.converge_patience_growths):
+        if converged(gain) or len(grown) == profile.patience_growths(row, n):
             break
         grown.append({"patience": patience, "val_gain": gain})
         patience, first, cell = 2 * patience, 2 * first, check  # the check's students are the row's own
@@ -337,6 +336,8 @@ def _rule(profile) -> dict:
             "growths": profile.converge_growths, "patience_growths": profile.converge_patience_growths,
             **({"patience_growths_of": profile.converge_patience_growths_of}
                if profile.converge_patience_growths_of else {}),
+            **({"patience_growths_samples": list(profile.converge_patience_growths_samples)}
+               if profile.converge_patience_growths_of and profile.converge_patience_growths_samples else {}),
             "schedule": "constant", "reach": REACH}
 
 

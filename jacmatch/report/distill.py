@@ -149,6 +149,8 @@ def _patience_grown(c: dict) -> list[str]:
     text = (f"A baseline whose check gains {CONVERGED_GAIN:g} point or more is trained again with twice the patience and first "
             f"maximum (at most {rule['patience_growths']} times"
             + "".join(f", {row} at most {cap}" for row, cap in rule.get("patience_growths_of", {}).items())
+            + (f" at n = {', '.join(map(str, rule['patience_growths_samples']))}" if rule.get("patience_growths_samples")
+               else "")
             + "): the check's students become its own, checked in turn "
             "at twice theirs (the table shows the last check), and its Jacobian row takes the same patience. ")
     if not grown:
