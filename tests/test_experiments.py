@@ -593,6 +593,17 @@ def test_the_converged_findings_name_the_grown_patience_and_a_baseline_still_gai
     assert "not converged" not in _converge_findings(c)[0]
 
 
+def test_the_report_states_a_row_s_own_patience_cap_and_the_n_it_applies_at():
+    from jacmatch.report.distill import _patience_grown
+    grown = {"row": "FM", "samples_per_class": 1, "patience": 20, "patience_grown_from": [{"patience": 10, "val_gain": 0.9}]}
+    c = {"rule": {"patience": 10, "patience_growths": 2, "patience_growths_of": {"FM": 4}}, "checked_rows": ["FM"],
+         "samples": [1, 500], "cells": {"FM|1": grown, "FM|500": {**grown, "patience_grown_from": []}}}
+    text = _patience_grown(c)[1]
+    assert "(at most 2 times, FM at most 4)" in text and "Grown: FM at n=1: patience 20 (+0.9 at patience 10)." in text
+    c["rule"]["patience_growths_samples"] = [1, 5, 10, 50]
+    assert "(at most 2 times, FM at most 4 at n = 1, 5, 10, 50)" in _patience_grown(c)[1]
+
+
 def test_a_resumed_section_keeps_the_fastest_step_cost_of_its_invocations():
     """Load on the machine only slows a step: per row and n the smaller measurement is kept,
     and counted; another layout's costs are not mixed in."""

@@ -126,7 +126,7 @@ FULL = Profile(
     # it keeps the common cap, and the report flags it: its check's +0.6 would leave FM (87.3 %)
     # below CE+KD+JM (88.9 %), the row auto takes there; the runs it would take (FM's cell again
     # for its weights, its check, FM+JM at FM's patience: 44 and 107 ms a step over 15,000 to
-    # 35,000 steps a seed) come to about 6 CPU-hours.
+    # 35,000 steps a seed, converge.json's step costs and records) come to about 6 CPU-hours.
     min_epochs=40, max_steps=1600, max_chosen_steps=400, budget_check_samples=500,
     converge_patience_growths_of={R.FM: 4}, converge_patience_growths_samples=(1, 5, 10, 50))
 
