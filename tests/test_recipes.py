@@ -26,7 +26,7 @@ RECORDS = ROOT / "results" / "paper" / "runs" / "converge"
 #: measures besides validation accuracy; the maximum is compared in steps.
 OWN = {"out_dir", "seed", "device", "teacher", "data.name", "data.samples_per_class", "model.name",
        "eval.noise_sigmas", "eval.cosine_samples", "checkpoint_every", "channels_last", "progress", "tensorboard",
-       "optim.epochs", "optim.max_steps", "recipe", "recipe_reason"}
+       "optim.epochs", "optim.max_steps", "eval.patience", "recipe", "recipe_reason"}
 
 
 def _flat(values: dict, prefix: str = "") -> dict:
@@ -38,35 +38,40 @@ def _flat(values: dict, prefix: str = "") -> dict:
 
 def _same_settings(name: str, paths: list, ignored: set) -> None:
     """Every setting of recipe ``name`` is the run's in each record of ``paths`` (but where and on
-    what it ran, and ``ignored``), and the record's maximum lies inside the recipe's."""
+    what it ran, and ``ignored``); the record's maximum and patience lie inside the recipe's (a
+    row's cells grow them where its budget check asks, the recipe takes the largest)."""
     mine = _flat(config_to_dict(recipe(name)))
     for path in paths:
         record = json.loads(path.read_text())
-        theirs = _flat(config_to_dict(config_from_dict(record["config"])))
+        cfg = config_from_dict(record["config"])
+        theirs = _flat(config_to_dict(cfg))
         differ = {k: (mine[k], theirs[k]) for k in mine if k not in OWN | ignored and mine[k] != theirs[k]}
         assert differ == {}, (path.name, differ)
-        optim = config_from_dict(record["config"]).optim
-        steps = planned_epochs(optim, record["num_train"]) * steps_per_epoch(record["num_train"], optim)
+        steps = planned_epochs(cfg.optim, record["num_train"]) * steps_per_epoch(record["num_train"], cfg.optim)
         assert steps <= recipe(name).optim.max_steps, path.name
+        assert 0 < cfg.eval.patience <= recipe(name).eval.patience, path.name
 
 
-@pytest.mark.parametrize("name", ["fm", "fm+jm"])  # paper and kd: their cells' patience differs by n
+def _named(section: dict, row: str, folder: Path) -> list[Path]:
+    """The run records a result file's cells of ``row`` name (every n, every seed)."""
+    return [folder / w.rsplit("/", 1)[-1].replace(".pt", ".json")
+            for k, c in section["cells"].items() if k.split("|")[0] == row for w in c["weights"]]
+
+
+@pytest.mark.parametrize("name", sorted(RECIPES))
 def test_the_recipe_is_the_config_of_the_report_row_field_by_field(name):
     """recipe("fm+jm") and the report's FM+JM students (every n, every seed): every setting the
-    same but where and on what each ran; the record's maximum lies inside the recipe's. A recipe
-    with the Jacobian term's schedule is §2e's scheduled row (FM+JM (every k), n = 1, 10, 100,
-    every seed) field by field, and §2b's full row in everything but the schedule."""
+    same but where and on what each ran; the record's maximum and patience lie inside the
+    recipe's. A recipe with the Jacobian term's schedule is §2e's scheduled row (FM+JM (every k),
+    n = 1, 10, 100, every seed) field by field, and §2b's full row in everything but the schedule."""
     row, schedule = RECIPES[name].row, RECIPES[name].schedule
-    records = sorted(RECORDS.glob(f"{row.replace('+', '_')}_n*_s*_max*_p*.json"))
-    cells = {CONVERGE["cells"][f"{row}|{n}"]["weights"][s].rsplit("/", 1)[-1].replace(".pt", ".json")
-             for n in CONVERGE["samples"] for s in range(5)}
-    named = [r for r in records if r.name in cells]
-    assert len(named) == 30, named
+    named = _named(CONVERGE, row, RECORDS)
+    assert len(named) == 30 and all(p.is_file() for p in named), named
     _same_settings(name, named, {f"objective.{k}" for k in schedule})
     if schedule:
-        every = schedule["jacobian_every"]
-        scheduled = sorted((RECORDS.parent / "schedules").glob(f"{row.replace('+', '_')}_every{every}_n*_s*_max*_p*.json"))
-        assert len(scheduled) == 15, scheduled
+        schedules = json.loads((ROOT / "results" / "paper" / "schedules.json").read_text())
+        scheduled = _named(schedules, f"{row} (every k)", RECORDS.parent / "schedules")
+        assert len(scheduled) == 15 and all(p.is_file() for p in scheduled), scheduled
         _same_settings(name, scheduled, set())
 
 
@@ -160,7 +165,7 @@ def test_config_lists_the_recipes_with_their_numbers(capsys):
     assert main(["config", "--recipes"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert [line.split()[0] for line in lines] == [*RECIPES, "auto", "none"]
-    assert "n=1: 69.3 ± 3.6" in lines[3] and "patience 40" in lines[3]
+    assert "n=1: 69.6 ± 3.6" in lines[3] and "patience 80" in lines[3]
 
 
 def _history(tmp_path) -> list[dict]:
@@ -263,7 +268,7 @@ def test_no_recipe_kills_a_student(tmp_path, digits_teacher, n, name):
 def test_the_readme_answers_which_recipe_from_the_result_file():
     from jacmatch.report.document import recipe_table
     table = recipe_table(CONVERGE)
-    assert "| 1 | `fm+jm` | 69.3 ± 3.6 |" in table and "| 500 | `paper` | 88.9 ± 0.6 |" in table
+    assert "| 1 | `fm+jm` | 69.6 ± 3.6 |" in table and "| 500 | `paper` | 88.9 ± 0.6 |" in table
     assert table in (ROOT / "README.md").read_text()
 
 
