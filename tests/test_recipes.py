@@ -329,11 +329,15 @@ def test_the_tune_section_sets_the_best_values_seeds_against_the_hand_grid_s_cel
                 "fm": {"selection": {"mixup": {"train_seconds": 3600.0, "samples_per_class": 10}}}}
 
     def seed(s, acc):
-        return {"config": {"seed": s}, "final": {"test": {"acc": acc}}}
+        return {"config": {**recipe_values("fm+jm"), "seed": s}, "final": {"test": {"acc": acc}}}
     text = tune_text({"summary": summary, "seeds": [seed(0, 0.84), seed(1, 0.85)]}, converge)
     assert "| 24 (5, 19, 0) | 86.0 | lr 0.004, gamma 2 | 2.00 | 1.00 (mixup at n = 10, 2 seeds each) |" in text, text
     assert "| 2 of 5 | 84.5 ± 6.4 | 84.6 ± 1.3 | 83.3 | yes |" in text, text
     low = tune_text({"summary": summary, "seeds": [seed(0, 0.82), seed(1, 0.83)]}, converge)
     assert "| 83.3 | **no** |" in low
+    assert "the recipe of their day" not in text
+    older = merge_values(recipe_values("fm+jm"), {"eval": {"patience": 5}})
+    stale = tune_text({"summary": summary, "seeds": [{**seed(0, 0.84), "config": {**older, "seed": 0}}]}, converge)
+    assert f"trained with the recipe of their day: eval.patience: 5 -> {recipe('fm+jm').eval.patience} in" in stale
     assert "has not run" in tune_text(None, converge)
     assert "seeds have not run yet" in tune_text({"summary": summary, "seeds": []}, converge)

@@ -274,6 +274,12 @@ def tune_text(t: dict | None, c: dict | None, d: dict | None = None) -> str:
             lines.append(f"| {len(seeds)} of 5 | {shown} | "
                          f"{_ci(cell['acc'])} | {100 * target:.1f} | "
                          f"{'yes' if acc['mean'] >= target else '**no**'} |")
+        budget = {"eval.patience", "optim.max_steps"}  # what the study does not search, but the recipe sets
+        changed = sorted({d for r in seeds for d in differs_from_recipe(r["config"], "fm+jm")
+                          if d.split(":")[0] in budget})
+        if changed:
+            lines.append(f"\nThe study and its seeds trained with the recipe of their day: {'; '.join(changed)} in "
+                         "today's `fm+jm` (the hand grid's cell trained with today's).")
     return "\n".join(lines) + "\n"
 
 
