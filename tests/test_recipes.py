@@ -73,6 +73,11 @@ def test_the_recipe_is_the_config_of_the_report_row_field_by_field(name):
         scheduled = _named(schedules, f"{row} (every k)", RECORDS.parent / "schedules")
         assert len(scheduled) == 15 and all(p.is_file() for p in scheduled), scheduled
         _same_settings(name, scheduled, set())
+        for key, cell in schedules["cells"].items():  # each scheduled cell trained as its full row at its n
+            scheduled_row, n = key.split("|")
+            if scheduled_row == f"{row} (every k)":
+                full = CONVERGE["cells"][f"{row}|{n}"]
+                assert cell["patience"] == full["patience"], key
 
 
 def test_each_recipe_holds_the_values_the_converged_section_chose_and_its_numbers():

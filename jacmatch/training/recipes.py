@@ -67,7 +67,7 @@ def _values(objective: dict, data: dict, max_steps: int, patience: int) -> dict:
 
 #: The Jacobian term every 4 steps (times 4), in both recipes that have it: report §2e's
 #: CE+KD+JM (every k) and FM+JM (every k) lay within their full rows' 95 % intervals at n = 1, 10
-#: and 100 (results/paper/schedules.json), at 0.53-0.69 and 0.55-0.59 of their step times there.
+#: and 100 (results/paper/schedules.json), at 0.52-0.63 and 0.58-0.63 of their step times there.
 SCHEDULE = {"jacobian_every": 4}
 
 # The values are the converged section's choices (converge.json: "chosen" and "fm.chosen"):
@@ -101,7 +101,7 @@ RECIPES = {r.name: r for r in (
                      500: (86.8, 0.3)},
            space={"optim.lr": ("log", 0.001, 0.03), "objective.temperature": ("log", 2.0, 32.0),
                   "objective.gamma": ("log", 0.1, 100.0), "data.mixup": ("float", 0.1, 2.0)},
-           schedule=SCHEDULE, schedule_evidence={1: (67.6, 3.2), 10: (84.3, 0.8), 100: (86.6, 0.4)}),
+           schedule=SCHEDULE, schedule_evidence={1: (67.9, 2.7), 10: (84.4, 0.9), 100: (86.6, 0.4)}),
 )}
 
 #: auto's rule: FM+JM up to this many samples per class, the paper's recipe above. In the
