@@ -591,6 +591,8 @@ def test_the_converged_findings_name_the_grown_patience_and_a_baseline_still_gai
     assert text.endswith("**not converged at the largest patience the rule allows: FM n=1**.")
     c["cells"]["FM (2× patience)|1"]["val_gain"] = 0.4
     assert "not converged" not in _converge_findings(c)[0]
+    c["cells"]["FM (2× patience)|1"]["val_gain"] = 0.48  # shown as +0.5, it would read as not converged
+    assert "FM n=1 (from patience 40): +0.48 points" in _converge_findings(c)[0]
 
 
 def test_the_report_states_a_row_s_own_patience_cap_and_the_n_it_applies_at():

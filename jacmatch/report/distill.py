@@ -239,7 +239,9 @@ def _converge_findings(c: dict) -> list[str]:
     def patience(row, n) -> str:  # where it grew: the patience the check doubled
         p = c["cells"][R.key(row, n)]["patience"]
         return f" (from patience {p})" if p != rule_patience else ""
-    gains = ", ".join(f"{row} n={n}{patience(row, n)}: {signed(x['val_gain'])}" for row, n, x in checks)
+    def gain(x: float) -> str:  # one that rounds up to the tolerance shows the digit that keeps it under
+        return signed(x, 2) if not converged(float(signed(x))) and converged(x) else signed(x)
+    gains = ", ".join(f"{row} n={n}{patience(row, n)}: {gain(x['val_gain'])}" for row, n, x in checks)
     unsettled = [f"{row} n={n}" for row, n, x in checks if not converged(x["val_gain"])]
     where = " at the largest patience the rule allows" if "patience_growths" in c["rule"] else ""
     return ["Budgets at convergence: " + ("every best point lies inside its maximum" if not binding else
