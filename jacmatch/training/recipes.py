@@ -106,7 +106,7 @@ RECIPES = {r.name: r for r in (
 
 #: auto's rule: FM+JM up to this many samples per class, the paper's recipe above. In the
 #: report, with FM trained to its own convergence (patience 80 at n = 1-50), FM+JM leads CE+KD+JM
-#: by +18.7, +10.8, +7.1 and +1.0 points at n = 1, 5, 10, 50 and FM by +9.5, +1.8, +1.0 at n = 1,
+#: by +18.7, +10.8, +7.1 and +1.0 points at n = 1, 5, 10, 50 and FM by +9.5, +1.7, +1.0 at n = 1,
 #: 5, 10; at n = 50 it ties FM (86.8 against 87.0 ± 0.8); at n = 100 CE+KD+JM (87.3) ties the
 #: best row (FM, 87.4 ± 1.3) at a third of FM+JM's step time, and at n = 500 it leads (88.9
 #: against 86.8).
