@@ -40,7 +40,8 @@ def _same_settings(name: str, paths: list, ignored: set) -> None:
     """Every setting of recipe ``name`` is the run's in each record of ``paths`` (but where and on
     what it ran, and ``ignored``); the record's maximum and patience lie inside the recipe's (a
     row's cells grow them where its budget check asks, the recipe takes the largest)."""
-    mine = _flat(config_to_dict(recipe(name)))
+    ours = recipe(name)
+    mine = _flat(config_to_dict(ours))
     for path in paths:
         record = json.loads(path.read_text())
         cfg = config_from_dict(record["config"])
@@ -48,13 +49,13 @@ def _same_settings(name: str, paths: list, ignored: set) -> None:
         differ = {k: (mine[k], theirs[k]) for k in mine if k not in OWN | ignored and mine[k] != theirs[k]}
         assert differ == {}, (path.name, differ)
         steps = planned_epochs(cfg.optim, record["num_train"]) * steps_per_epoch(record["num_train"], cfg.optim)
-        assert steps <= recipe(name).optim.max_steps, path.name
-        assert 0 < cfg.eval.patience <= recipe(name).eval.patience, path.name
+        assert steps <= ours.optim.max_steps, path.name
+        assert 0 < cfg.eval.patience <= ours.eval.patience, path.name
 
 
-def _named(section: dict, row: str, folder: Path) -> list[Path]:
-    """The run records a result file's cells of ``row`` name (every n, every seed)."""
-    return [folder / w.rsplit("/", 1)[-1].replace(".pt", ".json")
+def _named(section: dict, row: str) -> list[Path]:
+    """The run records beside the weights a result file's cells of ``row`` name (every n, every seed)."""
+    return [(RECORDS.parents[1] / w).with_suffix(".json")
             for k, c in section["cells"].items() if k.split("|")[0] == row for w in c["weights"]]
 
 
@@ -65,12 +66,12 @@ def test_the_recipe_is_the_config_of_the_report_row_field_by_field(name):
     recipe's. A recipe with the Jacobian term's schedule is §2e's scheduled row (FM+JM (every k),
     n = 1, 10, 100, every seed) field by field, and §2b's full row in everything but the schedule."""
     row, schedule = RECIPES[name].row, RECIPES[name].schedule
-    named = _named(CONVERGE, row, RECORDS)
+    named = _named(CONVERGE, row)
     assert len(named) == 30 and all(p.is_file() for p in named), named
     _same_settings(name, named, {f"objective.{k}" for k in schedule})
     if schedule:
         schedules = json.loads((ROOT / "results" / "paper" / "schedules.json").read_text())
-        scheduled = _named(schedules, f"{row} (every k)", RECORDS.parent / "schedules")
+        scheduled = _named(schedules, f"{row} (every k)")
         assert len(scheduled) == 15 and all(p.is_file() for p in scheduled), scheduled
         _same_settings(name, scheduled, set())
         for key, cell in schedules["cells"].items():  # each scheduled cell trained as its full row at its n
@@ -141,6 +142,11 @@ def test_auto_follows_the_evidence():
         name, reason = choose(n)
         assert RECIPES[name].evidence[n][0] >= best.evidence[n][0] - best.evidence[n][1], (n, name, best.name)
         assert f"n = {n} samples per class" in reason
+    # what the reason says: "FM+JM is the best student up to n = 10 and ties the best at n = FEW_SAMPLES"
+    fm_jm = RECIPES["fm+jm"].evidence
+    assert "best student up to n = 10 and ties the best at n = 50" in choose(1)[1] and FEW_SAMPLES == 50
+    assert all(fm_jm[n][0] == max(r.evidence[n][0] for r in RECIPES.values()) for n in (1, 5, 10))
+    assert fm_jm[50][0] != max(r.evidence[50][0] for r in RECIPES.values())  # a tie, not the best: the text says so
     assert choose(FEW_SAMPLES)[0] == "fm+jm" and choose(FEW_SAMPLES + 0.5)[0] == "paper"
     costs = CONVERGE["step_seconds"]  # "at a third of FM+JM's step time", where paper takes over
     assert "a third of FM+JM's step time" in rule()
